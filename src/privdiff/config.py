@@ -1,0 +1,239 @@
+"""Recipes: nested dataclasses are the single source of truth for every key and its default.
+
+A recipe YAML and ``key=value`` overrides (dotted paths, as DPDM's OmegaConf command line) are
+merged over the defaults; an unknown key or a value of the wrong type is an error, never ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .models.unet import UNetConfig
+
+
+class RecipeError(ValueError):
+    """A recipe or override that cannot be resolved (unknown key, wrong type, bad value)."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    name: str = "mnist5k"  # mnist5k | digits | mnist | fashion-mnist | cifar10 | folder
+    root: str | None = None  # where the files of mnist/fashion-mnist/cifar10/folder are
+    resolution: int | None = None  # resize to this (square); None keeps the native size
+
+
+@dataclass(frozen=True)
+class ModelConfig(UNetConfig):
+    pass
+
+
+@dataclass(frozen=True)
+class DiffusionConfig:
+    parameterization: str = "edm"  # edm | v  (DPDM uses v at small epsilon)
+    sigma_data: float = math.sqrt(1 / 3)  # std of uniform data on [-1, 1], as DPDM
+    sigma_distribution: str = "lognormal"  # lognormal (EDM) | cosine (DPDM's v: more mass at high sigma)
+    P_mean: float = -1.2
+    P_std: float = 1.2
+    logsnr_min: float = -9.0
+    logsnr_max: float = 13.0
+    label_dropout: float = 0.1  # classifier-free guidance: p of training with the null label
+
+
+@dataclass(frozen=True)
+class PrivacyConfig:
+    enabled: bool = True
+    epsilon: float = 10.0
+    delta: float = 1e-5
+    max_grad_norm: float = 1.0  # C: per-example clipping norm
+    noise_multiplicity: int = 4  # K: noise draws per example, averaged before clipping
+    accountant: str = "rdp"  # rdp | prv
+    grad_sample_mode: str = "hooks"  # hooks (with privdiff's conv fix) | functorch
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    batch_size: int = 256  # expected logical batch size (Poisson: q = batch_size / N)
+    epochs: float = 50.0  # expected epochs of the private stage; sets the planned steps
+    max_steps: int | None = None  # stop after this many steps (smoke runs)
+    lr: float = 1e-3
+    ema_decay: float = 0.999
+    max_physical_batch_size: int = 512  # rows (examples x K) per forward/backward
+    checkpoint_every: int = 50  # steps
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class SamplerConfig:
+    name: str = "heun"  # heun/edm (EDM Algorithm 2) | euler/ddim
+    steps: int = 32
+    guidance: float = 0.0  # classifier-free guidance scale w
+    S_churn: float = 0.0
+    S_min: float = 0.0
+    S_max: float = float("inf")
+    S_noise: float = 1.0
+    sigma_min: float = 0.002
+    sigma_max: float = 80.0
+    rho: float = 7.0
+
+
+@dataclass(frozen=True)
+class Recipe:
+    method: str = "dpdm"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    """Check/convert one YAML value against a dataclass field's type hint."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(value, args[0], key)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            value = [value]
+        (elem, *_rest) = typing.get_args(hint)
+        return tuple(_coerce(v, elem, key) for v in value)
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str) and value.strip().lower() in ("inf", "+inf", ".inf"):
+            return float("inf")
+    elif hint is str:
+        if isinstance(value, str):
+            return value
+    raise RecipeError(f"{key}: expected {getattr(hint, '__name__', hint)}, got {value!r}")
+
+
+def _build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in values.items():
+        path = f"{prefix}{key}"
+        if key not in known:
+            raise RecipeError(f"unknown recipe key '{path}' (known under '{prefix or '.'}': {', '.join(known)})")
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            if not isinstance(value, dict):
+                raise RecipeError(f"{path}: expected a section (mapping), got {value!r}")
+            kwargs[key] = _build(hint, value, prefix=f"{path}.")
+        else:
+            kwargs[key] = _coerce(value, hint, path)
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise RecipeError(f"override '{dotted}': '{part}' is not a section")
+    node[parts[-1]] = value
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``["privacy.epsilon=1", "train.batch_size=512"]`` -> nested dict (values parsed as YAML)."""
+    tree: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise RecipeError(f"override '{item}' is not of the form key=value")
+        key, raw = item.split("=", 1)
+        if not key:
+            raise RecipeError(f"override '{item}' has an empty key")
+        _set_dotted(tree, key.strip(), yaml.safe_load(raw) if raw != "" else None)
+    return tree
+
+
+def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:
+    """Plain nested dict (tuples as lists) for YAML/JSON."""
+
+    def plain(v: Any) -> Any:
+        if isinstance(v, tuple):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+
+    return plain(dataclasses.asdict(recipe))
+
+
+def resolve_recipe(source: str | os.PathLike | dict | None = None, overrides: list[str] = ()) -> Recipe:
+    """Resolve a recipe file (or dict) plus ``key=value`` overrides over the defaults."""
+    if source is None:
+        tree: dict[str, Any] = {}
+    elif isinstance(source, dict):
+        tree = source
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise RecipeError(f"{path}: recipe file not found")
+        try:
+            tree = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise RecipeError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        if not isinstance(tree, dict):
+            raise RecipeError(f"{path}: a recipe must be a mapping of sections")
+    recipe = _build(Recipe, _merge(tree, parse_overrides(list(overrides))))
+    validate_recipe(recipe)
+    return recipe
+
+
+def validate_recipe(r: Recipe) -> None:
+    """Range checks that a type check cannot express."""
+    checks = [
+        (r.privacy.epsilon > 0, "privacy.epsilon must be > 0"),
+        (0 < r.privacy.delta < 1, "privacy.delta must be in (0, 1)"),
+        (r.privacy.max_grad_norm > 0, "privacy.max_grad_norm must be > 0"),
+        (r.privacy.noise_multiplicity >= 1, "privacy.noise_multiplicity must be >= 1"),
+        (r.privacy.accountant in ("rdp", "prv"), "privacy.accountant must be 'rdp' or 'prv'"),
+        (r.privacy.grad_sample_mode in ("hooks", "functorch"), "privacy.grad_sample_mode must be 'hooks' or 'functorch'"),
+        (r.train.batch_size >= 1, "train.batch_size must be >= 1"),
+        (r.train.epochs > 0, "train.epochs must be > 0"),
+        (r.train.max_steps is None or r.train.max_steps >= 1, "train.max_steps must be >= 1"),
+        (r.train.max_physical_batch_size >= r.privacy.noise_multiplicity,
+         "train.max_physical_batch_size must be >= privacy.noise_multiplicity"),
+        (0 <= r.train.ema_decay < 1, "train.ema_decay must be in [0, 1)"),
+        (r.diffusion.parameterization in ("edm", "v"), "diffusion.parameterization must be 'edm' or 'v'"),
+        (r.diffusion.sigma_distribution in ("lognormal", "cosine"), "diffusion.sigma_distribution must be 'lognormal' or 'cosine'"),
+        (0 <= r.diffusion.label_dropout < 1, "diffusion.label_dropout must be in [0, 1)"),
+        (r.sampler.steps >= 1, "sampler.steps must be >= 1"),
+        (r.method == "dpdm", f"method '{r.method}' is not available (available: dpdm)"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise RecipeError(message)

@@ -1,0 +1,73 @@
+"""The denoiser network: a small diffusers ``UNet2DModel`` adapted to the EDM ``net`` protocol."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from diffusers import UNet2DModel
+from torch import nn
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    """Size of the UNet; every field is a recipe key under ``model.``."""
+
+    channels: tuple[int, ...] = (32, 64, 64)  # block_out_channels; len = number of resolutions
+    layers_per_block: int = 1
+    attention_levels: tuple[int, ...] = (2,)  # which resolution levels (0 = full) get self-attention
+    attention_head_dim: int = 8
+    norm_num_groups: int = 8
+    dropout: float = 0.0
+
+
+def build_unet(config: UNetConfig, *, resolution: int, in_channels: int, num_classes: int | None) -> UNet2DModel:
+    """A class-conditional (or unconditional) ``UNet2DModel``; label ``num_classes`` is the CFG null label.
+
+    The time input is EDM's ``c_noise`` (a float per example, positional embedding). Attention
+    blocks at ``attention_levels`` are diffusers' ``AttnDownBlock2D``/``AttnUpBlock2D``; the mid
+    block always has attention. The model holds no BatchNorm and no buffers, so Opacus accepts it.
+    """
+    n = len(config.channels)
+    if resolution % 2 ** (n - 1):
+        raise ValueError(f"resolution {resolution} is not divisible by 2^{n - 1} (model.channels has {n} levels)")
+    if any(not 0 <= lvl < n for lvl in config.attention_levels):
+        raise ValueError(f"model.attention_levels must be in [0, {n}), got {list(config.attention_levels)}")
+    down = tuple("AttnDownBlock2D" if i in config.attention_levels else "DownBlock2D" for i in range(n))
+    up = tuple("AttnUpBlock2D" if i in config.attention_levels else "UpBlock2D" for i in reversed(range(n)))
+    return UNet2DModel(
+        sample_size=resolution,
+        in_channels=in_channels,
+        out_channels=in_channels,
+        block_out_channels=tuple(config.channels),
+        layers_per_block=config.layers_per_block,
+        down_block_types=down,
+        up_block_types=up,
+        attention_head_dim=config.attention_head_dim,
+        norm_num_groups=config.norm_num_groups,
+        dropout=config.dropout,
+        num_class_embeds=None if num_classes is None else num_classes + 1,
+    )
+
+
+class UNetNet(nn.Module):
+    """Adapter from ``UNet2DModel`` to the ``net(x_in, c_noise, labels)`` protocol of ``Denoiser``."""
+
+    def __init__(self, unet: UNet2DModel):
+        super().__init__()
+        self.unet = unet
+
+    @property
+    def num_classes(self) -> int | None:
+        n = self.unet.config.num_class_embeds
+        return None if n is None else n - 1
+
+    def forward(self, x: torch.Tensor, c_noise: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        if self.num_classes is None:
+            labels = None
+        return self.unet(x, c_noise.reshape(-1).to(x.dtype), class_labels=labels).sample
+
+
+def count_parameters(module: nn.Module) -> int:
+    """Number of trainable parameters."""
+    return sum(p.numel() for p in module.parameters() if p.requires_grad)

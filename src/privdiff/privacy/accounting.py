@@ -1,0 +1,89 @@
+"""Privacy accounting: ε of a list of mechanisms, and noise calibrated to a target (ε, δ).
+
+The mechanisms are Opacus' accountants (RDP by default, PRV selectable) over a history of
+``(noise_multiplier, sample_rate, steps)`` triples: a Poisson-subsampled Gaussian mechanism run
+``steps`` times. Everything privdiff releases is expressed that way (DP-SGD steps; DPP's noisy
+class means), so heterogeneous stages compose in one accountant.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+from opacus.accountants import PRVAccountant, RDPAccountant
+
+ACCOUNTANTS = ("rdp", "prv")
+# Opacus' default RDP orders stop at 63; small-σ / large-ε runs need higher ones to be tight.
+RDP_ORDERS = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64)) + [80, 96, 128, 160, 192, 256, 384, 512, 768, 1024]
+
+History = list[tuple[float, float, int]]
+
+
+def epsilon(history: Iterable[tuple[float, float, int]], *, delta: float, accountant: str = "rdp") -> float:
+    """ε(δ) of the composition of Poisson-subsampled Gaussian mechanisms.
+
+    Args:
+        history: ``(noise_multiplier, sample_rate, steps)`` per mechanism, in any order.
+        delta: target δ.
+        accountant: ``"rdp"`` (Rényi DP, Mironov et al. 2019) or ``"prv"`` (privacy random
+            variables, Gopi et al. 2021; Opacus reports its upper bound).
+
+    A mechanism with ``noise_multiplier == 0`` (no noise) makes ε infinite.
+    """
+    hist = [(float(s), float(q), int(t)) for s, q, t in history if int(t) > 0 and float(q) > 0]
+    if not hist:
+        return 0.0
+    if any(s <= 0 for s, _, _ in hist):
+        return math.inf
+    if accountant == "rdp":
+        acc = RDPAccountant()
+        acc.history = hist
+        return float(acc.get_epsilon(delta=delta, alphas=RDP_ORDERS))
+    if accountant == "prv":
+        acc = PRVAccountant()
+        acc.history = hist
+        return float(acc.get_epsilon(delta=delta, eps_error=0.01))
+    raise ValueError(f"accountant must be one of {ACCOUNTANTS}, got {accountant!r}")
+
+
+def calibrate_noise(
+    *,
+    epsilon_target: float,
+    delta: float,
+    sample_rate: float,
+    steps: int,
+    accountant: str = "rdp",
+    prior: Iterable[tuple[float, float, int]] = (),
+    rel_tol: float = 1e-3,
+) -> float:
+    """Smallest noise multiplier σ such that ``prior`` + (σ, q, steps) spends at most ``epsilon_target``.
+
+    Bisection on σ; the returned σ is on the safe side (its ε ≤ target) and within ``rel_tol``
+    (relative) of the target in ε. ``prior`` are mechanisms already run on the same data (e.g.
+    DPP's release), so the whole composition, not only this stage, meets the target.
+
+    Raises:
+        ValueError: if the prior alone already exceeds the target, or no σ ≤ 1e4 reaches it.
+    """
+    prior = list(prior)
+    if epsilon(prior, delta=delta, accountant=accountant) >= epsilon_target:
+        raise ValueError(f"the budget epsilon={epsilon_target} is already spent by earlier releases")
+
+    def eps_at(sigma: float) -> float:
+        return epsilon(prior + [(sigma, sample_rate, steps)], delta=delta, accountant=accountant)
+
+    lo, hi = 0.0, 1.0
+    while eps_at(hi) > epsilon_target:
+        lo, hi = hi, hi * 2
+        if hi > 1e4:
+            raise ValueError(f"cannot reach epsilon={epsilon_target} with sample rate {sample_rate} and {steps} steps")
+    # invariant: eps_at(hi) <= target < eps_at(lo)  (eps_at(0) = inf)
+    while True:
+        mid = (lo + hi) / 2
+        if eps_at(mid) > epsilon_target:
+            lo = mid
+        else:
+            hi = mid
+        if epsilon_target - eps_at(hi) <= rel_tol * epsilon_target or hi - lo < 1e-6:
+            return hi

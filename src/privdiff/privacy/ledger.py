@@ -1,0 +1,117 @@
+"""The privacy ledger: every release that touched private data, and the (ε, δ) they compose to.
+
+``ledger.json`` is written atomically and *before* the data is touched (write-ahead): a run
+killed mid-step has already counted that step. Anyone can recompute ε from ``events`` alone with
+:func:`privdiff.privacy.accounting.epsilon`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..atomic import atomic_write_text
+from .accounting import epsilon as compose_epsilon
+
+SUBSAMPLED_GAUSSIAN = "subsampled_gaussian"
+NON_PRIVATE = "non_private"
+
+
+@dataclass
+class Ledger:
+    """Privacy-relevant releases of one run, in execution order.
+
+    Attributes:
+        delta: the δ at which ε is reported.
+        accountant: ``"rdp"`` or ``"prv"``.
+        dataset: ``{"name", "fingerprint", "size"}`` of the private data.
+        target_epsilon: the budget; ``None`` for a non-private run.
+        events: dicts with ``stage``, ``mechanism``, ``noise_multiplier``, ``sample_rate``,
+            ``steps``, ``max_grad_norm`` and, for releases, ``sensitivity``.
+    """
+
+    delta: float
+    accountant: str
+    dataset: dict[str, Any]
+    target_epsilon: float | None = None
+    events: list[dict[str, Any]] = field(default_factory=list)
+
+    # -- composition --------------------------------------------------------------------------
+    def history(self, extra: list[tuple[float, float, int]] = ()) -> list[tuple[float, float, int]]:
+        return [(e["noise_multiplier"], e["sample_rate"], e["steps"]) for e in self.events] + list(extra)
+
+    @property
+    def private(self) -> bool:
+        return all(e["mechanism"] != NON_PRIVATE for e in self.events)
+
+    def epsilon(self, *, extra: list[tuple[float, float, int]] = ()) -> float:
+        """ε(δ) of all events (plus ``extra`` hypothetical ones); ``inf`` if anything ran without noise."""
+        if not self.private:
+            return math.inf
+        return compose_epsilon(self.history(extra), delta=self.delta, accountant=self.accountant)
+
+    def steps(self, stage: str) -> int:
+        return sum(e["steps"] for e in self.events if e["stage"] == stage)
+
+    # -- recording ----------------------------------------------------------------------------
+    def record(
+        self,
+        *,
+        stage: str,
+        mechanism: str,
+        noise_multiplier: float,
+        sample_rate: float,
+        max_grad_norm: float | None = None,
+        sensitivity: float | None = None,
+        steps: int = 1,
+    ) -> None:
+        """Count ``steps`` more runs of a mechanism; merged into the last event if it is the same one."""
+        event = {
+            "stage": stage,
+            "mechanism": mechanism,
+            "noise_multiplier": float(noise_multiplier),
+            "sample_rate": float(sample_rate),
+            "max_grad_norm": None if max_grad_norm is None else float(max_grad_norm),
+            "sensitivity": None if sensitivity is None else float(sensitivity),
+        }
+        last = self.events[-1] if self.events else None
+        if last is not None and all(last[k] == v for k, v in event.items()):
+            last["steps"] += steps
+        else:
+            self.events.append({**event, "steps": steps})
+
+    # -- files --------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        eps = self.epsilon()
+        return {
+            "epsilon": None if math.isinf(eps) else eps,
+            "delta": self.delta,
+            "accountant": self.accountant,
+            "private": self.private,
+            "target_epsilon": self.target_epsilon,
+            "dataset": self.dataset,
+            "events": self.events,
+        }
+
+    def save(self, path: str | Path) -> None:
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Ledger":
+        path = Path(path)
+        try:
+            d = json.loads(path.read_text())
+            return cls(
+                delta=d["delta"],
+                accountant=d["accountant"],
+                dataset=d["dataset"],
+                target_epsilon=d.get("target_epsilon"),
+                events=list(d["events"]),
+            )
+        except FileNotFoundError:
+            raise
+        except (ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"{path}: not a privdiff ledger ({type(e).__name__}: {e})") from None

@@ -1,0 +1,142 @@
+"""Run directories, atomic checkpoints, resume.
+
+```
+RUN/
+  config.yaml        the fully resolved recipe
+  ledger.json        privacy ledger (privdiff.privacy.ledger), written ahead of every private step
+  checkpoints/
+    latest           name of the newest complete checkpoint
+    step-000100/     unet/ and unet_ema/ (diffusers save_pretrained, safetensors),
+                     optimizer.pt, rng.safetensors, state.json (step, sha256 of every file)
+  samples/           grid.png, samples.npz
+```
+A checkpoint directory is written under a temporary name and renamed when complete, and
+``latest`` is replaced atomically afterwards, so a kill at any moment leaves the previous
+checkpoint intact.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from diffusers import UNet2DModel
+from safetensors.torch import load_file, save_file
+
+from .atomic import atomic_directory, atomic_write_text
+from .config import Recipe, recipe_to_dict, resolve_recipe
+
+
+class RunError(ValueError):
+    """A run directory or checkpoint that cannot be used (missing, corrupted, mismatched)."""
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+@dataclass
+class TrainingState:
+    """Everything needed to continue training exactly where a checkpoint left off."""
+
+    step: int
+    unet: UNet2DModel
+    unet_ema: UNet2DModel
+    optimizer: dict[str, Any]
+    rng: dict[str, torch.Tensor]  # generator name -> get_state() byte tensor
+
+
+class Run:
+    """A run directory (see module docstring)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    config_path = property(lambda self: self.path / "config.yaml")
+    ledger_path = property(lambda self: self.path / "ledger.json")
+    checkpoints = property(lambda self: self.path / "checkpoints")
+    samples = property(lambda self: self.path / "samples")
+
+    # -- config -------------------------------------------------------------------------------
+    def save_config(self, recipe: Recipe) -> None:
+        atomic_write_text(self.config_path, yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False))
+
+    def load_config(self) -> Recipe:
+        if not self.config_path.is_file():
+            raise RunError(f"{self.path}: not a privdiff run (no config.yaml)")
+        return resolve_recipe(yaml.safe_load(self.config_path.read_text()))
+
+    # -- checkpoints --------------------------------------------------------------------------
+    def latest_checkpoint(self) -> Path | None:
+        pointer = self.checkpoints / "latest"
+        if not pointer.is_file():
+            return None
+        path = self.checkpoints / pointer.read_text().strip()
+        if not path.is_dir():
+            raise RunError(f"{pointer}: points to missing checkpoint {path.name}")
+        return path
+
+    def save_checkpoint(self, state: TrainingState, *, keep: int = 2) -> Path:
+        """Write ``checkpoints/step-NNNNNN`` atomically, point ``latest`` at it, keep the newest ``keep``."""
+        name = f"step-{state.step:06d}"
+        final = self.checkpoints / name
+        if final.exists():
+            shutil.rmtree(final)
+        with atomic_directory(final) as tmp:
+            state.unet.save_pretrained(tmp / "unet", safe_serialization=True)
+            state.unet_ema.save_pretrained(tmp / "unet_ema", safe_serialization=True)
+            torch.save(state.optimizer, tmp / "optimizer.pt")
+            save_file({k: v.contiguous() for k, v in state.rng.items()}, tmp / "rng.safetensors")
+            files = sorted(p for p in tmp.rglob("*") if p.is_file())
+            meta = {"step": state.step, "sha256": {str(p.relative_to(tmp)): _sha256(p) for p in files}}
+            (tmp / "state.json").write_text(json.dumps(meta, indent=2))
+        atomic_write_text(self.checkpoints / "latest", name + "\n")
+        old = sorted(p for p in self.checkpoints.glob("step-*") if p.is_dir() and p.name != name)
+        for p in old[: max(0, len(old) - (keep - 1))]:
+            shutil.rmtree(p, ignore_errors=True)
+        return final
+
+    def load_checkpoint(self, path: Path | None = None) -> TrainingState:
+        """Load and verify a checkpoint (default: the latest); a damaged file is a clear error."""
+        path = path or self.latest_checkpoint()
+        if path is None:
+            raise RunError(f"{self.path}: no checkpoint")
+        state_file = path / "state.json"
+        try:
+            meta = json.loads(state_file.read_text())
+        except (OSError, ValueError) as e:
+            raise RunError(f"{state_file}: unreadable checkpoint metadata ({e})") from None
+        for rel, digest in meta["sha256"].items():
+            f = path / rel
+            if not f.is_file():
+                raise RunError(f"{f}: missing from checkpoint")
+            if _sha256(f) != digest:
+                raise RunError(f"{f}: corrupted (checksum mismatch); delete {path} to resume from an older checkpoint")
+        return TrainingState(
+            step=int(meta["step"]),
+            unet=self.load_unet(path, ema=False),
+            unet_ema=self.load_unet(path, ema=True),
+            optimizer=torch.load(path / "optimizer.pt", weights_only=True),
+            rng=load_file(path / "rng.safetensors"),
+        )
+
+    def load_unet(self, path: Path | None = None, *, ema: bool = True) -> UNet2DModel:
+        """The (EMA) UNet of a checkpoint via diffusers ``from_pretrained``, offline."""
+        path = path or self.latest_checkpoint()
+        if path is None:
+            raise RunError(f"{self.path}: no checkpoint to load")
+        sub = path / ("unet_ema" if ema else "unet")
+        try:
+            return UNet2DModel.from_pretrained(sub, local_files_only=True, use_safetensors=True)
+        except Exception as e:  # diffusers raises several types for unreadable files
+            raise RunError(f"{sub}: cannot load UNet ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
