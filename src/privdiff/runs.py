@@ -140,3 +140,38 @@ class Run:
             return UNet2DModel.from_pretrained(sub, local_files_only=True, use_safetensors=True)
         except Exception as e:  # diffusers raises several types for unreadable files
             raise RunError(f"{sub}: cannot load UNet ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+
+
+def image_grid(images: "np.ndarray", *, nrow: int, scale: int = 1, pad: int = 2) -> "Image.Image":
+    """Tile float images [n, C, H, W] in [0, 1] into one picture, ``nrow`` images per row."""
+    import numpy as np
+    from PIL import Image
+
+    n, c, h, w = images.shape
+    rows = -(-n // nrow)
+    grid = np.ones((c, rows * (h + pad) + pad, nrow * (w + pad) + pad), dtype=np.float32)
+    for i, img in enumerate(images):
+        r, col = divmod(i, nrow)
+        grid[:, pad + r * (h + pad): pad + r * (h + pad) + h, pad + col * (w + pad): pad + col * (w + pad) + w] = img
+    arr = (grid.clip(0, 1) * 255).round().astype(np.uint8)
+    pic = Image.fromarray(arr[0] if c == 1 else arr.transpose(1, 2, 0), mode="L" if c == 1 else "RGB")
+    return pic.resize((pic.width * scale, pic.height * scale), Image.NEAREST) if scale > 1 else pic
+
+
+def save_samples(out: str | Path, images: "np.ndarray", labels: "np.ndarray | None", *, nrow: int) -> tuple[Path, Path]:
+    """Write ``samples.npz`` (images in [0,1], labels) and ``grid.png`` into directory ``out``, atomically."""
+    import io
+
+    import numpy as np
+
+    from .atomic import atomic_write_bytes
+
+    out = Path(out)
+    buf = io.BytesIO()
+    np.savez_compressed(buf, images=images.astype(np.float32), labels=np.asarray([] if labels is None else labels, dtype=np.int64))
+    atomic_write_bytes(out / "samples.npz", buf.getvalue())
+    png = io.BytesIO()
+    scale = max(1, 64 // images.shape[-1])
+    image_grid(images, nrow=nrow, scale=scale).save(png, format="PNG")
+    atomic_write_bytes(out / "grid.png", png.getvalue())
+    return out / "grid.png", out / "samples.npz"

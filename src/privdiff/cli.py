@@ -1,0 +1,215 @@
+"""The ``privdiff`` command: parses arguments, then calls the library. No logic lives here."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from importlib import resources
+from pathlib import Path
+
+EPILOG = """examples:
+  privdiff demo                                        DPDM on the built-in MNIST digits, eps=10
+  privdiff train recipes/dpdm-mnist5k.yaml privacy.epsilon=1 --out runs/eps1
+  privdiff train recipes/dpdm-mnist5k.yaml data.name=mnist data.root=~/data/mnist --out runs/mnist
+  privdiff sample runs/eps1 --n 64 --label 3 --out three.png
+  privdiff budget calibrate --epsilon 10 --delta 1e-5 --n 60000 --batch-size 4096 --epochs 300
+  privdiff budget show runs/eps1
+"""
+
+
+def _recipe_path(name: str) -> str:
+    """A recipe file path, or the name of a recipe shipped with privdiff (e.g. ``dpdm-mnist5k``)."""
+    if os.path.exists(name):
+        return name
+    shipped = resources.files("privdiff") / "recipes" / (name if name.endswith(".yaml") else f"{name}.yaml")
+    return str(shipped) if shipped.is_file() else name
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .config import resolve_recipe
+    from .methods import dpdm
+
+    recipe = resolve_recipe(_recipe_path(args.recipe), args.overrides)
+    out = args.out or os.path.join("runs", Path(args.recipe).stem)
+    result = dpdm.train(recipe, out=out, progress=not args.quiet)
+    _report(result)
+    return 0
+
+
+def _report(result) -> None:
+    ledger = result.ledger.to_dict()
+    eps = "inf (non-private)" if ledger["epsilon"] is None else f"{ledger['epsilon']:.4f}"
+    ckpt = result.run.latest_checkpoint()
+    print(f"run:        {result.run.path}")
+    print(f"steps:      {result.steps}")
+    print(f"epsilon:    {eps} at delta={ledger['delta']} ({ledger['accountant']})")
+    print(f"ledger:     {result.run.ledger_path}")
+    print(f"checkpoint: {ckpt / 'unet_ema'}  (diffusers UNet2DModel.from_pretrained)")
+    print(f"grid:       {result.grid}")
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .config import resolve_recipe
+    from .methods import dpdm
+
+    recipe = resolve_recipe(_recipe_path("dpdm-mnist5k"), args.overrides)
+    print("privdiff demo: DPDM on mnist5k (4,000 private MNIST digits), target epsilon=10, delta=1e-5", file=sys.stderr)
+    result = dpdm.train(recipe, out=args.out, progress=True)
+    _report(result)
+    return 0
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    import numpy as np
+    import torch
+
+    from .methods.stages import class_grid_labels, generate, load_denoiser
+    from .runs import Run, image_grid, save_samples
+
+    run = Run(args.run)
+    recipe = run.load_config()
+    if args.steps is not None or args.guidance is not None or args.sampler is not None:
+        from dataclasses import replace
+
+        recipe = replace(recipe, sampler=replace(
+            recipe.sampler,
+            **{k: v for k, v in (("steps", args.steps), ("guidance", args.guidance), ("name", args.sampler)) if v is not None},
+        ))
+    denoiser = load_denoiser(run, recipe)
+    num_classes = denoiser.net.num_classes
+    if args.label is not None:
+        if num_classes is None or not 0 <= args.label < num_classes:
+            raise ValueError(f"--label must be in [0, {num_classes}) for this run" if num_classes else "this run is unconditional: no --label")
+        labels, nrow = torch.full((args.n,), args.label), min(args.n, 10)
+    elif num_classes is not None:
+        per = max(1, args.n // num_classes)
+        labels, nrow = class_grid_labels(num_classes, per), per
+    else:
+        labels, nrow = None, min(args.n, 10)
+    n = args.n if labels is None else len(labels)
+    images = generate(denoiser, labels=labels, n=n, recipe=recipe, seed=args.seed, progress=not args.quiet)
+    lab = None if labels is None else labels.numpy()
+    if args.out and args.out.endswith(".png"):
+        from .atomic import atomic_save
+
+        atomic_save(args.out, lambda p: image_grid(images, nrow=nrow, scale=max(1, 64 // images.shape[-1])).save(p, format="PNG"))
+        if not args.quiet:
+            print(args.out)
+        return 0
+    out = Path(args.out) if args.out else run.samples
+    grid, npz = save_samples(out, images, lab, nrow=nrow)
+    print(f"{grid}\n{npz}")
+    return 0
+
+
+def cmd_budget_calibrate(args: argparse.Namespace) -> int:
+    from .privacy.accounting import calibrate_noise
+
+    q = args.batch_size / args.n
+    if not 0 < q <= 1:
+        raise ValueError(f"--batch-size must be in [1, --n], got {args.batch_size} for n={args.n}")
+    steps = args.steps if args.steps is not None else max(1, round(args.epochs / q))
+    sigma = calibrate_noise(epsilon_target=args.epsilon, delta=args.delta, sample_rate=q, steps=steps, accountant=args.accountant)
+    from .privacy.accounting import epsilon
+
+    eps = epsilon([(sigma, q, steps)], delta=args.delta, accountant=args.accountant)
+    print(json.dumps({"noise_multiplier": sigma, "sample_rate": q, "steps": steps, "epsilon": eps, "delta": args.delta,
+                      "accountant": args.accountant}, indent=2))
+    return 0
+
+
+def cmd_budget_show(args: argparse.Namespace) -> int:
+    from .privacy.accounting import epsilon
+    from .privacy.ledger import Ledger
+
+    path = Path(args.run)
+    path = path / "ledger.json" if path.is_dir() else path
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no ledger (is this a privdiff run directory?)")
+    ledger = Ledger.load(path)
+    eps = ledger.epsilon()
+    print(f"dataset:  {ledger.dataset.get('name')} ({ledger.dataset.get('size')} examples, {ledger.dataset.get('fingerprint')})")
+    for e in ledger.events:
+        print(f"  {e['stage']:<10} {e['mechanism']:<20} sigma={e['noise_multiplier']:.4f}  q={e['sample_rate']:.5f}  "
+              f"steps={e['steps']}" + (f"  C={e['max_grad_norm']}" if e.get("max_grad_norm") else "")
+              + (f"  sensitivity={e['sensitivity']}" if e.get("sensitivity") else ""))
+    print(f"epsilon:  {'inf (non-private steps ran)' if math.isinf(eps) else f'{eps:.4f}'} at delta={ledger.delta} "
+          f"({ledger.accountant}); target {ledger.target_epsilon}")
+    if args.accountant and not math.isinf(eps):
+        other = epsilon(ledger.history(), delta=ledger.delta, accountant=args.accountant)
+        print(f"          {other:.4f} with the {args.accountant} accountant")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="privdiff", description="Privacy-preserving diffusion models: train with DP-SGD, sample, account.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    from . import __version__
+
+    p.add_argument("--version", action="version", version=f"privdiff {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    d = sub.add_parser("demo", help="train DPDM on the built-in MNIST digits at eps=10 and sample a class grid")
+    d.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides (dotted paths)")
+    d.add_argument("--out", default="runs/demo", help="run directory (default: runs/demo; reruns resume it)")
+    d.set_defaults(func=cmd_demo)
+
+    t = sub.add_parser("train", help="train from a recipe; resumes RUN if --out already holds it",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    t.add_argument("recipe", help="recipe YAML (or a shipped recipe name, e.g. dpdm-mnist5k)")
+    t.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides, e.g. privacy.epsilon=1 train.batch_size=512")
+    t.add_argument("--out", help="run directory (default: runs/<recipe name>)")
+    t.add_argument("--quiet", action="store_true", help="no progress bars")
+    t.set_defaults(func=cmd_train)
+
+    s = sub.add_parser("sample", help="draw images from a trained run", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    s.add_argument("run", help="run directory")
+    s.add_argument("--n", type=int, default=100, help="number of images (a class grid rounds to a multiple of the classes)")
+    s.add_argument("--label", type=int, help="one class for all images")
+    s.add_argument("--steps", type=int, help="sampler steps (default: the recipe's)")
+    s.add_argument("--sampler", choices=["heun", "edm", "euler", "ddim"], help="sampler (default: the recipe's)")
+    s.add_argument("--guidance", type=float, help="classifier-free guidance scale w")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--out", help="a .png for the grid only, or a directory for grid.png + samples.npz (default: RUN/samples)")
+    s.add_argument("--quiet", action="store_true")
+    s.set_defaults(func=cmd_sample)
+
+    b = sub.add_parser("budget", help="noise calibration, or the ledger of a run")
+    bsub = b.add_subparsers(dest="budget_command", required=True, metavar="ACTION")
+    c = bsub.add_parser("calibrate", help="noise multiplier for a target (epsilon, delta)", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    c.add_argument("--epsilon", type=float, required=True)
+    c.add_argument("--delta", type=float, required=True)
+    c.add_argument("--n", type=int, required=True, help="number of private examples N")
+    c.add_argument("--batch-size", type=int, required=True, help="expected batch size (q = batch/N, Poisson)")
+    g = c.add_mutually_exclusive_group(required=True)
+    g.add_argument("--epochs", type=float)
+    g.add_argument("--steps", type=int)
+    c.add_argument("--accountant", choices=["rdp", "prv"], default="rdp")
+    c.set_defaults(func=cmd_budget_calibrate)
+    sh = bsub.add_parser("show", help="print the ledger of a run and the epsilon it composes to")
+    sh.add_argument("run", help="run directory or ledger.json")
+    sh.add_argument("--accountant", choices=["rdp", "prv"], help="also recompute epsilon with this accountant")
+    sh.set_defaults(func=cmd_budget_show)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("privdiff: interrupted (the run can be resumed with the same command)", file=sys.stderr)
+        return 130
+    except (ValueError, FileNotFoundError, OSError) as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        print(f"privdiff: error: {msg}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

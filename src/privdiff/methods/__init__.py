@@ -1,0 +1,1 @@
+"""Methods: short recipes composed of the shared stages (train a denoiser, sample)."""

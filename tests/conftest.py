@@ -1,0 +1,26 @@
+import os
+
+import pytest
+import torch
+
+# Two cores: one torch thread per test process keeps timings sane and avoids oversubscription.
+torch.set_num_threads(int(os.environ.get("PRIVDIFF_TEST_THREADS", "2")))
+
+TINY = [
+    "model.channels=[8,16]",
+    "model.attention_levels=[1]",
+    "model.norm_num_groups=4",
+    "model.attention_head_dim=4",
+    "data.resolution=8",
+    "train.batch_size=32",
+    "train.epochs=1",
+    "privacy.noise_multiplicity=2",
+    "train.max_physical_batch_size=32",
+    "sampler.steps=4",
+]
+
+
+@pytest.fixture
+def tiny_overrides():
+    """Overrides that make any recipe a seconds-long smoke run on 8x8 images."""
+    return list(TINY)
