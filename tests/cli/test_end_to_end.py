@@ -136,7 +136,11 @@ def test_unknown_override_and_changed_recipe(tmp_path, tiny_overrides, capsys):
     code, run = _train(tmp_path, tiny_overrides, "train.max_steps=1")
     assert code == 0
     code, _ = _train(tmp_path, tiny_overrides, "train.max_steps=1", "privacy.epsilon=3")
-    assert code == 2 and "different recipe" in capsys.readouterr().err
+    assert code == 2 and "different recipe (privacy.epsilon)" in capsys.readouterr().err
+    # continuing a smoke run for more steps is a resume, not a new recipe
+    code, _ = _train(tmp_path, tiny_overrides, "train.max_steps=2")
+    assert code == 0
+    assert json.loads((run / "ledger.json").read_text())["events"][0]["steps"] == 2
 
 
 def test_budget_calibrate_command(capsys):

@@ -25,17 +25,26 @@ class DPDMResult:
     steps: int
 
 
+# Keys that may change when a run is resumed: they change neither the data access nor the mechanism.
+RESUMABLE_KEYS = ("train.max_steps", "train.checkpoint_every", "sampler.")
+
+
 def open_run(out: str | Path, recipe: Recipe) -> Run:
-    """Create ``out`` for ``recipe``, or reopen it to resume if it holds the same recipe."""
+    """Create ``out`` for ``recipe``, or reopen it to resume if it holds the same recipe.
+
+    Only ``RESUMABLE_KEYS`` may differ on resume (e.g. raise ``train.max_steps`` to continue a
+    smoke run); anything else would silently change what the ledger describes.
+    """
     run = Run(out)
     if run.config_path.exists():
         existing = run.load_config()
-        if recipe_to_dict(existing) != recipe_to_dict(recipe):
-            diff = sorted(_diff(recipe_to_dict(existing), recipe_to_dict(recipe)))
+        diff = sorted(k for k in _diff(recipe_to_dict(existing), recipe_to_dict(recipe))
+                      if not any(k == r or (r.endswith(".") and k.startswith(r)) for r in RESUMABLE_KEYS))
+        if diff:
             raise RunError(f"{run.path} holds a run with a different recipe ({', '.join(diff[:4])}); use a new --out")
     else:
         run.path.mkdir(parents=True, exist_ok=True)
-        run.save_config(recipe)
+    run.save_config(recipe)
     return run
 
 
