@@ -137,7 +137,7 @@ class Run:
             raise RunError(f"{self.path}: no checkpoint to load")
         sub = path / ("unet_ema" if ema else "unet")
         try:
-            return UNet2DModel.from_pretrained(sub, local_files_only=True, use_safetensors=True)
+            return UNet2DModel.from_pretrained(sub, local_files_only=True, use_safetensors=True, low_cpu_mem_usage=False)
         except Exception as e:  # diffusers raises several types for unreadable files
             raise RunError(f"{sub}: cannot load UNet ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
 

@@ -333,3 +333,48 @@ def test_single_conv_layout(layout):
         assert rel(per_sample(stock=True)) <= 1e-5
     else:
         assert rel(per_sample(stock=True)) > 0.1  # Opacus' im2col reads the wrong elements
+
+
+# -- the exact model each shipped recipe trains ---------------------------------------------------
+
+
+def _shipped_recipes():
+    from importlib import resources
+
+    folder = resources.files("privdiff") / "recipes"
+    return sorted(str(folder / p.name) for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+@pytest.mark.parametrize("recipe_path", _shipped_recipes(), ids=lambda p: p.rsplit("/", 1)[-1])
+def test_shipped_recipe_model_per_sample_gradients(recipe_path):
+    """The UNet a shipped recipe trains (same builder, preconditioning, resolution and mode as
+    ``train_denoiser``), channels-last input, K = 2: per-sample gradients equal one-at-a-time ones."""
+    from privdiff.config import resolve_recipe
+    from privdiff.methods.stages import make_denoiser
+
+    r = resolve_recipe(recipe_path)
+    if not r.privacy.enabled:
+        pytest.skip("non-private recipe: no per-sample gradients")
+    res = r.data.resolution or 28
+
+    def build(seed):
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            den = make_denoiser(r, build_unet(r.model, resolution=res, in_channels=1, num_classes=NUM_CLASSES))
+        g = torch.Generator().manual_seed(77)
+        with torch.no_grad():
+            for p in den.parameters():
+                p.add_(0.05 * torch.randn(p.shape, generator=g))
+        return den
+
+    den, ref = build(0), build(0)
+    K, B = 2, 3
+    g = torch.Generator().manual_seed(5)
+    x0 = (torch.rand(B, 1, res, res, generator=g) * 2 - 1).contiguous(memory_format=torch.channels_last)
+    labels = torch.randint(0, NUM_CLASSES, (B, K), generator=g)
+    labels[0, 1] = NULL_LABEL  # a dropped label, as CFG training does
+    sigma, noise = draw_training_noise(x0, K=K, sigma_dist=LogNormalSigma(P_mean=r.diffusion.P_mean), generator=g)
+    gsm = make_grad_sample_module(den, grad_sample_mode=r.privacy.grad_sample_mode)
+    got = private_grads(gsm, den, x0, labels, sigma, noise, K)
+    want = reference_grads(ref, x0, labels, sigma, noise)
+    assert_matches(got, want, den)

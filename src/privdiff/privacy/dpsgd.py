@@ -16,6 +16,7 @@ Each example still contributes exactly one clipped gradient, so K costs no priva
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -139,7 +140,9 @@ class DPSGD:
         for i, chunk in enumerate(chunks):
             if len(chunk):
                 loss = loss_fn(self.module, chunk)
-                loss.sum().backward()
+                with warnings.catch_warnings():  # Opacus' hooks warn when the input needs no grad: expected here
+                    warnings.filterwarnings("ignore", message="Full backward hook is firing")
+                    loss.sum().backward()
                 fold_noise_multiplicity(self.module, self.K)
                 total, count = total + float(loss.detach().sum()), count + len(chunk)
             else:  # empty Poisson batch: no example contributes, the noise is still added
