@@ -65,6 +65,7 @@ class TrainConfig:
     epochs: float = 50.0  # expected epochs of the private stage; sets the planned steps
     max_steps: int | None = None  # stop after this many steps (smoke runs)
     lr: float = 1e-3
+    lr_schedule: str = "constant"  # constant | cosine (decays to 5% of lr over the planned steps)
     ema_decay: float = 0.999
     max_physical_batch_size: int = 512  # rows (examples x K) per forward/backward
     checkpoint_every: int = 50  # steps
@@ -228,6 +229,7 @@ def validate_recipe(r: Recipe) -> None:
         (r.train.max_physical_batch_size >= r.privacy.noise_multiplicity,
          "train.max_physical_batch_size must be >= privacy.noise_multiplicity"),
         (0 <= r.train.ema_decay < 1, "train.ema_decay must be in [0, 1)"),
+        (r.train.lr_schedule in ("constant", "cosine"), "train.lr_schedule must be 'constant' or 'cosine'"),
         (r.diffusion.parameterization in ("edm", "v"), "diffusion.parameterization must be 'edm' or 'v'"),
         (r.diffusion.sigma_distribution in ("lognormal", "cosine"), "diffusion.sigma_distribution must be 'lognormal' or 'cosine'"),
         (0 <= r.diffusion.label_dropout < 1, "diffusion.label_dropout must be in [0, 1)"),

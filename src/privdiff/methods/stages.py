@@ -56,6 +56,14 @@ def noise_for(recipe: Recipe, ledger: Ledger, *, stage: str, num_examples: int) 
     )
 
 
+def learning_rate(recipe: Recipe, step: int, total: int) -> float:
+    """lr at ``step`` of ``total``: constant, or cosine decay to 5% (a function of the step only, so resume-safe)."""
+    lr = recipe.train.lr
+    if recipe.train.lr_schedule == "cosine":
+        return lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(step, total) / total)))
+    return lr
+
+
 @torch.no_grad()
 def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
     torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - decay)
@@ -167,6 +175,8 @@ def train_denoiser(
             stopped = True
             tqdm.write(f"stopping at step {step}: one more step would exceed epsilon={r.privacy.epsilon}", file=sys.stderr)
             break
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(r, step, planned_steps(r, N))
         indices = engine.batches.next()
         ledger.record(**mech)  # write-ahead: counted before the data is touched
         ledger.save(run.ledger_path)
