@@ -69,6 +69,39 @@ def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> N
     torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - decay)
 
 
+def training_sigma_distribution(recipe: Recipe):
+    """The recipe's training noise-level distribution p(σ)."""
+    d = recipe.diffusion
+    if d.sigma_distribution == "lognormal":
+        return make_sigma_distribution("lognormal", P_mean=d.P_mean, P_std=d.P_std)
+    return make_sigma_distribution("cosine", logsnr_min=d.logsnr_min, logsnr_max=d.logsnr_max)
+
+
+def make_engine(
+    recipe: Recipe,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    *,
+    ledger: Ledger,
+    stage: str,
+    num_examples: int,
+    generators: dict[str, torch.Generator],
+) -> DPSGD | NonPrivateSGD:
+    """DP-SGD with σ calibrated against the ledger, or the same step without privacy."""
+    r = recipe
+    common = dict(
+        num_examples=num_examples, batch_size=r.train.batch_size, noise_multiplicity=r.privacy.noise_multiplicity,
+        max_physical_batch_size=r.train.max_physical_batch_size, generator=generators["batches"],
+    )
+    if not r.privacy.enabled:
+        return NonPrivateSGD(model, optimizer, **common)
+    return DPSGD(
+        model, optimizer, noise_multiplier=noise_for(r, ledger, stage=stage, num_examples=num_examples),
+        max_grad_norm=r.privacy.max_grad_norm, noise_generator=generators["dp_noise"],
+        grad_sample_mode=r.privacy.grad_sample_mode, **common,
+    )
+
+
 @dataclass
 class TrainResult:
     denoiser: Denoiser  # the EMA weights, in eval mode
@@ -124,19 +157,7 @@ def train_denoiser(
     total = planned_steps(r, N)
     if r.train.max_steps is not None:
         total = min(total, r.train.max_steps)
-    if r.privacy.enabled:
-        sigma = noise_for(r, ledger, stage=stage, num_examples=N)
-        engine = DPSGD(
-            denoiser, optimizer, num_examples=N, batch_size=r.train.batch_size, noise_multiplier=sigma,
-            max_grad_norm=r.privacy.max_grad_norm, noise_multiplicity=K,
-            max_physical_batch_size=r.train.max_physical_batch_size, generator=gens["batches"],
-            noise_generator=gens["dp_noise"], grad_sample_mode=r.privacy.grad_sample_mode,
-        )
-    else:
-        engine = NonPrivateSGD(
-            denoiser, optimizer, num_examples=N, batch_size=r.train.batch_size,
-            max_physical_batch_size=r.train.max_physical_batch_size, noise_multiplicity=K, generator=gens["batches"],
-        )
+    engine = make_engine(r, denoiser, optimizer, ledger=ledger, stage=stage, num_examples=N, generators=gens)
     mech = dict(
         stage=stage,
         mechanism=SUBSAMPLED_GAUSSIAN if engine.private else NON_PRIVATE,
@@ -145,11 +166,7 @@ def train_denoiser(
         max_grad_norm=engine.max_grad_norm,  # what the optimizer actually clips to
     )
     images, labels = dataset.images.to(device), dataset.labels.to(device)
-    sigma_dist = make_sigma_distribution(
-        r.diffusion.sigma_distribution,
-        **({"P_mean": r.diffusion.P_mean, "P_std": r.diffusion.P_std} if r.diffusion.sigma_distribution == "lognormal"
-           else {"logsnr_min": r.diffusion.logsnr_min, "logsnr_max": r.diffusion.logsnr_max}),
-    )
+    sigma_dist = training_sigma_distribution(r)
 
     def loss_fn(module: torch.nn.Module, idx: torch.Tensor) -> torch.Tensor:
         x0, y = images[idx.to(device)], labels[idx.to(device)]
