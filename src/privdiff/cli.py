@@ -63,21 +63,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    import numpy as np
     import torch
 
+    from .config import recipe_to_dict, resolve_recipe
     from .methods.stages import class_grid_labels, generate, load_denoiser
-    from .runs import Run, image_grid, save_samples
+    from .runs import Run, save_grid, save_samples
 
     run = Run(args.run)
-    recipe = run.load_config()
-    if args.steps is not None or args.guidance is not None or args.sampler is not None:
-        from dataclasses import replace
-
-        recipe = replace(recipe, sampler=replace(
-            recipe.sampler,
-            **{k: v for k, v in (("steps", args.steps), ("guidance", args.guidance), ("name", args.sampler)) if v is not None},
-        ))
+    overrides = [f"sampler.{k}={v}" for k, v in (("steps", args.steps), ("guidance", args.guidance), ("name", args.sampler)) if v is not None]
+    recipe = resolve_recipe(recipe_to_dict(run.load_config()), overrides)
     denoiser = load_denoiser(run, recipe)
     num_classes = denoiser.net.num_classes
     if args.label is not None:
@@ -93,9 +87,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     images = generate(denoiser, labels=labels, n=n, recipe=recipe, seed=args.seed, progress=not args.quiet)
     lab = None if labels is None else labels.numpy()
     if args.out and args.out.endswith(".png"):
-        from .atomic import atomic_save
-
-        atomic_save(args.out, lambda p: image_grid(images, nrow=nrow, scale=max(1, 64 // images.shape[-1])).save(p, format="PNG"))
+        save_grid(args.out, images, nrow=nrow)
         if not args.quiet:
             print(args.out)
         return 0

@@ -142,8 +142,45 @@ class Run:
             raise RunError(f"{sub}: cannot load UNet ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
 
 
-def image_grid(images: "np.ndarray", *, nrow: int, scale: int = 1, pad: int = 2) -> "Image.Image":
-    """Tile float images [n, C, H, W] in [0, 1] into one picture, ``nrow`` images per row."""
+# Keys that may change when a run is resumed: they change neither the data access nor the mechanism.
+RESUMABLE_KEYS = ("train.max_steps", "train.checkpoint_every", "sampler.")
+
+
+def open_run(out: str | Path, recipe: Recipe) -> Run:
+    """Create ``out`` for ``recipe``, or reopen it to resume if it holds the same recipe.
+
+    Only ``RESUMABLE_KEYS`` may differ on resume (e.g. raise ``train.max_steps`` to continue a
+    smoke run); anything else would silently change what the ledger describes.
+    """
+    run = Run(out)
+    if run.config_path.exists():
+        existing = run.load_config()
+        diff = sorted(k for k in _diff(recipe_to_dict(existing), recipe_to_dict(recipe))
+                      if not any(k == r or (r.endswith(".") and k.startswith(r)) for r in RESUMABLE_KEYS))
+        if diff:
+            raise RunError(f"{run.path} holds a run with a different recipe ({', '.join(diff[:4])}); use a new --out")
+    else:
+        run.path.mkdir(parents=True, exist_ok=True)
+    run.save_config(recipe)
+    return run
+
+
+def _diff(a: dict, b: dict, prefix: str = "") -> list[str]:
+    keys = set(a) | set(b)
+    out = []
+    for k in keys:
+        if isinstance(a.get(k), dict) and isinstance(b.get(k), dict):
+            out += _diff(a[k], b[k], f"{prefix}{k}.")
+        elif a.get(k) != b.get(k):
+            out.append(f"{prefix}{k}")
+    return out
+
+
+def image_grid(images: "np.ndarray", *, nrow: int, scale: int | None = None, pad: int = 2) -> "Image.Image":
+    """Tile float images [n, C, H, W] in [0, 1] into one picture, ``nrow`` images per row.
+
+    ``scale`` enlarges pixels (nearest); by default small images are shown at least 64 px wide.
+    """
     import numpy as np
     from PIL import Image
 
@@ -155,6 +192,7 @@ def image_grid(images: "np.ndarray", *, nrow: int, scale: int = 1, pad: int = 2)
         grid[:, pad + r * (h + pad): pad + r * (h + pad) + h, pad + col * (w + pad): pad + col * (w + pad) + w] = img
     arr = (grid.clip(0, 1) * 255).round().astype(np.uint8)
     pic = Image.fromarray(arr[0] if c == 1 else arr.transpose(1, 2, 0), mode="L" if c == 1 else "RGB")
+    scale = max(1, 64 // w) if scale is None else scale
     return pic.resize((pic.width * scale, pic.height * scale), Image.NEAREST) if scale > 1 else pic
 
 
@@ -170,8 +208,17 @@ def save_samples(out: str | Path, images: "np.ndarray", labels: "np.ndarray | No
     buf = io.BytesIO()
     np.savez_compressed(buf, images=images.astype(np.float32), labels=np.asarray([] if labels is None else labels, dtype=np.int64))
     atomic_write_bytes(out / "samples.npz", buf.getvalue())
-    png = io.BytesIO()
-    scale = max(1, 64 // images.shape[-1])
-    image_grid(images, nrow=nrow, scale=scale).save(png, format="PNG")
-    atomic_write_bytes(out / "grid.png", png.getvalue())
+    save_grid(out / "grid.png", images, nrow=nrow)
     return out / "grid.png", out / "samples.npz"
+
+
+def save_grid(path: str | Path, images: "np.ndarray", *, nrow: int) -> Path:
+    """Write the :func:`image_grid` of ``images`` to ``path`` as PNG, atomically."""
+    import io
+
+    from .atomic import atomic_write_bytes
+
+    png = io.BytesIO()
+    image_grid(images, nrow=nrow).save(png, format="PNG")
+    atomic_write_bytes(path, png.getvalue())
+    return Path(path)

@@ -22,7 +22,7 @@ from ..models import UNetNet, build_unet, count_parameters
 from ..privacy.accounting import calibrate_noise
 from ..privacy.dpsgd import DPSGD, NonPrivateSGD
 from ..privacy.ledger import NON_PRIVATE, SUBSAMPLED_GAUSSIAN, Ledger
-from ..runs import Run, TrainingState
+from ..runs import Run, RunError, TrainingState
 
 
 def default_device() -> torch.device:
@@ -40,12 +40,26 @@ def planned_steps(recipe: Recipe, num_examples: int) -> int:
     return max(1, round(recipe.train.epochs * num_examples / recipe.train.batch_size))
 
 
+def open_ledger(run: Run, recipe: Recipe, dataset: ImageDataset) -> Ledger:
+    """The run's ledger (continued on resume), checked against the private data it must describe."""
+    identity = {"name": dataset.name, "split": dataset.split, "fingerprint": dataset.fingerprint, "size": len(dataset)}
+    if run.ledger_path.exists():
+        ledger = Ledger.load(run.ledger_path)
+        if ledger.dataset.get("fingerprint") != dataset.fingerprint:
+            raise RunError(f"{run.ledger_path}: recorded for data {ledger.dataset.get('fingerprint')}, not {dataset.fingerprint}")
+        return ledger
+    return Ledger(
+        delta=recipe.privacy.delta, accountant=recipe.privacy.accountant, dataset=identity,
+        target_epsilon=recipe.privacy.epsilon if recipe.privacy.enabled else None,
+    )
+
+
 def noise_for(recipe: Recipe, ledger: Ledger, *, stage: str, num_examples: int) -> float:
     """σ calibrated so that everything in the ledger *before* ``stage`` plus this stage meets the target.
 
     Deterministic in (recipe, earlier stages), so a resumed run recomputes the same σ.
     """
-    prior = [(e["noise_multiplier"], e["sample_rate"], e["steps"]) for e in ledger.events if e["stage"] != stage]
+    prior = ledger.history(exclude_stage=stage)
     return calibrate_noise(
         epsilon_target=recipe.privacy.epsilon,
         delta=recipe.privacy.delta,

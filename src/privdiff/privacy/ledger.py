@@ -40,8 +40,13 @@ class Ledger:
     events: list[dict[str, Any]] = field(default_factory=list)
 
     # -- composition --------------------------------------------------------------------------
-    def history(self, extra: list[tuple[float, float, int]] = ()) -> list[tuple[float, float, int]]:
-        return [(e["noise_multiplier"], e["sample_rate"], e["steps"]) for e in self.events] + list(extra)
+    def history(
+        self, extra: list[tuple[float, float, int]] = (), *, exclude_stage: str | None = None
+    ) -> list[tuple[float, float, int]]:
+        """``(noise_multiplier, sample_rate, steps)`` of every event (optionally not of one stage), plus ``extra``."""
+        return [
+            (e["noise_multiplier"], e["sample_rate"], e["steps"]) for e in self.events if e["stage"] != exclude_stage
+        ] + list(extra)
 
     @property
     def private(self) -> bool:
