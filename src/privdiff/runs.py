@@ -4,6 +4,7 @@
 RUN/
   config.yaml        the fully resolved recipe
   ledger.json        privacy ledger (privdiff.privacy.ledger), written ahead of every private step
+  train_log.jsonl    one line per training step: stage, step, loss, epsilon, lr, time_s (cumulative)
   checkpoints/
     latest           name of the newest complete checkpoint
     step-000100/     unet/ and unet_ema/ (diffusers save_pretrained, safetensors),
@@ -66,6 +67,33 @@ class Run:
     ledger_path = property(lambda self: self.path / "ledger.json")
     checkpoints = property(lambda self: self.path / "checkpoints")
     samples = property(lambda self: self.path / "samples")
+    train_log_path = property(lambda self: self.path / "train_log.jsonl")
+
+    # -- training log -------------------------------------------------------------------------
+    def read_train_log(self) -> list[dict[str, Any]]:
+        """Entries of ``train_log.jsonl``; a line cut short by a crash is skipped."""
+        if not self.train_log_path.is_file():
+            return []
+        out = []
+        for line in self.train_log_path.read_text().splitlines():
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(entry, dict) and "step" in entry:
+                out.append(entry)
+        return out
+
+    def rewind_train_log(self, *, stage: str, step: int) -> float:
+        """Drop entries of ``stage`` after ``step`` (work lost since the checkpoint) and return the
+        cumulative training time at that point, so a resumed run continues the clock."""
+        kept = [e for e in self.read_train_log() if not (e.get("stage") == stage and e["step"] > step)]
+        atomic_write_text(self.train_log_path, "".join(json.dumps(e) + "\n" for e in kept))
+        return max((float(e.get("time_s", 0.0)) for e in kept), default=0.0)
+
+    def append_train_log(self, entry: dict[str, Any]) -> None:
+        with open(self.train_log_path, "a") as f:
+            f.write(json.dumps(entry) + "\n")
 
     # -- config -------------------------------------------------------------------------------
     def save_config(self, recipe: Recipe) -> None:

@@ -86,6 +86,15 @@ def test_kill_and_resume_continues_the_ledger(tmp_path, tiny_overrides):
     total = sum(e["steps"] for e in ledger["events"])
     assert total == before + (40 - ckpt_step)  # every step that touched data is counted once
     assert ledger["epsilon"] <= 10
+    # the training log has each step of the final trajectory once, its clock continues, and its
+    # last epsilon is the ledger's (which includes the lost steps)
+    from privdiff.runs import Run
+
+    log = Run(run).read_train_log()
+    assert [e["step"] for e in log] == list(range(1, 41))
+    times = [e["time_s"] for e in log]
+    assert times == sorted(times) and all(np.isfinite(e["loss"]) for e in log)
+    assert log[-1]["epsilon"] == pytest.approx(ledger["epsilon"])
 
 
 def test_budget_is_never_exceeded(tmp_path, tiny_overrides, capsys):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import math
 import sys
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -201,6 +202,7 @@ def train_denoiser(
     bar = tqdm(total=total, initial=start, desc=stage, unit="step", disable=not progress, dynamic_ncols=True, file=sys.stderr)
     step, stopped = start, False
     steps_before = ledger.steps(stage)
+    clock = run.rewind_train_log(stage=stage, step=start) - time.perf_counter()
     for step in range(start, total):
         if engine.private and ledger.epsilon(extra=[(engine.noise_multiplier, engine.sample_rate, 1)]) > r.privacy.epsilon * (1 + 1e-9):
             stopped = True
@@ -216,8 +218,11 @@ def train_denoiser(
             raise RuntimeError("internal error: noised steps and ledger disagree")  # never report an unbacked epsilon
         decay = min(r.train.ema_decay, (1 + step) / (10 + step))
         _ema_update(unet_ema, unet, decay)
+        eps = ledger.epsilon() if engine.private else None
+        run.append_train_log({"stage": stage, "step": step + 1, "loss": loss, "epsilon": eps,
+                              "lr": optimizer.param_groups[0]["lr"], "time_s": round(clock + time.perf_counter(), 3)})
         bar.update(1)
-        bar.set_postfix(loss=f"{loss:.4f}", eps=f"{ledger.epsilon():.3f}" if engine.private else "inf", refresh=False)
+        bar.set_postfix(loss=f"{loss:.4f}", eps=f"{eps:.3f}" if engine.private else "inf", refresh=False)
         if (step + 1) % r.train.checkpoint_every == 0 and step + 1 < total:
             checkpoint(step + 1)
     else:
