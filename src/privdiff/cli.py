@@ -17,6 +17,8 @@ EPILOG = """examples:
   privdiff sample runs/eps1 --n 64 --label 3 --out three.png
   privdiff budget calibrate --epsilon 10 --delta 1e-5 --n 60000 --batch-size 4096 --epochs 300
   privdiff budget show runs/eps1
+  privdiff evaluate runs/eps1 --n 2000                 FID/KID, precision/recall, accuracy -> metrics.json, report.html
+  privdiff compare runs/demo runs/eps1 --out runs/compare
 """
 
 
@@ -136,6 +138,28 @@ def cmd_budget_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .evaluation.evaluate import evaluate_run, format_metrics
+
+    result = evaluate_run(args.run, n=args.n, seed=args.seed, overrides=args.overrides, inception_weights=args.inception_weights,
+                          progress=not args.quiet, report=not args.no_report)
+    print(format_metrics(result))
+    print(f"metrics:    {Path(args.run) / 'metrics.json'}")
+    if not args.no_report:
+        print(f"report:     {Path(args.run) / 'report.html'}")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from .evaluation.compare import compare_runs, text_table
+
+    rows, written = compare_runs(args.runs, out=args.out)
+    print(text_table(rows))
+    for path in written.values():
+        print(path)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="privdiff", description="Privacy-preserving diffusion models: train with DP-SGD, sample, account.",
@@ -170,6 +194,24 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", help="a .png for the grid only, or a directory for grid.png + samples.npz (default: RUN/samples)")
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(func=cmd_sample)
+
+    ev = sub.add_parser("evaluate", help="FID/KID, precision/recall and downstream accuracy of a run, with a report",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ev.add_argument("run", help="run directory")
+    ev.add_argument("overrides", nargs="*", metavar="key=value", help="evaluate.* / sampler.* overrides, e.g. evaluate.classifier_epochs=50")
+    ev.add_argument("--n", type=int, help="number of samples (default: the recipe's evaluate.n_samples, 10000)")
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--inception-weights", metavar="PATH",
+                    help="use the FID Inception-v3 from this local file (weights-inception-2015-12-05-6726825d.pth) "
+                         "instead of privdiff's feature CNN; nothing is downloaded")
+    ev.add_argument("--no-report", action="store_true", help="skip RUN/report.html")
+    ev.add_argument("--quiet", action="store_true", help="no progress bars")
+    ev.set_defaults(func=cmd_evaluate)
+
+    cp = sub.add_parser("compare", help="one table of several evaluated runs (method, epsilon, FID, KID, accuracy, time)")
+    cp.add_argument("runs", nargs="+", metavar="RUN")
+    cp.add_argument("--out", help="also write OUT.csv and OUT.md")
+    cp.set_defaults(func=cmd_compare)
 
     b = sub.add_parser("budget", help="noise calibration, or the ledger of a run")
     bsub = b.add_subparsers(dest="budget_command", required=True, metavar="ACTION")

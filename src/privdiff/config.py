@@ -87,6 +87,22 @@ class SamplerConfig:
 
 
 @dataclass(frozen=True)
+class EvaluateConfig:
+    """How ``privdiff evaluate`` judges a run; changing it never changes what training did."""
+
+    n_samples: int = 10_000  # synthetic images drawn (balanced over classes)
+    features: str = "public"  # public: feature CNN trained on public_data | train: on the real training split (recorded as such)
+    public_data: str = "digits"  # the public data set of the feature CNN (features=public)
+    public_root: str | None = None
+    classifier_epochs: int = 30  # downstream CNN / logistic regression (DPDM: 50)
+    classifier_lr: float = 1e-3  # Adam (DPDM: 3e-4 over 50 epochs)
+    holdout: float = 0.1  # fraction of the (synthetic or real-train) data held out to select the epoch
+    kid_subset_size: int = 1000
+    kid_subsets: int = 100
+    pr_k: int = 3  # k-th nearest neighbour radius of improved precision/recall
+
+
+@dataclass(frozen=True)
 class Recipe:
     method: str = "dpdm"
     data: DataConfig = field(default_factory=DataConfig)
@@ -95,6 +111,7 @@ class Recipe:
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
 
 
 def _coerce(value: Any, hint: Any, key: str) -> Any:
@@ -234,6 +251,11 @@ def validate_recipe(r: Recipe) -> None:
         (r.diffusion.sigma_distribution in ("lognormal", "cosine"), "diffusion.sigma_distribution must be 'lognormal' or 'cosine'"),
         (0 <= r.diffusion.label_dropout < 1, "diffusion.label_dropout must be in [0, 1)"),
         (r.sampler.steps >= 1, "sampler.steps must be >= 1"),
+        (r.evaluate.n_samples >= 2, "evaluate.n_samples must be >= 2"),
+        (r.evaluate.features in ("public", "train"), "evaluate.features must be 'public' or 'train'"),
+        (0 < r.evaluate.holdout < 1, "evaluate.holdout must be in (0, 1)"),
+        (r.evaluate.classifier_epochs >= 1, "evaluate.classifier_epochs must be >= 1"),
+        (r.evaluate.pr_k >= 1, "evaluate.pr_k must be >= 1"),
         (r.method == "dpdm", f"method '{r.method}' is not available (available: dpdm)"),
     ]
     for ok, message in checks:

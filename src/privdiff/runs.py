@@ -170,8 +170,9 @@ class Run:
             raise RunError(f"{sub}: cannot load UNet ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
 
 
-# Keys that may change when a run is resumed: they change neither the data access nor the mechanism.
-RESUMABLE_KEYS = ("train.max_steps", "train.checkpoint_every", "sampler.")
+# Keys that may change when a run is resumed: they change neither the data access nor the mechanism
+# (sampling and evaluation happen after training).
+RESUMABLE_KEYS = ("train.max_steps", "train.checkpoint_every", "sampler.", "evaluate.")
 
 
 def open_run(out: str | Path, recipe: Recipe) -> Run:

@@ -1,0 +1,242 @@
+"""``privdiff evaluate RUN``: samples, FID/KID/precision/recall, downstream accuracy, ``metrics.json``, report.
+
+Order of work, which is the DP-safety argument for the numbers:
+
+1. draw N class-balanced samples from the run's EMA checkpoint (cached in ``RUN/eval/``);
+2. features of the samples and of the real *training* split (the FID reference, as DPDM and
+   DPImageBench) under the feature network;
+3. CNN and logistic regression trained on the samples, each epoch chosen on held-out
+   *samples*; the same classifiers trained on the real training split (the ceiling), chosen on
+   held-out *training* images;
+4. only now the real test split is read: the classifiers are scored once, and the real-data floor
+   of every image metric (train against test) is computed.
+
+Every number is written with its real-data floor or ceiling beside it, and with the feature
+network it was computed on. ``metrics.json`` is written atomically at the very end: a failed
+evaluation leaves no partial file (and an earlier one intact).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..atomic import atomic_write_bytes, atomic_write_text
+from ..config import Recipe, recipe_to_dict, resolve_recipe
+from ..data import ImageDataset, load_dataset
+from ..privacy.ledger import Ledger
+from ..runs import Run, RunError
+from .downstream import score, train_classifiers
+from .features import FeatureNetwork, cached_features, cached_json, content_key, inception_network, train_feature_cnn
+from .metrics import extract_features, image_metrics
+
+SCHEMA = 1
+PRIVACY_NOTE = (
+    "epsilon covers training only. FID/KID/precision/recall against the training split, the real-data "
+    "ceiling classifiers and the training-loss curve are non-private statistics of the private data: "
+    "share them only where the data itself may be seen."
+)
+
+
+def eval_dir(run: Run) -> Path:
+    return run.path / "eval"
+
+
+def _samples_meta(run: Run, recipe: Recipe, *, n: int, seed: int) -> dict[str, Any]:
+    return {"checkpoint": run.latest_checkpoint().name, "n": n, "seed": seed,
+            "sampler": recipe_to_dict(recipe)["sampler"], "labels": "balanced"}
+
+
+def load_or_draw_samples(run: Run, recipe: Recipe, data: ImageDataset, *, n: int, seed: int, progress: bool) -> tuple[np.ndarray, np.ndarray]:
+    """N class-balanced samples of the run's latest EMA checkpoint; reused from ``RUN/eval/samples.npz`` if drawn alike."""
+    from ..methods.stages import generate, load_denoiser
+
+    path, meta = eval_dir(run) / "samples.npz", _samples_meta(run, recipe, n=n, seed=seed)
+    expected = (data.channels, data.resolution, data.resolution)
+    if path.is_file():
+        try:
+            with np.load(path, allow_pickle=False) as f:
+                stored = json.loads(str(f["meta"])) if "meta" in f else None
+                images, labels = f["images"], f["labels"]
+        except (OSError, ValueError, KeyError) as e:
+            raise RunError(f"{path}: unreadable samples ({type(e).__name__}); delete it to draw new ones") from None
+        if stored == meta:
+            _check_samples(path, images, labels, expected, n=n, num_classes=data.num_classes)
+            return images, labels
+    denoiser = load_denoiser(run, recipe)
+    if denoiser.net.num_classes != data.num_classes:
+        raise RunError(f"{run.path}: the model has {denoiser.net.num_classes} classes, the data {data.num_classes}")
+    labels_t = torch.arange(n) % data.num_classes
+    images = generate(denoiser, labels=labels_t, n=n, recipe=recipe, seed=seed, progress=progress)
+    labels = labels_t.numpy().astype(np.int64)
+    _check_samples(path, images, labels, expected, n=n, num_classes=data.num_classes)
+    buf = io.BytesIO()
+    np.savez_compressed(buf, images=images.astype(np.float32), labels=labels, meta=np.array(json.dumps(meta)))
+    atomic_write_bytes(path, buf.getvalue())
+    return images, labels
+
+
+def _check_samples(path: Path, images: np.ndarray, labels: np.ndarray, expected: tuple[int, int, int], *, n: int, num_classes: int) -> None:
+    if images.ndim != 4 or tuple(images.shape[1:]) != expected or len(images) != n:
+        raise RunError(f"{path}: samples have shape {tuple(images.shape)}, expected ({n}, {', '.join(map(str, expected))}) "
+                       "(does the checkpoint match the recipe's data?)")
+    if labels.shape != (n,) or labels.min() < 0 or labels.max() >= num_classes:
+        raise RunError(f"{path}: labels must be {n} class indices in [0, {num_classes})")
+    if not np.isfinite(images).all():
+        raise RunError(f"{path}: samples contain NaN or inf (the model diverged)")
+
+
+def feature_network(recipe: Recipe, train: ImageDataset, *, inception_weights: str | Path | None, progress: bool) -> FeatureNetwork:
+    """Inception from a local file if given; else the feature CNN on public data (or on the training split)."""
+    e = recipe.evaluate
+    if inception_weights is not None:
+        return inception_network(inception_weights)
+    if e.features == "train":
+        data, public = train, False
+    else:
+        data = load_dataset(e.public_data, root=e.public_root, split="train", resolution=train.resolution)
+        public = True
+        if data.channels != train.channels:
+            raise ValueError(f"public data '{e.public_data}' has {data.channels} channel(s), the run's data {train.channels}: "
+                             "set evaluate.public_data to a matching public set, or evaluate.features=train")
+    return train_feature_cnn(data, public=public, epochs=e.classifier_epochs, lr=e.classifier_lr, progress=progress)
+
+
+def evaluate_run(
+    run_dir: str | Path,
+    *,
+    n: int | None = None,
+    seed: int = 0,
+    overrides: list[str] = (),
+    inception_weights: str | Path | None = None,
+    progress: bool = True,
+    report: bool = True,
+) -> dict[str, Any]:
+    """Evaluate a trained run; writes ``RUN/metrics.json`` (and ``RUN/report.html``) and returns the metrics.
+
+    ``overrides`` (``evaluate.*`` and ``sampler.*`` keys only) change how the run is judged, never what it is.
+    """
+    t0 = time.perf_counter()
+    run = Run(run_dir)
+    recipe = run.load_config()
+    bad = [o for o in overrides if not o.startswith(("evaluate.", "sampler."))]
+    if bad:
+        raise ValueError(f"evaluate accepts only evaluate.* and sampler.* overrides, not {bad[0]!r}")
+    recipe = resolve_recipe(recipe_to_dict(recipe), list(overrides))
+    if run.latest_checkpoint() is None:
+        raise RunError(f"{run.path}: no checkpoint to evaluate (train it first: privdiff train RECIPE --out {run.path})")
+    e, n = recipe.evaluate, n or recipe.evaluate.n_samples
+    if n < max(2, e.pr_k + 1):
+        raise ValueError(f"--n must be at least {max(2, e.pr_k + 1)}")
+    train = load_dataset(recipe.data.name, root=recipe.data.root, split="train", resolution=recipe.data.resolution)
+    ledger = Ledger.load(run.ledger_path) if run.ledger_path.is_file() else None
+    if ledger is not None and ledger.dataset.get("fingerprint") != train.fingerprint:
+        raise RunError(f"{run.ledger_path}: the run was trained on data {ledger.dataset.get('fingerprint')}, "
+                       f"but {recipe.data.name} now has {train.fingerprint}")
+
+    # 1. samples
+    images, labels = load_or_draw_samples(run, recipe, train, n=n, seed=seed, progress=progress)
+    # 2. features and image metrics against the training split
+    net = feature_network(recipe, train, inception_weights=inception_weights, progress=progress)
+    real_train = cached_features(net, train, progress=progress)
+    fake = extract_features(net.module, images, progress=progress, desc="features of the samples")
+    metric_kw = dict(kid_subset_size=e.kid_subset_size, kid_subsets=e.kid_subsets, pr_k=e.pr_k, seed=seed)
+    metrics = image_metrics(real_train, fake, **metric_kw)
+    # 3. classifiers: on the samples, and on the real training split (ceiling, cached by content)
+    cls_kw = dict(num_classes=train.num_classes, epochs=e.classifier_epochs, lr=e.classifier_lr, holdout=e.holdout, seed=seed)
+    synthetic_fits = train_classifiers(torch.from_numpy(images), torch.from_numpy(labels), progress=progress, **cls_kw)
+    ceiling_key = content_key(kind="ceiling", data=train.fingerprint, resolution=train.resolution, **cls_kw)
+    ceiling_fits = None
+    if not (_cache_has("ceiling", ceiling_key)):
+        ceiling_fits = train_classifiers((train.images + 1) / 2, train.labels, progress=progress, source="real training split", **cls_kw)
+
+    # 4. the real test split, read for the first time
+    test = load_dataset(recipe.data.name, root=recipe.data.root, split="test", resolution=recipe.data.resolution)
+    test_x = (test.images + 1) / 2
+    selection = f"epoch with the best accuracy on {e.holdout:.0%} held-out synthetic samples"
+    synthetic = score(synthetic_fits, lambda: (test_x, test.labels), selection=selection)
+    ceiling = cached_json("ceiling", ceiling_key, lambda: score(
+        ceiling_fits, lambda: (test_x, test.labels), selection=f"epoch with the best accuracy on {e.holdout:.0%} held-out training images"))
+    floor_key = content_key(kind="floor", network=net.key, train=train.fingerprint, test=test.fingerprint,
+                            resolution=train.resolution, **metric_kw)
+    floor = cached_json("floor", floor_key, lambda: image_metrics(real_train, cached_features(net, test, progress=progress), **metric_kw))
+
+    desc_floor = f"{train.name} train ({len(train)}) vs test ({len(test)})"
+    for name, entry in metrics.items():
+        entry.update(real=floor[name]["value"], real_desc=desc_floor, better="lower" if name in ("fid", "kid") else "higher")
+        if "std" in floor[name]:
+            entry["real_std"] = floor[name]["std"]
+    for kind in ("cnn", "logreg"):
+        s = synthetic[kind]
+        metrics[f"accuracy_{kind}"] = {
+            "value": s["accuracy"], "real": ceiling[kind]["accuracy"], "better": "higher",
+            "real_desc": f"the same classifier trained on {train.name} train ({len(train)})",
+            "note": f"epoch {s['selected_epoch']} of {s['epochs']}, selected on {e.holdout:.0%} held-out synthetic samples",
+        }
+
+    log = run.read_train_log()
+    result = {
+        "schema": SCHEMA,
+        "run": str(run.path),
+        "method": recipe.method,
+        "checkpoint_step": int(run.latest_checkpoint().name.split("-")[-1]),
+        "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "privacy": _privacy(ledger),
+        "train_time_s": max((float(x.get("time_s", 0)) for x in log), default=None),
+        "data": {"name": train.name, "class_names": list(train.class_names or []), "n_train": len(train),
+                 "n_test": len(test), "resolution": train.resolution, "fingerprint": train.fingerprint},
+        "samples": {"n": n, "seed": seed, "sampler": recipe_to_dict(recipe)["sampler"], "labels": "balanced"},
+        "features": net.info,
+        "reference": f"{train.name} train ({len(train)} images)",
+        "metrics": metrics,
+        "protocol": {"fid_reference": "real training split", "selection": selection, "test_split_reads": 1,
+                     "classifier_epochs": e.classifier_epochs, "classifier_lr": e.classifier_lr, "holdout": e.holdout,
+                     "kid_subset_size": min(e.kid_subset_size, n, len(train)), "kid_subsets": e.kid_subsets, "pr_k": e.pr_k},
+        "privacy_note": PRIVACY_NOTE,
+        "eval_time_s": round(time.perf_counter() - t0, 1),
+    }
+    atomic_write_text(run.path / "metrics.json", json.dumps(result, indent=2) + "\n")
+    if report:
+        from .report import write_report
+
+        write_report(run.path)
+    return result
+
+
+def _cache_has(kind: str, key: str) -> bool:
+    from .features import cache_dir
+
+    return (cache_dir() / kind / f"{key}.json").is_file()
+
+
+def _privacy(ledger: Ledger | None) -> dict[str, Any]:
+    if ledger is None:
+        return {"private": False, "epsilon": None, "delta": None, "accountant": None, "target_epsilon": None}
+    d = ledger.to_dict()
+    return {k: d[k] for k in ("private", "epsilon", "delta", "accountant", "target_epsilon")}
+
+
+def format_metrics(result: dict[str, Any]) -> str:
+    """The metrics table as text, each value beside its real-data floor or ceiling."""
+    names = {"fid": "FID", "kid": "KID", "precision": "precision", "recall": "recall",
+             "accuracy_cnn": "accuracy (CNN)", "accuracy_logreg": "accuracy (LogReg)"}
+    rows = [f"{'metric':<18} {'value':>10}   {'real data':>10}"]
+    for key, m in result["metrics"].items():
+        kind = "floor" if m.get("better") == "lower" else "ceiling"
+        std = f" ± {m['std']:.4f}" if "std" in m else ""
+        rows.append(f"{names.get(key, key):<18} {m['value']:>10.4f}   {m.get('real', float('nan')):>10.4f} ({kind}){std}")
+    p = result["privacy"]
+    eps = "non-private" if not p["private"] else f"epsilon={p['epsilon']:.4f}, delta={p['delta']}"
+    rows.append(f"features: {result['features']['name']} ({result['features'].get('trained_on') or result['features'].get('weights')}); "
+                f"{result['samples']['n']} samples vs {result['reference']}; {eps}")
+    return "\n".join(rows)
+
+
+__all__ = ["evaluate_run", "format_metrics", "load_or_draw_samples", "feature_network", "PRIVACY_NOTE"]
