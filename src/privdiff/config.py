@@ -100,6 +100,7 @@ class EvaluateConfig:
     kid_subset_size: int = 1000
     kid_subsets: int = 100
     pr_k: int = 3  # k-th nearest neighbour radius of improved precision/recall
+    max_real: int | None = None  # cap on real images per split in the image metrics (seeded subset); None: all
 
 
 @dataclass(frozen=True)
@@ -256,6 +257,7 @@ def validate_recipe(r: Recipe) -> None:
         (0 < r.evaluate.holdout < 1, "evaluate.holdout must be in (0, 1)"),
         (r.evaluate.classifier_epochs >= 1, "evaluate.classifier_epochs must be >= 1"),
         (r.evaluate.pr_k >= 1, "evaluate.pr_k must be >= 1"),
+        (r.evaluate.max_real is None or r.evaluate.max_real > r.evaluate.pr_k, "evaluate.max_real must be > evaluate.pr_k"),
         (r.method == "dpdm", f"method '{r.method}' is not available (available: dpdm)"),
     ]
     for ok, message in checks:

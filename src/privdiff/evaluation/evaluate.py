@@ -145,7 +145,7 @@ def evaluate_run(
     images, labels = load_or_draw_samples(run, recipe, train, n=n, seed=seed, progress=progress)
     # 2. features and image metrics against the training split
     net = feature_network(recipe, train, inception_weights=inception_weights, progress=progress)
-    real_train = cached_features(net, train, progress=progress)
+    real_train = cached_features(net, train, limit=e.max_real, seed=seed, progress=progress)
     fake = extract_features(net.module, images, progress=progress, desc="features of the samples")
     metric_kw = dict(kid_subset_size=e.kid_subset_size, kid_subsets=e.kid_subsets, pr_k=e.pr_k, seed=seed)
     metrics = image_metrics(real_train, fake, **metric_kw)
@@ -165,10 +165,11 @@ def evaluate_run(
     ceiling = cached_json("ceiling", ceiling_key, lambda: score(
         ceiling_fits, lambda: (test_x, test.labels), selection=f"epoch with the best accuracy on {e.holdout:.0%} held-out training images"))
     floor_key = content_key(kind="floor", network=net.key, train=train.fingerprint, test=test.fingerprint,
-                            resolution=train.resolution, **metric_kw)
-    floor = cached_json("floor", floor_key, lambda: image_metrics(real_train, cached_features(net, test, progress=progress), **metric_kw))
+                            resolution=train.resolution, max_real=e.max_real, **metric_kw)
+    floor = cached_json("floor", floor_key, lambda: image_metrics(real_train, cached_features(net, test, limit=e.max_real, seed=seed, progress=progress), **metric_kw))
 
-    desc_floor = f"{train.name} train ({len(train)}) vs test ({len(test)})"
+    n_ref, n_test_ref = len(real_train), min(len(test), e.max_real or len(test))
+    desc_floor = f"{train.name} train ({n_ref}) vs test ({n_test_ref})"
     for name, entry in metrics.items():
         entry.update(real=floor[name]["value"], real_desc=desc_floor, better="lower" if name in ("fid", "kid") else "higher")
         if "std" in floor[name]:
@@ -194,11 +195,11 @@ def evaluate_run(
                  "n_test": len(test), "resolution": train.resolution, "fingerprint": train.fingerprint},
         "samples": {"n": n, "seed": seed, "sampler": recipe_to_dict(recipe)["sampler"], "labels": "balanced"},
         "features": net.info,
-        "reference": f"{train.name} train ({len(train)} images)",
+        "reference": f"{train.name} train ({n_ref} images)",
         "metrics": metrics,
         "protocol": {"fid_reference": "real training split", "selection": selection, "test_split_reads": 1,
                      "classifier_epochs": e.classifier_epochs, "classifier_lr": e.classifier_lr, "holdout": e.holdout,
-                     "kid_subset_size": min(e.kid_subset_size, n, len(train)), "kid_subsets": e.kid_subsets, "pr_k": e.pr_k},
+                     "kid_subset_size": min(e.kid_subset_size, n, n_ref), "kid_subsets": e.kid_subsets, "pr_k": e.pr_k},
         "privacy_note": PRIVACY_NOTE,
         "eval_time_s": round(time.perf_counter() - t0, 1),
     }

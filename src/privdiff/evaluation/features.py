@@ -132,10 +132,13 @@ def inception_network(path: str | Path) -> FeatureNetwork:
     })
 
 
-def cached_features(net: FeatureNetwork, data: ImageDataset, *, progress: bool = True) -> torch.Tensor:
-    """Features of a real data set under ``net``, cached by (network, data content)."""
+def cached_features(net: FeatureNetwork, data: ImageDataset, *, limit: int | None = None, seed: int = 0, progress: bool = True) -> torch.Tensor:
+    """Features of a real data set (or of a seeded random ``limit`` of its images) under ``net``, cached by content."""
     from .metrics import extract_features
 
-    key = content_key(network=net.key, data=data.fingerprint, resolution=data.resolution)
+    images = (data.images + 1) / 2
+    if limit is not None and limit < len(images):
+        images = images[torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:limit]]
+    key = content_key(network=net.key, data=data.fingerprint, resolution=data.resolution, limit=limit, seed=seed)
     return cached_tensors("features", key, lambda: {"features": extract_features(
-        net.module, (data.images + 1) / 2, progress=progress, desc=f"features of {data.name}/{data.split}")})["features"]
+        net.module, images, progress=progress, desc=f"features of {data.name}/{data.split}")})["features"]

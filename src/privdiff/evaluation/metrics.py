@@ -10,6 +10,7 @@ network" (:class:`Precomputed`).
 from __future__ import annotations
 
 import sys
+import warnings
 
 import numpy as np
 import torch
@@ -70,7 +71,9 @@ def kid(real: Tensor, fake: Tensor, *, subset_size: int = 1000, subsets: int = 1
     """
     _check_pair(real, fake, minimum=2)
     size = min(subset_size, len(real), len(fake))
-    metric = KernelInceptionDistance(feature=Precomputed(real.shape[1]), subset_size=size, subsets=subsets)
+    with warnings.catch_warnings():  # "will save all extracted features": they are already in memory
+        warnings.simplefilter("ignore", UserWarning)
+        metric = KernelInceptionDistance(feature=Precomputed(real.shape[1]), subset_size=size, subsets=subsets)
     metric.update(real.double(), real=True)
     metric.update(fake.double(), real=False)
     with torch.random.fork_rng(devices=[]):  # torchmetrics draws the subsets from the global generator
