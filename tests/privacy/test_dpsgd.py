@@ -96,6 +96,13 @@ def clipped_sum(engine: DPSGD, loss_fn, idx) -> torch.Tensor:
     """Σ_b clipped g_b over ``idx``, through the engine's own backward + fold + clip (flat)."""
     opt = engine.optimizer
     opt.zero_grad(set_to_none=True)
+    if engine.bk is not None:  # book-keeping: the clipped sum is what the backward leaves in p.grad
+        with engine.bk.recording():
+            loss = loss_fn(engine.module, torch.as_tensor(idx))
+        engine.bk.clipped_backward(loss)
+        out = flat(p.grad for p in opt.params).clone()
+        opt.zero_grad(set_to_none=True)
+        return out
     loss_fn(engine.module, torch.as_tensor(idx)).sum().backward()
     fold_noise_multiplicity(engine.module, engine.K)
     assert all(p.grad_sample.shape[0] == len(idx) for p in opt.params)
@@ -120,11 +127,15 @@ def assert_close_rel(got, want, rtol=1e-5, what=""):
 # -- clipping ----------------------------------------------------------------------------------
 
 
+MODES = ["hooks", "bk"]
+
+
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("C", [1e-2, 1e6], ids=["clipping", "no-clipping"])
-def test_clipping_on_real_batches(C):
+def test_clipping_on_real_batches(C, mode):
     data = MnistLike(n=8, K=1, seed=1)
     den, ref = build_denoiser(0), build_denoiser(0)
-    engine = engine_for(den, n=8, batch_size=4, sigma=0.0, C=C)
+    engine = engine_for(den, n=8, batch_size=4, sigma=0.0, C=C, mode=mode)
     idx = [0, 2, 3, 5, 6, 7]
 
     unclipped = [plain_example_grad(ref, data.loss_fn(ref, torch.tensor([i]))) for i in idx]
@@ -145,12 +156,13 @@ def test_clipping_on_real_batches(C):
         assert_close_rel(batch, whole, rtol=1e-4, what="batch vs plain gradient of the summed loss")
 
 
-def test_step_update_is_clipped_sum_over_expected_batch_size():
+@pytest.mark.parametrize("mode", MODES)
+def test_step_update_is_clipped_sum_over_expected_batch_size(mode):
     """σ = 0: the applied gradient is Σ clipped / (qN), not divided by the realised batch size."""
     C = 1e-2
     data = MnistLike(n=10, K=1, seed=2)
     den = build_denoiser(0)
-    engine = engine_for(den, n=10, batch_size=4, sigma=0.0, C=C)
+    engine = engine_for(den, n=10, batch_size=4, sigma=0.0, C=C, mode=mode)
     idx = torch.tensor([1, 2, 4, 5, 8, 9])  # 6 examples drawn, 4 expected
     reference = sum(clipped_sum(engine, data.loss_fn, [int(i)]) for i in idx) / 4
     ref = build_denoiser(0)
@@ -168,7 +180,7 @@ def test_step_update_is_clipped_sum_over_expected_batch_size():
 # -- noise multiplicity -------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("mode", ["hooks", "functorch"])
+@pytest.mark.parametrize("mode", ["hooks", "functorch", "bk"])
 def test_noise_multiplicity_one_clipped_gradient_per_example(mode):
     K, C = 3, 1e-2
     data = MnistLike(n=6, K=K, seed=3)
@@ -176,7 +188,10 @@ def test_noise_multiplicity_one_clipped_gradient_per_example(mode):
     engine = engine_for(den, n=6, batch_size=3, sigma=0.0, C=C, K=K, mode=mode)
     idx = [0, 1, 3, 4]
 
-    # B·K rows before the fold, B rows after
+    # B·K rows before the fold, B rows after (Opacus' modes)
+    if mode == "bk":
+        _check_one_clipped_gradient_per_example(engine, data, ref, idx, K, C)
+        return
     data.loss_fn(engine.module, torch.tensor(idx)).sum().backward()
     assert all(p.grad_sample.shape[0] == len(idx) * K for p in engine.optimizer.params)
     rows = {id(p): p.grad_sample.clone() for p in engine.optimizer.params}
@@ -186,6 +201,12 @@ def test_noise_multiplicity_one_clipped_gradient_per_example(mode):
         torch.testing.assert_close(p.grad_sample, rows[id(p)].view(len(idx), K, *p.shape).sum(1))
     engine.optimizer.zero_grad(set_to_none=True)
 
+    batch = clipped_sum(engine, data.loss_fn, idx)
+    singles = []
+    _check_one_clipped_gradient_per_example(engine, data, ref, idx, K, C)
+
+
+def _check_one_clipped_gradient_per_example(engine, data, ref, idx, K, C):
     batch = clipped_sum(engine, data.loss_fn, idx)
     singles = []
     for i in idx:
@@ -268,7 +289,8 @@ def test_no_noise_when_sigma_zero():
     assert float(noise.abs().max()) < 1e-6
 
 
-def test_empty_poisson_batch_adds_noise_and_counts():
+@pytest.mark.parametrize("mode", MODES)
+def test_empty_poisson_batch_adds_noise_and_counts(mode):
     sigma, C, batch_size = 1.1, 0.7, 4
 
     def must_not_run(module, idx):
@@ -278,7 +300,7 @@ def test_empty_poisson_batch_adds_noise_and_counts():
         torch.manual_seed(0)
         model = nn.Linear(64, 64)
     before = flat(p.detach() for p in model.parameters()).clone()
-    engine = engine_for(model, n=20, batch_size=batch_size, sigma=sigma, C=C)
+    engine = engine_for(model, n=20, batch_size=batch_size, sigma=sigma, C=C, mode=mode)
     loss = engine.step(torch.empty(0, dtype=torch.long), must_not_run)
     assert loss == 0.0
     assert engine.noised_steps == 1
@@ -293,8 +315,9 @@ def test_empty_poisson_batch_adds_noise_and_counts():
 # -- virtual batches ----------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("sigma", [0.0, 1.0])
-def test_virtual_batches_match_one_chunk(sigma):
+def test_virtual_batches_match_one_chunk(sigma, mode):
     K, C = 2, 1e-2
     data = MnistLike(n=10, K=K, seed=4)
     idx = torch.tensor([0, 2, 3, 6, 7])
@@ -302,7 +325,7 @@ def test_virtual_batches_match_one_chunk(sigma):
     for max_physical in (512, 2, 5):  # one chunk; one example per chunk; 2 examples per chunk
         den = build_denoiser(0)
         before = flat(p.detach() for p in den.parameters()).clone()
-        engine = engine_for(den, n=10, batch_size=4, sigma=sigma, C=C, K=K, max_physical=max_physical, noise_seed=7)
+        engine = engine_for(den, n=10, batch_size=4, sigma=sigma, C=C, K=K, max_physical=max_physical, noise_seed=7, mode=mode)
         assert engine.examples_per_chunk == max(1, max_physical // K)
         engine.step(idx, data.loss_fn)
         assert engine.noised_steps == 1  # one logical step, however many chunks
@@ -312,11 +335,27 @@ def test_virtual_batches_match_one_chunk(sigma):
         assert_close_rel(g, grads[0], rtol=1e-5, what="chunked vs one chunk")
     if sigma == 0.0:  # and the chunked result is the clipped sum over the expected batch size
         den = build_denoiser(0)
-        engine = engine_for(den, n=10, batch_size=4, sigma=0.0, C=C, K=K)
+        engine = engine_for(den, n=10, batch_size=4, sigma=0.0, C=C, K=K, mode=mode)
         reference = sum(clipped_sum(engine, data.loss_fn, [int(i)]) for i in idx) / 4
         assert_close_rel(grads[1], reference, rtol=1e-5, what="chunked vs reference")
     else:
         assert float(grads[0].std()) == pytest.approx(sigma * C / 4, rel=0.05)
+
+
+@pytest.mark.parametrize("K", [1, 4])
+def test_bookkeeping_and_opacus_give_the_same_noised_update(K):
+    """Same model, batch and seeds: privdiff's one-backward path and Opacus' per-sample path apply the same update."""
+    data = MnistLike(n=10, K=K, seed=5)
+    idx = torch.tensor([0, 1, 4, 6, 9])
+    applied = {}
+    for mode in ("hooks", "functorch", "bk"):
+        den = build_denoiser(0)
+        engine = engine_for(den, n=10, batch_size=4, sigma=1.3, C=3e-2, K=K, noise_seed=11, mode=mode)
+        engine.step(idx, data.loss_fn)
+        applied[mode] = flat(engine.optimizer.original_optimizer.seen)
+    noise_scale = 1.3 * 3e-2 / 4
+    for mode in ("functorch", "bk"):
+        assert float((applied[mode] - applied["hooks"]).abs().max()) <= 1e-4 * noise_scale, mode
 
 
 # -- Poisson sampling ---------------------------------------------------------------------------

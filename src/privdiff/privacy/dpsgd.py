@@ -20,10 +20,11 @@ import warnings
 from collections.abc import Callable
 
 import torch
-from opacus.optimizers import DPOptimizer
+from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
 from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from torch import nn
 
+from .bookkeeping import BookKeeping
 from .grad_sample import make_grad_sample_module
 
 LossFn = Callable[[nn.Module, torch.Tensor], torch.Tensor]
@@ -83,7 +84,8 @@ class DPSGD:
         max_physical_batch_size: rows (examples × K) per forward/backward.
         generator: drives the Poisson sampler.
         noise_generator: drives the Gaussian noise of the mechanism.
-        grad_sample_mode: ``"hooks"`` or ``"functorch"``.
+        grad_sample_mode: ``"bk"`` (privdiff's one-backward book-keeping clipping, the default),
+            or Opacus' per-sample gradients, ``"hooks"`` or ``"functorch"``. All give the same update.
     """
 
     private = True
@@ -101,10 +103,17 @@ class DPSGD:
         max_physical_batch_size: int = 512,
         generator: torch.Generator,
         noise_generator: torch.Generator,
-        grad_sample_mode: str = "hooks",
+        grad_sample_mode: str = "bk",
     ):
-        self.module = make_grad_sample_module(model, grad_sample_mode=grad_sample_mode)
-        self.optimizer = DPOptimizer(
+        if grad_sample_mode == "bk":
+            # clipping happens in the backward (BookKeeping); the optimizer adds noise σC to the
+            # clipped sum and divides by the expected batch size, exactly as DPOptimizer does
+            self.module, self.bk = model, BookKeeping(model, noise_multiplicity=noise_multiplicity, max_grad_norm=max_grad_norm)
+            optimizer_cls = DPOptimizerFastGradientClipping
+        else:
+            self.module, self.bk = make_grad_sample_module(model, grad_sample_mode=grad_sample_mode), None
+            optimizer_cls = DPOptimizer
+        self.optimizer = optimizer_cls(
             optimizer,
             noise_multiplier=noise_multiplier,
             max_grad_norm=max_grad_norm,
@@ -138,7 +147,12 @@ class DPSGD:
         total, count = 0.0, 0
         chunks = _chunks(indices, self.examples_per_chunk)
         for i, chunk in enumerate(chunks):
-            if len(chunk):
+            if len(chunk) and self.bk is not None:
+                with self.bk.recording():
+                    loss = loss_fn(self.module, chunk)
+                self.bk.clipped_backward(loss)  # p.grad = Σ_b min(1, C/‖g_b‖) g_b
+                total, count = total + float(loss.detach().sum()), count + len(chunk)
+            elif len(chunk):
                 loss = loss_fn(self.module, chunk)
                 with warnings.catch_warnings():  # Opacus' hooks warn when the input needs no grad: expected here
                     warnings.filterwarnings("ignore", message="Full backward hook is firing")
@@ -147,7 +161,10 @@ class DPSGD:
                 total, count = total + float(loss.detach().sum()), count + len(chunk)
             else:  # empty Poisson batch: no example contributes, the noise is still added
                 for p in self.optimizer.params:
-                    p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
+                    if self.bk is not None:
+                        p.grad = torch.zeros_like(p)
+                    else:
+                        p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
             if i < len(chunks) - 1:
                 self.optimizer.signal_skip_step(do_skip=True)  # accumulate clipped grads, no noise yet
             self.optimizer.step()

@@ -1,0 +1,319 @@
+"""Per-example clipping in one backward pass: book-keeping with mixed ghost norms.
+
+The clipped sum Σ_b min(1, C/‖g_b‖)·g_b needs every example's gradient norm ‖g_b‖ before it
+can weight the examples. Opacus materialises per-row gradients (hooks) or re-runs the backward
+(ghost clipping). Book-keeping (BK; Bu, Wang, Zha & Karypis, ICML 2023) needs neither: for a
+layer out = f(a; W), the gradient of example b is a function of its input activations a_b and
+output gradients g_b = ∂L/∂out_b alone, so one backward pass that yields (a, g) per layer gives
+
+1. the per-example squared norm of every layer, either *ghost* — ⟨a_b a_bᵀ, g_b g_bᵀ⟩ over the
+   layer's positions, no gradient formed (Li et al. 2021) — or *direct* — the per-example
+   gradient itself, whichever is cheaper for the layer's shape (mixed ghost clipping, Bu et al.
+   2022);
+2. the clip factors c_b = min(1, C / (‖g_b‖ + 10⁻⁶)) (Opacus' formula);
+3. the clipped sum, per layer: Σ_b c_b·(per-example gradient) for direct layers, or ONE weighted
+   gradient with c-scaled output gradients, e.g. aᵀ(c∘g), for ghost layers.
+
+The backward pass asks autograd only for the gradients of the first layers' *outputs*, so it
+never computes the (non-private) parameter gradients at all: the private step's extra work over
+a non-private one is the per-example gradient instead of the batch gradient.
+
+Noise multiplicity K: rows b·K … b·K+K−1 are example b's K noise draws (sample-major), so each
+layer's per-example quantities are taken over K·T positions — the K draws are summed inside the
+contraction, and no [B·K, parameters] tensor ever exists: memory does not grow with K.
+
+Supported trainable layers: Linear, Conv1d/2d/3d (any stride, padding, dilation, groups; zero
+padding), GroupNorm, LayerNorm, Embedding. A trainable parameter outside them, a module called
+twice in one forward, or an activation changed in place is an error, never a silent miscount:
+a parameter missing from ‖g_b‖ would break the sensitivity the accountant assumes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+SUPPORTED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.GroupNorm, nn.LayerNorm, nn.Embedding)
+_CONV_WEIGHT_GRAD = {1: torch.nn.grad.conv1d_weight, 2: torch.nn.grad.conv2d_weight, 3: torch.nn.grad.conv3d_weight}
+
+
+@dataclass
+class _Layer:
+    name: str
+    module: nn.Module
+    params: list[tuple[str, nn.Parameter]]  # trainable direct parameters ("weight", "bias")
+    calls: int = 0  # forward calls recorded in the current chunk
+    processed: int = 0  # output gradients processed in the current chunk
+    # what the clipped sum needs once the clip factors are known
+    direct: dict[str, Tensor] = field(default_factory=dict)  # per-example gradients [B, *shape]
+    saved: tuple | None = None  # (a, g) of a ghost layer
+
+
+class BookKeeping:
+    """One-backward per-example clipping for ``model``'s trainable parameters (see module docstring).
+
+    Use::
+
+        bk = BookKeeping(model, noise_multiplicity=K, max_grad_norm=C)
+        with bk.recording():
+            loss = per_example_loss(model, ...) # [B]; the model sees B·K rows, sample-major
+        norms = bk.clipped_backward(loss)       # p.grad = Σ_b c_b ∇ℓ_b ; returns ‖∇ℓ_b‖
+    """
+
+    def __init__(self, model: nn.Module, *, noise_multiplicity: int = 1, max_grad_norm: float):
+        self.model, self.K, self.C = model, noise_multiplicity, max_grad_norm
+        self.layers: list[_Layer] = []
+        owner: dict[int, str] = {}
+        for name, module in model.named_modules():
+            params = [(n, p) for n, p in module.named_parameters(recurse=False) if p.requires_grad]
+            if not params:
+                continue
+            if not isinstance(module, SUPPORTED) or any(n not in ("weight", "bias") for n, _ in params):
+                kind = type(module).__name__
+                raise ValueError(f"book-keeping clipping does not support trainable {kind} '{name}' "
+                                 f"(supported: {', '.join(t.__name__ for t in SUPPORTED)}); use grad_sample_mode=hooks")
+            if isinstance(module, nn.Embedding) and (module.max_norm is not None or module.scale_grad_by_freq or module.sparse):
+                raise ValueError(f"book-keeping clipping does not support Embedding '{name}' with max_norm, scale_grad_by_freq or sparse")
+            if getattr(module, "padding_mode", "zeros") != "zeros":
+                raise ValueError(f"book-keeping clipping supports zero-padded convolutions only ('{name}' pads '{module.padding_mode}')")
+            for n, p in params:
+                if id(p) in owner:
+                    raise ValueError(f"parameter shared by '{owner[id(p)]}' and '{name}': not supported by book-keeping clipping")
+                owner[id(p)] = name
+            self.layers.append(_Layer(name, module, params))
+        self.params = [p for layer in self.layers for _, p in layer.params]
+        self._recording = False
+        self._roots: list[Tensor] = []
+        self._sq: Tensor | None = None
+        self._batch: int | None = None
+        self._handles = [layer.module.register_forward_hook(self._forward_hook(layer)) for layer in self.layers]
+
+    # -- forward: remember (a, out) and where the backward must reach ---------------------------
+    def _forward_hook(self, layer: _Layer):
+        def hook(module: nn.Module, inputs: tuple, out: Tensor) -> None:
+            if not (self._recording and torch.is_grad_enabled()):
+                return
+            layer.calls += 1
+            if layer.calls > 1:
+                raise RuntimeError(f"'{layer.name}' was called twice in one forward: book-keeping clipping "
+                                   "needs each layer once per forward (use grad_sample_mode=hooks)")
+            a = inputs[0]
+            if isinstance(module, nn.Embedding):
+                a_saved = a
+            else:
+                a_saved = a.detach()
+            version = a._version
+            if not a.requires_grad:
+                self._roots.append(out)
+            out.register_hook(lambda g, layer=layer, a=a_saved, version=version: self._backward(layer, a, version, g))
+        return hook
+
+    @contextlib.contextmanager
+    def recording(self) -> Iterator[None]:
+        """Record the forward pass whose loss :meth:`clipped_backward` will clip."""
+        for layer in self.layers:
+            layer.calls = layer.processed = 0
+            layer.direct, layer.saved = {}, None
+        self._roots, self._sq, self._batch = [], None, None
+        self._recording = True
+        try:
+            yield
+        finally:
+            self._recording = False
+
+    # -- backward: per-layer norms as each output gradient arrives -------------------------------
+    def _backward(self, layer: _Layer, a: Tensor, version: int, g: Tensor) -> None:
+        if a._version != version:
+            raise RuntimeError(f"the input of '{layer.name}' was modified in place after the forward")
+        B = self._batch
+        if a.shape[0] != B * self.K:
+            raise RuntimeError(f"'{layer.name}' saw {a.shape[0]} rows, expected B·K = {B}·{self.K}")
+        sq = _LAYER_RULES[type(layer.module)](self, layer, a, g, B)
+        self._sq = sq.double() if self._sq is None else self._sq + sq.double()
+        layer.processed += 1
+
+    def clipped_backward(self, loss: Tensor) -> Tensor:
+        """Backward of ``loss`` (one value per example, [B]; the model saw B·K rows) that leaves the clipped sum in each ``p.grad``.
+
+        Returns the per-example gradient norms ‖∇ℓ_b‖ (before clipping), shape [B].
+        """
+        if loss.ndim != 1:
+            raise ValueError(f"expected one loss per example [B], got shape {tuple(loss.shape)}")
+        self._batch = loss.shape[0]
+        if not self._roots:
+            raise RuntimeError("no recorded forward: compute the loss inside `with bk.recording():`")
+        torch.autograd.grad(loss.sum(), self._roots, allow_unused=True)
+        missing = [layer.name for layer in self.layers if layer.calls != layer.processed]
+        if missing:  # a layer whose gradient never arrived would be missing from every ‖g_b‖
+            raise RuntimeError(f"output gradients of {missing[:3]} never arrived: cannot bound the per-example norm")
+        norms = (self._sq if self._sq is not None else torch.zeros(self._batch, dtype=torch.float64)).sqrt()
+        c = (self.C / (norms.float() + 1e-6)).clamp(max=1.0)  # Opacus' clip factor
+        for layer in self.layers:
+            grads = _clipped_sum(layer, c, self.K) if layer.calls else {n: torch.zeros_like(p) for n, p in layer.params}
+            for n, p in layer.params:
+                p.grad = grads[n].to(p.dtype).reshape(p.shape)
+            layer.direct, layer.saved = {}, None
+        self._roots = []
+        return norms.float()
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+
+
+# -- per-layer rules: squared per-example norm, and what the clipped sum will need -----------------
+
+def _rows(t: Tensor, B: int) -> Tensor:
+    """[B·K, ...] -> [B, K, ...]: example b's K rows."""
+    return t.reshape(B, -1, *t.shape[1:])
+
+
+def _use_ghost(positions: int, p: int, d: int) -> bool:
+    """Mixed ghost rule: the Gram pair costs 2·T² per example, the gradient p·d (Bu et al. 2022)."""
+    return 2 * positions * positions < p * d
+
+
+def _has(layer: _Layer, name: str) -> bool:
+    return any(n == name for n, _ in layer.params)
+
+
+def _linear(bk: BookKeeping, layer: _Layer, a: Tensor, g: Tensor, B: int) -> Tensor:
+    A = a.reshape(B, -1, a.shape[-1])  # [B, K·T, d]
+    G = g.reshape(B, -1, g.shape[-1])  # [B, K·T, p]
+    sq = torch.zeros(B, dtype=g.dtype, device=g.device)
+    if _has(layer, "weight"):
+        if _use_ghost(A.shape[1], G.shape[2], A.shape[2]):
+            sq = sq + (torch.bmm(A, A.transpose(1, 2)) * torch.bmm(G, G.transpose(1, 2))).sum((1, 2))
+            layer.saved = (a, g)
+        else:
+            W = torch.bmm(G.transpose(1, 2), A)  # ∇W_b = G_bᵀ A_b, [B, p, d]
+            sq = sq + W.square().sum((1, 2))
+            layer.direct["weight"] = W
+    if _has(layer, "bias"):
+        layer.direct["bias"] = G.sum(1)  # ∇bias_b = 1ᵀ G_b
+        sq = sq + layer.direct["bias"].square().sum(1)
+    return sq
+
+
+def _conv(bk: BookKeeping, layer: _Layer, a: Tensor, g: Tensor, B: int) -> Tensor:
+    m = layer.module
+    dims = a.ndim - 2
+    groups, p, T = m.groups, m.out_channels, g[0, 0].numel()
+    d = m.in_channels // groups * m.weight[0, 0].numel()
+    sq = torch.zeros(B, dtype=g.dtype, device=g.device)
+    if _has(layer, "weight"):
+        G = g.reshape(B, -1, groups, p // groups, T)  # [B, K, γ, p/γ, T]
+        if _use_ghost(G.shape[1] * T, p // groups, d):
+            U = _unfold(m, a, dims).reshape(B, -1, groups, d, T)  # [B, K, γ, d, T]
+            Ug = U.permute(0, 2, 1, 4, 3).reshape(B * groups, -1, d)  # [B·γ, K·T, d]
+            Gg = G.permute(0, 2, 1, 4, 3).reshape(B * groups, -1, p // groups)
+            sq = sq + (torch.bmm(Ug, Ug.transpose(1, 2)) * torch.bmm(Gg, Gg.transpose(1, 2))).sum((1, 2)).reshape(B, groups).sum(1)
+            layer.saved = (a, g)
+        else:
+            W = _per_example_conv_weight(m, a, g, B, dims)  # [B, *weight.shape]
+            sq = sq + W.flatten(1).square().sum(1)
+            layer.direct["weight"] = W
+    if _has(layer, "bias"):
+        layer.direct["bias"] = _rows(g.flatten(2).sum(2), B).sum(1)  # Σ over draws and positions
+        sq = sq + layer.direct["bias"].square().sum(1)
+    return sq
+
+
+def _unfold(m: nn.Module, a: Tensor, dims: int) -> Tensor:
+    """im2col [R, C_in·k…, T] of a zero-padded convolution's input."""
+    if dims == 2:
+        return F.unfold(a, m.kernel_size, dilation=m.dilation, padding=m.padding, stride=m.stride)
+    if dims == 1:  # as a 2-D convolution of height 1
+        return F.unfold(a.unsqueeze(2), (1, m.kernel_size[0]), dilation=(1, m.dilation[0]),
+                        padding=(0, m.padding[0]), stride=(1, m.stride[0]))
+    k, s, pd, dl = m.kernel_size, m.stride, m.padding, m.dilation  # 3-D: pad, then strided windows
+    x = F.pad(a, [q for pp in reversed(pd) for q in (pp, pp)])
+    for i in range(3):
+        x = x.unfold(2 + i, dl[i] * (k[i] - 1) + 1, s[i])[..., ::dl[i]]
+    # x: [R, C, To1, To2, To3, k1, k2, k3] -> [R, C·k1·k2·k3, T]
+    R, C = x.shape[:2]
+    return x.permute(0, 1, 5, 6, 7, 2, 3, 4).reshape(R, C * k[0] * k[1] * k[2], -1)
+
+
+def _per_example_conv_weight(m: nn.Module, a: Tensor, g: Tensor, B: int, dims: int) -> Tensor:
+    """∇W_b = Σ_{k,t} g_{b,k,t} ⊗ patch_{b,k,t}: the weight gradient of each example's K rows.
+
+    Computed by autograd's own weight-gradient kernel with the batch folded into the groups: the
+    rows of one draw k become one "image" whose B·γ groups are the examples, so the kernel sums
+    over the K draws (its batch) and keeps the examples apart.
+    """
+    K = a.shape[0] // B
+    w = m.weight
+    a_k = a.reshape(B, K, *a.shape[1:]).transpose(0, 1).reshape(K, B * a.shape[1], *a.shape[2:])
+    g_k = g.reshape(B, K, *g.shape[1:]).transpose(0, 1).reshape(K, B * g.shape[1], *g.shape[2:])
+    W = _CONV_WEIGHT_GRAD[dims](a_k, (B * w.shape[0], *w.shape[1:]), g_k, m.stride, m.padding, m.dilation, B * m.groups)
+    return W.reshape(B, *w.shape)
+
+
+def _norm_layer(normalize):
+    def rule(bk: BookKeeping, layer: _Layer, a: Tensor, g: Tensor, B: int) -> Tensor:
+        m = layer.module
+        x_hat = normalize(m, a)  # the normalised input (recomputed: never (y − β)/γ, γ may be ~0)
+        reduce = _reduce_dims(m, a)
+        sq = torch.zeros(B, dtype=g.dtype, device=g.device)
+        if _has(layer, "weight"):
+            layer.direct["weight"] = _rows((x_hat * g).sum(reduce), B).sum(1)  # Σ_{k,t} x̂·g per feature
+            sq = sq + layer.direct["weight"].flatten(1).square().sum(1)
+        if _has(layer, "bias"):
+            layer.direct["bias"] = _rows(g.sum(reduce), B).sum(1)
+            sq = sq + layer.direct["bias"].flatten(1).square().sum(1)
+        return sq
+    return rule
+
+
+def _reduce_dims(m: nn.Module, a: Tensor) -> tuple[int, ...]:
+    if isinstance(m, nn.GroupNorm):  # affine over channels (dim 1): sum every other non-row dim
+        return tuple(range(2, a.ndim))
+    return tuple(range(1, a.ndim - len(m.normalized_shape)))  # LayerNorm: affine over the last dims
+
+
+def _embedding(bk: BookKeeping, layer: _Layer, a: Tensor, g: Tensor, B: int) -> Tensor:
+    idx = a.reshape(B, -1)  # [B, K·L] the rows' indices
+    G = g.reshape(B, idx.shape[1], -1)  # [B, K·L, e]
+    same = (idx[:, :, None] == idx[:, None, :]).to(G.dtype)
+    if layer.module.padding_idx is not None:  # rows at padding_idx get no gradient
+        keep = (idx != layer.module.padding_idx).to(G.dtype)
+        same = same * keep[:, :, None] * keep[:, None, :]
+    layer.saved = (a, g)
+    return (same * torch.bmm(G, G.transpose(1, 2))).sum((1, 2))  # ‖∇E_b‖² = Σ 1[i=j]⟨g_i, g_j⟩
+
+
+_LAYER_RULES = {
+    nn.Linear: _linear,
+    nn.Conv1d: _conv, nn.Conv2d: _conv, nn.Conv3d: _conv,
+    nn.GroupNorm: _norm_layer(lambda m, a: F.group_norm(a, m.num_groups, eps=m.eps)),
+    nn.LayerNorm: _norm_layer(lambda m, a: F.layer_norm(a, m.normalized_shape, eps=m.eps)),
+    nn.Embedding: _embedding,
+}
+
+
+def _clipped_sum(layer: _Layer, c: Tensor, K: int) -> dict[str, Tensor]:
+    """Σ_b c_b ∇_b for each of the layer's parameters."""
+    m, out = layer.module, {}
+    for name, per_example in layer.direct.items():
+        out[name] = torch.tensordot(c.to(per_example.dtype), per_example, dims=1)
+    if layer.saved is not None:
+        a, g = layer.saved
+        c_rows = c.repeat_interleave(a.shape[0] // c.shape[0]).to(g.dtype)
+        g_c = g * c_rows.view(-1, *[1] * (g.ndim - 1))  # c-scaled output gradients: ONE weighted gradient
+        if isinstance(m, nn.Linear):
+            out["weight"] = g_c.reshape(-1, g.shape[-1]).T @ a.reshape(-1, a.shape[-1])
+        elif isinstance(m, nn.Embedding):
+            grad = torch.zeros_like(m.weight).index_add_(0, a.reshape(-1), g_c.reshape(-1, g.shape[-1]))
+            if m.padding_idx is not None:
+                grad[m.padding_idx] = 0
+            out["weight"] = grad
+        else:  # convolution
+            dims = a.ndim - 2
+            out["weight"] = _CONV_WEIGHT_GRAD[dims](a, m.weight.shape, g_c, m.stride, m.padding, m.dilation, m.groups)
+    return out

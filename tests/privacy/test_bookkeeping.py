@@ -1,0 +1,247 @@
+"""Book-keeping clipping (one backward) against the slow, obvious reference: one example at a time.
+
+For every model below, with K noise draws per example: per-example gradient norms ‖∇ℓ_b‖ and the
+clipped sum Σ_b min(1, C/‖∇ℓ_b‖)·∇ℓ_b from ONE batched backward must equal those of a plain copy
+of the model run on each example alone (relative error ≤ 1e-4).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from privdiff.diffusion import Denoiser, LogNormalSigma, denoising_loss, draw_training_noise, drop_labels
+from privdiff.models.unet import UNetConfig, UNetNet, build_unet
+from privdiff.privacy.bookkeeping import BookKeeping
+
+TOL = 1e-4
+
+
+def jitter(model: nn.Module, seed: int) -> nn.Module:
+    """Move every weight off its (often 0 or 1) initial value."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    return model
+
+
+def reference(model: nn.Module, row_loss, B: int, C: float):
+    """Each example's K rows alone through the model; flat gradient norm; clip; sum."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    norms, total = [], [torch.zeros_like(p) for p in params]
+    for b in range(B):
+        model.zero_grad(set_to_none=True)
+        row_loss(model, b).sum().backward()
+        grads = [torch.zeros_like(p) if p.grad is None else p.grad.detach().clone() for p in params]
+        n = torch.sqrt(sum(g.double().square().sum() for g in grads)).float()
+        c = min(1.0, C / (float(n) + 1e-6))
+        norms.append(n)
+        total = [t + c * g for t, g in zip(total, grads)]
+    model.zero_grad(set_to_none=True)
+    return torch.stack(norms), total
+
+
+def bookkeeping(model: nn.Module, batch_loss, K: int, C: float):
+    bk = BookKeeping(model, noise_multiplicity=K, max_grad_norm=C)
+    with bk.recording():
+        loss = batch_loss(model)
+    norms = bk.clipped_backward(loss)
+    grads = [p.grad.detach().clone() for p in model.parameters() if p.requires_grad]
+    model.zero_grad(set_to_none=True)
+    bk.remove()
+    return norms, grads
+
+
+def assert_same(model, batch_loss, row_loss, B, K, C):
+    ref_norms, ref_sum = reference(model, row_loss, B, C)
+    bk_norms, bk_sum = bookkeeping(model, batch_loss, K, C)
+    torch.testing.assert_close(bk_norms, ref_norms, rtol=TOL, atol=0)
+    flat_ref, flat_bk = torch.cat([t.flatten() for t in ref_sum]), torch.cat([t.flatten() for t in bk_sum])
+    assert float((flat_bk - flat_ref).norm() / flat_ref.norm()) <= TOL
+    scale = float(flat_ref.abs().max())
+    for r, b in zip(ref_sum, bk_sum):  # per parameter, with a floor for analytically-zero gradients (to_k.bias)
+        assert float((b - r).abs().max()) <= TOL * max(float(r.abs().max()), 1e-3 * scale)
+    return ref_norms
+
+
+# -- the training UNet with the DPDM loss --------------------------------------------------------
+
+UNETS = {
+    "demo": UNetConfig(channels=(16, 32), layers_per_block=1, attention_levels=(), norm_num_groups=8),
+    "attention": UNetConfig(channels=(16, 32), layers_per_block=1, attention_levels=(0, 1), norm_num_groups=8, attention_head_dim=8),
+}
+
+
+@pytest.mark.parametrize("name,K,channels_last,C", [
+    ("demo", 1, False, 1e-2), ("demo", 4, False, 1e-2), ("attention", 3, True, 1e-2), ("attention", 2, False, 1e6),
+])
+def test_unet_denoising_loss(name, K, channels_last, C):
+    B, res, classes = 5, 8, 10
+    torch.manual_seed(0)
+    den = jitter(Denoiser(UNetNet(build_unet(UNETS[name], resolution=res, in_channels=1, num_classes=classes))), 1)
+    g = torch.Generator().manual_seed(2)
+    x0 = torch.rand(B, 1, res, res, generator=g) * 2 - 1
+    if channels_last:
+        x0 = x0.contiguous(memory_format=torch.channels_last)
+    sigma, noise = draw_training_noise(x0, K=K, sigma_dist=LogNormalSigma(), generator=g)
+    # labels per draw, with label dropout to the null label: rows of one example may differ
+    y = drop_labels(torch.randint(0, classes, (B,), generator=g)[:, None].expand(-1, K), p=0.4, null_label=classes, generator=g)
+
+    def batch_loss(m):
+        return denoising_loss(m, x0, y, sigma=sigma, noise=noise, loss_weight=den.loss_weight)
+
+    def row_loss(m, b):
+        return denoising_loss(m, x0[b:b + 1], y[b:b + 1], sigma=sigma[b:b + 1], noise=noise[b:b + 1], loss_weight=den.loss_weight)
+
+    norms = assert_same(den, batch_loss, row_loss, B, K, C)
+    if C < 1:
+        assert float(norms.min()) > C  # the clipping was active for every example
+
+
+# -- every supported layer, every convolution option ---------------------------------------------
+
+class Zoo(nn.Module):
+    """Conv1d/2d/3d with stride, dilation, groups and padding; GroupNorm; LayerNorm; Embedding with padding_idx; 3-D Linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(7, 6, padding_idx=0)
+        self.c2a = nn.Conv2d(3, 8, 3, stride=2, padding=1)
+        self.c2b = nn.Conv2d(8, 8, 3, padding=2, dilation=2, groups=4, bias=False)
+        self.c2c = nn.Conv2d(8, 6, 1)
+        self.gn = nn.GroupNorm(2, 6)
+        self.c1 = nn.Conv1d(6, 5, 3, stride=2, padding=1)
+        self.c3 = nn.Conv3d(2, 3, (2, 3, 3), stride=(1, 2, 1), padding=(0, 1, 1), dilation=(1, 1, 2))
+        self.ln = nn.LayerNorm(6)
+        self.lin = nn.Linear(6, 4)
+        self.head = nn.Linear(4 + 3, 1)
+
+    def forward(self, x, x3, tokens):
+        h = self.c2c(torch.relu(self.c2b(torch.relu(self.c2a(x)))))  # [R, 6, 4, 4]
+        h = self.gn(h).flatten(2)  # [R, 6, 16]
+        h = self.c1(h)  # [R, 5, 8]
+        e = self.emb(tokens)  # [R, L, 6]
+        t = self.lin(torch.tanh(self.ln(e + h.mean(1)[:, None, :6])))  # [R, L, 4]
+        v = self.c3(x3).flatten(2).mean(2)  # [R, 3]
+        return self.head(torch.cat([t.mean(1), v], 1)).squeeze(1)
+
+
+@pytest.mark.parametrize("K,C", [(1, 1e-2), (3, 1e-2), (2, 1e6)])
+def test_every_layer_kind(K, C):
+    B = 4
+    torch.manual_seed(3)
+    model = jitter(Zoo(), 4)
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(B * K, 3, 8, 8, generator=g)
+    x3 = torch.randn(B * K, 2, 3, 6, 6, generator=g)
+    tokens = torch.randint(0, 7, (B * K, 5), generator=g)  # includes the padding index 0
+    tokens[0, :2] = 0
+    w = torch.rand(B * K, generator=g)
+
+    def batch_loss(m):  # one loss per example: the mean of its K rows
+        return (m(x, x3, tokens) ** 2 * w).view(B, K).mean(1)
+
+    def row_loss(m, b):
+        s = slice(b * K, (b + 1) * K)
+        return (m(x[s], x3[s], tokens[s]) ** 2 * w[s]).mean().reshape(1)
+
+    assert_same(model, batch_loss, row_loss, B, K, C)
+
+
+def test_frozen_parameters_are_skipped_and_untouched():
+    torch.manual_seed(0)
+    model = Zoo()
+    for p in model.c2a.parameters():
+        p.requires_grad_(False)
+    bk = BookKeeping(model, noise_multiplicity=1, max_grad_norm=1.0)
+    assert all(p is not model.c2a.weight and p is not model.c2a.bias for p in bk.params)
+    x, x3, tok = torch.randn(3, 3, 8, 8), torch.randn(3, 2, 3, 6, 6), torch.randint(0, 7, (3, 5))
+    with bk.recording():
+        loss = model(x, x3, tok)
+    bk.clipped_backward(loss)
+    assert model.c2a.weight.grad is None and all(p.grad is not None for p in bk.params)
+
+
+def test_unsupported_and_unsafe_models_are_refused():
+    class Free(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 3)
+            self.scale = nn.Parameter(torch.ones(3))
+
+        def forward(self, x):
+            return (self.lin(x) * self.scale).sum(1)
+
+    with pytest.raises(ValueError, match="does not support trainable Free"):
+        BookKeeping(Free(), max_grad_norm=1.0)
+    shared = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 3))
+    shared[1].weight = shared[0].weight
+    with pytest.raises(ValueError, match="shared"):
+        BookKeeping(shared, max_grad_norm=1.0)
+
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 3)
+
+        def forward(self, x):
+            return self.lin(torch.relu(self.lin(x))).sum(1)
+
+    bk = BookKeeping(Twice(), max_grad_norm=1.0)
+    with pytest.raises(RuntimeError, match="called twice"), bk.recording():
+        Twice.forward(bk.model, torch.randn(2, 3))
+
+    class InPlace(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(3, 3), nn.Linear(3, 3)
+
+        def forward(self, x):
+            h = torch.tanh(self.a(x))
+            out = self.b(h)
+            h.mul_(2)  # changes b's recorded input after b ran
+            return (out + h).sum(1)
+
+    bk = BookKeeping(InPlace(), max_grad_norm=1.0)
+    with bk.recording():
+        loss = bk.model(torch.randn(2, 3))
+    with pytest.raises(RuntimeError):
+        bk.clipped_backward(loss)
+    with pytest.raises(ValueError, match="one loss per example"):
+        BookKeeping(nn.Linear(3, 3), noise_multiplicity=2, max_grad_norm=1.0).clipped_backward(torch.ones(3, 2))
+
+
+def test_per_example_gradient_memory_does_not_grow_with_K(monkeypatch):
+    """The per-example gradients the backward keeps for the clipped sum are [B, ...] whatever K is."""
+    from privdiff.privacy import bookkeeping as bkmod
+
+    kept: list[int] = []
+    real = bkmod._clipped_sum
+    rows: set[int] = set()
+
+    def record(layer, c, K):
+        kept.append(sum(t.numel() for t in layer.direct.values()))
+        rows.update(t.shape[0] for t in layer.direct.values())
+        return real(layer, c, K)
+
+    monkeypatch.setattr(bkmod, "_clipped_sum", record)
+    torch.manual_seed(0)
+    den = Denoiser(UNetNet(build_unet(UNETS["demo"], resolution=8, in_channels=1, num_classes=10)))
+    sizes = {}
+    for K in (1, 4):
+        B = 6
+        x0 = torch.rand(B, 1, 8, 8) * 2 - 1
+        sigma, noise = draw_training_noise(x0, K=K, sigma_dist=LogNormalSigma(), generator=torch.Generator().manual_seed(0))
+        kept.clear()
+        rows.clear()
+        bookkeeping(den, lambda m: denoising_loss(m, x0, torch.randint(0, 10, (B, K)), sigma=sigma, noise=noise), K, 1.0)
+        sizes[K] = sum(kept)
+        assert rows == {B}  # one gradient per example, never one per row (B·K)
+    n_params = sum(p.numel() for p in den.parameters())
+    # at most B × parameters for any K (Opacus: B·K × parameters before the fold); layers that go
+    # ghost keep no per-example gradient at all
+    assert 0 < sizes[4] <= 6 * n_params and 0 < sizes[1] <= 6 * n_params
