@@ -1,15 +1,25 @@
-"""Time of one DP-SGD step over one non-private step, same UNet and batch, per grad-sample mode.
+"""Cost of one DP-SGD step over one non-private step, same UNet, loss and batch, per clipping path.
 
-Both steps run side by side in one process (interleaved repeats, median), so the ratio is robust
-to a shared machine's drift. Example (the figures in docs/benchmarks.md):
+Paths: Opacus' per-sample gradients with hooks (privdiff's conv fix) and with functorch, and
+privdiff's one-backward book-keeping clipping (``bk``). Timing runs every path side by side in
+one process (interleaved repeats, median), so ratios are robust to a shared machine's drift.
+Peak memory is each path's own subprocess: resident-set peak during two steps minus the
+resident set before them (model, data and optimizer state already allocated).
 
-    .venv/bin/python benchmarks/dp_step_overhead.py --recipe recipes/dpdm-mnist5k.yaml --batch 128 --repeats 5
+    .venv/bin/python -W ignore benchmarks/dp_step_overhead.py --batch 64 256 --repeats 5
+    .venv/bin/python -W ignore benchmarks/dp_step_overhead.py --batch 256 privacy.noise_multiplicity=4
+
+The figures are in docs/benchmarks.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import resource
 import statistics
+import subprocess
+import sys
 import time
 
 import torch
@@ -20,61 +30,94 @@ from privdiff.methods.stages import make_denoiser
 from privdiff.models import build_unet, count_parameters
 from privdiff.privacy.dpsgd import DPSGD, NonPrivateSGD
 
+MODES = ("non-private", "hooks", "functorch", "bk")
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--recipe", default="recipes/dpdm-mnist5k.yaml")
-    ap.add_argument("--batch", type=int, default=128, help="examples per step (fixed, for timing)")
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("overrides", nargs="*")
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    r = resolve_recipe(args.recipe, args.overrides)
-    res = r.data.resolution or 28
-    K = r.privacy.noise_multiplicity
+
+def build(r, mode: str, batch: int):
+    """A fresh model and engine for ``mode``, and the step function on a fixed random batch."""
+    res, K = r.data.resolution or 28, r.privacy.noise_multiplicity
     g = torch.Generator().manual_seed(0)
-    x0 = torch.rand(args.batch, 1, res, res, generator=g) * 2 - 1
-    y = torch.randint(0, 10, (args.batch,), generator=g)
+    x0 = torch.rand(batch, 1, res, res, generator=g) * 2 - 1
+    y = torch.randint(0, 10, (batch,), generator=g)
     sigma_dist = make_sigma_distribution("lognormal")
-    idx = torch.arange(args.batch)
+    idx = torch.arange(batch)
+    torch.manual_seed(0)
+    den = make_denoiser(r, build_unet(r.model, resolution=res, in_channels=1, num_classes=10))
+    opt = torch.optim.Adam(den.parameters(), lr=r.train.lr)
+    common = dict(num_examples=10 * batch, batch_size=batch, noise_multiplicity=K,
+                  max_physical_batch_size=r.train.max_physical_batch_size, generator=torch.Generator().manual_seed(1))
+    if mode == "non-private":
+        eng = NonPrivateSGD(den, opt, **common)
+    else:
+        eng = DPSGD(den, opt, noise_multiplier=1.0, max_grad_norm=1.0, grad_sample_mode=mode,
+                    noise_generator=torch.Generator().manual_seed(2), **common)
 
-    def make(mode: str | None):
-        torch.manual_seed(0)
-        den = make_denoiser(r, build_unet(r.model, resolution=res, in_channels=1, num_classes=10))
-        opt = torch.optim.Adam(den.parameters(), lr=r.train.lr)
-        common = dict(num_examples=10 * args.batch, batch_size=args.batch, noise_multiplicity=K,
-                      max_physical_batch_size=r.train.max_physical_batch_size, generator=torch.Generator().manual_seed(1))
-        if mode is None:
-            return den, NonPrivateSGD(den, opt, **common)
-        return den, DPSGD(den, opt, noise_multiplier=1.0, max_grad_norm=1.0, grad_sample_mode=mode,
-                          noise_generator=torch.Generator().manual_seed(2), **common)
+    def loss_fn(module, i):
+        s, n = draw_training_noise(x0[i], K=K, sigma_dist=sigma_dist, generator=g)
+        return denoising_loss(module, x0[i], y[i][:, None].expand(-1, K), sigma=s, noise=n, loss_weight=den.loss_weight)
 
-    engines = {"non-private": make(None), "dp hooks": make("hooks"), "dp functorch": make("functorch")}
-
-    def one_step(den, eng) -> float:
-        def loss_fn(module, i):
-            s, n = draw_training_noise(x0[i], K=K, sigma_dist=sigma_dist, generator=g)
-            return denoising_loss(module, x0[i], y[i][:, None].expand(-1, K), sigma=s, noise=n, loss_weight=den.loss_weight)
-
+    def step() -> float:
         t = time.perf_counter()
         eng.step(idx, loss_fn)
         return time.perf_counter() - t
 
-    times = {k: [] for k in engines}
-    for name, (den, eng) in engines.items():  # warm-up
-        one_step(den, eng)
-    for _ in range(args.repeats):
-        for name, (den, eng) in engines.items():
-            times[name].append(one_step(den, eng))
-    base = statistics.median(times["non-private"])
-    P = count_parameters(engines["non-private"][0])
-    print(f"UNet {list(r.model.channels)} @ {res}px, {P:,} params, batch {args.batch} x K={K}, "
-          f"{args.threads} threads, median of {args.repeats}")
-    print(f"{'mode':<14} {'s/step':>8} {'ratio vs non-private':>22}")
-    for name, ts in times.items():
-        m = statistics.median(ts)
-        print(f"{name:<14} {m:>8.3f} {m / base:>22.2f}")
+    return den, step
+
+
+def rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def child(args, r) -> None:
+    """Peak memory of one path: run in a fresh process, report the RSS peak the steps added."""
+    _, step = build(r, args.child, args.batch[0])
+    with open("/proc/self/statm") as f:
+        before = int(f.read().split()[1]) * resource.getpagesize() / 2**20  # current RSS after set-up
+    for _ in range(2):
+        step()
+    print(json.dumps({"peak_mib": rss_mib(), "step_mib": rss_mib() - before}))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--recipe", default="recipes/dpdm-mnist5k.yaml")
+    ap.add_argument("--batch", type=int, nargs="+", default=[64, 256], help="examples per step (fixed, for timing)")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    ap.add_argument("--no-memory", action="store_true", help="skip the per-path memory subprocesses")
+    ap.add_argument("--child", choices=MODES, help=argparse.SUPPRESS)
+    ap.add_argument("overrides", nargs="*")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    r = resolve_recipe(args.recipe, args.overrides)
+    if args.child:
+        return child(args, r)
+    modes = ["non-private"] + [m for m in args.modes if m != "non-private"]
+    for batch in args.batch:
+        runs = {m: build(r, m, batch) for m in modes}
+        times = {m: [] for m in modes}
+        for m in modes:  # warm-up
+            runs[m][1]()
+        for _ in range(args.repeats):
+            for m in modes:
+                times[m].append(runs[m][1]())
+        memory = {}
+        if not args.no_memory:
+            for m in modes:
+                out = subprocess.run([sys.executable, "-W", "ignore", __file__, "--recipe", args.recipe, "--batch", str(batch),
+                                      "--threads", str(args.threads), "--child", m, *args.overrides],
+                                     capture_output=True, text=True, check=True)
+                memory[m] = json.loads(out.stdout.strip().splitlines()[-1])
+        base = statistics.median(times["non-private"])
+        P = count_parameters(runs["non-private"][0])
+        print(f"\nUNet {list(r.model.channels)} @ {r.data.resolution}px, {P:,} params, batch {batch} x K={r.privacy.noise_multiplicity}, "
+              f"{args.threads} threads, median of {args.repeats}")
+        print(f"{'path':<12} {'s/step':>8} {'ratio vs non-private':>21} {'step memory MiB':>16} {'peak RSS MiB':>13}")
+        for m in modes:
+            med = statistics.median(times[m])
+            mem = memory.get(m, {})
+            print(f"{m:<12} {med:>8.3f} {med / base:>21.2f} {mem.get('step_mib', float('nan')):>16.0f} {mem.get('peak_mib', float('nan')):>13.0f}")
 
 
 if __name__ == "__main__":

@@ -51,6 +51,7 @@ def _report(result) -> None:
     print(f"ledger:     {result.run.ledger_path}")
     print(f"checkpoint: {ckpt / 'unet_ema'}  (diffusers UNet2DModel.from_pretrained)")
     print(f"grid:       {result.grid}")
+    print(f"next:       privdiff evaluate {result.run.path}   (FID/KID, precision/recall, accuracy, report.html)")
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

@@ -56,7 +56,7 @@ class PrivacyConfig:
     max_grad_norm: float = 1.0  # C: per-example clipping norm
     noise_multiplicity: int = 4  # K: noise draws per example, averaged before clipping
     accountant: str = "rdp"  # rdp | prv
-    grad_sample_mode: str = "hooks"  # hooks (with privdiff's conv fix) | functorch
+    grad_sample_mode: str = "bk"  # bk: privdiff's one-backward book-keeping clipping | Opacus per-sample: hooks (with privdiff's conv fix), functorch
 
 
 @dataclass(frozen=True)
@@ -240,7 +240,7 @@ def validate_recipe(r: Recipe) -> None:
         (r.privacy.max_grad_norm > 0, "privacy.max_grad_norm must be > 0"),
         (r.privacy.noise_multiplicity >= 1, "privacy.noise_multiplicity must be >= 1"),
         (r.privacy.accountant in ("rdp", "prv"), "privacy.accountant must be 'rdp' or 'prv'"),
-        (r.privacy.grad_sample_mode in ("hooks", "functorch"), "privacy.grad_sample_mode must be 'hooks' or 'functorch'"),
+        (r.privacy.grad_sample_mode in ("bk", "hooks", "functorch"), "privacy.grad_sample_mode must be 'bk', 'hooks' or 'functorch'"),
         (r.train.batch_size >= 1, "train.batch_size must be >= 1"),
         (r.train.epochs > 0, "train.epochs must be > 0"),
         (r.train.max_steps is None or r.train.max_steps >= 1, "train.max_steps must be >= 1"),

@@ -374,7 +374,23 @@ def test_shipped_recipe_model_per_sample_gradients(recipe_path):
     labels = torch.randint(0, NUM_CLASSES, (B, K), generator=g)
     labels[0, 1] = NULL_LABEL  # a dropped label, as CFG training does
     sigma, noise = draw_training_noise(x0, K=K, sigma_dist=LogNormalSigma(P_mean=r.diffusion.P_mean), generator=g)
+    want = reference_grads(ref, x0, labels, sigma, noise)
+    if r.privacy.grad_sample_mode == "bk":  # book-keeping: per-example norms and the clipped sum, no per-sample gradients
+        from privdiff.privacy.bookkeeping import BookKeeping
+
+        names = [n for n, _ in den.named_parameters()]
+        norms_ref = torch.sqrt(sum(want[n].double().flatten(1).square().sum(1) for n in names)).float()
+        C = 0.5 * float(norms_ref.min())  # every example clipped
+        bk = BookKeeping(den, noise_multiplicity=K, max_grad_norm=C)
+        with bk.recording():
+            loss = denoising_loss(den, x0, labels, sigma=sigma, noise=noise, loss_weight=den.loss_weight)
+        norms = bk.clipped_backward(loss)
+        torch.testing.assert_close(norms, norms_ref, rtol=1e-4, atol=0)
+        c = (C / (norms_ref + 1e-6)).clamp(max=1.0)
+        got = {n: p.grad[None] for n, p in den.named_parameters()}
+        clipped = {n: torch.tensordot(c, want[n], dims=1)[None] for n in names}
+        assert_matches(got, clipped, den)
+        return
     gsm = make_grad_sample_module(den, grad_sample_mode=r.privacy.grad_sample_mode)
     got = private_grads(gsm, den, x0, labels, sigma, noise, K)
-    want = reference_grads(ref, x0, labels, sigma, noise)
     assert_matches(got, want, den)

@@ -32,7 +32,7 @@ from ..atomic import atomic_write_bytes, atomic_write_text
 from ..config import Recipe, recipe_to_dict, resolve_recipe
 from ..data import ImageDataset, load_dataset
 from ..privacy.ledger import Ledger
-from ..runs import Run, RunError
+from ..runs import Run, RunError, save_grid
 from .downstream import score, train_classifiers
 from .features import FeatureNetwork, cached_features, cached_json, content_key, inception_network, train_feature_cnn
 from .metrics import extract_features, image_metrics
@@ -143,6 +143,10 @@ def evaluate_run(
 
     # 1. samples
     images, labels = load_or_draw_samples(run, recipe, train, n=n, seed=seed, progress=progress)
+    per_class = min(10, int(np.bincount(labels, minlength=train.num_classes).min()))
+    if per_class:  # the picture next to the numbers: one row per class
+        rows = np.concatenate([images[labels == c][:per_class] for c in range(train.num_classes)])
+        save_grid(eval_dir(run) / "grid.png", rows, nrow=per_class)
     # 2. features and image metrics against the training split
     net = feature_network(recipe, train, inception_weights=inception_weights, progress=progress)
     real_train = cached_features(net, train, limit=e.max_real, seed=seed, progress=progress)

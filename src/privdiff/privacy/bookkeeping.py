@@ -173,9 +173,16 @@ def _rows(t: Tensor, B: int) -> Tensor:
     return t.reshape(B, -1, *t.shape[1:])
 
 
+def _sq_norms(per_example: Tensor) -> Tensor:
+    """‖x_b‖² of each example's slice, without materialising the squares."""
+    return torch.linalg.vector_norm(per_example.reshape(per_example.shape[0], -1), dim=1).square()
+
+
 def _use_ghost(positions: int, p: int, d: int) -> bool:
-    """Mixed ghost rule: the Gram pair costs 2·T² per example, the gradient p·d (Bu et al. 2022)."""
-    return 2 * positions * positions < p * d
+    """Mixed ghost rule (Bu et al. 2022), by arithmetic: per example the two Grams cost T²·(d + p)
+    multiply-adds, the per-example gradient T·p·d; ghost also needs one more weighted gradient for
+    the clipped sum, so it must win by a factor of 2."""
+    return 2 * positions * (d + p) < p * d
 
 
 def _has(layer: _Layer, name: str) -> bool:
@@ -192,11 +199,11 @@ def _linear(bk: BookKeeping, layer: _Layer, a: Tensor, g: Tensor, B: int) -> Ten
             layer.saved = (a, g)
         else:
             W = torch.bmm(G.transpose(1, 2), A)  # ∇W_b = G_bᵀ A_b, [B, p, d]
-            sq = sq + W.square().sum((1, 2))
+            sq = sq + _sq_norms(W)
             layer.direct["weight"] = W
     if _has(layer, "bias"):
         layer.direct["bias"] = G.sum(1)  # ∇bias_b = 1ᵀ G_b
-        sq = sq + layer.direct["bias"].square().sum(1)
+        sq = sq + _sq_norms(layer.direct["bias"])
     return sq
 
 
@@ -216,11 +223,11 @@ def _conv(bk: BookKeeping, layer: _Layer, a: Tensor, g: Tensor, B: int) -> Tenso
             layer.saved = (a, g)
         else:
             W = _per_example_conv_weight(m, a, g, B, dims)  # [B, *weight.shape]
-            sq = sq + W.flatten(1).square().sum(1)
+            sq = sq + _sq_norms(W)
             layer.direct["weight"] = W
     if _has(layer, "bias"):
         layer.direct["bias"] = _rows(g.flatten(2).sum(2), B).sum(1)  # Σ over draws and positions
-        sq = sq + layer.direct["bias"].square().sum(1)
+        sq = sq + _sq_norms(layer.direct["bias"])
     return sq
 
 
@@ -243,16 +250,50 @@ def _unfold(m: nn.Module, a: Tensor, dims: int) -> Tensor:
 def _per_example_conv_weight(m: nn.Module, a: Tensor, g: Tensor, B: int, dims: int) -> Tensor:
     """∇W_b = Σ_{k,t} g_{b,k,t} ⊗ patch_{b,k,t}: the weight gradient of each example's K rows.
 
-    Computed by autograd's own weight-gradient kernel with the batch folded into the groups: the
-    rows of one draw k become one "image" whose B·γ groups are the examples, so the kernel sums
-    over the K draws (its batch) and keeps the examples apart.
+    Two exact kernels, chosen by the layer's shape (measured on CPU, docs/benchmarks.md):
+    autograd's own weight-gradient kernel with the examples folded into the groups (fast for
+    narrow layers), or, for wide stride-1 "same" 2-D convolutions, one batched matrix product per
+    kernel tap over shifted views of the padded input (no im2col buffer).
     """
+    if dims == 2 and _shifted_taps_apply(m) and m.in_channels // m.groups > 32:
+        return _per_example_conv2d_shifted(m, a, g, B)
     K = a.shape[0] // B
     w = m.weight
     a_k = a.reshape(B, K, *a.shape[1:]).transpose(0, 1).reshape(K, B * a.shape[1], *a.shape[2:])
     g_k = g.reshape(B, K, *g.shape[1:]).transpose(0, 1).reshape(K, B * g.shape[1], *g.shape[2:])
     W = _CONV_WEIGHT_GRAD[dims](a_k, (B * w.shape[0], *w.shape[1:]), g_k, m.stride, m.padding, m.dilation, B * m.groups)
     return W.reshape(B, *w.shape)
+
+
+def _shifted_taps_apply(m: nn.Module) -> bool:
+    kh, kw = m.kernel_size
+    return (m.groups == 1 and m.stride == (1, 1) and m.dilation == (1, 1) and kh % 2 == 1 and kw % 2 == 1
+            and m.padding == (kh // 2, kw // 2))
+
+
+def _per_example_conv2d_shifted(m: nn.Module, a: Tensor, g: Tensor, B: int) -> Tensor:
+    """Per-example weight gradient of a stride-1 "same" conv as one bmm per tap.
+
+    With the input zero-padded and flattened channels-last to [R, (H+2P+1)·(W+2Q), C_in], and the
+    output gradient padded to width W+2Q, tap (i, j) of example b is the product of g_b
+    [C_out, H·(W+2Q)] with the contiguous window starting at i·(W+2Q) + j: the padding columns
+    of g are zero, so they add nothing. Rows of one example (its K draws) are consecutive
+    windows' batch entries and are summed by viewing [B, K·T', ·].
+    """
+    kh, kw = m.kernel_size
+    P, Q = kh // 2, kw // 2
+    R, C_in, H, W = a.shape
+    K, Wp = R // B, W + 2 * Q
+    rows = H * Wp
+    A = F.pad(a, (Q, Q, P, P + 1)).permute(0, 2, 3, 1).reshape(R, (H + 2 * P + 1) * Wp, C_in)
+    Gp = F.pad(g, (0, 2 * Q)).reshape(B, K, m.out_channels, rows).transpose(1, 2).reshape(B, m.out_channels, K * rows)
+    out = torch.empty(kh * kw, B, m.out_channels, C_in, dtype=a.dtype, device=a.device)
+    for i in range(kh):
+        for j in range(kw):
+            off = i * Wp + j
+            window = A[:, off:off + rows, :].reshape(B, K * rows, C_in)  # a copy only when K > 1
+            torch.bmm(Gp, window, out=out[i * kw + j])
+    return out.permute(1, 2, 3, 0).reshape(B, m.out_channels, C_in, kh, kw)
 
 
 def _norm_layer(normalize):
@@ -263,10 +304,10 @@ def _norm_layer(normalize):
         sq = torch.zeros(B, dtype=g.dtype, device=g.device)
         if _has(layer, "weight"):
             layer.direct["weight"] = _rows((x_hat * g).sum(reduce), B).sum(1)  # Σ_{k,t} x̂·g per feature
-            sq = sq + layer.direct["weight"].flatten(1).square().sum(1)
+            sq = sq + _sq_norms(layer.direct["weight"])
         if _has(layer, "bias"):
             layer.direct["bias"] = _rows(g.sum(reduce), B).sum(1)
-            sq = sq + layer.direct["bias"].flatten(1).square().sum(1)
+            sq = sq + _sq_norms(layer.direct["bias"])
         return sq
     return rule
 
