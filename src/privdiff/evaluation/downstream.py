@@ -60,16 +60,13 @@ def downstream_accuracy(
     y: Tensor,
     *,
     test: TestSplit,
-    num_classes: int,
-    kinds: tuple[str, ...] = tuple(CLASSIFIERS),
-    epochs: int = 30,
-    lr: float = 1e-3,
     holdout: float = 0.1,
-    seed: int = 0,
-    progress: bool = True,
     source: str = "synthetic",
+    **train_options: Any,
 ) -> dict[str, dict[str, Any]]:
-    """Train every ``kind`` on ``(x, y)`` (selected on held-out ``source`` data), then test on the real test split."""
-    fits = train_classifiers(x, y, num_classes=num_classes, kinds=kinds, epochs=epochs, lr=lr, holdout=holdout,
-                             seed=seed, progress=progress, source=source)
+    """Train every classifier on ``(x, y)`` (selected on held-out ``source`` data), then test on the real test split.
+
+    ``train_options`` are those of :func:`train_classifiers` (``num_classes``, ``kinds``, ``epochs``, ...).
+    """
+    fits = train_classifiers(x, y, holdout=holdout, source=source, **train_options)
     return score(fits, test, selection=f"epoch with the best accuracy on {holdout:.0%} held-out {source} data")

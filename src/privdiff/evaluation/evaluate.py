@@ -232,11 +232,11 @@ def format_metrics(result: dict[str, Any]) -> str:
     """The metrics table as text, each value beside its real-data floor or ceiling."""
     names = {"fid": "FID", "kid": "KID", "precision": "precision", "recall": "recall",
              "accuracy_cnn": "accuracy (CNN)", "accuracy_logreg": "accuracy (LogReg)"}
-    rows = [f"{'metric':<18} {'value':>10}   {'real data':>10}"]
+    rows = [f"{'metric':<18} {'value':>18}   {'real data':>10}"]
     for key, m in result["metrics"].items():
         kind = "floor" if m.get("better") == "lower" else "ceiling"
-        std = f" ± {m['std']:.4f}" if "std" in m else ""
-        rows.append(f"{names.get(key, key):<18} {m['value']:>10.4f}   {m.get('real', float('nan')):>10.4f} ({kind}){std}")
+        value = f"{m['value']:.4f}" + (f" ± {m['std']:.4f}" if "std" in m else "")
+        rows.append(f"{names.get(key, key):<18} {value:>18}   {m.get('real', float('nan')):>10.4f} ({kind})")
     p = result["privacy"]
     eps = "non-private" if not p["private"] else f"epsilon={p['epsilon']:.4f}, delta={p['delta']}"
     rows.append(f"features: {result['features']['name']} ({result['features'].get('trained_on') or result['features'].get('weights')}); "

@@ -214,8 +214,8 @@ def _conv(bk: BookKeeping, layer: _Layer, a: Tensor, g: Tensor, B: int) -> Tenso
     d = m.in_channels // groups * m.weight[0, 0].numel()
     sq = torch.zeros(B, dtype=g.dtype, device=g.device)
     if _has(layer, "weight"):
-        G = g.reshape(B, -1, groups, p // groups, T)  # [B, K, γ, p/γ, T]
-        if _use_ghost(G.shape[1] * T, p // groups, d):
+        if _use_ghost(a.shape[0] // B * T, p // groups, d):
+            G = g.reshape(B, -1, groups, p // groups, T)  # [B, K, γ, p/γ, T]
             U = _unfold(m, a, dims).reshape(B, -1, groups, d, T)  # [B, K, γ, d, T]
             Ug = U.permute(0, 2, 1, 4, 3).reshape(B * groups, -1, d)  # [B·γ, K·T, d]
             Gg = G.permute(0, 2, 1, 4, 3).reshape(B * groups, -1, p // groups)
@@ -226,7 +226,7 @@ def _conv(bk: BookKeeping, layer: _Layer, a: Tensor, g: Tensor, B: int) -> Tenso
             sq = sq + _sq_norms(W)
             layer.direct["weight"] = W
     if _has(layer, "bias"):
-        layer.direct["bias"] = _rows(g.flatten(2).sum(2), B).sum(1)  # Σ over draws and positions
+        layer.direct["bias"] = _rows(g.sum(tuple(range(2, g.ndim))), B).sum(1)  # Σ over draws and positions
         sq = sq + _sq_norms(layer.direct["bias"])
     return sq
 
@@ -296,26 +296,40 @@ def _per_example_conv2d_shifted(m: nn.Module, a: Tensor, g: Tensor, B: int) -> T
     return out.permute(1, 2, 3, 0).reshape(B, m.out_channels, C_in, kh, kw)
 
 
-def _norm_layer(normalize):
-    def rule(bk: BookKeeping, layer: _Layer, a: Tensor, g: Tensor, B: int) -> Tensor:
-        m = layer.module
-        x_hat = normalize(m, a)  # the normalised input (recomputed: never (y − β)/γ, γ may be ~0)
-        reduce = _reduce_dims(m, a)
-        sq = torch.zeros(B, dtype=g.dtype, device=g.device)
-        if _has(layer, "weight"):
-            layer.direct["weight"] = _rows((x_hat * g).sum(reduce), B).sum(1)  # Σ_{k,t} x̂·g per feature
-            sq = sq + _sq_norms(layer.direct["weight"])
-        if _has(layer, "bias"):
-            layer.direct["bias"] = _rows(g.sum(reduce), B).sum(1)
-            sq = sq + _sq_norms(layer.direct["bias"])
-        return sq
-    return rule
+def _group_norm(bk: BookKeeping, layer: _Layer, a: Tensor, g: Tensor, B: int) -> Tensor:
+    """GroupNorm: ∇γ_b[c] = Σ_{k,t} x̂·g and ∇β_b[c] = Σ_{k,t} g, with x̂ = (a − μ)·rstd per row and group.
+
+    Σ_t x̂·g = rstd·(Σ_t a·g − μ·Σ_t g): no normalised copy of the input (and never (y − β)/γ,
+    as γ may be ~0).
+    """
+    m = layer.module
+    R, C = a.shape[:2]
+    spatial = tuple(range(2, a.ndim))
+    g_sum = g.sum(spatial)  # [R, C]
+    var, mean = torch.var_mean(a.reshape(R, m.num_groups, -1), dim=2, correction=0)  # [R, G]
+    rstd = (var + m.eps).rsqrt().repeat_interleave(C // m.num_groups, dim=1)
+    mean = mean.repeat_interleave(C // m.num_groups, dim=1)
+    return _affine_grads(layer, lambda: rstd * ((a * g).sum(spatial) - mean * g_sum), g_sum, B)
 
 
-def _reduce_dims(m: nn.Module, a: Tensor) -> tuple[int, ...]:
-    if isinstance(m, nn.GroupNorm):  # affine over channels (dim 1): sum every other non-row dim
-        return tuple(range(2, a.ndim))
-    return tuple(range(1, a.ndim - len(m.normalized_shape)))  # LayerNorm: affine over the last dims
+def _layer_norm(bk: BookKeeping, layer: _Layer, a: Tensor, g: Tensor, B: int) -> Tensor:
+    """LayerNorm: the same sums over every position of the row (the affine is over the last dims)."""
+    m = layer.module
+    x_hat = F.layer_norm(a, m.normalized_shape, eps=m.eps)
+    reduce = tuple(range(1, a.ndim - len(m.normalized_shape)))
+    return _affine_grads(layer, lambda: (x_hat * g).sum(reduce), g.sum(reduce), B)
+
+
+def _affine_grads(layer: _Layer, weight_rows, bias_rows: Tensor, B: int) -> Tensor:
+    """Per-example (Σ over the K rows) weight and bias gradients of a normalisation's affine."""
+    sq = torch.zeros(B, dtype=bias_rows.dtype, device=bias_rows.device)
+    if _has(layer, "weight"):
+        layer.direct["weight"] = _rows(weight_rows(), B).sum(1)
+        sq = sq + _sq_norms(layer.direct["weight"])
+    if _has(layer, "bias"):
+        layer.direct["bias"] = _rows(bias_rows, B).sum(1)
+        sq = sq + _sq_norms(layer.direct["bias"])
+    return sq
 
 
 def _embedding(bk: BookKeeping, layer: _Layer, a: Tensor, g: Tensor, B: int) -> Tensor:
@@ -332,8 +346,8 @@ def _embedding(bk: BookKeeping, layer: _Layer, a: Tensor, g: Tensor, B: int) -> 
 _LAYER_RULES = {
     nn.Linear: _linear,
     nn.Conv1d: _conv, nn.Conv2d: _conv, nn.Conv3d: _conv,
-    nn.GroupNorm: _norm_layer(lambda m, a: F.group_norm(a, m.num_groups, eps=m.eps)),
-    nn.LayerNorm: _norm_layer(lambda m, a: F.layer_norm(a, m.normalized_shape, eps=m.eps)),
+    nn.GroupNorm: _group_norm,
+    nn.LayerNorm: _layer_norm,
     nn.Embedding: _embedding,
 }
 
