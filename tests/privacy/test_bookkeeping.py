@@ -152,6 +152,37 @@ def test_every_layer_kind(K, C):
     assert_same(model, batch_loss, row_loss, B, K, C)
 
 
+class Flat(nn.Module):
+    """Normalisation layers on inputs without positions ([R, C]): weight-only GroupNorm, LayerNorm."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(5, 6)
+        self.gn = nn.GroupNorm(2, 6)
+        self.gn.bias.requires_grad_(False)
+        self.ln = nn.LayerNorm(6)
+        self.head = nn.Linear(6, 1)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.ln(self.gn(self.lin(x))))).squeeze(1)
+
+
+@pytest.mark.parametrize("K", [1, 2])
+def test_normalisation_without_positions_keeps_examples_apart(K):
+    B = 5
+    torch.manual_seed(6)
+    model = jitter(Flat(), 7)
+    x = torch.randn(B * K, 5, generator=torch.Generator().manual_seed(8))
+
+    def batch_loss(m):
+        return (m(x) ** 2).view(B, K).mean(1)
+
+    def row_loss(m, b):
+        return (m(x[b * K:(b + 1) * K]) ** 2).mean().reshape(1)
+
+    assert_same(model, batch_loss, row_loss, B, K, 1e-2)
+
+
 def test_frozen_parameters_are_skipped_and_untouched():
     torch.manual_seed(0)
     model = Zoo()
@@ -182,6 +213,21 @@ def test_unsupported_and_unsafe_models_are_refused():
     shared[1].weight = shared[0].weight
     with pytest.raises(ValueError, match="shared"):
         BookKeeping(shared, max_grad_norm=1.0)
+    # layers that mix examples are refused even without trainable parameters
+    with pytest.raises(ValueError, match="mixes examples"):
+        BookKeeping(nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3, affine=False)), max_grad_norm=1.0)
+    with pytest.raises(ValueError, match="explicit zero padding"):
+        BookKeeping(nn.Conv2d(1, 2, 3, padding="same"), max_grad_norm=1.0)
+    with pytest.raises(ValueError, match="float32 or float64"):
+        BookKeeping(nn.Linear(3, 3).bfloat16(), max_grad_norm=1.0)
+    # a parameter frozen after the engine was built
+    late = nn.Linear(3, 3)
+    bk = BookKeeping(late, max_grad_norm=1.0)
+    late.bias.requires_grad_(False)
+    with bk.recording():
+        out = late(torch.randn(2, 3)).sum(1)
+    with pytest.raises(RuntimeError, match="frozen after"):
+        bk.clipped_backward(out)
 
     class Twice(nn.Module):
         def __init__(self):

@@ -358,6 +358,41 @@ def test_bookkeeping_and_opacus_give_the_same_noised_update(K):
         assert float((applied[mode] - applied["hooks"]).abs().max()) <= 1e-4 * noise_scale, mode
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_nothing_from_a_failed_or_altered_step_reaches_the_update(mode):
+    """Leftovers of a step that raised mid-way are discarded; freezing a parameter after building the engine is refused."""
+    data = MnistLike(n=10, K=2, seed=6)
+    den = build_denoiser(0)
+    engine = engine_for(den, n=10, batch_size=4, sigma=0.0, C=1e-2, K=2, max_physical=2, mode=mode)
+    calls = {"n": 0}
+
+    def fails_on_second_chunk(module, idx):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise MemoryError("simulated")
+        return data.loss_fn(module, idx)
+
+    with pytest.raises(MemoryError):
+        engine.step(torch.tensor([0, 1, 2]), fails_on_second_chunk)
+    engine.step(torch.tensor([5, 6]), data.loss_fn)  # a retry of another batch
+    fresh = build_denoiser(0)
+    ref_engine = engine_for(fresh, n=10, batch_size=4, sigma=0.0, C=1e-2, K=2, max_physical=2, mode=mode)
+    ref_engine.step(torch.tensor([5, 6]), data.loss_fn)
+    assert_close_rel(flat(engine.optimizer.original_optimizer.seen), flat(ref_engine.optimizer.original_optimizer.seen),
+                     rtol=1e-5, what="update after a failed step")
+    if mode == "bk":
+        next(den.parameters()).requires_grad_(False)
+        with pytest.raises(RuntimeError, match="not the ones the engine clips"):
+            engine.step(torch.tensor([1]), data.loss_fn)
+
+
+def test_row_mixing_layers_are_refused_in_every_mode():
+    model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4, affine=False), nn.Linear(4, 1))
+    for mode in ("hooks", "functorch", "bk"):
+        with pytest.raises(ValueError, match="mixes examples"):
+            engine_for(model, n=10, batch_size=4, sigma=1.0, C=1.0, mode=mode)
+
+
 # -- Poisson sampling ---------------------------------------------------------------------------
 
 

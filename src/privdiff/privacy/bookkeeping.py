@@ -23,9 +23,16 @@ layer's per-example quantities are taken over K·T positions — the K draws are
 contraction, and no [B·K, parameters] tensor ever exists: memory does not grow with K.
 
 Supported trainable layers: Linear, Conv1d/2d/3d (any stride, padding, dilation, groups; zero
-padding), GroupNorm, LayerNorm, Embedding. A trainable parameter outside them, a module called
-twice in one forward, or an activation changed in place is an error, never a silent miscount:
-a parameter missing from ‖g_b‖ would break the sensitivity the accountant assumes.
+padding), GroupNorm, LayerNorm, Embedding, in float32/float64. Errors, never a silent miscount
+(a parameter missing from ‖g_b‖ but present in the update would break the sensitivity the
+accountant assumes): a trainable parameter outside those layers, one shared by two layers or
+frozen after construction, a layer called twice in one forward, an input changed in place, a
+layer whose output gradient never arrives, and any layer that mixes examples (BatchNorm).
+Contracts the caller keeps: rows are sample-major (``denoising_loss`` builds them so), and a
+weight is used only through its module's forward — a weight read directly (``F.linear(x,
+m.weight)``) is invisible to the hooks, so that path is missing from both the norm and the
+update (private, but not trained). privdiff's UNets satisfy both (tests against one example at a
+time).
 """
 
 from __future__ import annotations
@@ -67,6 +74,7 @@ class BookKeeping:
 
     def __init__(self, model: nn.Module, *, noise_multiplicity: int = 1, max_grad_norm: float):
         self.model, self.K, self.C = model, noise_multiplicity, max_grad_norm
+        refuse_row_mixing(model)
         self.layers: list[_Layer] = []
         owner: dict[int, str] = {}
         for name, module in model.named_modules():
@@ -79,8 +87,10 @@ class BookKeeping:
                                  f"(supported: {', '.join(t.__name__ for t in SUPPORTED)}); use grad_sample_mode=hooks")
             if isinstance(module, nn.Embedding) and (module.max_norm is not None or module.scale_grad_by_freq or module.sparse):
                 raise ValueError(f"book-keeping clipping does not support Embedding '{name}' with max_norm, scale_grad_by_freq or sparse")
-            if getattr(module, "padding_mode", "zeros") != "zeros":
-                raise ValueError(f"book-keeping clipping supports zero-padded convolutions only ('{name}' pads '{module.padding_mode}')")
+            if getattr(module, "padding_mode", "zeros") != "zeros" or isinstance(getattr(module, "padding", 0), str):
+                raise ValueError(f"book-keeping clipping supports convolutions with explicit zero padding only ('{name}')")
+            if any(p.dtype not in (torch.float32, torch.float64) for _, p in params):
+                raise ValueError(f"book-keeping clipping needs float32 or float64 parameters ('{name}'): norms in half precision are too coarse for clipping")
             for n, p in params:
                 if id(p) in owner:
                     raise ValueError(f"parameter shared by '{owner[id(p)]}' and '{name}': not supported by book-keeping clipping")
@@ -144,6 +154,9 @@ class BookKeeping:
         """
         if loss.ndim != 1:
             raise ValueError(f"expected one loss per example [B], got shape {tuple(loss.shape)}")
+        frozen = [layer.name for layer in self.layers for _, p in layer.params if not p.requires_grad]
+        if frozen:  # its clipped sum would be written, and an optimizer might apply it without noise
+            raise RuntimeError(f"parameters of {frozen[:3]} were frozen after the engine was built: build a new engine")
         self._batch = loss.shape[0]
         if not self._roots:
             raise RuntimeError("no recorded forward: compute the loss inside `with bk.recording():`")
@@ -167,6 +180,18 @@ class BookKeeping:
 
 
 # -- per-layer rules: squared per-example norm, and what the clipped sum will need -----------------
+
+def refuse_row_mixing(model: nn.Module) -> None:
+    """Per-example clipping assumes example b's loss depends on example b alone: refuse layers that mix rows.
+
+    BatchNorm in training mode normalises with batch statistics (and its running statistics,
+    saved with the model, are an unnoised function of the private batch), trainable or not.
+    """
+    for name, m in model.named_modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) or (isinstance(m, nn.modules.instancenorm._InstanceNorm) and m.track_running_stats):
+            raise ValueError(f"'{name}' ({type(m).__name__}) mixes examples or keeps unnoised running statistics: "
+                             "not allowed in DP-SGD (use GroupNorm)")
+
 
 def _rows(t: Tensor, B: int) -> Tensor:
     """[B·K, ...] -> [B, K, ...]: example b's K rows."""
@@ -304,20 +329,20 @@ def _group_norm(bk: BookKeeping, layer: _Layer, a: Tensor, g: Tensor, B: int) ->
     """
     m = layer.module
     R, C = a.shape[:2]
-    spatial = tuple(range(2, a.ndim))
-    g_sum = g.sum(spatial)  # [R, C]
+    a3, g3 = a.reshape(R, C, -1), g.reshape(R, C, -1)  # [R, C, positions]; no positions is one position
+    g_sum = g3.sum(2)  # [R, C]
     var, mean = torch.var_mean(a.reshape(R, m.num_groups, -1), dim=2, correction=0)  # [R, G]
     rstd = (var + m.eps).rsqrt().repeat_interleave(C // m.num_groups, dim=1)
     mean = mean.repeat_interleave(C // m.num_groups, dim=1)
-    return _affine_grads(layer, lambda: rstd * ((a * g).sum(spatial) - mean * g_sum), g_sum, B)
+    return _affine_grads(layer, lambda: rstd * ((a3 * g3).sum(2) - mean * g_sum), g_sum, B)
 
 
 def _layer_norm(bk: BookKeeping, layer: _Layer, a: Tensor, g: Tensor, B: int) -> Tensor:
     """LayerNorm: the same sums over every position of the row (the affine is over the last dims)."""
     m = layer.module
     x_hat = F.layer_norm(a, m.normalized_shape, eps=m.eps)
-    reduce = tuple(range(1, a.ndim - len(m.normalized_shape)))
-    return _affine_grads(layer, lambda: (x_hat * g).sum(reduce), g.sum(reduce), B)
+    shape = (a.shape[0], -1, *m.normalized_shape)  # [R, positions, *normalized_shape]
+    return _affine_grads(layer, lambda: (x_hat * g).reshape(shape).sum(1), g.reshape(shape).sum(1), B)
 
 
 def _affine_grads(layer: _Layer, weight_rows, bias_rows: Tensor, B: int) -> Tensor:

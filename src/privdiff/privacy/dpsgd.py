@@ -142,8 +142,21 @@ class DPSGD:
     def sample_rate(self) -> float:
         return self.batches.sample_rate
 
+    def _begin_step(self) -> None:
+        """A clean slate: nothing left over from an earlier (possibly failed) step can reach this update."""
+        opt = self.optimizer
+        opt._step_skip_queue.clear()
+        opt._is_last_step_skipped = False
+        for group in opt.original_optimizer.param_groups:
+            for p in group["params"]:
+                p.grad, p.grad_sample, p.summed_grad = None, None, None
+        if self.bk is not None and {id(p) for p in opt.params} != {id(p) for p in self.bk.params}:
+            raise RuntimeError("the optimizer's trainable parameters are not the ones the engine clips "
+                               "(was a parameter frozen or unfrozen after the engine was built?)")
+
     def step(self, indices: torch.Tensor, loss_fn: LossFn) -> float:
         """One logical DP-SGD step on the examples ``indices``; returns their mean loss (a diagnostic)."""
+        self._begin_step()
         total, count = 0.0, 0
         chunks = _chunks(indices, self.examples_per_chunk)
         for i, chunk in enumerate(chunks):
