@@ -63,19 +63,22 @@ CLASSIFIERS: dict[str, type[nn.Module]] = {"cnn": SmallCNN, "logreg": LogisticRe
 class Embedding(nn.Module):
     """A trained :class:`SmallCNN` as a feature extractor ``[N, C, H, W] in [0, 1] -> [N, 128]``.
 
-    torchmetrics reads ``num_features``; the network stays in eval mode with gradients off.
+    Features are divided by ``scale`` (their RMS on the network's own training data), so that
+    they have Inception-like magnitude: KID's kernel (x·y/d + 1)³ is then not dominated by the
+    features' mean. torchmetrics reads ``num_features``; the network stays in eval mode.
     """
 
-    def __init__(self, cnn: SmallCNN):
+    def __init__(self, cnn: SmallCNN, *, scale: float = 1.0):
         super().__init__()
         self.cnn = cnn.eval().requires_grad_(False)
         self.num_features = cnn.num_features
+        self.scale = scale
 
     def train(self, mode: bool = True) -> "Embedding":  # never leave eval mode (dropout off)
         return super().train(False)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.cnn.embed(x.float())
+        return self.cnn.embed(x.float()) / self.scale
 
 
 @dataclass

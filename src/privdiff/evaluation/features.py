@@ -29,7 +29,7 @@ from ..atomic import atomic_write_text
 from ..data import ImageDataset
 from .classifiers import Embedding, SmallCNN, fit_classifier
 
-FEATURE_CNN_VERSION = 1  # bump when the architecture or its training changes
+FEATURE_CNN_VERSION = 2  # bump when the architecture, its training or its output scaling changes
 
 
 def cache_dir() -> Path:
@@ -99,23 +99,22 @@ def train_feature_cnn(
     settings = dict(version=FEATURE_CNN_VERSION, data=data.fingerprint, resolution=data.resolution,
                     channels=data.channels, epochs=epochs, lr=lr, seed=seed)
     key = content_key(**settings)
-    info: dict[str, Any] = {}
-
     def make() -> dict[str, torch.Tensor]:
         images = (data.images + 1) / 2
         fit = fit_classifier("cnn", images, data.labels, num_classes=data.num_classes, epochs=epochs, lr=lr,
                              seed=seed, progress=progress, desc=f"feature CNN on {data.name}/{data.split}")
-        info["held_out_accuracy"] = fit.val_accuracy
-        return {**fit.model.state_dict(), "held_out_accuracy": torch.tensor(fit.val_accuracy)}
+        with torch.no_grad():  # RMS of the features on the network's own training data
+            rms = torch.cat([fit.model.eval().embed(images[i:i + 500]) for i in range(0, len(images), 500)]).square().mean().sqrt()
+        return {**fit.model.state_dict(), "held_out_accuracy": torch.tensor(fit.val_accuracy), "feature_scale": rms}
 
     state = cached_tensors("feature-cnn", key, make)
-    held_out = float(state.pop("held_out_accuracy"))
+    held_out, scale = float(state.pop("held_out_accuracy")), float(state.pop("feature_scale"))
     cnn = SmallCNN(in_channels=data.channels, num_classes=data.num_classes, resolution=data.resolution)
     cnn.load_state_dict(state)
     trained_on = f"{data.name}/{data.split} (public)" if public else \
         f"{data.name}/{data.split} (the private training split; the feature network is not covered by epsilon)"
-    return FeatureNetwork(Embedding(cnn), {
-        "name": "privdiff-cnn", "trained_on": trained_on, "dim": SmallCNN.num_features,
+    return FeatureNetwork(Embedding(cnn, scale=scale), {
+        "name": "privdiff-cnn", "trained_on": trained_on, "dim": SmallCNN.num_features, "feature_scale": round(scale, 6),
         "held_out_accuracy": round(held_out, 4), "sha256": "sha256:" + key,
         "note": "FID/KID on these features are not Inception-FID and not comparable with published numbers",
     })
