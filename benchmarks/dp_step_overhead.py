@@ -3,8 +3,10 @@
 Paths: Opacus' per-sample gradients with hooks (privdiff's conv fix) and with functorch, and
 privdiff's one-backward book-keeping clipping (``bk``). Timing runs every path side by side in
 one process (interleaved repeats, median), so ratios are robust to a shared machine's drift.
-Peak memory is each path's own subprocess: resident-set peak during two steps minus the
-resident set before them (model, data and optimizer state already allocated).
+Memory is measured in each path's own subprocess: the resident-set peak of two steps over the
+resident set before them (model, data, optimizer state and a warm-up step already done), and the
+per-example gradient state the clipping holds (Opacus: ``grad_sample`` for B·K rows; bk: the
+[B, ...] per-example gradients of its direct layers).
 
     .venv/bin/python -W ignore benchmarks/dp_step_overhead.py --batch 64 256 --repeats 5
     .venv/bin/python -W ignore benchmarks/dp_step_overhead.py --batch 256 privacy.noise_multiplicity=4
@@ -16,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -64,18 +65,43 @@ def build(r, mode: str, batch: int):
     return den, step
 
 
-def rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+def _status_mib(field: str) -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":")) / 1024  # kB
 
 
 def child(args, r) -> None:
-    """Peak memory of one path: run in a fresh process, report the RSS peak the steps added."""
+    """Memory of one path in a fresh process: the RSS peak of two steps over the RSS before them, and
+    the per-example gradient state the clipping holds (Opacus: grad_sample of B·K rows; bk: [B, ...])."""
+    import privdiff.privacy.bookkeeping as bk
+    import privdiff.privacy.dpsgd as dpsgd
+
+    state = [0]
+    fold = dpsgd.fold_noise_multiplicity
+
+    def fold_and_measure(module, K):
+        state[0] = max(state[0], sum(p.grad_sample.numel() * p.grad_sample.element_size()
+                                     for p in module.parameters() if getattr(p, "grad_sample", None) is not None))
+        fold(module, K)
+
+    clipped_sum = bk._clipped_sum
+    held = []
+
+    def clipped_sum_and_measure(layer, c, K):
+        held.append(sum(t.numel() * t.element_size() for t in layer.direct.values()))
+        return clipped_sum(layer, c, K)
+
+    dpsgd.fold_noise_multiplicity, bk._clipped_sum = fold_and_measure, clipped_sum_and_measure
     _, step = build(r, args.child, args.batch[0])
-    with open("/proc/self/statm") as f:
-        before = int(f.read().split()[1]) * resource.getpagesize() / 2**20  # current RSS after set-up
+    step()  # warm-up: allocator caches, oneDNN primitives
+    with open("/proc/self/clear_refs", "w") as f:  # reset the peak RSS (VmHWM) of this process
+        f.write("5")
+    before = _status_mib("VmRSS")
     for _ in range(2):
+        held.clear()
         step()
-    print(json.dumps({"peak_mib": rss_mib(), "step_mib": rss_mib() - before}))
+    per_example = max(state[0], sum(held))
+    print(json.dumps({"step_mib": _status_mib("VmHWM") - before, "per_example_mib": per_example / 2**20}))
 
 
 def main() -> None:
@@ -113,11 +139,11 @@ def main() -> None:
         P = count_parameters(runs["non-private"][0])
         print(f"\nUNet {list(r.model.channels)} @ {r.data.resolution}px, {P:,} params, batch {batch} x K={r.privacy.noise_multiplicity}, "
               f"{args.threads} threads, median of {args.repeats}")
-        print(f"{'path':<12} {'s/step':>8} {'ratio vs non-private':>21} {'step memory MiB':>16} {'peak RSS MiB':>13}")
+        print(f"{'path':<12} {'s/step':>8} {'ratio vs non-private':>21} {'step peak MiB':>14} {'per-example grads MiB':>22}")
         for m in modes:
             med = statistics.median(times[m])
             mem = memory.get(m, {})
-            print(f"{m:<12} {med:>8.3f} {med / base:>21.2f} {mem.get('step_mib', float('nan')):>16.0f} {mem.get('peak_mib', float('nan')):>13.0f}")
+            print(f"{m:<12} {med:>8.3f} {med / base:>21.2f} {mem.get('step_mib', float('nan')):>14.0f} {mem.get('per_example_mib', float('nan')):>22.1f}")
 
 
 if __name__ == "__main__":
