@@ -3,8 +3,8 @@
 Paths: Opacus' per-sample gradients with hooks (privdiff's conv fix) and with functorch, and
 privdiff's one-backward book-keeping clipping (``bk``). Timing runs every path side by side in
 one process (interleaved repeats, median), so ratios are robust to a shared machine's drift.
-Memory is measured in each path's own subprocess: the resident-set peak of two steps over the
-resident set before them (model, data, optimizer state and a warm-up step already done), and the
+Memory is measured in each path's own subprocess: the resident-set peak of its first three steps
+over the resident set before them (model and data allocated), and the
 per-example gradient state the clipping holds (Opacus: ``grad_sample`` for B·K rows; bk: the
 [B, ...] per-example gradients of its direct layers).
 
@@ -93,11 +93,10 @@ def child(args, r) -> None:
 
     dpsgd.fold_noise_multiplicity, bk._clipped_sum = fold_and_measure, clipped_sum_and_measure
     _, step = build(r, args.child, args.batch[0])
-    step()  # warm-up: allocator caches, oneDNN primitives
     with open("/proc/self/clear_refs", "w") as f:  # reset the peak RSS (VmHWM) of this process
         f.write("5")
     before = _status_mib("VmRSS")
-    for _ in range(2):
+    for _ in range(3):
         held.clear()
         step()
     per_example = max(state[0], sum(held))
