@@ -87,9 +87,9 @@ def child(args, r) -> None:
     clipped_sum = bk._clipped_sum
     held = []
 
-    def clipped_sum_and_measure(layer, c, K):
+    def clipped_sum_and_measure(layer, c):
         held.append(sum(t.numel() * t.element_size() for t in layer.direct.values()))
-        return clipped_sum(layer, c, K)
+        return clipped_sum(layer, c)
 
     dpsgd.fold_noise_multiplicity, bk._clipped_sum = fold_and_measure, clipped_sum_and_measure
     _, step = build(r, args.child, args.batch[0])

@@ -34,7 +34,7 @@ from ..data import ImageDataset, load_dataset
 from ..privacy.ledger import Ledger
 from ..runs import Run, RunError, save_grid
 from .downstream import score, train_classifiers
-from .features import FeatureNetwork, cached_features, cached_json, content_key, inception_network, train_feature_cnn
+from .features import FeatureNetwork, cached_features, cached_json, content_key, inception_network, is_cached, train_feature_cnn
 from .metrics import extract_features, image_metrics
 
 SCHEMA = 1
@@ -158,7 +158,7 @@ def evaluate_run(
     synthetic_fits = train_classifiers(torch.from_numpy(images), torch.from_numpy(labels), progress=progress, **cls_kw)
     ceiling_key = content_key(kind="ceiling", data=train.fingerprint, resolution=train.resolution, **cls_kw)
     ceiling_fits = None
-    if not (_cache_has("ceiling", ceiling_key)):
+    if not is_cached("ceiling", ceiling_key):
         ceiling_fits = train_classifiers((train.images + 1) / 2, train.labels, progress=progress, source="real training split", **cls_kw)
 
     # 4. the real test split, read for the first time
@@ -213,12 +213,6 @@ def evaluate_run(
 
         write_report(run.path)
     return result
-
-
-def _cache_has(kind: str, key: str) -> bool:
-    from .features import cache_dir
-
-    return (cache_dir() / kind / f"{key}.json").is_file()
 
 
 def _privacy(ledger: Ledger | None) -> dict[str, Any]:

@@ -58,6 +58,11 @@ def cached_tensors(kind: str, key: str, make) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def is_cached(kind: str, key: str) -> bool:
+    """Whether :func:`cached_json` holds ``kind/key``."""
+    return (cache_dir() / kind / f"{key}.json").is_file()
+
+
 def cached_json(kind: str, key: str, make) -> dict[str, Any]:
     """``make()`` (a JSON-able dict), stored as ``cache/kind/key.json`` and reused after."""
     path = cache_dir() / kind / f"{key}.json"

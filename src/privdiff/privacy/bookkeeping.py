@@ -113,11 +113,7 @@ class BookKeeping:
                 raise RuntimeError(f"'{layer.name}' was called twice in one forward: book-keeping clipping "
                                    "needs each layer once per forward (use grad_sample_mode=hooks)")
             a = inputs[0]
-            if isinstance(module, nn.Embedding):
-                a_saved = a
-            else:
-                a_saved = a.detach()
-            version = a._version
+            a_saved, version = a.detach(), a._version
             if not a.requires_grad:
                 self._roots.append(out)
             out.register_hook(lambda g, layer=layer, a=a_saved, version=version: self._backward(layer, a, version, g))
@@ -167,7 +163,7 @@ class BookKeeping:
         norms = (self._sq if self._sq is not None else torch.zeros(self._batch, dtype=torch.float64)).sqrt()
         c = (self.C / (norms.float() + 1e-6)).clamp(max=1.0)  # Opacus' clip factor
         for layer in self.layers:
-            grads = _clipped_sum(layer, c, self.K) if layer.calls else {n: torch.zeros_like(p) for n, p in layer.params}
+            grads = _clipped_sum(layer, c) if layer.calls else {n: torch.zeros_like(p) for n, p in layer.params}
             for n, p in layer.params:
                 p.grad = grads[n].to(p.dtype).reshape(p.shape)
             layer.direct, layer.saved = {}, None
@@ -377,7 +373,7 @@ _LAYER_RULES = {
 }
 
 
-def _clipped_sum(layer: _Layer, c: Tensor, K: int) -> dict[str, Tensor]:
+def _clipped_sum(layer: _Layer, c: Tensor) -> dict[str, Tensor]:
     """Σ_b c_b ∇_b for each of the layer's parameters."""
     m, out = layer.module, {}
     for name, per_example in layer.direct.items():
