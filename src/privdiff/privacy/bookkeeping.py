@@ -328,9 +328,7 @@ def _group_norm(bk: BookKeeping, layer: _Layer, a: Tensor, g: Tensor, B: int) ->
     a3, g3 = a.reshape(R, C, -1), g.reshape(R, C, -1)  # [R, C, positions]; no positions is one position
     g_sum = g3.sum(2)  # [R, C]
     # μ and rstd per (row, group) from the same kernel the forward used (not a second, slower pass)
-    dense = a.ndim == 4 and a.is_contiguous(memory_format=torch.channels_last)
-    x = a if (a.is_contiguous() or dense) else a.contiguous()
-    _, mean, rstd = torch.native_group_norm(x, None, None, R, C, a3.shape[2], m.num_groups, m.eps)
+    _, mean, rstd = torch.native_group_norm(a.contiguous(), None, None, R, C, a3.shape[2], m.num_groups, m.eps)
     rstd = rstd.repeat_interleave(C // m.num_groups, dim=1)
     mean = mean.repeat_interleave(C // m.num_groups, dim=1)
     return _affine_grads(layer, lambda: rstd * (torch.einsum("rct,rct->rc", a3, g3) - mean * g_sum), g_sum, B)
