@@ -197,11 +197,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_sample)
 
     ev = sub.add_parser("evaluate", help="FID/KID, precision/recall and downstream accuracy of a run, with a report",
-                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                        description="Draw samples from RUN's EMA checkpoint; write RUN/metrics.json (each metric beside its "
+                                    "real-data floor or ceiling) and RUN/report.html. The private test split is read once, last.")
     ev.add_argument("run", help="run directory")
     ev.add_argument("overrides", nargs="*", metavar="key=value", help="evaluate.* / sampler.* overrides, e.g. evaluate.classifier_epochs=50")
     ev.add_argument("--n", type=int, help="number of samples (default: the recipe's evaluate.n_samples, 10000)")
-    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--seed", type=int, default=0, help="seed of the samples and the metrics' subsets (default: 0)")
     ev.add_argument("--inception-weights", metavar="PATH",
                     help="use the FID Inception-v3 from this local file (weights-inception-2015-12-05-6726825d.pth) "
                          "instead of privdiff's feature CNN; nothing is downloaded")
