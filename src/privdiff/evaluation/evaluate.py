@@ -136,10 +136,9 @@ def evaluate_run(
     if n < max(2, e.pr_k + 1):
         raise ValueError(f"--n must be at least {max(2, e.pr_k + 1)}")
     train = load_dataset(recipe.data.name, root=recipe.data.root, split="train", resolution=recipe.data.resolution)
-    ledger = Ledger.load(run.ledger_path) if run.ledger_path.is_file() else None
-    if ledger is not None and ledger.dataset.get("fingerprint") != train.fingerprint:
-        raise RunError(f"{run.ledger_path}: the run was trained on data {ledger.dataset.get('fingerprint')}, "
-                       f"but {recipe.data.name} now has {train.fingerprint}")
+    from ..methods.stages import load_ledger
+
+    ledger = load_ledger(run, train)
 
     # 1. samples
     images, labels = load_or_draw_samples(run, recipe, train, n=n, seed=seed, progress=progress)

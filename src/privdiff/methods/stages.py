@@ -41,14 +41,23 @@ def planned_steps(recipe: Recipe, num_examples: int) -> int:
     return max(1, round(recipe.train.epochs * num_examples / recipe.train.batch_size))
 
 
+def load_ledger(run: Run, dataset: ImageDataset) -> Ledger | None:
+    """The run's ledger, if any, checked against the private data it must describe."""
+    if not run.ledger_path.exists():
+        return None
+    ledger = Ledger.load(run.ledger_path)
+    if ledger.dataset.get("fingerprint") != dataset.fingerprint:
+        raise RunError(f"{run.ledger_path}: recorded for data {ledger.dataset.get('fingerprint')}, "
+                       f"but {dataset.name} now has {dataset.fingerprint}")
+    return ledger
+
+
 def open_ledger(run: Run, recipe: Recipe, dataset: ImageDataset) -> Ledger:
-    """The run's ledger (continued on resume), checked against the private data it must describe."""
-    identity = {"name": dataset.name, "split": dataset.split, "fingerprint": dataset.fingerprint, "size": len(dataset)}
-    if run.ledger_path.exists():
-        ledger = Ledger.load(run.ledger_path)
-        if ledger.dataset.get("fingerprint") != dataset.fingerprint:
-            raise RunError(f"{run.ledger_path}: recorded for data {ledger.dataset.get('fingerprint')}, not {dataset.fingerprint}")
+    """The run's ledger (continued on resume), or a new one for ``dataset``."""
+    ledger = load_ledger(run, dataset)
+    if ledger is not None:
         return ledger
+    identity = {"name": dataset.name, "split": dataset.split, "fingerprint": dataset.fingerprint, "size": len(dataset)}
     return Ledger(
         delta=recipe.privacy.delta, accountant=recipe.privacy.accountant, dataset=identity,
         target_epsilon=recipe.privacy.epsilon if recipe.privacy.enabled else None,
