@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -30,6 +31,7 @@ from privdiff.diffusion import denoising_loss, draw_training_noise, make_sigma_d
 from privdiff.methods.stages import make_denoiser
 from privdiff.models import build_unet, count_parameters
 from privdiff.privacy.dpsgd import DPSGD, NonPrivateSGD
+from privdiff.runtime import keep_freed_memory
 
 MODES = ("non-private", "hooks", "functorch", "bk")
 
@@ -111,9 +113,14 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     ap.add_argument("--no-memory", action="store_true", help="skip the per-path memory subprocesses")
+    ap.add_argument("--system-malloc", action="store_true",
+                    help="leave glibc's allocator as it is (privdiff's CLI keeps freed memory: privdiff.runtime)")
     ap.add_argument("--child", choices=MODES, help=argparse.SUPPRESS)
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
+    if args.system_malloc:
+        os.environ["PRIVDIFF_MALLOC"] = "system"  # children inherit it
+    kept = keep_freed_memory()  # as `privdiff train` does, for every path alike
     torch.set_num_threads(args.threads)
     r = resolve_recipe(args.recipe, args.overrides)
     if args.child:
@@ -137,7 +144,7 @@ def main() -> None:
         base = statistics.median(times["non-private"])
         P = count_parameters(runs["non-private"][0])
         print(f"\nUNet {list(r.model.channels)} @ {r.data.resolution}px, {P:,} params, batch {batch} x K={r.privacy.noise_multiplicity}, "
-              f"{args.threads} threads, median of {args.repeats}")
+              f"{args.threads} threads, median of {args.repeats}, allocator: {'freed memory kept' if kept else 'system'}")
         print(f"{'path':<12} {'s/step':>8} {'ratio vs non-private':>21} {'step peak MiB':>14} {'per-example grads MiB':>22}")
         for m in modes:
             med = statistics.median(times[m])

@@ -10,6 +10,8 @@ import sys
 from importlib import resources
 from pathlib import Path
 
+from privdiff.runtime import keep_freed_memory
+
 EPILOG = """examples:
   privdiff demo                                        DPDM on the built-in MNIST digits, eps=10
   privdiff train recipes/dpdm-mnist5k.yaml privacy.epsilon=1 --out runs/eps1
@@ -236,6 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    keep_freed_memory()  # no page faults on every step's buffers (privdiff.runtime)
     try:
         return args.func(args)
     except KeyboardInterrupt:

@@ -152,6 +152,63 @@ def test_every_layer_kind(K, C):
     assert_same(model, batch_loss, row_loss, B, K, C)
 
 
+class Convs(nn.Module):
+    """Stride-1 "same" convolutions of several kernel shapes (1×1, 3×3, 5×3) on a non-square image."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 6, 3, padding=1)
+        self.b = nn.Conv2d(6, 5, (5, 3), padding=(2, 1), bias=False)
+        self.c = nn.Conv2d(5, 4, 1)
+
+    def forward(self, x):
+        return self.c(torch.tanh(self.b(torch.tanh(self.a(x))))).flatten(1).pow(2).mean(1)
+
+
+@pytest.mark.parametrize("kernel", ["grouped", "taps"])
+@pytest.mark.parametrize("K,channels_last", [(1, False), (3, True)])
+def test_each_conv_kernel(monkeypatch, kernel, K, channels_last):
+    """The autotuner may pick either per-example kernel for a layer: each must be exact on its own."""
+    from privdiff.privacy import bookkeeping as bkmod
+
+    chosen = {"grouped": bkmod._per_example_conv_grouped, "taps": bkmod._per_example_conv2d_taps}[kernel]
+    used = []
+
+    def only(m, a, g, B, dims):
+        used.append(m)
+        return chosen(m, a, g, B, dims)
+
+    monkeypatch.setattr(bkmod, "_per_example_conv_weight", only)
+    B = 4
+    torch.manual_seed(9)
+    model = jitter(Convs(), 10)
+    x = torch.randn(B * K, 3, 5, 7, generator=torch.Generator().manual_seed(11))
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+
+    def batch_loss(m):
+        return m(x).view(B, K).mean(1)
+
+    def row_loss(m, b):
+        return m(x[b * K:(b + 1) * K]).mean().reshape(1)
+
+    assert_same(model, batch_loss, row_loss, B, K, 1e-2)
+    assert len(used) == 3
+
+
+def test_weighted_sum_reads_any_layout():
+    """Σ_b c_b x_b over permuted, tap-major and sliced [B, ...] views equals the contiguous tensordot."""
+    from privdiff.privacy.bookkeeping import _sq_norms, _weighted_sum
+
+    g = torch.Generator().manual_seed(12)
+    c = torch.rand(6, generator=g)
+    base = torch.randn(9, 6, 4, 5, generator=g)
+    for x in (base.permute(1, 3, 2, 0).unflatten(3, (3, 3)), base.permute(1, 0, 2, 3), base[:, :, 1:3].transpose(0, 1),
+              torch.randn(6, 7, generator=g), torch.randn(6, generator=g)):
+        torch.testing.assert_close(_weighted_sum(c, x), torch.tensordot(c, x.contiguous(), dims=1))
+        torch.testing.assert_close(_sq_norms(x), x.contiguous().reshape(6, -1).square().sum(1))
+
+
 class Flat(nn.Module):
     """Normalisation layers on inputs without positions ([R, C]): weight-only GroupNorm, LayerNorm."""
 
@@ -181,6 +238,14 @@ def test_normalisation_without_positions_keeps_examples_apart(K):
         return (m(x[b * K:(b + 1) * K]) ** 2).mean().reshape(1)
 
     assert_same(model, batch_loss, row_loss, B, K, 1e-2)
+
+
+def test_group_norm_recomputes_statistics_when_autograd_did_not_keep_them(monkeypatch):
+    from privdiff.privacy import bookkeeping as bkmod
+
+    monkeypatch.setattr(bkmod, "_forward_group_norm_stats", lambda out, a: None)
+    test_normalisation_without_positions_keeps_examples_apart(2)
+    test_every_layer_kind(3, 1e-2)
 
 
 def test_frozen_parameters_are_skipped_and_untouched():

@@ -38,6 +38,8 @@ time).
 from __future__ import annotations
 
 import contextlib
+import math
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -59,6 +61,7 @@ class _Layer:
     # what the clipped sum needs once the clip factors are known
     direct: dict[str, Tensor] = field(default_factory=dict)  # per-example gradients [B, *shape]
     saved: tuple | None = None  # (a, g) of a ghost layer
+    stats: tuple | None = None  # GroupNorm: the forward's own (μ, rstd), when autograd kept them
 
 
 class BookKeeping:
@@ -114,6 +117,8 @@ class BookKeeping:
                                    "needs each layer once per forward (use grad_sample_mode=hooks)")
             a = inputs[0]
             a_saved, version = a.detach(), a._version
+            if isinstance(module, nn.GroupNorm):
+                layer.stats = _forward_group_norm_stats(out, a)
             if not a.requires_grad:
                 self._roots.append(out)
             out.register_hook(lambda g, layer=layer, a=a_saved, version=version: self._backward(layer, a, version, g))
@@ -124,7 +129,7 @@ class BookKeeping:
         """Record the forward pass whose loss :meth:`clipped_backward` will clip."""
         for layer in self.layers:
             layer.calls = layer.processed = 0
-            layer.direct, layer.saved = {}, None
+            layer.direct, layer.saved, layer.stats = {}, None, None
         self._roots, self._sq, self._batch = [], None, None
         self._recording = True
         try:
@@ -166,7 +171,7 @@ class BookKeeping:
             grads = _clipped_sum(layer, c) if layer.calls else {n: torch.zeros_like(p) for n, p in layer.params}
             for n, p in layer.params:
                 p.grad = grads[n].to(p.dtype).reshape(p.shape)
-            layer.direct, layer.saved = {}, None
+            layer.direct, layer.saved, layer.stats = {}, None, None
         self._roots = []
         return norms.float()
 
@@ -194,9 +199,35 @@ def _rows(t: Tensor, B: int) -> Tensor:
     return t.reshape(B, -1, *t.shape[1:])
 
 
+def _batch_major(per_example: Tensor) -> tuple[Tensor, list[int]]:
+    """A [B, ...] tensor in any dense layout as a contiguous [pre, B, post] view (a copy only if gapped), and the permutation used."""
+    order = sorted(range(per_example.ndim), key=lambda i: (-per_example.stride(i), i))
+    x = per_example.permute(order)
+    if not x.is_contiguous():  # overlapping or gapped storage: a copy
+        x = x.contiguous()
+    j = order.index(0)
+    return x.reshape(math.prod(x.shape[:j]), x.shape[j], math.prod(x.shape[j + 1:])), order
+
+
 def _sq_norms(per_example: Tensor) -> Tensor:
-    """‖x_b‖² of each example's slice, without materialising the squares."""
-    return torch.linalg.vector_norm(per_example.reshape(per_example.shape[0], -1), dim=1).square()
+    """‖x_b‖² of each example's slice [B, ...], read in place in whatever memory layout it has."""
+    if per_example.is_contiguous():
+        return torch.linalg.vector_norm(per_example.view(per_example.shape[0], -1), dim=1).square()
+    x, _ = _batch_major(per_example)
+    return torch.linalg.vector_norm(x, dim=2).square().sum(0)  # contiguous inner reductions
+
+
+def _weighted_sum(c: Tensor, per_example: Tensor) -> Tensor:
+    """Σ_b c_b·x_b over a [B, ...] tensor in any dense memory layout, read in place.
+
+    In the order of its strides the tensor is [pre, B, post]; one matrix-vector product per
+    ``pre`` sums over B there, and the result is permuted back to one example's shape.
+    """
+    x, order = _batch_major(per_example)
+    s = torch.matmul(c.to(x.dtype), x)  # [pre, post]
+    dims = [per_example.shape[o] for o in order if o != 0]  # the result's dims, in storage order
+    rest = [o - 1 for o in order if o != 0]  # ... as dims of one example's slice
+    return s.reshape(dims).permute([rest.index(i) for i in range(len(rest))])
 
 
 def _use_ghost(positions: int, p: int, d: int) -> bool:
@@ -243,8 +274,8 @@ def _conv(bk: BookKeeping, layer: _Layer, a: Tensor, g: Tensor, B: int) -> Tenso
             sq = sq + (torch.bmm(Ug, Ug.transpose(1, 2)) * torch.bmm(Gg, Gg.transpose(1, 2))).sum((1, 2)).reshape(B, groups).sum(1)
             layer.saved = (a, g)
         else:
-            W = _per_example_conv_weight(m, a, g, B, dims)  # [B, *weight.shape]
-            sq = sq + _sq_norms(W)
+            W, sq_w = _per_example_conv_weight(m, a, g, B, dims)  # [B, *weight.shape], ‖W_b‖²
+            sq = sq + sq_w
             layer.direct["weight"] = W
     if _has(layer, "bias"):
         layer.direct["bias"] = _rows(g.sum(tuple(range(2, g.ndim))), B).sum(1)  # Σ over draws and positions
@@ -268,70 +299,137 @@ def _unfold(m: nn.Module, a: Tensor, dims: int) -> Tensor:
     return x.permute(0, 1, 5, 6, 7, 2, 3, 4).reshape(R, C * k[0] * k[1] * k[2], -1)
 
 
-def _per_example_conv_weight(m: nn.Module, a: Tensor, g: Tensor, B: int, dims: int) -> Tensor:
-    """∇W_b = Σ_{k,t} g_{b,k,t} ⊗ patch_{b,k,t}: the weight gradient of each example's K rows.
+def _per_example_conv_weight(m: nn.Module, a: Tensor, g: Tensor, B: int, dims: int) -> tuple[Tensor, Tensor]:
+    """∇W_b = Σ_{k,t} g_{b,k,t} ⊗ patch_{b,k,t}: the weight gradient of each example's K rows, [B, *weight.shape], and ‖∇W_b‖².
 
-    Two exact kernels, chosen by the layer's shape (measured on CPU, docs/benchmarks.md):
-    autograd's own weight-gradient kernel with the examples folded into the groups (fast for
-    narrow layers), or, for wide stride-1 "same" 2-D convolutions, one batched matrix product per
-    kernel tap over shifted views of the padded input (no im2col buffer).
+    Every kernel here is exact; which one is fastest depends on the layer's shape, the batch and
+    the machine by factors of 3 either way (docs/benchmarks.md), so the candidates that apply are
+    timed once per layer shape on the first batch and the fastest is kept (like cuDNN's
+    benchmark mode). Under ``torch.use_deterministic_algorithms(True)`` the first candidate is
+    always used, so runs repeat bit for bit.
     """
-    if dims == 2 and _shifted_taps_apply(m) and m.in_channels // m.groups > 32:
-        return _per_example_conv2d_shifted(m, a, g, B)
+    kernels = [_per_example_conv_grouped]
+    if dims == 2 and _taps_apply(m):
+        kernels.append(_per_example_conv2d_taps)
+    if len(kernels) == 1 or torch.are_deterministic_algorithms_enabled():
+        return kernels[0](m, a, g, B, dims)
+    key = (m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding, m.dilation, m.groups,
+           tuple(a.shape), B, a.dtype, a.device, torch.get_num_threads())
+    kernel = _KERNEL_CHOICE.get(key)
+    if kernel is None:  # best of three timed calls each, after a warm-up
+        kernel = _KERNEL_CHOICE[key] = min(kernels, key=lambda k: _seconds(k, m, a, g, B, dims))
+    return kernel(m, a, g, B, dims)
+
+
+_KERNEL_CHOICE: dict[tuple, object] = {}  # layer signature -> fastest per-example kernel (this process)
+
+
+def _seconds(kernel, *args, repeats: int = 3) -> float:
+    """Fastest wall time of ``repeats`` calls after a warm-up call (synchronised on accelerators)."""
+    sync = torch.cuda.synchronize if args[1].is_cuda else (lambda: None)
+    kernel(*args)
+    best = math.inf
+    for _ in range(repeats):
+        sync()
+        t = time.perf_counter()
+        kernel(*args)
+        sync()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def _per_example_conv_grouped(m: nn.Module, a: Tensor, g: Tensor, B: int, dims: int) -> tuple[Tensor, Tensor]:
+    """Autograd's own weight-gradient kernel with the examples folded into the groups (any convolution)."""
     K = a.shape[0] // B
     w = m.weight
     a_k = a.reshape(B, K, *a.shape[1:]).transpose(0, 1).reshape(K, B * a.shape[1], *a.shape[2:])
     g_k = g.reshape(B, K, *g.shape[1:]).transpose(0, 1).reshape(K, B * g.shape[1], *g.shape[2:])
     W = _CONV_WEIGHT_GRAD[dims](a_k, (B * w.shape[0], *w.shape[1:]), g_k, m.stride, m.padding, m.dilation, B * m.groups)
-    return W.reshape(B, *w.shape)
+    return W.reshape(B, *w.shape), _sq_norms(W.reshape(B, *w.shape))
 
 
-def _shifted_taps_apply(m: nn.Module) -> bool:
+def _taps_apply(m: nn.Module) -> bool:
+    """A stride-1, "same"-padded 2-D convolution with odd kernel (3×3, 1×1, ...): the tap kernel applies."""
     kh, kw = m.kernel_size
     return (m.groups == 1 and m.stride == (1, 1) and m.dilation == (1, 1) and kh % 2 == 1 and kw % 2 == 1
             and m.padding == (kh // 2, kw // 2))
 
 
-def _per_example_conv2d_shifted(m: nn.Module, a: Tensor, g: Tensor, B: int) -> Tensor:
-    """Per-example weight gradient of a stride-1 "same" conv as one bmm per tap.
+def _per_example_conv2d_taps(m: nn.Module, a: Tensor, g: Tensor, B: int, dims: int) -> tuple[Tensor, Tensor]:
+    """Per-example weight gradient of a stride-1 "same" conv as one batched matrix product per tap.
 
-    With the input zero-padded and flattened channels-last to [R, (H+2P+1)·(W+2Q), C_in], and the
-    output gradient padded to width W+2Q, tap (i, j) of example b is the product of g_b
-    [C_out, H·(W+2Q)] with the contiguous window starting at i·(W+2Q) + j: the padding columns
-    of g are zero, so they add nothing. Rows of one example (its K draws) are consecutive
-    windows' batch entries and are summed by viewing [B, K·T', ·].
+    Tap (i, j) pairs output position t with input position t + δ, δ = (i − P)·W + (j − Q), on the
+    flattened H·W grid. On the unpadded input that is a contiguous window: positions whose partner
+    falls above or below the image are cut from the range, and those whose partner would wrap
+    around a row's end are zeroed in a copy of g (one copy per column shift, of the output
+    gradient only). So ∇W_b[:, :, i, j] = Σ_t a_b[:, t + δ]·g_b[:, t]ᵀ, one bmm per tap and draw,
+    with no padded or unfolded copy of the input. Returned as a [B, *weight.shape] view of a
+    tap-major buffer (clipped sums read it in place), with the squared norms summed tap by tap
+    while each tap is still in cache.
     """
     kh, kw = m.kernel_size
     P, Q = kh // 2, kw // 2
-    R, C_in, H, W = a.shape
-    K, Wp = R // B, W + 2 * Q
-    rows = H * Wp
-    A = F.pad(a, (Q, Q, P, P + 1)).permute(0, 2, 3, 1).reshape(R, (H + 2 * P + 1) * Wp, C_in)
-    Gp = F.pad(g, (0, 2 * Q)).reshape(B, K, m.out_channels, rows).transpose(1, 2).reshape(B, m.out_channels, K * rows)
-    out = torch.empty(kh * kw, B, m.out_channels, C_in, dtype=a.dtype, device=a.device)
-    for i in range(kh):
-        for j in range(kw):
-            off = i * Wp + j
-            window = A[:, off:off + rows, :].reshape(B, K * rows, C_in)  # a copy only when K > 1
-            torch.bmm(Gp, window, out=out[i * kw + j])
-    return out.permute(1, 2, 3, 0).reshape(B, m.out_channels, C_in, kh, kw)
+    R, C, H, W = a.shape
+    K, T, p = R // B, H * W, m.out_channels
+    a = a.contiguous()
+    out = torch.empty(kh * kw, B, C, p, dtype=a.dtype, device=a.device)
+    taps = out.unbind(0)
+    sq = torch.zeros(B, dtype=a.dtype, device=a.device)
+    for j in range(kw):
+        dx = j - Q  # input column = output column + dx
+        g_j = g.contiguous() if dx == 0 else g.clone(memory_format=torch.contiguous_format)
+        if dx > 0:  # output columns w ≥ W − dx would read input columns past the right edge
+            g_j[..., W - dx:] = 0
+        elif dx < 0:  # and columns w < −dx past the left edge
+            g_j[..., :-dx] = 0
+        for i in range(kh):
+            delta = (i - P) * W + dx
+            t0, t1 = max(0, -delta), min(T, T - delta)  # output positions whose input row is on the image
+            for k in range(K):  # the K draws of each example summed into its gradient
+                window = a.as_strided((B, C, t1 - t0), (K * C * T, T, 1), a.storage_offset() + k * C * T + t0 + delta)
+                gT = g_j.as_strided((B, t1 - t0, p), (K * p * T, 1, T), g_j.storage_offset() + k * p * T + t0)
+                if k == 0:
+                    torch.bmm(window, gT, out=taps[i * kw + j])
+                else:
+                    taps[i * kw + j].baddbmm_(window, gT)
+            sq += torch.linalg.vector_norm(taps[i * kw + j].view(B, -1), dim=1).square()
+    return out.permute(1, 3, 2, 0).unflatten(3, (kh, kw)), sq  # [B, C_out, C_in, kh, kw], a view
 
 
 def _group_norm(bk: BookKeeping, layer: _Layer, a: Tensor, g: Tensor, B: int) -> Tensor:
     """GroupNorm: ∇γ_b[c] = Σ_{k,t} x̂·g and ∇β_b[c] = Σ_{k,t} g, with x̂ = (a − μ)·rstd per row and group.
 
-    Σ_t x̂·g = rstd·(Σ_t a·g − μ·Σ_t g): no normalised copy of the input (and never (y − β)/γ,
-    as γ may be ~0).
+    Computed by autograd's own GroupNorm backward kernel, asked for the affine gradients of ONE
+    "row" with R·C channels in R·groups groups: row r's group j is merged group r·groups + j, so
+    the kernel's per-channel sums are exactly the per-row ones, in one fused pass over (a, g).
+    μ and rstd are the ones the forward computed, when autograd kept them.
     """
     m = layer.module
     R, C = a.shape[:2]
-    a3, g3 = a.reshape(R, C, -1), g.reshape(R, C, -1)  # [R, C, positions]; no positions is one position
-    g_sum = g3.sum(2)  # [R, C]
-    # μ and rstd per (row, group) from the same kernel the forward used (not a second, slower pass)
-    _, mean, rstd = torch.native_group_norm(a.contiguous(), None, None, R, C, a3.shape[2], m.num_groups, m.eps)
-    rstd = rstd.repeat_interleave(C // m.num_groups, dim=1)
-    mean = mean.repeat_interleave(C // m.num_groups, dim=1)
-    return _affine_grads(layer, lambda: rstd * (torch.einsum("rct,rct->rc", a3, g3) - mean * g_sum), g_sum, B)
+    T = a[0, 0].numel()  # positions (1 when there are none)
+    if layer.stats is not None:
+        mean, rstd = layer.stats
+    else:  # recompute with the forward's kernel
+        _, mean, rstd = torch.native_group_norm(a.contiguous(), None, None, R, C, T, m.num_groups, m.eps)
+    G = m.num_groups
+    _, w_rows, b_rows = torch.ops.aten.native_group_norm_backward(
+        g.reshape(1, R * C, T), a.reshape(1, R * C, T), mean.reshape(1, R * G), rstd.reshape(1, R * G),
+        torch.ones(R * C, dtype=a.dtype, device=a.device), 1, R * C, T, R * G, [False, True, True])
+    return _affine_grads(layer, lambda: w_rows.view(R, C), b_rows.view(R, C), B)
+
+
+def _forward_group_norm_stats(out: Tensor, a: Tensor) -> tuple[Tensor, Tensor] | None:
+    """(μ, rstd) [R, groups] that autograd saved for GroupNorm's backward, if ``out`` came from ``a`` that way."""
+    fn = out.grad_fn
+    if fn is None or fn.name() != "NativeGroupNormBackward0":
+        return None
+    try:
+        saved, mean, rstd = fn._saved_input, fn._saved_result1, fn._saved_result2
+    except (AttributeError, RuntimeError):
+        return None
+    if saved.data_ptr() != a.data_ptr() or saved.shape != a.shape or saved.stride() != a.stride():
+        return None  # normalised a copy (e.g. channels-last made contiguous): recompute instead
+    return mean.detach(), rstd.detach()
 
 
 def _layer_norm(bk: BookKeeping, layer: _Layer, a: Tensor, g: Tensor, B: int) -> Tensor:
@@ -378,7 +476,7 @@ def _clipped_sum(layer: _Layer, c: Tensor) -> dict[str, Tensor]:
     """Σ_b c_b ∇_b for each of the layer's parameters."""
     m, out = layer.module, {}
     for name, per_example in layer.direct.items():
-        out[name] = torch.tensordot(c.to(per_example.dtype), per_example, dims=1)
+        out[name] = _weighted_sum(c, per_example)
     if layer.saved is not None:
         a, g = layer.saved
         c_rows = c.repeat_interleave(a.shape[0] // c.shape[0]).to(g.dtype)
