@@ -412,8 +412,9 @@ def _group_norm(bk: BookKeeping, layer: _Layer, a: Tensor, g: Tensor, B: int) ->
     else:  # recompute with the forward's kernel
         _, mean, rstd = torch.native_group_norm(a.contiguous(), None, None, R, C, T, m.num_groups, m.eps)
     G = m.num_groups
+    # the kernel reads both as contiguous [N, C, T] (a strided view gives wrong sums, not an error)
     _, w_rows, b_rows = torch.ops.aten.native_group_norm_backward(
-        g.reshape(1, R * C, T), a.reshape(1, R * C, T), mean.reshape(1, R * G), rstd.reshape(1, R * G),
+        g.contiguous().view(1, R * C, T), a.contiguous().view(1, R * C, T), mean.reshape(1, R * G), rstd.reshape(1, R * G),
         torch.ones(R * C, dtype=a.dtype, device=a.device), 1, R * C, T, R * G, [False, True, True])
     return _affine_grads(layer, lambda: w_rows.view(R, C), b_rows.view(R, C), B)
 
