@@ -364,8 +364,7 @@ def _per_example_conv2d_taps(m: nn.Module, a: Tensor, g: Tensor, B: int, dims: i
     around a row's end are zeroed in a copy of g (one copy per column shift, of the output
     gradient only). So ∇W_b[:, :, i, j] = Σ_t a_b[:, t + δ]·g_b[:, t]ᵀ, one bmm per tap and draw,
     with no padded or unfolded copy of the input. Returned as a [B, *weight.shape] view of a
-    tap-major buffer (clipped sums read it in place), with the squared norms summed tap by tap
-    while each tap is still in cache.
+    tap-major buffer (norms and clipped sums read it in place).
     """
     kh, kw = m.kernel_size
     P, Q = kh // 2, kw // 2
@@ -374,7 +373,6 @@ def _per_example_conv2d_taps(m: nn.Module, a: Tensor, g: Tensor, B: int, dims: i
     a = a.contiguous()
     out = torch.empty(kh * kw, B, C, p, dtype=a.dtype, device=a.device)
     taps = out.unbind(0)
-    sq = torch.zeros(B, dtype=a.dtype, device=a.device)
     for j in range(kw):
         dx = j - Q  # input column = output column + dx
         g_j = g.contiguous() if dx == 0 else g.clone(memory_format=torch.contiguous_format)
@@ -392,8 +390,8 @@ def _per_example_conv2d_taps(m: nn.Module, a: Tensor, g: Tensor, B: int, dims: i
                     torch.bmm(window, gT, out=taps[i * kw + j])
                 else:
                     taps[i * kw + j].baddbmm_(window, gT)
-            sq += torch.linalg.vector_norm(taps[i * kw + j].view(B, -1), dim=1).square()
-    return out.permute(1, 3, 2, 0).unflatten(3, (kh, kw)), sq  # [B, C_out, C_in, kh, kw], a view
+    W = out.permute(1, 3, 2, 0).unflatten(3, (kh, kw))  # [B, C_out, C_in, kh, kw], a view
+    return W, _sq_norms(W)
 
 
 def _group_norm(bk: BookKeeping, layer: _Layer, a: Tensor, g: Tensor, B: int) -> Tensor:

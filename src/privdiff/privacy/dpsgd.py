@@ -109,7 +109,7 @@ class DPSGD:
             # clipping happens in the backward (BookKeeping); the optimizer adds noise σC to the
             # clipped sum and divides by the expected batch size, exactly as DPOptimizer does
             self.module, self.bk = model, BookKeeping(model, noise_multiplicity=noise_multiplicity, max_grad_norm=max_grad_norm)
-            optimizer_cls = DPOptimizerFastGradientClipping
+            optimizer_cls = _ClippedSumOptimizer
         else:
             self.module, self.bk = make_grad_sample_module(model, grad_sample_mode=grad_sample_mode), None
             optimizer_cls = DPOptimizer
@@ -183,6 +183,22 @@ class DPSGD:
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
         return total / max(count, 1)
+
+
+class _ClippedSumOptimizer(DPOptimizerFastGradientClipping):
+    """Opacus' optimizer for clipped sums computed before it runs (``p.grad`` = Σ_b c_b g_b), noised as Opacus does.
+
+    Only the accumulation differs: Opacus deep-copies each ``p.grad`` into ``p.summed_grad``
+    (~40 µs of Python per parameter, every step); book-keeping hands over a fresh tensor per
+    chunk that nothing else holds, so the first chunk's is kept as is and later ones are added.
+    """
+
+    def accumulate(self) -> None:
+        for p in self.params:
+            if p.summed_grad is not None:
+                p.summed_grad.add_(p.grad)
+            else:
+                p.summed_grad = p.grad.detach()
 
 
 class NonPrivateSGD:
