@@ -90,7 +90,7 @@ def child(args, r) -> None:
     held = []
 
     def clipped_sum_and_measure(layer, c):
-        held.append(sum(t.numel() * t.element_size() for t in layer.direct.values()))
+        held.append(sum(t.numel() * t.element_size() for t in (*layer.direct.values(), *layer.small.values())))
         return clipped_sum(layer, c)
 
     dpsgd.fold_noise_multiplicity, bk._clipped_sum = fold_and_measure, clipped_sum_and_measure

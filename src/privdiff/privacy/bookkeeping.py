@@ -60,6 +60,7 @@ class _Layer:
     processed: int = 0  # output gradients processed in the current chunk
     # what the clipped sum needs once the clip factors are known
     direct: dict[str, Tensor] = field(default_factory=dict)  # per-example gradients [B, *shape]
+    small: dict[str, Tensor] = field(default_factory=dict)  # per-example biases and affines [B, n], normed and summed together
     saved: tuple | None = None  # (a, g) of a ghost layer
     stats: tuple | None = None  # GroupNorm: the forward's own (μ, rstd), when autograd kept them
 
@@ -129,7 +130,7 @@ class BookKeeping:
         """Record the forward pass whose loss :meth:`clipped_backward` will clip."""
         for layer in self.layers:
             layer.calls = layer.processed = 0
-            layer.direct, layer.saved, layer.stats = {}, None, None
+            layer.direct, layer.small, layer.saved, layer.stats = {}, {}, None, None
         self._roots, self._sq, self._batch = [], None, None
         self._recording = True
         try:
@@ -145,7 +146,8 @@ class BookKeeping:
         if a.shape[0] != B * self.K:
             raise RuntimeError(f"'{layer.name}' saw {a.shape[0]} rows, expected B·K = {B}·{self.K}")
         sq = _LAYER_RULES[type(layer.module)](self, layer, a, g, B)
-        self._sq = sq.double() if self._sq is None else self._sq + sq.double()
+        if sq is not None:
+            self._sq = sq.double() if self._sq is None else self._sq + sq.double()
         layer.processed += 1
 
     def clipped_backward(self, loss: Tensor) -> Tensor:
@@ -165,13 +167,21 @@ class BookKeeping:
         missing = [layer.name for layer in self.layers if layer.calls != layer.processed]
         if missing:  # a layer whose gradient never arrived would be missing from every ‖g_b‖
             raise RuntimeError(f"output gradients of {missing[:3]} never arrived: cannot bound the per-example norm")
-        norms = (self._sq if self._sq is not None else torch.zeros(self._batch, dtype=torch.float64)).sqrt()
+        # the small per-example gradients (biases, normalisation affines) of every layer as one [B, n] matrix
+        small = [(layer, name, x) for layer in self.layers for name, x in layer.small.items()]
+        S = torch.cat([x for _, _, x in small], 1) if small else None
+        sq = torch.zeros(self._batch, dtype=torch.float64) if self._sq is None else self._sq
+        norms = (sq if S is None else sq + torch.linalg.vector_norm(S, dim=1).double().square()).sqrt()
         c = (self.C / (norms.float() + 1e-6)).clamp(max=1.0)  # Opacus' clip factor
+        small_sums: dict[tuple[int, str], Tensor] = {}
+        if S is not None:
+            sums = (c.to(S.dtype) @ S).split([x.shape[1] for _, _, x in small])
+            small_sums = {(id(layer), name): s for (layer, name, _), s in zip(small, sums)}
         for layer in self.layers:
             grads = _clipped_sum(layer, c) if layer.calls else {n: torch.zeros_like(p) for n, p in layer.params}
             for n, p in layer.params:
-                p.grad = grads[n].to(p.dtype).reshape(p.shape)
-            layer.direct, layer.saved, layer.stats = {}, None, None
+                p.grad = small_sums.get((id(layer), n), grads.get(n)).to(p.dtype).reshape(p.shape)
+            layer.direct, layer.small, layer.saved, layer.stats = {}, {}, None, None
         self._roots = []
         return norms.float()
 
@@ -244,18 +254,17 @@ def _has(layer: _Layer, name: str) -> bool:
 def _linear(bk: BookKeeping, layer: _Layer, a: Tensor, g: Tensor, B: int) -> Tensor:
     A = a.reshape(B, -1, a.shape[-1])  # [B, K·T, d]
     G = g.reshape(B, -1, g.shape[-1])  # [B, K·T, p]
-    sq = torch.zeros(B, dtype=g.dtype, device=g.device)
+    sq = None  # the weight's share of ‖g_b‖² (the bias is normed with the other small gradients)
     if _has(layer, "weight"):
         if _use_ghost(A.shape[1], G.shape[2], A.shape[2]):
-            sq = sq + (torch.bmm(A, A.transpose(1, 2)) * torch.bmm(G, G.transpose(1, 2))).sum((1, 2))
+            sq = (torch.bmm(A, A.transpose(1, 2)) * torch.bmm(G, G.transpose(1, 2))).sum((1, 2))
             layer.saved = (a, g)
         else:
             W = torch.bmm(G.transpose(1, 2), A)  # ∇W_b = G_bᵀ A_b, [B, p, d]
-            sq = sq + _sq_norms(W)
+            sq = _sq_norms(W)
             layer.direct["weight"] = W
     if _has(layer, "bias"):
-        layer.direct["bias"] = G.sum(1)  # ∇bias_b = 1ᵀ G_b
-        sq = sq + _sq_norms(layer.direct["bias"])
+        layer.small["bias"] = G.sum(1)  # ∇bias_b = 1ᵀ G_b
     return sq
 
 
@@ -264,22 +273,20 @@ def _conv(bk: BookKeeping, layer: _Layer, a: Tensor, g: Tensor, B: int) -> Tenso
     dims = a.ndim - 2
     groups, p, T = m.groups, m.out_channels, g[0, 0].numel()
     d = m.in_channels // groups * m.weight[0, 0].numel()
-    sq = torch.zeros(B, dtype=g.dtype, device=g.device)
+    sq = None  # the weight's share of ‖g_b‖² (the bias is normed with the other small gradients)
     if _has(layer, "weight"):
         if _use_ghost(a.shape[0] // B * T, p // groups, d):
             G = g.reshape(B, -1, groups, p // groups, T)  # [B, K, γ, p/γ, T]
             U = _unfold(m, a, dims).reshape(B, -1, groups, d, T)  # [B, K, γ, d, T]
             Ug = U.permute(0, 2, 1, 4, 3).reshape(B * groups, -1, d)  # [B·γ, K·T, d]
             Gg = G.permute(0, 2, 1, 4, 3).reshape(B * groups, -1, p // groups)
-            sq = sq + (torch.bmm(Ug, Ug.transpose(1, 2)) * torch.bmm(Gg, Gg.transpose(1, 2))).sum((1, 2)).reshape(B, groups).sum(1)
+            sq = (torch.bmm(Ug, Ug.transpose(1, 2)) * torch.bmm(Gg, Gg.transpose(1, 2))).sum((1, 2)).reshape(B, groups).sum(1)
             layer.saved = (a, g)
         else:
-            W, sq_w = _per_example_conv_weight(m, a, g, B, dims)  # [B, *weight.shape], ‖W_b‖²
-            sq = sq + sq_w
+            W, sq = _per_example_conv_weight(m, a, g, B, dims)  # [B, *weight.shape], ‖W_b‖²
             layer.direct["weight"] = W
     if _has(layer, "bias"):
-        layer.direct["bias"] = _rows(g.sum(tuple(range(2, g.ndim))), B).sum(1)  # Σ over draws and positions
-        sq = sq + _sq_norms(layer.direct["bias"])
+        layer.small["bias"] = _rows(g.sum(tuple(range(2, g.ndim))), B).sum(1)  # Σ over draws and positions
     return sq
 
 
@@ -439,16 +446,12 @@ def _layer_norm(bk: BookKeeping, layer: _Layer, a: Tensor, g: Tensor, B: int) ->
     return _affine_grads(layer, lambda: (x_hat * g).reshape(shape).sum(1), g.reshape(shape).sum(1), B)
 
 
-def _affine_grads(layer: _Layer, weight_rows, bias_rows: Tensor, B: int) -> Tensor:
-    """Per-example (Σ over the K rows) weight and bias gradients of a normalisation's affine."""
-    sq = torch.zeros(B, dtype=bias_rows.dtype, device=bias_rows.device)
+def _affine_grads(layer: _Layer, weight_rows, bias_rows: Tensor, B: int) -> None:
+    """Per-example (Σ over the K rows) weight and bias gradients of a normalisation's affine: small, normed with the others."""
     if _has(layer, "weight"):
-        layer.direct["weight"] = _rows(weight_rows(), B).sum(1)
-        sq = sq + _sq_norms(layer.direct["weight"])
+        layer.small["weight"] = _rows(weight_rows(), B).sum(1).reshape(B, -1)
     if _has(layer, "bias"):
-        layer.direct["bias"] = _rows(bias_rows, B).sum(1)
-        sq = sq + _sq_norms(layer.direct["bias"])
-    return sq
+        layer.small["bias"] = _rows(bias_rows, B).sum(1).reshape(B, -1)
 
 
 def _embedding(bk: BookKeeping, layer: _Layer, a: Tensor, g: Tensor, B: int) -> Tensor:
