@@ -197,6 +197,27 @@ def test_each_conv_kernel(monkeypatch, kernel, K, channels_last):
     assert len(used) == 3
 
 
+def test_kernel_choice_is_timed_once_and_fixed_under_deterministic_algorithms():
+    from privdiff.privacy import bookkeeping as bkmod
+
+    m = nn.Conv2d(4, 3, 3, padding=1)
+    g = torch.Generator().manual_seed(13)
+    a, out_grad = torch.randn(6, 4, 5, 5, generator=g), torch.randn(6, 3, 5, 5, generator=g)
+    bkmod._KERNEL_CHOICE.clear()
+    W, sq = bkmod._per_example_conv_weight(m, a, out_grad, 6, 2)
+    assert list(bkmod._KERNEL_CHOICE.values())[0] in (bkmod._per_example_conv_grouped, bkmod._per_example_conv2d_taps)
+    W_ref, sq_ref = bkmod._per_example_conv_grouped(m, a, out_grad, 6, 2)
+    torch.testing.assert_close(W, W_ref)
+    torch.testing.assert_close(sq, sq_ref)
+    bkmod._KERNEL_CHOICE.clear()
+    torch.use_deterministic_algorithms(True)
+    try:  # bit-for-bit repeatable runs: always the first kernel, nothing timed
+        W_det, _ = bkmod._per_example_conv_weight(m, a, out_grad, 6, 2)
+        assert not bkmod._KERNEL_CHOICE and torch.equal(W_det, W_ref)
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
 def test_weighted_sum_reads_any_layout():
     """Σ_b c_b x_b over permuted, tap-major and sliced [B, ...] views equals the contiguous tensordot."""
     from privdiff.privacy.bookkeeping import _sq_norms, _weighted_sum

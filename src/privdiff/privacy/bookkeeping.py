@@ -9,7 +9,9 @@ output gradients g_b = ∂L/∂out_b alone, so one backward pass that yields (a,
 1. the per-example squared norm of every layer, either *ghost* — ⟨a_b a_bᵀ, g_b g_bᵀ⟩ over the
    layer's positions, no gradient formed (Li et al. 2021) — or *direct* — the per-example
    gradient itself, whichever is cheaper for the layer's shape (mixed ghost clipping, Bu et al.
-   2022);
+   2022). Direct convolution gradients come from the fastest of several exact kernels for the
+   layer's shape, timed once (:func:`_per_example_conv_weight`); the small per-example
+   gradients (biases, normalisation affines) of all layers are normed and summed as one matrix;
 2. the clip factors c_b = min(1, C / (‖g_b‖ + 10⁻⁶)) (Opacus' formula);
 3. the clipped sum, per layer: Σ_b c_b·(per-example gradient) for direct layers, or ONE weighted
    gradient with c-scaled output gradients, e.g. aᵀ(c∘g), for ghost layers.
