@@ -17,6 +17,8 @@ EPILOG = """examples:
   privdiff train recipes/dpdm-mnist5k.yaml privacy.epsilon=1 --out runs/eps1
   privdiff train recipes/dpdm-mnist5k.yaml data.name=mnist data.root=~/data/mnist --out runs/mnist
   privdiff sample runs/eps1 --n 64 --label 3 --out three.png
+  privdiff train dp-ldm-mnist5k --out runs/ldm           DP-LDM: public autoencoder + latent model, private fine-tuning
+  privdiff sample runs/ldm --n 20 --prompt "a handwritten digit seven" --out seven.png
   privdiff budget calibrate --epsilon 10 --delta 1e-5 --n 60000 --batch-size 4096 --epochs 300
   privdiff budget show runs/eps1
   privdiff evaluate runs/eps1 --n 2000                 FID/KID, precision/recall, accuracy -> metrics.json, report.html
@@ -34,11 +36,12 @@ def _recipe_path(name: str) -> str:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from .config import resolve_recipe
-    from .methods import dpdm
+    from .methods import dp_ldm, dpdm
 
     recipe = resolve_recipe(_recipe_path(args.recipe), args.overrides)
     out = args.out or os.path.join("runs", Path(args.recipe).stem)
-    result = dpdm.train(recipe, out=out, progress=not args.quiet)
+    method = {"dpdm": dpdm, "dp-ldm": dp_ldm}[recipe.method]
+    result = method.train(recipe, out=out, progress=not args.quiet)
     _report(result)
     return 0
 
@@ -71,7 +74,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     import torch
 
     from .config import recipe_to_dict, resolve_recipe
-    from .methods.stages import class_grid_labels, generate, load_denoiser
+    from .methods.stages import class_grid_labels, generate, load_decoder, load_denoiser
     from .runs import Run, save_grid, save_samples
 
     run = Run(args.run)
@@ -83,13 +86,17 @@ def cmd_sample(args: argparse.Namespace) -> int:
         if num_classes is None or not 0 <= args.label < num_classes:
             raise ValueError(f"--label must be in [0, {num_classes}) for this run" if num_classes else "this run is unconditional: no --label")
         labels, nrow = torch.full((args.n,), args.label), min(args.n, 10)
+    elif args.prompt is not None:
+        labels, nrow = None, min(args.n, 10)
     elif num_classes is not None:
         per = max(1, args.n // num_classes)
         labels, nrow = class_grid_labels(num_classes, per), per
     else:
         labels, nrow = None, min(args.n, 10)
     n = args.n if labels is None else len(labels)
-    images = generate(denoiser, labels=labels, n=n, recipe=recipe, seed=args.seed, progress=not args.quiet)
+    prompts = None if args.prompt is None else [args.prompt]
+    images = generate(denoiser, labels=labels, n=n, recipe=recipe, prompts=prompts, decode=load_decoder(run),
+                      seed=args.seed, progress=not args.quiet)
     lab = None if labels is None else labels.numpy()
     if args.out and args.out.endswith(".png"):
         save_grid(args.out, images, nrow=nrow)
@@ -190,6 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("run", help="run directory")
     s.add_argument("--n", type=int, default=100, help="number of images (a class grid rounds to a multiple of the classes)")
     s.add_argument("--label", type=int, help="one class for all images")
+    s.add_argument("--prompt", help='a text prompt for all images, e.g. "a handwritten digit seven" (DP-LDM runs)')
     s.add_argument("--steps", type=int, help="sampler steps (default: the recipe's)")
     s.add_argument("--sampler", choices=["heun", "edm", "euler", "ddim"], help="sampler (default: the recipe's)")
     s.add_argument("--guidance", type=float, help="classifier-free guidance scale w")

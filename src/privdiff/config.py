@@ -17,7 +17,13 @@ from typing import Any
 
 import yaml
 
+from .models.autoencoder import AutoencoderConfig
+from .models.latent import LatentUNetConfig
+from .models.text import TextConfig
 from .models.unet import UNetConfig
+
+
+METHODS = ("dpdm", "dp-ldm")
 
 
 class RecipeError(ValueError):
@@ -104,6 +110,30 @@ class EvaluateConfig:
 
 
 @dataclass(frozen=True)
+class PretrainConfig(TrainConfig):
+    """The public pretraining of DP-LDM's latent model (non-private); same keys as ``train``."""
+
+    batch_size: int = 128
+    epochs: float = 150.0
+    lr: float = 2e-3
+    ema_decay: float = 0.995
+
+
+@dataclass(frozen=True)
+class LDMConfig:
+    """DP-LDM (``method: dp-ldm``): public autoencoder and latent model, private fine-tuning of ``trainable``."""
+
+    public_data: str = "digits"  # public data set of the autoencoder and the pretraining (never the private one)
+    public_root: str | None = None
+    public_margin: int = 4  # public images are drawn this many pixels inside a background frame (MNIST's layout)
+    autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
+    unet: LatentUNetConfig = field(default_factory=LatentUNetConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    trainable: tuple[str, ...] = ("attentions", "class_embedder")  # privately fine-tuned (privdiff.models.latent.TRAINABLE_GROUPS or name patterns)
+
+
+@dataclass(frozen=True)
 class Recipe:
     method: str = "dpdm"
     data: DataConfig = field(default_factory=DataConfig)
@@ -113,6 +143,7 @@ class Recipe:
     train: TrainConfig = field(default_factory=TrainConfig)
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    ldm: LDMConfig = field(default_factory=LDMConfig)
 
 
 def _coerce(value: Any, hint: Any, key: str) -> Any:
@@ -258,7 +289,10 @@ def validate_recipe(r: Recipe) -> None:
         (r.evaluate.classifier_epochs >= 1, "evaluate.classifier_epochs must be >= 1"),
         (r.evaluate.pr_k >= 1, "evaluate.pr_k must be >= 1"),
         (r.evaluate.max_real is None or r.evaluate.max_real > r.evaluate.pr_k, "evaluate.max_real must be > evaluate.pr_k"),
-        (r.method == "dpdm", f"method '{r.method}' is not available (available: dpdm)"),
+        (r.method in METHODS, f"method '{r.method}' is not available (available: {', '.join(METHODS)})"),
+        (0 <= r.ldm.text.caption_dropout < 1, "ldm.text.caption_dropout must be in [0, 1)"),
+        (len(r.ldm.trainable) >= 1, "ldm.trainable must name at least one group"),
+        (r.method != "dp-ldm" or r.ldm.public_data != r.data.name, "ldm.public_data must not be the private data set"),
     ]
     for ok, message in checks:
         if not ok:

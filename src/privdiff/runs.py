@@ -10,6 +10,8 @@ RUN/
     step-000100/     unet/ and unet_ema/ (diffusers save_pretrained, safetensors),
                      optimizer.pt, rng.safetensors, state.json (step, sha256 of every file)
   samples/           grid.png, samples.npz
+  autoencoder/       DP-LDM: the public autoencoder (diffusers AutoencoderKL)
+  stages/pretrain/   DP-LDM: checkpoints of the public latent model (same layout as checkpoints/)
 ```
 A checkpoint directory is written under a temporary name and renamed when complete, and
 ``latest`` is replaced atomically afterwards, so a kill at any moment leaves the previous
@@ -27,7 +29,6 @@ from typing import Any
 
 import torch
 import yaml
-from diffusers import UNet2DModel
 from safetensors.torch import load_file, save_file
 
 from .atomic import atomic_directory, atomic_write_text
@@ -51,8 +52,8 @@ class TrainingState:
     """Everything needed to continue training exactly where a checkpoint left off."""
 
     step: int
-    unet: UNet2DModel
-    unet_ema: UNet2DModel
+    unet: torch.nn.Module  # the denoiser network (UNetNet, or DP-LDM's LatentNet), saved under unet/
+    unet_ema: torch.nn.Module
     optimizer: dict[str, Any]
     rng: dict[str, torch.Tensor]  # generator name -> get_state() byte tensor
 
@@ -60,14 +61,21 @@ class TrainingState:
 class Run:
     """A run directory (see module docstring)."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, *, train_log: Path | None = None):
         self.path = Path(path)
+        self._train_log = train_log
 
     config_path = property(lambda self: self.path / "config.yaml")
     ledger_path = property(lambda self: self.path / "ledger.json")
     checkpoints = property(lambda self: self.path / "checkpoints")
     samples = property(lambda self: self.path / "samples")
-    train_log_path = property(lambda self: self.path / "train_log.jsonl")
+    train_log_path = property(lambda self: self._train_log or self.path / "train_log.jsonl")
+
+    def stage(self, name: str) -> "Run":
+        """``RUN/stages/NAME``: the checkpoints of an earlier stage (e.g. public pretraining), logging into this run's log."""
+        sub = Run(self.path / "stages" / name, train_log=self.train_log_path)
+        sub.path.mkdir(parents=True, exist_ok=True)
+        return sub
 
     # -- training log -------------------------------------------------------------------------
     def read_train_log(self) -> list[dict[str, Any]]:
@@ -121,8 +129,8 @@ class Run:
         if final.exists():
             shutil.rmtree(final)
         with atomic_directory(final) as tmp:
-            state.unet.save_pretrained(tmp / "unet", safe_serialization=True)
-            state.unet_ema.save_pretrained(tmp / "unet_ema", safe_serialization=True)
+            state.unet.save_pretrained(tmp / "unet")  # a diffusers UNet directory (safetensors), plus a conditioner if any
+            state.unet_ema.save_pretrained(tmp / "unet_ema")
             torch.save(state.optimizer, tmp / "optimizer.pt")
             save_file({k: v.contiguous() for k, v in state.rng.items()}, tmp / "rng.safetensors")
             files = sorted(p for p in tmp.rglob("*") if p.is_file())
@@ -152,20 +160,22 @@ class Run:
                 raise RunError(f"{f}: corrupted (checksum mismatch); delete {path} to resume from an older checkpoint")
         return TrainingState(
             step=int(meta["step"]),
-            unet=self.load_unet(path, ema=False),
-            unet_ema=self.load_unet(path, ema=True),
+            unet=self.load_net(path, ema=False),
+            unet_ema=self.load_net(path, ema=True),
             optimizer=torch.load(path / "optimizer.pt", weights_only=True),
             rng=load_file(path / "rng.safetensors"),
         )
 
-    def load_unet(self, path: Path | None = None, *, ema: bool = True) -> UNet2DModel:
-        """The (EMA) UNet of a checkpoint via diffusers ``from_pretrained``, offline."""
+    def load_net(self, path: Path | None = None, *, ema: bool = True) -> torch.nn.Module:
+        """The (EMA) denoiser network of a checkpoint; its UNet via diffusers ``from_pretrained``, offline."""
+        from .models import load_net
+
         path = path or self.latest_checkpoint()
         if path is None:
             raise RunError(f"{self.path}: no checkpoint to load")
         sub = path / ("unet_ema" if ema else "unet")
         try:
-            return UNet2DModel.from_pretrained(sub, local_files_only=True, use_safetensors=True, low_cpu_mem_usage=False)
+            return load_net(sub)
         except Exception as e:  # diffusers raises several types for unreadable files
             raise RunError(f"{sub}: cannot load UNet ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
 

@@ -103,7 +103,8 @@ def denoising_loss(
         denoiser: ``denoiser(x, sigma, labels) -> D`` with ``sigma`` [B·K], e.g.
             :class:`~.precond.Denoiser` (possibly wrapped).
         x0: Clean images [B, C, H, W].
-        labels: ``None``, [B] or per-draw [B, K] (e.g. after :func:`drop_labels`).
+        labels: ``None``, [B], per-draw [B, K] (e.g. after :func:`drop_labels`), or
+            per-draw condition rows [B, K, L] (e.g. DP-LDM's [label, tokens]).
         sigma: Noise levels [B, K].
         noise: Standard normal noise [B, K, C, H, W].
         loss_weight: λ(σ); defaults to ``denoiser.loss_weight`` (pass it explicitly
@@ -132,8 +133,10 @@ def denoising_loss(
         label_rows = labels.repeat_interleave(K, dim=0)
     elif labels.shape == (batch, K):
         label_rows = labels.reshape(batch * K)
+    elif labels.ndim == 3 and labels.shape[:2] == (batch, K):  # a condition row per draw, [B, K, L]
+        label_rows = labels.reshape(batch * K, labels.shape[2])
     else:
-        raise ValueError(f"labels must be None, [B] or [B, K], got {tuple(labels.shape)}")
+        raise ValueError(f"labels must be None, [B], [B, K] or [B, K, L], got {tuple(labels.shape)}")
 
     view = (batch * K,) + (1,) * (x0.ndim - 1)
     # x = y + σ·n

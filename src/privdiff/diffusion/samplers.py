@@ -261,7 +261,7 @@ def guided_denoiser(
     labels: Tensor | None,
     *,
     guidance: float = 0.0,
-    null_label: int | None = None,
+    null_label: int | Tensor | None = None,
 ) -> DenoiseFn:
     """Bind labels (and classifier-free guidance) into a ``denoise(x, sigma)`` callable.
 
@@ -271,10 +271,10 @@ def guided_denoiser(
 
     Args:
         denoiser: ``denoiser(x, sigma, labels) -> D``.
-        labels: Class labels [B], or ``None`` for an unconditional model (guidance is
-            then ignored).
+        labels: Class labels [B], condition rows [B, …], or ``None`` for an unconditional
+            model (guidance is then ignored).
         guidance: Guidance weight w.
-        null_label: Label index of ∅; required when w ≠ 0.
+        null_label: Label index of ∅, or the ∅ condition row; required when w ≠ 0.
 
     Returns:
         ``denoise(x, sigma) -> D̃`` following the k-diffusion protocol.
@@ -286,6 +286,9 @@ def guided_denoiser(
     if null_label is None:
         raise ValueError("classifier-free guidance (guidance != 0) needs null_label")
     w = float(guidance)
+    # ∅ per row: the null label, or a null condition row (e.g. [no class, empty text])
+    null_of = (lambda y: torch.full_like(y, null_label)) if isinstance(null_label, int) else (
+        lambda y: torch.as_tensor(null_label, device=y.device, dtype=y.dtype).expand_as(y))
 
     def denoise(x: Tensor, sigma: Tensor) -> Tensor:
         batch = x.shape[0]
@@ -294,7 +297,7 @@ def guided_denoiser(
         sigma = sigma.expand(batch) if sigma.ndim == 0 else sigma.reshape(-1)
         # one forward over [x; x] with labels [y; ∅]
         both = denoiser(
-            torch.cat([x, x]), torch.cat([sigma, sigma]), torch.cat([y, torch.full_like(y, null_label)])
+            torch.cat([x, x]), torch.cat([sigma, sigma]), torch.cat([y, null_of(y)])
         )
         D_cond, D_uncond = both[:batch], both[batch:]
         # D̃ = (1 + w)·D(x; σ, y) − w·D(x; σ, ∅)

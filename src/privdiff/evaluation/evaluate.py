@@ -56,7 +56,7 @@ def _samples_meta(run: Run, recipe: Recipe, *, n: int, seed: int) -> dict[str, A
 
 def load_or_draw_samples(run: Run, recipe: Recipe, data: ImageDataset, *, n: int, seed: int, progress: bool) -> tuple[np.ndarray, np.ndarray]:
     """N class-balanced samples of the run's latest EMA checkpoint; reused from ``RUN/eval/samples.npz`` if drawn alike."""
-    from ..methods.stages import generate, load_denoiser
+    from ..methods.stages import generate, load_decoder, load_denoiser
 
     path, meta = eval_dir(run) / "samples.npz", _samples_meta(run, recipe, n=n, seed=seed)
     expected = (data.channels, data.resolution, data.resolution)
@@ -74,7 +74,7 @@ def load_or_draw_samples(run: Run, recipe: Recipe, data: ImageDataset, *, n: int
     if denoiser.net.num_classes != data.num_classes:
         raise RunError(f"{run.path}: the model has {denoiser.net.num_classes} classes, the data {data.num_classes}")
     labels_t = torch.arange(n) % data.num_classes
-    images = generate(denoiser, labels=labels_t, n=n, recipe=recipe, seed=seed, progress=progress)
+    images = generate(denoiser, labels=labels_t, n=n, recipe=recipe, decode=load_decoder(run), seed=seed, progress=progress)
     labels = labels_t.numpy().astype(np.int64)
     _check_samples(path, images, labels, expected, n=n, num_classes=data.num_classes)
     buf = io.BytesIO()

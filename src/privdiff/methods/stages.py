@@ -10,13 +10,15 @@ import copy
 import math
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+from diffusers import UNet2DModel
 from tqdm.auto import tqdm
 
-from ..config import Recipe
+from ..config import Recipe, TrainConfig
 from ..data import ImageDataset
 from ..diffusion import Denoiser, denoising_loss, draw_training_noise, drop_labels, guided_denoiser, make_sigma_distribution, sample
 from ..models import UNetNet, build_unet, count_parameters
@@ -31,14 +33,16 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def make_denoiser(recipe: Recipe, unet) -> Denoiser:
-    """Wrap a UNet in the recipe's preconditioning (EDM or v)."""
-    return Denoiser(UNetNet(unet), sigma_data=recipe.diffusion.sigma_data, parameterization=recipe.diffusion.parameterization)
+def make_denoiser(recipe: Recipe, net: torch.nn.Module) -> Denoiser:
+    """Wrap a network (a ``UNet2DModel``, or a ``net(x, c_noise, cond)`` module) in the recipe's preconditioning (EDM or v)."""
+    if isinstance(net, UNet2DModel):
+        net = UNetNet(net)
+    return Denoiser(net, sigma_data=recipe.diffusion.sigma_data, parameterization=recipe.diffusion.parameterization)
 
 
-def planned_steps(recipe: Recipe, num_examples: int) -> int:
-    """Steps the noise is calibrated for: ``epochs / q`` with q = batch_size / N."""
-    return max(1, round(recipe.train.epochs * num_examples / recipe.train.batch_size))
+def planned_steps(train: TrainConfig, num_examples: int) -> int:
+    """Steps of a stage (the private one: the steps the noise is calibrated for): ``epochs / q`` with q = batch_size / N."""
+    return max(1, round(train.epochs * num_examples / train.batch_size))
 
 
 def load_ledger(run: Run, dataset: ImageDataset) -> Ledger | None:
@@ -57,7 +61,7 @@ def open_ledger(run: Run, recipe: Recipe, dataset: ImageDataset) -> Ledger:
     ledger = load_ledger(run, dataset)
     if ledger is not None:
         return ledger
-    identity = {"name": dataset.name, "split": dataset.split, "fingerprint": dataset.fingerprint, "size": len(dataset)}
+    identity = data_identity(dataset)
     return Ledger(
         delta=recipe.privacy.delta, accountant=recipe.privacy.accountant, dataset=identity,
         target_epsilon=recipe.privacy.epsilon if recipe.privacy.enabled else None,
@@ -74,23 +78,25 @@ def noise_for(recipe: Recipe, ledger: Ledger, *, stage: str, num_examples: int) 
         epsilon_target=recipe.privacy.epsilon,
         delta=recipe.privacy.delta,
         sample_rate=recipe.train.batch_size / num_examples,
-        steps=planned_steps(recipe, num_examples),
+        steps=planned_steps(recipe.train, num_examples),
         accountant=recipe.privacy.accountant,
         prior=prior,
     )
 
 
-def learning_rate(recipe: Recipe, step: int, total: int) -> float:
+def learning_rate(train: TrainConfig, step: int, total: int) -> float:
     """lr at ``step`` of ``total``: constant, or cosine decay to 5% (a function of the step only, so resume-safe)."""
-    lr = recipe.train.lr
-    if recipe.train.lr_schedule == "cosine":
+    lr = train.lr
+    if train.lr_schedule == "cosine":
         return lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(step, total) / total)))
     return lr
 
 
 @torch.no_grad()
 def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
-    torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - decay)
+    pairs = [(e, p) for e, p in zip(ema.parameters(), model.parameters()) if p.requires_grad]  # frozen ones stay equal
+    if pairs:
+        torch._foreach_lerp_([e for e, _ in pairs], [p for _, p in pairs], 1 - decay)
 
 
 def training_sigma_distribution(recipe: Recipe):
@@ -106,18 +112,20 @@ def make_engine(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     *,
-    ledger: Ledger,
+    ledger: Ledger | None,
     stage: str,
     num_examples: int,
     generators: dict[str, torch.Generator],
+    train: TrainConfig | None = None,
 ) -> DPSGD | NonPrivateSGD:
-    """DP-SGD with σ calibrated against the ledger, or the same step without privacy."""
-    r = recipe
+    """DP-SGD with σ calibrated against the ledger, or (no ledger: a public stage; or
+    ``privacy.enabled=false``) the same step without privacy, batched by ``train`` (default: the recipe's)."""
+    r, t = recipe, train or recipe.train
     common = dict(
-        num_examples=num_examples, batch_size=r.train.batch_size, noise_multiplicity=r.privacy.noise_multiplicity,
-        max_physical_batch_size=r.train.max_physical_batch_size, generator=generators["batches"],
+        num_examples=num_examples, batch_size=t.batch_size, noise_multiplicity=r.privacy.noise_multiplicity,
+        max_physical_batch_size=t.max_physical_batch_size, generator=generators["batches"],
     )
-    if not r.privacy.enabled:
+    if ledger is None or not r.privacy.enabled:
         return NonPrivateSGD(model, optimizer, **common)
     return DPSGD(
         model, optimizer, noise_multiplier=noise_for(r, ledger, stage=stage, num_examples=num_examples),
@@ -139,49 +147,74 @@ def _generators(seed: int, device: torch.device) -> dict[str, torch.Generator]:
     return {n: torch.Generator(device="cpu" if n == "batches" else device).manual_seed(seed * 1000 + i) for i, n in enumerate(names)}
 
 
+Conditioner = Callable[[torch.Tensor, int, torch.Generator], torch.Tensor]
+"""``condition(idx, K, generator)``: the per-draw conditions of examples ``idx``, [B, K] or [B, K, L]."""
+
+
+def label_conditioner(dataset: ImageDataset, recipe: Recipe, device: torch.device) -> Conditioner:
+    """Class labels per draw, each replaced by the null label with p = ``diffusion.label_dropout`` (CFG)."""
+    labels = dataset.labels.to(device)
+
+    def condition(idx: torch.Tensor, K: int, generator: torch.Generator) -> torch.Tensor:
+        y = labels[idx.to(device)]
+        return drop_labels(y[:, None].expand(-1, K), p=recipe.diffusion.label_dropout, null_label=dataset.num_classes, generator=generator)
+    return condition
+
+
 def train_denoiser(
     *,
     run: Run,
     recipe: Recipe,
     dataset: ImageDataset,
-    ledger: Ledger,
+    ledger: Ledger | None,
     stage: str = "dp_sgd",
+    train: TrainConfig | None = None,
+    init: Callable[[], torch.nn.Module] | None = None,
+    select: Callable[[torch.nn.Module], object] | None = None,
+    condition: Conditioner | None = None,
     progress: bool = True,
 ) -> TrainResult:
-    """Train (privately unless ``privacy.enabled=false``) a class-conditional denoiser on ``dataset``.
+    """Train a conditional denoiser on ``dataset``: the one training loop of privdiff.
 
+    Private when a ``ledger`` is given (and ``privacy.enabled``); ``ledger=None`` is a public
+    stage, which records nothing. ``train`` sets batch, epochs, lr and EMA (default: the
+    recipe's ``train``); ``init()`` builds the network when no checkpoint exists (default: the
+    recipe's pixel UNet); ``select(net)`` freezes what must not train (applied after a resume
+    too); ``condition`` draws the per-draw conditions (default: labels with CFG dropout).
     Resumes from the run's latest checkpoint. The ledger is written *before* each step touches
     the data, and a step that would take ε past ``privacy.epsilon`` is not taken.
     """
-    r, device = recipe, default_device()
-    torch.manual_seed(r.train.seed)
-    gens = _generators(r.train.seed, device)
+    r, t, device = recipe, train or recipe.train, default_device()
+    torch.manual_seed(t.seed)
+    gens = _generators(t.seed, device)
     N, K = len(dataset), r.privacy.noise_multiplicity
-    num_classes = dataset.num_classes
-    if r.train.batch_size > N:
-        raise ValueError(f"train.batch_size={r.train.batch_size} is larger than the data set ({N} examples)")
+    if t.batch_size > N:
+        raise ValueError(f"batch_size={t.batch_size} of stage {stage} is larger than its data set ({N} examples)")
 
     resume = run.latest_checkpoint() is not None
     if resume:
         state = run.load_checkpoint()
-        unet, unet_ema, start = state.unet, state.unet_ema, state.step
+        net, net_ema, start = state.unet, state.unet_ema, state.step
         for name, g in gens.items():
             g.set_state(state.rng[name].to(torch.uint8))
     else:
-        unet = build_unet(r.model, resolution=dataset.resolution, in_channels=dataset.channels, num_classes=num_classes)
-        unet_ema, start = copy.deepcopy(unet), 0
-    unet.to(device).train()
-    unet_ema.to(device).eval().requires_grad_(False)
-    denoiser, ema_denoiser = make_denoiser(r, unet), make_denoiser(r, unet_ema)
-    optimizer = torch.optim.Adam(denoiser.parameters(), lr=r.train.lr)
+        net = init() if init is not None else UNetNet(build_unet(
+            r.model, resolution=dataset.resolution, in_channels=dataset.channels, num_classes=dataset.num_classes))
+        net_ema, start = copy.deepcopy(net), 0
+    if select is not None:
+        select(net)
+    net.to(device).train()
+    net_ema.to(device).eval().requires_grad_(False)
+    denoiser, ema_denoiser = make_denoiser(r, net), make_denoiser(r, net_ema)
+    optimizer = torch.optim.Adam([p for p in denoiser.parameters() if p.requires_grad], lr=t.lr)
     if resume:
         optimizer.load_state_dict(state.optimizer)
 
-    q = r.train.batch_size / N
-    total = planned_steps(r, N)
-    if r.train.max_steps is not None:
-        total = min(total, r.train.max_steps)
-    engine = make_engine(r, denoiser, optimizer, ledger=ledger, stage=stage, num_examples=N, generators=gens)
+    q = t.batch_size / N
+    total = planned_steps(t, N)
+    if t.max_steps is not None:
+        total = min(total, t.max_steps)
+    engine = make_engine(r, denoiser, optimizer, ledger=ledger, stage=stage, num_examples=N, generators=gens, train=t)
     mech = dict(
         stage=stage,
         mechanism=SUBSAMPLED_GAUSSIAN if engine.private else NON_PRIVATE,
@@ -189,28 +222,31 @@ def train_denoiser(
         sample_rate=engine.sample_rate,  # what the sampler actually uses
         max_grad_norm=engine.max_grad_norm,  # what the optimizer actually clips to
     )
-    images, labels = dataset.images.to(device), dataset.labels.to(device)
+    images = dataset.images.to(device)
     sigma_dist = training_sigma_distribution(r)
+    condition = condition or label_conditioner(dataset, r, device)
 
     def loss_fn(module: torch.nn.Module, idx: torch.Tensor) -> torch.Tensor:
-        x0, y = images[idx.to(device)], labels[idx.to(device)]
+        x0 = images[idx.to(device)]
         sigma_bk, noise = draw_training_noise(x0, K=K, sigma_dist=sigma_dist, generator=gens["diffusion"])
-        y_bk = drop_labels(y[:, None].expand(-1, K), p=r.diffusion.label_dropout, null_label=num_classes, generator=gens["diffusion"])
-        return denoising_loss(module, x0, y_bk, sigma=sigma_bk, noise=noise, loss_weight=denoiser.loss_weight)
+        c_bk = condition(idx, K, gens["diffusion"])
+        return denoising_loss(module, x0, c_bk, sigma=sigma_bk, noise=noise, loss_weight=denoiser.loss_weight)
 
     def checkpoint(step: int) -> None:
         rng = {n: g.get_state() for n, g in gens.items()}
-        run.save_checkpoint(TrainingState(step=step, unet=unet, unet_ema=unet_ema, optimizer=optimizer.state_dict(), rng=rng))
+        run.save_checkpoint(TrainingState(step=step, unet=net, unet_ema=net_ema, optimizer=optimizer.state_dict(), rng=rng))
 
     if start == 0 and progress:
+        trainable, all_params = count_parameters(net), sum(p.numel() for p in net.parameters())
+        share = f"{trainable:,} parameters" if trainable == all_params else f"{trainable:,} of {all_params:,} parameters trainable ({trainable / all_params:.1%})"
         tqdm.write(
-            f"{stage}: {count_parameters(unet):,} parameters, N={N}, q={q:.4f}, {total} steps, K={K}, "
+            f"{stage}: {share}, N={N}, q={q:.4f}, {total} steps, K={K}, "
             + (f"sigma={engine.noise_multiplier:.4f}, C={engine.max_grad_norm}" if engine.private else "non-private"),
             file=sys.stderr,
         )
     bar = tqdm(total=total, initial=start, desc=stage, unit="step", disable=not progress, dynamic_ncols=True, file=sys.stderr)
     step, stopped = start, False
-    steps_before = ledger.steps(stage)
+    steps_before = ledger.steps(stage) if ledger is not None else 0
     clock = run.rewind_train_log(stage=stage, step=start) - time.perf_counter()
     for step in range(start, total):
         if engine.private and ledger.epsilon(extra=[(engine.noise_multiplier, engine.sample_rate, 1)]) > r.privacy.epsilon * (1 + 1e-9):
@@ -218,36 +254,50 @@ def train_denoiser(
             tqdm.write(f"stopping at step {step}: one more step would exceed epsilon={r.privacy.epsilon}", file=sys.stderr)
             break
         for group in optimizer.param_groups:
-            group["lr"] = learning_rate(r, step, planned_steps(r, N))
+            group["lr"] = learning_rate(t, step, planned_steps(t, N))
         indices = engine.batches.next()
-        ledger.record(**mech)  # write-ahead: counted before the data is touched
-        ledger.save(run.ledger_path)
+        if ledger is not None:
+            ledger.record(**mech)  # write-ahead: counted before the data is touched
+            ledger.save(run.ledger_path)
         loss = engine.step(indices, loss_fn)
         if engine.private and engine.noised_steps != ledger.steps(stage) - steps_before:
             raise RuntimeError("internal error: noised steps and ledger disagree")  # never report an unbacked epsilon
-        decay = min(r.train.ema_decay, (1 + step) / (10 + step))
-        _ema_update(unet_ema, unet, decay)
+        decay = min(t.ema_decay, (1 + step) / (10 + step))
+        _ema_update(net_ema, net, decay)
         eps = ledger.epsilon() if engine.private else None
         run.append_train_log({"stage": stage, "step": step + 1, "loss": loss, "epsilon": eps,
                               "lr": optimizer.param_groups[0]["lr"], "time_s": round(clock + time.perf_counter(), 3)})
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.4f}", eps=f"{eps:.3f}" if engine.private else "inf", refresh=False)
-        if (step + 1) % r.train.checkpoint_every == 0 and step + 1 < total:
+        if (step + 1) % t.checkpoint_every == 0 and step + 1 < total:
             checkpoint(step + 1)
     else:
         step = total
     bar.close()
     if step > start or not resume:
         checkpoint(step)
-    ledger.save(run.ledger_path)
+    if ledger is not None:
+        ledger.save(run.ledger_path)
     return TrainResult(denoiser=ema_denoiser, steps=step, stopped_at_budget=stopped)
 
 
 def load_denoiser(run: Run, recipe: Recipe | None = None) -> Denoiser:
     """The EMA denoiser of a run's latest checkpoint, on the default device, in eval mode."""
     recipe = recipe or run.load_config()
-    unet = run.load_unet(ema=True).to(default_device()).eval()
-    return make_denoiser(recipe, unet)
+    net = run.load_net(ema=True).to(default_device()).eval()
+    return make_denoiser(recipe, net)
+
+
+def load_decoder(run: Run) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """Latents → images in [-1, 1] for a latent-diffusion run (its autoencoder), None for a pixel-space one."""
+    path = run.path / "autoencoder"
+    if not path.is_dir():
+        return None
+    from diffusers import AutoencoderKL
+
+    ae = AutoencoderKL.from_pretrained(path, local_files_only=True, use_safetensors=True, low_cpu_mem_usage=False)
+    ae = ae.to(default_device()).eval().requires_grad_(False)
+    return lambda z: ae.decode(z / ae.config.scaling_factor).sample
 
 
 @torch.no_grad()
@@ -257,27 +307,34 @@ def generate(
     labels: torch.Tensor | None,
     n: int,
     recipe: Recipe,
+    prompts: list[str] | None = None,
+    decode: Callable[[torch.Tensor], torch.Tensor] | None = None,
     seed: int = 0,
     steps: int | None = None,
     batch_size: int = 250,
     progress: bool = True,
 ) -> np.ndarray:
-    """Draw ``n`` images with the recipe's sampler; returns float32 [n, C, H, W] in [0, 1]."""
+    """Draw ``n`` images with the recipe's sampler, conditioned on ``labels`` [n] and/or ``prompts``
+    (one for all, or n; text needs a DP-LDM run); latents are decoded with ``decode``.
+    Returns float32 [n, C, H, W] in [0, 1]."""
     s = recipe.sampler
-    unet = denoiser.net.unet
-    res, ch, num_classes = unet.config.sample_size, unet.config.in_channels, denoiser.net.num_classes
+    net = denoiser.net
     device = next(denoiser.parameters()).device
+    cond = net.conditions(labels=labels, prompts=prompts, n=n)
+    null = net.null_condition()
     g = torch.Generator(device=device).manual_seed(seed)
     out = []
     for start in tqdm(range(0, n, batch_size), desc="sampling", unit="batch", disable=not progress, file=sys.stderr):
-        y = None if labels is None else labels[start:start + batch_size].to(device)
+        c = None if cond is None else cond[start:start + batch_size].to(device)
         b = min(batch_size, n - start)
-        fn = guided_denoiser(denoiser, y, guidance=s.guidance if y is not None else 0.0, null_label=num_classes)
+        fn = guided_denoiser(denoiser, c, guidance=s.guidance if c is not None else 0.0, null_label=null)
         x = sample(
-            fn, shape=(b, ch, res, res), sampler=s.name, steps=steps or s.steps, sigma_min=s.sigma_min,
+            fn, shape=(b, *net.sample_shape), sampler=s.name, steps=steps or s.steps, sigma_min=s.sigma_min,
             sigma_max=s.sigma_max, rho=s.rho, generator=g, device=device,
             **({"S_churn": s.S_churn, "S_min": s.S_min, "S_max": s.S_max, "S_noise": s.S_noise} if s.name in ("heun", "edm") else {}),
         )
+        if decode is not None:
+            x = decode(x)
         out.append(((x.clamp(-1, 1) + 1) / 2).float().cpu().numpy())
     return np.concatenate(out)
 
@@ -285,3 +342,51 @@ def generate(
 def class_grid_labels(num_classes: int, per_class: int) -> torch.Tensor:
     """Labels for a grid with one row per class: [0]*per_class + [1]*per_class + ..."""
     return torch.arange(num_classes).repeat_interleave(per_class)
+
+
+def data_identity(dataset: ImageDataset) -> dict:
+    """What the ledger records of a data set: name, split, content fingerprint, size."""
+    return {"name": dataset.name, "split": dataset.split, "fingerprint": dataset.fingerprint, "size": len(dataset)}
+
+
+def train_autoencoder(*, run: Run, recipe: Recipe, public: ImageDataset, ledger: Ledger, progress: bool = True):
+    """Train DP-LDM's ``AutoencoderKL`` on ``public`` data (non-private), or load it from ``RUN/autoencoder``.
+
+    Adam on the per-example loss of :func:`~privdiff.models.autoencoder.autoencoder_loss` over
+    uniformly drawn public batches; then the latent scaling factor s = 1/std(μ(x)) over the
+    public images (Rombach et al. 2022), so latents have unit variance. The directory is written
+    atomically when the stage is complete; the ledger notes the stage and its public data.
+    """
+    from diffusers import AutoencoderKL
+
+    from ..atomic import atomic_directory
+    from ..models.autoencoder import autoencoder_loss, build_autoencoder, encode_latents
+
+    path, cfg, device = run.path / "autoencoder", recipe.ldm.autoencoder, default_device()
+    if (path / "config.json").is_file():
+        return AutoencoderKL.from_pretrained(path, local_files_only=True, use_safetensors=True, low_cpu_mem_usage=False).to(device).eval()
+    torch.manual_seed(recipe.train.seed)
+    g = torch.Generator(device=device).manual_seed(recipe.train.seed * 1000 + 7)
+    ae = build_autoencoder(cfg, in_channels=public.channels, resolution=public.resolution).to(device).train()
+    opt = torch.optim.Adam(ae.parameters(), lr=cfg.lr)
+    images, N = public.images.to(device), len(public)
+    steps = max(1, round(cfg.epochs * N / cfg.batch_size))
+    clock = run.rewind_train_log(stage="autoencoder", step=0) - time.perf_counter()
+    bar = tqdm(range(steps), desc="autoencoder", unit="step", disable=not progress, dynamic_ncols=True, file=sys.stderr)
+    for step in bar:
+        idx = torch.randint(0, N, (min(cfg.batch_size, N),), generator=g, device=device)
+        loss = autoencoder_loss(ae, images[idx], kl_weight=cfg.kl_weight, generator=g).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
+        run.append_train_log({"stage": "autoencoder", "step": step + 1, "loss": loss.item(), "epsilon": None,
+                              "lr": cfg.lr, "time_s": round(clock + time.perf_counter(), 3)})
+    ae.eval()
+    z = encode_latents(ae, images)
+    ae.register_to_config(scaling_factor=float(1.0 / z.std()))  # s: unit-variance latents
+    with atomic_directory(path) as tmp:
+        ae.save_pretrained(tmp, safe_serialization=True)
+    ledger.record_public(stage="autoencoder", data=data_identity(public), steps=steps)
+    ledger.save(run.ledger_path)
+    return ae

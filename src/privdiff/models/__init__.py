@@ -1,5 +1,5 @@
-"""Denoiser networks (diffusers UNets) sized by the recipe."""
+"""Denoiser networks (diffusers UNets) sized by the recipe, DP-LDM's autoencoder, latent UNet and text encoder."""
 
-from .unet import UNetConfig, UNetNet, build_unet, count_parameters
+from .unet import UNetConfig, UNetNet, build_unet, count_parameters, load_net
 
-__all__ = ["UNetConfig", "UNetNet", "build_unet", "count_parameters"]
+__all__ = ["UNetConfig", "UNetNet", "build_unet", "count_parameters", "load_net"]

@@ -62,10 +62,43 @@ class UNetNet(nn.Module):
         n = self.unet.config.num_class_embeds
         return None if n is None else n - 1
 
+    @property
+    def sample_shape(self) -> tuple[int, int, int]:
+        c = self.unet.config
+        return (c.in_channels, c.sample_size, c.sample_size)
+
     def forward(self, x: torch.Tensor, c_noise: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         if self.num_classes is None:
             labels = None
         return self.unet(x, c_noise.reshape(-1).to(x.dtype), class_labels=labels).sample
+
+    def conditions(self, *, labels: torch.Tensor | None = None, prompts: list[str] | None = None, n: int) -> torch.Tensor | None:
+        """The condition of ``n`` rows: the class labels themselves (this model reads no text)."""
+        if prompts is not None:
+            raise ValueError("this model has no text encoder: use --label (text prompts need a DP-LDM run)")
+        return labels
+
+    def null_condition(self) -> int | None:
+        """The CFG null label (``num_classes``)."""
+        return self.num_classes
+
+    def save_pretrained(self, path) -> None:
+        self.unet.save_pretrained(path, safe_serialization=True)
+
+    @classmethod
+    def from_pretrained(cls, path) -> "UNetNet":
+        return cls(UNet2DModel.from_pretrained(path, local_files_only=True, use_safetensors=True, low_cpu_mem_usage=False))
+
+
+def load_net(path) -> nn.Module:
+    """The denoiser network saved in directory ``path``: a :class:`UNetNet`, or a DP-LDM ``LatentNet``."""
+    from pathlib import Path
+
+    from .latent import LatentNet
+
+    if (Path(path) / "conditioner.json").is_file():
+        return LatentNet.from_pretrained(path)
+    return UNetNet.from_pretrained(path)
 
 
 def count_parameters(module: nn.Module) -> int:

@@ -31,6 +31,8 @@ class Ledger:
         target_epsilon: the budget; ``None`` for a non-private run.
         events: dicts with ``stage``, ``mechanism``, ``noise_multiplier``, ``sample_rate``,
             ``steps``, ``max_grad_norm`` and, for releases, ``sensitivity``.
+        public_stages: stages that touched public data only (``stage``, ``data`` identity,
+            ``steps``): what the model learned outside the budget, never part of ε.
     """
 
     delta: float
@@ -38,6 +40,7 @@ class Ledger:
     dataset: dict[str, Any]
     target_epsilon: float | None = None
     events: list[dict[str, Any]] = field(default_factory=list)
+    public_stages: list[dict[str, Any]] = field(default_factory=list)
 
     # -- composition --------------------------------------------------------------------------
     def history(
@@ -88,6 +91,13 @@ class Ledger:
         else:
             self.events.append({**event, "steps": steps})
 
+    def record_public(self, *, stage: str, data: dict[str, Any], steps: int) -> None:
+        """Note a stage that trained on public ``data`` (its identity: name, split, fingerprint, size)."""
+        if data.get("fingerprint") == self.dataset.get("fingerprint"):
+            raise ValueError(f"stage {stage}: its 'public' data is the private data set")
+        entry = {"stage": stage, "data": dict(data), "steps": int(steps)}
+        self.public_stages = [e for e in self.public_stages if e["stage"] != stage] + [entry]
+
     # -- files --------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         eps = self.epsilon()
@@ -99,6 +109,7 @@ class Ledger:
             "target_epsilon": self.target_epsilon,
             "dataset": self.dataset,
             "events": self.events,
+            "public_stages": self.public_stages,
         }
 
     def save(self, path: str | Path) -> None:
@@ -115,6 +126,7 @@ class Ledger:
                 dataset=d["dataset"],
                 target_epsilon=d.get("target_epsilon"),
                 events=list(d["events"]),
+                public_stages=list(d.get("public_stages", [])),
             )
         except FileNotFoundError:
             raise

@@ -1,0 +1,116 @@
+"""DP-LDM (Liu, Lyu, Vinaroz & Park, TMLR 2024): latent diffusion pretrained on public data,
+then DP-SGD on a small part of it.
+
+Stages, all on the shared core:
+
+1. ``autoencoder`` (public): a KL autoencoder maps 28×28 images to 4×7×7 latents.
+2. ``pretrain`` (public): a cross-attention latent UNet, its class embedder and privdiff's text
+   encoder learn to denoise public latents conditioned on labels and captions — the one
+   training loop (:func:`~.stages.train_denoiser`), without a ledger.
+3. ``dp_sgd`` (private): the same loop with DP-SGD on the private latents, training only
+   ``ldm.trainable`` (default: the UNet's attention/cross-attention blocks and the class
+   embedder, as DP-LDM's ``train_condition_only``); every other parameter is frozen, so
+   per-example gradients exist only for the trainable ones.
+
+The ledger composes the private stage only; it names the public data of stages 1–2.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ..config import Recipe
+from ..data import ImageDataset, load_dataset
+from ..data.captions import TEMPLATES, caption
+from ..diffusion import drop_labels
+from ..models.autoencoder import encode_latents
+from ..models.latent import build_latent_net, select_trainable
+from ..models.text import WordTokenizer
+from ..privacy.ledger import Ledger
+from ..runs import Run, open_run, save_samples
+from .stages import Conditioner, class_grid_labels, data_identity, default_device, generate, load_decoder, open_ledger, train_autoencoder, train_denoiser
+
+
+@dataclass
+class DPLDMResult:
+    run: Run
+    grid: Path
+    ledger: Ledger
+    steps: int
+
+
+def load_public(recipe: Recipe, *, resolution: int) -> ImageDataset:
+    """The public data set, drawn at ``resolution − 2·ldm.public_margin`` and framed by a background
+    margin (MNIST's digits sit in a 20×20 box of a 28×28 image; scikit-learn's fill their 8×8 frame)."""
+    L = recipe.ldm
+    inner = resolution - 2 * L.public_margin
+    if inner < 4:
+        raise ValueError(f"ldm.public_margin={L.public_margin} leaves no image at resolution {resolution}")
+    public = load_dataset(L.public_data, root=L.public_root, split="all", resolution=inner)
+    if L.public_margin:
+        m = L.public_margin
+        public = dataclasses.replace(public, images=F.pad(public.images, (m, m, m, m), value=-1.0))
+    return public
+
+
+def caption_conditioner(dataset: ImageDataset, recipe: Recipe, tokenizer: WordTokenizer, device: torch.device) -> Conditioner:
+    """Per draw: [label or ∅, tokens of a random caption of that label or none], each dropped independently
+    (``diffusion.label_dropout``, ``ldm.text.caption_dropout``), so the model learns label-only, text-only,
+    joint and unconditional denoising (classifier-free guidance on either)."""
+    names = dataset.class_names or tuple(str(i) for i in range(dataset.num_classes))
+    table = torch.stack([tokenizer.encode([caption(n, t) for t in range(len(TEMPLATES))]) for n in names]).to(device)  # [classes, templates, L]
+    labels, p_text = dataset.labels.to(device), recipe.ldm.text.caption_dropout
+
+    def condition(idx: torch.Tensor, K: int, generator: torch.Generator) -> torch.Tensor:
+        y = labels[idx.to(device)][:, None].expand(-1, K)  # [B, K]
+        # template t_bk ~ U{templates}, text dropped with p
+        t = torch.randint(0, len(TEMPLATES), y.shape, generator=generator, device=device)
+        tokens = table[y, t] * (torch.rand(y.shape, generator=generator, device=device) >= p_text)[..., None]
+        y = drop_labels(y, p=recipe.diffusion.label_dropout, null_label=dataset.num_classes, generator=generator)
+        return torch.cat([y[..., None], tokens], dim=-1)  # [B, K, 1 + L]
+    return condition
+
+
+def train(recipe: Recipe, *, out: str | Path, progress: bool = True, grid_per_class: int = 10) -> DPLDMResult:
+    """Run DP-LDM's three stages into run directory ``out`` (resuming any that is done) and sample a class grid."""
+    d, L, device = recipe.data, recipe.ldm, default_device()
+    private = load_dataset(d.name, root=d.root, split="train", resolution=d.resolution)
+    public = load_public(recipe, resolution=private.resolution)
+    if (public.channels, public.num_classes) != (private.channels, private.num_classes):
+        raise ValueError(f"public data {public.name} has {public.channels} channels and {public.num_classes} classes, "
+                         f"private {private.name} {private.channels} and {private.num_classes}: they must match")
+    run = open_run(out, recipe)
+    ledger = open_ledger(run, recipe, private)
+
+    ae = train_autoencoder(run=run, recipe=recipe, public=public, ledger=ledger, progress=progress)
+    z_public = dataclasses.replace(public, images=encode_latents(ae, public.images.to(device)).cpu())
+    z_private = dataclasses.replace(private, images=encode_latents(ae, private.images.to(device)).cpu())
+    names = private.class_names or tuple(str(i) for i in range(private.num_classes))
+    tokenizer = WordTokenizer.for_classes(names, public.class_names or names)
+
+    def fresh():
+        return build_latent_net(L.unet, L.text, latent_channels=z_private.channels, latent_size=z_private.resolution,
+                                num_classes=private.num_classes, tokenizer=tokenizer)
+
+    pre = train_denoiser(run=run.stage("pretrain"), recipe=recipe, dataset=z_public, ledger=None, stage="pretrain",
+                         train=L.pretrain, init=fresh, condition=caption_conditioner(z_public, recipe, tokenizer, device),
+                         progress=progress)
+    ledger.record_public(stage="pretrain", data=data_identity(public), steps=pre.steps)
+    ledger.save(run.ledger_path)
+
+    def pretrained():
+        return copy.deepcopy(pre.denoiser.net).requires_grad_(True)
+
+    result = train_denoiser(run=run, recipe=recipe, dataset=z_private, ledger=ledger, stage="dp_sgd", init=pretrained,
+                            select=lambda net: select_trainable(net, L.trainable), condition=caption_conditioner(z_private, recipe, tokenizer, device), progress=progress)
+    labels = class_grid_labels(private.num_classes, grid_per_class)
+    images = generate(result.denoiser, labels=labels, n=len(labels), recipe=recipe, decode=load_decoder(run),
+                      seed=recipe.train.seed, progress=progress)
+    grid, _ = save_samples(run.samples, images, labels.numpy(), nrow=grid_per_class)
+    return DPLDMResult(run=run, grid=grid, ledger=ledger, steps=result.steps)
