@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from privdiff.cli import main
-from privdiff.data.captions import caption
+from privdiff.data.captions import caption, caption_variants
 from privdiff.diffusion import Denoiser, LogNormalSigma, denoising_loss, draw_training_noise
 from privdiff.models.latent import LatentUNetConfig, build_latent_net, select_trainable
 from privdiff.models.text import TextConfig, WordTokenizer
@@ -18,11 +18,11 @@ from privdiff.privacy.accounting import epsilon
 from tests.privacy.test_bookkeeping import assert_same, jitter
 
 ROOT = Path(__file__).resolve().parents[2]
-NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+NAMES = tuple(str(d) for d in range(10))  # the digit data sets' class names
 TINY_LDM = [
     "data.resolution=16", "ldm.public_margin=2",
     "ldm.autoencoder.channels=[8,16]", "ldm.autoencoder.norm_num_groups=4", "ldm.autoencoder.epochs=0.5",
-    "ldm.unet.channels=[16,32]", "ldm.unet.attention_head_dim=8", "ldm.unet.norm_num_groups=8",
+    "ldm.unet.channels=[16,32]", "ldm.unet.attention_heads=2", "ldm.unet.norm_num_groups=8",
     "ldm.text.width=16", "ldm.text.layers=1", "ldm.text.heads=2",
     "ldm.pretrain.batch_size=64", "ldm.pretrain.max_steps=4",
     "train.batch_size=32", "train.max_steps=3", "privacy.noise_multiplicity=2", "train.max_physical_batch_size=64",
@@ -32,7 +32,7 @@ TINY_LDM = [
 
 def tiny_net(num_classes: int = 10):
     tok = WordTokenizer.for_classes(NAMES)
-    return build_latent_net(LatentUNetConfig(channels=(16, 32), attention_head_dim=8, norm_num_groups=8),
+    return build_latent_net(LatentUNetConfig(channels=(16, 32), attention_heads=2, norm_num_groups=8),
                             TextConfig(width=16, layers=1, heads=2), latent_channels=4, latent_size=4,
                             num_classes=num_classes, tokenizer=tok)
 
@@ -55,8 +55,10 @@ def test_prompts_reach_the_output():
 
 def test_tokenizer_knows_every_caption_and_flags_unknown_words(capsys):
     tok = WordTokenizer.for_classes(NAMES)
-    ids = tok.encode([caption(n, t) for n in NAMES for t in range(7)])
+    ids = tok.encode([c for n in NAMES for c in caption_variants(n)])
     assert (ids != 1).all()  # no <unk> in any caption
+    assert "a handwritten digit seven" in caption_variants("7") and "the number 7" in caption_variants("7")
+    assert torch.equal(tok.encode(["A handwritten digit SEVEN!"]), tok.encode(["a handwritten digit seven"]))
     unk = tok.encode(["a handwritten zebra"], warn=True)
     assert unk[0, 2] == 1 and "zebra" in capsys.readouterr().err
 

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from ..config import Recipe
 from ..data import ImageDataset, load_dataset
-from ..data.captions import TEMPLATES, caption
+from ..data.captions import caption_variants
 from ..diffusion import drop_labels
 from ..models.autoencoder import encode_latents
 from ..models.latent import build_latent_net, select_trainable
@@ -64,14 +64,16 @@ def caption_conditioner(dataset: ImageDataset, recipe: Recipe, tokenizer: WordTo
     (``diffusion.label_dropout``, ``ldm.text.caption_dropout``), so the model learns label-only, text-only,
     joint and unconditional denoising (classifier-free guidance on either)."""
     names = dataset.class_names or tuple(str(i) for i in range(dataset.num_classes))
-    table = torch.stack([tokenizer.encode([caption(n, t) for t in range(len(TEMPLATES))]) for n in names]).to(device)  # [classes, templates, L]
+    variants = [caption_variants(n) for n in names]
+    V = min(len(v) for v in variants)
+    table = torch.stack([tokenizer.encode(v[:V]) for v in variants]).to(device)  # [classes, variants, L]
     labels, p_text = dataset.labels.to(device), recipe.ldm.text.caption_dropout
 
     def condition(idx: torch.Tensor, K: int, generator: torch.Generator) -> torch.Tensor:
         y = labels[idx.to(device)][:, None].expand(-1, K)  # [B, K]
-        # template t_bk ~ U{templates}, text dropped with p
-        t = torch.randint(0, len(TEMPLATES), y.shape, generator=generator, device=device)
-        tokens = table[y, t] * (torch.rand(y.shape, generator=generator, device=device) >= p_text)[..., None]
+        # caption variant v_bk ~ U{variants}, text dropped with p
+        v = torch.randint(0, V, y.shape, generator=generator, device=device)
+        tokens = table[y, v] * (torch.rand(y.shape, generator=generator, device=device) >= p_text)[..., None]
         y = drop_labels(y, p=recipe.diffusion.label_dropout, null_label=dataset.num_classes, generator=generator)
         return torch.cat([y[..., None], tokens], dim=-1)  # [B, K, 1 + L]
     return condition
@@ -100,7 +102,7 @@ def train(recipe: Recipe, *, out: str | Path, progress: bool = True, grid_per_cl
 
     pre = train_denoiser(run=run.stage("pretrain"), recipe=recipe, dataset=z_public, ledger=None, stage="pretrain",
                          train=L.pretrain, init=fresh, condition=caption_conditioner(z_public, recipe, tokenizer, device),
-                         progress=progress)
+                         noise_multiplicity=1, progress=progress)  # K lowers the variance DP-SGD clips; public steps need none
     ledger.record_public(stage="pretrain", data=data_identity(public), steps=pre.steps)
     ledger.save(run.ledger_path)
 

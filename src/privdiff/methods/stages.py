@@ -117,12 +117,13 @@ def make_engine(
     num_examples: int,
     generators: dict[str, torch.Generator],
     train: TrainConfig | None = None,
+    noise_multiplicity: int | None = None,
 ) -> DPSGD | NonPrivateSGD:
     """DP-SGD with σ calibrated against the ledger, or (no ledger: a public stage; or
     ``privacy.enabled=false``) the same step without privacy, batched by ``train`` (default: the recipe's)."""
     r, t = recipe, train or recipe.train
     common = dict(
-        num_examples=num_examples, batch_size=t.batch_size, noise_multiplicity=r.privacy.noise_multiplicity,
+        num_examples=num_examples, batch_size=t.batch_size, noise_multiplicity=noise_multiplicity or r.privacy.noise_multiplicity,
         max_physical_batch_size=t.max_physical_batch_size, generator=generators["batches"],
     )
     if ledger is None or not r.privacy.enabled:
@@ -172,6 +173,7 @@ def train_denoiser(
     init: Callable[[], torch.nn.Module] | None = None,
     select: Callable[[torch.nn.Module], object] | None = None,
     condition: Conditioner | None = None,
+    noise_multiplicity: int | None = None,
     progress: bool = True,
 ) -> TrainResult:
     """Train a conditional denoiser on ``dataset``: the one training loop of privdiff.
@@ -180,14 +182,15 @@ def train_denoiser(
     stage, which records nothing. ``train`` sets batch, epochs, lr and EMA (default: the
     recipe's ``train``); ``init()`` builds the network when no checkpoint exists (default: the
     recipe's pixel UNet); ``select(net)`` freezes what must not train (applied after a resume
-    too); ``condition`` draws the per-draw conditions (default: labels with CFG dropout).
+    too); ``condition`` draws the per-draw conditions (default: labels with CFG dropout);
+    ``noise_multiplicity`` K defaults to ``privacy.noise_multiplicity``.
     Resumes from the run's latest checkpoint. The ledger is written *before* each step touches
     the data, and a step that would take ε past ``privacy.epsilon`` is not taken.
     """
     r, t, device = recipe, train or recipe.train, default_device()
     torch.manual_seed(t.seed)
     gens = _generators(t.seed, device)
-    N, K = len(dataset), r.privacy.noise_multiplicity
+    N, K = len(dataset), noise_multiplicity or r.privacy.noise_multiplicity
     if t.batch_size > N:
         raise ValueError(f"batch_size={t.batch_size} of stage {stage} is larger than its data set ({N} examples)")
 
@@ -214,7 +217,8 @@ def train_denoiser(
     total = planned_steps(t, N)
     if t.max_steps is not None:
         total = min(total, t.max_steps)
-    engine = make_engine(r, denoiser, optimizer, ledger=ledger, stage=stage, num_examples=N, generators=gens, train=t)
+    engine = make_engine(r, denoiser, optimizer, ledger=ledger, stage=stage, num_examples=N, generators=gens, train=t,
+                         noise_multiplicity=K)
     mech = dict(
         stage=stage,
         mechanism=SUBSAMPLED_GAUSSIAN if engine.private else NON_PRIVATE,
@@ -268,7 +272,7 @@ def train_denoiser(
         run.append_train_log({"stage": stage, "step": step + 1, "loss": loss, "epsilon": eps,
                               "lr": optimizer.param_groups[0]["lr"], "time_s": round(clock + time.perf_counter(), 3)})
         bar.update(1)
-        bar.set_postfix(loss=f"{loss:.4f}", eps=f"{eps:.3f}" if engine.private else "inf", refresh=False)
+        bar.set_postfix(loss=f"{loss:.4f}", **({} if ledger is None else {"eps": f"{eps:.3f}" if engine.private else "inf"}), refresh=False)
         if (step + 1) % t.checkpoint_every == 0 and step + 1 < total:
             checkpoint(step + 1)
     else:

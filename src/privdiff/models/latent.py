@@ -28,10 +28,10 @@ __all__ = ["LatentUNetConfig", "LatentNet", "TRAINABLE_GROUPS", "build_latent_ne
 class LatentUNetConfig:
     """Size of the latent UNet; recipe keys under ``ldm.unet.``."""
 
-    channels: tuple[int, ...] = (64, 128)  # block_out_channels; every level has cross-attention
+    channels: tuple[int, ...] = (32,)  # block_out_channels; every level has cross-attention (one level: no downsampling at 7×7)
     layers_per_block: int = 1
-    attention_head_dim: int = 16
-    norm_num_groups: int = 16
+    attention_heads: int = 1  # heads per attention layer (diffusers' UNet2DConditionModel calls this attention_head_dim)
+    norm_num_groups: int = 8
 
 
 def build_latent_net(config: LatentUNetConfig, text: TextConfig, *, latent_channels: int, latent_size: int,
@@ -42,7 +42,7 @@ def build_latent_net(config: LatentUNetConfig, text: TextConfig, *, latent_chann
         sample_size=latent_size, in_channels=latent_channels, out_channels=latent_channels,
         block_out_channels=tuple(config.channels), layers_per_block=config.layers_per_block,
         down_block_types=("CrossAttnDownBlock2D",) * n, up_block_types=("CrossAttnUpBlock2D",) * n,
-        cross_attention_dim=text.width, attention_head_dim=config.attention_head_dim,
+        cross_attention_dim=text.width, attention_head_dim=config.attention_heads,
         norm_num_groups=config.norm_num_groups, use_linear_projection=True,
     )
     return LatentNet(unet, nn.Embedding(num_classes + 1, text.width), TextEncoder(tokenizer, text))

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..data.captions import TEMPLATES, words
+from ..data.captions import caption_variants, words
 
 __all__ = ["TextConfig", "TextEncoder", "WordTokenizer"]
 
@@ -34,8 +34,8 @@ class WordTokenizer:
 
     @classmethod
     def for_classes(cls, *class_name_sets: tuple[str, ...]) -> "WordTokenizer":
-        """The vocabulary of every template with every class name, sorted (the same on every machine)."""
-        texts = [t.format(name) for names in class_name_sets for name in names for t in TEMPLATES]
+        """The vocabulary of every caption of every class, sorted (the same on every machine)."""
+        texts = [text for names in class_name_sets for name in names for text in caption_variants(name)]
         vocab = sorted({w for text in texts for w in words(text)})
         return cls([PAD, UNK, *vocab], max(len(words(t)) for t in texts))
 
