@@ -34,7 +34,7 @@ from privdiff.data import ImageDataset
 from privdiff.methods.dp_ldm import caption_conditioner
 from privdiff.models import build_unet, count_parameters
 from privdiff.models.latent import build_latent_net, select_trainable
-from privdiff.models.text import WordTokenizer
+from privdiff.models.text import build_text_encoder
 from privdiff.privacy.dpsgd import DPSGD, NonPrivateSGD
 from privdiff.runtime import keep_freed_memory
 
@@ -51,9 +51,10 @@ def _model_and_batch(r, batch: int, g: torch.Generator):
         return net, x0, lambda i, K, gen: y[i][:, None].expand(-1, K), f"UNet {list(r.model.channels)} @ {res}px"
     L = r.ldm
     names = tuple(str(d) for d in range(10))
-    tok = WordTokenizer.for_classes(names)
+    text = build_text_encoder(L.text, class_names=(names,))
+    tok = text.tokenizer
     size = res // 2 ** (len(L.autoencoder.channels) - 1)
-    net = build_latent_net(L.unet, L.text, latent_channels=L.autoencoder.latent_channels, latent_size=size, num_classes=10, tokenizer=tok)
+    net = build_latent_net(L.unet, text, latent_channels=L.autoencoder.latent_channels, latent_size=size, num_classes=10)
     n, total = select_trainable(net, L.trainable)
     x0 = torch.randn(batch, L.autoencoder.latent_channels, size, size, generator=g)
     data = ImageDataset(images=x0, labels=torch.randint(0, 10, (batch,), generator=g), num_classes=10, name="bench", split="train",

@@ -40,6 +40,16 @@ def test_shipped_recipes_resolve():
     from importlib import resources
 
     names = sorted(p.name for p in (resources.files("privdiff") / "recipes").iterdir() if p.name.endswith(".yaml"))
-    assert {"dpdm-mnist5k.yaml", "dpdm-mnist5k-eps1.yaml", "dpdm-mnist5k-nonprivate.yaml"} <= set(names)
+    assert {"dpdm-mnist5k.yaml", "dpdm-mnist5k-eps1.yaml", "dpdm-mnist5k-nonprivate.yaml", "dp-ldm-mnist5k.yaml", "dp-ldm-mnist5k-eps1.yaml"} <= set(names)
     for n in names:
         resolve_recipe(str(resources.files("privdiff") / "recipes" / n))
+
+
+def test_dp_ldm_recipe_keys():
+    r = resolve_recipe("recipes/dp-ldm-mnist5k.yaml", ["ldm.trainable=[cross_attention]", "ldm.pretrain.epochs=3"])
+    assert r.method == "dp-ldm" and r.ldm.trainable == ("cross_attention",) and r.ldm.pretrain.epochs == 3
+    assert r.ldm.pretrain.batch_size == 128  # the public stage has its own defaults, not train's
+    with pytest.raises(RecipeError, match="must not be the private data set"):
+        resolve_recipe("recipes/dp-ldm-mnist5k.yaml", ["ldm.public_data=mnist5k"])
+    with pytest.raises(RecipeError, match="unknown recipe key"):
+        resolve_recipe("recipes/dp-ldm-mnist5k.yaml", ["ldm.unet.attention_head_dim=8"])

@@ -13,7 +13,7 @@ from privdiff.cli import main
 from privdiff.data.captions import caption, caption_variants
 from privdiff.diffusion import Denoiser, LogNormalSigma, denoising_loss, draw_training_noise
 from privdiff.models.latent import LatentUNetConfig, build_latent_net, select_trainable
-from privdiff.models.text import TextConfig, WordTokenizer
+from privdiff.models.text import TextConfig, WordTokenizer, build_text_encoder
 from privdiff.privacy.accounting import epsilon
 from tests.privacy.test_bookkeeping import assert_same, jitter
 
@@ -30,11 +30,9 @@ TINY_LDM = [
 ]
 
 
-def tiny_net(num_classes: int = 10):
-    tok = WordTokenizer.for_classes(NAMES)
+def tiny_net(num_classes: int = 10, text: TextConfig = TextConfig(width=16, layers=1, heads=2)):
     return build_latent_net(LatentUNetConfig(channels=(16, 32), attention_heads=2, norm_num_groups=8),
-                            TextConfig(width=16, layers=1, heads=2), latent_channels=4, latent_size=4,
-                            num_classes=num_classes, tokenizer=tok)
+                            build_text_encoder(text, class_names=(NAMES,)), latent_channels=4, latent_size=4, num_classes=num_classes)
 
 
 def test_prompts_reach_the_output():
@@ -156,3 +154,40 @@ def test_dp_ldm_end_to_end(tmp_path, capsys):
     npz = np.load(run / "samples" / "samples.npz")
     assert npz["images"].shape == (100, 1, 16, 16)
     assert main(["sample", str(tmp_path), "--prompt", "x", "--quiet"]) != 0  # not a run: one-line error
+
+
+@pytest.fixture
+def local_bert(tmp_path):
+    """A tiny BERT text model and word-piece tokenizer written to disk (nothing downloaded)."""
+    transformers = pytest.importorskip("transformers")
+    words = sorted({w for n in NAMES for c in caption_variants(n) for w in c.split()})
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]
+    (tmp_path / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    transformers.BertTokenizer(str(tmp_path / "vocab.txt")).save_pretrained(tmp_path)
+    config = transformers.BertConfig(vocab_size=len(vocab), hidden_size=24, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=32, max_position_embeddings=32)
+    torch.manual_seed(5)
+    transformers.BertModel(config).save_pretrained(tmp_path)
+    return tmp_path
+
+
+def test_a_local_hugging_face_text_encoder(local_bert, tmp_path):
+    """ldm.text.encoder=PATH: the model is read from disk, frozen, projected to the cross-attention width; prompts
+    steer the output; a saved net loads back identical."""
+    from privdiff.models.latent import LatentNet
+
+    net = tiny_net(text=TextConfig(encoder=str(local_bert), width=16, max_length=8))
+    enc = net.text_encoder
+    assert not any(p.requires_grad for p in enc.model.parameters()) and enc.proj.weight.requires_grad
+    null = net.null_condition()
+    assert null[0] == 10 and null[1] == 2 and null[2] == 3  # no class; [CLS] [SEP] of the empty prompt
+    den = Denoiser(jitter(net, 6), sigma_data=1.0).eval()
+    x, sigma = torch.randn(2, 4, 4, 4, generator=torch.Generator().manual_seed(7)), torch.full((2,), 1.0)
+    a = den(x, sigma, net.conditions(prompts=["a handwritten digit seven"], n=2))
+    b = den(x, sigma, net.conditions(prompts=["a handwritten digit one"], n=2))
+    assert (a - b).abs().max() > 1e-3
+    net.save_pretrained(tmp_path / "saved")
+    back = Denoiser(LatentNet.from_pretrained(tmp_path / "saved"), sigma_data=1.0).eval()
+    torch.testing.assert_close(back(x, sigma, net.conditions(prompts=["a handwritten digit seven"], n=2)), a)
+    with pytest.raises(ValueError, match="no such directory"):
+        tiny_net(text=TextConfig(encoder=str(tmp_path / "missing"), width=16))

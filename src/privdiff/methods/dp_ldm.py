@@ -31,7 +31,7 @@ from ..data.captions import caption_variants
 from ..diffusion import drop_labels
 from ..models.autoencoder import encode_latents
 from ..models.latent import build_latent_net, select_trainable
-from ..models.text import WordTokenizer
+from ..models.text import build_text_encoder
 from ..privacy.ledger import Ledger
 from ..runs import Run, open_run, save_samples
 from .stages import Conditioner, class_grid_labels, data_identity, default_device, generate, load_decoder, open_ledger, train_autoencoder, train_denoiser
@@ -59,7 +59,7 @@ def load_public(recipe: Recipe, *, resolution: int) -> ImageDataset:
     return public
 
 
-def caption_conditioner(dataset: ImageDataset, recipe: Recipe, tokenizer: WordTokenizer, device: torch.device) -> Conditioner:
+def caption_conditioner(dataset: ImageDataset, recipe: Recipe, tokenizer, device: torch.device) -> Conditioner:
     """Per draw: [label or ∅, tokens of a random caption of that label or none], each dropped independently
     (``diffusion.label_dropout``, ``ldm.text.caption_dropout``), so the model learns label-only, text-only,
     joint and unconditional denoising (classifier-free guidance on either)."""
@@ -67,13 +67,14 @@ def caption_conditioner(dataset: ImageDataset, recipe: Recipe, tokenizer: WordTo
     variants = [caption_variants(n) for n in names]
     V = min(len(v) for v in variants)
     table = torch.stack([tokenizer.encode(v[:V]) for v in variants]).to(device)  # [classes, variants, L]
-    labels, p_text = dataset.labels.to(device), recipe.ldm.text.caption_dropout
+    labels, p_text, no_text = dataset.labels.to(device), recipe.ldm.text.caption_dropout, tokenizer.null_ids().to(device)
 
     def condition(idx: torch.Tensor, K: int, generator: torch.Generator) -> torch.Tensor:
         y = labels[idx.to(device)][:, None].expand(-1, K)  # [B, K]
         # caption variant v_bk ~ U{variants}, text dropped with p
         v = torch.randint(0, V, y.shape, generator=generator, device=device)
-        tokens = table[y, v] * (torch.rand(y.shape, generator=generator, device=device) >= p_text)[..., None]
+        keep = torch.rand(y.shape, generator=generator, device=device) >= p_text
+        tokens = torch.where(keep[..., None], table[y, v], no_text)
         y = drop_labels(y, p=recipe.diffusion.label_dropout, null_label=dataset.num_classes, generator=generator)
         return torch.cat([y[..., None], tokens], dim=-1)  # [B, K, 1 + L]
     return condition
@@ -94,11 +95,12 @@ def train(recipe: Recipe, *, out: str | Path, progress: bool = True, grid_per_cl
     z_public = dataclasses.replace(public, images=encode_latents(ae, public.images.to(device)).cpu())
     z_private = dataclasses.replace(private, images=encode_latents(ae, private.images.to(device)).cpu())
     names = private.class_names or tuple(str(i) for i in range(private.num_classes))
-    tokenizer = WordTokenizer.for_classes(names, public.class_names or names)
+    text_encoder = build_text_encoder(L.text, class_names=(names, public.class_names or names))
+    tokenizer = text_encoder.tokenizer
 
     def fresh():
-        return build_latent_net(L.unet, L.text, latent_channels=z_private.channels, latent_size=z_private.resolution,
-                                num_classes=private.num_classes, tokenizer=tokenizer)
+        return build_latent_net(L.unet, copy.deepcopy(text_encoder), latent_channels=z_private.channels,
+                                latent_size=z_private.resolution, num_classes=private.num_classes)
 
     pre = train_denoiser(run=run.stage("pretrain"), recipe=recipe, dataset=z_public, ledger=None, stage="pretrain",
                          train=L.pretrain, init=fresh, condition=caption_conditioner(z_public, recipe, tokenizer, device),

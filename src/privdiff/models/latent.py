@@ -9,6 +9,7 @@ to those 1 + L tokens (Rombach et al. 2022; DP-LDM's ``ClassEmbedder`` + ``Spati
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import json
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ from diffusers import UNet2DConditionModel
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from .text import TextConfig, TextEncoder, WordTokenizer
+from .text import HFTextEncoder, TextConfig, TextEncoder, WordTokenizer
 
 __all__ = ["LatentUNetConfig", "LatentNet", "TRAINABLE_GROUPS", "build_latent_net", "select_trainable"]
 
@@ -34,18 +35,18 @@ class LatentUNetConfig:
     norm_num_groups: int = 8
 
 
-def build_latent_net(config: LatentUNetConfig, text: TextConfig, *, latent_channels: int, latent_size: int,
-                     num_classes: int, tokenizer: WordTokenizer) -> "LatentNet":
-    """A fresh :class:`LatentNet` (UNet, class embedder with a null class, text encoder)."""
+def build_latent_net(config: LatentUNetConfig, text_encoder: nn.Module, *, latent_channels: int, latent_size: int,
+                     num_classes: int) -> "LatentNet":
+    """A fresh :class:`LatentNet`: UNet with cross-attention to ``text_encoder.width``-wide tokens, class embedder with a null class."""
     n = len(config.channels)
     unet = UNet2DConditionModel(
         sample_size=latent_size, in_channels=latent_channels, out_channels=latent_channels,
         block_out_channels=tuple(config.channels), layers_per_block=config.layers_per_block,
         down_block_types=("CrossAttnDownBlock2D",) * n, up_block_types=("CrossAttnUpBlock2D",) * n,
-        cross_attention_dim=text.width, attention_head_dim=config.attention_heads,
+        cross_attention_dim=text_encoder.width, attention_head_dim=config.attention_heads,
         norm_num_groups=config.norm_num_groups, use_linear_projection=True,
     )
-    return LatentNet(unet, nn.Embedding(num_classes + 1, text.width), TextEncoder(tokenizer, text))
+    return LatentNet(unet, nn.Embedding(num_classes + 1, text_encoder.width), text_encoder)
 
 
 class LatentNet(nn.Module):
@@ -84,7 +85,7 @@ class LatentNet(nn.Module):
 
     def null_condition(self) -> Tensor:
         """The condition of "no class, no text" [1 + L]: what classifier-free guidance contrasts with."""
-        return torch.cat([torch.tensor([self.num_classes]), torch.zeros(self.text_encoder.tokenizer.max_length, dtype=torch.long)])
+        return torch.cat([torch.tensor([self.num_classes]), self.text_encoder.tokenizer.null_ids()])
 
     # -- files --------------------------------------------------------------------------------
     def save_pretrained(self, path: str | Path) -> None:
@@ -94,7 +95,7 @@ class LatentNet(nn.Module):
         state = {f"class_embedder.{k}": v for k, v in self.class_embedder.state_dict().items()}
         state |= {f"text_encoder.{k}": v for k, v in self.text_encoder.state_dict().items()}
         save_file({k: v.contiguous() for k, v in state.items()}, path / "conditioner.safetensors")
-        meta = {"num_classes": self.num_classes, "text": self.text_encoder.config.__dict__,
+        meta = {"num_classes": self.num_classes, "text": dataclasses.asdict(self.text_encoder.config),
                 "tokenizer": self.text_encoder.tokenizer.to_dict()}
         (path / "conditioner.json").write_text(json.dumps(meta, indent=2))
 
@@ -104,7 +105,8 @@ class LatentNet(nn.Module):
         meta = json.loads((path / "conditioner.json").read_text())
         text = TextConfig(**meta["text"])
         unet = UNet2DConditionModel.from_pretrained(path, local_files_only=True, use_safetensors=True, low_cpu_mem_usage=False)
-        net = cls(unet, nn.Embedding(meta["num_classes"] + 1, text.width), TextEncoder(WordTokenizer.from_dict(meta["tokenizer"]), text))
+        encoder = TextEncoder(WordTokenizer.from_dict(meta["tokenizer"]), text) if text.encoder == "builtin" else HFTextEncoder(text)
+        net = cls(unet, nn.Embedding(meta["num_classes"] + 1, text.width), encoder)
         state = load_file(path / "conditioner.safetensors")
         net.class_embedder.load_state_dict({k.split(".", 1)[1]: v for k, v in state.items() if k.startswith("class_embedder.")})
         net.text_encoder.load_state_dict({k.split(".", 1)[1]: v for k, v in state.items() if k.startswith("text_encoder.")})

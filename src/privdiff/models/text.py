@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from ..data.captions import caption_variants, words
 
-__all__ = ["TextConfig", "TextEncoder", "WordTokenizer"]
+__all__ = ["HFTextEncoder", "TextConfig", "TextEncoder", "WordTokenizer", "build_text_encoder"]
 
 PAD, UNK = "<pad>", "<unk>"
 
@@ -52,6 +52,10 @@ class WordTokenizer:
             print(f"privdiff: words the text encoder never saw (read as <unk>): {', '.join(sorted(unknown))}", file=sys.stderr)
         return out
 
+    def null_ids(self) -> Tensor:
+        """The ids of "no text" (all ``<pad>``)."""
+        return torch.zeros(self.max_length, dtype=torch.long)
+
     def to_dict(self) -> dict:
         return {"vocab": self.vocab, "max_length": self.max_length}
 
@@ -64,9 +68,11 @@ class WordTokenizer:
 class TextConfig:
     """Size of privdiff's text encoder; recipe keys under ``ldm.text.``."""
 
-    width: int = 64  # token embedding width = the UNet's cross-attention dimension
-    layers: int = 2
-    heads: int = 4
+    encoder: str = "builtin"  # builtin: privdiff's own, trained on captions; or a local Hugging Face text model directory
+    width: int = 64  # token feature width = the UNet's cross-attention dimension (a Hugging Face encoder is projected to it)
+    layers: int = 2  # builtin only
+    heads: int = 4  # builtin only
+    max_length: int = 16  # tokens per prompt for a Hugging Face tokenizer (builtin: the longest caption)
     caption_dropout: float = 0.1  # p of training a draw with the empty caption (classifier-free guidance)
 
 
@@ -93,6 +99,8 @@ class _Block(nn.Module):
 class TextEncoder(nn.Module):
     """Token ids [R, L] → per-token features [R, L, width] (token + position embeddings, blocks, final LayerNorm)."""
 
+    width = property(lambda self: self.config.width)
+
     def __init__(self, tokenizer: WordTokenizer, config: TextConfig):
         super().__init__()
         if config.width % config.heads:
@@ -109,3 +117,67 @@ class TextEncoder(nn.Module):
         for block in self.blocks:
             x = block(x)
         return self.norm(x)
+
+
+class HFTokenizer:
+    """A local Hugging Face tokenizer with privdiff's tokenizer interface (fixed-length id rows)."""
+
+    def __init__(self, path: str, max_length: int):
+        from transformers import AutoTokenizer
+
+        self.path, self.max_length = str(path), int(max_length)
+        self.tokenizer = AutoTokenizer.from_pretrained(_tokenizer_dir(path), local_files_only=True)
+
+    def encode(self, texts: list[str], *, warn: bool = False) -> Tensor:
+        return self.tokenizer(list(texts), padding="max_length", truncation=True, max_length=self.max_length,
+                              return_tensors="pt").input_ids.to(torch.long)
+
+    def null_ids(self) -> Tensor:
+        """The ids of the empty prompt (special tokens and padding)."""
+        return self.encode([""])[0]
+
+    def to_dict(self) -> dict:
+        return {"path": self.path, "max_length": self.max_length}
+
+
+class HFTextEncoder(nn.Module):
+    """A local Hugging Face text model (frozen unless fine-tuned on purpose) and a trained projection to ``width``."""
+
+    width = property(lambda self: self.config.width)
+
+    def __init__(self, config: TextConfig):
+        super().__init__()
+        from transformers import AutoModel
+
+        self.config = config
+        self.tokenizer = HFTokenizer(config.encoder, config.max_length)
+        try:
+            self.model = AutoModel.from_pretrained(config.encoder, local_files_only=True).requires_grad_(False)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"ldm.text.encoder={config.encoder}: not a local Hugging Face text model ({str(e).splitlines()[0][:160]})") from None
+        hidden = self.model.config.hidden_size
+        self.proj = nn.Linear(hidden, config.width)
+        self.pad_id = self.tokenizer.tokenizer.pad_token_id
+
+    def forward(self, ids: Tensor) -> Tensor:
+        mask = None if self.pad_id is None else (ids != self.pad_id).long()
+        return self.proj(self.model(input_ids=ids, attention_mask=mask).last_hidden_state)
+
+
+def _tokenizer_dir(path: str) -> str:
+    """The tokenizer of a text model directory: in it, or in a sibling ``tokenizer/`` (the diffusers pipeline layout)."""
+    from pathlib import Path
+
+    p = Path(path).expanduser()
+    if not p.is_dir():
+        raise ValueError(f"ldm.text.encoder={path}: no such directory (Hugging Face text models are read from disk, never downloaded)")
+    sibling = p.parent / "tokenizer"
+    has_own = any((p / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json"))
+    return str(p if has_own or not sibling.is_dir() else sibling)
+
+
+def build_text_encoder(config: TextConfig, *, class_names: tuple[tuple[str, ...], ...]) -> nn.Module:
+    """privdiff's text encoder with the vocabulary of every caption of ``class_names``, or the local Hugging Face one."""
+    if config.encoder == "builtin":
+        return TextEncoder(WordTokenizer.for_classes(*class_names), config)
+    return HFTextEncoder(config)
