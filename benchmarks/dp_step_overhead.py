@@ -10,7 +10,8 @@ per-example gradient state the clipping holds (Opacus: ``grad_sample`` for B·K 
 
     .venv/bin/python -W ignore benchmarks/dp_step_overhead.py --batch 64 256 --repeats 5
     .venv/bin/python -W ignore benchmarks/dp_step_overhead.py --batch 256 privacy.noise_multiplicity=4
-    .venv/bin/python -W ignore benchmarks/dp_step_overhead.py --recipe recipes/dpdm-mnist5k.yaml recipes/dp-ldm-mnist5k.yaml --batch 250
+    .venv/bin/python -W ignore benchmarks/dp_step_overhead.py --batch 250 --modes bk \
+        --recipe recipes/dpdm-mnist5k.yaml recipes/dpdm-mnist5k.yaml@data.resolution=28 recipes/dp-ldm-mnist5k.yaml
 
 The figures are in docs/benchmarks.md.
 """
@@ -150,7 +151,9 @@ def main() -> None:
         os.environ["PRIVDIFF_MALLOC"] = "system"  # children inherit it
     kept = keep_freed_memory()  # as `privdiff train` does, for every path alike
     torch.set_num_threads(args.threads)
-    recipes = {path: resolve_recipe(path, args.overrides) for path in args.recipe}
+    # "recipe.yaml@key=value,key=value": a recipe with its own overrides (after the common ones)
+    recipes = {spec: resolve_recipe(spec.split("@")[0], [*args.overrides, *(spec.split("@")[1].split(",") if "@" in spec else [])])
+               for spec in args.recipe}
     if args.child:
         return child(args, next(iter(recipes.values())))
     modes = ["non-private"] + [m for m in args.modes if m != "non-private"]
@@ -167,8 +170,9 @@ def main() -> None:
             memory = {}
             if not args.no_memory:
                 for m in modes:
-                    out = subprocess.run([sys.executable, "-W", "ignore", __file__, "--recipe", path, "--batch", str(batch),
-                                          "--threads", str(args.threads), "--child", m, *args.overrides],
+                    path_, _, own = path.partition("@")
+                    out = subprocess.run([sys.executable, "-W", "ignore", __file__, "--recipe", path_, "--batch", str(batch),
+                                          "--threads", str(args.threads), "--child", m, *args.overrides, *(own.split(",") if own else [])],
                                          capture_output=True, text=True, check=True)
                     memory[m] = json.loads(out.stdout.strip().splitlines()[-1])
             base = medians[(path, "non-private")]

@@ -140,6 +140,9 @@ def cmd_budget_show(args: argparse.Namespace) -> int:
         print(f"  {e['stage']:<10} {e['mechanism']:<20} sigma={e['noise_multiplier']:.4f}  q={e['sample_rate']:.5f}  "
               f"steps={e['steps']}" + (f"  C={e['max_grad_norm']}" if e.get("max_grad_norm") else "")
               + (f"  sensitivity={e['sensitivity']}" if e.get("sensitivity") else ""))
+    for p in ledger.public_stages:
+        d = p["data"]
+        print(f"  {p['stage']:<10} {'public data':<20} {d.get('name')} ({d.get('split')}, {d.get('size')} examples)  steps={p['steps']}  (not part of epsilon)")
     print(f"epsilon:  {'inf (non-private steps ran)' if math.isinf(eps) else f'{eps:.4f}'} at delta={ledger.delta} "
           f"({ledger.accountant}); target {ledger.target_epsilon}")
     if args.accountant and not math.isinf(eps):

@@ -126,6 +126,7 @@ class LDMConfig:
     public_data: str = "digits"  # public data set of the autoencoder and the pretraining (never the private one)
     public_root: str | None = None
     public_margin: int = 4  # public images are drawn this many pixels inside a background frame (MNIST's layout)
+    public_contrast: float = 0.0  # g of x <- tanh(g x)/tanh(g) on the public images (0: unchanged)
     autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
     unet: LatentUNetConfig = field(default_factory=LatentUNetConfig)
     text: TextConfig = field(default_factory=TextConfig)
@@ -291,6 +292,7 @@ def validate_recipe(r: Recipe) -> None:
         (r.evaluate.max_real is None or r.evaluate.max_real > r.evaluate.pr_k, "evaluate.max_real must be > evaluate.pr_k"),
         (r.method in METHODS, f"method '{r.method}' is not available (available: {', '.join(METHODS)})"),
         (0 <= r.ldm.text.caption_dropout < 1, "ldm.text.caption_dropout must be in [0, 1)"),
+        (r.ldm.public_contrast >= 0, "ldm.public_contrast must be >= 0"),
         (len(r.ldm.trainable) >= 1, "ldm.trainable must name at least one group"),
         (r.method != "dp-ldm" or r.ldm.public_data != r.data.name, "ldm.public_data must not be the private data set"),
     ]

@@ -151,6 +151,8 @@ def test_dp_ldm_end_to_end(tmp_path, capsys):
         out = tmp_path / f"{args[0][2:]}.png"
         assert main(["sample", str(run), "--n", "4", *args, "--out", str(out), "--quiet"]) == 0
         assert out.stat().st_size > 0
+    assert main(["budget", "show", str(run)]) == 0
+    assert capsys.readouterr().out.count("not part of epsilon") == 2
     npz = np.load(run / "samples" / "samples.npz")
     assert npz["images"].shape == (100, 1, 16, 16)
     assert main(["sample", str(tmp_path), "--prompt", "x", "--quiet"]) != 0  # not a run: one-line error
@@ -191,3 +193,27 @@ def test_a_local_hugging_face_text_encoder(local_bert, tmp_path):
     torch.testing.assert_close(back(x, sigma, net.conditions(prompts=["a handwritten digit seven"], n=2)), a)
     with pytest.raises(ValueError, match="no such directory"):
         tiny_net(text=TextConfig(encoder=str(tmp_path / "missing"), width=16))
+
+
+def test_opacus_hooks_and_book_keeping_give_the_same_update_on_the_trainable_subset():
+    from privdiff.privacy.dpsgd import DPSGD
+
+    updates = {}
+    for mode in ("hooks", "bk"):
+        torch.manual_seed(2)
+        net = jitter(tiny_net(), 3)
+        select_trainable(net, ("attentions", "class_embedder"))
+        den = Denoiser(net, sigma_data=1.0)
+        B, K, g = 4, 2, torch.Generator().manual_seed(4)
+        x0 = torch.randn(B, 4, 4, 4, generator=g)
+        sigma, noise = draw_training_noise(x0, K=K, sigma_dist=LogNormalSigma(), generator=g)
+        cond = net.conditions(labels=torch.randint(0, 10, (B * K,), generator=g),
+                              prompts=[caption(NAMES[i % 10]) for i in range(B * K)], n=B * K).view(B, K, -1)
+        opt = torch.optim.SGD([p for p in den.parameters() if p.requires_grad], lr=1.0)
+        engine = DPSGD(den, opt, num_examples=8, batch_size=4, noise_multiplicity=K, noise_multiplier=0.5, max_grad_norm=1e-2,
+                       grad_sample_mode=mode, generator=torch.Generator().manual_seed(0), noise_generator=torch.Generator().manual_seed(1))
+        before = [p.detach().clone() for p in den.parameters()]
+        engine.step(torch.arange(B), lambda m, i: denoising_loss(m, x0[i], cond[i], sigma=sigma[i], noise=noise[i], loss_weight=den.loss_weight))
+        assert all(torch.equal(b, p) for b, p in zip(before, den.parameters()) if not p.requires_grad)
+        updates[mode] = torch.cat([(b - p.detach()).flatten() for b, p in zip(before, den.parameters()) if p.requires_grad])
+    torch.testing.assert_close(updates["bk"], updates["hooks"], rtol=1e-4, atol=1e-6)

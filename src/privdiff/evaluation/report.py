@@ -484,7 +484,14 @@ def _ledger_section(ledger: Ledger | None, eps: float | None, problem: str | Non
     data = (f'<p class="sub">Private data: {_esc(ds.get("name", "?"))}, N = {_num(ds.get("size"))}'
             + (f', fingerprint <code>{_esc(str(ds["fingerprint"])[:23])}</code>' if ds.get("fingerprint") else "")
             + ". Recompute ε from these events alone with <code>privdiff budget show RUN</code>.</p>")
-    return _section("ledger", "Privacy ledger", f'<p class="composed">{composed}</p>{table}{data}')
+    public = ""
+    if ledger.public_stages:
+        prow = [[_esc(p["stage"]), _esc(p["data"].get("name")), _esc(p["data"].get("split")), _num(p["data"].get("size")),
+                 f'<code>{_esc(str(p["data"].get("fingerprint", ""))[:23])}</code>', _num(p.get("steps"))]
+                for p in ledger.public_stages]
+        public = ('<p class="sub">Stages on public data only (not part of ε):</p>'
+                  + _table(["stage", "public data", "split", "N", "fingerprint", "steps"], prow, numeric=(3, 5)))
+    return _section("ledger", "Privacy ledger", f'<p class="composed">{composed}</p>{table}{data}{public}')
 
 
 # -- attacks --------------------------------------------------------------------------------------

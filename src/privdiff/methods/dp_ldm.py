@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,16 +48,22 @@ class DPLDMResult:
 
 def load_public(recipe: Recipe, *, resolution: int) -> ImageDataset:
     """The public data set, drawn at ``resolution − 2·ldm.public_margin`` and framed by a background
-    margin (MNIST's digits sit in a 20×20 box of a 28×28 image; scikit-learn's fill their 8×8 frame)."""
+    margin (MNIST's digits sit in a 20×20 box of a 28×28 image; scikit-learn's fill their 8×8 frame),
+    with contrast ``ldm.public_contrast`` = g: x ← tanh(g·x)/tanh(g) on [-1, 1] (g = 0: unchanged),
+    which turns the soft blobs of 8×8 images enlarged 2.5× back into strokes on a black background."""
     L = recipe.ldm
     inner = resolution - 2 * L.public_margin
     if inner < 4:
         raise ValueError(f"ldm.public_margin={L.public_margin} leaves no image at resolution {resolution}")
     public = load_dataset(L.public_data, root=L.public_root, split="all", resolution=inner)
+    images = public.images
+    if L.public_contrast > 0:
+        g = L.public_contrast
+        images = torch.tanh(g * images) / math.tanh(g)
     if L.public_margin:
         m = L.public_margin
-        public = dataclasses.replace(public, images=F.pad(public.images, (m, m, m, m), value=-1.0))
-    return public
+        images = F.pad(images, (m, m, m, m), value=-1.0)
+    return dataclasses.replace(public, images=images)
 
 
 def caption_conditioner(dataset: ImageDataset, recipe: Recipe, tokenizer, device: torch.device) -> Conditioner:
