@@ -1,7 +1,6 @@
 """privdiff train / sample / budget through the real command line, on tiny models."""
 
 import json
-import math
 import os
 import shutil
 import subprocess

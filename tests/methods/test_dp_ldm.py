@@ -121,7 +121,6 @@ def test_autoencoder_round_trip_on_held_out_public_images():
 @pytest.mark.slow
 def test_dp_ldm_end_to_end(tmp_path, capsys):
     """Three stages, a ledger of the private stage only, frozen weights untouched, prompts and labels, evaluate."""
-    from privdiff.methods.dp_ldm import load_public  # noqa: F401  (the module imports cleanly)
     from privdiff.runs import Run
 
     run = tmp_path / "ldm"

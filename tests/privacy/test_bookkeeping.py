@@ -7,7 +7,6 @@ of the model run on each example alone (relative error ≤ 1e-4).
 
 from __future__ import annotations
 
-import copy
 
 import pytest
 import torch
