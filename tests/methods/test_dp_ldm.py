@@ -216,3 +216,25 @@ def test_opacus_hooks_and_book_keeping_give_the_same_update_on_the_trainable_sub
         assert all(torch.equal(b, p) for b, p in zip(before, den.parameters()) if not p.requires_grad)
         updates[mode] = torch.cat([(b - p.detach()).flatten() for b, p in zip(before, den.parameters()) if p.requires_grad])
     torch.testing.assert_close(updates["bk"], updates["hooks"], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_dp_ldm_resume_continues_the_private_stage_with_the_same_frozen_part(tmp_path, capsys):
+    """A run stopped after 2 private steps and continued to 4: the ledger counts 4, the public stages are not
+    redone, and the parameters frozen at the start are still the pretrained ones after the resume."""
+    from privdiff.runs import Run
+
+    run = tmp_path / "ldm"
+    base = [a for a in TINY_LDM if not a.startswith("train.max_steps")]
+    assert main(["train", str(ROOT / "recipes/dp-ldm-mnist5k.yaml"), *base, "train.max_steps=2", "--out", str(run), "--quiet"]) == 0
+    public_log = [e for e in Run(run).read_train_log() if e["stage"] != "dp_sgd"]
+    assert main(["train", str(ROOT / "recipes/dp-ldm-mnist5k.yaml"), *base, "train.max_steps=4", "--out", str(run), "--quiet"]) == 0, capsys.readouterr().err
+    ledger = json.loads((run / "ledger.json").read_text())
+    assert [(e["stage"], e["steps"]) for e in ledger["events"]] == [("dp_sgd", 4)]
+    assert [e for e in Run(run).read_train_log() if e["stage"] != "dp_sgd"] == public_log  # nothing public ran again
+    pretrained = Run(run / "stages" / "pretrain").load_net(ema=True)
+    final = Run(run).load_net(ema=False)
+    select_trainable(pretrained, ("attentions", "class_embedder"))
+    for (name, p0), p1 in zip(pretrained.named_parameters(), final.parameters()):
+        if not p0.requires_grad:
+            assert torch.equal(p0, p1), name
