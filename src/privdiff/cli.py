@@ -36,11 +36,11 @@ def _recipe_path(name: str) -> str:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from .config import resolve_recipe
-    from .methods import dp_ldm, dpdm
+    from .methods import dp_ldm, dpdm, dpp
 
     recipe = resolve_recipe(_recipe_path(args.recipe), args.overrides)
     out = args.out or os.path.join("runs", Path(args.recipe).stem)
-    method = {"dpdm": dpdm, "dp-ldm": dp_ldm}[recipe.method]
+    method = {"dpdm": dpdm, "dp-ldm": dp_ldm, "dpp": dpp}[recipe.method]
     result = method.train(recipe, out=out, progress=not args.quiet)
     _report(result)
     return 0

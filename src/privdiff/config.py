@@ -23,7 +23,7 @@ from .models.text import TextConfig
 from .models.unet import UNetConfig
 
 
-METHODS = ("dpdm", "dp-ldm")
+METHODS = ("dpdm", "dp-ldm", "dpp")
 
 
 class RecipeError(ValueError):
@@ -135,6 +135,20 @@ class LDMConfig:
 
 
 @dataclass(frozen=True)
+class DPPConfig:
+    """DPP (``method: dpp``): noisy central images released privately, pretraining on them, then DP-SGD."""
+
+    batch_size: int = 1000  # expected examples per release round (Poisson: q = batch_size / N)
+    noise_multiplier: float = 5.0  # σ of the release (DP-FETA: 5)
+    rounds: int = 5  # R release rounds: R × num_classes central images (DP-FETA MNIST: 5)
+    downsample: int = 2  # average-pool the images by this before taking means (fewer values, less noise per image)
+    copies: int = 100  # augmented copies of each central image for pretraining (post-processing)
+    num_ops: int = 2  # RandAugment-style operations per copy
+    magnitude: int = 9  # their strength is drawn in 1..magnitude (of 10)
+    pretrain: PretrainConfig = field(default_factory=lambda: PretrainConfig(batch_size=128, epochs=20.0, lr=2e-3, ema_decay=0.995))
+
+
+@dataclass(frozen=True)
 class Recipe:
     method: str = "dpdm"
     data: DataConfig = field(default_factory=DataConfig)
@@ -145,6 +159,7 @@ class Recipe:
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     ldm: LDMConfig = field(default_factory=LDMConfig)
+    dpp: DPPConfig = field(default_factory=DPPConfig)
 
 
 def _coerce(value: Any, hint: Any, key: str) -> Any:
@@ -293,6 +308,9 @@ def validate_recipe(r: Recipe) -> None:
         (r.method in METHODS, f"method '{r.method}' is not available (available: {', '.join(METHODS)})"),
         (0 <= r.ldm.text.caption_dropout < 1, "ldm.text.caption_dropout must be in [0, 1)"),
         (r.ldm.public_contrast >= 0, "ldm.public_contrast must be >= 0"),
+        (r.dpp.noise_multiplier > 0, "dpp.noise_multiplier must be > 0"),
+        (r.dpp.rounds >= 1 and r.dpp.copies >= 1 and r.dpp.downsample >= 1, "dpp.rounds, dpp.copies and dpp.downsample must be >= 1"),
+        (1 <= r.dpp.magnitude <= 10 and r.dpp.num_ops >= 0, "dpp.magnitude must be in 1..10, dpp.num_ops >= 0"),
         (len(r.ldm.trainable) >= 1, "ldm.trainable must name at least one group"),
         (r.method != "dp-ldm" or r.ldm.public_data != r.data.name, "ldm.public_data must not be the private data set"),
     ]

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["CentralRelease", "central_sensitivity", "class_means", "release_central_images"]
+__all__ = ["CentralRelease", "central_sensitivity", "class_means", "release_central_images", "release_parameters"]
 
 
 @dataclass
@@ -53,6 +53,13 @@ def central_sensitivity(*, channels: int, height: int, width: int, expected_per_
     if expected_per_class < 1:
         raise ValueError(f"expected examples per class must be >= 1, got {expected_per_class} (raise the batch size)")
     return math.sqrt(channels * height * width) / expected_per_class
+
+
+def release_parameters(*, num_examples: int, num_classes: int, sample_rate: float, channels: int, height: int, width: int,
+                       downsample: int = 1) -> tuple[int, float]:
+    """(m, Δ) of a release: expected examples per class ⌊q·N / classes⌋ and the L2 sensitivity for images of that size."""
+    m = math.floor(sample_rate * num_examples / num_classes)
+    return m, central_sensitivity(channels=channels, height=height // downsample, width=width // downsample, expected_per_class=m)
 
 
 def class_means(images01: Tensor, labels: Tensor, mask: Tensor, *, num_classes: int, expected_per_class: int,
@@ -85,10 +92,9 @@ def release_central_images(
         raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
     if noise_multiplier <= 0:
         raise ValueError("noise_multiplier must be > 0 (the release is private only with noise)")
-    N = images01.shape[0]
-    m = math.floor(sample_rate * N / num_classes)
-    C, H, W = images01.shape[1], images01.shape[2] // downsample, images01.shape[3] // downsample
-    delta = central_sensitivity(channels=C, height=H, width=W, expected_per_class=m)
+    N, C, H, W = images01.shape
+    m, delta = release_parameters(num_examples=N, num_classes=num_classes, sample_rate=sample_rate, channels=C,
+                                  height=H, width=W, downsample=downsample)
     out = []
     for _ in range(rounds):
         # Poisson sampling: each example in with probability q

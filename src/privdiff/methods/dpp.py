@@ -1,0 +1,95 @@
+"""DPP / DP-FETA (Li et al.): warm up on noisy "central" images released with the Gaussian
+mechanism, then DP-SGD, under one composed budget.
+
+Stages, on the shared core:
+
+1. ``central_images`` (private, a release): R rounds of Poisson-sampled per-class means with
+   Gaussian noise at their L2 sensitivity (:mod:`privdiff.privacy.central`). The event (σ, q, R,
+   Δ) is written to the ledger *before* the data is read; the images are saved as
+   ``RUN/central/central.npz`` and ``RUN/central/grid.png``.
+2. ``pretrain`` (post-processing): the DPDM UNet trained without DP on augmented copies of the
+   released images (:func:`privdiff.data.augment.augment_copies`): no data access, no ledger event.
+3. ``dp_sgd`` (private): DPDM's DP-SGD from the pretrained EMA weights, with σ calibrated so that
+   the release and DP-SGD *together* meet ``privacy.epsilon`` (the ledger's earlier events are
+   the prior of the calibration).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import io
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..atomic import atomic_write_bytes
+from ..config import Recipe
+from ..data import ImageDataset, load_dataset
+from ..data.augment import augment_copies
+from ..privacy.central import release_central_images, release_parameters
+from ..privacy.ledger import SUBSAMPLED_GAUSSIAN, Ledger
+from ..runs import Run, open_run, save_grid, save_samples
+from .stages import class_grid_labels, generate, open_ledger, train_denoiser
+
+STAGE = "central_images"
+
+
+@dataclass
+class DPPResult:
+    run: Run
+    grid: Path
+    ledger: Ledger
+    steps: int
+
+
+def central_images(run: Run, recipe: Recipe, private: ImageDataset, ledger: Ledger) -> tuple[torch.Tensor, torch.Tensor]:
+    """The released central images in [0, 1] at full resolution, and their labels: read back if the
+    release already ran, else released now (ledger first, then the data)."""
+    path = run.path / "central" / "central.npz"
+    if path.is_file():
+        with np.load(path) as f:
+            return torch.from_numpy(f["images"]), torch.from_numpy(f["labels"])
+    c = recipe.dpp
+    q = min(1.0, c.batch_size / len(private))
+    _, sensitivity = release_parameters(num_examples=len(private), num_classes=private.num_classes, sample_rate=q,
+                                        channels=private.channels, height=private.resolution, width=private.resolution,
+                                        downsample=c.downsample)
+    ledger.record(stage=STAGE, mechanism=SUBSAMPLED_GAUSSIAN, noise_multiplier=c.noise_multiplier, sample_rate=q,
+                  steps=c.rounds, sensitivity=sensitivity)  # write-ahead: counted before the data is touched
+    ledger.save(run.ledger_path)
+    g = torch.Generator().manual_seed(recipe.train.seed * 1000 + 11)
+    rel = release_central_images((private.images + 1) / 2, private.labels, num_classes=private.num_classes, sample_rate=q,
+                                 noise_multiplier=c.noise_multiplier, rounds=c.rounds, downsample=c.downsample, generator=g)
+    if abs(rel.sensitivity - sensitivity) > 1e-9 * sensitivity:
+        raise RuntimeError("internal error: the ledger's sensitivity is not the release's")  # never report an unbacked epsilon
+    images = F.interpolate(rel.images, size=private.resolution, mode="bilinear", align_corners=False).clamp(0, 1)
+    buf = io.BytesIO()
+    np.savez_compressed(buf, images=images.numpy().astype(np.float32), labels=rel.labels.numpy().astype(np.int64))
+    atomic_write_bytes(path, buf.getvalue())
+    order = torch.argsort(rel.labels, stable=True)  # one row per class in the picture
+    save_grid(run.path / "central" / "grid.png", images[order].numpy(), nrow=c.rounds)
+    return images, rel.labels
+
+
+def train(recipe: Recipe, *, out: str | Path, progress: bool = True, grid_per_class: int = 10) -> DPPResult:
+    """Release central images, pretrain on their augmentations, fine-tune with DP-SGD; sample a class grid."""
+    d, c = recipe.data, recipe.dpp
+    private = load_dataset(d.name, root=d.root, split="train", resolution=d.resolution)
+    run = open_run(out, recipe)
+    ledger = open_ledger(run, recipe, private)
+    images, labels = central_images(run, recipe, private, ledger)
+    aug, aug_labels = augment_copies(images, labels, copies=c.copies, num_ops=c.num_ops, magnitude=c.magnitude,
+                                     generator=torch.Generator().manual_seed(recipe.train.seed * 1000 + 12))
+    released = dataclasses.replace(private, images=aug * 2 - 1, labels=aug_labels)  # derived from the release only
+    pre = train_denoiser(run=run.stage("pretrain"), recipe=recipe, dataset=released, ledger=None, stage="pretrain",
+                         train=c.pretrain, noise_multiplicity=1, progress=progress)
+    result = train_denoiser(run=run, recipe=recipe, dataset=private, ledger=ledger, stage="dp_sgd",
+                            init=lambda: copy.deepcopy(pre.denoiser.net).requires_grad_(True), progress=progress)
+    grid_labels = class_grid_labels(private.num_classes, grid_per_class)
+    samples = generate(result.denoiser, labels=grid_labels, n=len(grid_labels), recipe=recipe, seed=recipe.train.seed, progress=progress)
+    grid, _ = save_samples(run.samples, samples, grid_labels.numpy(), nrow=grid_per_class)
+    return DPPResult(run=run, grid=grid, ledger=ledger, steps=result.steps)
