@@ -69,3 +69,38 @@ def test_release_and_dp_sgd_compose_to_the_target():
         assert total == pytest.approx(dp_accounting_rdp([(5.0, 0.1, 5), (sigma, q, steps)]), rel=1e-3)
         # the release costs something: without it the same σ would spend less
         assert epsilon([(sigma, q, steps)], delta=DELTA) < total
+
+
+def test_replacing_one_example_moves_the_query_at_most_sqrt2_bound_and_within_a_class_at_most_the_bound():
+    """Replace-one neighbours (not the ledger's add/remove relation, but what a reader may check first):
+    replacing (x, y) by (x', y') under the same sampling outcome moves the release by ≤ Δ when y = y'
+    and by ≤ √2·Δ otherwise (two class sums, disjoint coordinates); the extremes are reached."""
+    g = torch.Generator().manual_seed(3)
+    N, K, C, H, ds = 150, 4, 1, 8, 2
+    images, labels = torch.rand(N, C, H, H, generator=g), torch.randint(0, K, (N,), generator=g)
+    m = math.floor(0.4 * N / K)
+    bound = central_sensitivity(channels=C, height=H // ds, width=H // ds, expected_per_class=m)
+    worst_same = worst_other = 0.0
+    for trial in range(40):
+        i = int(torch.randint(0, N, (1,), generator=g))
+        mask = torch.rand(N, generator=g) < 0.4
+        mask[i] = True  # the replaced example is in the batch (otherwise nothing moves)
+        new_x = torch.rand(1, C, H, H, generator=g)
+        same = trial % 2 == 0
+        new_y = labels[i] if same else (labels[i] + 1 + torch.randint(0, K - 1, (1,), generator=g)) % K
+        if trial < 2:  # extremes: all-ones replaced by all-zeros (same class), or both all-ones (other class)
+            images[i] = 1.0
+            new_x = torch.zeros_like(new_x) if same else torch.ones_like(new_x)
+        x2, y2 = images.clone(), labels.clone()
+        x2[i], y2[i] = new_x[0], new_y
+        before = class_means(images, labels, mask, num_classes=K, expected_per_class=m, downsample=ds)
+        after = class_means(x2, y2, mask, num_classes=K, expected_per_class=m, downsample=ds)
+        change = float((after - before).norm())
+        if same:
+            assert change <= bound * (1 + 1e-6)
+            worst_same = max(worst_same, change)
+        else:
+            assert change <= math.sqrt(2) * bound * (1 + 1e-6)
+            worst_other = max(worst_other, change)
+    assert worst_same == pytest.approx(bound, rel=1e-6)
+    assert worst_other == pytest.approx(math.sqrt(2) * bound, rel=1e-6)

@@ -16,7 +16,9 @@ round are ONE query). Hence the L2 change of the released vector (μ̂_1, …, �
 
     ‖d(x)‖₂ / m ≤ √(C·H'·W') / m =: Δ,
 
-since every coordinate of d(x) lies in [0, 1]. With noise N(0, (σΔ)²) per coordinate and the
+since every coordinate of d(x) lies in [0, 1]. (Replacing one example instead, which is not the
+ledger's relation, moves at most two class sums, each by ≤ Δ on its own block of coordinates, so
+by ≤ √2·Δ; within one class by ≤ Δ, since every coordinate of d(x) − d(x') lies in [−1, 1].) With noise N(0, (σΔ)²) per coordinate and the
 Poisson sampling, one round is the Poisson-subsampled Gaussian mechanism with noise multiplier σ
 and rate q, exactly what DP-SGD's steps are, so R rounds enter the ledger as one event
 (σ, q, R) and compose with DP-SGD in the same accountant. Clamping to [0, 1] afterwards and any
