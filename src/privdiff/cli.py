@@ -177,7 +177,11 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_he_serve(args: argparse.Namespace) -> int:
+    import torch
+
     from .he.server import ServiceConfig, serve
+
+    torch.set_num_threads(1)  # the server's work is CKKS (TenSEAL); torch's thread pool only contends with it
 
     serve(args.run, host=args.host, port=args.port,
           config=ServiceConfig(max_body_mb=args.max_body_mb, timeout_s=args.timeout, max_sessions=args.max_sessions))
@@ -185,8 +189,12 @@ def cmd_he_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_he_generate(args: argparse.Namespace) -> int:
+    import torch
+
     from .he.client import ServiceError, generate
     from .runs import save_grid
+
+    torch.set_num_threads(1)  # the client's torch work is tiny (norms, softmax); a thread pool only adds contention
 
     try:
         result = generate(args.server, args.prompt, mode=args.mode, seed=args.seed, steps=args.steps, guidance=args.guidance,
