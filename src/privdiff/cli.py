@@ -23,6 +23,9 @@ EPILOG = """examples:
   privdiff budget show runs/eps1
   privdiff evaluate runs/eps1 --n 2000                 FID/KID, precision/recall, accuracy -> metrics.json, report.html
   privdiff compare runs/demo runs/eps1 --out runs/compare
+  privdiff train he-ldm-mnist5k --out runs/he          DP-LDM with the HE-friendly denoiser, then:
+  privdiff he serve runs/he --port 8750                 encrypted inference server
+  privdiff he generate --server http://127.0.0.1:8750 --prompt "a handwritten digit three" --out three.png
 """
 
 
@@ -173,6 +176,38 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_he_serve(args: argparse.Namespace) -> int:
+    import torch
+
+    from .he.server import ServiceConfig, serve
+
+    torch.set_num_threads(1)  # the server's work is CKKS (TenSEAL); torch's thread pool only contends with it
+
+    serve(args.run, host=args.host, port=args.port,
+          config=ServiceConfig(max_body_mb=args.max_body_mb, timeout_s=args.timeout, max_sessions=args.max_sessions))
+    return 0
+
+
+def cmd_he_generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from .he.client import ServiceError, generate
+    from .runs import save_grid
+
+    torch.set_num_threads(1)  # the client's torch work is tiny (norms, softmax); a thread pool only adds contention
+
+    try:
+        result = generate(args.server, args.prompt, mode=args.mode, seed=args.seed, steps=args.steps, guidance=args.guidance,
+                          params=args.params, progress=not args.quiet, timeout=args.timeout)
+    except ServiceError as e:
+        raise OSError(str(e)) from None
+    save_grid(args.out, result.image, nrow=1)
+    per = sum(result.per_eval) / max(1, len(result.per_eval))
+    print(f"{args.out}: {result.mode} mode, {result.evaluations} denoiser evaluations in {result.seconds:.1f} s "
+          f"({per:.2f} s each), {result.rounds} round trips, {result.bytes_up / 1e6:.1f} MB sent, {result.bytes_down / 1e6:.1f} MB received")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="privdiff", description="Privacy-preserving diffusion models: train with DP-SGD, sample, account.",
@@ -227,6 +262,32 @@ def build_parser() -> argparse.ArgumentParser:
     cp.add_argument("runs", nargs="+", metavar="RUN")
     cp.add_argument("--out", help="also write OUT.csv and OUT.md")
     cp.set_defaults(func=cmd_compare)
+
+    he = sub.add_parser("he", help="encrypted inference (CKKS): serve a run, or generate from a server")
+    hsub = he.add_subparsers(dest="he_command", required=True, metavar="ACTION")
+    hs = hsub.add_parser("serve", help="serve a run trained with ldm.net=he (e.g. recipe he-ldm-mnist5k) over HTTP",
+                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    hs.add_argument("run", help="run directory")
+    hs.add_argument("--host", default="127.0.0.1")
+    hs.add_argument("--port", type=int, default=8750)
+    hs.add_argument("--max-body-mb", type=float, default=64.0, help="larger requests are refused (413)")
+    hs.add_argument("--timeout", type=float, default=120.0, help="seconds one request may compute (then 503)")
+    hs.add_argument("--max-sessions", type=int, default=16)
+    hs.set_defaults(func=cmd_he_serve)
+    hg = hsub.add_parser("generate", help="one image for a prompt from a server; the secret key never leaves this machine",
+                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    hg.add_argument("--server", required=True, help="e.g. http://127.0.0.1:8750")
+    hg.add_argument("--prompt", required=True)
+    hg.add_argument("--out", required=True, help="a .png file")
+    hg.add_argument("--mode", choices=["private", "compat"], default="private",
+                    help="private: the server sees neither prompt nor image; compat: HE-Diffusion as published (the server sees both)")
+    hg.add_argument("--steps", type=int, help="sampler steps (default: the server's recipe)")
+    hg.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: the server's recipe)")
+    hg.add_argument("--seed", type=int, default=0)
+    hg.add_argument("--params", choices=["precise", "reference"], default="precise", help="CKKS parameters (reference: HE-Diffusion's, compat only)")
+    hg.add_argument("--timeout", type=float, default=300.0)
+    hg.add_argument("--quiet", action="store_true")
+    hg.set_defaults(func=cmd_he_generate)
 
     b = sub.add_parser("budget", help="noise calibration, or the ledger of a run")
     bsub = b.add_subparsers(dest="budget_command", required=True, metavar="ACTION")

@@ -21,6 +21,7 @@ from .models.autoencoder import AutoencoderConfig
 from .models.latent import LatentUNetConfig
 from .models.text import TextConfig
 from .models.unet import UNetConfig
+from .he.model import HENetConfig
 
 
 METHODS = ("dpdm", "dp-ldm", "dpp")
@@ -132,6 +133,8 @@ class LDMConfig:
     text: TextConfig = field(default_factory=TextConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     trainable: tuple[str, ...] = ("attentions", "class_embedder")  # privately fine-tuned (privdiff.models.latent.TRAINABLE_GROUPS or name patterns)
+    net: str = "unet"  # the latent denoiser: "unet" (ldm.unet) or "he", the HE-friendly one of privdiff.he.model (ldm.he; private-mode inference)
+    he: HENetConfig = field(default_factory=HENetConfig)
 
 
 @dataclass(frozen=True)
@@ -312,6 +315,7 @@ def validate_recipe(r: Recipe) -> None:
         (r.dpp.rounds >= 1 and r.dpp.copies >= 1 and r.dpp.downsample >= 1, "dpp.rounds, dpp.copies and dpp.downsample must be >= 1"),
         (1 <= r.dpp.magnitude <= 10 and r.dpp.num_ops >= 0, "dpp.magnitude must be in 1..10, dpp.num_ops >= 0"),
         (len(r.ldm.trainable) >= 1, "ldm.trainable must name at least one group"),
+        (r.ldm.net in ("unet", "he"), "ldm.net must be 'unet' or 'he'"),
         (r.method != "dp-ldm" or r.ldm.public_data != r.data.name, "ldm.public_data must not be the private data set"),
     ]
     for ok, message in checks:

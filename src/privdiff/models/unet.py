@@ -96,6 +96,10 @@ def load_net(path) -> nn.Module:
 
     from .latent import LatentNet
 
+    if (Path(path) / "he_net.json").is_file():  # privdiff.he's HE-friendly latent denoiser
+        from ..he.model import HENet
+
+        return HENet.from_pretrained(path)
     if (Path(path) / "conditioner.json").is_file():
         return LatentNet.from_pretrained(path)
     return UNetNet.from_pretrained(path)

@@ -1,0 +1,14 @@
+"""Encrypted text-to-image inference (CKKS): a small backend interface, HE-Diffusion's method as
+published ("compat" mode), and a private mode in which the server sees neither prompt nor image.
+
+Modules (import them directly; this package imports nothing heavy):
+
+- :mod:`privdiff.he.ckks`: CKKS parameters, client/public contexts, the ciphertext operations (TenSEAL).
+- :mod:`privdiff.he.model`: the HE-friendly text-conditioned latent denoiser (torch only).
+- :mod:`privdiff.he.private`: private mode: packed encrypted linear layers, per-session permutations,
+  the client's forward pass (norms, activations, attention softmax-and-mix on what it decrypts).
+- :mod:`privdiff.he.compat`: HE-Diffusion's per-step HILL selection, COO packing and encrypted update.
+- :mod:`privdiff.he.server` / :mod:`privdiff.he.client`: the HTTP service and its client.
+
+docs/he.md has the threat model of each mode.
+"""
