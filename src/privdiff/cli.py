@@ -38,15 +38,16 @@ def _recipe_path(name: str) -> str:
 def cmd_train(args: argparse.Namespace) -> int:
     from .config import resolve_recipe
     from .distributed import init_from_env, launched_by_torchrun, shutdown
-    from .methods import dp_ldm, dpdm, dpp
 
-    recipe = resolve_recipe(_recipe_path(args.recipe), args.overrides)
+    recipe = resolve_recipe(_recipe_path(args.recipe), args.overrides)  # a bad recipe fails here, before any worker starts
     out = args.out or os.path.join("runs", Path(args.recipe).stem)
     if args.nproc is not None and args.nproc > 1 and not launched_by_torchrun():
         return _launch_torchrun(args, out)
+    from .methods import dp_ldm, dpdm, dpp
+
     world = init_from_env()  # under torchrun: join the process group (docs/distributed.md)
     method = {"dpdm": dpdm, "dp-ldm": dp_ldm, "dpp": dpp}[recipe.method]
-    result = method.train(recipe, out=out, progress=not args.quiet)
+    result = method.train(recipe, out=out, progress=not args.quiet and world.is_main)
     if world.is_main:
         _report(result)
     shutdown()

@@ -310,7 +310,7 @@ def _replicate(module: nn.Module) -> DistributedDataParallel:
     """``DistributedDataParallel`` over ``module``: rank 0's parameters and buffers on every rank (its
     construction broadcasts them); its gradient averaging is never used (see :class:`DPSGD`)."""
     device = next(module.parameters()).device
-    return DistributedDataParallel(module, device_ids=[device] if device.type == "cuda" else None, broadcast_buffers=False)
+    return DistributedDataParallel(module, device_ids=[device] if device.type == "cuda" else None, forward_sync_buffers=False)
 
 
 def _no_sync(module: nn.Module):
