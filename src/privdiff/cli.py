@@ -16,6 +16,7 @@ EPILOG = """examples:
   privdiff demo                                        DPDM on the built-in MNIST digits, eps=10
   privdiff train recipes/dpdm-mnist5k.yaml privacy.epsilon=1 --out runs/eps1
   privdiff train recipes/dpdm-mnist5k.yaml data.name=mnist data.root=~/data/mnist --out runs/mnist
+  privdiff train dpdm-mnist5k --nproc 4 --out runs/w4   4 processes (torchrun, DistributedDataParallel), same epsilon
   privdiff sample runs/eps1 --n 64 --label 3 --out three.png
   privdiff train dp-ldm-mnist5k --out runs/ldm           DP-LDM: public autoencoder + latent model, private fine-tuning
   privdiff sample runs/ldm --n 20 --prompt "a handwritten digit seven" --out seven.png
@@ -39,13 +40,39 @@ def _recipe_path(name: str) -> str:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from .config import resolve_recipe
+    from .distributed import init_from_env, launched_by_torchrun, shutdown
+
+    recipe = resolve_recipe(_recipe_path(args.recipe), args.overrides)  # a bad recipe fails here, before any worker starts
+    out = args.out or os.path.join("runs", Path(args.recipe).stem)
+    if args.nproc is not None and args.nproc > 1 and not launched_by_torchrun():
+        return _launch_torchrun(args, out)
     from .methods import dp_ldm, dpdm, dpp
 
-    recipe = resolve_recipe(_recipe_path(args.recipe), args.overrides)
-    out = args.out or os.path.join("runs", Path(args.recipe).stem)
+    world = init_from_env()  # under torchrun: join the process group (docs/distributed.md)
     method = {"dpdm": dpdm, "dp-ldm": dp_ldm, "dpp": dpp}[recipe.method]
-    result = method.train(recipe, out=out, progress=not args.quiet)
-    _report(result)
+    result = method.train(recipe, out=out, progress=not args.quiet and world.is_main)
+    if world.is_main:
+        _report(result)
+    shutdown()
+    return 0
+
+
+def _launch_torchrun(args: argparse.Namespace, out: str) -> int:
+    """``privdiff train ... --nproc W``: the same command as W workers on this machine, via torchrun."""
+    from torch.distributed import run as torchrun
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    if args.nproc < 1:
+        raise ValueError(f"--nproc must be at least 1, got {args.nproc}")
+    argv = ["--standalone", f"--nproc-per-node={args.nproc}", "--module", "privdiff.cli", "train", args.recipe,
+            *args.overrides, "--out", out] + (["--quiet"] if args.quiet else [])
+    try:
+        torchrun.main(argv)
+    except ChildFailedError as e:
+        codes = sorted({f.exitcode for f in e.failures.values()})
+        print(f"privdiff: error: {len(e.failures)} of {args.nproc} workers failed (exit {codes}); their messages are above",
+              file=sys.stderr)
+        return next((c for c in codes if c > 0), 1)
     return 0
 
 
@@ -229,6 +256,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides, e.g. privacy.epsilon=1 train.batch_size=512")
     t.add_argument("--out", help="run directory (default: runs/<recipe name>)")
     t.add_argument("--quiet", action="store_true", help="no progress bars")
+    t.add_argument("--nproc", type=int, metavar="W",
+                   help="train with W processes on this machine (torchrun; one per GPU, or CPU cores split among them); "
+                        "epsilon does not depend on W. Several machines: docs/distributed.md")
     t.set_defaults(func=cmd_train)
 
     s = sub.add_parser("sample", help="draw images from a trained run", formatter_class=argparse.ArgumentDefaultsHelpFormatter)

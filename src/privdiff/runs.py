@@ -33,6 +33,7 @@ from safetensors.torch import load_file, save_file
 
 from .atomic import atomic_directory, atomic_write_text
 from .config import Recipe, recipe_to_dict, resolve_recipe
+from .distributed import is_main
 
 
 class RunError(ValueError):
@@ -100,6 +101,8 @@ class Run:
         return max((float(e.get("time_s", 0.0)) for e in kept), default=0.0)
 
     def append_train_log(self, entry: dict[str, Any]) -> None:
+        if not is_main():  # under torchrun rank 0 alone writes
+            return
         with open(self.train_log_path, "a") as f:
             f.write(json.dumps(entry) + "\n")
 
@@ -126,6 +129,8 @@ class Run:
         """Write ``checkpoints/step-NNNNNN`` atomically, point ``latest`` at it, keep the newest ``keep``."""
         name = f"step-{state.step:06d}"
         final = self.checkpoints / name
+        if not is_main():  # under torchrun rank 0 alone writes
+            return final
         if final.exists():
             shutil.rmtree(final)
         with atomic_directory(final) as tmp:

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from ..config import Recipe, TrainConfig
 from ..data import ImageDataset
+from ..distributed import agree, barrier, broadcast_object, current_world
 from ..diffusion import Denoiser, denoising_loss, draw_training_noise, drop_labels, guided_denoiser, make_sigma_distribution, sample
 from ..models import UNetNet, build_unet, count_parameters
 from ..privacy.accounting import calibrate_noise
@@ -188,6 +189,8 @@ def train_denoiser(
     the data, and a step that would take ε past ``privacy.epsilon`` is not taken.
     """
     r, t, device = recipe, train or recipe.train, default_device()
+    world = current_world()  # under torchrun: W processes share each step (privacy.dpsgd), rank 0 writes
+    progress = progress and world.is_main
     torch.manual_seed(t.seed)
     gens = _generators(t.seed, device)
     N, K = len(dataset), noise_multiplicity or r.privacy.noise_multiplicity
@@ -204,6 +207,8 @@ def train_denoiser(
         net = init() if init is not None else UNetNet(build_unet(
             r.model, resolution=dataset.resolution, in_channels=dataset.channels, num_classes=dataset.num_classes))
         net_ema, start = copy.deepcopy(net), 0
+    if world.distributed:
+        _join_world(world, gens, ledger, seed=t.seed, start=start, what=(stage, start, N, dataset.fingerprint, planned_steps(t, N)))
     if select is not None:
         select(net)
     net.to(device).train()
@@ -282,7 +287,21 @@ def train_denoiser(
         checkpoint(step)
     if ledger is not None:
         ledger.save(run.ledger_path)
+    barrier()  # nobody moves on before rank 0 has written the stage's last checkpoint and ledger
     return TrainResult(denoiser=ema_denoiser, steps=step, stopped_at_budget=stopped)
+
+
+def _join_world(world, gens: dict[str, torch.Generator], ledger: Ledger | None, *, seed: int, start: int, what: tuple) -> None:
+    """Make a distributed stage start from one state: every rank at the same step of the same stage
+    (checked), rank 0's ledger in memory everywhere (a rank that read the file a moment later
+    could count a step more), and rank-specific diffusion noise (rank 0 continues the checkpointed
+    stream; the others draw from (seed, rank, start)). The batch generator is made rank 0's by
+    the engine (:class:`~privdiff.privacy.dpsgd.PoissonBatches`)."""
+    agree(what, what="the stage, start step, data and planned steps (is the run directory on storage every node sees?)")
+    if ledger is not None:
+        ledger.events, ledger.public_stages = broadcast_object((ledger.events, ledger.public_stages))
+    if world.rank > 0:
+        gens["diffusion"].manual_seed(int(np.random.SeedSequence([seed, world.rank, start]).generate_state(1)[0]))
 
 
 def load_denoiser(run: Run, recipe: Recipe | None = None) -> Denoiser:

@@ -12,18 +12,32 @@ One private step (Abadi et al. 2016, with Poisson sampling as the accountant ass
 6. Optimizer step on g̃.
 
 Each example still contributes exactly one clipped gradient, so K costs no privacy.
+
+On W processes (``torchrun``; :mod:`privdiff.distributed`) the step is the same mechanism, so
+the accountant's (σ, q, steps) — and ε — do not depend on W:
+
+1. every rank draws the same global Poisson batch B and keeps its shard B_r = B[r::W]
+   (:meth:`PoissonBatches.shard`; B is the disjoint union of the B_r);
+2.–4. each rank clips its own examples: S_r = Σ_{b∈B_r} ĝ_b;
+5. rank 0 alone draws ξ ~ N(0, σ²C² I); one all-reduce gives every rank
+   Σ_r S_r + ξ = Σ_{b∈B} ĝ_b + ξ, divided by the global qN (:class:`_WorldSum`);
+6. every rank applies the same update, so the replicas stay equal.
 """
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections.abc import Callable
 
 import torch
 from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
+from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
+from ..distributed import World, agree, all_reduce_sum_, broadcast_object, current_world
 from .bookkeeping import BookKeeping
 from .grad_sample import make_grad_sample_module
 
@@ -32,11 +46,31 @@ LossFn = Callable[[nn.Module, torch.Tensor], torch.Tensor]
 
 
 class PoissonBatches:
-    """Poisson-sampled batches of example indices: each index independently with probability q."""
+    """Poisson-sampled batches of example indices: each index independently with probability q.
 
-    def __init__(self, *, num_examples: int, sample_rate: float, generator: torch.Generator):
+    On a world of W processes, :meth:`next` is the *global* batch, identical on every rank, and
+    :meth:`shard` is this rank's part of it. Why the union of the ranks' batches is exactly one
+    Poisson sample of the data set, whatever W:
+
+    * the generator's state is broadcast from rank 0 when the batches are built, and every rank
+      draws exactly once per step, so at step t every rank draws the same mask
+      m_1..m_N ~ iid Bernoulli(q) — the mask a single process would draw with the same state;
+    * B = {i : m_i = 1} is therefore a Poisson sample with rate q (what the accountant assumes);
+    * rank r keeps B_r = B[r::W] (every W-th selected index, by position): the B_r are disjoint
+      and their union is B, so every example of B is clipped and summed exactly once in the world.
+
+    Nothing depends on W except which process computes which b ∈ B. (Opacus'
+    ``DistributedUniformWithReplacementSampler`` draws a separate mask per rank over a fixed
+    shard of the data and *skips* steps whose local batch is empty, so ranks can fall out of
+    step; it is not used here.)
+    """
+
+    def __init__(self, *, num_examples: int, sample_rate: float, generator: torch.Generator, world: World | None = None):
         if not 0 < sample_rate <= 1:
             raise ValueError(f"sample rate must be in (0, 1], got {sample_rate} (batch size larger than the data set?)")
+        self.world = world or current_world()
+        if self.world.distributed:  # one mask stream for the world: rank 0's
+            generator.set_state(broadcast_object(generator.get_state()))
         self.sampler = UniformWithReplacementSampler(
             num_samples=num_examples, sample_rate=sample_rate, generator=generator, steps=1
         )
@@ -46,7 +80,12 @@ class PoissonBatches:
         return self.sampler.sample_rate
 
     def next(self) -> torch.Tensor:
+        """The global batch B (every rank gets the same indices)."""
         return torch.as_tensor(next(iter(self.sampler)), dtype=torch.long)
+
+    def shard(self, indices: torch.Tensor) -> torch.Tensor:
+        """This rank's part B_r = B[r::W] of a global batch (all of it on a world of one)."""
+        return indices[self.world.rank::self.world.size]
 
 
 def fold_noise_multiplicity(module: nn.Module, K: int) -> None:
@@ -86,6 +125,13 @@ class DPSGD:
         noise_generator: drives the Gaussian noise of the mechanism.
         grad_sample_mode: ``"bk"`` (privdiff's one-backward book-keeping clipping, the default),
             or Opacus' per-sample gradients, ``"hooks"`` or ``"functorch"``. All give the same update.
+        world: the torch.distributed world (default: the initialised process group, else one
+            process). With W > 1 the module is wrapped in ``DistributedDataParallel`` (rank 0's
+            parameters are broadcast; its own gradient averaging is switched off with
+            ``no_sync``: it would average *unclipped* gradients on every backward, while DP-SGD
+            sums *clipped* ones once per logical step, which the optimizer does, see
+            :class:`_WorldSum`), each step computes this rank's shard of the global batch, and
+            ``max_physical_batch_size`` is per process.
     """
 
     private = True
@@ -104,24 +150,31 @@ class DPSGD:
         generator: torch.Generator,
         noise_generator: torch.Generator,
         grad_sample_mode: str = "bk",
+        world: World | None = None,
     ):
+        self.world = world = _check_world(world)
         if grad_sample_mode == "bk":
             # clipping happens in the backward (BookKeeping); the optimizer adds noise σC to the
             # clipped sum and divides by the expected batch size, exactly as DPOptimizer does
             self.module, self.bk = model, BookKeeping(model, noise_multiplicity=noise_multiplicity, max_grad_norm=max_grad_norm)
-            optimizer_cls = _ClippedSumOptimizer
+            optimizer_cls = _DistributedClippedSumOptimizer if world.distributed else _ClippedSumOptimizer
         else:
             self.module, self.bk = make_grad_sample_module(model, grad_sample_mode=grad_sample_mode), None
-            optimizer_cls = DPOptimizer
+            optimizer_cls = _DistributedDPOptimizer if world.distributed else DPOptimizer
+        if world.distributed:
+            agree((num_examples, batch_size, float(noise_multiplier), float(max_grad_norm), noise_multiplicity, grad_sample_mode),
+                  what="the mechanism (N, expected batch size, sigma, C, K, clipping mode)")
+            self.module = _replicate(self.module)
         self.optimizer = optimizer_cls(
             optimizer,
             noise_multiplier=noise_multiplier,
             max_grad_norm=max_grad_norm,
-            expected_batch_size=batch_size,
+            expected_batch_size=batch_size,  # the GLOBAL expected batch qN, whatever W
             loss_reduction="mean",
             generator=noise_generator,
+            **({"world": world} if world.distributed else {}),
         )
-        self.batches = PoissonBatches(num_examples=num_examples, sample_rate=batch_size / num_examples, generator=generator)
+        self.batches = PoissonBatches(num_examples=num_examples, sample_rate=batch_size / num_examples, generator=generator, world=world)
         self.K = noise_multiplicity
         self.examples_per_chunk = max(1, max_physical_batch_size // noise_multiplicity)
         self.noised_steps = 0  # counted by the optimizer itself, on steps where noise was added
@@ -155,8 +208,14 @@ class DPSGD:
                                "(was a parameter frozen or unfrozen after the engine was built?)")
 
     def step(self, indices: torch.Tensor, loss_fn: LossFn) -> float:
-        """One logical DP-SGD step on the examples ``indices``; returns their mean loss (a diagnostic)."""
+        """One logical DP-SGD step on the examples ``indices`` (the global batch; this rank computes
+        its shard); returns their mean loss (a diagnostic, over the whole world)."""
         self._begin_step()
+        with _no_sync(self.module):
+            total, count = self._clipped_step(self.batches.shard(indices), loss_fn)
+        return _world_mean(total, count, self.world, self.optimizer.params)
+
+    def _clipped_step(self, indices: torch.Tensor, loss_fn: LossFn) -> tuple[float, int]:
         total, count = 0.0, 0
         chunks = _chunks(indices, self.examples_per_chunk)
         for i, chunk in enumerate(chunks):
@@ -182,7 +241,7 @@ class DPSGD:
                 self.optimizer.signal_skip_step(do_skip=True)  # accumulate clipped grads, no noise yet
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
-        return total / max(count, 1)
+        return total, count
 
 
 class _ClippedSumOptimizer(DPOptimizerFastGradientClipping):
@@ -199,6 +258,73 @@ class _ClippedSumOptimizer(DPOptimizerFastGradientClipping):
                 p.summed_grad.add_(p.grad)
             else:
                 p.summed_grad = p.grad.detach()
+
+
+class _WorldSum:
+    """Opacus' DP optimizers on a torch.distributed world: the clipped sums of all ranks, noised ONCE.
+
+    Each rank holds S_r = Σ_{b∈B_r} ĝ_b (``p.summed_grad``, after its last virtual batch). Then
+
+        rank 0:      p.grad = S_0 + ξ,   ξ ~ N(0, σ²C² I)   (the only call to the noise generator)
+        rank r > 0:  p.grad = S_r                           (no noise can be drawn on these ranks)
+        all ranks:   p.grad ← Σ_r p.grad = Σ_{b∈B} ĝ_b + ξ   (one all-reduce, same bits everywhere)
+
+    and Opacus' ``scale_grad`` divides by the global expected batch qN. The noise is the single
+    draw of rank 0, so the update has the law of the one-process mechanism: std σC/(qN) per
+    coordinate whatever W (not √W·σC/(qN), which noise on every rank would give). This is
+    Opacus' ``DistributedDPOptimizer`` with the expected batch kept global instead of per-rank
+    and one flat all-reduce instead of one per parameter.
+    """
+
+    def __init__(self, *args, world: World, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.world = world
+
+    def add_noise(self) -> None:
+        if self.world.rank == 0:
+            super().add_noise()  # p.grad = S_0 + ξ
+        else:
+            for p in self.params:
+                _check_processed_flag(p.summed_grad)
+                p.grad = p.summed_grad.view_as(p).clone()  # S_r
+                _mark_as_processed(p.summed_grad)
+        all_reduce_sum_([p.grad for p in self.params])  # Σ_r over the world
+
+
+class _DistributedClippedSumOptimizer(_WorldSum, _ClippedSumOptimizer):
+    """Book-keeping's clipped sums (:class:`_ClippedSumOptimizer`), summed over the world and noised once."""
+
+
+class _DistributedDPOptimizer(_WorldSum, DPOptimizer):
+    """Opacus' per-sample clipping (:class:`~opacus.optimizers.DPOptimizer`), summed over the world and noised once."""
+
+
+def _check_world(world: World | None) -> World:
+    world = world or current_world()
+    if world.size != current_world().size:
+        raise ValueError(f"world of {world.size} processes given, but the process group has {current_world().size}")
+    return world
+
+
+def _replicate(module: nn.Module) -> DistributedDataParallel:
+    """``DistributedDataParallel`` over ``module``: rank 0's parameters and buffers on every rank (its
+    construction broadcasts them); its gradient averaging is never used (see :class:`DPSGD`)."""
+    device = next(module.parameters()).device
+    return DistributedDataParallel(module, device_ids=[device] if device.type == "cuda" else None, forward_sync_buffers=False)
+
+
+def _no_sync(module: nn.Module):
+    """DDP's ``no_sync()`` (no gradient averaging, no collectives in forward/backward); nothing for a plain module."""
+    return module.no_sync() if isinstance(module, DistributedDataParallel) else contextlib.nullcontext()
+
+
+def _world_mean(total: float, count: int, world: World, params) -> float:
+    """Σ total / Σ count over the world (the logged loss)."""
+    if world.distributed:
+        t = torch.tensor([total, float(count)], dtype=torch.float64, device=next(iter(params)).device)
+        all_reduce_sum_([t])
+        total, count = float(t[0]), int(t[1])
+    return total / max(count, 1)
 
 
 class NonPrivateSGD:
@@ -222,11 +348,13 @@ class NonPrivateSGD:
         max_physical_batch_size: int = 512,
         noise_multiplicity: int = 1,
         generator: torch.Generator,
+        world: World | None = None,
     ):
-        self.module = model
+        self.world = world = _check_world(world)
+        self.module = _replicate(model) if world.distributed else model
         self.optimizer = optimizer
         self.batch_size = batch_size
-        self.batches = PoissonBatches(num_examples=num_examples, sample_rate=batch_size / num_examples, generator=generator)
+        self.batches = PoissonBatches(num_examples=num_examples, sample_rate=batch_size / num_examples, generator=generator, world=world)
         self.examples_per_chunk = max(1, max_physical_batch_size // noise_multiplicity)
         self.noised_steps = 0
 
@@ -235,12 +363,20 @@ class NonPrivateSGD:
         return self.batches.sample_rate
 
     def step(self, indices: torch.Tensor, loss_fn: LossFn) -> float:
-        total = 0.0
-        for chunk in _chunks(indices, self.examples_per_chunk):
-            if len(chunk):
-                loss = loss_fn(self.module, chunk)
-                (loss.sum() / self.batch_size).backward()
-                total += float(loss.detach().sum())
+        """One step on the global batch ``indices`` (this rank computes its shard; gradients summed over the world)."""
+        total, local = 0.0, self.batches.shard(indices)
+        params = [p for g in self.optimizer.param_groups for p in g["params"] if p.requires_grad]
+        with _no_sync(self.module):
+            for chunk in _chunks(local, self.examples_per_chunk):
+                if len(chunk):
+                    loss = loss_fn(self.module, chunk)
+                    (loss.sum() / self.batch_size).backward()
+                    total += float(loss.detach().sum())
+        if self.world.distributed:  # Σ over the world (a rank with no examples contributes zeros)
+            for p in params:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+            all_reduce_sum_([p.grad for p in params])
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return total / max(len(indices), 1)
+        return _world_mean(total, len(local), self.world, params)
