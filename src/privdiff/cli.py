@@ -21,6 +21,8 @@ EPILOG = """examples:
   privdiff sample runs/ldm --n 20 --prompt "a handwritten digit seven" --out seven.png
   privdiff budget calibrate --epsilon 10 --delta 1e-5 --n 60000 --batch-size 4096 --epochs 300
   privdiff budget show runs/eps1
+  privdiff budget cap dpdm-mnist5k --epsilon 20        cap mnist5k across all runs (PRIVDIFF_REGISTRY=postgresql://... for teams)
+  privdiff budget status --dataset mnist5k             every run on mnist5k, its epsilon, the composed total
   privdiff evaluate runs/eps1 --n 2000                 FID/KID, precision/recall, accuracy -> metrics.json, report.html
   privdiff compare runs/demo runs/eps1 --out runs/compare
 """
@@ -151,6 +153,38 @@ def cmd_budget_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def _registry(args: argparse.Namespace):
+    from .privacy.registry import Registry
+
+    return Registry(args.registry)
+
+
+def cmd_budget_status(args: argparse.Namespace) -> int:
+    from .privacy.registry import format_status
+
+    statuses = _registry(args).status(args.dataset)
+    if args.dataset and not statuses:
+        raise ValueError(f"no data set named {args.dataset!r} in the registry")
+    print(format_status(statuses))
+    return 0
+
+
+def cmd_budget_cap(args: argparse.Namespace) -> int:
+    from .config import resolve_recipe
+    from .data import load_dataset
+    from .methods.stages import data_identity
+    from .privacy.registry import format_status
+
+    recipe = resolve_recipe(_recipe_path(args.recipe), args.overrides)
+    d = recipe.data
+    identity = data_identity(load_dataset(d.name, root=d.root, split="train", resolution=d.resolution))
+    registry = _registry(args)
+    registry.set_cap(dataset=identity, epsilon=None if args.remove else args.epsilon,
+                     delta=args.delta or recipe.privacy.delta, accountant=recipe.privacy.accountant)
+    print(format_status(registry.status(registry.dataset_key(identity["fingerprint"]))))
+    return 0
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from .evaluation.evaluate import evaluate_run, format_metrics
 
@@ -244,6 +278,20 @@ def build_parser() -> argparse.ArgumentParser:
     sh.add_argument("run", help="run directory or ledger.json")
     sh.add_argument("--accountant", choices=["rdp", "prv"], help="also recompute epsilon with this accountant")
     sh.set_defaults(func=cmd_budget_show)
+    registry_help = "budget registry: a SQLite file or postgresql://... (default: $PRIVDIFF_REGISTRY or ~/.privdiff/registry.sqlite)"
+    st = bsub.add_parser("status", help="every run registered on each data set, its epsilon, and the composed total")
+    st.add_argument("--dataset", help="only this data set (its name, e.g. mnist5k)")
+    st.add_argument("--registry", help=registry_help)
+    st.set_defaults(func=cmd_budget_status)
+    cap = bsub.add_parser("cap", help="cap the composed epsilon of a recipe's private data set across all runs")
+    cap.add_argument("recipe", help="recipe whose data.* names the data set (e.g. dpdm-mnist5k)")
+    cap.add_argument("overrides", nargs="*", metavar="key=value", help="data.* overrides, e.g. data.name=mnist data.root=~/data")
+    g = cap.add_mutually_exclusive_group(required=True)
+    g.add_argument("--epsilon", type=float, help="the cap")
+    g.add_argument("--remove", action="store_true", help="remove the cap")
+    cap.add_argument("--delta", type=float, help="delta at which the cap holds (default: the recipe's privacy.delta)")
+    cap.add_argument("--registry", help=registry_help)
+    cap.set_defaults(func=cmd_budget_cap)
     return p
 
 
