@@ -23,6 +23,7 @@ EPILOG = """examples:
   privdiff budget show runs/eps1
   privdiff budget cap dpdm-mnist5k --epsilon 20        cap mnist5k across all runs (PRIVDIFF_REGISTRY=postgresql://... for teams)
   privdiff budget status --dataset mnist5k             every run on mnist5k, its epsilon, the composed total
+  privdiff audit dpdm-mnist5k privacy.epsilon=2 --out runs/audit   empirical lower bound on epsilon (exit 1 if above the claim)
   privdiff evaluate runs/eps1 --n 2000                 FID/KID, precision/recall, accuracy -> metrics.json, report.html
   privdiff compare runs/demo runs/eps1 --out runs/compare
 """
@@ -185,6 +186,29 @@ def cmd_budget_cap(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_audit(args: argparse.Namespace) -> int:
+    from .config import resolve_recipe
+    from .methods.audit import audit
+
+    recipe = resolve_recipe(_recipe_path(args.recipe), args.overrides)
+    out = args.out or os.path.join("runs", Path(args.recipe).stem + "-audit")
+    done = audit(recipe, out=out, canaries=args.canaries, k_in=args.k_in, k_out=args.k_out, progress=not args.quiet)
+    r = done.result
+    print(f"run:             {done.run.path}")
+    print(f"claimed epsilon: {r.claimed_epsilon:.4f} at delta={r.delta:g} (the ledger's, {r.steps} steps)")
+    print(f"audited bound:   epsilon >= {r.epsilon_lower_bound:.4f} at {r.confidence:.0%} confidence "
+          f"({r.correct} of {r.guesses_in + r.guesses_out} guesses right)")
+    print(f"canaries:        {r.canaries} ({r.included} included by coin flips)")
+    print(f"attack:          {r.attack}")
+    print(f"audit:           {done.path}")
+    if not r.passed:
+        print(f"privdiff: AUDIT FAILED: the audited lower bound {r.epsilon_lower_bound:.4f} exceeds the claimed "
+              f"epsilon {r.claimed_epsilon:.4f}: the run is not as private as its ledger says", file=sys.stderr)
+        return 1
+    print("passed:          the experiment is consistent with the claimed epsilon")
+    return 0
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from .evaluation.evaluate import evaluate_run, format_metrics
 
@@ -261,6 +285,20 @@ def build_parser() -> argparse.ArgumentParser:
     cp.add_argument("runs", nargs="+", metavar="RUN")
     cp.add_argument("--out", help="also write OUT.csv and OUT.md")
     cp.set_defaults(func=cmd_compare)
+
+    au = sub.add_parser("audit", help="empirical privacy audit: train once with canaries, bound epsilon from below",
+                        description="Train the recipe once with m gradient canaries (each included by a fair coin) and turn "
+                                    "the white-box attack's guesses into a lower bound on epsilon at 95% confidence "
+                                    "(Steinke, Nasr & Jagielski 2023). Exit 1 if the bound exceeds the ledger's epsilon.",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    au.add_argument("recipe", help="a DPDM recipe (file or shipped name)")
+    au.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides")
+    au.add_argument("--canaries", type=int, default=1000, help="m, the number of canaries")
+    au.add_argument("--k-in", type=int, help="guesses IN (highest scores); default m/5")
+    au.add_argument("--k-out", type=int, help="guesses OUT (lowest scores); default m/5")
+    au.add_argument("--out", help="run directory, must be fresh (default: runs/<recipe name>-audit)")
+    au.add_argument("--quiet", action="store_true")
+    au.set_defaults(func=cmd_audit)
 
     b = sub.add_parser("budget", help="noise calibration, or the ledger of a run")
     bsub = b.add_subparsers(dest="budget_command", required=True, metavar="ACTION")

@@ -29,6 +29,7 @@ from ..privacy.ledger import NON_PRIVATE, SUBSAMPLED_GAUSSIAN, Ledger
 from ..runs import Run, RunError, TrainingState
 
 if TYPE_CHECKING:
+    from ..privacy.audit import GradientCanaries
     from ..privacy.registry import Registry
 
 
@@ -245,6 +246,7 @@ def train_denoiser(
     condition: Conditioner | None = None,
     noise_multiplicity: int | None = None,
     progress: bool = True,
+    audit: "GradientCanaries | None" = None,
 ) -> TrainResult:
     """Train a conditional denoiser on ``dataset``: the one training loop of privdiff.
 
@@ -253,7 +255,8 @@ def train_denoiser(
     recipe's ``train``); ``init()`` builds the network when no checkpoint exists (default: the
     recipe's pixel UNet); ``select(net)`` freezes what must not train (applied after a resume
     too); ``condition`` draws the per-draw conditions (default: labels with CFG dropout);
-    ``noise_multiplicity`` K defaults to ``privacy.noise_multiplicity``.
+    ``noise_multiplicity`` K defaults to ``privacy.noise_multiplicity``; ``audit`` inserts the
+    canaries of an empirical privacy audit (:mod:`privdiff.privacy.audit`) into the private steps.
     Resumes from the run's latest checkpoint. The ledger is written *before* each step touches
     the data, and a step that would take ε past ``privacy.epsilon`` is not taken.
     """
@@ -280,6 +283,8 @@ def train_denoiser(
     net.to(device).train()
     net_ema.to(device).eval().requires_grad_(False)
     denoiser, ema_denoiser = make_denoiser(r, net), make_denoiser(r, net_ema)
+    if audit is not None:
+        audit.install(denoiser)  # the canaries' coordinates: trained, clipped and noised like the rest
     optimizer = torch.optim.Adam([p for p in denoiser.parameters() if p.requires_grad], lr=t.lr)
     if resume:
         optimizer.load_state_dict(state.optimizer)
@@ -290,6 +295,8 @@ def train_denoiser(
         total = min(total, t.max_steps)
     engine = make_engine(r, denoiser, optimizer, ledger=ledger, stage=stage, num_examples=N, generators=gens, train=t,
                          noise_multiplicity=K)
+    if audit is not None:
+        audit.attach(engine)
     mech = dict(
         stage=stage,
         mechanism=SUBSAMPLED_GAUSSIAN if engine.private else NON_PRIVATE,
@@ -306,6 +313,9 @@ def train_denoiser(
         sigma_bk, noise = draw_training_noise(x0, K=K, sigma_dist=sigma_dist, generator=gens["diffusion"])
         c_bk = condition(idx, K, gens["diffusion"])
         return denoising_loss(module, x0, c_bk, sigma=sigma_bk, noise=noise, loss_weight=denoiser.loss_weight)
+
+    if audit is not None:
+        loss_fn = audit.wrap_loss(loss_fn, K=K)
 
     def checkpoint(step: int) -> None:
         rng = {n: g.get_state() for n, g in gens.items()}
@@ -334,6 +344,8 @@ def train_denoiser(
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(t, step, planned_steps(t, N))
         indices = engine.batches.next()
+        if audit is not None:
+            indices = audit.extend(indices)  # the included canaries, Poisson-sampled at the same q
         if ledger is not None and step >= counted:
             ledger.record(**mech)  # write-ahead: counted before the data is touched
             ledger.save(run.ledger_path)
