@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.privdiff-installed
 
-.PHONY: demo test install browser clean
+.PHONY: demo test install browser postgres clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -34,7 +34,19 @@ browser:
 	    || echo "chromium install failed (see $${TMPDIR:-/tmp}/privdiff-chromium-install.log): the report-render test will be skipped"; \
 	else echo "no /usr/bin/chromium and no root apt-get: the report-render test will be skipped (apt-get install chromium)"; fi
 
-test: $(STAMP) browser
+# The budget-registry tests run against a real PostgreSQL server that the tests start on loopback
+# (tests/privacy/conftest.py). Install Debian's postgresql when initdb is missing and apt-get is
+# usable as root; otherwise say those cases will be skipped (the SQLite ones always run).
+postgres:
+	@if command -v initdb >/dev/null 2>&1 || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  echo "installing postgresql (apt-get) for the budget-registry tests; log in $${TMPDIR:-/tmp}/privdiff-postgresql-install.log"; \
+	  ( apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends postgresql ) \
+	    >$${TMPDIR:-/tmp}/privdiff-postgresql-install.log 2>&1 \
+	    || echo "postgresql install failed (see $${TMPDIR:-/tmp}/privdiff-postgresql-install.log): the PostgreSQL registry tests will be skipped"; \
+	else echo "no initdb and no root apt-get: the PostgreSQL registry tests will be skipped (apt-get install postgresql)"; fi
+
+test: $(STAMP) browser postgres
 	$(BIN)/python -m pytest
 
 clean:

@@ -24,3 +24,9 @@ TINY = [
 def tiny_overrides():
     """Overrides that make any recipe a seconds-long smoke run on 8x8 images."""
     return list(TINY)
+
+
+@pytest.fixture(autouse=True)
+def _private_budget_registry(tmp_path_factory, monkeypatch):
+    """Every test (and the commands it starts) registers its runs in its own budget registry, never ~/.privdiff."""
+    monkeypatch.setenv("PRIVDIFF_REGISTRY", str(tmp_path_factory.mktemp("registry") / "registry.sqlite"))

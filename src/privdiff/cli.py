@@ -22,6 +22,9 @@ EPILOG = """examples:
   privdiff sample runs/ldm --n 20 --prompt "a handwritten digit seven" --out seven.png
   privdiff budget calibrate --epsilon 10 --delta 1e-5 --n 60000 --batch-size 4096 --epochs 300
   privdiff budget show runs/eps1
+  privdiff budget cap dpdm-mnist5k --epsilon 20        cap mnist5k across all runs (PRIVDIFF_REGISTRY=postgresql://... for teams)
+  privdiff budget status --dataset mnist5k             every run on mnist5k, its epsilon, the composed total
+  privdiff audit dpdm-mnist5k privacy.epsilon=2 --out runs/audit   empirical lower bound on epsilon (exit 1 if above the claim)
   privdiff evaluate runs/eps1 --n 2000                 FID/KID, precision/recall, accuracy -> metrics.json, report.html
   privdiff compare runs/demo runs/eps1 --out runs/compare
   privdiff train he-ldm-mnist5k --out runs/he          DP-LDM with the HE-friendly denoiser, then:
@@ -181,6 +184,61 @@ def cmd_budget_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def _registry(args: argparse.Namespace):
+    from .privacy.registry import Registry
+
+    return Registry(args.registry)
+
+
+def cmd_budget_status(args: argparse.Namespace) -> int:
+    from .privacy.registry import format_status
+
+    statuses = _registry(args).status(args.dataset)
+    if args.dataset and not statuses:
+        raise ValueError(f"no data set named {args.dataset!r} in the registry")
+    print(format_status(statuses))
+    return 0
+
+
+def cmd_budget_cap(args: argparse.Namespace) -> int:
+    from .config import resolve_recipe
+    from .data import load_dataset
+    from .methods.stages import data_identity
+    from .privacy.registry import format_status
+
+    recipe = resolve_recipe(_recipe_path(args.recipe), args.overrides)
+    d = recipe.data
+    identity = data_identity(load_dataset(d.name, root=d.root, split="train", resolution=d.resolution))
+    registry = _registry(args)
+    registry.set_cap(dataset=identity, epsilon=None if args.remove else args.epsilon,
+                     delta=args.delta or recipe.privacy.delta, accountant=recipe.privacy.accountant)
+    print(format_status(registry.status(registry.dataset_key(identity["fingerprint"]))))
+    return 0
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    from .config import resolve_recipe
+    from .methods.audit import audit
+
+    recipe = resolve_recipe(_recipe_path(args.recipe), args.overrides)
+    out = args.out or os.path.join("runs", Path(args.recipe).stem + "-audit")
+    done = audit(recipe, out=out, canaries=args.canaries, k_in=args.k_in, k_out=args.k_out, progress=not args.quiet)
+    r = done.result
+    print(f"run:             {done.run.path}")
+    print(f"claimed epsilon: {r.claimed_epsilon:.4f} at delta={r.delta:g} (the ledger's, {r.steps} steps)")
+    print(f"audited bound:   epsilon >= {r.epsilon_lower_bound:.4f} at {r.confidence:.0%} confidence "
+          f"({r.correct} of {r.guesses_in + r.guesses_out} guesses right)")
+    print(f"canaries:        {r.canaries} ({r.included} included by coin flips)")
+    print(f"attack:          {r.attack}")
+    print(f"audit:           {done.path}")
+    if not r.passed:
+        print(f"privdiff: AUDIT FAILED: the audited lower bound {r.epsilon_lower_bound:.4f} exceeds the claimed "
+              f"epsilon {r.claimed_epsilon:.4f}: the run is not as private as its ledger says", file=sys.stderr)
+        return 1
+    print("passed:          the experiment is consistent with the claimed epsilon")
+    return 0
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from .evaluation.evaluate import evaluate_run, format_metrics
 
@@ -319,6 +377,20 @@ def build_parser() -> argparse.ArgumentParser:
     hg.add_argument("--quiet", action="store_true")
     hg.set_defaults(func=cmd_he_generate)
 
+    au = sub.add_parser("audit", help="empirical privacy audit: train once with canaries, bound epsilon from below",
+                        description="Train the recipe once with m gradient canaries (each included by a fair coin) and turn "
+                                    "the white-box attack's guesses into a lower bound on epsilon at 95% confidence "
+                                    "(Steinke, Nasr & Jagielski 2023). Exit 1 if the bound exceeds the ledger's epsilon.",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    au.add_argument("recipe", help="a DPDM recipe (file or shipped name)")
+    au.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides")
+    au.add_argument("--canaries", type=int, default=1000, help="m, the number of canaries")
+    au.add_argument("--k-in", type=int, help="guesses IN (highest scores); default m/5")
+    au.add_argument("--k-out", type=int, help="guesses OUT (lowest scores); default m/5")
+    au.add_argument("--out", help="run directory, must be fresh (default: runs/<recipe name>-audit)")
+    au.add_argument("--quiet", action="store_true")
+    au.set_defaults(func=cmd_audit)
+
     b = sub.add_parser("budget", help="noise calibration, or the ledger of a run")
     bsub = b.add_subparsers(dest="budget_command", required=True, metavar="ACTION")
     c = bsub.add_parser("calibrate", help="noise multiplier for a target (epsilon, delta)", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -335,6 +407,20 @@ def build_parser() -> argparse.ArgumentParser:
     sh.add_argument("run", help="run directory or ledger.json")
     sh.add_argument("--accountant", choices=["rdp", "prv"], help="also recompute epsilon with this accountant")
     sh.set_defaults(func=cmd_budget_show)
+    registry_help = "budget registry: a SQLite file or postgresql://... (default: $PRIVDIFF_REGISTRY or ~/.privdiff/registry.sqlite)"
+    st = bsub.add_parser("status", help="every run registered on each data set, its epsilon, and the composed total")
+    st.add_argument("--dataset", help="only this data set (its name, e.g. mnist5k)")
+    st.add_argument("--registry", help=registry_help)
+    st.set_defaults(func=cmd_budget_status)
+    cap = bsub.add_parser("cap", help="cap the composed epsilon of a recipe's private data set across all runs")
+    cap.add_argument("recipe", help="recipe whose data.* names the data set (e.g. dpdm-mnist5k)")
+    cap.add_argument("overrides", nargs="*", metavar="key=value", help="data.* overrides, e.g. data.name=mnist data.root=~/data")
+    g = cap.add_mutually_exclusive_group(required=True)
+    g.add_argument("--epsilon", type=float, help="the cap")
+    g.add_argument("--remove", action="store_true", help="remove the cap")
+    cap.add_argument("--delta", type=float, help="delta at which the cap holds (default: the recipe's privacy.delta)")
+    cap.add_argument("--registry", help=registry_help)
+    cap.set_defaults(func=cmd_budget_cap)
     return p
 
 

@@ -20,8 +20,10 @@ checkpoint intact.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +33,7 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from .atomic import atomic_directory, atomic_write_text
+from .atomic import atomic_directory, atomic_write_text, remove_temporaries
 from .config import Recipe, recipe_to_dict, resolve_recipe
 from .distributed import is_main
 
@@ -125,6 +127,16 @@ class Run:
             raise RunError(f"{pointer}: points to missing checkpoint {path.name}")
         return path
 
+    def discard_orphans(self) -> list[Path]:
+        """Delete checkpoints newer than ``latest``: written by an attempt killed before it moved the
+        pointer. The resumed run replays those steps with the same draws and writes them again, so
+        no second copy of a step's output stays on disk."""
+        latest = self.latest_checkpoint()
+        orphans = [p for p in self.checkpoints.glob("step-*") if p.is_dir() and (latest is None or p.name > latest.name)]
+        for p in orphans:
+            shutil.rmtree(p)
+        return orphans
+
     def save_checkpoint(self, state: TrainingState, *, keep: int = 2) -> Path:
         """Write ``checkpoints/step-NNNNNN`` atomically, point ``latest`` at it, keep the newest ``keep``."""
         name = f"step-{state.step:06d}"
@@ -197,16 +209,35 @@ def open_run(out: str | Path, recipe: Recipe) -> Run:
     smoke run); anything else would silently change what the ledger describes.
     """
     run = Run(out)
+    run.path.mkdir(parents=True, exist_ok=True)
+    lock_run(run)
+    remove_temporaries(run.path)  # left by a killed writer; nobody else writes here while we hold the lock
     if run.config_path.exists():
         existing = run.load_config()
         diff = sorted(k for k in _diff(recipe_to_dict(existing), recipe_to_dict(recipe))
                       if not any(k == r or (r.endswith(".") and k.startswith(r)) for r in RESUMABLE_KEYS))
         if diff:
             raise RunError(f"{run.path} holds a run with a different recipe ({', '.join(diff[:4])}); use a new --out")
-    else:
-        run.path.mkdir(parents=True, exist_ok=True)
     run.save_config(recipe)
     return run
+
+
+_LOCKS: dict[str, int] = {}  # run directory -> open descriptor holding its lock (for this process's life)
+
+
+def lock_run(run: Run) -> None:
+    """Hold ``RUN/.lock`` (flock, exclusive): a second process training the same run is refused, not
+    interleaved. The kernel releases the lock when the holder dies, even by SIGKILL."""
+    key = str(run.path.resolve())
+    if key in _LOCKS:
+        return
+    fd = os.open(run.path / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise RunError(f"{run.path} is in use by another privdiff process") from None
+    _LOCKS[key] = fd
 
 
 def _diff(a: dict, b: dict, prefix: str = "") -> list[str]:

@@ -46,6 +46,17 @@ class DPPResult:
     steps: int
 
 
+def release_event(recipe: Recipe, private: ImageDataset) -> dict:
+    """The ledger event of the central-image release (computed from the recipe and the data's shape only)."""
+    c = recipe.dpp
+    q = min(1.0, c.batch_size / len(private))
+    _, sensitivity = release_parameters(num_examples=len(private), num_classes=private.num_classes, sample_rate=q,
+                                        channels=private.channels, height=private.resolution, width=private.resolution,
+                                        downsample=c.downsample)
+    return dict(stage=STAGE, mechanism=SUBSAMPLED_GAUSSIAN, noise_multiplier=c.noise_multiplier, sample_rate=q,
+                steps=c.rounds, sensitivity=sensitivity)
+
+
 def central_images(run: Run, recipe: Recipe, private: ImageDataset, ledger: Ledger) -> tuple[torch.Tensor, torch.Tensor]:
     """The released central images in [0, 1] at full resolution, and their labels: read back if the
     release already ran, else released now (ledger first, then the data)."""
@@ -54,12 +65,9 @@ def central_images(run: Run, recipe: Recipe, private: ImageDataset, ledger: Ledg
         with np.load(path) as f:
             return torch.from_numpy(f["images"]), torch.from_numpy(f["labels"])
     c = recipe.dpp
-    q = min(1.0, c.batch_size / len(private))
-    _, sensitivity = release_parameters(num_examples=len(private), num_classes=private.num_classes, sample_rate=q,
-                                        channels=private.channels, height=private.resolution, width=private.resolution,
-                                        downsample=c.downsample)
-    ledger.record(stage=STAGE, mechanism=SUBSAMPLED_GAUSSIAN, noise_multiplier=c.noise_multiplier, sample_rate=q,
-                  steps=c.rounds, sensitivity=sensitivity)  # write-ahead: counted before the data is touched
+    event = release_event(recipe, private)
+    q, sensitivity = event["sample_rate"], event["sensitivity"]
+    ledger.record(**event)  # write-ahead: counted before the data is touched
     ledger.save(run.ledger_path)
     g = torch.Generator().manual_seed(recipe.train.seed * 1000 + 11)
     rel = release_central_images((private.images + 1) / 2, private.labels, num_classes=private.num_classes, sample_rate=q,
@@ -80,7 +88,7 @@ def train(recipe: Recipe, *, out: str | Path, progress: bool = True, grid_per_cl
     d, c = recipe.data, recipe.dpp
     private = load_dataset(d.name, root=d.root, split="train", resolution=d.resolution)
     run = open_run(out, recipe)
-    ledger = open_ledger(run, recipe, private)
+    ledger = open_ledger(run, recipe, private, plan=[release_event(recipe, private)])
     images, labels = central_images(run, recipe, private, ledger)
     aug, aug_labels = augment_copies(images, labels, copies=c.copies, num_ops=c.num_ops, magnitude=c.magnitude,
                                      generator=torch.Generator().manual_seed(recipe.train.seed * 1000 + 12))

@@ -12,6 +12,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -27,6 +28,10 @@ from ..privacy.accounting import calibrate_noise
 from ..privacy.dpsgd import DPSGD, NonPrivateSGD
 from ..privacy.ledger import NON_PRIVATE, SUBSAMPLED_GAUSSIAN, Ledger
 from ..runs import Run, RunError, TrainingState
+
+if TYPE_CHECKING:
+    from ..privacy.audit import GradientCanaries
+    from ..privacy.registry import Registry
 
 
 def default_device() -> torch.device:
@@ -57,16 +62,54 @@ def load_ledger(run: Run, dataset: ImageDataset) -> Ledger | None:
     return ledger
 
 
-def open_ledger(run: Run, recipe: Recipe, dataset: ImageDataset) -> Ledger:
-    """The run's ledger (continued on resume), or a new one for ``dataset``."""
+def open_ledger(run: Run, recipe: Recipe, dataset: ImageDataset, *, plan: list[dict] = (), registry: "Registry | None" = None) -> Ledger:
+    """The run's ledger (continued on resume), or a new one for ``dataset``, admitted to the budget registry.
+
+    Before any data is read, the run's planned events (``plan``: releases of earlier stages, e.g.
+    DPP's; then the ``dp_sgd`` stage the recipe calibrates) are reserved in the registry (default:
+    ``$PRIVDIFF_REGISTRY`` or ``~/.privdiff/registry.sqlite``), which refuses the run if the data
+    set's composed ε would pass its cap; every later ledger save records the run's events there
+    first (:mod:`privdiff.privacy.registry`).
+    """
+    from ..privacy.registry import Registry
+
     ledger = load_ledger(run, dataset)
-    if ledger is not None:
-        return ledger
-    identity = data_identity(dataset)
-    return Ledger(
-        delta=recipe.privacy.delta, accountant=recipe.privacy.accountant, dataset=identity,
-        target_epsilon=recipe.privacy.epsilon if recipe.privacy.enabled else None,
-    )
+    fresh = ledger is None
+    if fresh:
+        ledger = Ledger(
+            delta=recipe.privacy.delta, accountant=recipe.privacy.accountant, dataset=data_identity(dataset),
+            target_epsilon=recipe.privacy.epsilon if recipe.privacy.enabled else None,
+        )
+        ledger.save(run.ledger_path)  # its run_id is the registry's key: on disk before it is registered
+    registry = registry or Registry()
+    planned = list(plan) + [planned_event(recipe, ledger, num_examples=len(dataset), prior=plan)]
+    try:
+        registry.admit(run_id=ledger.run_id, dataset=ledger.dataset, planned=planned, recorded=ledger.events,
+                       path=str(run.path.resolve()), target_epsilon=ledger.target_epsilon, delta=ledger.delta,
+                       accountant=ledger.accountant)
+    except BaseException:
+        if fresh:
+            run.ledger_path.unlink(missing_ok=True)  # a refused run leaves no ledger behind
+        raise
+    ledger.sink = lambda lg: registry.record(run_id=lg.run_id, events=lg.events)
+    return ledger
+
+
+def planned_event(recipe: Recipe, ledger: Ledger, *, num_examples: int, stage: str = "dp_sgd", prior: list[dict] = ()) -> dict:
+    """The event a recipe's private training stage will record: σ calibrated after the ledger's other
+    stages and the ``prior`` planned ones (as :func:`noise_for` will), q, and its steps (``max_steps`` if fewer)."""
+    t = recipe.train
+    steps = planned_steps(t, num_examples) if t.max_steps is None else min(planned_steps(t, num_examples), t.max_steps)
+    q = t.batch_size / num_examples
+    sigma = 0.0
+    if recipe.privacy.enabled:
+        recorded = {e["stage"] for e in ledger.events}
+        others = ledger.history(exclude_stage=stage) + [
+            (e["noise_multiplier"], e["sample_rate"], e["steps"]) for e in prior if e["stage"] not in recorded]
+        sigma = calibrate_noise(epsilon_target=recipe.privacy.epsilon, delta=recipe.privacy.delta, sample_rate=q,
+                                steps=planned_steps(t, num_examples), accountant=recipe.privacy.accountant, prior=others)
+    return {"stage": stage, "mechanism": SUBSAMPLED_GAUSSIAN if recipe.privacy.enabled else NON_PRIVATE,
+            "noise_multiplier": sigma, "sample_rate": q, "steps": steps}
 
 
 def noise_for(recipe: Recipe, ledger: Ledger, *, stage: str, num_examples: int) -> float:
@@ -83,6 +126,34 @@ def noise_for(recipe: Recipe, ledger: Ledger, *, stage: str, num_examples: int) 
         accountant=recipe.privacy.accountant,
         prior=prior,
     )
+
+
+def replayed_steps(ledger: Ledger | None, *, stage: str, start: int, mech: dict) -> int:
+    """Steps of ``stage`` the ledger has counted (write-ahead): ``start`` plus the ones a killed attempt
+    counted after its last checkpoint, which a resumed run replays from the checkpoint.
+
+    Why a replayed step is not counted again: ε bounds the distribution of what is released (the
+    checkpoints and the final model). The checkpoint holds the generators of the Poisson sampler and
+    of the Gaussian noise, so a replayed step t draws the same batch B_t and the same noise z_t as
+    the killed attempt did, and the killed attempt's update never left its process (it wrote no
+    checkpoint; its log lines are rewound). The released model therefore has exactly the
+    distribution of an uninterrupted run of the same seed, whose ledger counts each step once.
+    Counting replays would make ε depend on when the machine died, not on what was released.
+    A killed attempt can have counted one step it never ran (killed between the ledger write and
+    the step): that step is executed by the replay, so the count is exact once the run completes.
+    """
+    if ledger is None:
+        return start
+    counted = ledger.steps(stage)
+    if counted < start:  # a checkpoint is written after its steps were counted: never fewer
+        raise RunError(f"the ledger counts {counted} steps of {stage}, but its checkpoint is at step {start}: "
+                       "the ledger is not this run's (or was edited)")
+    if counted > start:
+        last = next(e for e in reversed(ledger.events) if e["stage"] == stage)
+        if any(last[k] != v for k, v in mech.items()):
+            raise RunError(f"resuming {stage}: the mechanism differs from the one counted before the crash "
+                           f"({ {k: last[k] for k in mech} } vs {mech}); use a new --out")
+    return counted
 
 
 def learning_rate(train: TrainConfig, step: int, total: int) -> float:
@@ -176,6 +247,7 @@ def train_denoiser(
     condition: Conditioner | None = None,
     noise_multiplicity: int | None = None,
     progress: bool = True,
+    audit: "GradientCanaries | None" = None,
 ) -> TrainResult:
     """Train a conditional denoiser on ``dataset``: the one training loop of privdiff.
 
@@ -184,7 +256,8 @@ def train_denoiser(
     recipe's ``train``); ``init()`` builds the network when no checkpoint exists (default: the
     recipe's pixel UNet); ``select(net)`` freezes what must not train (applied after a resume
     too); ``condition`` draws the per-draw conditions (default: labels with CFG dropout);
-    ``noise_multiplicity`` K defaults to ``privacy.noise_multiplicity``.
+    ``noise_multiplicity`` K defaults to ``privacy.noise_multiplicity``; ``audit`` inserts the
+    canaries of an empirical privacy audit (:mod:`privdiff.privacy.audit`) into the private steps.
     Resumes from the run's latest checkpoint. The ledger is written *before* each step touches
     the data, and a step that would take ε past ``privacy.epsilon`` is not taken.
     """
@@ -198,6 +271,7 @@ def train_denoiser(
         raise ValueError(f"batch_size={t.batch_size} of stage {stage} is larger than its data set ({N} examples)")
 
     resume = run.latest_checkpoint() is not None
+    run.discard_orphans()
     if resume:
         state = run.load_checkpoint()
         net, net_ema, start = state.unet, state.unet_ema, state.step
@@ -214,6 +288,8 @@ def train_denoiser(
     net.to(device).train()
     net_ema.to(device).eval().requires_grad_(False)
     denoiser, ema_denoiser = make_denoiser(r, net), make_denoiser(r, net_ema)
+    if audit is not None:
+        audit.install(denoiser)  # the canaries' coordinates: trained, clipped and noised like the rest
     optimizer = torch.optim.Adam([p for p in denoiser.parameters() if p.requires_grad], lr=t.lr)
     if resume:
         optimizer.load_state_dict(state.optimizer)
@@ -224,6 +300,8 @@ def train_denoiser(
         total = min(total, t.max_steps)
     engine = make_engine(r, denoiser, optimizer, ledger=ledger, stage=stage, num_examples=N, generators=gens, train=t,
                          noise_multiplicity=K)
+    if audit is not None:
+        audit.attach(engine)
     mech = dict(
         stage=stage,
         mechanism=SUBSAMPLED_GAUSSIAN if engine.private else NON_PRIVATE,
@@ -241,6 +319,9 @@ def train_denoiser(
         c_bk = condition(idx, K, gens["diffusion"])
         return denoising_loss(module, x0, c_bk, sigma=sigma_bk, noise=noise, loss_weight=denoiser.loss_weight)
 
+    if audit is not None:
+        loss_fn = audit.wrap_loss(loss_fn, K=K)
+
     def checkpoint(step: int) -> None:
         rng = {n: g.get_state() for n, g in gens.items()}
         run.save_checkpoint(TrainingState(step=step, unet=net, unet_ema=net_ema, optimizer=optimizer.state_dict(), rng=rng))
@@ -255,21 +336,27 @@ def train_denoiser(
         )
     bar = tqdm(total=total, initial=start, desc=stage, unit="step", disable=not progress, dynamic_ncols=True, file=sys.stderr)
     step, stopped = start, False
-    steps_before = ledger.steps(stage) if ledger is not None else 0
+    # Steps start..counted-1 were counted by an attempt that died before its next checkpoint. The
+    # checkpoint restored the sampler's and the noise's generators, so they replay the *same* draws
+    # (batch B_t, noise z_t): one execution of the mechanism, counted once (see replayed_steps).
+    counted = replayed_steps(ledger, stage=stage, start=start, mech=mech)
     clock = run.rewind_train_log(stage=stage, step=start) - time.perf_counter()
     for step in range(start, total):
-        if engine.private and ledger.epsilon(extra=[(engine.noise_multiplier, engine.sample_rate, 1)]) > r.privacy.epsilon * (1 + 1e-9):
+        if step >= counted and engine.private and ledger.epsilon(extra=[(engine.noise_multiplier, engine.sample_rate, 1)]) > r.privacy.epsilon * (1 + 1e-9):
             stopped = True
             tqdm.write(f"stopping at step {step}: one more step would exceed epsilon={r.privacy.epsilon}", file=sys.stderr)
             break
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(t, step, planned_steps(t, N))
         indices = engine.batches.next()
-        if ledger is not None:
+        if audit is not None:
+            indices = audit.extend(indices)  # the included canaries, Poisson-sampled at the same q
+        if ledger is not None and step >= counted:
             ledger.record(**mech)  # write-ahead: counted before the data is touched
             ledger.save(run.ledger_path)
+            counted = step + 1
         loss = engine.step(indices, loss_fn)
-        if engine.private and engine.noised_steps != ledger.steps(stage) - steps_before:
+        if engine.private and (start + engine.noised_steps != step + 1 or ledger.steps(stage) != counted):
             raise RuntimeError("internal error: noised steps and ledger disagree")  # never report an unbacked epsilon
         decay = min(t.ema_decay, (1 + step) / (10 + step))
         _ema_update(net_ema, net, decay)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import math
+import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,6 +43,10 @@ class Ledger:
     target_epsilon: float | None = None
     events: list[dict[str, Any]] = field(default_factory=list)
     public_stages: list[dict[str, Any]] = field(default_factory=list)
+    run_id: str = field(default_factory=lambda: uuid.uuid4().hex)  # the run's key in the budget registry
+    # called with the ledger on every save, before the file is written (the budget registry's
+    # write-ahead record, which may refuse the new events); not saved
+    sink: Callable[["Ledger"], None] | None = field(default=None, repr=False, compare=False)
 
     # -- composition --------------------------------------------------------------------------
     def history(
@@ -110,9 +116,12 @@ class Ledger:
             "dataset": self.dataset,
             "events": self.events,
             "public_stages": self.public_stages,
+            "run_id": self.run_id,
         }
 
     def save(self, path: str | Path) -> None:
+        if self.sink is not None:
+            self.sink(self)
         atomic_write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
 
     @classmethod
@@ -127,6 +136,7 @@ class Ledger:
                 target_epsilon=d.get("target_epsilon"),
                 events=list(d["events"]),
                 public_stages=list(d.get("public_stages", [])),
+                **({"run_id": d["run_id"]} if d.get("run_id") else {}),
             )
         except FileNotFoundError:
             raise

@@ -1,0 +1,309 @@
+"""The budget registry: every run that touches a data set, and the ε they compose to together.
+
+A run's ledger composes the releases of one run. Tuning runs on the same data compose too: ten
+runs at ε = 1 each are not an ε = 1 data set. The registry keeps, per data set, the events of
+every run and composes all of them with the accountant (:func:`privdiff.privacy.accounting.epsilon`
+over the union of their ``(σ, q, steps)``, at the data set's δ). A data set may have a cap:
+
+1. **admit** (before the run reads any data): the run's *planned* events are reserved; the
+   composed total of every run's charge plus this plan must stay within the cap, or the run is
+   refused (:class:`BudgetExceeded`).
+2. **record** (write-ahead, with every ledger save): the run's executed events replace its
+   previous record (one row per event, primary key ``(run_id, seq)``: a replayed or resumed step
+   can never be counted twice), checked against the cap again.
+
+A run's charge is, per stage, the larger of what it planned and what it recorded: a run killed
+half-way keeps its reservation (it may be resumed); a non-private run's charge is ε = ∞.
+
+Backends, one interface: SQLite (a file; the default ``~/.privdiff/registry.sqlite``, or
+``$PRIVDIFF_REGISTRY``) and PostgreSQL (``postgresql://...``, psycopg 3) for teams. Concurrent runs
+are serialised by the database: SQLite by ``BEGIN IMMEDIATE`` (one writer at a time, taken before
+the total is read), PostgreSQL by ``SELECT ... FOR UPDATE`` on the data set's row, so two runs can
+never both see room for themselves under the cap.
+
+Data sets are keyed by ``HMAC-SHA256(registry key, content fingerprint)``, the key being a random
+secret created with the registry: its identifiers are not a content hash that anyone holding a
+candidate data set could test, and shown names stay the user's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import hmac
+import json
+import math
+import os
+import secrets
+import sqlite3
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from .accounting import epsilon as compose_epsilon
+
+DEFAULT_PATH = Path("~/.privdiff/registry.sqlite")
+
+SCHEMA = [
+    "CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL)",
+    """CREATE TABLE IF NOT EXISTS datasets (
+        key TEXT PRIMARY KEY, name TEXT NOT NULL, size BIGINT, cap_epsilon DOUBLE PRECISION,
+        delta DOUBLE PRECISION NOT NULL, accountant TEXT NOT NULL)""",
+    """CREATE TABLE IF NOT EXISTS runs (
+        run_id TEXT PRIMARY KEY, dataset_key TEXT NOT NULL REFERENCES datasets(key), path TEXT,
+        planned TEXT NOT NULL, target_epsilon DOUBLE PRECISION, delta DOUBLE PRECISION, accountant TEXT,
+        created TEXT NOT NULL, updated TEXT NOT NULL)""",
+    """CREATE TABLE IF NOT EXISTS events (
+        run_id TEXT NOT NULL REFERENCES runs(run_id), seq BIGINT NOT NULL, stage TEXT NOT NULL, mechanism TEXT NOT NULL,
+        noise_multiplier DOUBLE PRECISION NOT NULL, sample_rate DOUBLE PRECISION NOT NULL, steps BIGINT NOT NULL,
+        PRIMARY KEY (run_id, seq))""",
+]
+
+
+class BudgetExceeded(ValueError):
+    """A run would take its data set's composed ε past the cap: refused, nothing recorded."""
+
+
+Event = dict[str, Any]  # stage, mechanism, noise_multiplier, sample_rate, steps (a ledger event)
+
+
+def _triples(events: list[Event]) -> list[tuple[float, float, int]]:
+    return [(float(e["noise_multiplier"]), float(e["sample_rate"]), int(e["steps"])) for e in events]
+
+
+def charge(planned: list[Event], recorded: list[Event]) -> list[Event]:
+    """What a run counts against its data set: its recorded events, plus the planned steps of each
+    stage it has not recorded yet (reserved)."""
+    out = [dict(e) for e in recorded]
+    for p in planned:
+        done = sum(e["steps"] for e in recorded if e["stage"] == p["stage"])
+        if p["steps"] > done:
+            out.append({**p, "steps": p["steps"] - done})
+    return out
+
+
+@dataclass
+class RunEntry:
+    run_id: str
+    path: str | None
+    planned: list[Event]
+    events: list[Event]
+    delta: float
+    accountant: str
+    created: str
+
+    def epsilon(self, *, delta: float | None = None, accountant: str | None = None) -> float:
+        """ε of this run's recorded events alone."""
+        return compose_epsilon(_triples(self.events), delta=delta or self.delta, accountant=accountant or self.accountant)
+
+    @property
+    def steps(self) -> int:
+        return sum(e["steps"] for e in self.events)
+
+    @property
+    def complete(self) -> bool:
+        return not charge(self.planned, self.events)[len(self.events):]
+
+
+@dataclass
+class DatasetStatus:
+    key: str
+    name: str
+    size: int | None
+    cap_epsilon: float | None
+    delta: float
+    accountant: str
+    runs: list[RunEntry] = field(default_factory=list)
+
+    @property
+    def spent(self) -> float:
+        """ε of every run's recorded events, composed by the accountant."""
+        return compose_epsilon([t for r in self.runs for t in _triples(r.events)], delta=self.delta, accountant=self.accountant)
+
+    @property
+    def committed(self) -> float:
+        """ε of every run's charge (recorded + still reserved): what the cap is checked against."""
+        return compose_epsilon([t for r in self.runs for t in _triples(charge(r.planned, r.events))],
+                               delta=self.delta, accountant=self.accountant)
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+class Registry:
+    """A budget registry at ``url``: a file path (SQLite) or ``postgresql://...`` (PostgreSQL)."""
+
+    def __init__(self, url: str | os.PathLike | None = None):
+        url = str(url or os.environ.get("PRIVDIFF_REGISTRY") or DEFAULT_PATH)
+        self.url = url
+        if url.startswith(("postgresql://", "postgres://")):
+            self.backend = "postgresql"
+            try:
+                import psycopg
+            except ImportError:
+                raise ValueError("a PostgreSQL registry needs psycopg: pip install 'privdiff[postgres]'") from None
+            self._conn = psycopg.connect(url, autocommit=True)
+        else:
+            self.backend = "sqlite"
+            path = Path(url.removeprefix("sqlite:///")).expanduser()
+            path.parent.mkdir(parents=True, exist_ok=True)
+            # autocommit mode: transactions are the explicit BEGIN IMMEDIATE ... COMMIT below
+            self._conn = sqlite3.connect(path, timeout=60, isolation_level=None, check_same_thread=False)
+            self._conn.execute("PRAGMA journal_mode=WAL")
+            self._conn.execute("PRAGMA synchronous=FULL")
+            self._conn.execute("PRAGMA foreign_keys=ON")
+        with self._transaction() as db:
+            for stmt in SCHEMA:
+                db(stmt)
+            db("INSERT INTO meta (name, value) VALUES (?, ?) ON CONFLICT (name) DO NOTHING", ("hmac_key", secrets.token_hex(32)))
+            self._key = bytes.fromhex(db("SELECT value FROM meta WHERE name = ?", ("hmac_key",))[0][0])
+
+    def close(self) -> None:
+        self._conn.close()
+
+    def __repr__(self) -> str:
+        return f"Registry({self.backend}: {self.url.split('@')[-1]})"  # never the password
+
+    # -- transactions ---------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator:
+        """One serialised transaction; yields ``db(sql, params) -> rows`` (SQL with ``?`` placeholders)."""
+        if self.backend == "sqlite":
+            conn = self._conn
+            conn.execute("BEGIN IMMEDIATE")  # the write lock, before anything is read
+
+            def db(sql: str, params: tuple = ()) -> list[tuple]:
+                return conn.execute(sql, params).fetchall()
+            try:
+                yield db
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+        else:
+            with self._conn.transaction(), self._conn.cursor() as cur:
+                def db(sql: str, params: tuple = ()) -> list[tuple]:
+                    cur.execute(sql.replace("?", "%s"), params)
+                    return cur.fetchall() if cur.description else []
+                yield db
+
+    def _lock_dataset(self, db, key: str) -> None:
+        """Serialise every writer of one data set (PostgreSQL: row lock; SQLite: BEGIN IMMEDIATE already did)."""
+        if self.backend == "postgresql":
+            db("SELECT key FROM datasets WHERE key = ? FOR UPDATE", (key,))
+
+    # -- identity -------------------------------------------------------------------------------
+    def dataset_key(self, fingerprint: str) -> str:
+        """HMAC-SHA256 of a data set's content fingerprint under this registry's secret key."""
+        return "hmac-sha256:" + hmac.new(self._key, fingerprint.encode(), hashlib.sha256).hexdigest()
+
+    def _ensure_dataset(self, db, dataset: dict[str, Any], *, delta: float, accountant: str) -> str:
+        key = self.dataset_key(dataset["fingerprint"])
+        db("INSERT INTO datasets (key, name, size, cap_epsilon, delta, accountant) VALUES (?, ?, ?, NULL, ?, ?) "
+           "ON CONFLICT (key) DO NOTHING", (key, dataset.get("name") or "?", dataset.get("size"), float(delta), accountant))
+        self._lock_dataset(db, key)
+        return key
+
+    # -- writes ---------------------------------------------------------------------------------
+    def set_cap(self, *, dataset: dict[str, Any], epsilon: float | None, delta: float, accountant: str = "rdp") -> None:
+        """Cap (ε at ``delta``) a data set (``{"name", "fingerprint", "size"}``); ``epsilon=None`` removes the cap.
+
+        A cap below what is already committed is refused (it could never be honoured).
+        """
+        with self._transaction() as db:
+            key = self._ensure_dataset(db, dataset, delta=delta, accountant=accountant)
+            db("UPDATE datasets SET cap_epsilon = ?, delta = ?, accountant = ? WHERE key = ?",
+               (None if epsilon is None else float(epsilon), float(delta), accountant, key))
+            status = self._status(db, key)
+            if epsilon is not None and status.committed > epsilon:
+                raise BudgetExceeded(f"{status.name}: epsilon={status.committed:.4g} is already committed, "
+                                     f"more than the cap {epsilon:g}")
+
+    def admit(self, *, run_id: str, dataset: dict[str, Any], planned: list[Event], recorded: list[Event] = (),
+              path: str | None = None, target_epsilon: float | None = None, delta: float, accountant: str) -> float:
+        """Reserve a run's planned events on its data set, or refuse it (:class:`BudgetExceeded`).
+
+        Called before the run reads any data (and again on every resume, with its current plan).
+        Returns the data set's committed ε with this run admitted.
+        """
+        with self._transaction() as db:
+            key = self._ensure_dataset(db, dataset, delta=delta, accountant=accountant)
+            now = _now()
+            db("INSERT INTO runs (run_id, dataset_key, path, planned, target_epsilon, delta, accountant, created, updated) "
+               "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (run_id) DO UPDATE SET planned = excluded.planned, "
+               "path = excluded.path, updated = excluded.updated",
+               (run_id, key, path, json.dumps(planned), target_epsilon, float(delta), accountant, now, now))
+            if db("SELECT dataset_key FROM runs WHERE run_id = ?", (run_id,))[0][0] != key:
+                raise ValueError(f"run {run_id} is registered on another data set")
+            self._write_events(db, run_id, list(recorded))
+            return self._check(db, key, what=f"run {path or run_id}")
+
+    def record(self, *, run_id: str, events: list[Event]) -> float:
+        """Replace a run's recorded events with ``events`` (its ledger's, write-ahead); checked against the cap."""
+        with self._transaction() as db:
+            rows = db("SELECT dataset_key, path FROM runs WHERE run_id = ?", (run_id,))
+            if not rows:
+                raise ValueError(f"run {run_id} was never admitted to {self!r}")
+            key, path = rows[0]
+            self._lock_dataset(db, key)
+            self._write_events(db, run_id, events)
+            db("UPDATE runs SET updated = ? WHERE run_id = ?", (_now(), run_id))
+            return self._check(db, key, what=f"run {path or run_id}")
+
+    def _write_events(self, db, run_id: str, events: list[Event]) -> None:
+        db("DELETE FROM events WHERE run_id = ?", (run_id,))
+        for seq, e in enumerate(events):
+            db("INSERT INTO events (run_id, seq, stage, mechanism, noise_multiplier, sample_rate, steps) VALUES (?, ?, ?, ?, ?, ?, ?)",
+               (run_id, seq, e["stage"], e["mechanism"], float(e["noise_multiplier"]), float(e["sample_rate"]), int(e["steps"])))
+
+    def _check(self, db, key: str, *, what: str) -> float:
+        status = self._status(db, key)
+        committed = status.committed
+        if status.cap_epsilon is not None and committed > status.cap_epsilon * (1 + 1e-9):
+            raise BudgetExceeded(
+                f"{what} refused: data set {status.name} would reach epsilon={committed:.4g} (delta={status.delta:g}, "
+                f"{len(status.runs)} runs composed), over its cap {status.cap_epsilon:g}")
+        return committed
+
+    # -- reads ----------------------------------------------------------------------------------
+    def _status(self, db, key: str) -> DatasetStatus:
+        name, size, cap, delta, accountant = db("SELECT name, size, cap_epsilon, delta, accountant FROM datasets WHERE key = ?", (key,))[0]
+        status = DatasetStatus(key=key, name=name, size=size, cap_epsilon=cap, delta=delta, accountant=accountant)
+        runs = db("SELECT run_id, path, planned, delta, accountant, created FROM runs WHERE dataset_key = ? ORDER BY created, run_id", (key,))
+        for run_id, path, planned, r_delta, r_acc, created in runs:
+            events = [dict(zip(("stage", "mechanism", "noise_multiplier", "sample_rate", "steps"), row)) for row in
+                      db("SELECT stage, mechanism, noise_multiplier, sample_rate, steps FROM events WHERE run_id = ? ORDER BY seq", (run_id,))]
+            status.runs.append(RunEntry(run_id=run_id, path=path, planned=json.loads(planned), events=events,
+                                        delta=r_delta, accountant=r_acc, created=created))
+        return status
+
+    def status(self, dataset: str | None = None) -> list[DatasetStatus]:
+        """Every data set (or those whose name, or key prefix, is ``dataset``) with its runs."""
+        with self._transaction() as db:
+            keys = [k for k, n in db("SELECT key, name FROM datasets ORDER BY name, key")
+                    if dataset is None or dataset in (n, k) or (len(dataset) >= 8 and k.split(":")[-1].startswith(dataset))]
+            return [self._status(db, k) for k in keys]
+
+    def run_events(self, run_id: str) -> list[Event]:
+        with self._transaction() as db:
+            return [dict(zip(("stage", "mechanism", "noise_multiplier", "sample_rate", "steps"), row)) for row in
+                    db("SELECT stage, mechanism, noise_multiplier, sample_rate, steps FROM events WHERE run_id = ? ORDER BY seq", (run_id,))]
+
+
+def format_status(statuses: list[DatasetStatus]) -> str:
+    """The text of ``privdiff budget status``: per data set, every run, its ε, and the composed totals."""
+    lines = []
+    fmt = lambda e: "inf" if math.isinf(e) else f"{e:.4f}"  # noqa: E731
+    for s in statuses:
+        cap = "no cap" if s.cap_epsilon is None else f"cap epsilon={s.cap_epsilon:g}"
+        lines.append(f"dataset {s.name} ({s.size} examples, {s.key[:24]}...): {len(s.runs)} runs, delta={s.delta:g} ({s.accountant}), {cap}")
+        for r in s.runs:
+            state = "complete" if r.complete else "reserved"
+            lines.append(f"  {r.created}  {r.run_id[:12]}  epsilon={fmt(r.epsilon(delta=s.delta, accountant=s.accountant))}  "
+                         f"steps={r.steps:<6} {state:<8}  {r.path or ''}")
+        lines.append(f"  composed: spent epsilon={fmt(s.spent)}, committed (with reservations) epsilon={fmt(s.committed)}"
+                     + ("" if s.cap_epsilon is None else f", left {fmt(max(0.0, s.cap_epsilon - s.committed))}"))
+    return "\n".join(lines) if lines else "no data sets registered"
