@@ -175,6 +175,8 @@ def train_denoiser(
     condition: Conditioner | None = None,
     noise_multiplicity: int | None = None,
     progress: bool = True,
+    objective: Callable[[torch.nn.Module, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    after_step: Callable[[int], None] | None = None,
 ) -> TrainResult:
     """Train a conditional denoiser on ``dataset``: the one training loop of privdiff.
 
@@ -184,6 +186,9 @@ def train_denoiser(
     recipe's pixel UNet); ``select(net)`` freezes what must not train (applied after a resume
     too); ``condition`` draws the per-draw conditions (default: labels with CFG dropout);
     ``noise_multiplicity`` K defaults to ``privacy.noise_multiplicity``.
+    ``objective(module, idx, loss)`` turns the per-example denoising loss of examples ``idx`` into
+    the per-example training objective (default: the loss itself; PrivateLoRA adds its privacy
+    term); ``after_step(step)`` runs after each optimizer step (PrivateLoRA's attacker step).
     Resumes from the run's latest checkpoint. The ledger is written *before* each step touches
     the data, and a step that would take ε past ``privacy.epsilon`` is not taken.
     """
@@ -234,7 +239,8 @@ def train_denoiser(
         x0 = images[idx.to(device)]
         sigma_bk, noise = draw_training_noise(x0, K=K, sigma_dist=sigma_dist, generator=gens["diffusion"])
         c_bk = condition(idx, K, gens["diffusion"])
-        return denoising_loss(module, x0, c_bk, sigma=sigma_bk, noise=noise, loss_weight=denoiser.loss_weight)
+        loss = denoising_loss(module, x0, c_bk, sigma=sigma_bk, noise=noise, loss_weight=denoiser.loss_weight)
+        return loss if objective is None else objective(module, idx, loss)
 
     def checkpoint(step: int) -> None:
         rng = {n: g.get_state() for n, g in gens.items()}
@@ -266,6 +272,8 @@ def train_denoiser(
         loss = engine.step(indices, loss_fn)
         if engine.private and engine.noised_steps != ledger.steps(stage) - steps_before:
             raise RuntimeError("internal error: noised steps and ledger disagree")  # never report an unbacked epsilon
+        if after_step is not None:
+            after_step(step)
         decay = min(t.ema_decay, (1 + step) / (10 + step))
         _ema_update(net_ema, net, decay)
         eps = ledger.epsilon() if engine.private else None

@@ -98,6 +98,10 @@ def load_net(path) -> nn.Module:
 
     if (Path(path) / "conditioner.json").is_file():
         return LatentNet.from_pretrained(path)
+    if (Path(path) / "lora" / "adapter.json").is_file():
+        from .lora import LoRAUNetNet
+
+        return LoRAUNetNet.from_pretrained(path)
     return UNetNet.from_pretrained(path)
 
 
