@@ -30,6 +30,7 @@ EPILOG = """examples:
   privdiff train he-ldm-mnist5k --out runs/he          DP-LDM with the HE-friendly denoiser, then:
   privdiff he serve runs/he --port 8750                 encrypted inference server
   privdiff he generate --server http://127.0.0.1:8750 --prompt "a handwritten digit three" --out three.png
+  privdiff attack runs/eps1 --attack loss              membership inference -> RUN/attacks/loss.json, loss.png
 """
 
 
@@ -49,10 +50,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     out = args.out or os.path.join("runs", Path(args.recipe).stem)
     if args.nproc is not None and args.nproc > 1 and not launched_by_torchrun():
         return _launch_torchrun(args, out)
-    from .methods import dp_ldm, dpdm, dpp
+    from .methods import dp_ldm, dpdm, dpp, lora
 
     world = init_from_env()  # under torchrun: join the process group (docs/distributed.md)
-    method = {"dpdm": dpdm, "dp-ldm": dp_ldm, "dpp": dpp}[recipe.method]
+    method = {"dpdm": dpdm, "dp-ldm": dp_ldm, "dpp": dpp, "lora": lora}[recipe.method]
     result = method.train(recipe, out=out, progress=not args.quiet and world.is_main)
     if world.is_main:
         _report(result)
@@ -293,6 +294,19 @@ def cmd_he_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_attack(args: argparse.Namespace) -> int:
+    from .attacks import ATTACKS, run_attacks
+
+    names = list(ATTACKS) if args.attack == "all" else [args.attack]
+    results = run_attacks(args.run, names, n_per_role=args.n_per_role, seed=args.seed, progress=not args.quiet)
+    for name, r in results.items():
+        tpr = lambda v: "n/a (not resolvable)" if v is None else f"{v:.3f}"  # noqa: E731
+        print(f"{name:<6} AUC {r['auc']:.3f}  ASR {r['asr']:.3f}  TPR@1%FPR {tpr(r['tpr_at_1pct_fpr'])}  "
+              f"TPR@0.1%FPR {tpr(r['tpr_at_0.1pct_fpr'])}  ({r['n_members']} members, {r['n_nonmembers']} non-members)  "
+              f"-> {Path(args.run) / 'attacks' / (name + '.json')}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="privdiff", description="Privacy-preserving diffusion models: train with DP-SGD, sample, account.",
@@ -390,6 +404,19 @@ def build_parser() -> argparse.ArgumentParser:
     au.add_argument("--out", help="run directory, must be fresh (default: runs/<recipe name>-audit)")
     au.add_argument("--quiet", action="store_true")
     au.set_defaults(func=cmd_audit)
+
+    from .attacks import ATTACKS
+
+    at = sub.add_parser("attack", help="membership-inference attack on a run -> RUN/attacks/NAME.json and NAME.png",
+                        description="Score held-out members against held-out non-members of RUN (RUN/splits.json; for a run "
+                                    "trained on its whole training split: members = that split, non-members = the test split). "
+                                    "Attacks: " + "; ".join(f"{k}: {v}" for k, v in ATTACKS.items()))
+    at.add_argument("run", help="run directory")
+    at.add_argument("--attack", required=True, choices=[*ATTACKS, "all"], help="which attack (all: one after another)")
+    at.add_argument("--n-per-role", type=int, help="examples per split role when the splits are drawn now (default: balanced maximum)")
+    at.add_argument("--seed", type=int, default=0, help="seed of the attack's noise draws (default: 0)")
+    at.add_argument("--quiet", action="store_true", help="no progress bars")
+    at.set_defaults(func=cmd_attack)
 
     b = sub.add_parser("budget", help="noise calibration, or the ledger of a run")
     bsub = b.add_subparsers(dest="budget_command", required=True, metavar="ACTION")

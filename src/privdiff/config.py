@@ -24,7 +24,7 @@ from .models.unet import UNetConfig
 from .he.model import HENetConfig
 
 
-METHODS = ("dpdm", "dp-ldm", "dpp")
+METHODS = ("dpdm", "dp-ldm", "dpp", "lora")
 
 
 class RecipeError(ValueError):
@@ -152,6 +152,29 @@ class DPPConfig:
 
 
 @dataclass(frozen=True)
+class LoRAConfig:
+    """LoRA fine-tuning (``method: lora``) of a UNet pretrained on public data, toward a small private
+    member set, plain or defended against membership inference (PrivateLoRA, Luo et al. AAAI 2025)."""
+
+    public_data: str = "digits"  # public data set of the pretraining (never the private one)
+    public_root: str | None = None
+    public_margin: int = 4  # as ldm.public_margin: public digits drawn inside a background frame
+    public_contrast: float = 2.5  # as ldm.public_contrast
+    pretrain: PretrainConfig = field(default_factory=lambda: PretrainConfig(batch_size=128, epochs=40.0, lr=2e-3, ema_decay=0.995))
+    rank: int = 8  # r
+    alpha: float = 4.0  # α (scale α/r)
+    targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2")  # peft target_modules
+    n_per_role: int = 128  # examples in each of member_aux, member_test, nonmember_aux, nonmember_test (members: 2x)
+    objective: str = "lora"  # lora | privatelora (L_ada - lam*CE, min-max) | stable (L_ada / (1 + lam*CE + delta))
+    lam: float = 0.05  # λ (paper 0.05; released scripts 1)
+    stabilizer: float = 1e-5  # δ of Stable PrivateLoRA
+    attacker_lr: float = 1e-4  # Adam lr of the proxy attacker h_ω (paper 1e-5 on 433 steps/epoch x 400 epochs)
+    attacker_weight_decay: float = 1e-4
+    attacker_batch: int = 8  # members and as many non-members per attacker step (paper: 1 + 1)
+    attacker_steps: int = 1  # attacker steps per LoRA step (k)
+
+
+@dataclass(frozen=True)
 class Recipe:
     method: str = "dpdm"
     data: DataConfig = field(default_factory=DataConfig)
@@ -163,6 +186,7 @@ class Recipe:
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     ldm: LDMConfig = field(default_factory=LDMConfig)
     dpp: DPPConfig = field(default_factory=DPPConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
 
 
 def _coerce(value: Any, hint: Any, key: str) -> Any:
@@ -317,6 +341,14 @@ def validate_recipe(r: Recipe) -> None:
         (len(r.ldm.trainable) >= 1, "ldm.trainable must name at least one group"),
         (r.ldm.net in ("unet", "he"), "ldm.net must be 'unet' or 'he'"),
         (r.method != "dp-ldm" or r.ldm.public_data != r.data.name, "ldm.public_data must not be the private data set"),
+        (r.method != "lora" or r.lora.public_data != r.data.name, "lora.public_data must not be the private data set"),
+        (r.lora.objective in ("lora", "privatelora", "stable"), "lora.objective must be 'lora', 'privatelora' or 'stable'"),
+        (r.lora.rank >= 1 and r.lora.alpha > 0, "lora.rank must be >= 1 and lora.alpha > 0"),
+        (r.lora.n_per_role >= 1 and r.lora.attacker_batch >= 1 and r.lora.attacker_steps >= 0,
+         "lora.n_per_role and lora.attacker_batch must be >= 1, lora.attacker_steps >= 0"),
+        (r.lora.lam >= 0 and r.lora.stabilizer > 0, "lora.lam must be >= 0 and lora.stabilizer > 0"),
+        (r.method != "lora" or r.lora.objective == "lora" or not r.privacy.enabled,
+         "lora.objective privatelora/stable trains its proxy attacker on members without DP: set privacy.enabled=false"),
     ]
     for ok, message in checks:
         if not ok:

@@ -248,6 +248,8 @@ def train_denoiser(
     noise_multiplicity: int | None = None,
     progress: bool = True,
     audit: "GradientCanaries | None" = None,
+    objective: Callable[[torch.nn.Module, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    after_step: Callable[[int], None] | None = None,
 ) -> TrainResult:
     """Train a conditional denoiser on ``dataset``: the one training loop of privdiff.
 
@@ -258,6 +260,9 @@ def train_denoiser(
     too); ``condition`` draws the per-draw conditions (default: labels with CFG dropout);
     ``noise_multiplicity`` K defaults to ``privacy.noise_multiplicity``; ``audit`` inserts the
     canaries of an empirical privacy audit (:mod:`privdiff.privacy.audit`) into the private steps.
+    ``objective(module, idx, loss)`` turns the per-example denoising loss of examples ``idx`` into
+    the per-example training objective (default: the loss itself; PrivateLoRA adds its privacy
+    term); ``after_step(step)`` runs after each optimizer step (PrivateLoRA's attacker step).
     Resumes from the run's latest checkpoint. The ledger is written *before* each step touches
     the data, and a step that would take ε past ``privacy.epsilon`` is not taken.
     """
@@ -317,7 +322,8 @@ def train_denoiser(
         x0 = images[idx.to(device)]
         sigma_bk, noise = draw_training_noise(x0, K=K, sigma_dist=sigma_dist, generator=gens["diffusion"])
         c_bk = condition(idx, K, gens["diffusion"])
-        return denoising_loss(module, x0, c_bk, sigma=sigma_bk, noise=noise, loss_weight=denoiser.loss_weight)
+        loss = denoising_loss(module, x0, c_bk, sigma=sigma_bk, noise=noise, loss_weight=denoiser.loss_weight)
+        return loss if objective is None else objective(module, idx, loss)
 
     if audit is not None:
         loss_fn = audit.wrap_loss(loss_fn, K=K)
@@ -358,6 +364,8 @@ def train_denoiser(
         loss = engine.step(indices, loss_fn)
         if engine.private and (start + engine.noised_steps != step + 1 or ledger.steps(stage) != counted):
             raise RuntimeError("internal error: noised steps and ledger disagree")  # never report an unbacked epsilon
+        if after_step is not None:
+            after_step(step)
         decay = min(t.ema_decay, (1 + step) / (10 + step))
         _ema_update(net_ema, net, decay)
         eps = ledger.epsilon() if engine.private else None

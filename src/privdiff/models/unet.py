@@ -102,6 +102,10 @@ def load_net(path) -> nn.Module:
         return HENet.from_pretrained(path)
     if (Path(path) / "conditioner.json").is_file():
         return LatentNet.from_pretrained(path)
+    if (Path(path) / "lora" / "adapter.json").is_file():
+        from .lora import LoRAUNetNet
+
+        return LoRAUNetNet.from_pretrained(path)
     return UNetNet.from_pretrained(path)
 
 

@@ -1,0 +1,111 @@
+"""The learned attacker of PrivateLoRA (Luo et al., AAAI 2025, App. E): an MLP on the error map.
+
+Feature: the flattened element-wise squared error e = (ε̂_θ(x₀ + σε, σ, c) − ε)², at one σ drawn
+from the model's training distribution (DDPM's t ~ U{0..T−1}) and one fresh ε. Classifier
+h_ω: Linear(D→512) → ReLU → Dropout(0.5) → Linear(512→256) → ReLU → Dropout(0.5) → Linear(256→2),
+trained with cross-entropy (class 1 = member).
+
+The same :func:`error_map` serves the defenses (:mod:`privdiff.methods.lora`), where it must stay
+inside the autograd graph of the trained parameters; here, as an evaluation attack h′, it is
+trained from scratch on the auxiliary roles and scored on the held-out ones.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from ..diffusion import SigmaDistribution
+from .target import Target
+
+__all__ = ["ProxyAttacker", "error_map", "member_gain", "proxy_scores"]
+
+
+class ProxyAttacker(nn.Module):
+    """h_ω: MLP [512, 256, 2] with ReLU and dropout 0.5 on a flattened error map (logits, class 1 = member)."""
+
+    def __init__(self, in_features: int, *, hidden: tuple[int, int] = (512, 256), dropout: float = 0.5):
+        super().__init__()
+        self.mlp = nn.Sequential(
+            nn.Linear(in_features, hidden[0]), nn.ReLU(), nn.Dropout(dropout),
+            nn.Linear(hidden[0], hidden[1]), nn.ReLU(), nn.Dropout(dropout),
+            nn.Linear(hidden[1], 2),
+        )
+
+    def forward(self, e: Tensor) -> Tensor:
+        return self.mlp(e.flatten(1))
+
+
+def error_map(eps_fn: Callable[[Tensor, Tensor, Tensor | None], Tensor], x0: Tensor, cond: Tensor | None, *,
+              sigma: Tensor, noise: Tensor) -> Tensor:
+    """e = (ε̂(x₀ + σ·ε, σ, c) − ε)², element-wise, [B, C, H, W]; differentiable in ``eps_fn``'s parameters."""
+    view = (-1,) + (1,) * (x0.ndim - 1)
+    # x_σ = x₀ + σ·ε
+    x = x0 + sigma.view(view) * noise
+    return (eps_fn(x, sigma, cond) - noise).square()
+
+
+def member_gain(attacker: ProxyAttacker, e: Tensor, *, member: bool = True) -> Tensor:
+    """Per-example MI gain term log h_ω(e) (member) or log(1 − h_ω(e)) (non-member), [B]; G ≤ 0 (PrivateLoRA eq. 5)."""
+    return F.log_softmax(attacker(e), dim=1)[:, 1 if member else 0]
+
+
+@torch.no_grad()
+def _features(target: Target, x0: Tensor, cond: Tensor | None, sigma_dist: SigmaDistribution, draws: int,
+              g: torch.Generator) -> Tensor:
+    """[draws, N, D] error maps, each draw with its own (σ, ε) per example."""
+    out = []
+    for _ in range(draws):
+        rows = []
+        for i in range(0, len(x0), target.batch_size):
+            x, c = x0[i:i + target.batch_size], None if cond is None else cond[i:i + target.batch_size]
+            sigma = sigma_dist((len(x),), generator=g, device=x.device)
+            noise = torch.randn(x.shape, generator=g, device=x.device)
+            rows.append(error_map(target.eps, x, c, sigma=sigma, noise=noise).flatten(1))
+        out.append(torch.cat(rows))
+    return torch.stack(out)
+
+
+def proxy_scores(target: Target, aux: tuple[Tensor, Tensor | None, Tensor, Tensor | None],
+                 test: tuple[Tensor, Tensor | None, Tensor, Tensor | None], *, epochs: int = 100, draws: int = 8,
+                 lr: float = 1e-4, weight_decay: float = 1e-4, batch_size: int = 64, seed: int = 0,
+                 progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Train a fresh h′ on the auxiliary members / non-members and score the held-out ones.
+
+    ``aux`` and ``test`` are ``(x_members, c_members, x_nonmembers, c_nonmembers)`` in model space.
+    Each example gets ``draws`` error maps (fresh (σ, ε) each); h′ trains ``epochs`` passes over the
+    auxiliary maps (Adam, balanced classes; a fixed number of epochs, so nothing is selected on the
+    test roles). A held-out example's score is its mean member logit-margin over its ``draws`` maps.
+    """
+    g = torch.Generator(device=target.device).manual_seed(seed)
+    torch.manual_seed(seed)
+    dist = target.sigma_distribution()
+    fm, fn = _features(target, aux[0], aux[1], dist, draws, g), _features(target, aux[2], aux[3], dist, draws, g)
+    X = torch.cat([fm.flatten(0, 1), fn.flatten(0, 1)])
+    y = torch.cat([torch.ones(fm.shape[0] * fm.shape[1]), torch.zeros(fn.shape[0] * fn.shape[1])]).long().to(X.device)
+    h = ProxyAttacker(X.shape[1]).to(X.device)
+    opt = torch.optim.Adam(h.parameters(), lr=lr, weight_decay=weight_decay)
+    for _ in tqdm(range(epochs), desc="proxy attacker", unit="epoch", disable=not progress, file=sys.stderr, leave=False):
+        h.train()
+        perm = torch.randperm(len(X), device=X.device)
+        for i in range(0, len(X), batch_size):
+            b = perm[i:i + batch_size]
+            loss = F.cross_entropy(h(X[b]), y[b])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    h.eval()
+
+    @torch.no_grad()
+    def score(x: Tensor, c: Tensor | None) -> np.ndarray:
+        f = _features(target, x, c, dist, draws, g)  # [draws, N, D]
+        logits = h(f.flatten(0, 1)).view(draws, len(x), 2)
+        return (logits[..., 1] - logits[..., 0]).mean(0).double().cpu().numpy()
+
+    return score(test[0], test[1]), score(test[2], test[3])

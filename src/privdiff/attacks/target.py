@@ -1,0 +1,110 @@
+"""What an attack queries: a run's denoiser as an ε-predictor, in the space it was trained in.
+
+PIA's ``EpsGetter`` idea: every attack only needs ε̂_θ(x, σ, c). privdiff's denoisers are
+EDM-preconditioned D(x; σ, c) on x = x₀ + σ·n (pixels, or DP-LDM latents), so
+
+    ε̂(x, σ, c) = (x − D(x; σ, c)) / σ,
+
+which is the DDPM ε-prediction in the scaled variable x = x_t/√ᾱ_t with σ = √(1/ᾱ_t − 1).
+A DP-LDM run is attacked in its latent space: images are encoded by the run's autoencoder.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..config import Recipe
+from ..data import ImageDataset, load_dataset
+from ..data.membership import MembershipSplits, split_held_out
+from ..diffusion import Denoiser
+from ..methods.stages import default_device, load_denoiser, load_ledger, training_sigma_distribution
+from ..runs import Run
+
+__all__ = ["Target", "load_target", "run_splits", "role_datasets", "SPLITS_FILE"]
+
+SPLITS_FILE = "splits.json"
+
+
+@dataclass
+class Target:
+    """A trained denoiser as an ε-predictor, plus how to bring images into its space."""
+
+    denoiser: Denoiser
+    recipe: Recipe
+    encode: Callable[[Tensor], Tensor] | None = None  # images in [-1, 1] -> latents (DP-LDM); None: pixel space
+    batch_size: int = 250
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.denoiser.parameters()).device
+
+    def eps(self, x: Tensor, sigma: float | Tensor, cond: Tensor | None) -> Tensor:
+        """ε̂(x, σ, c) = (x − D(x; σ, c)) / σ."""
+        sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device)
+        sigma = sigma.expand(x.shape[0]) if sigma.ndim == 0 else sigma
+        D = self.denoiser(x, sigma, cond)
+        return (x - D) / sigma.view(-1, *([1] * (x.ndim - 1)))
+
+    @torch.no_grad()
+    def inputs(self, dataset: ImageDataset) -> tuple[Tensor, Tensor | None]:
+        """(x₀ in model space [N, ...], conditions [N] or [N, 1 + L]) of ``dataset`` on the target's device."""
+        x = dataset.images.to(self.device)
+        if self.encode is not None:
+            x = torch.cat([self.encode(x[i:i + self.batch_size]) for i in range(0, len(x), self.batch_size)])
+        cond = self.denoiser.net.conditions(labels=dataset.labels, n=len(dataset))
+        return x, None if cond is None else cond.to(self.device)
+
+    def sigma_distribution(self):
+        """The run's training noise-level distribution p(σ) (the analogue of DDPM's t ~ U{0..T−1})."""
+        return training_sigma_distribution(self.recipe)
+
+
+def load_target(run: Run) -> Target:
+    """The run's EMA denoiser as a :class:`Target` (with its autoencoder's encoder for a DP-LDM run)."""
+    recipe = run.load_config()
+    denoiser = load_denoiser(run, recipe).requires_grad_(False)
+    encode = None
+    if (run.path / "autoencoder").is_dir():
+        from diffusers import AutoencoderKL
+
+        from ..models.autoencoder import encode_latents
+
+        ae = AutoencoderKL.from_pretrained(run.path / "autoencoder", local_files_only=True, use_safetensors=True,
+                                           low_cpu_mem_usage=False).to(default_device()).eval().requires_grad_(False)
+        encode = lambda x: encode_latents(ae, x)  # noqa: E731  s·μ(x), as the run's training latents
+    return Target(denoiser=denoiser, recipe=recipe, encode=encode)
+
+
+def run_splits(run: Run, *, n_per_role: int | None = None, seed: int | None = None) -> MembershipSplits:
+    """The run's membership splits: ``RUN/splits.json`` if training recorded it (a LoRA run), else
+    drawn once and recorded: members = the recipe's training split, which a DPDM / DP-LDM / DPP run
+    trains on in full (checked against the ledger's fingerprint), non-members = its held-out test split.
+    """
+    path = run.path / SPLITS_FILE
+    if path.is_file():
+        return MembershipSplits.load(path)
+    recipe = run.load_config()
+    d = recipe.data
+    members = load_dataset(d.name, root=d.root, split="train", resolution=d.resolution)
+    load_ledger(run, members)  # a ledger that names other private data is an error: members must be what was trained on
+    nonmembers = load_dataset(d.name, root=d.root, split="test", resolution=d.resolution)
+    splits = split_held_out(members=members, nonmembers=nonmembers, seed=recipe.train.seed if seed is None else seed,
+                            n_per_role=n_per_role, root=d.root, resolution=d.resolution)
+    splits.save(path)
+    return splits
+
+
+def role_datasets(splits: MembershipSplits) -> dict[str, ImageDataset]:
+    """Each role's examples, read from the data set and split the role names."""
+    d = splits.data
+    sources: dict[str, ImageDataset] = {}
+    out = {}
+    for role, r in splits.roles.items():
+        if r["split"] not in sources:
+            sources[r["split"]] = load_dataset(d["name"], root=d["root"], split=r["split"], resolution=d["resolution"])
+        out[role] = splits.dataset(role, sources[r["split"]])
+    return out

@@ -1,0 +1,141 @@
+"""Member / non-member / auxiliary splits for membership-inference attacks and defenses.
+
+Four disjoint roles (PrivateLoRA §3, App. E; reference note §2):
+
+* ``member_aux``    D^m_aux  — trained on; the defender's proxy and the evaluator's learned attacker see it
+* ``member_test``   D^m_te   — trained on; only scored
+* ``nonmember_aux`` D^nm_aux — never trained on; proxy / learned attacker see it
+* ``nonmember_test``D^nm_te  — never trained on; only scored
+
+Each role is a list of indices into one split (``train`` / ``test``) of the recipe's data set,
+named by that split's content fingerprint, so a role can be re-read exactly and a changed data
+set is an error. Splits are drawn once, deterministically from a seed, and written to
+``RUN/splits.json``; attacks read them from there and never mix roles.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..atomic import atomic_write_text
+from .dataset import DatasetError, ImageDataset
+
+__all__ = ["ROLES", "MEMBER_ROLES", "MembershipSplits", "split_held_out", "split_pool", "subset"]
+
+ROLES: tuple[str, ...] = ("member_aux", "member_test", "nonmember_aux", "nonmember_test")
+MEMBER_ROLES: tuple[str, ...] = ("member_aux", "member_test")
+_VERSION = 1
+
+
+@dataclass(frozen=True)
+class MembershipSplits:
+    """The four roles of one run: ``roles[role] = {"split", "fingerprint", "indices"}``.
+
+    Attributes:
+        data: ``{"name", "root", "resolution"}`` of the data set the indices refer to.
+        seed: Seed the roles were drawn with.
+        roles: Per role, the split name, that split's fingerprint and sorted int indices.
+        trained_on: Which roles the model was trained on, as a description (e.g. ``"member_aux+member_test"``
+            or ``"all of train"`` when every example of the training split is a member).
+    """
+
+    data: dict
+    seed: int
+    roles: dict[str, dict]
+    trained_on: str
+
+    def __post_init__(self) -> None:
+        if set(self.roles) != set(ROLES):
+            raise DatasetError(f"membership splits need roles {', '.join(ROLES)}, got {', '.join(sorted(self.roles))}")
+        seen: dict[tuple[str, int], str] = {}
+        for role in ROLES:
+            r = self.roles[role]
+            if len(r["indices"]) == 0:
+                raise DatasetError(f"membership split {role} is empty")
+            for i in r["indices"]:
+                key = (r["fingerprint"], int(i))
+                if key in seen:
+                    raise DatasetError(f"membership splits overlap: example {i} of {r['split']} is in {seen[key]} and {role}")
+                seen[key] = role
+
+    def size(self, role: str) -> int:
+        return len(self.roles[role]["indices"])
+
+    def dataset(self, role: str, source: ImageDataset) -> ImageDataset:
+        """The examples of ``role`` taken from ``source`` (the split it names; checked by fingerprint)."""
+        r = self.roles[role]
+        if source.fingerprint != r["fingerprint"] or source.split != r["split"]:
+            raise DatasetError(f"splits.json: role {role} refers to {self.data['name']} {r['split']} {r['fingerprint'][:19]}..., "
+                               f"got {source.name} {source.split} {source.fingerprint[:19]}...")
+        return subset(source, np.asarray(r["indices"], dtype=np.int64), tag=role)
+
+    def to_dict(self) -> dict:
+        return {"version": _VERSION, "data": self.data, "seed": self.seed, "trained_on": self.trained_on,
+                "roles": {k: {**v, "indices": [int(i) for i in v["indices"]]} for k, v in self.roles.items()}}
+
+    def save(self, path: str | Path) -> None:
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=1))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "MembershipSplits":
+        try:
+            d = json.loads(Path(path).read_text())
+            return cls(data=d["data"], seed=int(d["seed"]), roles=d["roles"], trained_on=d["trained_on"])
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise DatasetError(f"{path}: unreadable membership splits ({type(e).__name__}: {e})") from None
+
+
+def subset(dataset: ImageDataset, indices: np.ndarray, *, tag: str = "subset") -> ImageDataset:
+    """``dataset[indices]`` as an :class:`ImageDataset` whose fingerprint names the parent and the indices."""
+    idx = np.asarray(indices, dtype=np.int64)
+    if idx.size and (idx.min() < 0 or idx.max() >= len(dataset)):
+        raise DatasetError(f"{dataset.name} ({dataset.split}): index out of range 0..{len(dataset) - 1}")
+    h = hashlib.sha256(dataset.fingerprint.encode() + tag.encode() + idx.astype("<i8").tobytes()).hexdigest()
+    t = torch.from_numpy(idx)
+    return dataclasses.replace(dataset, images=dataset.images[t], labels=dataset.labels[t], fingerprint="sha256:" + h)
+
+
+def _data_key(dataset: ImageDataset, root, resolution) -> dict:
+    return {"name": dataset.name, "root": root, "resolution": resolution}
+
+
+def _role(dataset: ImageDataset, idx: np.ndarray) -> dict:
+    return {"split": dataset.split, "fingerprint": dataset.fingerprint, "indices": sorted(int(i) for i in idx)}
+
+
+def split_held_out(*, members: ImageDataset, nonmembers: ImageDataset, seed: int, n_per_role: int | None = None,
+                   root: str | None = None, resolution: int | None = None) -> MembershipSplits:
+    """Roles for a model trained on ALL of ``members`` (e.g. a DP-SGD run's training split) with
+    ``nonmembers`` never seen (the held-out test split): each side is permuted with ``seed`` and
+    cut into an aux half and a test half of ``n_per_role`` each (default: as many as balance allows).
+    """
+    if members.fingerprint == nonmembers.fingerprint:
+        raise DatasetError("members and non-members are the same data set: use split_pool")
+    n_max = min(len(members), len(nonmembers)) // 2
+    n = n_max if n_per_role is None else n_per_role
+    if not 1 <= n <= n_max:
+        raise DatasetError(f"n_per_role must be in 1..{n_max} for {len(members)} members and {len(nonmembers)} non-members, got {n}")
+    rng = np.random.default_rng(seed)
+    pm, pn = rng.permutation(len(members)), rng.permutation(len(nonmembers))
+    roles = {"member_aux": _role(members, pm[:n]), "member_test": _role(members, pm[n:2 * n]),
+             "nonmember_aux": _role(nonmembers, pn[:n]), "nonmember_test": _role(nonmembers, pn[n:2 * n])}
+    return MembershipSplits(data=_data_key(members, root, resolution), seed=seed, roles=roles,
+                            trained_on=f"all of {members.name} {members.split} ({len(members)} examples)")
+
+
+def split_pool(pool: ImageDataset, *, n_per_role: int, seed: int, root: str | None = None,
+               resolution: int | None = None) -> MembershipSplits:
+    """Four disjoint roles of ``n_per_role`` examples each, drawn from one ``pool`` with ``seed``
+    (PrivateLoRA's setting: the model is then trained on member_aux ∪ member_test only)."""
+    if not 1 <= 4 * n_per_role <= len(pool):
+        raise DatasetError(f"n_per_role={n_per_role}: 4 roles need {4 * n_per_role} examples, {pool.name} {pool.split} has {len(pool)}")
+    perm = np.random.default_rng(seed).permutation(len(pool))
+    roles = {role: _role(pool, perm[i * n_per_role:(i + 1) * n_per_role]) for i, role in enumerate(ROLES)}
+    return MembershipSplits(data=_data_key(pool, root, resolution), seed=seed, roles=roles, trained_on="member_aux+member_test")

@@ -1,0 +1,194 @@
+"""LoRA fine-tuning on a small private member set, plain or defended against membership inference.
+
+Stages, all on the shared core (:func:`~.stages.train_denoiser`):
+
+1. ``pretrain`` (public): the recipe's pixel UNet learns to denoise the public data (``lora.public_data``,
+   scikit-learn's digits by default, framed and sharpened as DP-LDM's public stages do).
+2. ``lora`` (the member set D_tr = member_aux ∪ member_test of ``RUN/splits.json``): peft LoRA
+   adapters (rank r, scale α/r) on the pretrained UNet; only A and B train. The objective is
+   ``lora.objective``:
+
+   * ``lora``        L_ada (per example: ℓ_ada = λ(σ)‖D(x₀ + σn; σ) − x₀‖², EDM eq. 8)
+   * ``privatelora`` L_PL  = ℓ_ada − λ·CE_member            (MP-LoRA, PrivateLoRA eq. 6: ℓ_ada + λ·G)
+   * ``stable``      L_SPL = ℓ_ada / (1 + λ·CE_member + δ)  (SMP-LoRA, eq. 10: ℓ_ada / (1 − λ·G + δ))
+
+   CE_member = −log h_ω(e) is the proxy attacker's cross-entropy on the member's squared-error map
+   e = (ε̂(x₀ + σ'ε', σ') − ε')² at a fresh (σ', ε'), computed INSIDE the autograd graph of the
+   LoRA weights (the pitfall of the reference note, §7.1: detached errors give ∇G = 0 and the
+   defense silently becomes plain LoRA). The paper trains with batch 1, so its batch ratio is this
+   per-example ratio. After each LoRA step, ``lora.attacker_steps`` steps of h_ω (Adam) on a balanced
+   batch of member_aux and nonmember_aux maps (features without gradient), as the released code.
+
+The ledger records the LoRA stage on the member set as non-private (ε = ∞): LoRA is not DP.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..attacks.proxy import ProxyAttacker, error_map, member_gain
+from ..config import Recipe
+from ..data import ImageDataset, load_dataset
+from ..data.membership import MembershipSplits, split_pool, subset
+from ..models.lora import LoRASpec, LoRAUNetNet, lora_parameters
+from ..privacy.ledger import Ledger
+from ..runs import Run, open_run, save_samples
+from .stages import class_grid_labels, data_identity, default_device, generate, open_ledger, train_denoiser, training_sigma_distribution
+
+__all__ = ["PrivacyTerm", "train", "member_set"]
+
+
+@dataclass
+class LoRAResult:
+    run: Run
+    grid: Path
+    ledger: Ledger
+    steps: int
+
+
+def member_set(splits: MembershipSplits, pool: ImageDataset) -> ImageDataset:
+    """D_tr = member_aux ∪ member_test of ``pool`` (checked against the splits), the only examples LoRA trains on."""
+    splits.dataset("member_aux", pool)  # raises if pool is not the split the roles were drawn from
+    idx = np.asarray(sorted(splits.roles["member_aux"]["indices"] + splits.roles["member_test"]["indices"]))
+    return subset(pool, idx, tag="members")
+
+
+def _eps_fn(denoiser: torch.nn.Module):
+    """ε̂(x, σ, c) = (x − D(x; σ, c)) / σ of a (possibly wrapped) denoiser, differentiable."""
+    def eps(x, sigma, cond):
+        return (x - denoiser(x, sigma, cond)) / sigma.view(-1, *([1] * (x.ndim - 1)))
+    return eps
+
+
+class PrivacyTerm:
+    """PrivateLoRA's privacy term and its proxy attacker h_ω (one instance per training run).
+
+    ``objective(module, idx, loss)`` is the per-example training objective given to
+    :func:`train_denoiser`; ``attacker_step(step)`` its ``after_step``.
+    """
+
+    def __init__(self, recipe: Recipe, *, members: ImageDataset, member_aux: ImageDataset, nonmember_aux: ImageDataset,
+                 device: torch.device, log: Path | None = None):
+        L = recipe.lora
+        self.kind, self.lam, self.delta = L.objective, L.lam, L.stabilizer
+        self.device = device
+        self.x_m, self.c_m = members.images.to(device), members.labels.to(device)
+        self.aux = {True: (member_aux.images.to(device), member_aux.labels.to(device)),
+                    False: (nonmember_aux.images.to(device), nonmember_aux.labels.to(device))}
+        self.sigma_dist = training_sigma_distribution(recipe)
+        self.g = torch.Generator(device=device).manual_seed(recipe.train.seed * 1000 + 11)
+        self.attacker = ProxyAttacker(int(np.prod(members.images.shape[1:]))).to(device).train()
+        self.opt = torch.optim.Adam(self.attacker.parameters(), lr=L.attacker_lr, weight_decay=L.attacker_weight_decay)
+        self.batch, self.k = L.attacker_batch, L.attacker_steps
+        self.module: torch.nn.Module | None = None  # the denoiser being trained, as the training loop passes it
+        self.log = log
+
+    def _map(self, module: torch.nn.Module, x0: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        # a fresh (σ', ε') per example, separate from the (σ, n) of ℓ_ada
+        sigma = self.sigma_dist((len(x0),), generator=self.g, device=x0.device)
+        noise = torch.randn(x0.shape, generator=self.g, device=x0.device)
+        return error_map(_eps_fn(module), x0, c, sigma=sigma, noise=noise)
+
+    def ce_member(self, module: torch.nn.Module, idx: torch.Tensor) -> torch.Tensor:
+        """CE_member = −log h_ω(e(x₀)) per member example of ``idx``, differentiable in the LoRA weights."""
+        idx = idx.to(self.device)
+        e = self._map(module, self.x_m[idx], self.c_m[idx])  # kept in the graph: NOT detached
+        return -member_gain(self.attacker, e, member=True)
+
+    def objective(self, module: torch.nn.Module, idx: torch.Tensor, loss: torch.Tensor) -> torch.Tensor:
+        self.module = module
+        ce = self.ce_member(module, idx)
+        if self.kind == "privatelora":
+            # L_PL = ℓ_ada + λ·G = ℓ_ada − λ·CE_member
+            return loss - self.lam * ce
+        # L_SPL = ℓ_ada / (1 − λ·G + δ) = ℓ_ada / (1 + λ·CE_member + δ)
+        return loss / (1.0 + self.lam * ce + self.delta)
+
+    def attacker_step(self, step: int) -> None:
+        """k ascent steps on G for ω: CE on a balanced batch of member_aux / nonmember_aux maps (LoRA frozen)."""
+        if self.module is None:
+            return
+        was_training = self.module.training
+        self.module.eval()
+        for _ in range(self.k):
+            feats, labels = [], []
+            for member in (True, False):
+                x, c = self.aux[member]
+                pick = torch.randint(0, len(x), (self.batch,), generator=self.g, device=self.device)
+                with torch.no_grad():
+                    feats.append(self._map(self.module, x[pick], c[pick]))
+                labels.append(torch.full((self.batch,), int(member), device=self.device))
+            e, y = torch.cat(feats), torch.cat(labels)
+            self.opt.zero_grad(set_to_none=True)  # also drops the grads the LoRA step left on ω
+            logits = self.attacker(e)
+            loss = F.cross_entropy(logits, y)
+            loss.backward()
+            self.opt.step()
+            if self.log is not None and step % 25 == 0:
+                acc = float((logits.argmax(1) == y).float().mean())
+                with open(self.log, "a") as f:
+                    f.write(json.dumps({"step": step + 1, "attacker_ce": float(loss), "attacker_acc": acc}) + "\n")
+        self.opt.zero_grad(set_to_none=True)
+        self.module.train(was_training)
+
+
+def load_public(recipe: Recipe, *, resolution: int) -> ImageDataset:
+    """The public pretraining data: ``lora.public_*`` through DP-LDM's framing and contrast."""
+    from .dp_ldm import load_public as framed
+
+    L = recipe.lora
+    as_ldm = dataclasses.replace(recipe.ldm, public_data=L.public_data, public_root=L.public_root,
+                                 public_margin=L.public_margin, public_contrast=L.public_contrast)
+    return framed(dataclasses.replace(recipe, ldm=as_ldm), resolution=resolution)
+
+
+def train(recipe: Recipe, *, out: str | Path, progress: bool = True, grid_per_class: int = 10) -> LoRAResult:
+    """Pretrain on public data, record the membership splits, LoRA-adapt on the members; sample a class grid."""
+    d, L, device = recipe.data, recipe.lora, default_device()
+    pool = load_dataset(d.name, root=d.root, split="train", resolution=d.resolution)
+    public = load_public(recipe, resolution=pool.resolution)
+    if (public.channels, public.num_classes) != (pool.channels, pool.num_classes):
+        raise ValueError(f"public data {public.name} has {public.channels} channels and {public.num_classes} classes, "
+                         f"private {pool.name} {pool.channels} and {pool.num_classes}: they must match")
+    run = open_run(out, recipe)
+    path = run.path / "splits.json"
+    if path.is_file():
+        splits = MembershipSplits.load(path)
+    else:
+        splits = split_pool(pool, n_per_role=L.n_per_role, seed=recipe.train.seed, root=d.root, resolution=d.resolution)
+        splits.save(path)
+    members = member_set(splits, pool)
+    ledger = open_ledger(run, recipe, members)
+
+    pre = train_denoiser(run=run.stage("pretrain"), recipe=recipe, dataset=public, ledger=None, stage="pretrain",
+                         train=L.pretrain, noise_multiplicity=1, progress=progress)
+    ledger.record_public(stage="pretrain", data=data_identity(public), steps=pre.steps)
+    ledger.save(run.ledger_path)
+
+    spec = LoRASpec(rank=L.rank, alpha=L.alpha, targets=tuple(L.targets))
+
+    def select(net: torch.nn.Module) -> None:
+        net.requires_grad_(False)
+        for p in lora_parameters(net):
+            p.requires_grad_(True)
+
+    term = None
+    if L.objective != "lora":
+        term = PrivacyTerm(recipe, members=members, member_aux=splits.dataset("member_aux", pool),
+                           nonmember_aux=splits.dataset("nonmember_aux", pool), device=device,
+                           log=run.path / "attacker_log.jsonl")
+    result = train_denoiser(run=run, recipe=recipe, dataset=members, ledger=ledger, stage="lora",
+                            init=lambda: LoRAUNetNet.from_base(pre.denoiser.net, spec), select=select,
+                            objective=None if term is None else term.objective,
+                            after_step=None if term is None else term.attacker_step, progress=progress)
+    labels = class_grid_labels(pool.num_classes, grid_per_class)
+    images = generate(result.denoiser, labels=labels, n=len(labels), recipe=recipe, seed=recipe.train.seed, progress=progress)
+    grid, _ = save_samples(run.samples, images, labels.numpy(), nrow=grid_per_class)
+    return LoRAResult(run=run, grid=grid, ledger=ledger, steps=result.steps)

@@ -1,0 +1,46 @@
+import numpy as np
+import pytest
+import torch
+
+from privdiff.data import DatasetError, ImageDataset
+from privdiff.data.membership import MEMBER_ROLES, ROLES, MembershipSplits, split_held_out, split_pool, subset
+
+
+def _data(n, split, seed):
+    g = torch.Generator().manual_seed(seed)
+    return ImageDataset(images=torch.rand(n, 1, 4, 4, generator=g) * 2 - 1, labels=torch.randint(0, 3, (n,), generator=g),
+                        num_classes=3, name="toy", split=split, fingerprint=f"sha256:{split}{seed}")
+
+
+def test_pool_roles_are_disjoint_deterministic_and_roundtrip(tmp_path):
+    pool = _data(100, "train", 0)
+    s = split_pool(pool, n_per_role=20, seed=3)
+    assert split_pool(pool, n_per_role=20, seed=3).roles == s.roles
+    assert split_pool(pool, n_per_role=20, seed=4).roles != s.roles
+    idx = [i for r in ROLES for i in s.roles[r]["indices"]]
+    assert len(idx) == len(set(idx)) == 80
+    s.save(tmp_path / "splits.json")
+    back = MembershipSplits.load(tmp_path / "splits.json")
+    assert back.roles == s.roles and back.trained_on == "member_aux+member_test"
+    d = back.dataset("member_test", pool)
+    assert len(d) == 20 and torch.equal(d.images, pool.images[torch.tensor(s.roles["member_test"]["indices"])])
+    assert d.fingerprint != pool.fingerprint
+
+
+def test_held_out_uses_both_sets_and_rejects_overlap(tmp_path):
+    train, test = _data(60, "train", 1), _data(30, "test", 1)
+    s = split_held_out(members=train, nonmembers=test, seed=0)
+    assert all(s.roles[r]["split"] == "train" for r in MEMBER_ROLES)
+    assert s.size("nonmember_test") == 15 and s.size("member_aux") == 15
+    with pytest.raises(DatasetError, match="refers to"):
+        s.dataset("member_aux", test)  # wrong source
+    with pytest.raises(DatasetError, match="overlap"):
+        roles = dict(s.roles, member_test=s.roles["member_aux"])
+        MembershipSplits(data=s.data, seed=0, roles=roles, trained_on="x")
+    with pytest.raises(DatasetError, match="n_per_role"):
+        split_held_out(members=train, nonmembers=test, seed=0, n_per_role=16)
+
+
+def test_subset_fingerprint_depends_on_indices():
+    pool = _data(10, "train", 2)
+    assert subset(pool, np.array([1, 2])).fingerprint != subset(pool, np.array([1, 3])).fingerprint

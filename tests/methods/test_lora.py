@@ -1,0 +1,130 @@
+"""LoRA adapters (peft) on the pixel UNet, PrivateLoRA's privacy term, and the method end to end."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import UNet2DModel
+
+from privdiff.config import resolve_recipe
+from privdiff.data import ImageDataset
+from privdiff.diffusion import Denoiser
+from privdiff.methods.lora import PrivacyTerm
+from privdiff.models import UNetNet, build_unet
+from privdiff.models.lora import LoRASpec, LoRAUNetNet, lora_parameters
+from tests.conftest import TINY
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _recipe(*extra):
+    return resolve_recipe(ROOT / "recipes/lora-mnist5k-stable.yaml", [*TINY, *extra])
+
+
+def _lora_net(recipe, seed=0):
+    torch.manual_seed(seed)
+    base = UNetNet(build_unet(recipe.model, resolution=8, in_channels=1, num_classes=10))
+    net = LoRAUNetNet.from_base(base, LoRASpec(rank=4, alpha=2.0))
+    return base, net
+
+
+def _data(n, seed):
+    g = torch.Generator().manual_seed(seed)
+    return ImageDataset(images=torch.rand(n, 1, 8, 8, generator=g) * 2 - 1, labels=torch.randint(0, 10, (n,), generator=g),
+                        num_classes=10, name="toy", split="train", fingerprint=f"sha256:{seed}")
+
+
+def test_only_adapters_train_and_the_start_is_the_base_model():
+    r = _recipe()
+    base, net = _lora_net(r)
+    trainable = {n for n, p in net.named_parameters() if p.requires_grad}
+    assert trainable and all(".lora_A." in n or ".lora_B." in n for n in trainable)
+    x, c, lab = torch.randn(3, 1, 8, 8), torch.rand(3), torch.tensor([1, 2, 10])
+    torch.testing.assert_close(net(x, c, lab), base(x, c, lab))  # B = 0: W' = W
+
+
+def test_checkpoint_is_the_merged_unet_and_resumes_the_adapters(tmp_path):
+    r = _recipe()
+    _, net = _lora_net(r)
+    with torch.no_grad():
+        for p in lora_parameters(net):
+            p.normal_(0, 0.1)  # adapters that change the output
+    net.eval()
+    net.save_pretrained(tmp_path / "unet")
+    x, c, lab = torch.randn(3, 1, 8, 8), torch.rand(3), torch.tensor([1, 2, 10])
+    merged = UNetNet(UNet2DModel.from_pretrained(tmp_path / "unet", local_files_only=True)).eval()
+    torch.testing.assert_close(merged(x, c, lab), net(x, c, lab), atol=1e-5, rtol=1e-4)
+    back = LoRAUNetNet.from_pretrained(tmp_path / "unet").eval()
+    torch.testing.assert_close(back(x, c, lab), net(x, c, lab))
+    for a, b in zip(lora_parameters(back), lora_parameters(net)):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("objective", ["privatelora", "stable"])
+def test_privacy_term_has_a_lora_gradient_that_depends_on_lambda(objective):
+    """The pitfall (reference note §7.1): G must be differentiable through the NON-detached error maps."""
+    grads = {}
+    for lam in (0.05, 1.0):
+        r = _recipe(f"lora.objective={objective}", f"lora.lam={lam}")
+        _, net = _lora_net(r)
+        with torch.no_grad():
+            for n, p in net.named_parameters():
+                if ".lora_B." in n:
+                    p.normal_(0, 0.05)  # past the zero start, so A gets gradient too
+        den = Denoiser(net)
+        members, m_aux, nm_aux = _data(8, 1), _data(4, 2), _data(4, 3)
+        term = PrivacyTerm(r, members=members, member_aux=m_aux, nonmember_aux=nm_aux, device=torch.device("cpu"))
+        idx = torch.arange(8)
+        ce = term.ce_member(den, idx)
+        assert ce.shape == (8,) and ce.requires_grad
+        # the privacy part alone: objective minus what it is at λ = 0 (a constant ℓ_ada)
+        loss = torch.full((8,), 0.7)
+        term.g.manual_seed(0)
+        total = term.objective(den, idx, loss).sum()
+        params = lora_parameters(net)
+        g = torch.autograd.grad(total, params)
+        flat = torch.cat([x.flatten() for x in g])
+        assert flat.abs().sum() > 0, "privacy term has no gradient w.r.t. the LoRA weights"
+        assert all(x.abs().sum() > 0 for x, (n, _) in zip(g, [(n, p) for n, p in net.named_parameters() if p in set(params)])
+                   if ".lora_A." in n)
+        grads[lam] = flat
+    assert not torch.allclose(grads[0.05], grads[1.0])
+
+
+def test_attacker_step_trains_only_the_attacker():
+    r = _recipe("lora.objective=stable")
+    _, net = _lora_net(r)
+    den = Denoiser(net)
+    term = PrivacyTerm(r, members=_data(8, 1), member_aux=_data(4, 2), nonmember_aux=_data(4, 3), device=torch.device("cpu"))
+    before_h = [p.clone() for p in term.attacker.parameters()]
+    before_lora = [p.clone() for p in lora_parameters(net)]
+    term.objective(den, torch.arange(4), torch.ones(4)).sum().backward()  # leaves grads on ω too
+    term.attacker_step(0)
+    assert any(not torch.equal(a, b) for a, b in zip(before_h, term.attacker.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(before_lora, lora_parameters(net)))
+    assert all(p.grad is None for p in term.attacker.parameters())
+
+
+@pytest.mark.slow
+def test_lora_method_end_to_end(tmp_path, capsys):
+    from privdiff.cli import main
+
+    out = tmp_path / "run"
+    args = ["train", str(ROOT / "recipes/lora-mnist5k-stable.yaml"), *TINY, "lora.n_per_role=16", "lora.pretrain.max_steps=2",
+            "lora.pretrain.batch_size=32", "train.batch_size=8", "train.max_steps=3", "--out", str(out), "--quiet"]
+    assert main(args) == 0, capsys.readouterr().err
+    ledger = json.loads((out / "ledger.json").read_text())
+    assert ledger["epsilon"] is None and ledger["events"][0]["stage"] == "lora" and ledger["events"][0]["steps"] == 3
+    assert ledger["dataset"]["size"] == 32 and ledger["public_stages"][0]["data"]["name"] == "digits"
+    splits = json.loads((out / "splits.json").read_text())
+    assert splits["trained_on"] == "member_aux+member_test"
+    assert (out / "attacker_log.jsonl").is_file()
+    ckpt = out / "checkpoints" / (out / "checkpoints" / "latest").read_text().strip()
+    UNet2DModel.from_pretrained(ckpt / "unet_ema", local_files_only=True)  # merged: plain diffusers
+    # resume to more steps continues the ledger
+    assert main([*args[:-3], "train.max_steps=4", "--out", str(out), "--quiet"]) == 0
+    assert json.loads((out / "ledger.json").read_text())["events"][0]["steps"] == 4
+    assert main(["attack", str(out), "--attack", "loss", "--quiet"]) == 0
+    r = json.loads((out / "attacks" / "loss.json").read_text())
+    assert r["n_members"] == r["n_nonmembers"] == 16
