@@ -99,7 +99,6 @@ def test_one_encrypted_denoising_step_matches_plaintext(private):
 
 def test_private_sampling_run_matches_plaintext(private):
     """Same seed, same sampler: every step's D within 1e-3 relative, the decoded image ≥ 40 dB PSNR."""
-    from privdiff.he.model import HENet  # noqa: F401
     from privdiff.models.autoencoder import AutoencoderConfig, build_autoencoder
 
     net, remote = private

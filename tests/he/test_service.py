@@ -56,9 +56,9 @@ def post(url: str, body: bytes) -> tuple[int, dict]:
 def test_private_generation_matches_plaintext_and_the_wire_carries_nothing_readable(he_run, server):
     ctx = TenSEALContext.generate(PRESETS["precise"])
     start = len(server.wire)
-    result = generate(server.url, PROMPT, seed=3, steps=2, progress=False, context=ctx)
-    ref, den = plaintext_image(he_run, seed=3, steps=2)
-    assert result.evaluations == 3  # Heun, 2 steps
+    result = generate(server.url, PROMPT, seed=3, steps=1, progress=False, context=ctx)
+    ref, den = plaintext_image(he_run, seed=3, steps=1)
+    assert result.evaluations == 1 and result.rounds == 7  # the prompt's keys and values, then in, q, o, fc1, fc2, out (one block)
     assert psnr(result.image, ref) >= 40.0
     wire = server.wire[start:]
     up = b"".join(path.encode() + body for _, path, body, _ in wire)  # everything the server received
