@@ -131,6 +131,8 @@ class Run:
         """Delete checkpoints newer than ``latest``: written by an attempt killed before it moved the
         pointer. The resumed run replays those steps with the same draws and writes them again, so
         no second copy of a step's output stays on disk."""
+        if not is_main():  # under torchrun rank 0 alone writes (and deletes)
+            return []
         latest = self.latest_checkpoint()
         orphans = [p for p in self.checkpoints.glob("step-*") if p.is_dir() and (latest is None or p.name > latest.name)]
         for p in orphans:
@@ -210,8 +212,9 @@ def open_run(out: str | Path, recipe: Recipe) -> Run:
     """
     run = Run(out)
     run.path.mkdir(parents=True, exist_ok=True)
-    lock_run(run)
-    remove_temporaries(run.path)  # left by a killed writer; nobody else writes here while we hold the lock
+    if is_main():  # under torchrun rank 0 alone writes, so it alone locks the run and clears what a killed writer left
+        lock_run(run)
+        remove_temporaries(run.path)  # left by a killed writer; nobody else writes here while we hold the lock
     if run.config_path.exists():
         existing = run.load_config()
         diff = sorted(k for k in _diff(recipe_to_dict(existing), recipe_to_dict(recipe))

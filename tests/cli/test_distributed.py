@@ -10,6 +10,7 @@ import pytest
 
 from privdiff.cli import main
 from privdiff.privacy.accounting import epsilon
+from privdiff.privacy.registry import Registry
 from privdiff.runs import Run
 
 pytestmark = pytest.mark.slow
@@ -34,6 +35,10 @@ def test_two_processes_same_epsilon_as_one_then_resume_on_one(tmp_path, tiny_ove
     assert [e["step"] for e in Run(w2).read_train_log()] == [1, 2]
     assert (w2 / "checkpoints" / "latest").read_text().strip() == "step-000002"
     assert not [p for p in w2.rglob("*") if p.name.endswith(".tmp")]
+    # the budget registry holds ONE run for the two processes (rank 0 admits and records), with the ledger's events
+    (status,) = Registry().status()
+    runs_w2 = [r for r in status.runs if r.run_id == l2["run_id"]]
+    assert len(status.runs) == 2 and len(runs_w2) == 1 and runs_w2[0].events == l2["events"]
 
     # the W=2 run resumes on ONE process and its ledger continues the count
     capsys.readouterr()

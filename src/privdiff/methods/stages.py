@@ -70,7 +70,35 @@ def open_ledger(run: Run, recipe: Recipe, dataset: ImageDataset, *, plan: list[d
     ``$PRIVDIFF_REGISTRY`` or ``~/.privdiff/registry.sqlite``), which refuses the run if the data
     set's composed ε would pass its cap; every later ledger save records the run's events there
     first (:mod:`privdiff.privacy.registry`).
+
+    Under ``torchrun`` rank 0 alone opens, admits and records the ledger; the other ranks hold a copy
+    under rank 0's run id with no registry (one run in the registry whatever W), or raise rank 0's refusal.
     """
+    world = current_world()
+    if not world.distributed:
+        return _open_ledger(run, recipe, dataset, plan=plan, registry=registry)
+    ledger, refusal = None, None
+    if world.is_main:
+        try:
+            ledger = _open_ledger(run, recipe, dataset, plan=plan, registry=registry)
+        except Exception as e:  # every rank must hear the outcome, or the others would wait for rank 0 forever
+            refusal = e
+    mine = (None, f"{type(refusal).__name__}: {refusal}") if refusal is not None else (ledger.run_id if ledger else None, None)
+    outcome = broadcast_object(mine)  # rank 0's (run id, error)
+    if refusal is not None:
+        raise refusal
+    if outcome[1] is not None:
+        raise RunError(f"rank 0 could not open the ledger ({outcome[1]})")
+    if world.is_main:
+        return ledger
+    copy_ = load_ledger(run, dataset) or Ledger(
+        delta=recipe.privacy.delta, accountant=recipe.privacy.accountant, dataset=data_identity(dataset),
+        target_epsilon=recipe.privacy.epsilon if recipe.privacy.enabled else None)
+    copy_.run_id = outcome[0]  # its saves write nothing (rank 0 writes) and reach no registry (no sink)
+    return copy_
+
+
+def _open_ledger(run: Run, recipe: Recipe, dataset: ImageDataset, *, plan: list[dict], registry: "Registry | None") -> Ledger:
     from ..privacy.registry import Registry
 
     ledger = load_ledger(run, dataset)
