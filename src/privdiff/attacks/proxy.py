@@ -91,15 +91,21 @@ def proxy_scores(target: Target, aux: tuple[Tensor, Tensor | None, Tensor, Tenso
     y = torch.cat([torch.ones(fm.shape[0] * fm.shape[1]), torch.zeros(fn.shape[0] * fn.shape[1])]).long().to(X.device)
     h = ProxyAttacker(X.shape[1]).to(X.device)
     opt = torch.optim.Adam(h.parameters(), lr=lr, weight_decay=weight_decay)
-    for _ in tqdm(range(epochs), desc="proxy attacker", unit="epoch", disable=not progress, file=sys.stderr, leave=False):
-        h.train()
-        perm = torch.randperm(len(X), device=X.device)
-        for i in range(0, len(X), batch_size):
-            b = perm[i:i + batch_size]
-            loss = F.cross_entropy(h(X[b]), y[b])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+    threads = torch.get_num_threads()
+    if X.device.type == "cpu":
+        torch.set_num_threads(1)  # a small MLP gains nothing from threads, and on a busy CPU their spin-waits cost 30x
+    try:
+        for _ in tqdm(range(epochs), desc="proxy attacker", unit="epoch", disable=not progress, file=sys.stderr, leave=False):
+            h.train()
+            perm = torch.randperm(len(X), device=X.device)
+            for i in range(0, len(X), batch_size):
+                b = perm[i:i + batch_size]
+                loss = F.cross_entropy(h(X[b]), y[b])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+    finally:
+        torch.set_num_threads(threads)
     h.eval()
 
     @torch.no_grad()
