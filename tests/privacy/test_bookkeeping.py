@@ -208,6 +208,14 @@ def test_kernel_choice_is_timed_once_and_fixed_under_deterministic_algorithms():
     W_ref, sq_ref = bkmod._per_example_conv_grouped(m, a, out_grad, 6, 2)
     torch.testing.assert_close(W, W_ref)
     torch.testing.assert_close(sq, sq_ref)
+    # Poisson batch sizes vary every step: sizes of one power-of-two bucket (4..7) reuse the choice, 8 times anew
+    for b in (5, 7, 4):
+        bkmod._per_example_conv_weight(m, torch.randn(b, 4, 5, 5, generator=g), torch.randn(b, 3, 5, 5, generator=g), b, 2)
+    assert len(bkmod._KERNEL_CHOICE) == 1
+    a8, g8 = torch.randn(8, 4, 5, 5, generator=g), torch.randn(8, 3, 5, 5, generator=g)
+    W8, _ = bkmod._per_example_conv_weight(m, a8, g8, 8, 2)
+    assert len(bkmod._KERNEL_CHOICE) == 2
+    torch.testing.assert_close(W8, bkmod._per_example_conv_grouped(m, a8, g8, 8, 2)[0])
     bkmod._KERNEL_CHOICE.clear()
     torch.use_deterministic_algorithms(True)
     try:  # bit-for-bit repeatable runs: always the first kernel, nothing timed

@@ -313,7 +313,7 @@ def _per_example_conv_weight(m: nn.Module, a: Tensor, g: Tensor, B: int, dims: i
 
     Every kernel here is exact; which one is fastest depends on the layer's shape, the batch and
     the machine by factors of 3 either way (docs/benchmarks.md), so the candidates that apply are
-    timed once per layer shape on the first batch and the fastest is kept (like cuDNN's
+    timed once per layer shape and batch-size bucket and the fastest is kept (like cuDNN's
     benchmark mode). Under ``torch.use_deterministic_algorithms(True)`` the first candidate is
     always used, so runs repeat bit for bit.
     """
@@ -322,8 +322,10 @@ def _per_example_conv_weight(m: nn.Module, a: Tensor, g: Tensor, B: int, dims: i
         kernels.append(_per_example_conv2d_taps)
     if len(kernels) == 1 or torch.are_deterministic_algorithms_enabled():
         return kernels[0](m, a, g, B, dims)
+    # Poisson batches change size every step: key on the batch's power-of-two bucket, not its exact size,
+    # so the kernels are timed once per bucket (≈ 2 per run), not once per batch size seen (≈ 100).
     key = (m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding, m.dilation, m.groups,
-           tuple(a.shape), B, a.dtype, a.device, torch.get_num_threads())
+           tuple(a.shape[1:]), a.shape[0] // B, B.bit_length(), a.dtype, a.device, torch.get_num_threads())
     kernel = _KERNEL_CHOICE.get(key)
     if kernel is None:  # best of three timed calls each, after a warm-up
         kernel = _KERNEL_CHOICE[key] = min(kernels, key=lambda k: _seconds(k, m, a, g, B, dims))
