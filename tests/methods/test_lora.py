@@ -111,7 +111,7 @@ def test_lora_method_end_to_end(tmp_path, capsys):
     from privdiff.cli import main
 
     out = tmp_path / "run"
-    args = ["train", str(ROOT / "recipes/lora-mnist5k-stable.yaml"), *TINY, "lora.n_per_role=16", "lora.pretrain.max_steps=2",
+    args = ["train", str(ROOT / "recipes/lora-mnist5k-stable.yaml"), *TINY, "lora.n_per_role=16", "lora.public_margin=1", "lora.pretrain.max_steps=2",
             "lora.pretrain.batch_size=32", "train.batch_size=8", "train.max_steps=3", "--out", str(out), "--quiet"]
     assert main(args) == 0, capsys.readouterr().err
     ledger = json.loads((out / "ledger.json").read_text())

@@ -134,7 +134,7 @@ class PrivacyTerm:
             if self.log is not None and step % 25 == 0:
                 acc = float((logits.argmax(1) == y).float().mean())
                 with open(self.log, "a") as f:
-                    f.write(json.dumps({"step": step + 1, "attacker_ce": float(loss), "attacker_acc": acc}) + "\n")
+                    f.write(json.dumps({"step": step + 1, "attacker_ce": loss.item(), "attacker_acc": acc}) + "\n")
         self.opt.zero_grad(set_to_none=True)
         self.module.train(was_training)
 
