@@ -80,7 +80,9 @@ def test_public_context_has_no_secret_key_and_cannot_decrypt(client, server):
 def test_bad_bytes_are_clear_errors(client, server):
     good = client.encrypt(fresh(100, 8)).serialize()
     other = TenSEALContext.generate(PRESETS["small"]).encrypt(fresh(100, 9)).serialize()
-    for bad in (good[: len(good) // 2], b"\x00" * 64, b"", good[:100] + bytes([good[100] ^ 0xFF]) + good[101:], other):
+    # (A flipped byte inside the payload is not among them: CKKS ciphertexts carry no MAC, so a flip can
+    # decode to a valid, wrong ciphertext, depending on where it lands; integrity on the wire is TLS's job.)
+    for bad in (good[: len(good) // 2], b"\x00" * 64, b"", other):
         with pytest.raises(CKKSError):
             server.ciphertext_from_bytes(bad)
     with pytest.raises(CKKSError, match="expected 50"):
