@@ -46,12 +46,12 @@ class DPLDMResult:
     steps: int
 
 
-def load_public(recipe: Recipe, *, resolution: int) -> ImageDataset:
-    """The public data set, drawn at ``resolution − 2·ldm.public_margin`` and framed by a background
+def load_public(recipe: Recipe, *, like: ImageDataset) -> ImageDataset:
+    """The public data set at the private set ``like``'s resolution (its channels and classes must match), drawn at ``resolution − 2·ldm.public_margin`` and framed by a background
     margin (MNIST's digits sit in a 20×20 box of a 28×28 image; scikit-learn's fill their 8×8 frame),
     with contrast ``ldm.public_contrast`` = g: x ← tanh(g·x)/tanh(g) on [-1, 1] (g = 0: unchanged),
     which turns the soft blobs of 8×8 images enlarged 2.5× back into strokes on a black background."""
-    L = recipe.ldm
+    L, resolution = recipe.ldm, like.resolution
     inner = resolution - 2 * L.public_margin
     if inner < 4:
         raise ValueError(f"ldm.public_margin={L.public_margin} leaves no image at resolution {resolution}")
@@ -63,6 +63,9 @@ def load_public(recipe: Recipe, *, resolution: int) -> ImageDataset:
     if L.public_margin:
         m = L.public_margin
         images = F.pad(images, (m, m, m, m), value=-1.0)
+    if (public.channels, public.num_classes) != (like.channels, like.num_classes):
+        raise ValueError(f"public data {public.name} has {public.channels} channels and {public.num_classes} classes, "
+                         f"private {like.name} {like.channels} and {like.num_classes}: they must match")
     return dataclasses.replace(public, images=images)
 
 
@@ -91,10 +94,7 @@ def train(recipe: Recipe, *, out: str | Path, progress: bool = True, grid_per_cl
     """Run DP-LDM's three stages into run directory ``out`` (resuming any that is done) and sample a class grid."""
     d, L, device = recipe.data, recipe.ldm, default_device()
     private = load_dataset(d.name, root=d.root, split="train", resolution=d.resolution)
-    public = load_public(recipe, resolution=private.resolution)
-    if (public.channels, public.num_classes) != (private.channels, private.num_classes):
-        raise ValueError(f"public data {public.name} has {public.channels} channels and {public.num_classes} classes, "
-                         f"private {private.name} {private.channels} and {private.num_classes}: they must match")
+    public = load_public(recipe, like=private)
     run = open_run(out, recipe)
     ledger = open_ledger(run, recipe, private)
 

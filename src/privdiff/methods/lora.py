@@ -139,24 +139,21 @@ class PrivacyTerm:
         self.module.train(was_training)
 
 
-def load_public(recipe: Recipe, *, resolution: int) -> ImageDataset:
-    """The public pretraining data: ``lora.public_*`` through DP-LDM's framing and contrast."""
+def load_public(recipe: Recipe, *, like: ImageDataset) -> ImageDataset:
+    """The public pretraining data: ``lora.public_*`` through DP-LDM's framing, contrast and checks against ``like``."""
     from .dp_ldm import load_public as framed
 
     L = recipe.lora
     as_ldm = dataclasses.replace(recipe.ldm, public_data=L.public_data, public_root=L.public_root,
                                  public_margin=L.public_margin, public_contrast=L.public_contrast)
-    return framed(dataclasses.replace(recipe, ldm=as_ldm), resolution=resolution)
+    return framed(dataclasses.replace(recipe, ldm=as_ldm), like=like)
 
 
 def train(recipe: Recipe, *, out: str | Path, progress: bool = True, grid_per_class: int = 10) -> LoRAResult:
     """Pretrain on public data, record the membership splits, LoRA-adapt on the members; sample a class grid."""
     d, L, device = recipe.data, recipe.lora, default_device()
     pool = load_dataset(d.name, root=d.root, split="train", resolution=d.resolution)
-    public = load_public(recipe, resolution=pool.resolution)
-    if (public.channels, public.num_classes) != (pool.channels, pool.num_classes):
-        raise ValueError(f"public data {public.name} has {public.channels} channels and {public.num_classes} classes, "
-                         f"private {pool.name} {pool.channels} and {pool.num_classes}: they must match")
+    public = load_public(recipe, like=pool)
     run = open_run(out, recipe)
     path = run.path / "splits.json"
     if path.is_file():
