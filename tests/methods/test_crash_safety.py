@@ -1,7 +1,9 @@
 """Crash safety: `privdiff train` killed with SIGKILL at random moments, rerun until it completes.
 
-The training processes are forked from this (already imported) test process and run the real
-command line, so many kill points fit in seconds. After every kill: every file in the run parses
+The training processes run the real command line, forked from a forkserver that has imported
+privdiff once, so many kill points fit in seconds. (Not forked from the test process itself: by the
+time this test runs, earlier tests have left threads (TenSEAL, aiohttp, torch) whose locks a fork
+copies held, and the child can crash or hang.) After every kill: every file in the run parses
 (nothing half-written), the ledger's epsilon is what its events compose to, the latest checkpoint
 loads; at the end the ledger equals the one of an uninterrupted run with the same seed.
 """
@@ -34,6 +36,15 @@ def _train(out, registry):
     os._exit(main(["train", "dpdm-mnist5k", *MICRO, "--out", str(out), "--quiet"]))
 
 
+def _join(p, timeout: float = 300.0) -> None:
+    """Wait for a training process; one that hangs fails the test instead of stalling the suite."""
+    p.join(timeout)
+    if p.exitcode is None:
+        p.kill()
+        p.join()
+        pytest.fail(f"a training process did not finish within {timeout:.0f} s")
+
+
 def _assert_consistent(run: Run) -> None:
     """Nothing half-written; the ledger's epsilon is what its events say; the latest checkpoint loads."""
     for f in run.path.rglob("*.json"):
@@ -50,12 +61,13 @@ def _assert_consistent(run: Run) -> None:
 
 
 def test_sigkill_at_random_moments_then_resume(tmp_path):
-    ctx = multiprocessing.get_context("fork")
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["privdiff.cli"])
     # the uninterrupted reference (also warms this process's caches, which the forks inherit)
     t0 = time.perf_counter()
     p = ctx.Process(target=_train, args=(tmp_path / "reference", tmp_path / "reference.sqlite"))
     p.start()
-    p.join()
+    _join(p)
     assert p.exitcode == 0
     span = time.perf_counter() - t0
     reference = json.loads((tmp_path / "reference" / "ledger.json").read_text())
@@ -69,7 +81,7 @@ def test_sigkill_at_random_moments_then_resume(tmp_path):
             if p.exitcode is None:
                 p.kill()  # SIGKILL
                 kills += 1
-        p.join()
+        _join(p)
         _assert_consistent(run)
         if p.exitcode == 0:
             break
