@@ -4,8 +4,9 @@ Each configuration is the real command line — ``privdiff train RECIPE ... trai
 with ``--nproc W`` for W > 1 — in a fresh run directory; the step times are read from the run's
 ``train_log.jsonl`` (its cumulative clock), skipping the first ``--warmup`` steps (process start,
 the first-step kernel choices; the sample grid after training is drawn with 2 sampler steps and
-not timed). W = 1 runs with T threads (default: all cores); W = 2 with
-cores/2 threads per process. Steps are logical steps of the same expected batch q·N: the work per
+not timed). Three rows: W = 1 with all cores' threads (what a user gets without --nproc), W = 1 with
+cores/2 threads (the per-process share: the baseline for scaling), and W = 2 with cores/2 threads
+per process, whose speed-up over the second row is the scaling of adding processes. Steps are logical steps of the same expected batch q·N: the work per
 step is the same for every W, only split between the processes.
 
     .venv/bin/python -W ignore benchmarks/distributed_throughput.py --steps 14 --warmup 4
@@ -59,18 +60,18 @@ def main() -> None:
     batch = resolve_recipe(recipe, args.overrides).train.batch_size
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for nproc in (1, 2):
-            threads = max(1, args.cores // nproc)
-            r = run(recipe, args.overrides, nproc=nproc, threads=threads, steps=args.steps, out=Path(tmp) / f"w{nproc}")
+        half = max(1, args.cores // 2)
+        for nproc, threads in ((1, args.cores), (1, half), (2, half)):
+            r = run(recipe, args.overrides, nproc=nproc, threads=threads, steps=args.steps, out=Path(tmp) / f"w{nproc}t{threads}")
             timed = r["step_times"][args.warmup - 1:]
             med = statistics.median(timed)
             rows.append((nproc, threads, len(timed), med, min(timed), r["wall"]))
-    base = rows[0][3]
+    per_process = rows[1][3]  # W = 1 on one process's share of the cores
     print(f"recipe {args.recipe} {' '.join(args.overrides)}; expected batch {batch}; {args.cores} cores")
-    print("| W | threads/process | steps timed | median s/step | best s/step | steps/s | examples/s | speed-up | command wall s |")
+    print("| W | threads/process | steps timed | median s/step | best s/step | steps/s | examples/s | vs W=1 on cores/2 threads | command wall s |")
     print("|---|---|---|---|---|---|---|---|---|")
     for nproc, threads, n, med, best, wall in rows:
-        print(f"| {nproc} | {threads} | {n} | {med:.3f} | {best:.3f} | {1 / med:.2f} | {batch / med:.0f} | {base / med:.2f}× | {wall:.0f} |")
+        print(f"| {nproc} | {threads} | {n} | {med:.3f} | {best:.3f} | {1 / med:.2f} | {batch / med:.0f} | {per_process / med:.2f}× | {wall:.0f} |")
 
 
 if __name__ == "__main__":
