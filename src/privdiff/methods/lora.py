@@ -19,7 +19,13 @@ Stages, all on the shared core (:func:`~.stages.train_denoiser`):
    per-example ratio. After each LoRA step, ``lora.attacker_steps`` steps of h_ω (Adam) on a balanced
    batch of member_aux and nonmember_aux maps (features without gradient), as the released code.
 
-The ledger records the LoRA stage on the member set as non-private (ε = ∞): LoRA is not DP.
+The ledger's private data is the member set, its one event the ``lora`` stage; pretraining is a
+public stage. With ``privacy.enabled: false`` the event is non-private (ε = ∞: plain LoRA is not
+DP). With ``privacy.enabled: true`` the ``lora`` objective is trained by the shared DP-SGD path
+(Poisson sampling at q = batch/|D_tr|, per-example clipping of the LoRA gradients, Gaussian noise
+calibrated to ``privacy.epsilon``), and the ledger's ε is the accountant's for the steps that ran.
+PrivateLoRA / Stable PrivateLoRA are refused with DP (config validation): their attacker trains
+on member_aux outside DP-SGD, and every LoRA step reads it through ω, which no accountant covers.
 """
 
 from __future__ import annotations
@@ -43,6 +49,8 @@ from ..runs import Run, open_run, save_samples
 from .stages import class_grid_labels, data_identity, default_device, generate, open_ledger, train_denoiser, training_sigma_distribution
 
 __all__ = ["PrivacyTerm", "train", "member_set"]
+
+STAGE = "lora"  # the ledger stage of the adaptation on the members
 
 
 @dataclass
@@ -162,7 +170,7 @@ def train(recipe: Recipe, *, out: str | Path, progress: bool = True, grid_per_cl
         splits = split_pool(pool, n_per_role=L.n_per_role, seed=recipe.train.seed, root=d.root, resolution=d.resolution)
         splits.save(path)
     members = member_set(splits, pool)
-    ledger = open_ledger(run, recipe, members)
+    ledger = open_ledger(run, recipe, members, stage=STAGE)  # the registry reserves what this stage will record
 
     pre = train_denoiser(run=run.stage("pretrain"), recipe=recipe, dataset=public, ledger=None, stage="pretrain",
                          train=L.pretrain, noise_multiplicity=1, progress=progress)
@@ -181,7 +189,7 @@ def train(recipe: Recipe, *, out: str | Path, progress: bool = True, grid_per_cl
         term = PrivacyTerm(recipe, members=members, member_aux=splits.dataset("member_aux", pool),
                            nonmember_aux=splits.dataset("nonmember_aux", pool), device=device,
                            log=run.path / "attacker_log.jsonl")
-    result = train_denoiser(run=run, recipe=recipe, dataset=members, ledger=ledger, stage="lora",
+    result = train_denoiser(run=run, recipe=recipe, dataset=members, ledger=ledger, stage=STAGE,
                             init=lambda: LoRAUNetNet.from_base(pre.denoiser.net, spec), select=select,
                             objective=None if term is None else term.objective,
                             after_step=None if term is None else term.attacker_step, progress=progress)

@@ -62,11 +62,13 @@ def load_ledger(run: Run, dataset: ImageDataset) -> Ledger | None:
     return ledger
 
 
-def open_ledger(run: Run, recipe: Recipe, dataset: ImageDataset, *, plan: list[dict] = (), registry: "Registry | None" = None) -> Ledger:
+def open_ledger(run: Run, recipe: Recipe, dataset: ImageDataset, *, plan: list[dict] = (), stage: str = "dp_sgd",
+                registry: "Registry | None" = None) -> Ledger:
     """The run's ledger (continued on resume), or a new one for ``dataset``, admitted to the budget registry.
 
     Before any data is read, the run's planned events (``plan``: releases of earlier stages, e.g.
-    DPP's; then the ``dp_sgd`` stage the recipe calibrates) are reserved in the registry (default:
+    DPP's; then the training stage ``stage`` the recipe calibrates, named as :func:`train_denoiser`
+    will record it, so the registry matches the reservation to the recorded steps) are reserved in the registry (default:
     ``$PRIVDIFF_REGISTRY`` or ``~/.privdiff/registry.sqlite``), which refuses the run if the data
     set's composed ε would pass its cap; every later ledger save records the run's events there
     first (:mod:`privdiff.privacy.registry`).
@@ -76,11 +78,11 @@ def open_ledger(run: Run, recipe: Recipe, dataset: ImageDataset, *, plan: list[d
     """
     world = current_world()
     if not world.distributed:
-        return _open_ledger(run, recipe, dataset, plan=plan, registry=registry)
+        return _open_ledger(run, recipe, dataset, plan=plan, stage=stage, registry=registry)
     ledger, refusal = None, None
     if world.is_main:
         try:
-            ledger = _open_ledger(run, recipe, dataset, plan=plan, registry=registry)
+            ledger = _open_ledger(run, recipe, dataset, plan=plan, stage=stage, registry=registry)
         except Exception as e:  # every rank must hear the outcome, or the others would wait for rank 0 forever
             refusal = e
     mine = (None, f"{type(refusal).__name__}: {refusal}") if refusal is not None else (ledger.run_id if ledger else None, None)
@@ -98,7 +100,7 @@ def open_ledger(run: Run, recipe: Recipe, dataset: ImageDataset, *, plan: list[d
     return copy_
 
 
-def _open_ledger(run: Run, recipe: Recipe, dataset: ImageDataset, *, plan: list[dict], registry: "Registry | None") -> Ledger:
+def _open_ledger(run: Run, recipe: Recipe, dataset: ImageDataset, *, plan: list[dict], stage: str, registry: "Registry | None") -> Ledger:
     from ..privacy.registry import Registry
 
     ledger = load_ledger(run, dataset)
@@ -110,7 +112,7 @@ def _open_ledger(run: Run, recipe: Recipe, dataset: ImageDataset, *, plan: list[
         )
         ledger.save(run.ledger_path)  # its run_id is the registry's key: on disk before it is registered
     registry = registry or Registry()
-    planned = list(plan) + [planned_event(recipe, ledger, num_examples=len(dataset), prior=plan)]
+    planned = list(plan) + [planned_event(recipe, ledger, num_examples=len(dataset), stage=stage, prior=plan)]
     try:
         registry.admit(run_id=ledger.run_id, dataset=ledger.dataset, planned=planned, recorded=ledger.events,
                        path=str(run.path.resolve()), target_epsilon=ledger.target_epsilon, delta=ledger.delta,
