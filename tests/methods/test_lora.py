@@ -198,3 +198,63 @@ def test_book_keeping_clips_the_lora_gradients_as_one_example_at_a_time():
 
     norms = assert_same(den, batch_loss, row_loss, B, K, 1e-2)
     assert float(norms.min()) > 1e-2  # clipping active for every example
+
+
+# -- resuming PrivateLoRA: the proxy attacker is part of the checkpoint ----------------------------
+
+def _defended_run(out, r, *, max_steps: int) -> tuple[PrivacyTerm, list[torch.Tensor]]:
+    """train_denoiser on the LoRA stage with a fresh PrivacyTerm (as a new process builds it) up to ``max_steps``."""
+    from dataclasses import replace
+
+    from privdiff.methods.stages import train_denoiser
+    from privdiff.runs import Run
+
+    r = replace(r, train=replace(r.train, max_steps=max_steps))
+    members = _data(8, 1)
+    term = PrivacyTerm(r, members=members, member_aux=_data(4, 2), nonmember_aux=_data(4, 3), device=torch.device("cpu"),
+                       log=out / "attacker_log.jsonl")
+    out.mkdir(exist_ok=True)
+    run = Run(out)
+
+    def init():
+        return _lora_net(r, seed=7)[1]
+
+    result = train_denoiser(run=run, recipe=r, dataset=members, ledger=None, stage="lora", init=init,
+                            objective=term.objective, after_step=term.attacker_step, state=term, progress=False)
+    assert result.steps == max_steps
+    return term, [p.detach().clone() for p in lora_parameters(run.load_checkpoint().unet)]
+
+
+@pytest.mark.parametrize("objective", ["privatelora", "stable"])
+def test_a_resumed_defended_run_takes_the_steps_of_an_uninterrupted_one(tmp_path, objective):
+    r = _recipe(f"lora.objective={objective}", "lora.lam=1.0", "train.batch_size=4", "train.epochs=3", "train.checkpoint_every=100",
+                "lora.attacker_batch=2", "model.attention_levels=[]")
+    whole, lora_whole = _defended_run(tmp_path / "whole", r, max_steps=5)
+    _, lora_first = _defended_run(tmp_path / "split", r, max_steps=2)  # stops at step 2 and checkpoints it
+    with open(tmp_path / "split/attacker_log.jsonl", "a") as f:
+        f.write('{"step": 3, "attacker_ce": 0.5, "attacker_acc": 0.5}\n')  # as an attempt killed after its checkpoint logs
+    resumed, lora_resumed = _defended_run(tmp_path / "split", r, max_steps=5)
+    assert not all(torch.equal(a, b) for a, b in zip(lora_first, lora_whole))  # steps 3..5 changed the adapters
+    for a, b in zip(lora_resumed, lora_whole):
+        assert torch.equal(a, b)
+    for a, b in zip(resumed.attacker.state_dict().values(), whole.attacker.state_dict().values()):
+        assert torch.equal(a, b)
+    assert torch.equal(resumed.g.get_state(), whole.g.get_state())
+    # the attacker log is the uninterrupted run's (lines written after the checkpoint are dropped, not duplicated)
+    assert (tmp_path / "split/attacker_log.jsonl").read_text() == (tmp_path / "whole/attacker_log.jsonl").read_text()
+
+
+def test_resuming_a_defended_run_without_saved_attacker_state_is_refused(tmp_path):
+    from dataclasses import replace
+
+    from privdiff.methods.stages import train_denoiser
+    from privdiff.runs import Run, RunError
+
+    r = _recipe("lora.objective=stable", "train.batch_size=4", "train.epochs=3", "train.max_steps=1", "model.attention_levels=[]")
+    members = _data(8, 1)
+    run = Run(tmp_path)
+    train_denoiser(run=run, recipe=r, dataset=members, ledger=None, stage="lora", init=lambda: _lora_net(r)[1], progress=False)
+    term = PrivacyTerm(r, members=members, member_aux=_data(4, 2), nonmember_aux=_data(4, 3), device=torch.device("cpu"))
+    with pytest.raises(RunError, match="holds no state for stage lora's PrivacyTerm"):
+        train_denoiser(run=run, recipe=replace(r, train=replace(r.train, max_steps=2)), dataset=members, ledger=None, stage="lora",
+                       init=lambda: _lora_net(r)[1], objective=term.objective, after_step=term.attacker_step, state=term, progress=False)

@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from ..attacks.proxy import ProxyAttacker, error_map, member_gain
+from ..atomic import atomic_write_text
 from ..config import Recipe
 from ..data import ImageDataset, load_dataset
 from ..data.membership import MembershipSplits, split_pool, subset
@@ -79,7 +80,9 @@ class PrivacyTerm:
     """PrivateLoRA's privacy term and its proxy attacker h_ω (one instance per training run).
 
     ``objective(module, idx, loss)`` is the per-example training objective given to
-    :func:`train_denoiser`; ``attacker_step(step)`` its ``after_step``.
+    :func:`train_denoiser`; ``attacker_step(step)`` its ``after_step``; the term itself its
+    ``state`` (:meth:`state_dict`: h_ω, its Adam and the term's generator), so a resumed run
+    continues the attacker where the checkpoint left it instead of starting a fresh one.
     """
 
     def __init__(self, recipe: Recipe, *, members: ImageDataset, member_aux: ImageDataset, nonmember_aux: ImageDataset,
@@ -92,11 +95,29 @@ class PrivacyTerm:
                     False: (nonmember_aux.images.to(device), nonmember_aux.labels.to(device))}
         self.sigma_dist = training_sigma_distribution(recipe)
         self.g = torch.Generator(device=device).manual_seed(recipe.train.seed * 1000 + 11)
-        self.attacker = ProxyAttacker(int(np.prod(members.images.shape[1:]))).to(device).train()
+        with torch.random.fork_rng(devices=[]):  # h_ω's initial weights: a function of the seed, not of what ran before
+            torch.manual_seed(recipe.train.seed * 1000 + 12)
+            self.attacker = ProxyAttacker(int(np.prod(members.images.shape[1:]))).to(device).train()
         self.opt = torch.optim.Adam(self.attacker.parameters(), lr=L.attacker_lr, weight_decay=L.attacker_weight_decay)
         self.batch, self.k = L.attacker_batch, L.attacker_steps
         self.module: torch.nn.Module | None = None  # the denoiser being trained, as the training loop passes it
         self.log = log
+        self.logged = 0  # lines this run has written to ``log`` (a resume drops the ones after its checkpoint)
+
+    def state_dict(self) -> dict:
+        """h_ω's weights, its Adam state, the generator of (σ', ε') and of the attacker batches, and the log length."""
+        return {"attacker": self.attacker.state_dict(), "optimizer": self.opt.state_dict(), "generator": self.g.get_state(),
+                "logged": self.logged}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from :meth:`state_dict`; ``log`` loses the lines written after it (replayed steps log again)."""
+        self.attacker.load_state_dict(state["attacker"])
+        self.opt.load_state_dict(state["optimizer"])
+        self.g.set_state(state["generator"].to(torch.uint8))
+        self.logged = int(state["logged"])
+        if self.log is not None and self.log.is_file():
+            kept = self.log.read_text().splitlines(keepends=True)[:self.logged]
+            atomic_write_text(self.log, "".join(kept))
 
     def _map(self, module: torch.nn.Module, x0: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         # a fresh (σ', ε') per example, separate from the (σ, n) of ℓ_ada
@@ -143,6 +164,7 @@ class PrivacyTerm:
                 acc = float((logits.argmax(1) == y).float().mean())
                 with open(self.log, "a") as f:
                     f.write(json.dumps({"step": step + 1, "attacker_ce": loss.item(), "attacker_acc": acc}) + "\n")
+                self.logged += 1
         self.opt.zero_grad(set_to_none=True)
         self.module.train(was_training)
 
@@ -192,7 +214,7 @@ def train(recipe: Recipe, *, out: str | Path, progress: bool = True, grid_per_cl
     result = train_denoiser(run=run, recipe=recipe, dataset=members, ledger=ledger, stage=STAGE,
                             init=lambda: LoRAUNetNet.from_base(pre.denoiser.net, spec), select=select,
                             objective=None if term is None else term.objective,
-                            after_step=None if term is None else term.attacker_step, progress=progress)
+                            after_step=None if term is None else term.attacker_step, state=term, progress=progress)
     labels = class_grid_labels(pool.num_classes, grid_per_class)
     images = generate(result.denoiser, labels=labels, n=len(labels), recipe=recipe, seed=recipe.train.seed, progress=progress)
     grid, _ = save_samples(run.samples, images, labels.numpy(), nrow=grid_per_class)
