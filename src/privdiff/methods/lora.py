@@ -30,7 +30,6 @@ on member_aux outside DP-SGD, and every LoRA step reads it through ω, which no 
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -173,10 +172,7 @@ def load_public(recipe: Recipe, *, like: ImageDataset) -> ImageDataset:
     """The public pretraining data: ``lora.public_*`` through DP-LDM's framing, contrast and checks against ``like``."""
     from .dp_ldm import load_public as framed
 
-    L = recipe.lora
-    as_ldm = dataclasses.replace(recipe.ldm, public_data=L.public_data, public_root=L.public_root,
-                                 public_margin=L.public_margin, public_contrast=L.public_contrast)
-    return framed(dataclasses.replace(recipe, ldm=as_ldm), like=like)
+    return framed(recipe, like=like, section="lora")
 
 
 def train(recipe: Recipe, *, out: str | Path, progress: bool = True, grid_per_class: int = 10) -> LoRAResult:
