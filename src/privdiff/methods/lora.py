@@ -204,6 +204,8 @@ def train(recipe: Recipe, *, out: str | Path, progress: bool = True, grid_per_cl
 
     term = None
     if L.objective != "lora":
+        if run.latest_checkpoint() is None:  # a fresh LoRA stage: lines of an attempt killed before its first checkpoint go
+            (run.path / "attacker_log.jsonl").unlink(missing_ok=True)
         term = PrivacyTerm(recipe, members=members, member_aux=splits.dataset("member_aux", pool),
                            nonmember_aux=splits.dataset("nonmember_aux", pool), device=device,
                            log=run.path / "attacker_log.jsonl")
