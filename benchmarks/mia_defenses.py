@@ -1,9 +1,9 @@
-"""Plain LoRA against PrivateLoRA and Stable PrivateLoRA on mnist5k: utility and membership leakage.
+"""Plain LoRA against PrivateLoRA, Stable PrivateLoRA and DP-SGD LoRA on mnist5k: utility and membership leakage.
 
 For each recipe it trains (or resumes) the run, runs every attack of ``privdiff attack`` on the
 run's recorded splits (held-out members vs held-out non-members; the proxy attacker h′ is
 trained on the auxiliary roles), evaluates it with ``privdiff evaluate`` (FID / KID) and prints one
-markdown table: FID, KID, and each attack's AUC and TPR at 1% FPR ("n/r" when 1/n_nonmembers
+markdown table: ε (the run's ledger; ∞ when not DP), FID, KID, and each attack's AUC and TPR at 1% FPR ("n/r" when 1/n_nonmembers
 exceeds 1%), all measured on this machine in this run.
 
     .venv/bin/python -W ignore benchmarks/mia_defenses.py --out runs/mia --n 1000
@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 RECIPES = {"LoRA": "recipes/lora-mnist5k.yaml", "PrivateLoRA": "recipes/lora-mnist5k-privatelora.yaml",
-           "Stable PrivateLoRA": "recipes/lora-mnist5k-stable.yaml"}
+           "Stable PrivateLoRA": "recipes/lora-mnist5k-stable.yaml", "DP-SGD LoRA": "recipes/lora-mnist5k-dp.yaml"}
 ATTACKS = ("loss", "secmi", "pia", "pian", "proxy")
 
 
@@ -50,18 +50,19 @@ def main() -> None:
             privdiff("evaluate", str(run), "--n", str(args.n), "--quiet", "--no-report")
         metrics = json.loads((run / "metrics.json").read_text())
         attacks = {a: json.loads((run / "attacks" / f"{a}.json").read_text()) for a in ATTACKS}
-        rows.append((name, metrics, attacks, wall))
+        eps = json.loads((run / "ledger.json").read_text())["epsilon"]  # the accountant's, for what ran (None: not DP)
+        rows.append((name, eps, metrics, attacks, wall))
 
-    n = next(iter(rows))[2]["loss"]["n_nonmembers"] if rows else 0
-    head = ["method", "FID", "KID"] + [f"{a} AUC / TPR@1%" for a in ATTACKS] + ["train s"]
+    n = next(iter(rows))[3]["loss"]["n_nonmembers"] if rows else 0
+    head = ["method", "ε", "FID", "KID"] + [f"{a} AUC / TPR@1%" for a in ATTACKS] + ["train s"]
     print(f"\n{n} held-out members vs {n} held-out non-members per attack; FID/KID from privdiff evaluate --n {args.n}\n")
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
-    for name, m, a, wall in rows:
+    for name, eps, m, a, wall in rows:
         def cell(r):
             tpr = "n/r" if r["tpr_at_1pct_fpr"] is None else f"{r['tpr_at_1pct_fpr']:.3f}"
             return f"{r['auc']:.3f} / {tpr}"
-        print(f"| {name} | {m['fid']:.2f} | {m['kid']:.4f} | " + " | ".join(cell(a[x]) for x in ATTACKS) + f" | {wall:.0f} |")
+        print(f"| {name} | {'∞' if eps is None else f'{eps:.2f}'} | {m['fid']:.2f} | {m['kid']:.4f} | " + " | ".join(cell(a[x]) for x in ATTACKS) + f" | {wall:.0f} |")
 
 
 if __name__ == "__main__":

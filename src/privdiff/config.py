@@ -335,6 +335,7 @@ def validate_recipe(r: Recipe) -> None:
         (r.method in METHODS, f"method '{r.method}' is not available (available: {', '.join(METHODS)})"),
         (0 <= r.ldm.text.caption_dropout < 1, "ldm.text.caption_dropout must be in [0, 1)"),
         (r.ldm.public_contrast >= 0, "ldm.public_contrast must be >= 0"),
+        (r.lora.public_contrast >= 0, "lora.public_contrast must be >= 0"),
         (r.dpp.noise_multiplier > 0, "dpp.noise_multiplier must be > 0"),
         (r.dpp.rounds >= 1 and r.dpp.copies >= 1 and r.dpp.downsample >= 1, "dpp.rounds, dpp.copies and dpp.downsample must be >= 1"),
         (1 <= r.dpp.magnitude <= 10 and r.dpp.num_ops >= 0, "dpp.magnitude must be in 1..10, dpp.num_ops >= 0"),

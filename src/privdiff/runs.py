@@ -8,7 +8,8 @@ RUN/
   checkpoints/
     latest           name of the newest complete checkpoint
     step-000100/     unet/ and unet_ema/ (diffusers save_pretrained, safetensors),
-                     optimizer.pt, rng.safetensors, state.json (step, sha256 of every file)
+                     optimizer.pt, rng.safetensors, state.json (step, sha256 of every file),
+                     extra.pt when the stage carries state of its own (PrivateLoRA's attacker)
   samples/           grid.png, samples.npz
   autoencoder/       DP-LDM: the public autoencoder (diffusers AutoencoderKL)
   stages/pretrain/   DP-LDM: checkpoints of the public latent model (same layout as checkpoints/)
@@ -25,7 +26,7 @@ import hashlib
 import json
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +60,9 @@ class TrainingState:
     unet_ema: torch.nn.Module
     optimizer: dict[str, Any]
     rng: dict[str, torch.Tensor]  # generator name -> get_state() byte tensor
+    # state of the stage's own components beside the network (e.g. PrivateLoRA's proxy attacker and
+    # its optimizer: train_denoiser's ``state``), name -> state_dict; tensors, numbers, lists, dicts
+    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class Run:
@@ -152,6 +156,8 @@ class Run:
             state.unet_ema.save_pretrained(tmp / "unet_ema")
             torch.save(state.optimizer, tmp / "optimizer.pt")
             save_file({k: v.contiguous() for k, v in state.rng.items()}, tmp / "rng.safetensors")
+            if state.extra:
+                torch.save(state.extra, tmp / "extra.pt")
             files = sorted(p for p in tmp.rglob("*") if p.is_file())
             meta = {"step": state.step, "sha256": {str(p.relative_to(tmp)): _sha256(p) for p in files}}
             (tmp / "state.json").write_text(json.dumps(meta, indent=2))
@@ -183,6 +189,7 @@ class Run:
             unet_ema=self.load_net(path, ema=True),
             optimizer=torch.load(path / "optimizer.pt", weights_only=True),
             rng=load_file(path / "rng.safetensors"),
+            extra=torch.load(path / "extra.pt", weights_only=True) if "extra.pt" in meta["sha256"] else {},
         )
 
     def load_net(self, path: Path | None = None, *, ema: bool = True) -> torch.nn.Module:

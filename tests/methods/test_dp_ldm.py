@@ -238,3 +238,50 @@ def test_dp_ldm_resume_continues_the_private_stage_with_the_same_frozen_part(tmp
     for (name, p0), p1 in zip(pretrained.named_parameters(), final.parameters()):
         if not p0.requires_grad:
             assert torch.equal(p0, p1), name
+
+
+@pytest.mark.parametrize("recipe,section,other", [("dp-ldm-mnist5k.yaml", "ldm", "lora"), ("lora-mnist5k.yaml", "lora", "ldm")])
+def test_public_data_errors_name_the_keys_of_the_section_that_set_them(recipe, section, other):
+    """DP-LDM reads ldm.public_*, LoRA's pretraining lora.public_*: each error names the key the user wrote."""
+    from privdiff.config import RecipeError, resolve_recipe
+    from privdiff.data import DatasetError, ImageDataset, load_dataset
+    from privdiff.methods import dp_ldm, lora
+
+    load = dp_ldm.load_public if section == "ldm" else lora.load_public
+    like = load_dataset("digits", split="all", resolution=16)
+    cases = [
+        (f"{section}.public_margin=7", ValueError, f"{section}.public_margin=7 leaves no image at resolution 16"),
+        (f"{section}.public_margin=-1", ValueError, f"{section}.public_margin=-1 must be >= 0"),
+        (f"{section}.public_data=nope", DatasetError, f"{section}.public_data=nope: 'nope': unknown data set"),
+    ]
+    for override, error, message in cases:
+        r = resolve_recipe(ROOT / "recipes" / recipe, [override])
+        with pytest.raises(error) as e:
+            load(r, like=like)
+        assert str(e.value).startswith(message) and f"{other}." not in str(e.value)
+    with pytest.raises(RecipeError, match=rf"^{section}\.public_contrast must be >= 0$"):
+        resolve_recipe(ROOT / "recipes" / recipe, [f"{section}.public_contrast=-1.0"])
+    rgb = ImageDataset(images=torch.zeros(2, 3, 16, 16), labels=torch.zeros(2, dtype=torch.long), num_classes=10, name="rgb",
+                       split="train", fingerprint="sha256:rgb")
+    with pytest.raises(ValueError, match=rf"^{section}\.public_data=digits has 1 channels and 10 classes, private rgb 3 and 10"):
+        load(resolve_recipe(ROOT / "recipes" / recipe), like=rgb)
+
+
+def test_lora_public_data_is_framed_and_sharpened_by_its_own_keys():
+    """lora.public_margin / lora.public_contrast (not ldm.*'s defaults) shape the public images: against the formula."""
+    import math
+
+    import torch.nn.functional as F
+
+    from privdiff.config import resolve_recipe
+    from privdiff.data import load_dataset
+    from privdiff.methods.lora import load_public
+
+    like = load_dataset("digits", split="all", resolution=16)
+    r = resolve_recipe(ROOT / "recipes/lora-mnist5k.yaml", ["lora.public_margin=3", "lora.public_contrast=1.7",
+                                                            "ldm.public_margin=1", "ldm.public_contrast=0.0"])
+    got = load_public(r, like=like).images
+    raw = load_dataset("digits", split="all", resolution=10).images
+    want = F.pad(torch.tanh(1.7 * raw) / math.tanh(1.7), (3, 3, 3, 3), value=-1.0)
+    assert got.shape == (len(raw), 1, 16, 16)
+    torch.testing.assert_close(got, want)

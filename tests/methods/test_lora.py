@@ -128,3 +128,133 @@ def test_lora_method_end_to_end(tmp_path, capsys):
     assert main(["attack", str(out), "--attack", "loss", "--quiet"]) == 0
     r = json.loads((out / "attacks" / "loss.json").read_text())
     assert r["n_members"] == r["n_nonmembers"] == 16
+
+
+# -- DP-SGD LoRA (recipes/lora-mnist5k-dp.yaml) ----------------------------------------------------
+
+DP_TINY = [*TINY, "lora.n_per_role=16", "lora.public_margin=1", "lora.pretrain.max_steps=2", "lora.pretrain.batch_size=32",
+           "train.batch_size=8", "train.max_steps=3", "privacy.noise_multiplicity=1"]
+
+
+def test_dp_lora_ledger_is_the_accountants_epsilon_of_what_ran_with_pretraining_public(tmp_path):
+    from privdiff.methods.lora import STAGE, train
+    from privdiff.privacy.accounting import calibrate_noise, epsilon
+    from privdiff.privacy.registry import Registry, charge
+    from privdiff.runs import Run
+
+    r = resolve_recipe(ROOT / "recipes/lora-mnist5k-dp.yaml", DP_TINY)
+    assert r.privacy.enabled and r.lora.objective == "lora"
+    out = tmp_path / "run"
+    train(r, out=out, progress=False, grid_per_class=1)
+    ledger = json.loads((out / "ledger.json").read_text())
+    members = 2 * r.lora.n_per_role
+    assert ledger["private"] and ledger["dataset"]["size"] == members and ledger["target_epsilon"] == 10.0
+    [event] = ledger["events"]
+    sigma = calibrate_noise(epsilon_target=10.0, delta=r.privacy.delta, sample_rate=8 / members,
+                            steps=round(r.train.epochs * members / 8), accountant="rdp")
+    assert event == {"stage": STAGE, "mechanism": "subsampled_gaussian", "noise_multiplier": pytest.approx(sigma),
+                     "sample_rate": 8 / members, "max_grad_norm": 1.0, "sensitivity": None, "steps": 3}
+    eps = epsilon([(event["noise_multiplier"], event["sample_rate"], 3)], delta=r.privacy.delta, accountant="rdp")
+    assert ledger["epsilon"] == pytest.approx(eps, rel=1e-12) and 0 < eps < 10  # 3 of the calibrated steps ran
+    log = [e for e in Run(out).read_train_log() if e["stage"] == STAGE]
+    assert [e["step"] for e in log] == [1, 2, 3] and log[-1]["epsilon"] == pytest.approx(eps, rel=1e-12)
+    assert [(s["stage"], s["data"]["name"], s["steps"]) for s in ledger["public_stages"]] == [("pretrain", "digits", 2)]
+    # the budget registry reserved the stage the ledger records (train.max_steps=3 of it), so it is charged what ran
+    [status] = Registry().status()
+    [entry] = status.runs
+    assert entry.complete and charge(entry.planned, entry.events) == entry.events
+    assert status.committed == pytest.approx(eps, rel=1e-12)
+
+
+@pytest.mark.parametrize("objective", ["privatelora", "stable"])
+def test_dp_sgd_refuses_the_defenses_whose_attacker_reads_members_outside_the_accountant(objective):
+    from privdiff.config import RecipeError
+
+    with pytest.raises(RecipeError, match="without DP: set privacy.enabled=false"):
+        resolve_recipe(ROOT / "recipes/lora-mnist5k-dp.yaml", [f"lora.objective={objective}"])
+
+
+def test_book_keeping_clips_the_lora_gradients_as_one_example_at_a_time():
+    """DP-SGD's per-example norms and clipped sum over the LoRA A, B of a UNet (base frozen) equal the slow reference."""
+    from privdiff.diffusion import LogNormalSigma, denoising_loss, draw_training_noise
+    from tests.privacy.test_bookkeeping import assert_same
+
+    r = _recipe()
+    _, net = _lora_net(r, seed=3)
+    with torch.no_grad():
+        for p in lora_parameters(net):
+            p.normal_(0, 0.1)  # B ≠ 0, so A has a gradient too
+    den = Denoiser(net)
+    B, K, g = 4, 2, torch.Generator().manual_seed(5)
+    x0 = torch.rand(B, 1, 8, 8, generator=g) * 2 - 1
+    sigma, noise = draw_training_noise(x0, K=K, sigma_dist=LogNormalSigma(), generator=g)
+    y = torch.randint(0, 11, (B, K), generator=g)
+
+    def batch_loss(m):
+        return denoising_loss(m, x0, y, sigma=sigma, noise=noise, loss_weight=den.loss_weight)
+
+    def row_loss(m, b):
+        return denoising_loss(m, x0[b:b + 1], y[b:b + 1], sigma=sigma[b:b + 1], noise=noise[b:b + 1], loss_weight=den.loss_weight)
+
+    norms = assert_same(den, batch_loss, row_loss, B, K, 1e-2)
+    assert float(norms.min()) > 1e-2  # clipping active for every example
+
+
+# -- resuming PrivateLoRA: the proxy attacker is part of the checkpoint ----------------------------
+
+def _defended_run(out, r, *, max_steps: int) -> tuple[PrivacyTerm, list[torch.Tensor]]:
+    """train_denoiser on the LoRA stage with a fresh PrivacyTerm (as a new process builds it) up to ``max_steps``."""
+    from dataclasses import replace
+
+    from privdiff.methods.stages import train_denoiser
+    from privdiff.runs import Run
+
+    r = replace(r, train=replace(r.train, max_steps=max_steps))
+    members = _data(8, 1)
+    term = PrivacyTerm(r, members=members, member_aux=_data(4, 2), nonmember_aux=_data(4, 3), device=torch.device("cpu"),
+                       log=out / "attacker_log.jsonl")
+    out.mkdir(exist_ok=True)
+    run = Run(out)
+
+    def init():
+        return _lora_net(r, seed=7)[1]
+
+    result = train_denoiser(run=run, recipe=r, dataset=members, ledger=None, stage="lora", init=init,
+                            objective=term.objective, after_step=term.attacker_step, state=term, progress=False)
+    assert result.steps == max_steps
+    return term, [p.detach().clone() for p in lora_parameters(run.load_checkpoint().unet)]
+
+
+@pytest.mark.parametrize("objective", ["privatelora", "stable"])
+def test_a_resumed_defended_run_takes_the_steps_of_an_uninterrupted_one(tmp_path, objective):
+    r = _recipe(f"lora.objective={objective}", "lora.lam=1.0", "train.batch_size=4", "train.epochs=3", "train.checkpoint_every=100",
+                "lora.attacker_batch=2", "model.attention_levels=[]")
+    whole, lora_whole = _defended_run(tmp_path / "whole", r, max_steps=5)
+    _, lora_first = _defended_run(tmp_path / "split", r, max_steps=2)  # stops at step 2 and checkpoints it
+    with open(tmp_path / "split/attacker_log.jsonl", "a") as f:
+        f.write('{"step": 3, "attacker_ce": 0.5, "attacker_acc": 0.5}\n')  # as an attempt killed after its checkpoint logs
+    resumed, lora_resumed = _defended_run(tmp_path / "split", r, max_steps=5)
+    assert not all(torch.equal(a, b) for a, b in zip(lora_first, lora_whole))  # steps 3..5 changed the adapters
+    for a, b in zip(lora_resumed, lora_whole):
+        assert torch.equal(a, b)
+    for a, b in zip(resumed.attacker.state_dict().values(), whole.attacker.state_dict().values()):
+        assert torch.equal(a, b)
+    assert torch.equal(resumed.g.get_state(), whole.g.get_state())
+    # the attacker log is the uninterrupted run's (lines written after the checkpoint are dropped, not duplicated)
+    assert (tmp_path / "split/attacker_log.jsonl").read_text() == (tmp_path / "whole/attacker_log.jsonl").read_text()
+
+
+def test_resuming_a_defended_run_without_saved_attacker_state_is_refused(tmp_path):
+    from dataclasses import replace
+
+    from privdiff.methods.stages import train_denoiser
+    from privdiff.runs import Run, RunError
+
+    r = _recipe("lora.objective=stable", "train.batch_size=4", "train.epochs=3", "train.max_steps=1", "model.attention_levels=[]")
+    members = _data(8, 1)
+    run = Run(tmp_path)
+    train_denoiser(run=run, recipe=r, dataset=members, ledger=None, stage="lora", init=lambda: _lora_net(r)[1], progress=False)
+    term = PrivacyTerm(r, members=members, member_aux=_data(4, 2), nonmember_aux=_data(4, 3), device=torch.device("cpu"))
+    with pytest.raises(RunError, match="holds no state for stage lora's PrivacyTerm"):
+        train_denoiser(run=run, recipe=replace(r, train=replace(r.train, max_steps=2)), dataset=members, ledger=None, stage="lora",
+                       init=lambda: _lora_net(r)[1], objective=term.objective, after_step=term.attacker_step, state=term, progress=False)

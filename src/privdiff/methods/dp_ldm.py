@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import Recipe
-from ..data import ImageDataset, load_dataset
+from ..data import DatasetError, ImageDataset, load_dataset
 from ..data.captions import caption_variants
 from ..diffusion import drop_labels
 from ..models.autoencoder import encode_latents
@@ -46,16 +46,25 @@ class DPLDMResult:
     steps: int
 
 
-def load_public(recipe: Recipe, *, like: ImageDataset) -> ImageDataset:
-    """The public data set at the private set ``like``'s resolution (its channels and classes must match), drawn at ``resolution − 2·ldm.public_margin`` and framed by a background
+def load_public(recipe: Recipe, *, like: ImageDataset, section: str = "ldm") -> ImageDataset:
+    """The public data set ``<section>.public_data`` at the private set ``like``'s resolution (its channels and
+    classes must match), drawn at ``resolution − 2·<section>.public_margin`` and framed by a background
     margin (MNIST's digits sit in a 20×20 box of a 28×28 image; scikit-learn's fill their 8×8 frame),
-    with contrast ``ldm.public_contrast`` = g: x ← tanh(g·x)/tanh(g) on [-1, 1] (g = 0: unchanged),
-    which turns the soft blobs of 8×8 images enlarged 2.5× back into strokes on a black background."""
-    L, resolution = recipe.ldm, like.resolution
+    with contrast ``<section>.public_contrast`` = g: x ← tanh(g·x)/tanh(g) on [-1, 1] (g = 0: unchanged),
+    which turns the soft blobs of 8×8 images enlarged 2.5× back into strokes on a black background.
+
+    ``section`` is the recipe section that holds the four ``public_*`` keys: ``ldm`` (DP-LDM) or
+    ``lora`` (LoRA's pretraining); errors name that section's keys."""
+    L, resolution = getattr(recipe, section), like.resolution
     inner = resolution - 2 * L.public_margin
+    if L.public_margin < 0:
+        raise ValueError(f"{section}.public_margin={L.public_margin} must be >= 0")
     if inner < 4:
-        raise ValueError(f"ldm.public_margin={L.public_margin} leaves no image at resolution {resolution}")
-    public = load_dataset(L.public_data, root=L.public_root, split="all", resolution=inner)
+        raise ValueError(f"{section}.public_margin={L.public_margin} leaves no image at resolution {resolution}")
+    try:
+        public = load_dataset(L.public_data, root=L.public_root, split="all", resolution=inner)
+    except DatasetError as e:
+        raise DatasetError(f"{section}.public_data={L.public_data}: {e}") from None
     images = public.images
     if L.public_contrast > 0:
         g = L.public_contrast
@@ -64,7 +73,7 @@ def load_public(recipe: Recipe, *, like: ImageDataset) -> ImageDataset:
         m = L.public_margin
         images = F.pad(images, (m, m, m, m), value=-1.0)
     if (public.channels, public.num_classes) != (like.channels, like.num_classes):
-        raise ValueError(f"public data {public.name} has {public.channels} channels and {public.num_classes} classes, "
+        raise ValueError(f"{section}.public_data={public.name} has {public.channels} channels and {public.num_classes} classes, "
                          f"private {like.name} {like.channels} and {like.num_classes}: they must match")
     return dataclasses.replace(public, images=images)
 

@@ -19,12 +19,17 @@ Stages, all on the shared core (:func:`~.stages.train_denoiser`):
    per-example ratio. After each LoRA step, ``lora.attacker_steps`` steps of h_ω (Adam) on a balanced
    batch of member_aux and nonmember_aux maps (features without gradient), as the released code.
 
-The ledger records the LoRA stage on the member set as non-private (ε = ∞): LoRA is not DP.
+The ledger's private data is the member set, its one event the ``lora`` stage; pretraining is a
+public stage. With ``privacy.enabled: false`` the event is non-private (ε = ∞: plain LoRA is not
+DP). With ``privacy.enabled: true`` the ``lora`` objective is trained by the shared DP-SGD path
+(Poisson sampling at q = batch/|D_tr|, per-example clipping of the LoRA gradients, Gaussian noise
+calibrated to ``privacy.epsilon``), and the ledger's ε is the accountant's for the steps that ran.
+PrivateLoRA / Stable PrivateLoRA are refused with DP (config validation): their attacker trains
+on member_aux outside DP-SGD, and every LoRA step reads it through ω, which no accountant covers.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from ..attacks.proxy import ProxyAttacker, error_map, member_gain
+from ..atomic import atomic_write_text
 from ..config import Recipe
 from ..data import ImageDataset, load_dataset
 from ..data.membership import MembershipSplits, split_pool, subset
@@ -43,6 +49,8 @@ from ..runs import Run, open_run, save_samples
 from .stages import class_grid_labels, data_identity, default_device, generate, open_ledger, train_denoiser, training_sigma_distribution
 
 __all__ = ["PrivacyTerm", "train", "member_set"]
+
+STAGE = "lora"  # the ledger stage of the adaptation on the members
 
 
 @dataclass
@@ -71,7 +79,9 @@ class PrivacyTerm:
     """PrivateLoRA's privacy term and its proxy attacker h_ω (one instance per training run).
 
     ``objective(module, idx, loss)`` is the per-example training objective given to
-    :func:`train_denoiser`; ``attacker_step(step)`` its ``after_step``.
+    :func:`train_denoiser`; ``attacker_step(step)`` its ``after_step``; the term itself its
+    ``state`` (:meth:`state_dict`: h_ω, its Adam and the term's generator), so a resumed run
+    continues the attacker where the checkpoint left it instead of starting a fresh one.
     """
 
     def __init__(self, recipe: Recipe, *, members: ImageDataset, member_aux: ImageDataset, nonmember_aux: ImageDataset,
@@ -84,11 +94,29 @@ class PrivacyTerm:
                     False: (nonmember_aux.images.to(device), nonmember_aux.labels.to(device))}
         self.sigma_dist = training_sigma_distribution(recipe)
         self.g = torch.Generator(device=device).manual_seed(recipe.train.seed * 1000 + 11)
-        self.attacker = ProxyAttacker(int(np.prod(members.images.shape[1:]))).to(device).train()
+        with torch.random.fork_rng(devices=[]):  # h_ω's initial weights: a function of the seed, not of what ran before
+            torch.manual_seed(recipe.train.seed * 1000 + 12)
+            self.attacker = ProxyAttacker(int(np.prod(members.images.shape[1:]))).to(device).train()
         self.opt = torch.optim.Adam(self.attacker.parameters(), lr=L.attacker_lr, weight_decay=L.attacker_weight_decay)
         self.batch, self.k = L.attacker_batch, L.attacker_steps
         self.module: torch.nn.Module | None = None  # the denoiser being trained, as the training loop passes it
         self.log = log
+        self.logged = 0  # lines this run has written to ``log`` (a resume drops the ones after its checkpoint)
+
+    def state_dict(self) -> dict:
+        """h_ω's weights, its Adam state, the generator of (σ', ε') and of the attacker batches, and the log length."""
+        return {"attacker": self.attacker.state_dict(), "optimizer": self.opt.state_dict(), "generator": self.g.get_state(),
+                "logged": self.logged}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from :meth:`state_dict`; ``log`` loses the lines written after it (replayed steps log again)."""
+        self.attacker.load_state_dict(state["attacker"])
+        self.opt.load_state_dict(state["optimizer"])
+        self.g.set_state(state["generator"].to(torch.uint8))
+        self.logged = int(state["logged"])
+        if self.log is not None and self.log.is_file():
+            kept = self.log.read_text().splitlines(keepends=True)[:self.logged]
+            atomic_write_text(self.log, "".join(kept))
 
     def _map(self, module: torch.nn.Module, x0: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         # a fresh (σ', ε') per example, separate from the (σ, n) of ℓ_ada
@@ -135,6 +163,7 @@ class PrivacyTerm:
                 acc = float((logits.argmax(1) == y).float().mean())
                 with open(self.log, "a") as f:
                     f.write(json.dumps({"step": step + 1, "attacker_ce": loss.item(), "attacker_acc": acc}) + "\n")
+                self.logged += 1
         self.opt.zero_grad(set_to_none=True)
         self.module.train(was_training)
 
@@ -143,10 +172,7 @@ def load_public(recipe: Recipe, *, like: ImageDataset) -> ImageDataset:
     """The public pretraining data: ``lora.public_*`` through DP-LDM's framing, contrast and checks against ``like``."""
     from .dp_ldm import load_public as framed
 
-    L = recipe.lora
-    as_ldm = dataclasses.replace(recipe.ldm, public_data=L.public_data, public_root=L.public_root,
-                                 public_margin=L.public_margin, public_contrast=L.public_contrast)
-    return framed(dataclasses.replace(recipe, ldm=as_ldm), like=like)
+    return framed(recipe, like=like, section="lora")
 
 
 def train(recipe: Recipe, *, out: str | Path, progress: bool = True, grid_per_class: int = 10) -> LoRAResult:
@@ -162,7 +188,7 @@ def train(recipe: Recipe, *, out: str | Path, progress: bool = True, grid_per_cl
         splits = split_pool(pool, n_per_role=L.n_per_role, seed=recipe.train.seed, root=d.root, resolution=d.resolution)
         splits.save(path)
     members = member_set(splits, pool)
-    ledger = open_ledger(run, recipe, members)
+    ledger = open_ledger(run, recipe, members, stage=STAGE)  # the registry reserves what this stage will record
 
     pre = train_denoiser(run=run.stage("pretrain"), recipe=recipe, dataset=public, ledger=None, stage="pretrain",
                          train=L.pretrain, noise_multiplicity=1, progress=progress)
@@ -178,13 +204,15 @@ def train(recipe: Recipe, *, out: str | Path, progress: bool = True, grid_per_cl
 
     term = None
     if L.objective != "lora":
+        if run.latest_checkpoint() is None:  # a fresh LoRA stage: lines of an attempt killed before its first checkpoint go
+            (run.path / "attacker_log.jsonl").unlink(missing_ok=True)
         term = PrivacyTerm(recipe, members=members, member_aux=splits.dataset("member_aux", pool),
                            nonmember_aux=splits.dataset("nonmember_aux", pool), device=device,
                            log=run.path / "attacker_log.jsonl")
-    result = train_denoiser(run=run, recipe=recipe, dataset=members, ledger=ledger, stage="lora",
+    result = train_denoiser(run=run, recipe=recipe, dataset=members, ledger=ledger, stage=STAGE,
                             init=lambda: LoRAUNetNet.from_base(pre.denoiser.net, spec), select=select,
                             objective=None if term is None else term.objective,
-                            after_step=None if term is None else term.attacker_step, progress=progress)
+                            after_step=None if term is None else term.attacker_step, state=term, progress=progress)
     labels = class_grid_labels(pool.num_classes, grid_per_class)
     images = generate(result.denoiser, labels=labels, n=len(labels), recipe=recipe, seed=recipe.train.seed, progress=progress)
     grid, _ = save_samples(run.samples, images, labels.numpy(), nrow=grid_per_class)

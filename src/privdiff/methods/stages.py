@@ -12,7 +12,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
@@ -62,11 +62,13 @@ def load_ledger(run: Run, dataset: ImageDataset) -> Ledger | None:
     return ledger
 
 
-def open_ledger(run: Run, recipe: Recipe, dataset: ImageDataset, *, plan: list[dict] = (), registry: "Registry | None" = None) -> Ledger:
+def open_ledger(run: Run, recipe: Recipe, dataset: ImageDataset, *, plan: list[dict] = (), stage: str = "dp_sgd",
+                registry: "Registry | None" = None) -> Ledger:
     """The run's ledger (continued on resume), or a new one for ``dataset``, admitted to the budget registry.
 
     Before any data is read, the run's planned events (``plan``: releases of earlier stages, e.g.
-    DPP's; then the ``dp_sgd`` stage the recipe calibrates) are reserved in the registry (default:
+    DPP's; then the training stage ``stage`` the recipe calibrates, named as :func:`train_denoiser`
+    will record it, so the registry matches the reservation to the recorded steps) are reserved in the registry (default:
     ``$PRIVDIFF_REGISTRY`` or ``~/.privdiff/registry.sqlite``), which refuses the run if the data
     set's composed ε would pass its cap; every later ledger save records the run's events there
     first (:mod:`privdiff.privacy.registry`).
@@ -76,11 +78,11 @@ def open_ledger(run: Run, recipe: Recipe, dataset: ImageDataset, *, plan: list[d
     """
     world = current_world()
     if not world.distributed:
-        return _open_ledger(run, recipe, dataset, plan=plan, registry=registry)
+        return _open_ledger(run, recipe, dataset, plan=plan, stage=stage, registry=registry)
     ledger, refusal = None, None
     if world.is_main:
         try:
-            ledger = _open_ledger(run, recipe, dataset, plan=plan, registry=registry)
+            ledger = _open_ledger(run, recipe, dataset, plan=plan, stage=stage, registry=registry)
         except Exception as e:  # every rank must hear the outcome, or the others would wait for rank 0 forever
             refusal = e
     mine = (None, f"{type(refusal).__name__}: {refusal}") if refusal is not None else (ledger.run_id if ledger else None, None)
@@ -98,7 +100,7 @@ def open_ledger(run: Run, recipe: Recipe, dataset: ImageDataset, *, plan: list[d
     return copy_
 
 
-def _open_ledger(run: Run, recipe: Recipe, dataset: ImageDataset, *, plan: list[dict], registry: "Registry | None") -> Ledger:
+def _open_ledger(run: Run, recipe: Recipe, dataset: ImageDataset, *, plan: list[dict], stage: str, registry: "Registry | None") -> Ledger:
     from ..privacy.registry import Registry
 
     ledger = load_ledger(run, dataset)
@@ -110,7 +112,7 @@ def _open_ledger(run: Run, recipe: Recipe, dataset: ImageDataset, *, plan: list[
         )
         ledger.save(run.ledger_path)  # its run_id is the registry's key: on disk before it is registered
     registry = registry or Registry()
-    planned = list(plan) + [planned_event(recipe, ledger, num_examples=len(dataset), prior=plan)]
+    planned = list(plan) + [planned_event(recipe, ledger, num_examples=len(dataset), stage=stage, prior=plan)]
     try:
         registry.admit(run_id=ledger.run_id, dataset=ledger.dataset, planned=planned, recorded=ledger.events,
                        path=str(run.path.resolve()), target_epsilon=ledger.target_epsilon, delta=ledger.delta,
@@ -242,10 +244,29 @@ class TrainResult:
     stopped_at_budget: bool
 
 
+STATE_KEY = "state"  # train_denoiser's ``state`` in a checkpoint's ``extra``
+
+
+def _global_rng(device: torch.device) -> dict[str, tuple[Callable[[], torch.Tensor], Callable[[torch.Tensor], None]]]:
+    """(get, set) of the global torch generators the stage's modules may draw from (dropout): CPU, and the device's."""
+    out = {"torch_cpu": (torch.get_rng_state, torch.set_rng_state)}
+    if device.type == "cuda":
+        out["torch_cuda"] = (lambda: torch.cuda.get_rng_state(device), lambda s: torch.cuda.set_rng_state(s, device))
+    return out
+
+
 def _generators(seed: int, device: torch.device) -> dict[str, torch.Generator]:
     # Separate streams: which examples are sampled, the DP noise, and the diffusion noise/labels.
     names = ("batches", "dp_noise", "diffusion")
     return {n: torch.Generator(device="cpu" if n == "batches" else device).manual_seed(seed * 1000 + i) for i, n in enumerate(names)}
+
+
+class Stateful(Protocol):
+    """Training state a stage carries beside its network (``train_denoiser(state=...)``), checkpointed with it."""
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
 Conditioner = Callable[[torch.Tensor, int, torch.Generator], torch.Tensor]
@@ -278,6 +299,7 @@ def train_denoiser(
     audit: "GradientCanaries | None" = None,
     objective: Callable[[torch.nn.Module, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     after_step: Callable[[int], None] | None = None,
+    state: Stateful | None = None,
 ) -> TrainResult:
     """Train a conditional denoiser on ``dataset``: the one training loop of privdiff.
 
@@ -290,7 +312,11 @@ def train_denoiser(
     canaries of an empirical privacy audit (:mod:`privdiff.privacy.audit`) into the private steps.
     ``objective(module, idx, loss)`` turns the per-example denoising loss of examples ``idx`` into
     the per-example training objective (default: the loss itself; PrivateLoRA adds its privacy
-    term); ``after_step(step)`` runs after each optimizer step (PrivateLoRA's attacker step).
+    term); ``after_step(step)`` runs after each optimizer step (PrivateLoRA's attacker step);
+    ``state`` is what those two carry between steps (PrivateLoRA's attacker, its Adam and its
+    generator): saved in every checkpoint and loaded on resume, as the network is. The global
+    torch generator (dropout, e.g. the attacker's) is checkpointed too, so a stage stopped at
+    step k and resumed takes the steps of an uninterrupted run of the same seed.
     Resumes from the run's latest checkpoint. The ledger is written *before* each step touches
     the data, and a step that would take ε past ``privacy.epsilon`` is not taken.
     """
@@ -306,10 +332,18 @@ def train_denoiser(
     resume = run.latest_checkpoint() is not None
     run.discard_orphans()
     if resume:
-        state = run.load_checkpoint()
-        net, net_ema, start = state.unet, state.unet_ema, state.step
+        saved = run.load_checkpoint()
+        net, net_ema, start = saved.unet, saved.unet_ema, saved.step
         for name, g in gens.items():
-            g.set_state(state.rng[name].to(torch.uint8))
+            g.set_state(saved.rng[name].to(torch.uint8))
+        for name, (_, set_rng) in _global_rng(device).items():
+            if name in saved.rng:  # absent from checkpoints written before it was saved
+                set_rng(saved.rng[name].to(torch.uint8))
+        if state is not None:
+            if STATE_KEY not in saved.extra:
+                raise RunError(f"{run.latest_checkpoint()}: holds no state for stage {stage}'s {type(state).__name__} "
+                               "(written before it was checkpointed); use a new --out")
+            state.load_state_dict(saved.extra[STATE_KEY])
     else:
         net = init() if init is not None else UNetNet(build_unet(
             r.model, resolution=dataset.resolution, in_channels=dataset.channels, num_classes=dataset.num_classes))
@@ -325,7 +359,7 @@ def train_denoiser(
         audit.install(denoiser)  # the canaries' coordinates: trained, clipped and noised like the rest
     optimizer = torch.optim.Adam([p for p in denoiser.parameters() if p.requires_grad], lr=t.lr)
     if resume:
-        optimizer.load_state_dict(state.optimizer)
+        optimizer.load_state_dict(saved.optimizer)
 
     q = t.batch_size / N
     total = planned_steps(t, N)
@@ -357,8 +391,10 @@ def train_denoiser(
         loss_fn = audit.wrap_loss(loss_fn, K=K)
 
     def checkpoint(step: int) -> None:
-        rng = {n: g.get_state() for n, g in gens.items()}
-        run.save_checkpoint(TrainingState(step=step, unet=net, unet_ema=net_ema, optimizer=optimizer.state_dict(), rng=rng))
+        rng = {n: g.get_state() for n, g in gens.items()} | {n: get() for n, (get, _) in _global_rng(device).items()}
+        extra = {} if state is None else {STATE_KEY: state.state_dict()}
+        run.save_checkpoint(TrainingState(step=step, unet=net, unet_ema=net_ema, optimizer=optimizer.state_dict(), rng=rng,
+                                          extra=extra))
 
     if start == 0 and progress:
         trainable, all_params = count_parameters(net), sum(p.numel() for p in net.parameters())
