@@ -40,7 +40,7 @@ import torch
 from torch import Tensor, nn
 
 from .ckks import PRESETS, CKKSParams, TenSEALContext
-from .model import HECore, HENet, HENetConfig, core_forward, keys_values
+from ..models.he_net import HECore, HENet, HENetConfig, core_forward, keys_values
 
 __all__ = ["Block", "layout", "pack_inputs", "pack_weights", "unpack_outputs", "permute_layers", "PrivateServer",
            "RemoteCore", "client_net", "ProtocolError"]

@@ -101,7 +101,7 @@ def load_service(run: str | Path, *, config: ServiceConfig = ServiceConfig(), pe
     from ..methods.stages import make_denoiser
     from ..runs import Run, RunError
     from .compat import CompatServer
-    from .model import HENet
+    from ..models.he_net import HENet
 
     r = Run(run)
     recipe = r.load_config()

@@ -106,8 +106,8 @@ def train(recipe: Recipe, *, out: str | Path, progress: bool = True, grid_per_cl
     tokenizer = text_encoder.tokenizer
 
     def fresh():
-        if L.net == "he":  # the HE-friendly denoiser of encrypted inference (privdiff.he.model)
-            from ..he.model import build_he_net
+        if L.net == "he":  # the HE-friendly denoiser of encrypted inference (privdiff.models.he_net)
+            from ..models.he_net import build_he_net
 
             return build_he_net(L.he, copy.deepcopy(text_encoder), latent_channels=z_private.channels,
                                 latent_size=z_private.resolution, num_classes=private.num_classes)

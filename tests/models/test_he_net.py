@@ -9,8 +9,23 @@ import torch
 from privdiff.data.captions import caption
 from privdiff.diffusion import Denoiser, LogNormalSigma, denoising_loss, draw_training_noise
 from privdiff.models.latent import select_trainable
-from tests.he.test_private import NAMES, tiny_he_net
+from privdiff.models.he_net import HENetConfig, build_he_net
+from privdiff.models.text import TextConfig, build_text_encoder
 from tests.privacy.test_bookkeeping import assert_same
+
+NAMES = tuple(str(d) for d in range(10))
+
+
+def tiny_he_net(seed: int = 0, config: HENetConfig = HENetConfig(width=32, blocks=1, heads=2, head_dim=8, mlp_ratio=2, fourier=4)):
+    """A tiny HE-friendly denoiser (H = 32, one block) on 4×4×4 latents with fresh random weights of a trained-like size
+    (also the model of tests/he's encrypted evaluations)."""
+    torch.manual_seed(seed)
+    te = build_text_encoder(TextConfig(width=16, layers=1, heads=2), class_names=(NAMES,))
+    net = build_he_net(config, te, latent_channels=4, latent_size=4, num_classes=10).eval()
+    with torch.no_grad():  # not the init's small weights
+        for p in net.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return net
 
 
 @pytest.mark.parametrize("K", [1, 3])
@@ -47,3 +62,16 @@ def test_trainable_groups_and_save_load(tmp_path):
     cond = net.conditions(prompts=["a handwritten digit three"], n=2)
     with torch.no_grad():
         assert torch.equal(back(x, c, cond), net(x, c, cond))
+
+
+def test_the_core_config_and_training_import_nothing_of_encrypted_inference():
+    """Layering: config, models, methods, runs and the CLI module load without privdiff.he, TenSEAL or aiohttp
+    (a fresh interpreter: this test process may have imported them already)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, privdiff.config, privdiff.cli, privdiff.runs, privdiff.models.he_net, privdiff.models.unet\n"
+            "import privdiff.methods.dpdm, privdiff.methods.dp_ldm, privdiff.methods.dpp, privdiff.methods.lora, privdiff.methods.audit\n"
+            "print(' '.join(sorted(m for m in sys.modules if m.split('.')[0] in ('tenseal', 'aiohttp') or m.startswith('privdiff.he'))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == ""
