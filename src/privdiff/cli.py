@@ -24,6 +24,7 @@ EPILOG = """examples:
   privdiff budget show runs/eps1
   privdiff budget cap dpdm-mnist5k --epsilon 20        cap mnist5k across all runs (PRIVDIFF_REGISTRY=postgresql://... for teams)
   privdiff budget status --dataset mnist5k             every run on mnist5k, its epsilon, the composed total
+  privdiff budget release runs/crashed                 free an abandoned run's reservation (executed steps stay spent)
   privdiff audit dpdm-mnist5k privacy.epsilon=2 --out runs/audit   empirical lower bound on epsilon (exit 1 if above the claim;
                                                        DPDM, DP-LDM, DPP: checked against the DP-SGD stage's own epsilon)
   privdiff evaluate runs/eps1 --n 2000                 FID/KID, precision/recall, accuracy -> metrics.json, report.html
@@ -215,6 +216,23 @@ def cmd_budget_cap(args: argparse.Namespace) -> int:
     registry.set_cap(dataset=identity, epsilon=None if args.remove else args.epsilon,
                      delta=args.delta or recipe.privacy.delta, accountant=recipe.privacy.accountant)
     print(format_status(registry.status(registry.dataset_key(identity["fingerprint"]))))
+    return 0
+
+
+def cmd_budget_release(args: argparse.Namespace) -> int:
+    from .privacy.registry import format_status
+    from .runs import release_run
+
+    registry = _registry(args)
+    run_id, entry, freed = release_run(args.run, registry=registry, missing_ok=args.missing_ok)
+    if not freed:
+        print(f"run {run_id[:12]} holds no reservation ({entry.state}): nothing to release")
+    else:
+        kept = entry.epsilon()
+        what = ", ".join(f"{e['steps']} planned steps of {e['stage']}" for e in freed)
+        print(f"released run {run_id[:12]}: {what} no longer reserved; it keeps its {entry.steps} executed steps "
+              f"(epsilon={'inf' if math.isinf(kept) else f'{kept:.4f}'})")
+    print(format_status([s for s in registry.status() if any(r.run_id == run_id for r in s.runs)]))
     return 0
 
 
@@ -453,6 +471,16 @@ def build_parser() -> argparse.ArgumentParser:
     cap.add_argument("--delta", type=float, help="delta at which the cap holds (default: the recipe's privacy.delta)")
     cap.add_argument("--registry", help=registry_help)
     cap.set_defaults(func=cmd_budget_cap)
+    rel = bsub.add_parser("release", help="free the reservation of a run abandoned after a crash (its executed steps stay spent)",
+                          description="An unfinished run keeps its planned budget reserved so that it can be resumed. For a run "
+                                      "that will never be resumed, its charge becomes exactly what its ledger and the registry say "
+                                      "it executed. Refused for a run that is running (its lock is held) or unknown. Resuming the "
+                                      "run later reserves its plan again.")
+    rel.add_argument("run", metavar="RUN_ID_OR_PATH", help="run directory, its ledger.json, or a run id (or the prefix budget status shows)")
+    rel.add_argument("--registry", help=registry_help)
+    rel.add_argument("--missing-ok", action="store_true",
+                     help="release a run id whose directory is gone from this machine (its lock cannot be checked)")
+    rel.set_defaults(func=cmd_budget_release)
     return p
 
 
