@@ -110,7 +110,7 @@ def private_row(run: str | None):
     else:
         from privdiff.cli import _recipe_path
         from privdiff.config import resolve_recipe
-        from privdiff.he.model import build_he_net
+        from privdiff.models.he_net import build_he_net
         from privdiff.models.text import build_text_encoder
 
         r = resolve_recipe(_recipe_path("he-ldm-mnist5k"))

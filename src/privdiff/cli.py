@@ -24,7 +24,9 @@ EPILOG = """examples:
   privdiff budget show runs/eps1
   privdiff budget cap dpdm-mnist5k --epsilon 20        cap mnist5k across all runs (PRIVDIFF_REGISTRY=postgresql://... for teams)
   privdiff budget status --dataset mnist5k             every run on mnist5k, its epsilon, the composed total
-  privdiff audit dpdm-mnist5k privacy.epsilon=2 --out runs/audit   empirical lower bound on epsilon (exit 1 if above the claim)
+  privdiff budget release runs/crashed                 free an abandoned run's reservation (executed steps stay spent)
+  privdiff audit dpdm-mnist5k privacy.epsilon=2 --out runs/audit   empirical lower bound on epsilon (exit 1 if above the claim;
+                                                       DPDM, DP-LDM, DPP: checked against the DP-SGD stage's own epsilon)
   privdiff evaluate runs/eps1 --n 2000                 FID/KID, precision/recall, accuracy -> metrics.json, report.html
   privdiff compare runs/demo runs/eps1 --out runs/compare
   privdiff train he-ldm-mnist5k --out runs/he          DP-LDM with the HE-friendly denoiser, then:
@@ -217,6 +219,23 @@ def cmd_budget_cap(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_budget_release(args: argparse.Namespace) -> int:
+    from .privacy.registry import format_status
+    from .runs import release_run
+
+    registry = _registry(args)
+    run_id, entry, freed = release_run(args.run, registry=registry, missing_ok=args.missing_ok)
+    if not freed:
+        print(f"run {run_id[:12]} holds no reservation ({entry.state}): nothing to release")
+    else:
+        kept = entry.epsilon()
+        what = ", ".join(f"{e['steps']} planned steps of {e['stage']}" for e in freed)
+        print(f"released run {run_id[:12]}: {what} no longer reserved; it keeps its {entry.steps} executed steps "
+              f"(epsilon={'inf' if math.isinf(kept) else f'{kept:.4f}'})")
+    print(format_status([s for s in registry.status() if any(r.run_id == run_id for r in s.runs)]))
+    return 0
+
+
 def cmd_audit(args: argparse.Namespace) -> int:
     from .config import resolve_recipe
     from .methods.audit import audit
@@ -226,17 +245,19 @@ def cmd_audit(args: argparse.Namespace) -> int:
     done = audit(recipe, out=out, canaries=args.canaries, k_in=args.k_in, k_out=args.k_out, progress=not args.quiet)
     r = done.result
     print(f"run:             {done.run.path}")
-    print(f"claimed epsilon: {r.claimed_epsilon:.4f} at delta={r.delta:g} (the ledger's, {r.steps} steps)")
+    print(f"claimed epsilon: {r.claimed_epsilon:.4f} at delta={r.delta:g} (the ledger's, all stages composed)")
+    print(f"audited stage:   {r.stage}, epsilon {r.stage_epsilon:.4f} (its events alone, {r.steps} steps: the canaries' stage)")
     print(f"audited bound:   epsilon >= {r.epsilon_lower_bound:.4f} at {r.confidence:.0%} confidence "
           f"({r.correct} of {r.guesses_in + r.guesses_out} guesses right)")
     print(f"canaries:        {r.canaries} ({r.included} included by coin flips)")
     print(f"attack:          {r.attack}")
     print(f"audit:           {done.path}")
     if not r.passed:
-        print(f"privdiff: AUDIT FAILED: the audited lower bound {r.epsilon_lower_bound:.4f} exceeds the claimed "
-              f"epsilon {r.claimed_epsilon:.4f}: the run is not as private as its ledger says", file=sys.stderr)
+        print(f"privdiff: AUDIT FAILED: the audited lower bound {r.epsilon_lower_bound:.4f} exceeds the {r.stage} stage's "
+              f"epsilon {r.stage_epsilon:.4f} (run total {r.claimed_epsilon:.4f}): the run is not as private as its ledger says",
+              file=sys.stderr)
         return 1
-    print("passed:          the experiment is consistent with the claimed epsilon")
+    print(f"passed:          the experiment is consistent with the {r.stage} stage's epsilon")
     return 0
 
 
@@ -394,9 +415,11 @@ def build_parser() -> argparse.ArgumentParser:
     au = sub.add_parser("audit", help="empirical privacy audit: train once with canaries, bound epsilon from below",
                         description="Train the recipe once with m gradient canaries (each included by a fair coin) and turn "
                                     "the white-box attack's guesses into a lower bound on epsilon at 95% confidence "
-                                    "(Steinke, Nasr & Jagielski 2023). Exit 1 if the bound exceeds the ledger's epsilon.",
+                                    "(Steinke, Nasr & Jagielski 2023). The canaries live in the DP-SGD stage, so the bound "
+                                    "is checked against that stage's own epsilon (printed with the run's composed total). "
+                                    "Exit 1 if the bound exceeds it.",
                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    au.add_argument("recipe", help="a DPDM recipe (file or shipped name)")
+    au.add_argument("recipe", help="a DPDM, DP-LDM or DPP recipe (file or shipped name)")
     au.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides")
     au.add_argument("--canaries", type=int, default=1000, help="m, the number of canaries")
     au.add_argument("--k-in", type=int, help="guesses IN (highest scores); default m/5")
@@ -448,6 +471,16 @@ def build_parser() -> argparse.ArgumentParser:
     cap.add_argument("--delta", type=float, help="delta at which the cap holds (default: the recipe's privacy.delta)")
     cap.add_argument("--registry", help=registry_help)
     cap.set_defaults(func=cmd_budget_cap)
+    rel = bsub.add_parser("release", help="free the reservation of a run abandoned after a crash (its executed steps stay spent)",
+                          description="An unfinished run keeps its planned budget reserved so that it can be resumed. For a run "
+                                      "that will never be resumed, its charge becomes exactly what its ledger and the registry say "
+                                      "it executed. Refused for a run that is running (its lock is held) or unknown. Resuming the "
+                                      "run later reserves its plan again.")
+    rel.add_argument("run", metavar="RUN_ID_OR_PATH", help="run directory, its ledger.json, or a run id (or the prefix budget status shows)")
+    rel.add_argument("--registry", help=registry_help)
+    rel.add_argument("--missing-ok", action="store_true",
+                     help="release a run id whose directory is gone from this machine (its lock cannot be checked)")
+    rel.set_defaults(func=cmd_budget_release)
     return p
 
 

@@ -18,10 +18,10 @@ from typing import Any
 import yaml
 
 from .models.autoencoder import AutoencoderConfig
+from .models.he_net import HENetConfig
 from .models.latent import LatentUNetConfig
 from .models.text import TextConfig
 from .models.unet import UNetConfig
-from .he.model import HENetConfig
 
 
 METHODS = ("dpdm", "dp-ldm", "dpp", "lora")
@@ -133,7 +133,7 @@ class LDMConfig:
     text: TextConfig = field(default_factory=TextConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     trainable: tuple[str, ...] = ("attentions", "class_embedder")  # privately fine-tuned (privdiff.models.latent.TRAINABLE_GROUPS or name patterns)
-    net: str = "unet"  # the latent denoiser: "unet" (ldm.unet) or "he", the HE-friendly one of privdiff.he.model (ldm.he; private-mode inference)
+    net: str = "unet"  # the latent denoiser: "unet" (ldm.unet) or "he", the HE-friendly one of privdiff.models.he_net (ldm.he; private-mode inference)
     he: HENetConfig = field(default_factory=HENetConfig)
 
 

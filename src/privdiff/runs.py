@@ -21,11 +21,13 @@ checkpoint intact.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import json
 import os
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -241,13 +243,71 @@ def lock_run(run: Run) -> None:
     key = str(run.path.resolve())
     if key in _LOCKS:
         return
-    fd = os.open(run.path / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    _LOCKS[key] = _flock(run.path)
+
+
+def _flock(path: Path) -> int:
+    """An open descriptor of ``path/.lock`` holding its exclusive flock, or RunError if another holds it."""
+    fd = os.open(path / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
-        raise RunError(f"{run.path} is in use by another privdiff process") from None
-    _LOCKS[key] = fd
+        raise RunError(f"{path} is in use by another privdiff process") from None
+    return fd
+
+
+@contextlib.contextmanager
+def held_lock(path: str | Path) -> Iterator[None]:
+    """Hold run directory ``path``'s lock (as :func:`lock_run`) for the block only: RunError if a process
+    is training it. This process's own lock (a run it opened) counts as held."""
+    path = Path(path)
+    if str(path.resolve()) in _LOCKS:
+        yield
+        return
+    fd = _flock(path)
+    try:
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the flock
+
+
+def release_run(target: str | Path, *, registry=None, missing_ok: bool = False):
+    """``privdiff budget release``: free the budget reservation of an abandoned run (crashed, never resumed).
+
+    ``target`` is a run directory, its ``ledger.json``, or a run id (or a unique prefix of one, as
+    ``budget status`` shows) in ``registry`` (a :class:`~privdiff.privacy.registry.Registry`; default:
+    ``$PRIVDIFF_REGISTRY``). The run's lock is held while its registry entry is changed, so a run that
+    is training (or resumes meanwhile) is refused. Its charge becomes what its ledger and the registry
+    say it executed (spent steps stay spent). A run id whose directory is not on this machine is
+    refused, since nothing shows it is not running elsewhere, unless ``missing_ok`` (then the
+    registry's record alone is used). Returns ``(run id, the run's registry entry, freed events)``.
+    """
+    from .privacy.ledger import Ledger
+    from .privacy.registry import Registry
+
+    registry = registry or Registry()
+    path = Path(target)
+    if path.exists():
+        path = path.parent if path.is_file() else path
+        if not (path / "ledger.json").is_file():
+            raise RunError(f"{path}: no ledger.json (not a private privdiff run)")
+        run_id = Ledger.load(path / "ledger.json").run_id
+    else:
+        run_id, registered = registry.find_run(str(target))
+        path = Path(registered) if registered else None
+        if path is None or not path.is_dir():
+            if not missing_ok:
+                raise RunError(f"run {run_id[:12]}: its directory {registered} is not on this machine, so nothing shows that it is "
+                               "not running elsewhere; release it from the machine that holds it, or pass --missing-ok if it is gone")
+            entry, freed = registry.release(run_id=run_id)
+            return run_id, entry, freed
+    with held_lock(path):
+        ledger = Ledger.load(path / "ledger.json")  # read under the lock: nothing writes it now
+        if ledger.run_id != run_id:
+            raise RunError(f"{path}: its ledger belongs to run {ledger.run_id[:12]}, not {run_id[:12]}")
+        entry, freed = registry.release(run_id=run_id, executed=ledger.events)
+    return run_id, entry, freed
 
 
 def _diff(a: dict, b: dict, prefix: str = "") -> list[str]:

@@ -21,7 +21,7 @@ def make_he_run(path, seed: int = 0):
     """RUN with config.yaml, an EMA checkpoint of a random HE-friendly denoiser and a random autoencoder."""
     from privdiff.cli import _recipe_path
     from privdiff.config import resolve_recipe
-    from privdiff.he.model import build_he_net
+    from privdiff.models.he_net import build_he_net
     from privdiff.models.autoencoder import build_autoencoder
     from privdiff.models.text import build_text_encoder
     from privdiff.runs import TrainingState, open_run

@@ -12,22 +12,10 @@ pytest.importorskip("tenseal")
 
 from privdiff.diffusion import Denoiser, guided_denoiser, sample  # noqa: E402
 from privdiff.he.ckks import TenSEALContext  # noqa: E402
-from privdiff.he.model import HENetConfig, build_he_net  # noqa: E402
 from privdiff.he.private import PrivateServer, client_net, layout, pack_inputs, pack_weights, permute_layers, unpack_outputs  # noqa: E402
-from privdiff.models.text import TextConfig, build_text_encoder  # noqa: E402
+from tests.models.test_he_net import NAMES, tiny_he_net  # noqa: E402
 
-NAMES = tuple(str(d) for d in range(10))
 PROMPT = "a handwritten digit three"
-
-
-def tiny_he_net(seed: int = 0, config: HENetConfig = HENetConfig(width=32, blocks=1, heads=2, head_dim=8, mlp_ratio=2, fourier=4)):
-    torch.manual_seed(seed)
-    te = build_text_encoder(TextConfig(width=16, layers=1, heads=2), class_names=(NAMES,))
-    net = build_he_net(config, te, latent_channels=4, latent_size=4, num_classes=10).eval()
-    with torch.no_grad():  # fresh random weights of a trained-like size (not the init's small ones)
-        for p in net.parameters():
-            p.add_(0.1 * torch.randn_like(p))
-    return net
 
 
 @pytest.mark.parametrize("P,n_in,n_out,slots", [(2, 7, 5, 64), (3, 40, 9, 64), (50, 6, 4, 64), (1, 200, 128, 4096), (20, 16, 64, 256)])
@@ -62,7 +50,7 @@ def test_permuted_weights_compute_the_same_function_in_another_order():
             return torch.from_numpy(a.double().numpy() @ W.T + b).float()
         return linear
 
-    from privdiff.he.model import core_forward, keys_values
+    from privdiff.models.he_net import core_forward, keys_values
 
     ref = core(x, c, ctx)
     for weights in (plain, perm):

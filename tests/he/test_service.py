@@ -102,7 +102,7 @@ def test_bad_requests_get_4xx_and_the_server_keeps_serving(server):
     status, body = post(url + "/v1/sessions?mode=private", ctx.public_bytes())
     assert status == 200
     sid = body["session"]
-    assert all(not s.context.has_secret_key for s in server.service.private._sessions.values())
+    assert all(not s.context.has_secret_key for s in server.service.private.sessions.values())
     info = json.loads(urllib.request.urlopen(url + "/v1/info", timeout=10).read())
     n_out, n_in = info["model"]["layers"]["q0"]
     good = [ctx.encrypt(v).serialize() for v in pack_inputs(np.random.default_rng(0).standard_normal((2, n_in)), n_out, 4096)]

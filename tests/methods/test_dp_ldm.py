@@ -15,7 +15,7 @@ from privdiff.diffusion import Denoiser, LogNormalSigma, denoising_loss, draw_tr
 from privdiff.models.latent import LatentUNetConfig, build_latent_net, select_trainable
 from privdiff.models.text import TextConfig, WordTokenizer, build_text_encoder
 from privdiff.privacy.accounting import epsilon
-from tests.privacy.test_bookkeeping import assert_same, jitter
+from tests.privacy.test_bookkeeping import assert_latent_net_same, jitter
 
 ROOT = Path(__file__).resolve().parents[2]
 NAMES = tuple(str(d) for d in range(10))  # the digit data sets' class names
@@ -68,20 +68,7 @@ def test_per_example_gradients_of_the_trainable_subset_match_one_example_at_a_ti
     net = jitter(tiny_net(), 3)
     n, total = select_trainable(net, ("attentions", "class_embedder"))
     assert 0 < n < total
-    den = Denoiser(net, sigma_data=1.0)
-    B, g = 4, torch.Generator().manual_seed(4)
-    x0 = torch.randn(B, 4, 4, 4, generator=g)
-    sigma, noise = draw_training_noise(x0, K=K, sigma_dist=LogNormalSigma(), generator=g)
-    cond = net.conditions(labels=torch.randint(0, 10, (B * K,), generator=g), prompts=[caption(NAMES[i % 10]) for i in range(B * K)], n=B * K)
-    cond = cond.view(B, K, -1)
-
-    def batch_loss(m):
-        return denoising_loss(m, x0, cond, sigma=sigma, noise=noise, loss_weight=den.loss_weight)
-
-    def row_loss(m, b):
-        return denoising_loss(m, x0[b:b + 1], cond[b:b + 1], sigma=sigma[b:b + 1], noise=noise[b:b + 1], loss_weight=den.loss_weight)
-
-    assert_same(den, batch_loss, row_loss, B, K, 1e-2)
+    assert_latent_net_same(net, K)
 
 
 def test_select_trainable_names_groups_and_refuses_typos():

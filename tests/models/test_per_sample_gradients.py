@@ -356,7 +356,7 @@ def test_shipped_recipe_model_per_sample_gradients(recipe_path):
     if not r.privacy.enabled:
         pytest.skip("non-private recipe: no per-sample gradients")
     if r.method not in ("dpdm", "dpp"):
-        pytest.skip(f"{r.method} trains a latent model, checked in its own tests (tests/methods/test_dp_ldm.py, tests/he/test_model.py)")
+        pytest.skip(f"{r.method} trains a latent model, checked in its own tests (tests/methods/test_dp_ldm.py, tests/models/test_he_net.py)")
     res = r.data.resolution or 28
 
     def build(seed):

@@ -67,6 +67,28 @@ def assert_same(model, batch_loss, row_loss, B, K, C):
     return ref_norms
 
 
+def assert_latent_net_same(net: nn.Module, K: int, *, B: int = 4, C: float = 1e-2, seed: int = 4) -> None:
+    """:func:`assert_same` on a text-conditioned latent network (DP-LDM's ``LatentNet`` or the HE-friendly
+    ``HENet``, trainable subset already selected): B latents, K noise draws each, conditions with labels
+    and captions of the digit class names."""
+    from privdiff.data.captions import caption
+
+    den = Denoiser(net, sigma_data=1.0)
+    g = torch.Generator().manual_seed(seed)
+    x0 = torch.randn(B, *net.sample_shape, generator=g)
+    sigma, noise = draw_training_noise(x0, K=K, sigma_dist=LogNormalSigma(), generator=g)
+    cond = net.conditions(labels=torch.randint(0, 10, (B * K,), generator=g), prompts=[caption(str(i % 10)) for i in range(B * K)], n=B * K)
+    cond = cond.view(B, K, -1)
+
+    def batch_loss(m):
+        return denoising_loss(m, x0, cond, sigma=sigma, noise=noise, loss_weight=den.loss_weight)
+
+    def row_loss(m, b):
+        return denoising_loss(m, x0[b:b + 1], cond[b:b + 1], sigma=sigma[b:b + 1], noise=noise[b:b + 1], loss_weight=den.loss_weight)
+
+    assert_same(den, batch_loss, row_loss, B, K, C)
+
+
 # -- the training UNet with the DPDM loss --------------------------------------------------------
 
 UNETS = {

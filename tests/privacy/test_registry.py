@@ -107,3 +107,147 @@ def test_concurrent_admissions_are_serialised(registry_url):
     (status,) = Registry(registry_url).status()
     assert sum(results.values()) == len(status.runs)
     assert len(status.runs) == 2 and status.committed <= 4.0
+
+
+def _composed(*events):
+    return epsilon([(e["noise_multiplier"], e["sample_rate"], e["steps"]) for e in events], delta=DELTA)
+
+
+def test_release_turns_a_reservation_into_what_was_executed(registry_url):
+    """An abandoned run (planned 200 steps, executed 30) frees the other 170, never the 30; releasing twice
+    changes nothing; resuming reserves the plan again, under the cap."""
+    reg = Registry(registry_url)
+    reg.set_cap(dataset=DATA, epsilon=3.0, delta=DELTA)
+    plan = _plan()
+    _admit(reg, "crashed", plan, path="/nowhere/crashed")
+    reg.record(run_id="crashed", events=[{**plan[0], "steps": 30}])
+    with pytest.raises(BudgetExceeded):  # the crashed run's reservation leaves no room for a second run
+        _admit(reg, "next", plan)
+    entry, freed = reg.release(run_id="crashed")
+    assert freed == [{**plan[0], "steps": 170}] and entry.state == "released" and entry.steps == 30
+    (status,) = reg.status()
+    assert status.committed == pytest.approx(_composed({**plan[0], "steps": 30})) == pytest.approx(status.spent)
+    assert reg.release(run_id="crashed") == (entry, [])  # nothing left to release
+    _admit(reg, "next", plan)  # the freed room is usable now
+    with pytest.raises(BudgetExceeded):  # resuming the released run needs its plan reserved again: no room now
+        _admit(reg, "crashed", plan, recorded=[{**plan[0], "steps": 30}])
+    (status,) = reg.status()
+    assert status.committed == pytest.approx(_composed({**plan[0], "steps": 30}, plan[0]))
+
+
+def test_release_keeps_whichever_record_counts_more_and_refuses_a_disagreement(registry_url):
+    reg = Registry(registry_url)
+    two = [_event(1.5, 0.1, 20, stage="central_images"), _event(1.5, 0.05, 200)]
+    for run_id in ("behind", "ahead", "odd"):
+        _admit(reg, run_id, two)
+        reg.record(run_id=run_id, events=[two[0], {**two[1], "steps": 30}])
+    # the ledger one step behind the registry (killed between the registry's write and the file's): the registry's 30 stay
+    entry, _ = reg.release(run_id="behind", executed=[two[0], {**two[1], "steps": 29}])
+    assert entry.events == [two[0], {**two[1], "steps": 30}]
+    # the ledger ahead (a save the registry missed): its 31 steps are charged
+    entry, _ = reg.release(run_id="ahead", executed=[two[0], {**two[1], "steps": 31}])
+    assert entry.events == [two[0], {**two[1], "steps": 31}] and entry.charged == entry.events
+    # each ahead in one stage: no record can be trusted to hold every spent step
+    with pytest.raises(ValueError, match="disagree"):
+        reg.release(run_id="odd", executed=[{**two[0], "steps": 21}, {**two[1], "steps": 29}])
+    with pytest.raises(ValueError, match="is not in"):
+        reg.release(run_id="never-admitted")
+    (status,) = reg.status()
+    assert status.committed == pytest.approx(_composed(two[0], {**two[1], "steps": 30}, two[0], {**two[1], "steps": 31}, *two))
+
+
+def test_a_registry_made_before_release_existed_is_migrated(registry_url):
+    reg = Registry(registry_url)
+    _admit(reg, "old", _plan())
+    with reg._transaction() as db:  # the schema of an older privdiff
+        db("ALTER TABLE runs DROP COLUMN released")
+    reg.close()
+    reg = Registry(registry_url)
+    (status,) = reg.status()
+    assert status.runs[0].released is None and status.runs[0].state == "reserved"
+    assert reg.release(run_id="old")[0].state == "released"
+
+
+def _ledger_run(path, reg, *, run_id_steps=30):
+    """A run directory whose ledger executed ``run_id_steps`` of a 200-step plan (admitted and recorded)."""
+    from privdiff.privacy.ledger import Ledger
+
+    path.mkdir()
+    ledger = Ledger(delta=DELTA, accountant="rdp", dataset=DATA, target_epsilon=3.0)
+    ledger.record(stage="dp_sgd", mechanism="subsampled_gaussian", noise_multiplier=1.5, sample_rate=0.05, steps=run_id_steps)
+    ledger.save(path / "ledger.json")
+    _admit(reg, ledger.run_id, _plan(), path=str(path), recorded=ledger.events)
+    return ledger.run_id
+
+
+def test_budget_release_command(registry_url, tmp_path, capsys):
+    import fcntl
+    import os
+
+    from privdiff.cli import main
+
+    reg = Registry(registry_url)
+    run = tmp_path / "crashed"
+    run_id = _ledger_run(run, reg)
+    release = lambda *a: main(["budget", "release", *map(str, a), "--registry", registry_url])  # noqa: E731
+    # still running: its lock is held (by another open file description, as another process's would be)
+    fd = os.open(run / ".lock", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    assert release(run) == 2 and "in use by another privdiff process" in capsys.readouterr().err
+    os.close(fd)
+    assert reg.status()[0].runs[0].state == "reserved"
+    # unknown: not a run, or an id the registry never saw
+    assert release(tmp_path) == 2 and "no ledger.json" in capsys.readouterr().err
+    assert release("0123456789abcdef") == 2 and "no run with id" in capsys.readouterr().err
+    # by id prefix (as status shows it): released to its 30 executed steps
+    assert release(run_id[:12]) == 0
+    out = capsys.readouterr().out
+    assert "170 planned steps of dp_sgd no longer reserved" in out and "released" in out
+    assert reg.status()[0].committed == pytest.approx(_composed(_event(1.5, 0.05, 30)))
+    assert release(run / "ledger.json") == 0 and "nothing to release" in capsys.readouterr().out
+    # a run whose directory is gone: refused unless --missing-ok
+    gone = tmp_path / "gone"
+    gone_id = _ledger_run(gone, reg)
+    (gone / "ledger.json").unlink()
+    gone.rmdir()
+    assert release(gone_id) == 2 and "not on this machine" in capsys.readouterr().err
+    assert main(["budget", "release", gone_id, "--missing-ok", "--registry", registry_url]) == 0
+    assert all(r.state == "released" for r in reg.status()[0].runs)
+
+
+def test_a_crashed_training_run_is_released_then_resumed(tmp_path, tiny_overrides, capsys, monkeypatch):
+    """A real tiny DPDM run dies at its second checkpoint (step 4 of 6): `budget release` charges the 4
+    steps it counted; running it again reserves the rest anew and ends with registry == ledger."""
+    import json
+
+    from privdiff.cli import main
+    from privdiff.runs import Run
+
+    url, run = str(tmp_path / "registry.sqlite"), tmp_path / "run"
+    monkeypatch.setenv("PRIVDIFF_REGISTRY", url)
+    args = ["train", "dpdm-mnist5k", *tiny_overrides, "train.max_steps=6", "train.checkpoint_every=2", "--out", str(run), "--quiet"]
+    save, calls = Run.save_checkpoint, []
+
+    def dies_at_the_second(self, state):
+        calls.append(state.step)
+        if len(calls) == 2:
+            raise RuntimeError("power cut")
+        return save(self, state)
+
+    with monkeypatch.context() as m:
+        m.setattr(Run, "save_checkpoint", dies_at_the_second)
+        with pytest.raises(RuntimeError, match="power cut"):
+            main(args)
+    (entry,) = Registry(url).status()[0].runs
+    assert entry.steps == 4 and entry.state == "reserved" and entry.reserved[0]["steps"] == 2
+    assert main(["budget", "release", str(run), "--registry", url]) == 0
+    (status,) = Registry(url).status()
+    ledger = json.loads((run / "ledger.json").read_text())
+    assert status.runs[0].state == "released" and status.committed == pytest.approx(ledger["epsilon"])
+    capsys.readouterr()
+    assert main(args) == 0, capsys.readouterr().err  # resumed from step 2: steps 2-3 replayed, not counted again
+    (entry,) = Registry(url).status()[0].runs
+    ledger = json.loads((run / "ledger.json").read_text())
+    assert entry.state == "complete" and entry.steps == 6 == ledger["events"][0]["steps"]
+    assert [{k: e[k] for k in ("stage", "noise_multiplier", "sample_rate", "steps")} for e in ledger["events"]] == \
+        [{k: e[k] for k in ("stage", "noise_multiplier", "sample_rate", "steps")} for e in entry.events]

@@ -72,13 +72,13 @@ class HTTPClient:
 
 
 def _client_parts(blob: bytes):
-    """Class embedder + text encoder (an :class:`~privdiff.he.model.HENet` shell) and the decoder from /v1/client-model."""
+    """Class embedder + text encoder (an :class:`~privdiff.models.he_net.HENet` shell) and the decoder from /v1/client-model."""
     from diffusers import AutoencoderKL
     from safetensors import safe_open
     from safetensors.torch import load
 
     from ..models.text import TextConfig, TextEncoder, WordTokenizer
-    from .model import HENet
+    from ..models.he_net import HENet
 
     state = load(blob)
     import tempfile

@@ -19,17 +19,13 @@ docs/he.md). The encryption only protects what is already in plaintext on the sa
 
 from __future__ import annotations
 
-import secrets
-import threading
-from collections import OrderedDict
-
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from .ckks import PRESETS, Ciphertext, TenSEALContext
-from .private import ProtocolError
+from .protocol import ProtocolError, SessionTable
 
 __all__ = ["hill_cost", "select_encrypted", "coo_pack", "encrypt_packed", "update_encrypted", "merge", "CompatServer",
            "euler_coefficients"]
@@ -100,25 +96,21 @@ def euler_coefficients(sigma: float, sigma_next: float) -> tuple[float, float]:
 
 
 class CompatServer:
-    """The server of compat mode: per session a public context and the (plaintext) prompt condition."""
+    """The server of compat mode: per session a public context and the (plaintext) prompt condition.
 
-    def __init__(self, denoiser, *, max_sessions: int = 16, params=(PRESETS["precise"], PRESETS["reference"])):
-        self.denoiser, self.params, self.max_sessions = denoiser.eval(), tuple(params), max_sessions
-        self._sessions: OrderedDict[str, tuple[TenSEALContext, str, float]] = OrderedDict()
-        self._lock = threading.Lock()
+    ``max_sessions`` and ``session_ttl`` (s) bound the open sessions as in private mode (:class:`SessionTable`)."""
+
+    def __init__(self, denoiser, *, max_sessions: int = 16, session_ttl: float = 600.0,
+                 params=(PRESETS["precise"], PRESETS["reference"])):
+        self.denoiser, self.params = denoiser.eval(), tuple(params)
+        self.sessions: SessionTable[tuple[TenSEALContext, str, float]] = SessionTable(max_sessions=max_sessions, ttl=session_ttl)
 
     def open_session(self, public_context: bytes, prompt: str = "", guidance: float = 0.0) -> str:
         ctx = TenSEALContext.from_public_bytes(public_context, allowed=self.params)
-        sid = secrets.token_hex(16)
-        with self._lock:
-            self._sessions[sid] = (ctx, prompt, float(guidance))
-            while len(self._sessions) > self.max_sessions:
-                self._sessions.popitem(last=False)
-        return sid
+        return self.sessions.open((ctx, prompt, float(guidance)))
 
     def close_session(self, sid: str) -> None:
-        with self._lock:
-            self._sessions.pop(sid, None)
+        self.sessions.close(sid)
 
     @torch.no_grad()
     def step(self, sid: str, query: dict, frames: list[bytes]) -> list[bytes]:
@@ -126,10 +118,7 @@ class CompatServer:
         returns [r' (float64), updated ciphertexts...]."""
         from ..diffusion import guided_denoiser
 
-        with self._lock:
-            if sid not in self._sessions:
-                raise ProtocolError(f"unknown or expired session {sid[:32]!r}")
-            ctx, prompt, guidance = self._sessions[sid]
+        ctx, prompt, guidance = self.sessions.get(sid)
         try:
             sigma, sigma_next = float(query["sigma"]), float(query["sigma_next"])
         except (KeyError, ValueError):

@@ -30,9 +30,6 @@ from __future__ import annotations
 import hashlib
 import math
 import secrets
-import threading
-import time
-from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
@@ -40,14 +37,11 @@ import torch
 from torch import Tensor, nn
 
 from .ckks import PRESETS, CKKSParams, TenSEALContext
-from .model import HECore, HENet, HENetConfig, core_forward, keys_values
+from .protocol import ProtocolError, SessionTable
+from ..models.he_net import HECore, HENet, HENetConfig, core_forward, keys_values
 
 __all__ = ["Block", "layout", "pack_inputs", "pack_weights", "unpack_outputs", "permute_layers", "PrivateServer",
            "RemoteCore", "client_net", "ProtocolError"]
-
-
-class ProtocolError(ValueError):
-    """A request the server refuses (unknown session or layer, wrong number or size of ciphertexts)."""
 
 
 # -- packing ------------------------------------------------------------------------------------
@@ -147,7 +141,6 @@ def permute_layers(core: HECore, rng: np.random.Generator | None) -> dict[str, t
 class _Session:
     context: TenSEALContext
     weights: dict[str, tuple[np.ndarray, np.ndarray | None]]
-    last_used: float
     packed: dict
 
 
@@ -161,10 +154,9 @@ class PrivateServer:
     def __init__(self, core: HECore, *, params: tuple[CKKSParams, ...] = (PRESETS["precise"],), permute: bool = True,
                  max_sessions: int = 16, session_ttl: float = 600.0, max_positions: int = 4096):
         self.core, self.params, self.permute = core.eval(), tuple(params), permute
-        self.max_sessions, self.session_ttl, self.max_positions = max_sessions, session_ttl, max_positions
+        self.max_positions = max_positions
         self.shapes = {n: (m.out_features, m.in_features) for n, m in core.layers().items()}
-        self._sessions: OrderedDict[str, _Session] = OrderedDict()
-        self._lock = threading.Lock()
+        self.sessions: SessionTable[_Session] = SessionTable(max_sessions=max_sessions, ttl=session_ttl)
 
     def spec(self) -> dict:
         """What a client needs to run its part: sizes of the network and of every layer (no weights)."""
@@ -180,32 +172,10 @@ class PrivateServer:
         rng = np.random.default_rng(secrets.randbits(128)) if self.permute else None
         with torch.no_grad():
             weights = permute_layers(self.core, rng)
-        sid = secrets.token_hex(16)
-        with self._lock:
-            self._expire()
-            self._sessions[sid] = _Session(ctx, weights, time.monotonic(), {})
-            while len(self._sessions) > self.max_sessions:
-                self._sessions.popitem(last=False)
-        return sid
+        return self.sessions.open(_Session(ctx, weights, {}))
 
     def close_session(self, sid: str) -> None:
-        with self._lock:
-            self._sessions.pop(sid, None)
-
-    def _expire(self) -> None:
-        now = time.monotonic()
-        for sid in [s for s, v in self._sessions.items() if now - v.last_used > self.session_ttl]:
-            del self._sessions[sid]
-
-    def _session(self, sid: str) -> _Session:
-        with self._lock:
-            self._expire()
-            s = self._sessions.get(sid)
-            if s is None:
-                raise ProtocolError(f"unknown or expired session {sid[:32]!r}")
-            s.last_used = time.monotonic()
-            self._sessions.move_to_end(sid)
-            return s
+        self.sessions.close(sid)
 
     def expected(self, names: tuple[str, ...], positions: int, *, slots: int) -> list[int]:
         """Sizes of the ciphertexts a request for ``names`` over ``positions`` must carry."""
@@ -221,7 +191,7 @@ class PrivateServer:
 
     def linear(self, sid: str, names: tuple[str, ...], positions: int, ciphertexts: list[bytes]) -> list[bytes]:
         """Y = X Wᵀ + b for the stacked layers ``names`` on the packed ciphertexts of X (see module docstring)."""
-        s = self._session(sid)
+        s = self.sessions.get(sid)
         ctx, slots = s.context, s.context.params.slots
         sizes = self.expected(names, positions, slots=slots)
         if len(ciphertexts) != len(sizes):

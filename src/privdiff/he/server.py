@@ -101,7 +101,7 @@ def load_service(run: str | Path, *, config: ServiceConfig = ServiceConfig(), pe
     from ..methods.stages import make_denoiser
     from ..runs import Run, RunError
     from .compat import CompatServer
-    from .model import HENet
+    from ..models.he_net import HENet
 
     r = Run(run)
     recipe = r.load_config()
@@ -120,7 +120,7 @@ def load_service(run: str | Path, *, config: ServiceConfig = ServiceConfig(), pe
             "limits": {"max_body_bytes": int(config.max_body_mb * 2**20), "timeout_s": config.timeout_s,
                        "max_positions": private.max_positions}}
     return Service(private, info, client_model_bytes(net, ae), config,
-                   CompatServer(make_denoiser(recipe, net), max_sessions=config.max_sessions))
+                   CompatServer(make_denoiser(recipe, net), max_sessions=config.max_sessions, session_ttl=config.session_ttl_s))
 
 
 def build_app(service: Service):

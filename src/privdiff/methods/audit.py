@@ -1,8 +1,13 @@
 """``privdiff audit``: train a recipe once with canaries and check its claimed ε empirically.
 
-See :mod:`privdiff.privacy.audit` for the canaries, the attack and the bound. The run is a normal
-run directory (ledger, registry entry, checkpoints) plus ``audit.json``; it must be fresh, since
-the canaries' coins and coordinates are not part of a checkpoint.
+See :mod:`privdiff.privacy.audit` for the canaries, the attack and the bound. Recipes whose private
+training is one DP-SGD stage of the shared loop can be audited: DPDM, DP-LDM (public stages, then
+DP-SGD of the trainable subset) and DPP (a Gaussian release, then DP-SGD). The method's own
+``train`` runs, with the canaries in its DP-SGD stage only, so the bound is checked against that
+stage's ε (the accountant on its events alone) and the run's composed ε is reported beside it.
+
+The run is a normal run directory (ledger, registry entry, checkpoints, a one-per-class grid) plus
+``audit.json``; it must be fresh, since the canaries' coins and coordinates are not part of a checkpoint.
 """
 
 from __future__ import annotations
@@ -15,8 +20,11 @@ from ..atomic import atomic_write_text
 from ..config import Recipe
 from ..data import load_dataset
 from ..privacy.audit import AuditResult, GradientCanaries
-from ..runs import Run, RunError, open_run
-from .stages import open_ledger, train_denoiser
+from ..runs import Run, RunError
+from . import dp_ldm, dpdm, dpp
+
+AUDITABLE = {"dpdm": dpdm, "dp-ldm": dp_ldm, "dpp": dpp}  # methods whose private training is one DP-SGD stage
+STAGE = "dp_sgd"  # the stage of train_denoiser that carries the canaries in each of them
 
 
 @dataclass
@@ -31,24 +39,26 @@ class AuditRun:
 
 def audit(recipe: Recipe, *, out: str | Path, canaries: int = 1000, k_in: int | None = None, k_out: int | None = None,
           confidence: float = 0.95, progress: bool = True) -> AuditRun:
-    """Train ``recipe`` (a DPDM recipe: one DP-SGD stage) with ``canaries`` gradient canaries into a fresh
-    run ``out``; write ``RUN/audit.json`` with the claimed ε (the ledger's), the audited lower bound, the
-    canary count and the attack."""
-    if recipe.method != "dpdm":
-        raise ValueError(f"privdiff audit supports DPDM recipes (one DP-SGD stage); {recipe.method} is not supported yet")
+    """Train ``recipe`` (DPDM, DP-LDM or DPP) with ``canaries`` gradient canaries in its DP-SGD stage into a
+    fresh run ``out``; write ``RUN/audit.json`` with the claimed ε (the ledger's total), the DP-SGD stage's
+    own ε, the audited lower bound, the canary count and the attack."""
+    method = AUDITABLE.get(recipe.method)
+    if method is None:
+        raise ValueError(f"privdiff audit supports recipes whose private training is one DP-SGD stage "
+                         f"({', '.join(AUDITABLE)}); {recipe.method} is not one")
     if not recipe.privacy.enabled:
         raise ValueError("privacy.enabled=false: a non-private run claims no epsilon to audit")
-    d = recipe.data
-    dataset = load_dataset(d.name, root=d.root, split="train", resolution=d.resolution)
-    run = open_run(out, recipe)
-    if run.latest_checkpoint() is not None or (run.path / "audit.json").exists():
+    run = Run(out)
+    if run.ledger_path.exists() or (run.path / "audit.json").exists():
         raise RunError(f"{run.path} already holds a run: an audit needs a fresh --out")
-    ledger = open_ledger(run, recipe, dataset)
-    c = GradientCanaries(m=canaries, num_examples=len(dataset), seed=recipe.train.seed)
-    trained = train_denoiser(run=run, recipe=recipe, dataset=dataset, ledger=ledger, progress=progress, audit=c)
-    result = c.result(claimed_epsilon=ledger.epsilon(), delta=ledger.delta, k_in=k_in, k_out=k_out, beta=1 - confidence,
-                      seed=recipe.train.seed)
-    if result.steps != trained.steps:
+    d = recipe.data
+    n = len(load_dataset(d.name, root=d.root, split="train", resolution=d.resolution))  # the DP-SGD stage's examples
+    c = GradientCanaries(m=canaries, num_examples=n, seed=recipe.train.seed)
+    trained = method.train(recipe, out=out, progress=progress, grid_per_class=1, audit=c)
+    ledger = trained.ledger
+    result = c.result(claimed_epsilon=ledger.epsilon(), stage=STAGE, stage_epsilon=ledger.epsilon(stage=STAGE), delta=ledger.delta,
+                      k_in=k_in, k_out=k_out, beta=1 - confidence, seed=recipe.train.seed)
+    if result.steps != trained.steps or result.steps != ledger.steps(STAGE):
         raise RuntimeError("internal error: the canaries did not see every private step")
-    atomic_write_text(run.path / "audit.json", json.dumps(result.to_dict(), indent=2) + "\n")
-    return AuditRun(run=run, result=result)
+    atomic_write_text(trained.run.path / "audit.json", json.dumps(result.to_dict(), indent=2) + "\n")
+    return AuditRun(run=trained.run, result=result)

@@ -22,6 +22,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +37,9 @@ from ..models.text import build_text_encoder
 from ..privacy.ledger import Ledger
 from ..runs import Run, open_run, save_samples
 from .stages import Conditioner, class_grid_labels, data_identity, default_device, generate, load_decoder, open_ledger, train_autoencoder, train_denoiser
+
+if TYPE_CHECKING:
+    from ..privacy.audit import GradientCanaries
 
 
 @dataclass
@@ -99,8 +103,11 @@ def caption_conditioner(dataset: ImageDataset, recipe: Recipe, tokenizer, device
     return condition
 
 
-def train(recipe: Recipe, *, out: str | Path, progress: bool = True, grid_per_class: int = 10) -> DPLDMResult:
-    """Run DP-LDM's three stages into run directory ``out`` (resuming any that is done) and sample a class grid."""
+def train(recipe: Recipe, *, out: str | Path, progress: bool = True, grid_per_class: int = 10,
+          audit: GradientCanaries | None = None) -> DPLDMResult:
+    """Run DP-LDM's three stages into run directory ``out`` (resuming any that is done) and sample a class grid.
+
+    ``audit``: the canaries of ``privdiff audit`` (:mod:`privdiff.methods.audit`), put into the DP-SGD stage only."""
     d, L, device = recipe.data, recipe.ldm, default_device()
     private = load_dataset(d.name, root=d.root, split="train", resolution=d.resolution)
     public = load_public(recipe, like=private)
@@ -115,8 +122,8 @@ def train(recipe: Recipe, *, out: str | Path, progress: bool = True, grid_per_cl
     tokenizer = text_encoder.tokenizer
 
     def fresh():
-        if L.net == "he":  # the HE-friendly denoiser of encrypted inference (privdiff.he.model)
-            from ..he.model import build_he_net
+        if L.net == "he":  # the HE-friendly denoiser of encrypted inference (privdiff.models.he_net)
+            from ..models.he_net import build_he_net
 
             return build_he_net(L.he, copy.deepcopy(text_encoder), latent_channels=z_private.channels,
                                 latent_size=z_private.resolution, num_classes=private.num_classes)
@@ -133,7 +140,8 @@ def train(recipe: Recipe, *, out: str | Path, progress: bool = True, grid_per_cl
         return copy.deepcopy(pre.denoiser.net).requires_grad_(True)
 
     result = train_denoiser(run=run, recipe=recipe, dataset=z_private, ledger=ledger, stage="dp_sgd", init=pretrained,
-                            select=lambda net: select_trainable(net, L.trainable), condition=caption_conditioner(z_private, recipe, tokenizer, device), progress=progress)
+                            select=lambda net: select_trainable(net, L.trainable), condition=caption_conditioner(z_private, recipe, tokenizer, device), progress=progress,
+                            audit=audit)
     labels = class_grid_labels(private.num_classes, grid_per_class)
     images = generate(result.denoiser, labels=labels, n=len(labels), recipe=recipe, decode=load_decoder(run),
                       seed=recipe.train.seed, progress=progress)

@@ -8,12 +8,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..config import Recipe
 from ..data import load_dataset
 from ..privacy.ledger import Ledger
 from ..runs import Run, open_run, save_samples
 from .stages import class_grid_labels, generate, open_ledger, train_denoiser
+
+if TYPE_CHECKING:
+    from ..privacy.audit import GradientCanaries
 
 
 @dataclass
@@ -24,13 +28,16 @@ class DPDMResult:
     steps: int
 
 
-def train(recipe: Recipe, *, out: str | Path, progress: bool = True, grid_per_class: int = 10) -> DPDMResult:
-    """Train DPDM on the recipe's private data into run directory ``out`` and sample a class grid."""
+def train(recipe: Recipe, *, out: str | Path, progress: bool = True, grid_per_class: int = 10,
+          audit: GradientCanaries | None = None) -> DPDMResult:
+    """Train DPDM on the recipe's private data into run directory ``out`` and sample a class grid.
+
+    ``audit``: the canaries of ``privdiff audit`` (:mod:`privdiff.methods.audit`), put into the DP-SGD stage."""
     d = recipe.data
     dataset = load_dataset(d.name, root=d.root, split="train", resolution=d.resolution)
     run = open_run(out, recipe)
     ledger = open_ledger(run, recipe, dataset)
-    result = train_denoiser(run=run, recipe=recipe, dataset=dataset, ledger=ledger, progress=progress)
+    result = train_denoiser(run=run, recipe=recipe, dataset=dataset, ledger=ledger, progress=progress, audit=audit)
     labels = class_grid_labels(dataset.num_classes, grid_per_class)
     images = generate(result.denoiser, labels=labels, n=len(labels), recipe=recipe, seed=recipe.train.seed, progress=progress)
     grid, _ = save_samples(run.samples, images, labels.numpy(), nrow=grid_per_class)

@@ -21,6 +21,7 @@ import dataclasses
 import io
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -34,6 +35,9 @@ from ..privacy.central import release_central_images, release_parameters
 from ..privacy.ledger import SUBSAMPLED_GAUSSIAN, Ledger
 from ..runs import Run, open_run, save_grid, save_samples
 from .stages import class_grid_labels, generate, open_ledger, train_denoiser
+
+if TYPE_CHECKING:
+    from ..privacy.audit import GradientCanaries
 
 STAGE = "central_images"
 
@@ -83,8 +87,11 @@ def central_images(run: Run, recipe: Recipe, private: ImageDataset, ledger: Ledg
     return images, rel.labels
 
 
-def train(recipe: Recipe, *, out: str | Path, progress: bool = True, grid_per_class: int = 10) -> DPPResult:
-    """Release central images, pretrain on their augmentations, fine-tune with DP-SGD; sample a class grid."""
+def train(recipe: Recipe, *, out: str | Path, progress: bool = True, grid_per_class: int = 10,
+          audit: GradientCanaries | None = None) -> DPPResult:
+    """Release central images, pretrain on their augmentations, fine-tune with DP-SGD; sample a class grid.
+
+    ``audit``: the canaries of ``privdiff audit`` (:mod:`privdiff.methods.audit`), put into the DP-SGD stage only."""
     d, c = recipe.data, recipe.dpp
     private = load_dataset(d.name, root=d.root, split="train", resolution=d.resolution)
     run = open_run(out, recipe)
@@ -96,7 +103,7 @@ def train(recipe: Recipe, *, out: str | Path, progress: bool = True, grid_per_cl
     pre = train_denoiser(run=run.stage("pretrain"), recipe=recipe, dataset=released, ledger=None, stage="pretrain",
                          train=c.pretrain, noise_multiplicity=1, progress=progress)
     result = train_denoiser(run=run, recipe=recipe, dataset=private, ledger=ledger, stage="dp_sgd",
-                            init=lambda: copy.deepcopy(pre.denoiser.net).requires_grad_(True), progress=progress)
+                            init=lambda: copy.deepcopy(pre.denoiser.net).requires_grad_(True), progress=progress, audit=audit)
     grid_labels = class_grid_labels(private.num_classes, grid_per_class)
     samples = generate(result.denoiser, labels=grid_labels, n=len(grid_labels), recipe=recipe, seed=recipe.train.seed, progress=progress)
     grid, _ = save_samples(run.samples, samples, grid_labels.numpy(), nrow=grid_per_class)

@@ -96,8 +96,8 @@ def load_net(path) -> nn.Module:
 
     from .latent import LatentNet
 
-    if (Path(path) / "he_net.json").is_file():  # privdiff.he's HE-friendly latent denoiser
-        from ..he.model import HENet
+    if (Path(path) / "he_net.json").is_file():  # the HE-friendly latent denoiser (private-mode inference)
+        from .he_net import HENet
 
         return HENet.from_pretrained(path)
     if (Path(path) / "conditioner.json").is_file():

@@ -21,6 +21,12 @@ A claimed ε is checked by an experiment whose outcome an ε-DP mechanism cannot
 
 A bug that silently removes the noise or the clipping makes the scores separate perfectly and
 the bound exceeds the claim; a correct run keeps it below (with probability ≥ 1 − β).
+
+**Which ε is audited.** The canaries live in one DP-SGD stage. In a method with other private
+events (DPP's release before DP-SGD) the experiment only sees that stage, so the bound is compared
+with the stage's own ε — the accountant on the stage's events alone — not with the run's composed
+total, which is larger and would let a broken DP-SGD stage hide behind the release's share of the
+budget. Both are reported (:class:`AuditResult`).
 """
 
 from __future__ import annotations
@@ -66,7 +72,12 @@ def epsilon_lower_bound(*, correct: int, guesses: int, canaries: int, delta: flo
 
 @dataclass
 class AuditResult:
+    """One audit's outcome. ``claimed_epsilon``: the run's ε (the ledger's composition of every stage);
+    ``stage_epsilon``: the ε of the audited ``stage``'s events alone, what the bound is checked against."""
+
     claimed_epsilon: float
+    stage: str
+    stage_epsilon: float
     delta: float
     epsilon_lower_bound: float
     confidence: float
@@ -80,8 +91,8 @@ class AuditResult:
 
     @property
     def passed(self) -> bool:
-        """The experiment is consistent with the claim: the audited lower bound does not exceed it."""
-        return self.epsilon_lower_bound <= self.claimed_epsilon
+        """The experiment is consistent with the claim: the audited lower bound does not exceed the audited stage's ε."""
+        return self.epsilon_lower_bound <= self.stage_epsilon
 
     def to_dict(self) -> dict:
         return {**asdict(self), "passed": self.passed}
@@ -152,9 +163,11 @@ class GradientCanaries:
             return torch.where(is_canary.to(real.device), canary, real)
         return loss
 
-    def result(self, *, claimed_epsilon: float, delta: float, k_in: int | None = None, k_out: int | None = None,
-               beta: float = 0.05, seed: int = 0) -> AuditResult:
-        """Guess top-k₊ IN and bottom-k₋ OUT (defaults m/5 each, fixed before looking), count, bound."""
+    def result(self, *, claimed_epsilon: float, stage: str, stage_epsilon: float, delta: float, k_in: int | None = None,
+               k_out: int | None = None, beta: float = 0.05, seed: int = 0) -> AuditResult:
+        """Guess top-k₊ IN and bottom-k₋ OUT (defaults m/5 each, fixed before looking), count, bound.
+
+        ``claimed_epsilon`` is the run's composed ε, ``stage_epsilon`` that of the canaries' ``stage`` alone."""
         k_in = self.m // 5 if k_in is None else k_in
         k_out = self.m // 5 if k_out is None else k_out
         if k_in + k_out > self.m:
@@ -164,6 +177,6 @@ class GradientCanaries:
         S = self.included.numpy()
         correct = int(S[ranked[:k_in]].sum() + (~S[ranked[self.m - k_out:]]).sum())
         bound = epsilon_lower_bound(correct=correct, guesses=k_in + k_out, canaries=self.m, delta=delta, beta=beta)
-        return AuditResult(claimed_epsilon=claimed_epsilon, delta=delta, epsilon_lower_bound=bound, confidence=1 - beta,
+        return AuditResult(claimed_epsilon=claimed_epsilon, stage=stage, stage_epsilon=stage_epsilon, delta=delta, epsilon_lower_bound=bound, confidence=1 - beta,
                            canaries=self.m, included=int(S.sum()), guesses_in=k_in, guesses_out=k_out, correct=correct,
                            steps=self.steps)

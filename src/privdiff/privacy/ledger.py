@@ -50,22 +50,27 @@ class Ledger:
 
     # -- composition --------------------------------------------------------------------------
     def history(
-        self, extra: list[tuple[float, float, int]] = (), *, exclude_stage: str | None = None
+        self, extra: list[tuple[float, float, int]] = (), *, exclude_stage: str | None = None, stage: str | None = None
     ) -> list[tuple[float, float, int]]:
-        """``(noise_multiplier, sample_rate, steps)`` of every event (optionally not of one stage), plus ``extra``."""
+        """``(noise_multiplier, sample_rate, steps)`` of every event (optionally not of one stage, or of
+        ``stage`` alone), plus ``extra``."""
         return [
-            (e["noise_multiplier"], e["sample_rate"], e["steps"]) for e in self.events if e["stage"] != exclude_stage
+            (e["noise_multiplier"], e["sample_rate"], e["steps"]) for e in self.events
+            if e["stage"] != exclude_stage and stage in (None, e["stage"])
         ] + list(extra)
 
     @property
     def private(self) -> bool:
         return all(e["mechanism"] != NON_PRIVATE for e in self.events)
 
-    def epsilon(self, *, extra: list[tuple[float, float, int]] = ()) -> float:
-        """ε(δ) of all events (plus ``extra`` hypothetical ones); ``inf`` if anything ran without noise."""
-        if not self.private:
+    def epsilon(self, *, extra: list[tuple[float, float, int]] = (), stage: str | None = None) -> float:
+        """ε(δ) of all events (plus ``extra`` hypothetical ones); ``inf`` if anything ran without noise.
+
+        ``stage``: the ε of that stage's events alone, as if nothing else had run (what an audit whose
+        canaries live in that stage can check); the run's claim is the composition of all stages."""
+        if any(e["mechanism"] == NON_PRIVATE for e in self.events if stage in (None, e["stage"])):
             return math.inf
-        return compose_epsilon(self.history(extra), delta=self.delta, accountant=self.accountant)
+        return compose_epsilon(self.history(extra, stage=stage), delta=self.delta, accountant=self.accountant)
 
     def steps(self, stage: str) -> int:
         return sum(e["steps"] for e in self.events if e["stage"] == stage)

@@ -15,6 +15,11 @@ over the union of their ``(σ, q, steps)``, at the data set's δ). A data set ma
 A run's charge is, per stage, the larger of what it planned and what it recorded: a run killed
 half-way keeps its reservation (it may be resumed); a non-private run's charge is ε = ∞.
 
+3. **release** (``privdiff budget release``, for a run abandoned after a crash): the run's
+   reservation is dropped and its charge becomes exactly what it executed — its recorded events,
+   or its ledger's if that counts more (spent steps are never released). Resuming a released run
+   admits it again: its plan is reserved anew, under the cap.
+
 Backends, one interface: SQLite (a file; the default ``~/.privdiff/registry.sqlite``, or
 ``$PRIVDIFF_REGISTRY``) and PostgreSQL (``postgresql://...``, psycopg 3) for teams. Concurrent runs
 are serialised by the database: SQLite by ``BEGIN IMMEDIATE`` (one writer at a time, taken before
@@ -54,7 +59,7 @@ SCHEMA = [
     """CREATE TABLE IF NOT EXISTS runs (
         run_id TEXT PRIMARY KEY, dataset_key TEXT NOT NULL REFERENCES datasets(key), path TEXT,
         planned TEXT NOT NULL, target_epsilon DOUBLE PRECISION, delta DOUBLE PRECISION, accountant TEXT,
-        created TEXT NOT NULL, updated TEXT NOT NULL)""",
+        created TEXT NOT NULL, updated TEXT NOT NULL, released TEXT)""",
     """CREATE TABLE IF NOT EXISTS events (
         run_id TEXT NOT NULL REFERENCES runs(run_id), seq BIGINT NOT NULL, stage TEXT NOT NULL, mechanism TEXT NOT NULL,
         noise_multiplier DOUBLE PRECISION NOT NULL, sample_rate DOUBLE PRECISION NOT NULL, steps BIGINT NOT NULL,
@@ -71,6 +76,19 @@ Event = dict[str, Any]  # stage, mechanism, noise_multiplier, sample_rate, steps
 
 def _triples(events: list[Event]) -> list[tuple[float, float, int]]:
     return [(float(e["noise_multiplier"]), float(e["sample_rate"]), int(e["steps"])) for e in events]
+
+
+def _steps_by_stage(events: list[Event]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for e in events:
+        out[e["stage"]] = out.get(e["stage"], 0) + int(e["steps"])
+    return out
+
+
+def _covers(a: list[Event], b: list[Event]) -> bool:
+    """``a`` counts at least as many steps as ``b`` in every stage of ``b``."""
+    sa = _steps_by_stage(a)
+    return all(sa.get(stage, 0) >= n for stage, n in _steps_by_stage(b).items())
 
 
 def charge(planned: list[Event], recorded: list[Event]) -> list[Event]:
@@ -93,6 +111,7 @@ class RunEntry:
     delta: float
     accountant: str
     created: str
+    released: str | None = None  # when its reservation was released (``privdiff budget release``)
 
     def epsilon(self, *, delta: float | None = None, accountant: str | None = None) -> float:
         """ε of this run's recorded events alone."""
@@ -103,8 +122,22 @@ class RunEntry:
         return sum(e["steps"] for e in self.events)
 
     @property
+    def charged(self) -> list[Event]:
+        """What the run counts against its data set: recorded + reserved, or (released) recorded only."""
+        return list(self.events) if self.released else charge(self.planned, self.events)
+
+    @property
+    def reserved(self) -> list[Event]:
+        """The planned steps it has not executed and still holds."""
+        return self.charged[len(self.events):]
+
+    @property
     def complete(self) -> bool:
         return not charge(self.planned, self.events)[len(self.events):]
+
+    @property
+    def state(self) -> str:
+        return "complete" if self.complete else "released" if self.released else "reserved"
 
 
 @dataclass
@@ -125,7 +158,7 @@ class DatasetStatus:
     @property
     def committed(self) -> float:
         """ε of every run's charge (recorded + still reserved): what the cap is checked against."""
-        return compose_epsilon([t for r in self.runs for t in _triples(charge(r.planned, r.events))],
+        return compose_epsilon([t for r in self.runs for t in _triples(r.charged)],
                                delta=self.delta, accountant=self.accountant)
 
 
@@ -158,6 +191,7 @@ class Registry:
         with self._transaction() as db:
             for stmt in SCHEMA:
                 db(stmt)
+            self._migrate(db)
             db("INSERT INTO meta (name, value) VALUES (?, ?) ON CONFLICT (name) DO NOTHING", ("hmac_key", secrets.token_hex(32)))
             self._key = bytes.fromhex(db("SELECT value FROM meta WHERE name = ?", ("hmac_key",))[0][0])
 
@@ -166,6 +200,16 @@ class Registry:
 
     def __repr__(self) -> str:
         return f"Registry({self.backend}: {self.url.split('@')[-1]})"  # never the password
+
+    def _migrate(self, db) -> None:
+        """Bring a registry created by an older privdiff up to the current schema (columns added since)."""
+        if self.backend == "sqlite":
+            columns = {row[1] for row in db("PRAGMA table_info(runs)")}
+        else:
+            columns = {row[0] for row in db("SELECT column_name FROM information_schema.columns "
+                                            "WHERE table_schema = current_schema() AND table_name = 'runs'")}
+        if "released" not in columns:
+            db("ALTER TABLE runs ADD COLUMN released TEXT")
 
     # -- transactions ---------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -234,7 +278,7 @@ class Registry:
             now = _now()
             db("INSERT INTO runs (run_id, dataset_key, path, planned, target_epsilon, delta, accountant, created, updated) "
                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (run_id) DO UPDATE SET planned = excluded.planned, "
-               "path = excluded.path, updated = excluded.updated",
+               "path = excluded.path, updated = excluded.updated, released = NULL",  # a resumed run reserves again
                (run_id, key, path, json.dumps(planned), target_epsilon, float(delta), accountant, now, now))
             if db("SELECT dataset_key FROM runs WHERE run_id = ?", (run_id,))[0][0] != key:
                 raise ValueError(f"run {run_id} is registered on another data set")
@@ -252,6 +296,45 @@ class Registry:
             self._write_events(db, run_id, events)
             db("UPDATE runs SET updated = ? WHERE run_id = ?", (_now(), run_id))
             return self._check(db, key, what=f"run {path or run_id}")
+
+    def release(self, *, run_id: str, executed: list[Event] | None = None) -> tuple[RunEntry, list[Event]]:
+        """Release the reservation of an abandoned run: its charge becomes what it executed.
+
+        What it executed is its recorded events, or ``executed`` (its ledger's) if those count at least
+        as many steps in every stage (a save the registry missed); spent steps are never released,
+        so two records that disagree either way are refused. The caller makes sure the run is not
+        running (:func:`privdiff.runs.release_run` holds its lock). Returns the run's entry after the
+        release and the reservation it freed (empty if it held none: nothing is changed then).
+        """
+        with self._transaction() as db:
+            rows = db("SELECT dataset_key FROM runs WHERE run_id = ?", (run_id,))
+            if not rows:
+                raise ValueError(f"run {run_id} is not in {self!r}")
+            key = rows[0][0]
+            self._lock_dataset(db, key)
+            entry = next(r for r in self._status(db, key).runs if r.run_id == run_id)
+            events = entry.events
+            if executed is not None and not _covers(events, executed):
+                if not _covers(executed, events):
+                    raise ValueError(f"run {run_id}: its ledger ({_steps_by_stage(executed)} steps) and the registry "
+                                     f"({_steps_by_stage(events)}) disagree; resume the run to reconcile them")
+                events = [dict(e) for e in executed]
+            freed = entry.reserved
+            if freed or events != entry.events:
+                now = _now()
+                self._write_events(db, run_id, events)
+                db("UPDATE runs SET released = ?, updated = ? WHERE run_id = ?", (now, now, run_id))
+            return next(r for r in self._status(db, key).runs if r.run_id == run_id), freed
+
+    def find_run(self, prefix: str) -> tuple[str, str | None]:
+        """(run id, path) of the one run whose id is ``prefix`` or starts with it (at least 8 characters)."""
+        with self._transaction() as db:
+            rows = db("SELECT run_id, path FROM runs WHERE run_id = ?", (prefix,))
+            if not rows and len(prefix) >= 8:
+                rows = [r for r in db("SELECT run_id, path FROM runs") if r[0].startswith(prefix)]
+        if len(rows) != 1:
+            raise ValueError(f"{'no run' if not rows else f'{len(rows)} runs'} with id {prefix!r} in {self!r}")
+        return rows[0][0], rows[0][1]
 
     def _write_events(self, db, run_id: str, events: list[Event]) -> None:
         db("DELETE FROM events WHERE run_id = ?", (run_id,))
@@ -272,12 +355,13 @@ class Registry:
     def _status(self, db, key: str) -> DatasetStatus:
         name, size, cap, delta, accountant = db("SELECT name, size, cap_epsilon, delta, accountant FROM datasets WHERE key = ?", (key,))[0]
         status = DatasetStatus(key=key, name=name, size=size, cap_epsilon=cap, delta=delta, accountant=accountant)
-        runs = db("SELECT run_id, path, planned, delta, accountant, created FROM runs WHERE dataset_key = ? ORDER BY created, run_id", (key,))
-        for run_id, path, planned, r_delta, r_acc, created in runs:
+        runs = db("SELECT run_id, path, planned, delta, accountant, created, released FROM runs WHERE dataset_key = ? "
+                  "ORDER BY created, run_id", (key,))
+        for run_id, path, planned, r_delta, r_acc, created, released in runs:
             events = [dict(zip(("stage", "mechanism", "noise_multiplier", "sample_rate", "steps"), row)) for row in
                       db("SELECT stage, mechanism, noise_multiplier, sample_rate, steps FROM events WHERE run_id = ? ORDER BY seq", (run_id,))]
             status.runs.append(RunEntry(run_id=run_id, path=path, planned=json.loads(planned), events=events,
-                                        delta=r_delta, accountant=r_acc, created=created))
+                                        delta=r_delta, accountant=r_acc, created=created, released=released))
         return status
 
     def status(self, dataset: str | None = None) -> list[DatasetStatus]:
@@ -301,7 +385,7 @@ def format_status(statuses: list[DatasetStatus]) -> str:
         cap = "no cap" if s.cap_epsilon is None else f"cap epsilon={s.cap_epsilon:g}"
         lines.append(f"dataset {s.name} ({s.size} examples, {s.key[:24]}...): {len(s.runs)} runs, delta={s.delta:g} ({s.accountant}), {cap}")
         for r in s.runs:
-            state = "complete" if r.complete else "reserved"
+            state = r.state
             lines.append(f"  {r.created}  {r.run_id[:12]}  epsilon={fmt(r.epsilon(delta=s.delta, accountant=s.accountant))}  "
                          f"steps={r.steps:<6} {state:<8}  {r.path or ''}")
         lines.append(f"  composed: spent epsilon={fmt(s.spent)}, committed (with reservations) epsilon={fmt(s.committed)}"

@@ -32,8 +32,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from ..models.latent import LatentNet
-from ..models.text import HFTextEncoder, TextConfig, TextEncoder, WordTokenizer
+from .latent import LatentNet
+from .text import HFTextEncoder, TextConfig, TextEncoder, WordTokenizer
 
 __all__ = ["HENetConfig", "HECore", "HENet", "attend", "build_he_net", "core_forward", "fourier_features", "keys_values"]
 
