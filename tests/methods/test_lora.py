@@ -107,7 +107,7 @@ def test_attacker_step_trains_only_the_attacker():
 
 
 @pytest.mark.slow
-def test_lora_method_end_to_end(tmp_path, capsys):
+def test_lora_method_end_to_end(tmp_path, capsys, monkeypatch):
     from privdiff.cli import main
 
     out = tmp_path / "run"
@@ -128,6 +128,12 @@ def test_lora_method_end_to_end(tmp_path, capsys):
     assert main(["attack", str(out), "--attack", "loss", "--quiet"]) == 0
     r = json.loads((out / "attacks" / "loss.json").read_text())
     assert r["n_members"] == r["n_nonmembers"] == 16
+    # evaluate judges the run against what it trained on (and what its ledger names): the 32 members
+    monkeypatch.setenv("PRIVDIFF_CACHE", str(tmp_path / "cache"))
+    assert main(["evaluate", str(out), "evaluate.classifier_epochs=1", "evaluate.kid_subset_size=10", "evaluate.kid_subsets=5",
+                 "--n", "30", "--quiet", "--no-report"]) == 0, capsys.readouterr().err
+    data = json.loads((out / "metrics.json").read_text())["data"]
+    assert data["n_train"] == 32 and data["fingerprint"] == ledger["dataset"]["fingerprint"]
 
 
 # -- DP-SGD LoRA (recipes/lora-mnist5k-dp.yaml) ----------------------------------------------------

@@ -27,10 +27,11 @@ import torch
 from ..atomic import atomic_write_text
 from .dataset import DatasetError, ImageDataset
 
-__all__ = ["ROLES", "MEMBER_ROLES", "MembershipSplits", "split_held_out", "split_pool", "subset"]
+__all__ = ["ROLES", "MEMBER_ROLES", "TRAINED_ON_MEMBERS", "MembershipSplits", "split_held_out", "split_pool", "subset"]
 
 ROLES: tuple[str, ...] = ("member_aux", "member_test", "nonmember_aux", "nonmember_test")
 MEMBER_ROLES: tuple[str, ...] = ("member_aux", "member_test")
+TRAINED_ON_MEMBERS = "member_aux+member_test"  # ``trained_on`` of splits whose model saw the members only (LoRA)
 _VERSION = 1
 
 
@@ -75,6 +76,13 @@ class MembershipSplits:
             raise DatasetError(f"splits.json: role {role} refers to {self.data['name']} {r['split']} {r['fingerprint'][:19]}..., "
                                f"got {source.name} {source.split} {source.fingerprint[:19]}...")
         return subset(source, np.asarray(r["indices"], dtype=np.int64), tag=role)
+
+    def members(self, source: ImageDataset) -> ImageDataset:
+        """D_tr = member_aux ∪ member_test of ``source`` (checked like :meth:`dataset`): what a model trained
+        on the members only (a LoRA run) saw, and what its ledger describes."""
+        self.dataset("member_aux", source)  # raises if source is not the split the roles were drawn from
+        idx = np.asarray(sorted(self.roles["member_aux"]["indices"] + self.roles["member_test"]["indices"]))
+        return subset(source, idx, tag="members")
 
     def to_dict(self) -> dict:
         return {"version": _VERSION, "data": self.data, "seed": self.seed, "trained_on": self.trained_on,
@@ -138,4 +146,4 @@ def split_pool(pool: ImageDataset, *, n_per_role: int, seed: int, root: str | No
         raise DatasetError(f"n_per_role={n_per_role}: 4 roles need {4 * n_per_role} examples, {pool.name} {pool.split} has {len(pool)}")
     perm = np.random.default_rng(seed).permutation(len(pool))
     roles = {role: _role(pool, perm[i * n_per_role:(i + 1) * n_per_role]) for i, role in enumerate(ROLES)}
-    return MembershipSplits(data=_data_key(pool, root, resolution), seed=seed, roles=roles, trained_on="member_aux+member_test")
+    return MembershipSplits(data=_data_key(pool, root, resolution), seed=seed, roles=roles, trained_on=TRAINED_ON_MEMBERS)

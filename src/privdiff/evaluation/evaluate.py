@@ -135,9 +135,9 @@ def evaluate_run(
     e, n = recipe.evaluate, n or recipe.evaluate.n_samples
     if n < max(2, e.pr_k + 1):
         raise ValueError(f"--n must be at least {max(2, e.pr_k + 1)}")
-    train = load_dataset(recipe.data.name, root=recipe.data.root, split="train", resolution=recipe.data.resolution)
-    from ..methods.stages import load_ledger
+    from ..methods.stages import load_ledger, private_training_set
 
+    train = private_training_set(run, recipe)  # the training split, or a LoRA run's members: what the ledger describes
     ledger = load_ledger(run, train)
 
     # 1. samples

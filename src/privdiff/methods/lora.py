@@ -42,13 +42,13 @@ from ..attacks.proxy import ProxyAttacker, error_map, member_gain
 from ..atomic import atomic_write_text
 from ..config import Recipe
 from ..data import ImageDataset, load_dataset
-from ..data.membership import MembershipSplits, split_pool, subset
+from ..data.membership import MembershipSplits, split_pool
 from ..models.lora import LoRASpec, LoRAUNetNet, lora_parameters
 from ..privacy.ledger import Ledger
 from ..runs import Run, open_run, save_samples
 from .stages import class_grid_labels, data_identity, default_device, generate, open_ledger, train_denoiser, training_sigma_distribution
 
-__all__ = ["PrivacyTerm", "train", "member_set"]
+__all__ = ["PrivacyTerm", "train"]
 
 STAGE = "lora"  # the ledger stage of the adaptation on the members
 
@@ -59,13 +59,6 @@ class LoRAResult:
     grid: Path
     ledger: Ledger
     steps: int
-
-
-def member_set(splits: MembershipSplits, pool: ImageDataset) -> ImageDataset:
-    """D_tr = member_aux ∪ member_test of ``pool`` (checked against the splits), the only examples LoRA trains on."""
-    splits.dataset("member_aux", pool)  # raises if pool is not the split the roles were drawn from
-    idx = np.asarray(sorted(splits.roles["member_aux"]["indices"] + splits.roles["member_test"]["indices"]))
-    return subset(pool, idx, tag="members")
 
 
 def _eps_fn(denoiser: torch.nn.Module):
@@ -187,7 +180,7 @@ def train(recipe: Recipe, *, out: str | Path, progress: bool = True, grid_per_cl
     else:
         splits = split_pool(pool, n_per_role=L.n_per_role, seed=recipe.train.seed, root=d.root, resolution=d.resolution)
         splits.save(path)
-    members = member_set(splits, pool)
+    members = splits.members(pool)  # the only examples LoRA trains on
     ledger = open_ledger(run, recipe, members, stage=STAGE)  # the registry reserves what this stage will record
 
     pre = train_denoiser(run=run.stage("pretrain"), recipe=recipe, dataset=public, ledger=None, stage="pretrain",

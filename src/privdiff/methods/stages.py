@@ -51,6 +51,22 @@ def planned_steps(train: TrainConfig, num_examples: int) -> int:
     return max(1, round(train.epochs * num_examples / train.batch_size))
 
 
+def private_training_set(run: Run, recipe: Recipe) -> ImageDataset:
+    """The private examples ``run`` trained on, which its ledger describes: the recipe's training split,
+    or, for a run that trained on the members of ``RUN/splits.json`` only (a LoRA run), that member set."""
+    from ..data import load_dataset
+    from ..data.membership import TRAINED_ON_MEMBERS, MembershipSplits
+
+    d = recipe.data
+    pool = load_dataset(d.name, root=d.root, split="train", resolution=d.resolution)
+    path = run.path / "splits.json"
+    if path.is_file():
+        splits = MembershipSplits.load(path)
+        if splits.trained_on == TRAINED_ON_MEMBERS:
+            return splits.members(pool)
+    return pool
+
+
 def load_ledger(run: Run, dataset: ImageDataset) -> Ledger | None:
     """The run's ledger, if any, checked against the private data it must describe."""
     if not run.ledger_path.exists():
