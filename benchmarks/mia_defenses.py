@@ -18,7 +18,6 @@ import argparse
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 RECIPES = {"LoRA": "recipes/lora-mnist5k.yaml", "PrivateLoRA": "recipes/lora-mnist5k-privatelora.yaml",
@@ -42,19 +41,18 @@ def main() -> None:
         if args.only and name not in args.only:
             continue
         run = Path(args.out) / Path(recipe).stem
-        t = time.perf_counter()
-        privdiff("train", recipe, *args.overrides, "--out", str(run), "--quiet")
-        wall = time.perf_counter() - t
-        privdiff("attack", str(run), "--attack", "all", "--quiet")
+        privdiff("train", recipe, *args.overrides, "--out", str(run), "--quiet")  # a finished run: nothing to do
+        if not all((run / "attacks" / f"{a}.json").is_file() for a in ATTACKS):  # delete RUN/attacks to score again
+            privdiff("attack", str(run), "--attack", "all", "--quiet")
         if not (run / "metrics.json").is_file():
             privdiff("evaluate", str(run), "--n", str(args.n), "--quiet", "--no-report")
         metrics = json.loads((run / "metrics.json").read_text())
         attacks = {a: json.loads((run / "attacks" / f"{a}.json").read_text()) for a in ATTACKS}
         eps = json.loads((run / "ledger.json").read_text())["epsilon"]  # the accountant's, for what ran (None: not DP)
-        rows.append((name, eps, metrics, attacks, wall))
+        rows.append((name, eps, metrics, attacks, metrics["train_time_s"]))  # the run's training clock (its train_log)
 
     n = next(iter(rows))[3]["loss"]["n_nonmembers"] if rows else 0
-    head = ["method", "ε", "FID", "KID"] + [f"{a} AUC / TPR@1%" for a in ATTACKS] + ["train s"]
+    head = ["method", "ε", "FID", "KID"] + [f"{a} AUC / TPR@1%" for a in ATTACKS] + ["LoRA stage s"]
     print(f"\n{n} held-out members vs {n} held-out non-members per attack; FID/KID from privdiff evaluate --n {args.n}\n")
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
@@ -62,7 +60,7 @@ def main() -> None:
         def cell(r):
             tpr = "n/r" if r["tpr_at_1pct_fpr"] is None else f"{r['tpr_at_1pct_fpr']:.3f}"
             return f"{r['auc']:.3f} / {tpr}"
-        print(f"| {name} | {'∞' if eps is None else f'{eps:.2f}'} | {m['fid']:.2f} | {m['kid']:.4f} | " + " | ".join(cell(a[x]) for x in ATTACKS) + f" | {wall:.0f} |")
+        print(f"| {name} | {'∞' if eps is None else f'{eps:.2f}'} | {m['metrics']['fid']['value']:.2f} | {m['metrics']['kid']['value']:.4f} | " + " | ".join(cell(a[x]) for x in ATTACKS) + f" | {wall:.0f} |")
 
 
 if __name__ == "__main__":
