@@ -36,6 +36,10 @@ def _train(out, registry):
     os._exit(main(["train", "dpdm-mnist5k", *MICRO, "--out", str(out), "--quiet"]))
 
 
+def _noop() -> None:
+    pass
+
+
 def _join(p, timeout: float = 300.0) -> None:
     """Wait for a training process; one that hangs fails the test instead of stalling the suite."""
     p.join(timeout)
@@ -63,6 +67,9 @@ def _assert_consistent(run: Run) -> None:
 def test_sigkill_at_random_moments_then_resume(tmp_path):
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(["privdiff.cli"])
+    warm = ctx.Process(target=_noop)  # start the forkserver (it imports privdiff) before anything is timed
+    warm.start()
+    _join(warm)
     # the uninterrupted reference (also warms this process's caches, which the forks inherit)
     t0 = time.perf_counter()
     p = ctx.Process(target=_train, args=(tmp_path / "reference", tmp_path / "reference.sqlite"))
@@ -77,7 +84,8 @@ def test_sigkill_at_random_moments_then_resume(tmp_path):
         p = ctx.Process(target=_train, args=(run.path, tmp_path / "registry.sqlite"))
         p.start()
         if kills < 5:
-            p.join(timeout=rng.uniform(0.05, span))
+            # early enough that a resumed attempt (fewer steps left) is still caught before it finishes
+            p.join(timeout=rng.uniform(0.05, 0.4 * span))
             if p.exitcode is None:
                 p.kill()  # SIGKILL
                 kills += 1
