@@ -22,7 +22,7 @@ from pathlib import Path
 
 RECIPES = {"LoRA": "recipes/lora-mnist5k.yaml", "PrivateLoRA": "recipes/lora-mnist5k-privatelora.yaml",
            "Stable PrivateLoRA": "recipes/lora-mnist5k-stable.yaml", "DP-SGD LoRA": "recipes/lora-mnist5k-dp.yaml"}
-ATTACKS = ("loss", "secmi", "pia", "pian", "proxy")
+ATTACKS = ("loss", "secmi", "pia", "pian", "proxy", "proxy-loss")
 
 
 def privdiff(*args: str) -> None:

@@ -25,6 +25,7 @@ from .models.unet import UNetConfig
 
 
 METHODS = ("dpdm", "dp-ldm", "dpp", "lora")
+PROXY_FEATURES = ("map", "loss")  # what the proxy attacker h_ω reads (privdiff.attacks.proxy.proxy_features)
 
 
 class RecipeError(ValueError):
@@ -172,6 +173,7 @@ class LoRAConfig:
     attacker_weight_decay: float = 1e-4
     attacker_batch: int = 8  # members and as many non-members per attacker step (paper: 1 + 1)
     attacker_steps: int = 1  # attacker steps per LoRA step (k)
+    attacker_feature: str = "map"  # map (the paper's squared-error map at sigma ~ p_train) | loss (log mean error at a Goldilocks t)
 
 
 @dataclass(frozen=True)
@@ -345,6 +347,7 @@ def validate_recipe(r: Recipe) -> None:
         (r.method != "lora" or r.lora.public_data != r.data.name, "lora.public_data must not be the private data set"),
         (r.lora.objective in ("lora", "privatelora", "stable"), "lora.objective must be 'lora', 'privatelora' or 'stable'"),
         (r.lora.rank >= 1 and r.lora.alpha > 0, "lora.rank must be >= 1 and lora.alpha > 0"),
+        (r.lora.attacker_feature in PROXY_FEATURES, f"lora.attacker_feature must be one of {', '.join(PROXY_FEATURES)}"),
         (r.lora.n_per_role >= 1 and r.lora.attacker_batch >= 1 and r.lora.attacker_steps >= 0,
          "lora.n_per_role and lora.attacker_batch must be >= 1, lora.attacker_steps >= 0"),
         (r.lora.lam >= 0 and r.lora.stabilizer > 0, "lora.lam must be >= 0 and lora.stabilizer > 0"),

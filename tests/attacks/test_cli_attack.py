@@ -27,7 +27,7 @@ def test_every_attack_writes_its_result_and_roc(tiny_run, capsys):
     assert splits["roles"]["member_test"]["split"] == "train" and splits["roles"]["nonmember_test"]["split"] == "test"
     ledger = json.loads((tiny_run / "ledger.json").read_text())
     assert splits["roles"]["member_aux"]["fingerprint"] == ledger["dataset"]["fingerprint"]  # members = what DP-SGD touched
-    for name in ("loss", "secmi", "pia", "pian", "proxy"):
+    for name in ("loss", "secmi", "pia", "pian", "proxy", "proxy-loss"):
         r = json.loads((tiny_run / "attacks" / f"{name}.json").read_text())
         assert {"auc", "asr", "tpr_at_1pct_fpr", "tpr_at_0.1pct_fpr", "n_members", "n_nonmembers", "roc_png"} <= set(r)
         assert r["n_members"] == r["n_nonmembers"] == 40 and 0 <= r["auc"] <= 1

@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 from privdiff.attacks.metrics import attack_metrics
-from privdiff.attacks.proxy import proxy_scores
-from privdiff.attacks.scores import ddpm_sigma, loss_scores, pia_scores, secmi_scores
+from privdiff.attacks.proxy import feature_dim, proxy_features, proxy_scores
+from privdiff.attacks.scores import LOSS_TIMESTEPS, ddpm_sigma, loss_scores, pia_scores, secmi_scores
 from privdiff.attacks.target import Target
 from privdiff.config import resolve_recipe
 from privdiff.diffusion import Denoiser, denoising_loss, draw_training_noise, make_sigma_distribution
@@ -108,3 +108,28 @@ def test_proxy_attacker_learns_the_overfit_model(overfit):
     sm, sn = proxy_scores(target, (m[:8], None, n[:8], None), (m[8:], None, n[8:], None), epochs=40, draws=4, lr=1e-3)
     assert sm.shape == (8,) and np.isfinite(sn).all()
     assert attack_metrics(sm, sn)["auc"] > 0.6  # 8 aux examples a side: a weak but real signal (loss AUC is 1.0)
+
+
+def test_proxy_loss_feature_is_the_log_loss_at_the_drawn_goldilocks_t(overfit):
+    target, m, _ = overfit
+    dist = target.sigma_distribution()
+    f = proxy_features(target.eps, m, None, kind="loss", sigma_dist=dist, generator=torch.Generator().manual_seed(3))
+    assert f.shape == (16, feature_dim("loss", tuple(m.shape[1:]))) == (16, 1 + len(LOSS_TIMESTEPS))
+    # the slow reference: the same draws (t index, then ε), one example at a time
+    g = torch.Generator().manual_seed(3)
+    k = torch.randint(0, len(LOSS_TIMESTEPS), (16,), generator=g)
+    noise = torch.randn(m.shape, generator=g)
+    for i in range(16):
+        sigma = ddpm_sigma(LOSS_TIMESTEPS[int(k[i])])
+        err = (target.eps(m[i:i + 1] + sigma * noise[i:i + 1], sigma, None) - noise[i:i + 1]).square().mean()
+        torch.testing.assert_close(f[i, 0], err.log(), rtol=1e-5, atol=1e-6)
+        assert f[i, 1:].tolist() == [float(j == int(k[i])) for j in range(len(LOSS_TIMESTEPS))]
+    with pytest.raises(ValueError, match="unknown proxy feature"):
+        proxy_features(target.eps, m, None, kind="pixels", sigma_dist=dist, generator=torch.Generator())
+
+
+def test_proxy_attacker_on_the_loss_feature_learns_the_overfit_model(overfit):
+    target, m, n = overfit
+    sm, sn = proxy_scores(target, (m[:8], None, n[:8], None), (m[8:], None, n[8:], None), epochs=40, draws=4, lr=1e-3,
+                          feature="loss")
+    assert attack_metrics(sm, sn)["auc"] > 0.8

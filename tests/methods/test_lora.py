@@ -61,12 +61,13 @@ def test_checkpoint_is_the_merged_unet_and_resumes_the_adapters(tmp_path):
         torch.testing.assert_close(a, b)
 
 
+@pytest.mark.parametrize("feature", ["map", "loss"])
 @pytest.mark.parametrize("objective", ["privatelora", "stable"])
-def test_privacy_term_has_a_lora_gradient_that_depends_on_lambda(objective):
+def test_privacy_term_has_a_lora_gradient_that_depends_on_lambda(objective, feature):
     """The pitfall (reference note §7.1): G must be differentiable through the NON-detached error maps."""
     grads = {}
     for lam in (0.05, 1.0):
-        r = _recipe(f"lora.objective={objective}", f"lora.lam={lam}")
+        r = _recipe(f"lora.objective={objective}", f"lora.lam={lam}", f"lora.attacker_feature={feature}")
         _, net = _lora_net(r)
         with torch.no_grad():
             for n, p in net.named_parameters():

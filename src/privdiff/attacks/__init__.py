@@ -1,6 +1,6 @@
 """Membership-inference attacks on any privdiff run (DPDM, DP-LDM, DPP, LoRA).
 
-``run_attack(RUN, "loss" | "secmi" | "pia" | "pian" | "proxy")`` reads the run's membership
+``run_attack(RUN, "loss" | "secmi" | "pia" | "pian" | "proxy" | "proxy-loss")`` reads the run's membership
 splits (``RUN/splits.json``; drawn and recorded on first use for a run trained on its whole
 training split), scores the held-out members against the held-out non-members (the learned
 proxy attacker is first trained on the auxiliary roles), and writes ``RUN/attacks/NAME.json``
@@ -18,6 +18,7 @@ ATTACKS: dict[str, str] = {
     "pia": "PIA: proximal initialisation, ℓ4 error at t = 200",
     "pian": "PIAN: PIA with the initial noise normalised",
     "proxy": "PrivateLoRA's learned attacker h′: MLP on the squared-error map, trained on the auxiliary roles",
+    "proxy-loss": "learned attacker h′ on the log loss at a Goldilocks t (t ∈ {50, 100, 200, 300}), trained on the auxiliary roles",
 }
 
 

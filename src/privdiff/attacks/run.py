@@ -52,10 +52,11 @@ def run_attacks(run_dir: str | Path, names: list[str], *, n_per_role: int | None
 
 
 def _attack(run: Run, target, x: dict, name: str, *, splits, seed: int, progress: bool) -> dict:
-    if name == "proxy":
+    learned = name in ("proxy", "proxy-loss")
+    if learned:
         aux = (*x["member_aux"], *x["nonmember_aux"])
         test = (*x["member_test"], *x["nonmember_test"])
-        sm, sn = proxy_scores(target, aux, test, seed=seed, progress=progress)
+        sm, sn = proxy_scores(target, aux, test, seed=seed, feature="map" if name == "proxy" else "loss", progress=progress)
     else:
         fn = {"loss": lambda *a: loss_scores(*a, seed=seed, progress=progress),
               "secmi": lambda *a: secmi_scores(*a, progress=progress),
@@ -69,7 +70,7 @@ def _attack(run: Run, target, x: dict, name: str, *, splits, seed: int, progress
     result = {"attack": name, "description": ATTACKS[name], **{k: v for k, v in m.items() if k != "roc"},
               "roc_png": f"{name}.png", "seed": seed,
               "splits": {"file": "splits.json", "scored": ["member_test", "nonmember_test"],
-                         "trained_attacker_on": ["member_aux", "nonmember_aux"] if name == "proxy" else [],
+                         "trained_attacker_on": ["member_aux", "nonmember_aux"] if learned else [],
                          "model_trained_on": splits.trained_on},
               "roc": m["roc"]}
     atomic_write_text(out / f"{name}.json", json.dumps(result, indent=1) + "\n")

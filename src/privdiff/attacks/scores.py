@@ -25,7 +25,9 @@ from tqdm.auto import tqdm
 
 from .target import Target
 
-__all__ = ["ddpm_sigma", "loss_scores", "secmi_scores", "pia_scores"]
+__all__ = ["LOSS_TIMESTEPS", "ddpm_sigma", "loss_scores", "secmi_scores", "pia_scores"]
+
+LOSS_TIMESTEPS: tuple[int, ...] = (50, 100, 200, 300)  # the loss attack's t, Carlini's "Goldilocks zone" of DDPM's T = 1000
 
 
 def ddpm_sigma(t: int, *, T: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> float:
@@ -44,7 +46,7 @@ def _batches(target: Target, x0: Tensor, cond: Tensor | None, desc: str, progres
 
 
 @torch.no_grad()
-def loss_scores(target: Target, x0: Tensor, cond: Tensor | None, *, timesteps: tuple[int, ...] = (50, 100, 200, 300),
+def loss_scores(target: Target, x0: Tensor, cond: Tensor | None, *, timesteps: tuple[int, ...] = LOSS_TIMESTEPS,
                 draws: int = 4, seed: int = 0, progress: bool = False) -> np.ndarray:
     """Loss attack: s(x₀) = −mean over t ∈ ``timesteps`` and ``draws`` noises of ‖ε − ε̂(x₀ + σ_t ε, σ_t)‖² / dim."""
     g = torch.Generator(device=target.device).manual_seed(seed)

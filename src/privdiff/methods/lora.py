@@ -15,7 +15,9 @@ Stages, all on the shared core (:func:`~.stages.train_denoiser`):
    CE_member = −log h_ω(e) is the proxy attacker's cross-entropy on the member's squared-error map
    e = (ε̂(x₀ + σ'ε', σ') − ε')² at a fresh (σ', ε'), computed INSIDE the autograd graph of the
    LoRA weights (the pitfall of the reference note, §7.1: detached errors give ∇G = 0 and the
-   defense silently becomes plain LoRA). The paper trains with batch 1, so its batch ratio is this
+   defense silently becomes plain LoRA). With ``lora.attacker_feature: loss`` h_ω reads
+   [log mean(e), onehot(t)] at a Goldilocks t instead of the map (see :mod:`privdiff.attacks.proxy`
+   for why: on small member sets the map proxy learns the auxiliary images, not membership). The paper trains with batch 1, so its batch ratio is this
    per-example ratio. After each LoRA step, ``lora.attacker_steps`` steps of h_ω (Adam) on a balanced
    batch of member_aux and nonmember_aux maps (features without gradient), as the released code.
 
@@ -34,11 +36,10 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..attacks.proxy import ProxyAttacker, error_map, member_gain
+from ..attacks.proxy import ProxyAttacker, feature_dim, member_gain, proxy_features
 from ..atomic import atomic_write_text
 from ..config import Recipe
 from ..data import ImageDataset, load_dataset
@@ -80,7 +81,7 @@ class PrivacyTerm:
     def __init__(self, recipe: Recipe, *, members: ImageDataset, member_aux: ImageDataset, nonmember_aux: ImageDataset,
                  device: torch.device, log: Path | None = None):
         L = recipe.lora
-        self.kind, self.lam, self.delta = L.objective, L.lam, L.stabilizer
+        self.kind, self.lam, self.delta, self.feature = L.objective, L.lam, L.stabilizer, L.attacker_feature
         self.device = device
         self.x_m, self.c_m = members.images.to(device), members.labels.to(device)
         self.aux = {True: (member_aux.images.to(device), member_aux.labels.to(device)),
@@ -89,7 +90,7 @@ class PrivacyTerm:
         self.g = torch.Generator(device=device).manual_seed(recipe.train.seed * 1000 + 11)
         with torch.random.fork_rng(devices=[]):  # h_ω's initial weights: a function of the seed, not of what ran before
             torch.manual_seed(recipe.train.seed * 1000 + 12)
-            self.attacker = ProxyAttacker(int(np.prod(members.images.shape[1:]))).to(device).train()
+            self.attacker = ProxyAttacker(feature_dim(L.attacker_feature, tuple(members.images.shape[1:]))).to(device).train()
         self.opt = torch.optim.Adam(self.attacker.parameters(), lr=L.attacker_lr, weight_decay=L.attacker_weight_decay)
         self.batch, self.k = L.attacker_batch, L.attacker_steps
         self.module: torch.nn.Module | None = None  # the denoiser being trained, as the training loop passes it
@@ -112,10 +113,8 @@ class PrivacyTerm:
             atomic_write_text(self.log, "".join(kept))
 
     def _map(self, module: torch.nn.Module, x0: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        # a fresh (σ', ε') per example, separate from the (σ, n) of ℓ_ada
-        sigma = self.sigma_dist((len(x0),), generator=self.g, device=x0.device)
-        noise = torch.randn(x0.shape, generator=self.g, device=x0.device)
-        return error_map(_eps_fn(module), x0, c, sigma=sigma, noise=noise)
+        # h_ω's input at a fresh (σ', ε') per example, separate from the (σ, n) of ℓ_ada
+        return proxy_features(_eps_fn(module), x0, c, kind=self.feature, sigma_dist=self.sigma_dist, generator=self.g)
 
     def ce_member(self, module: torch.nn.Module, idx: torch.Tensor) -> torch.Tensor:
         """CE_member = −log h_ω(e(x₀)) per member example of ``idx``, differentiable in the LoRA weights."""
