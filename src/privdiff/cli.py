@@ -206,7 +206,7 @@ def cmd_budget_status(args: argparse.Namespace) -> int:
 def cmd_budget_cap(args: argparse.Namespace) -> int:
     from .config import resolve_recipe
     from .data import load_dataset
-    from .methods.stages import data_identity
+    from .methods.budget import data_identity
     from .privacy.registry import format_status
 
     recipe = resolve_recipe(_recipe_path(args.recipe), args.overrides)

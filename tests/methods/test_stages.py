@@ -3,7 +3,8 @@ import math
 import pytest
 
 from privdiff.config import resolve_recipe
-from privdiff.methods.stages import learning_rate, planned_steps
+from privdiff.methods.budget import planned_steps
+from privdiff.methods.stages import learning_rate
 
 
 def test_planned_steps_are_epochs_over_sample_rate():

@@ -21,7 +21,8 @@ from ..config import Recipe
 from ..data import ImageDataset, load_dataset
 from ..data.membership import MembershipSplits, split_held_out
 from ..diffusion import Denoiser
-from ..methods.stages import default_device, load_denoiser, load_ledger, training_sigma_distribution
+from ..methods.budget import load_ledger
+from ..methods.stages import default_device, load_denoiser, training_sigma_distribution
 from ..runs import Run
 
 __all__ = ["Target", "load_target", "run_splits", "role_datasets", "SPLITS_FILE"]

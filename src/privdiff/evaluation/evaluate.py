@@ -135,7 +135,7 @@ def evaluate_run(
     e, n = recipe.evaluate, n or recipe.evaluate.n_samples
     if n < max(2, e.pr_k + 1):
         raise ValueError(f"--n must be at least {max(2, e.pr_k + 1)}")
-    from ..methods.stages import load_ledger, private_training_set
+    from ..methods.budget import load_ledger, private_training_set
 
     train = private_training_set(run, recipe)  # the training split, or a LoRA run's members: what the ledger describes
     ledger = load_ledger(run, train)

@@ -36,7 +36,8 @@ from ..models.latent import build_latent_net, select_trainable
 from ..models.text import build_text_encoder
 from ..privacy.ledger import Ledger
 from ..runs import Run, open_run, save_samples
-from .stages import Conditioner, class_grid_labels, data_identity, default_device, generate, load_decoder, open_ledger, train_autoencoder, train_denoiser
+from .budget import data_identity, open_ledger
+from .stages import Conditioner, class_grid_labels, default_device, generate, load_decoder, train_autoencoder, train_denoiser
 
 if TYPE_CHECKING:
     from ..privacy.audit import GradientCanaries

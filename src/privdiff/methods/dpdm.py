@@ -14,7 +14,8 @@ from ..config import Recipe
 from ..data import load_dataset
 from ..privacy.ledger import Ledger
 from ..runs import Run, open_run, save_samples
-from .stages import class_grid_labels, generate, open_ledger, train_denoiser
+from .budget import open_ledger
+from .stages import class_grid_labels, generate, train_denoiser
 
 if TYPE_CHECKING:
     from ..privacy.audit import GradientCanaries

@@ -34,7 +34,8 @@ from ..data.augment import augment_copies
 from ..privacy.central import release_central_images, release_parameters
 from ..privacy.ledger import SUBSAMPLED_GAUSSIAN, Ledger
 from ..runs import Run, open_run, save_grid, save_samples
-from .stages import class_grid_labels, generate, open_ledger, train_denoiser
+from .budget import open_ledger
+from .stages import class_grid_labels, generate, train_denoiser
 
 if TYPE_CHECKING:
     from ..privacy.audit import GradientCanaries

@@ -47,7 +47,8 @@ from ..data.membership import MembershipSplits, split_pool
 from ..models.lora import LoRASpec, LoRAUNetNet, lora_parameters
 from ..privacy.ledger import Ledger
 from ..runs import Run, open_run, save_samples
-from .stages import class_grid_labels, data_identity, default_device, generate, open_ledger, train_denoiser, training_sigma_distribution
+from .budget import data_identity, open_ledger
+from .stages import class_grid_labels, default_device, generate, train_denoiser, training_sigma_distribution
 
 __all__ = ["PrivacyTerm", "train"]
 

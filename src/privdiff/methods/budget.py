@@ -1,0 +1,186 @@
+"""What a run charges to the privacy budget: its ledger, opened and admitted to the registry before
+any private data is read, the events its stages will record, their noise calibration, and the steps
+a resumed run must not count twice.
+
+:func:`~.stages.train_denoiser` calls :func:`noise_for` and :func:`replayed_steps`; every method
+opens its ledger with :func:`open_ledger`; evaluation and attacks read it with :func:`load_ledger`
+and :func:`private_training_set`.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from ..config import Recipe, TrainConfig
+from ..data import ImageDataset
+from ..distributed import broadcast_object, current_world
+from ..privacy.accounting import calibrate_noise
+from ..privacy.ledger import NON_PRIVATE, SUBSAMPLED_GAUSSIAN, Ledger
+from ..runs import Run, RunError
+
+if TYPE_CHECKING:
+    from ..privacy.registry import Registry
+
+__all__ = ["data_identity", "load_ledger", "noise_for", "open_ledger", "planned_event", "planned_steps",
+           "private_training_set", "replayed_steps"]
+
+
+def planned_steps(train: TrainConfig, num_examples: int) -> int:
+    """Steps of a stage (the private one: the steps the noise is calibrated for): ``epochs / q`` with q = batch_size / N."""
+    return max(1, round(train.epochs * num_examples / train.batch_size))
+
+
+def private_training_set(run: Run, recipe: Recipe) -> ImageDataset:
+    """The private examples ``run`` trained on, which its ledger describes: the recipe's training split,
+    or, for a run that trained on the members of ``RUN/splits.json`` only (a LoRA run), that member set."""
+    from ..data import load_dataset
+    from ..data.membership import TRAINED_ON_MEMBERS, MembershipSplits
+
+    d = recipe.data
+    pool = load_dataset(d.name, root=d.root, split="train", resolution=d.resolution)
+    path = run.path / "splits.json"
+    if path.is_file():
+        splits = MembershipSplits.load(path)
+        if splits.trained_on == TRAINED_ON_MEMBERS:
+            return splits.members(pool)
+    return pool
+
+
+def load_ledger(run: Run, dataset: ImageDataset) -> Ledger | None:
+    """The run's ledger, if any, checked against the private data it must describe."""
+    if not run.ledger_path.exists():
+        return None
+    ledger = Ledger.load(run.ledger_path)
+    if ledger.dataset.get("fingerprint") != dataset.fingerprint:
+        raise RunError(f"{run.ledger_path}: recorded for data {ledger.dataset.get('fingerprint')}, "
+                       f"but {dataset.name} now has {dataset.fingerprint}")
+    return ledger
+
+
+def open_ledger(run: Run, recipe: Recipe, dataset: ImageDataset, *, plan: list[dict] = (), stage: str = "dp_sgd",
+                registry: "Registry | None" = None) -> Ledger:
+    """The run's ledger (continued on resume), or a new one for ``dataset``, admitted to the budget registry.
+
+    Before any data is read, the run's planned events (``plan``: releases of earlier stages, e.g.
+    DPP's; then the training stage ``stage`` the recipe calibrates, named as :func:`train_denoiser`
+    will record it, so the registry matches the reservation to the recorded steps) are reserved in the registry (default:
+    ``$PRIVDIFF_REGISTRY`` or ``~/.privdiff/registry.sqlite``), which refuses the run if the data
+    set's composed ε would pass its cap; every later ledger save records the run's events there
+    first (:mod:`privdiff.privacy.registry`).
+
+    Under ``torchrun`` rank 0 alone opens, admits and records the ledger; the other ranks hold a copy
+    under rank 0's run id with no registry (one run in the registry whatever W), or raise rank 0's refusal.
+    """
+    world = current_world()
+    if not world.distributed:
+        return _open_ledger(run, recipe, dataset, plan=plan, stage=stage, registry=registry)
+    ledger, refusal = None, None
+    if world.is_main:
+        try:
+            ledger = _open_ledger(run, recipe, dataset, plan=plan, stage=stage, registry=registry)
+        except Exception as e:  # every rank must hear the outcome, or the others would wait for rank 0 forever
+            refusal = e
+    mine = (None, f"{type(refusal).__name__}: {refusal}") if refusal is not None else (ledger.run_id if ledger else None, None)
+    outcome = broadcast_object(mine)  # rank 0's (run id, error)
+    if refusal is not None:
+        raise refusal
+    if outcome[1] is not None:
+        raise RunError(f"rank 0 could not open the ledger ({outcome[1]})")
+    if world.is_main:
+        return ledger
+    copy_ = load_ledger(run, dataset) or Ledger(
+        delta=recipe.privacy.delta, accountant=recipe.privacy.accountant, dataset=data_identity(dataset),
+        target_epsilon=recipe.privacy.epsilon if recipe.privacy.enabled else None)
+    copy_.run_id = outcome[0]  # its saves write nothing (rank 0 writes) and reach no registry (no sink)
+    return copy_
+
+
+def _open_ledger(run: Run, recipe: Recipe, dataset: ImageDataset, *, plan: list[dict], stage: str, registry: "Registry | None") -> Ledger:
+    from ..privacy.registry import Registry
+
+    ledger = load_ledger(run, dataset)
+    fresh = ledger is None
+    if fresh:
+        ledger = Ledger(
+            delta=recipe.privacy.delta, accountant=recipe.privacy.accountant, dataset=data_identity(dataset),
+            target_epsilon=recipe.privacy.epsilon if recipe.privacy.enabled else None,
+        )
+        ledger.save(run.ledger_path)  # its run_id is the registry's key: on disk before it is registered
+    registry = registry or Registry()
+    planned = list(plan) + [planned_event(recipe, ledger, num_examples=len(dataset), stage=stage, prior=plan)]
+    try:
+        registry.admit(run_id=ledger.run_id, dataset=ledger.dataset, planned=planned, recorded=ledger.events,
+                       path=str(run.path.resolve()), target_epsilon=ledger.target_epsilon, delta=ledger.delta,
+                       accountant=ledger.accountant)
+    except BaseException:
+        if fresh:
+            run.ledger_path.unlink(missing_ok=True)  # a refused run leaves no ledger behind
+        raise
+    ledger.sink = lambda lg: registry.record(run_id=lg.run_id, events=lg.events)
+    return ledger
+
+
+def planned_event(recipe: Recipe, ledger: Ledger, *, num_examples: int, stage: str = "dp_sgd", prior: list[dict] = ()) -> dict:
+    """The event a recipe's private training stage will record: σ calibrated after the ledger's other
+    stages and the ``prior`` planned ones (as :func:`noise_for` will), q, and its steps (``max_steps`` if fewer)."""
+    t = recipe.train
+    steps = planned_steps(t, num_examples) if t.max_steps is None else min(planned_steps(t, num_examples), t.max_steps)
+    q = t.batch_size / num_examples
+    sigma = 0.0
+    if recipe.privacy.enabled:
+        recorded = {e["stage"] for e in ledger.events}
+        others = ledger.history(exclude_stage=stage) + [
+            (e["noise_multiplier"], e["sample_rate"], e["steps"]) for e in prior if e["stage"] not in recorded]
+        sigma = calibrate_noise(epsilon_target=recipe.privacy.epsilon, delta=recipe.privacy.delta, sample_rate=q,
+                                steps=planned_steps(t, num_examples), accountant=recipe.privacy.accountant, prior=others)
+    return {"stage": stage, "mechanism": SUBSAMPLED_GAUSSIAN if recipe.privacy.enabled else NON_PRIVATE,
+            "noise_multiplier": sigma, "sample_rate": q, "steps": steps}
+
+
+def noise_for(recipe: Recipe, ledger: Ledger, *, stage: str, num_examples: int) -> float:
+    """σ calibrated so that everything in the ledger *before* ``stage`` plus this stage meets the target.
+
+    Deterministic in (recipe, earlier stages), so a resumed run recomputes the same σ.
+    """
+    prior = ledger.history(exclude_stage=stage)
+    return calibrate_noise(
+        epsilon_target=recipe.privacy.epsilon,
+        delta=recipe.privacy.delta,
+        sample_rate=recipe.train.batch_size / num_examples,
+        steps=planned_steps(recipe.train, num_examples),
+        accountant=recipe.privacy.accountant,
+        prior=prior,
+    )
+
+
+def replayed_steps(ledger: Ledger | None, *, stage: str, start: int, mech: dict) -> int:
+    """Steps of ``stage`` the ledger has counted (write-ahead): ``start`` plus the ones a killed attempt
+    counted after its last checkpoint, which a resumed run replays from the checkpoint.
+
+    Why a replayed step is not counted again: ε bounds the distribution of what is released (the
+    checkpoints and the final model). The checkpoint holds the generators of the Poisson sampler and
+    of the Gaussian noise, so a replayed step t draws the same batch B_t and the same noise z_t as
+    the killed attempt did, and the killed attempt's update never left its process (it wrote no
+    checkpoint; its log lines are rewound). The released model therefore has exactly the
+    distribution of an uninterrupted run of the same seed, whose ledger counts each step once.
+    Counting replays would make ε depend on when the machine died, not on what was released.
+    A killed attempt can have counted one step it never ran (killed between the ledger write and
+    the step): that step is executed by the replay, so the count is exact once the run completes.
+    """
+    if ledger is None:
+        return start
+    counted = ledger.steps(stage)
+    if counted < start:  # a checkpoint is written after its steps were counted: never fewer
+        raise RunError(f"the ledger counts {counted} steps of {stage}, but its checkpoint is at step {start}: "
+                       "the ledger is not this run's (or was edited)")
+    if counted > start:
+        last = next(e for e in reversed(ledger.events) if e["stage"] == stage)
+        if any(last[k] != v for k, v in mech.items()):
+            raise RunError(f"resuming {stage}: the mechanism differs from the one counted before the crash "
+                           f"({ {k: last[k] for k in mech} } vs {mech}); use a new --out")
+    return counted
+
+
+def data_identity(dataset: ImageDataset) -> dict:
+    """What the ledger records of a data set: name, split, content fingerprint, size."""
+    return {"name": dataset.name, "split": dataset.split, "fingerprint": dataset.fingerprint, "size": len(dataset)}
