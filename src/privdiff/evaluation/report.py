@@ -22,8 +22,7 @@ import html
 import io
 import json
 import math
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -34,6 +33,7 @@ from ..atomic import atomic_write_bytes, atomic_write_text
 from ..config import Recipe
 from ..privacy.ledger import Ledger
 from ..runs import Run, RunError, image_grid
+from .curves import epsilon_plot, finite, loss_plot, stage_series
 
 REPORT_NAME = "report.html"
 PER_CLASS = 10  # sample grid: images per class row
@@ -205,7 +205,7 @@ def _header(run: Run, recipe: Recipe, metrics: dict[str, Any] | None, ledger: Le
     step = _checkpoint_step(run, metrics)
     train_time = (metrics or {}).get("train_time_s")
     if train_time is None and log:
-        train_time = max((e["time_s"] for e in log if _finite(e.get("time_s"))), default=None)
+        train_time = max((e["time_s"] for e in log if finite(e.get("time_s"))), default=None)
     facts = [
         ("method", _esc(recipe.method)),
         ("data", _esc(recipe.data.name)),
@@ -338,118 +338,21 @@ def _png(picture: Any) -> bytes:
     return buf.getvalue()
 
 
-# -- training curves ------------------------------------------------------------------------------
-def _smooth(y: np.ndarray) -> np.ndarray:
-    """Bias-corrected exponential moving average over about 1/25 of the points (at least 5)."""
-    alpha = 2.0 / (max(5, len(y) // 25) + 1)
-    out, acc, weight = np.empty_like(y), 0.0, 0.0
-    for i, v in enumerate(y):
-        acc = (1 - alpha) * acc + alpha * v
-        weight = (1 - alpha) * weight + alpha
-        out[i] = acc / weight
-    return out
-
-
-@dataclass(frozen=True)
-class _Series:
-    """One stage's values of one log key; ``color`` is the stage's in every plot."""
-
-    stage: str
-    color: str
-    x: np.ndarray
-    y: np.ndarray
-
-
-COLORS = ("#2563eb", "#d97706", "#059669", "#7c3aed", "#dc2626")
-
-
-def _stage_series(log: list[dict[str, Any]], key: str) -> tuple[list[_Series], float]:
-    """The finite values of ``key`` per stage (in order of appearance), and the last step of all.
-
-    Each stage counts its steps from zero, so x is the step plus the steps of the earlier stages:
-    the stages lie end to end on one axis, the same in every plot.
-    """
-    by_stage: dict[str, list[dict[str, Any]]] = {}
-    for e in log:
-        if _finite(e.get("step")):
-            by_stage.setdefault(str(e.get("stage", "train")), []).append(e)
-    offset, out = 0.0, []
-    for i, (stage, entries) in enumerate(by_stage.items()):
-        pts = sorted((float(e["step"]), float(e[key])) for e in entries if _finite(e.get(key)))
-        if pts:
-            x, y = np.array(pts).T
-            out.append(_Series(stage, COLORS[i % len(COLORS)], x + offset, y))
-        offset += max(float(e["step"]) for e in entries)
-    return out, offset
-
-
-def _finite(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def _figure(draw: Callable[[Any], None], *, ylabel: str, last_step: float) -> bytes:
-    """Render a matplotlib figure with the Agg backend (no pyplot: no global state) to PNG bytes."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(5.4, 3.3), dpi=160, layout="constrained")
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    draw(ax)
-    ax.set_xlim(0, max(last_step, 1.0))
-    ax.set_xlabel("training step")
-    ax.set_ylabel(ylabel)
-    ax.grid(True, color="#e5e7eb", linewidth=0.8)
-    ax.set_axisbelow(True)
-    for side in ("top", "right"):
-        ax.spines[side].set_visible(False)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", facecolor="white")
-    return buf.getvalue()
-
-
-def _loss_plot(series: list[_Series], *, last_step: float) -> bytes:
-    def draw(ax: Any) -> None:
-        for s in series:
-            ax.plot(s.x, s.y, color=s.color, alpha=0.25, linewidth=0.8)
-            ax.plot(s.x, _smooth(s.y), color=s.color, linewidth=2, label=f"{s.stage} (smoothed)")
-        ys = np.concatenate([s.y for s in series])
-        if (ys > 0).all() and ys.max() / ys.min() > 20:
-            ax.set_yscale("log")
-        ax.legend(frameon=False, fontsize=8)
-        ax.set_title("Training loss (faint: per step)", fontsize=10, loc="left")
-
-    return _figure(draw, ylabel="loss", last_step=last_step)
-
-
-def _epsilon_plot(series: list[_Series], target: float | None, *, last_step: float) -> bytes:
-    def draw(ax: Any) -> None:
-        for s in series:
-            ax.plot(s.x, s.y, color=s.color, linewidth=2, label=s.stage)
-        if target is not None:
-            ax.axhline(target, color="#6b7280", linestyle="--", linewidth=1, label=f"target ε = {_num(target)}")
-        ax.set_ylim(bottom=0)
-        ax.legend(frameon=False, fontsize=8, loc="lower right")
-        ax.set_title("Privacy spent ε (composed over all events so far)", fontsize=10, loc="left")
-
-    return _figure(draw, ylabel="ε", last_step=last_step)
-
-
 def _curves_section(run: Run, log: list[dict[str, Any]], ledger: Ledger | None, recipe: Recipe) -> str:
     if not log:
         return _section("curves", "Training curves", _unavailable(f"no train_log.jsonl yet (written by {TRAIN_CMD})"))
     parts = []
-    loss, last_step = _stage_series(log, "loss")
+    loss, last_step = stage_series(log, "loss")
     if loss:
-        png = _loss_plot(loss, last_step=last_step)
+        png = loss_plot(loss, last_step=last_step)
         atomic_write_bytes(run.path / "eval" / "loss.png", png)
         parts.append(f"<figure>{_img(png, 'training loss versus step', cls='curve')}</figure>")
     else:
         parts.append(_unavailable("train_log.jsonl has no loss values"))
-    eps, _ = _stage_series(log, "epsilon")
+    eps, _ = stage_series(log, "epsilon")
     if eps:
         target = ledger.target_epsilon if ledger is not None else (recipe.privacy.epsilon if recipe.privacy.enabled else None)
-        png = _epsilon_plot(eps, target, last_step=last_step)
+        png = epsilon_plot(eps, target, last_step=last_step)
         atomic_write_bytes(run.path / "eval" / "epsilon.png", png)
         parts.append(f"<figure>{_img(png, 'epsilon versus step', cls='curve')}</figure>")
     else:
