@@ -181,6 +181,13 @@ def test_dp_sgd_refuses_the_defenses_whose_attacker_reads_members_outside_the_ac
         resolve_recipe(ROOT / "recipes/lora-mnist5k-dp.yaml", [f"lora.objective={objective}"])
 
 
+def test_an_unknown_attacker_feature_is_refused_by_name():
+    from privdiff.config import RecipeError
+
+    with pytest.raises(RecipeError, match="lora.attacker_feature must be one of map, loss"):
+        _recipe("lora.attacker_feature=pixels")
+
+
 def test_book_keeping_clips_the_lora_gradients_as_one_example_at_a_time():
     """DP-SGD's per-example norms and clipped sum over the LoRA A, B of a UNet (base frozen) equal the slow reference."""
     from privdiff.diffusion import LogNormalSigma, denoising_loss, draw_training_noise
