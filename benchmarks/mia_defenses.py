@@ -4,7 +4,9 @@ For each recipe it trains (or resumes) the run, runs every attack of ``privdiff 
 run's recorded splits (held-out members vs held-out non-members; the proxy attacker h′ is
 trained on the auxiliary roles), evaluates it with ``privdiff evaluate`` (FID / KID) and prints one
 markdown table: ε (the run's ledger; ∞ when not DP), FID, KID, and each attack's AUC and TPR at 1% FPR ("n/r" when 1/n_nonmembers
-exceeds 1%), all measured on this machine in this run.
+exceeds 1%), all measured on this machine in this run. With ``--unused-nonmembers`` the attacks also
+score every pool example in no role (``privdiff attack --unused-nonmembers``): thousands of
+non-members, so TPR at 1% FPR is measured.
 
     .venv/bin/python -W ignore benchmarks/mia_defenses.py --out runs/mia --n 1000
     .venv/bin/python -W ignore benchmarks/mia_defenses.py --out runs/mia-small --n 500 train.epochs=60
@@ -29,11 +31,17 @@ def privdiff(*args: str) -> None:
     subprocess.run([sys.executable, "-W", "ignore", "-m", "privdiff.cli", *args], check=True)
 
 
+def _scored(path: Path) -> list[str] | None:
+    """What an attack result scored (None if there is none yet)."""
+    return json.loads(path.read_text())["splits"]["scored"] if path.is_file() else None
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="runs/mia")
     ap.add_argument("--n", type=int, default=1000, help="samples per evaluation (FID/KID)")
     ap.add_argument("--only", nargs="*", choices=list(RECIPES), help="a subset of the recipes")
+    ap.add_argument("--unused-nonmembers", action="store_true", help="attacks also score the pool's examples in no role")
     ap.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides for every run")
     args = ap.parse_args()
     rows = []
@@ -42,8 +50,9 @@ def main() -> None:
             continue
         run = Path(args.out) / Path(recipe).stem
         privdiff("train", recipe, *args.overrides, "--out", str(run), "--quiet")  # a finished run: nothing to do
-        if not all((run / "attacks" / f"{a}.json").is_file() for a in ATTACKS):  # delete RUN/attacks to score again
-            privdiff("attack", str(run), "--attack", "all", "--quiet")
+        scored = ["member_test", "nonmember_test+unused" if args.unused_nonmembers else "nonmember_test"]
+        if not all(_scored(run / "attacks" / f"{a}.json") == scored for a in ATTACKS):  # delete RUN/attacks to score again
+            privdiff("attack", str(run), "--attack", "all", "--quiet", *(["--unused-nonmembers"] if args.unused_nonmembers else []))
         if not (run / "metrics.json").is_file():
             privdiff("evaluate", str(run), "--n", str(args.n), "--quiet", "--no-report")
         metrics = json.loads((run / "metrics.json").read_text())
@@ -51,9 +60,10 @@ def main() -> None:
         eps = json.loads((run / "ledger.json").read_text())["epsilon"]  # the accountant's, for what ran (None: not DP)
         rows.append((name, eps, metrics, attacks, metrics["train_time_s"]))  # the run's training clock (its train_log)
 
-    n = next(iter(rows))[3]["loss"]["n_nonmembers"] if rows else 0
+    n = next(iter(rows))[3]["loss"]["n_members"] if rows else 0
+    n_non = next(iter(rows))[3]["loss"]["n_nonmembers"] if rows else 0
     head = ["method", "ε", "FID", "KID"] + [f"{a} AUC / TPR@1%" for a in ATTACKS] + ["LoRA stage s"]
-    print(f"\n{n} held-out members vs {n} held-out non-members per attack; FID/KID from privdiff evaluate --n {args.n}\n")
+    print(f"\n{n} held-out members vs {n_non} non-members per attack; FID/KID from privdiff evaluate --n {args.n}\n")
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
     for name, eps, m, a, wall in rows:

@@ -319,7 +319,8 @@ def cmd_attack(args: argparse.Namespace) -> int:
     from .attacks import ATTACKS, run_attacks
 
     names = list(ATTACKS) if args.attack == "all" else [args.attack]
-    results = run_attacks(args.run, names, n_per_role=args.n_per_role, seed=args.seed, progress=not args.quiet)
+    results = run_attacks(args.run, names, n_per_role=args.n_per_role, seed=args.seed,
+                          unused_nonmembers=args.unused_nonmembers, progress=not args.quiet)
     for name, r in results.items():
         tpr = lambda v: "n/a (not resolvable)" if v is None else f"{v:.3f}"  # noqa: E731
         print(f"{name:<6} AUC {r['auc']:.3f}  ASR {r['asr']:.3f}  TPR@1%FPR {tpr(r['tpr_at_1pct_fpr'])}  "
@@ -438,6 +439,9 @@ def build_parser() -> argparse.ArgumentParser:
     at.add_argument("--attack", required=True, choices=[*ATTACKS, "all"], help="which attack (all: one after another)")
     at.add_argument("--n-per-role", type=int, help="examples per split role when the splits are drawn now (default: balanced maximum)")
     at.add_argument("--seed", type=int, default=0, help="seed of the attack's noise draws (default: 0)")
+    at.add_argument("--unused-nonmembers", action="store_true",
+                    help="also score every non-member-split example in no role (never trained on, never seen by a proxy), "
+                         "so TPR at 1%% / 0.1%% FPR can be measured; members stay member_test")
     at.add_argument("--quiet", action="store_true", help="no progress bars")
     at.set_defaults(func=cmd_attack)
 

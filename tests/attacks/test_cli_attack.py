@@ -43,6 +43,19 @@ def test_every_attack_writes_its_result_and_roc(tiny_run, capsys):
     assert "secmi" in html and "not resolvable" in html and "<img" in html
 
 
+def test_unused_nonmembers_make_low_fpr_measurable(tiny_run, capsys):
+    """Scoring the test split's examples in no role as well: more non-members, TPR at 1% FPR resolvable."""
+    splits = json.loads((tiny_run / "splits.json").read_text())
+    assert main(["attack", str(tiny_run), "--attack", "loss", "--unused-nonmembers", "--quiet"]) == 0
+    r = json.loads((tiny_run / "attacks" / "loss.json").read_text())
+    n_test = 1000  # mnist5k's test split
+    roles_in_test = sum(len(v["indices"]) for v in splits["roles"].values() if v["split"] == "test")
+    assert r["n_members"] == len(splits["roles"]["member_test"]["indices"])
+    assert r["n_nonmembers"] == len(splits["roles"]["nonmember_test"]["indices"]) + n_test - roles_in_test > 100
+    assert r["splits"]["scored"] == ["member_test", "nonmember_test+unused"]
+    assert r["tpr_at_1pct_fpr"] is not None and 0 <= r["tpr_at_1pct_fpr"] <= 1
+
+
 def test_bad_input_is_one_line_and_exit_2(tiny_run, tmp_path, capsys):
     assert main(["attack", str(tmp_path / "nothing"), "--attack", "loss"]) == 2
     assert main(["attack", str(tiny_run), "--attack", "loss", "--n-per-role", "7"]) == 2  # splits already recorded with 40

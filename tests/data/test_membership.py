@@ -44,3 +44,24 @@ def test_held_out_uses_both_sets_and_rejects_overlap(tmp_path):
 def test_subset_fingerprint_depends_on_indices():
     pool = _data(10, "train", 2)
     assert subset(pool, np.array([1, 2])).fingerprint != subset(pool, np.array([1, 3])).fingerprint
+
+
+def test_unused_nonmembers_are_the_nonmember_split_minus_every_role():
+    pool = _data(100, "train", 0)
+    s = split_pool(pool, n_per_role=20, seed=3)
+    extra = s.unused_nonmembers(pool)
+    used = {i for r in ROLES for i in s.roles[r]["indices"]}
+    expected = [i for i in range(100) if i not in used]
+    assert len(extra) == 20 and torch.equal(extra.images, pool.images[torch.tensor(expected)])
+    # held out: the test split's examples in no role (members come from train)
+    train, test = _data(60, "train", 1), _data(50, "test", 1)
+    h = split_held_out(members=train, nonmembers=test, seed=0, n_per_role=10)
+    assert len(h.unused_nonmembers(test)) == 30
+    with pytest.raises(DatasetError, match="refers to"):
+        h.unused_nonmembers(train)
+    # a model trained on ALL of the split the non-members come from: its unused examples may be members
+    wrong = MembershipSplits(data=s.data, seed=3, roles=s.roles, trained_on="all of toy train (100 examples)")
+    with pytest.raises(DatasetError, match="may be members"):
+        wrong.unused_nonmembers(pool)
+    with pytest.raises(DatasetError, match="no unused examples"):
+        split_pool(_data(80, "train", 2), n_per_role=20, seed=0).unused_nonmembers(_data(80, "train", 2))

@@ -84,6 +84,24 @@ class MembershipSplits:
         idx = np.asarray(sorted(self.roles["member_aux"]["indices"] + self.roles["member_test"]["indices"]))
         return subset(source, idx, tag="members")
 
+    def unused_nonmembers(self, source: ImageDataset) -> ImageDataset:
+        """The examples of the non-member roles' split that are in no role: never trained on, and never
+        seen by a defense's proxy or a learned attacker (both read the aux roles only). Scoring them
+        with ``nonmember_test`` gives low-FPR TPRs that a few dozen non-members cannot resolve.
+
+        Only for splits whose members come from another split, or whose model trained on the member
+        roles alone (a LoRA run): otherwise the unused examples of the split may have been trained on.
+        """
+        r = self.roles["nonmember_test"]
+        self.dataset("nonmember_test", source)  # raises if source is not the split the role was drawn from
+        if self.trained_on != TRAINED_ON_MEMBERS and r["split"] == self.roles["member_test"]["split"]:
+            raise DatasetError(f"the model trained on {self.trained_on}: unused examples of {r['split']} may be members")
+        used = {int(i) for role in ROLES if self.roles[role]["fingerprint"] == r["fingerprint"] for i in self.roles[role]["indices"]}
+        idx = np.asarray([i for i in range(len(source)) if i not in used], dtype=np.int64)
+        if idx.size == 0:
+            raise DatasetError(f"no unused examples left in {self.data['name']} {r['split']}: every one has a role")
+        return subset(source, idx, tag="unused_nonmembers")
+
     def to_dict(self) -> dict:
         return {"version": _VERSION, "data": self.data, "seed": self.seed, "trained_on": self.trained_on,
                 "roles": {k: {**v, "indices": [int(i) for i in v["indices"]]} for k, v in self.roles.items()}}
