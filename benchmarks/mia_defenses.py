@@ -4,9 +4,9 @@ For each recipe it trains (or resumes) the run, runs every attack of ``privdiff 
 run's recorded splits (held-out members vs held-out non-members; the proxy attacker h′ is
 trained on the auxiliary roles), evaluates it with ``privdiff evaluate`` (FID / KID) and prints one
 markdown table: ε (the run's ledger; ∞ when not DP), FID, KID, and each attack's AUC and TPR at 1% FPR ("n/r" when 1/n_nonmembers
-exceeds 1%), all measured on this machine in this run. With ``--unused-nonmembers`` the attacks also
-score every pool example in no role (``privdiff attack --unused-nonmembers``): thousands of
-non-members, so TPR at 1% FPR is measured.
+exceeds 1%), all measured on this machine in this run. With ``--unused-nonmembers N`` the attacks also
+score up to N pool examples in no role (``privdiff attack --unused-nonmembers N``), so TPR at 1%
+and 0.1% FPR are measured.
 
     .venv/bin/python -W ignore benchmarks/mia_defenses.py --out runs/mia --n 1000
     .venv/bin/python -W ignore benchmarks/mia_defenses.py --out runs/mia-small --n 500 train.epochs=60
@@ -36,12 +36,16 @@ def _scored(path: Path) -> list[str] | None:
     return json.loads(path.read_text())["splits"]["scored"] if path.is_file() else None
 
 
+def _n_non(path: Path) -> int:
+    return json.loads(path.read_text())["n_nonmembers"]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="runs/mia")
     ap.add_argument("--n", type=int, default=1000, help="samples per evaluation (FID/KID)")
     ap.add_argument("--only", nargs="*", choices=list(RECIPES), help="a subset of the recipes")
-    ap.add_argument("--unused-nonmembers", action="store_true", help="attacks also score the pool's examples in no role")
+    ap.add_argument("--unused-nonmembers", type=int, default=0, metavar="N", help="attacks also score up to N pool examples in no role")
     ap.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides for every run")
     args = ap.parse_args()
     rows = []
@@ -51,8 +55,11 @@ def main() -> None:
         run = Path(args.out) / Path(recipe).stem
         privdiff("train", recipe, *args.overrides, "--out", str(run), "--quiet")  # a finished run: nothing to do
         scored = ["member_test", "nonmember_test+unused" if args.unused_nonmembers else "nonmember_test"]
-        if not all(_scored(run / "attacks" / f"{a}.json") == scored for a in ATTACKS):  # delete RUN/attacks to score again
-            privdiff("attack", str(run), "--attack", "all", "--quiet", *(["--unused-nonmembers"] if args.unused_nonmembers else []))
+        splits = json.loads((run / "splits.json").read_text())["roles"]
+        n_non = len(splits["nonmember_test"]["indices"]) + args.unused_nonmembers  # the pool has more unused examples than asked
+        if not all(_scored(run / "attacks" / f"{a}.json") == scored and _n_non(run / "attacks" / f"{a}.json") == n_non
+                   for a in ATTACKS):  # delete RUN/attacks to score again
+            privdiff("attack", str(run), "--attack", "all", "--quiet", "--unused-nonmembers", str(args.unused_nonmembers))
         if not (run / "metrics.json").is_file():
             privdiff("evaluate", str(run), "--n", str(args.n), "--quiet", "--no-report")
         metrics = json.loads((run / "metrics.json").read_text())

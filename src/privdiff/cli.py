@@ -439,9 +439,9 @@ def build_parser() -> argparse.ArgumentParser:
     at.add_argument("--attack", required=True, choices=[*ATTACKS, "all"], help="which attack (all: one after another)")
     at.add_argument("--n-per-role", type=int, help="examples per split role when the splits are drawn now (default: balanced maximum)")
     at.add_argument("--seed", type=int, default=0, help="seed of the attack's noise draws (default: 0)")
-    at.add_argument("--unused-nonmembers", action="store_true",
-                    help="also score every non-member-split example in no role (never trained on, never seen by a proxy), "
-                         "so TPR at 1%% / 0.1%% FPR can be measured; members stay member_test")
+    at.add_argument("--unused-nonmembers", type=int, default=0, metavar="N",
+                    help="also score up to N non-member-split examples in no role (never trained on, never seen by a proxy; "
+                         "a fixed random subset), so TPR at 1%% / 0.1%% FPR can be measured; members stay member_test")
     at.add_argument("--quiet", action="store_true", help="no progress bars")
     at.set_defaults(func=cmd_attack)
 

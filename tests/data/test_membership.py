@@ -63,5 +63,11 @@ def test_unused_nonmembers_are_the_nonmember_split_minus_every_role():
     wrong = MembershipSplits(data=s.data, seed=3, roles=s.roles, trained_on="all of toy train (100 examples)")
     with pytest.raises(DatasetError, match="may be members"):
         wrong.unused_nonmembers(pool)
+    # a limit: a fixed random subset of them
+    some = h.unused_nonmembers(test, limit=7)
+    again = h.unused_nonmembers(test, limit=7)
+    all_unused = h.unused_nonmembers(test)
+    assert len(some) == 7 and torch.equal(some.images, again.images)
+    assert all(any(torch.equal(x, y) for y in all_unused.images) for x in some.images)
     with pytest.raises(DatasetError, match="no unused examples"):
         split_pool(_data(80, "train", 2), n_per_role=20, seed=0).unused_nonmembers(_data(80, "train", 2))

@@ -99,9 +99,9 @@ def run_splits(run: Run, *, n_per_role: int | None = None, seed: int | None = No
     return splits
 
 
-def role_datasets(splits: MembershipSplits, *, unused_nonmembers: bool = False) -> dict[str, ImageDataset]:
-    """Each role's examples, read from the data set and split the role names; with ``unused_nonmembers``
-    also ``"nonmember_unused"``, the non-member split's examples in no role (:meth:`MembershipSplits.unused_nonmembers`)."""
+def role_datasets(splits: MembershipSplits, *, unused_nonmembers: int = 0) -> dict[str, ImageDataset]:
+    """Each role's examples, read from the data set and split the role names; with ``unused_nonmembers`` = n > 0
+    also ``"nonmember_unused"``: up to n of the non-member split's examples in no role (:meth:`MembershipSplits.unused_nonmembers`)."""
     d = splits.data
     sources: dict[str, ImageDataset] = {}
     out = {}
@@ -110,5 +110,5 @@ def role_datasets(splits: MembershipSplits, *, unused_nonmembers: bool = False) 
             sources[r["split"]] = load_dataset(d["name"], root=d["root"], split=r["split"], resolution=d["resolution"])
         out[role] = splits.dataset(role, sources[r["split"]])
     if unused_nonmembers:
-        out["nonmember_unused"] = splits.unused_nonmembers(sources[splits.roles["nonmember_test"]["split"]])
+        out["nonmember_unused"] = splits.unused_nonmembers(sources[splits.roles["nonmember_test"]["split"]], limit=unused_nonmembers)
     return out

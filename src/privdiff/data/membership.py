@@ -84,13 +84,14 @@ class MembershipSplits:
         idx = np.asarray(sorted(self.roles["member_aux"]["indices"] + self.roles["member_test"]["indices"]))
         return subset(source, idx, tag="members")
 
-    def unused_nonmembers(self, source: ImageDataset) -> ImageDataset:
+    def unused_nonmembers(self, source: ImageDataset, *, limit: int | None = None) -> ImageDataset:
         """The examples of the non-member roles' split that are in no role: never trained on, and never
         seen by a defense's proxy or a learned attacker (both read the aux roles only). Scoring them
         with ``nonmember_test`` gives low-FPR TPRs that a few dozen non-members cannot resolve.
 
         Only for splits whose members come from another split, or whose model trained on the member
         roles alone (a LoRA run): otherwise the unused examples of the split may have been trained on.
+        ``limit``: at most this many, a random subset drawn from the splits' seed (the same every time).
         """
         r = self.roles["nonmember_test"]
         self.dataset("nonmember_test", source)  # raises if source is not the split the role was drawn from
@@ -100,6 +101,10 @@ class MembershipSplits:
         idx = np.asarray([i for i in range(len(source)) if i not in used], dtype=np.int64)
         if idx.size == 0:
             raise DatasetError(f"no unused examples left in {self.data['name']} {r['split']}: every one has a role")
+        if limit is not None and limit < idx.size:
+            if limit < 1:
+                raise DatasetError(f"the number of unused non-members must be >= 1, got {limit}")
+            idx = np.sort(np.random.default_rng([self.seed, 1]).permutation(idx)[:limit])
         return subset(source, idx, tag="unused_nonmembers")
 
     def to_dict(self) -> dict:
