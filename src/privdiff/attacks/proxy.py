@@ -9,8 +9,8 @@ Linear(512→256) → ReLU → Dropout(0.5) → Linear(256→2), trained with cr
 at one t drawn from the loss attack's Goldilocks timesteps (:data:`~.scores.LOSS_TIMESTEPS`), one
 fresh ε. Why: with a few dozen auxiliary images per class, the map MLP learns *which images* are in
 member_aux (the map shows the digit's strokes) and does not generalise to other members. On
-``runs/mia2/lora-mnist5k`` (plain LoRA, 64 + 64 auxiliary examples) h′ on maps scores AUC 0.49,
-h′ on the loss feature 0.79 (docs/benchmarks.md). A defense can only push against what its proxy sees.
+``runs/mia2/lora-mnist5k`` (plain LoRA, 64 + 64 auxiliary examples) h′ on maps scores AUC 0.55,
+h′ on the loss feature 0.81 (64 members against 1,064 non-members, docs/benchmarks.md). A defense can only push against what its proxy sees.
 
 The same :func:`proxy_features` serves the defenses (:mod:`privdiff.methods.lora`), where it must
 stay inside the autograd graph of the trained parameters; here, as an evaluation attack h′, it is
