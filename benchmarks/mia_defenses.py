@@ -31,13 +31,12 @@ def privdiff(*args: str) -> None:
     subprocess.run([sys.executable, "-W", "ignore", "-m", "privdiff.cli", *args], check=True)
 
 
-def _scored(path: Path) -> list[str] | None:
-    """What an attack result scored (None if there is none yet)."""
-    return json.loads(path.read_text())["splits"]["scored"] if path.is_file() else None
-
-
-def _n_non(path: Path) -> int:
-    return json.loads(path.read_text())["n_nonmembers"]
+def _scored(path: Path) -> tuple[list[str], int] | None:
+    """What an attack result scored: its roles and its number of non-members (None if there is no result yet)."""
+    if not path.is_file():
+        return None
+    r = json.loads(path.read_text())
+    return r["splits"]["scored"], r["n_nonmembers"]
 
 
 def main() -> None:
@@ -57,8 +56,7 @@ def main() -> None:
         scored = ["member_test", "nonmember_test+unused" if args.unused_nonmembers else "nonmember_test"]
         splits = json.loads((run / "splits.json").read_text())["roles"]
         n_non = len(splits["nonmember_test"]["indices"]) + args.unused_nonmembers  # the pool has more unused examples than asked
-        if not all(_scored(run / "attacks" / f"{a}.json") == scored and _n_non(run / "attacks" / f"{a}.json") == n_non
-                   for a in ATTACKS):  # delete RUN/attacks to score again
+        if not all(_scored(run / "attacks" / f"{a}.json") == (scored, n_non) for a in ATTACKS):  # delete RUN/attacks to score again
             privdiff("attack", str(run), "--attack", "all", "--quiet", "--unused-nonmembers", str(args.unused_nonmembers))
         if not (run / "metrics.json").is_file():
             privdiff("evaluate", str(run), "--n", str(args.n), "--quiet", "--no-report")

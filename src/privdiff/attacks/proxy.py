@@ -60,10 +60,14 @@ def error_map(eps_fn: Callable[[Tensor, Tensor, Tensor | None], Tensor], x0: Ten
     return (eps_fn(x, sigma, cond) - noise).square()
 
 
-def feature_dim(kind: str, shape: tuple[int, ...]) -> int:
-    """Input width of h_ω for ``kind`` on examples of ``shape`` (C, H, W)."""
+def _check_kind(kind: str) -> None:
     if kind not in PROXY_FEATURES:
         raise ValueError(f"unknown proxy feature {kind!r} (available: {', '.join(PROXY_FEATURES)})")
+
+
+def feature_dim(kind: str, shape: tuple[int, ...]) -> int:
+    """Input width of h_ω for ``kind`` on examples of ``shape`` (C, H, W)."""
+    _check_kind(kind)
     return int(np.prod(shape)) if kind == "map" else 1 + len(LOSS_TIMESTEPS)
 
 
@@ -74,13 +78,12 @@ def proxy_features(eps_fn: Callable[[Tensor, Tensor, Tensor | None], Tensor], x0
     ``map``: e = (ε̂(x₀ + σε, σ, c) − ε)² flattened, σ ~ ``sigma_dist``. ``loss``: [log mean(e), onehot(t)]
     with t uniform over :data:`~.scores.LOSS_TIMESTEPS` and σ = σ_t of DDPM's schedule.
     """
+    _check_kind(kind)
     B = len(x0)
     if kind == "map":
         sigma = sigma_dist((B,), generator=generator, device=x0.device)
         noise = torch.randn(x0.shape, generator=generator, device=x0.device)
         return error_map(eps_fn, x0, cond, sigma=sigma, noise=noise).flatten(1)
-    if kind != "loss":
-        raise ValueError(f"unknown proxy feature {kind!r} (available: {', '.join(PROXY_FEATURES)})")
     table = torch.tensor([ddpm_sigma(t) for t in LOSS_TIMESTEPS], dtype=x0.dtype, device=x0.device)
     # t ~ U(LOSS_TIMESTEPS), ε ~ N(0, I)
     k = torch.randint(0, len(LOSS_TIMESTEPS), (B,), generator=generator, device=x0.device)

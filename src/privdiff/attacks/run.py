@@ -61,12 +61,15 @@ def run_attacks(run_dir: str | Path, names: list[str], *, n_per_role: int | None
     return {name: _attack(run, target, x, name, splits=splits, scored=scored, seed=seed, progress=progress) for name in names}
 
 
+LEARNED = {"proxy": "map", "proxy-loss": "loss"}  # the learned attacks and the feature their h′ reads
+
+
 def _attack(run: Run, target, x: dict, name: str, *, splits, scored: list[str], seed: int, progress: bool) -> dict:
-    learned = name in ("proxy", "proxy-loss")
+    learned = name in LEARNED
     if learned:
         aux = (*x["member_aux"], *x["nonmember_aux"])
         test = (*x["member_test"], *x["nonmember_test"])
-        sm, sn = proxy_scores(target, aux, test, seed=seed, feature="map" if name == "proxy" else "loss", progress=progress)
+        sm, sn = proxy_scores(target, aux, test, seed=seed, feature=LEARNED[name], progress=progress)
     else:
         fn = {"loss": lambda *a: loss_scores(*a, seed=seed, progress=progress),
               "secmi": lambda *a: secmi_scores(*a, progress=progress),

@@ -93,6 +93,8 @@ class MembershipSplits:
         roles alone (a LoRA run): otherwise the unused examples of the split may have been trained on.
         ``limit``: at most this many, a random subset drawn from the splits' seed (the same every time).
         """
+        if limit is not None and limit < 1:
+            raise DatasetError(f"the number of unused non-members must be >= 1, got {limit}")
         r = self.roles["nonmember_test"]
         self.dataset("nonmember_test", source)  # raises if source is not the split the role was drawn from
         if self.trained_on != TRAINED_ON_MEMBERS and r["split"] == self.roles["member_test"]["split"]:
@@ -102,8 +104,6 @@ class MembershipSplits:
         if idx.size == 0:
             raise DatasetError(f"no unused examples left in {self.data['name']} {r['split']}: every one has a role")
         if limit is not None and limit < idx.size:
-            if limit < 1:
-                raise DatasetError(f"the number of unused non-members must be >= 1, got {limit}")
             idx = np.sort(np.random.default_rng([self.seed, 1]).permutation(idx)[:limit])
         return subset(source, idx, tag="unused_nonmembers")
 
