@@ -407,3 +407,225 @@ def test_per_example_gradient_memory_does_not_grow_with_K(monkeypatch):
     # at most B × parameters for any K (Opacus: B·K × parameters before the fold); layers that go
     # ghost keep no per-example gradient at all
     assert 0 < sizes[4] <= 6 * n_params and 0 < sizes[1] <= 6 * n_params
+
+
+# -- adversarial inputs: cancelling positions, huge and tiny activations, float32 and bfloat16 ----
+#
+# Each layer below is driven so that its output gradient is a tensor the test chooses
+# (loss_b = Σ_t ⟨layer(x)_bt, v_bt⟩), so example b's exact gradient is known in closed form and
+# computed in float64. Positions share one activation while their output gradients alternate in
+# sign and almost cancel: the true per-example gradient is 1/64 of a single position's, far below
+# the terms the ghost Grams add up. Every value is a power of two times a small integer, so the
+# same numbers run in float32 and under bfloat16 autocast (casting them is exact).
+
+def _cancelling(B: int, T: int, p: int, generator) -> torch.Tensor:
+    """[B, T, p] output gradients: ±u_b at alternating positions, the last one scaled by 1 − 2⁻⁶."""
+    u = torch.randint(0, 3, (B, 1, p), generator=generator).float().exp2() * (torch.randint(0, 2, (B, 1, p), generator=generator) * 2 - 1)
+    v = u.expand(B, T, p) * (torch.arange(T) % 2 * -2 + 1).view(1, T, 1).float()
+    v[:, -1] *= 1 - 2.0 ** -6
+    return v.contiguous()
+
+
+def _shared_activation(B: int, T: int, d: int, scale: float, generator) -> torch.Tensor:
+    """[B, T, d] the same activation at every position of an example (bfloat16-exact values)."""
+    return (torch.randint(-8, 9, (B, 1, d), generator=generator).float() * scale).expand(B, T, d).contiguous()
+
+
+def _adversarial_case(kind: str, scale: float, seed: int):
+    """(layer, input, output gradient v, exact per-example gradients [B, *weight.shape] in float64)."""
+    g = torch.Generator().manual_seed(seed)
+    B, T, d, p = 4, 8, 6, 5
+    if kind == "linear":
+        layer, x, v = nn.Linear(d, p, bias=False), _shared_activation(B, T, d, scale, g), _cancelling(B, T, p, g)
+        exact = torch.einsum("btp,btd->bpd", v.double(), x.double())
+    elif kind == "conv":  # a 1×1 convolution over a 2×4 image: each pixel is a position
+        layer = nn.Conv2d(d, p, 1, bias=False)
+        x = _shared_activation(B, T, d, scale, g).transpose(1, 2).reshape(B, d, 2, 4)
+        v = _cancelling(B, T, p, g).transpose(1, 2).reshape(B, p, 2, 4)
+        exact = torch.einsum("bpt,bdt->bpd", v.double().flatten(2), x.double().flatten(2))[..., None, None]
+    else:  # an embedding read at one index in every position
+        layer = nn.Embedding(7, p)
+        x = torch.randint(1, 7, (B, 1), generator=g).expand(B, T).contiguous()
+        v = _cancelling(B, T, p, g) * scale
+        exact = torch.zeros(B, 7, p, dtype=torch.float64)
+        exact.scatter_add_(1, x[:, :, None].expand(B, T, p), v.double())
+    with torch.no_grad():
+        layer.weight.copy_(torch.randint(-4, 5, layer.weight.shape, generator=g).float() / 4)
+    return layer, x, v, exact
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv", "embedding"])
+@pytest.mark.parametrize("scale", [1.0, 2.0 ** 60, 2.0 ** -60])
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
+def test_no_contribution_exceeds_C_on_cancelling_positions(monkeypatch, kind, scale, precision):
+    """With the ghost path forced, every example's clipped contribution c_b·‖∇ℓ_b‖ stays ≤ C·(1 + 1e-6)
+    against the exact gradient (float32 Grams under-estimated by 27 %, or gave NaN), the norms are not
+    grossly over-estimated either, and the clipped sum is Σ_b c_b ∇ℓ_b."""
+    from privdiff.privacy import bookkeeping as bkmod
+
+    monkeypatch.setattr(bkmod, "_use_ghost", lambda *shape: True)
+    layer, x, v, exact = _adversarial_case(kind, scale, seed=21)
+    true_norms = exact.flatten(1).norm(dim=1)
+    C = float(true_norms.median()) * 0.5  # clipping active for some examples, not all
+    bk = BookKeeping(layer, max_grad_norm=C)
+    with bk.recording(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bfloat16"):
+        out = layer(x).float()
+        loss = (out * v).flatten(1).sum(1)
+    norms = bk.clipped_backward(loss).double()
+    bk.remove()
+    c = (C / (norms + 1e-6)).clamp(max=1.0)
+    assert bool((c * true_norms <= C * (1 + 1e-6)).all()), (c * true_norms / C).tolist()
+    assert bool((norms <= true_norms * (1 + 1e-3)).all())  # rigorous, not a blanket over-estimate
+    clipped = (c.view(-1, *[1] * (exact.ndim - 1)) * exact).sum(0)
+    assert float((layer.weight.grad.double() - clipped.reshape(layer.weight.shape)).norm()) <= 1e-5 * float(clipped.norm())
+
+
+def test_single_example_update_is_at_most_C_when_grams_cancel(monkeypatch):
+    """The update a cancelling example adds is its exact gradient scaled by c (≤ C in norm), not the fused
+    float32 weighted gradient, whose rounding is of the order of the cancelling terms."""
+    from privdiff.privacy import bookkeeping as bkmod
+
+    monkeypatch.setattr(bkmod, "_use_ghost", lambda *shape: True)
+    for kind in ("linear", "conv", "embedding"):
+        layer, x, v, exact = _adversarial_case(kind, 2.0 ** 60, seed=22)
+        C = float(exact[0].norm()) * 0.25
+        bk = BookKeeping(layer, max_grad_norm=C)
+        with bk.recording():
+            loss = (layer(x[:1]) * v[:1]).flatten(1).sum(1)
+        bk.clipped_backward(loss)
+        bk.remove()
+        assert float(layer.weight.grad.double().norm()) <= C * (1 + 1e-6)
+
+
+# -- the example axis is checked, not assumed from shapes ------------------------------------------
+
+class SeqFirst(nn.Module):
+    """A Linear applied sequence-first ([T, R, d]) inside a batch-first model: T == R passes every shape check."""
+
+    def __init__(self, d: int = 4):
+        super().__init__()
+        self.lin = nn.Linear(d, d)
+        self.head = nn.Linear(d, 1)
+
+    def forward(self, x):  # x [R, T, d]
+        h = torch.tanh(self.lin(x.transpose(0, 1))).transpose(0, 1)  # mixes nothing, but rows are positions there
+        return self.head(h.mean(1)).squeeze(1)
+
+
+class SeqFirstAttention(nn.Module):
+    """Opacus' DPMultiheadAttention with batch_first=False on a sequence-first view of the batch."""
+
+    def __init__(self, d: int = 4):
+        super().__init__()
+        from opacus.layers import DPMultiheadAttention
+
+        self.attn = DPMultiheadAttention(d, 2, batch_first=False)
+        self.head = nn.Linear(d, 1)
+
+    def forward(self, x):  # x [R, T, d]
+        h = x.transpose(0, 1)  # [T, R, d]
+        h, _ = self.attn(h, h, h)
+        return self.head(h.transpose(0, 1).mean(1)).squeeze(1)
+
+
+@pytest.mark.parametrize("model_cls", [SeqFirst, SeqFirstAttention])
+@pytest.mark.parametrize("K", [1, 2])
+def test_sequence_first_layers_are_refused_when_length_equals_rows(model_cls, K):
+    B = 3
+    torch.manual_seed(0)
+    model = model_cls()
+    x = torch.randn(B * K, B * K, 4)  # T = B·K: the rows check alone cannot tell
+    bk = BookKeeping(model, noise_multiplicity=K, max_grad_norm=1.0)
+    with bk.recording():
+        loss = model(x).view(B, K).mean(1)
+    with pytest.raises(ValueError, match="not the example axis"):
+        bk.clipped_backward(loss)
+
+
+def test_sequence_first_layers_are_refused_by_opacus_hooks_too():
+    from privdiff.privacy.dpsgd import DPSGD
+
+    torch.manual_seed(0)
+    model = SeqFirstAttention()
+    N, T = 12, 6
+    x = torch.randn(N, T, 4)
+    engine = DPSGD(model, torch.optim.SGD(model.parameters(), lr=0.1), num_examples=N, batch_size=6, noise_multiplier=1.0,
+                   max_grad_norm=1.0, generator=torch.Generator().manual_seed(1), noise_generator=torch.Generator().manual_seed(2),
+                   grad_sample_mode="hooks")
+    with pytest.raises(ValueError, match="not the example axis"):
+        engine.step(torch.arange(T), lambda m, idx: m(x[idx]))
+
+
+def test_batch_first_models_pass_the_probe_and_train():
+    """The probe costs one extra backward on the first step and changes nothing: the step still equals the reference."""
+    test_every_layer_kind(2, 1e-2)
+    from privdiff.privacy.dpsgd import DPSGD
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+    x = torch.randn(8, 4)
+    engine = DPSGD(model, torch.optim.SGD(model.parameters(), lr=0.1), num_examples=8, batch_size=4, noise_multiplier=1.0,
+                   max_grad_norm=1.0, generator=torch.Generator().manual_seed(1), noise_generator=torch.Generator().manual_seed(2),
+                   grad_sample_mode="hooks")
+    engine.step(torch.arange(4), lambda m, idx: m(x[idx]).squeeze(1))
+    assert engine._axis_checked
+
+
+# -- subclasses of supported layers ----------------------------------------------------------------
+
+class GroupNorm32(nn.GroupNorm):
+    """As in ADM / guided-diffusion checkpoints: normalise in float32, return the input's dtype."""
+
+    def forward(self, x):
+        return super().forward(x.float()).type(x.dtype)
+
+
+class MyLinear(nn.Linear):
+    pass
+
+
+class ScaledLinear(nn.Linear):
+    """Computes something its base does not: the Linear rule would give it wrong per-example gradients."""
+
+    def forward(self, x):
+        return super().forward(2 * x)
+
+
+class Subclassed(nn.Module):
+    def __init__(self, linear=MyLinear):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 4, 3, padding=1)
+        self.norm = GroupNorm32(2, 4)
+        self.lin = linear(4, 1)
+
+    def forward(self, x):
+        return self.lin(torch.tanh(self.norm(self.conv(x))).mean((2, 3))).squeeze(1)
+
+
+@pytest.mark.parametrize("K", [1, 2])
+def test_subclasses_of_supported_layers_use_their_base_rule(K):
+    B = 4
+    torch.manual_seed(1)
+    model = jitter(Subclassed(), 2)
+    x = torch.randn(B * K, 2, 5, 5)
+
+    def batch_loss(m):
+        return (m(x) ** 2).view(B, K).mean(1)
+
+    def row_loss(m, b):
+        return (m(x[b * K:(b + 1) * K]) ** 2).mean().reshape(1)
+
+    assert_same(model, batch_loss, row_loss, B, K, 1e-2)
+
+
+def test_a_subclass_that_computes_something_else_is_refused():
+    model = Subclassed(linear=ScaledLinear)
+    bk = BookKeeping(model, max_grad_norm=1.0)
+    with pytest.raises(ValueError, match="'lin' .*ScaledLinear.* computes something other than Linear"), bk.recording():
+        model(torch.randn(2, 2, 5, 5))
+
+
+def test_an_unsupported_trainable_layer_is_refused_by_module_path():
+    model = nn.Sequential(nn.Linear(3, 3), nn.Sequential(nn.PReLU()))
+    with pytest.raises(ValueError, match="PReLU '1.0'"):
+        BookKeeping(model, max_grad_norm=1.0)

@@ -30,7 +30,14 @@ padding), GroupNorm, LayerNorm, Embedding, in float32/float64. Errors, never a s
 accountant assumes): a trainable parameter outside those layers, one shared by two layers or
 frozen after construction, a layer called twice in one forward, an input changed in place, a
 layer whose output gradient never arrives, and any layer that mixes examples (BatchNorm).
-Contracts the caller keeps: rows are sample-major (``denoising_loss`` builds them so), and a
+Float32 Grams can cancel (positions whose gradients nearly cancel): ghost norms are formed in
+float64 with a rigorous rounding bound added, and a cancelling example's norm and update come
+from its own float64 per-example gradient (see ``_ghost_sq``); under autocast the engine upcasts
+the recorded (a, g) exactly and never computes in half precision. Subclasses of the supported
+layers use their base's rule if their forward computes the same (checked once). The first step
+with two or more examples probes that every layer's first axis is the example axis
+(:func:`check_example_axis`: a sequence-first layer of length B·K is refused, not clipped per
+position). Contracts the caller keeps: rows are sample-major (``denoising_loss`` builds them so), and a
 weight is used only through its module's forward — a weight read directly (``F.linear(x,
 m.weight)``) is invisible to the hooks, so that path is missing from both the norm and the
 update (private, but not trained). privdiff's UNets satisfy both (tests against one example at a
@@ -49,7 +56,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-SUPPORTED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.GroupNorm, nn.LayerNorm, nn.Embedding)
 _CONV_WEIGHT_GRAD = {1: torch.nn.grad.conv1d_weight, 2: torch.nn.grad.conv2d_weight, 3: torch.nn.grad.conv3d_weight}
 
 
@@ -58,12 +64,15 @@ class _Layer:
     name: str
     module: nn.Module
     params: list[tuple[str, nn.Parameter]]  # trainable direct parameters ("weight", "bias")
+    rule: object = None  # the layer kind's rule (_LAYER_RULES, found through the class's MRO)
+    checked: bool = False  # a subclass's forward was compared with its supported base's (once)
     calls: int = 0  # forward calls recorded in the current chunk
     processed: int = 0  # output gradients processed in the current chunk
     # what the clipped sum needs once the clip factors are known
     direct: dict[str, Tensor] = field(default_factory=dict)  # per-example gradients [B, *shape]
     small: dict[str, Tensor] = field(default_factory=dict)  # per-example biases and affines [B, n], normed and summed together
-    saved: tuple | None = None  # (a, g) of a ghost layer
+    saved: tuple | None = None  # (a, g) of a ghost layer; (index slots, row sums) of an Embedding
+    exact: dict = field(default_factory=dict)  # ghost layer: example b -> its float64 per-example gradient, where Grams cancel
     stats: tuple | None = None  # GroupNorm: the forward's own (μ, rstd), when autograd kept them
 
 
@@ -87,7 +96,8 @@ class BookKeeping:
             params = [(n, p) for n, p in module.named_parameters(recurse=False) if p.requires_grad]
             if not params:
                 continue
-            if not isinstance(module, SUPPORTED) or any(n not in ("weight", "bias") for n, _ in params):
+            rule = layer_rule(module)
+            if rule is None or any(n not in ("weight", "bias") for n, _ in params):
                 kind = type(module).__name__
                 raise ValueError(f"book-keeping clipping does not support trainable {kind} '{name}' "
                                  f"(supported: {', '.join(t.__name__ for t in SUPPORTED)}); use grad_sample_mode=hooks")
@@ -101,9 +111,11 @@ class BookKeeping:
                 if id(p) in owner:
                     raise ValueError(f"parameter shared by '{owner[id(p)]}' and '{name}': not supported by book-keeping clipping")
                 owner[id(p)] = name
-            self.layers.append(_Layer(name, module, params))
+            self.layers.append(_Layer(name, module, params, rule))
         self.params = [p for layer in self.layers for _, p in layer.params]
-        self._recording = False
+        self._recording = self._probing = False
+        self._axis_checked = False  # the one-time example-axis probe (check_example_axis) has passed
+        self._outputs: dict[str, Tensor] = {}  # every layer's output, kept for that probe only
         self._roots: list[Tensor] = []
         self._sq: Tensor | None = None
         self._batch: int | None = None
@@ -119,11 +131,16 @@ class BookKeeping:
                 raise RuntimeError(f"'{layer.name}' was called twice in one forward: book-keeping clipping "
                                    "needs each layer once per forward (use grad_sample_mode=hooks)")
             a = inputs[0]
-            a_saved, version = a.detach(), a._version
+            if not layer.checked:
+                _check_subclass_forward(layer, a, out)
+                layer.checked = True
+            a_saved, version = _as_computed(module, a.detach()), a._version
             if isinstance(module, nn.GroupNorm):
                 layer.stats = _forward_group_norm_stats(out, a)
             if not a.requires_grad:
                 self._roots.append(out)
+            if not self._axis_checked:
+                self._outputs[layer.name] = out
             out.register_hook(lambda g, layer=layer, a=a_saved, version=version: self._backward(layer, a, version, g))
         return hook
 
@@ -132,8 +149,8 @@ class BookKeeping:
         """Record the forward pass whose loss :meth:`clipped_backward` will clip."""
         for layer in self.layers:
             layer.calls = layer.processed = 0
-            layer.direct, layer.small, layer.saved, layer.stats = {}, {}, None, None
-        self._roots, self._sq, self._batch = [], None, None
+            layer.direct, layer.small, layer.saved, layer.stats, layer.exact = {}, {}, None, None, {}
+        self._roots, self._sq, self._batch, self._outputs = [], None, None, {}
         self._recording = True
         try:
             yield
@@ -142,12 +159,16 @@ class BookKeeping:
 
     # -- backward: per-layer norms as each output gradient arrives -------------------------------
     def _backward(self, layer: _Layer, a: Tensor, version: int, g: Tensor) -> None:
+        if self._probing:  # the example-axis probe's backward: nothing to record
+            return
         if a._version != version:
             raise RuntimeError(f"the input of '{layer.name}' was modified in place after the forward")
         B = self._batch
         if a.shape[0] != B * self.K:
             raise RuntimeError(f"'{layer.name}' saw {a.shape[0]} rows, expected B·K = {B}·{self.K}")
-        sq = _LAYER_RULES[type(layer.module)](self, layer, a, g, B)
+        a, g = _exact_inputs(layer, a, g)
+        with torch.autocast(a.device.type, enabled=False):  # the engine's own arithmetic never runs in half precision
+            sq = layer.rule(self, layer, a, g, B)
         if sq is not None:
             self._sq = sq.double() if self._sq is None else self._sq + sq.double()
         layer.processed += 1
@@ -156,15 +177,27 @@ class BookKeeping:
         """Backward of ``loss`` (one value per example, [B]; the model saw B·K rows) that leaves the clipped sum in each ``p.grad``.
 
         Returns the per-example gradient norms ‖∇ℓ_b‖ (before clipping), shape [B].
+
+        The first call with B ≥ 2 also checks the model once (:func:`check_example_axis`): the
+        gradient of half of the examples' losses must reach no row of the other half at any
+        layer, so that the first axis is the example axis everywhere.
         """
         if loss.ndim != 1:
             raise ValueError(f"expected one loss per example [B], got shape {tuple(loss.shape)}")
         frozen = [layer.name for layer in self.layers for _, p in layer.params if not p.requires_grad]
         if frozen:  # its clipped sum would be written, and an optimizer might apply it without noise
             raise RuntimeError(f"parameters of {frozen[:3]} were frozen after the engine was built: build a new engine")
-        self._batch = loss.shape[0]
+        self._batch = B = loss.shape[0]
         if not self._roots:
             raise RuntimeError("no recorded forward: compute the loss inside `with bk.recording():`")
+        if not self._axis_checked and B >= 2:  # once per engine
+            self._probing = True
+            try:
+                check_example_axis(loss, self._outputs, K=self.K)
+            finally:
+                self._probing = False
+            self._axis_checked = True
+        self._outputs = {}
         torch.autograd.grad(loss.sum(), self._roots, allow_unused=True)
         missing = [layer.name for layer in self.layers if layer.calls != layer.processed]
         if missing:  # a layer whose gradient never arrived would be missing from every ‖g_b‖
@@ -172,20 +205,33 @@ class BookKeeping:
         # the small per-example gradients (biases, normalisation affines) of every layer as one [B, n] matrix
         small = [(layer, name, x) for layer in self.layers for name, x in layer.small.items()]
         S = torch.cat([x for _, _, x in small], 1) if small else None
-        sq = torch.zeros(self._batch, dtype=torch.float64) if self._sq is None else self._sq
-        norms = (sq if S is None else sq + torch.linalg.vector_norm(S, dim=1).double().square()).sqrt()
-        c = (self.C / (norms.float() + 1e-6)).clamp(max=1.0)  # Opacus' clip factor
-        small_sums: dict[tuple[int, str], Tensor] = {}
-        if S is not None:
-            sums = (c.to(S.dtype) @ S).split([x.shape[1] for _, _, x in small])
-            small_sums = {(id(layer), name): s for (layer, name, _), s in zip(small, sums)}
+        sq = torch.zeros(B, dtype=torch.float64, device=loss.device) if self._sq is None else self._sq
+        norms = (sq if S is None else sq + torch.linalg.vector_norm(S.double(), dim=1).square()).sqrt()
+        if not bool(torch.isfinite(norms).all()):  # no clip factor can bound an infinite or undefined gradient
+            bad = torch.nonzero(~torch.isfinite(norms)).flatten().tolist()
+            raise FloatingPointError(f"non-finite per-example gradient norm for example(s) {bad[:5]} of this batch: "
+                                     "the step cannot be clipped (lower the learning rate, or check the inputs)")
+        c = (self.C / (norms + 1e-6)).clamp(max=1.0)  # Opacus' clip factor (float64; each use casts it once)
+        sums = self._weighted_sums(c, small, S)
         for layer in self.layers:
-            grads = _clipped_sum(layer, c) if layer.calls else {n: torch.zeros_like(p) for n, p in layer.params}
             for n, p in layer.params:
-                p.grad = small_sums.get((id(layer), n), grads.get(n)).to(p.dtype).reshape(p.shape)
-            layer.direct, layer.small, layer.saved, layer.stats = {}, {}, None, None
+                p.grad = sums[id(p)].to(p.dtype).reshape(p.shape)
+            layer.direct, layer.small, layer.saved, layer.stats, layer.exact = {}, {}, None, None, {}
         self._roots = []
         return norms.float()
+
+    def _weighted_sums(self, c: Tensor, small: list, S: Tensor | None) -> dict[int, Tensor]:
+        """Σ_b c_b ∇_b for every trainable parameter (by id), from what the backward recorded."""
+        out: dict[int, Tensor] = {}
+        if S is not None:
+            for (layer, name, _), s in zip(small, (c.to(S.dtype) @ S).split([x.shape[1] for _, _, x in small])):
+                out[id(dict(layer.params)[name])] = s
+        with torch.autocast(c.device.type, enabled=False):
+            for layer in self.layers:
+                grads = _clipped_sum(layer, c) if layer.calls else {n: torch.zeros_like(p) for n, p in layer.params}
+                for n, p in layer.params:
+                    out.setdefault(id(p), grads.get(n))
+        return out
 
     def remove(self) -> None:
         for h in self._handles:
@@ -204,6 +250,73 @@ def refuse_row_mixing(model: nn.Module) -> None:
         if isinstance(m, nn.modules.batchnorm._BatchNorm) or (isinstance(m, nn.modules.instancenorm._InstanceNorm) and m.track_running_stats):
             raise ValueError(f"'{name}' ({type(m).__name__}) mixes examples or keeps unnoised running statistics: "
                              "not allowed in DP-SGD (use GroupNorm)")
+
+
+def check_example_axis(loss: Tensor, outputs: dict[str, Tensor], *, K: int) -> None:
+    """Refuse a model whose layers' first axis is not the example axis (a one-time structural probe).
+
+    Per-example clipping reads rows b·K … b·K+K−1 of every layer's input and output as example b's.
+    A shape cannot prove that: a sequence-first layer ([T, B, d], e.g. Opacus'
+    ``DPMultiheadAttention(batch_first=False)``) whose length T happens to equal B·K passes every
+    shape check and is then clipped per *position*, one example spread over all rows (5.3 C seen).
+    So the gradient of Σ_b m_b ℓ_b, with m_b = 1 for even b and 0 for odd b, is taken with respect
+    to every recorded layer output: where rows are examples, the rows of the odd examples get
+    exactly zero (their loss has weight 0 and no other example reaches them); any non-zero value
+    there means the layer mixes examples across its first axis, and the model is refused.
+
+    Args:
+        loss: one loss per example [B], B ≥ 2, whose graph is kept (``retain_graph``).
+        outputs: each layer's output from the same forward, by module path.
+        K: rows per example (noise multiplicity).
+    """
+    B = loss.shape[0]
+    mask = (torch.arange(B, device=loss.device) % 2 == 0).to(loss.dtype)
+    names = [n for n, out in outputs.items() if out.requires_grad]
+    grads = torch.autograd.grad((loss * mask).sum(), [outputs[n] for n in names], retain_graph=True, allow_unused=True)
+    for name, g in zip(names, grads):
+        if g is None or g.shape[0] != B * K:  # no path to the loss, or a row count the engine refuses by itself
+            continue
+        if bool((g.reshape(B, -1)[1::2].abs() > 0).any()):
+            raise ValueError(f"'{name}': the loss of one example reaches rows of another at this layer: its input's first "
+                             "axis is not the example axis (a sequence-first layer, or one that mixes examples), so "
+                             "per-example clipping would clip the wrong rows; make the layer batch-first (batch_first=True)")
+
+
+@contextlib.contextmanager
+def layer_outputs(model: nn.Module) -> Iterator[dict[str, Tensor]]:
+    """Collect the output of every module that owns trainable parameters, by module path, for :func:`check_example_axis`."""
+    outputs: dict[str, Tensor] = {}
+    handles = []
+    for name, module in model.named_modules():
+        if any(p.requires_grad for p in module.parameters(recurse=False)):
+            handles.append(module.register_forward_hook(
+                lambda m, i, out, name=name: outputs.__setitem__(name, out) if isinstance(out, Tensor) else None))
+    try:
+        yield outputs
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _check_subclass_forward(layer: _Layer, a: Tensor, out: Tensor) -> None:
+    """A subclass of a supported layer uses its base's per-example rule, which is right only if it
+    computes what the base computes (``GroupNorm32`` normalising in float32 does; a subclass that
+    rescales its input would get wrong per-example gradients). Checked once, on the first forward."""
+    base = next(cls for cls in type(layer.module).__mro__ if cls in _LAYER_RULES)
+    if type(layer.module) is base:
+        return
+    with torch.no_grad():
+        ref = base.forward(layer.module, a)
+    ok = isinstance(out, Tensor) and out.shape == ref.shape
+    if ok:
+        half = torch.float16 in (out.dtype, ref.dtype) or torch.bfloat16 in (out.dtype, ref.dtype)
+        tol = 1e-2 if half else 1e-4
+        ref, got = ref.detach().double(), out.detach().double()
+        ok = bool(((got - ref).abs() <= tol * (ref.abs() + ref.abs().max())).all())
+    if not ok:
+        raise ValueError(f"'{layer.name}' ({type(layer.module).__name__}, a subclass of {base.__name__}) computes something "
+                         f"other than {base.__name__}: its per-example gradients cannot be derived by {base.__name__}'s "
+                         "rule (use grad_sample_mode=hooks)")
 
 
 def _rows(t: Tensor, B: int) -> Tensor:
@@ -245,8 +358,76 @@ def _weighted_sum(c: Tensor, per_example: Tensor) -> Tensor:
 def _use_ghost(positions: int, p: int, d: int) -> bool:
     """Mixed ghost rule (Bu et al. 2022), by arithmetic: per example the two Grams cost T²·(d + p)
     multiply-adds, the per-example gradient T·p·d; ghost also needs one more weighted gradient for
-    the clipped sum, so it must win by a factor of 2."""
-    return 2 * positions * (d + p) < p * d
+    the clipped sum, and its Grams are formed in float64 (about twice float32's cost), so it must
+    win by a factor of 4."""
+    return 4 * positions * (d + p) < p * d
+
+
+# -- ghost norms that never under-estimate ---------------------------------------------------------
+#
+# ⟨A Aᵀ, G Gᵀ⟩ = ‖GᵀA‖²_F holds exactly, but in floating point it is a sum of T² terms of either sign
+# whose total can be far smaller than its terms: positions whose gradients cancel (g_t ≈ −g_t' with
+# a_t ≈ a_t') leave a tiny true norm under a rounding error of order u·(Σ_t ‖a_t‖‖g_t‖)². In float32
+# that under-estimated norms by 27 % (and went negative: NaN); an under-estimated norm lets the
+# example contribute more than C. So the Grams are formed in float64 from the (exactly upcast)
+# recorded a and g, and each example's squared norm is replaced by a rigorous upper bound:
+#
+#     ‖GᵀA‖² ≤ max(s̃, 0) + (γ_{T²} + γ_d + γ_p + 3u)·1.1·S²,   S = Σ_t ‖a_t‖‖g_t‖,
+#
+# with γ_n = n·u/(1 − n·u) the bound of an n-term float64 dot product (Higham, Accuracy and
+# Stability of Numerical Algorithms, §3.1), since each Gram entry is off by at most γ_d‖a_i‖‖a_j‖
+# (resp. γ_p‖g_i‖‖g_j‖) and Σ_ij ‖a_i‖‖a_j‖‖g_i‖‖g_j‖ = S² (the factor 1.1 covers S's own rounding).
+# On ordinary inputs the term is ~1e-9 of the norm. Where it is not small (cancellation: bound
+# > 1e-4 of s̃), the example's norm is recomputed from its own per-example gradient in float64,
+# whose error is at most γ_n·S in Frobenius norm (n terms per entry), and the smaller of the two
+# bounds is used. Either way min(1, C/‖g_b‖) never lets a contribution exceed C.
+
+_U64 = 2.0 ** -53  # unit round-off of float64
+_CANCELLING = 1e-4  # bound / s̃ above which an example's ghost norm is recomputed directly
+
+
+def _gamma(n: int) -> float:
+    """γ_n = n·u/(1 − n·u): the relative error bound of an n-term float64 sum of products."""
+    return n * _U64 / (1 - n * _U64)
+
+
+def _ghost_sq(layer: _Layer, A: Tensor, G: Tensor, B: int, direct) -> Tensor:
+    """Upper bounds on ‖∇W_b‖²_F, [B] float64, from Grams of A [B·γ, n, d] and G [B·γ, n, p] (γ groups per example).
+
+    ``direct(b)`` returns example b's per-example gradient (the weight's shape), used only for
+    examples whose Grams cancel (see the note above); those gradients are kept in ``layer.exact``
+    and enter the clipped sum as they are, instead of through the fused weighted gradient, whose
+    float32 rounding for such an example is of the order of its cancelling terms.
+    """
+    A, G = A.double(), G.double()
+    n, d, p = A.shape[1], A.shape[2], G.shape[2]
+    sq = (torch.bmm(A, A.transpose(1, 2)) * torch.bmm(G, G.transpose(1, 2))).sum((1, 2)).reshape(B, -1).sum(1)
+    S = (torch.linalg.vector_norm(A, dim=2) * torch.linalg.vector_norm(G, dim=2)).sum(1).reshape(B, -1).sum(1)
+    bound = sq.clamp(min=0) + (_gamma(n * n) + _gamma(d) + _gamma(p) + 3 * _U64) * 1.1 * S.square()
+    for b in torch.nonzero(bound - sq.clamp(min=0) > _CANCELLING * sq.clamp(min=0)).flatten().tolist():
+        W = layer.exact[b] = direct(b).double()
+        exact = (torch.linalg.vector_norm(W) * (1 + 4 * _U64) + _gamma(n) * 1.1 * S[b]).square()
+        bound[b] = torch.minimum(bound[b], exact)
+    return bound
+
+
+def _as_computed(module: nn.Module, a: Tensor) -> Tensor:
+    """The input as the layer's op actually used it: under autocast, Linear and convolutions run on
+    inputs cast to the autocast dtype, so their exact per-example gradient is g_bᵀ·cast(a_b), not
+    g_bᵀ·a_b. (Normalisations run in float32 under autocast; embeddings read indices.)"""
+    if isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)) and a.is_floating_point() and torch.is_autocast_enabled(a.device.type):
+        return a.to(torch.get_autocast_dtype(a.device.type))
+    return a
+
+
+def _exact_inputs(layer: _Layer, a: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
+    """The recorded (a, g) in the parameters' precision: under autocast a layer's input and output
+    gradient may be bfloat16/float16; upcasting is exact, and the engine's norms and sums then
+    never run in half precision. Integer inputs (an Embedding's indices) stay as they are."""
+    dtype = layer.params[0][1].dtype
+    if a.is_floating_point() and a.dtype != dtype:
+        a = a.to(dtype)
+    return a, (g.to(dtype) if g.dtype != dtype else g)
 
 
 def _has(layer: _Layer, name: str) -> bool:
@@ -259,7 +440,7 @@ def _linear(bk: BookKeeping, layer: _Layer, a: Tensor, g: Tensor, B: int) -> Ten
     sq = None  # the weight's share of ‖g_b‖² (the bias is normed with the other small gradients)
     if _has(layer, "weight"):
         if _use_ghost(A.shape[1], G.shape[2], A.shape[2]):
-            sq = (torch.bmm(A, A.transpose(1, 2)) * torch.bmm(G, G.transpose(1, 2))).sum((1, 2))
+            sq = _ghost_sq(layer, A, G, B, lambda b: G[b].double().T @ A[b].double())  # ∇W_b = G_bᵀ A_b
             layer.saved = (a, g)
         else:
             W = torch.bmm(G.transpose(1, 2), A)  # ∇W_b = G_bᵀ A_b, [B, p, d]
@@ -282,7 +463,9 @@ def _conv(bk: BookKeeping, layer: _Layer, a: Tensor, g: Tensor, B: int) -> Tenso
             U = _unfold(m, a, dims).reshape(B, -1, groups, d, T)  # [B, K, γ, d, T]
             Ug = U.permute(0, 2, 1, 4, 3).reshape(B * groups, -1, d)  # [B·γ, K·T, d]
             Gg = G.permute(0, 2, 1, 4, 3).reshape(B * groups, -1, p // groups)
-            sq = (torch.bmm(Ug, Ug.transpose(1, 2)) * torch.bmm(Gg, Gg.transpose(1, 2))).sum((1, 2)).reshape(B, groups).sum(1)
+            rows = a.shape[0] // B
+            sq = _ghost_sq(layer, Ug, Gg, B, lambda b: _per_example_conv_grouped(
+                m, a[b * rows:(b + 1) * rows].double(), g[b * rows:(b + 1) * rows].double(), 1, dims)[0])
             layer.saved = (a, g)
         else:
             W, sq = _per_example_conv_weight(m, a, g, B, dims)  # [B, *weight.shape], ‖W_b‖²
@@ -459,16 +642,25 @@ def _affine_grads(layer: _Layer, weight_rows, bias_rows: Tensor, B: int) -> None
 
 
 def _embedding(bk: BookKeeping, layer: _Layer, a: Tensor, g: Tensor, B: int) -> Tensor:
-    idx = a.reshape(B, -1)  # [B, K·L] the rows' indices
-    G = g.reshape(B, idx.shape[1], -1)  # [B, K·L, e]
-    same = (idx[:, :, None] == idx[:, None, :]).to(G.dtype)
+    """Embedding: ∇E_b has one row per distinct index of example b, the sum of g over the positions holding it.
+
+    Those row sums are formed per example in float64 (each position's g added to the slot of the
+    first position with the same index), so ‖∇E_b‖² is a sum of squares, never a cancelling
+    difference; its rounding (at most γ_n·Σ_i ‖g_i‖ in norm, n = K·L positions) is added as a bound.
+    """
+    idx = a.reshape(B, -1)  # [B, n] the rows' indices, n = K·L
+    G = g.reshape(B, idx.shape[1], -1).double()  # [B, n, e]
     if layer.module.padding_idx is not None:  # rows at padding_idx get no gradient
-        keep = (idx != layer.module.padding_idx).to(G.dtype)
-        same = same * keep[:, :, None] * keep[:, None, :]
-    layer.saved = (a, g)
-    return (same * torch.bmm(G, G.transpose(1, 2))).sum((1, 2))  # ‖∇E_b‖² = Σ 1[i=j]⟨g_i, g_j⟩
+        G = G * (idx != layer.module.padding_idx)[:, :, None]
+    first = (idx[:, :, None] == idx[:, None, :]).to(torch.uint8).argmax(2)  # [B, n] first position with the same index
+    rows = torch.zeros_like(G).scatter_add_(1, first[:, :, None].expand_as(G), G)  # [B, n, e] ∇E_b's non-zero rows
+    layer.saved = (idx.gather(1, first), rows)  # the clipped sum adds c_b·rows_b at these indices, in float64
+    slack = _gamma(idx.shape[1]) * 1.1 * torch.linalg.vector_norm(G, dim=2).sum(1)
+    return (torch.linalg.vector_norm(rows, dim=(1, 2)) * (1 + 4 * _U64) + slack).square()
 
 
+# The supported trainable layers: this table is the list. A layer's rule is found through its class's
+# MRO, so subclasses of these (e.g. a pretrained UNet's ``GroupNorm32(nn.GroupNorm)``) use their base's rule.
 _LAYER_RULES = {
     nn.Linear: _linear,
     nn.Conv1d: _conv, nn.Conv2d: _conv, nn.Conv3d: _conv,
@@ -476,6 +668,12 @@ _LAYER_RULES = {
     nn.LayerNorm: _layer_norm,
     nn.Embedding: _embedding,
 }
+SUPPORTED = tuple(_LAYER_RULES)
+
+
+def layer_rule(module: nn.Module):
+    """The per-example rule for ``module``'s class, looked up through its MRO; None when unsupported."""
+    return next((_LAYER_RULES[cls] for cls in type(module).__mro__ if cls in _LAYER_RULES), None)
 
 
 def _clipped_sum(layer: _Layer, c: Tensor) -> dict[str, Tensor]:
@@ -483,18 +681,24 @@ def _clipped_sum(layer: _Layer, c: Tensor) -> dict[str, Tensor]:
     m, out = layer.module, {}
     for name, per_example in layer.direct.items():
         out[name] = _weighted_sum(c, per_example)
-    if layer.saved is not None:
+    if layer.saved is not None and isinstance(m, nn.Embedding):
+        slots, rows = layer.saved  # Σ_b c_b ∇E_b: each example's row sums, scaled, added at their indices
+        rows_c = rows * c.to(rows.dtype).view(-1, 1, 1)
+        grad = torch.zeros(m.weight.shape, dtype=torch.float64, device=rows.device).index_add_(0, slots.reshape(-1), rows_c.reshape(-1, rows.shape[-1]))
+        if m.padding_idx is not None:
+            grad[m.padding_idx] = 0
+        out["weight"] = grad
+    elif layer.saved is not None:
         a, g = layer.saved
-        c_rows = c.repeat_interleave(a.shape[0] // c.shape[0]).to(g.dtype)
+        c_ex = c.clone()
+        c_ex[list(layer.exact)] = 0  # examples whose Grams cancelled enter through their exact gradient below
+        c_rows = c_ex.repeat_interleave(a.shape[0] // c.shape[0]).to(g.dtype)
         g_c = g * c_rows.view(-1, *[1] * (g.ndim - 1))  # c-scaled output gradients: ONE weighted gradient
         if isinstance(m, nn.Linear):
             out["weight"] = g_c.reshape(-1, g.shape[-1]).T @ a.reshape(-1, a.shape[-1])
-        elif isinstance(m, nn.Embedding):
-            grad = torch.zeros_like(m.weight).index_add_(0, a.reshape(-1), g_c.reshape(-1, g.shape[-1]))
-            if m.padding_idx is not None:
-                grad[m.padding_idx] = 0
-            out["weight"] = grad
         else:  # convolution
             dims = a.ndim - 2
             out["weight"] = _CONV_WEIGHT_GRAD[dims](a, m.weight.shape, g_c, m.stride, m.padding, m.dilation, m.groups)
+        for b, W in layer.exact.items():
+            out["weight"] = out["weight"] + (c[b].double() * W).to(out["weight"].dtype).reshape(out["weight"].shape)
     return out

@@ -38,7 +38,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from ..distributed import World, agree, all_reduce_sum_, broadcast_object, current_world
-from .bookkeeping import BookKeeping
+from .bookkeeping import BookKeeping, check_example_axis, layer_outputs
 from .grad_sample import make_grad_sample_module
 
 LossFn = Callable[[nn.Module, torch.Tensor], torch.Tensor]
@@ -176,9 +176,19 @@ class DPSGD:
         )
         self.batches = PoissonBatches(num_examples=num_examples, sample_rate=batch_size / num_examples, generator=generator, world=world)
         self.K = noise_multiplicity
+        self._axis_checked = self.bk is not None  # book-keeping probes the example axis itself
         self.examples_per_chunk = max(1, max_physical_batch_size // noise_multiplicity)
         self.noised_steps = 0  # counted by the optimizer itself, on steps where noise was added
         self.optimizer.attach_step_hook(self._count_step)
+
+    def _check_example_axis(self, loss: torch.Tensor, outputs: dict[str, torch.Tensor]) -> None:
+        gsm = self.module.module if isinstance(self.module, DistributedDataParallel) else self.module
+        gsm.disable_hooks()  # the probe's backward must not fill grad_sample (its forward's activations stay queued)
+        try:
+            check_example_axis(loss, outputs, K=self.K)
+        finally:
+            gsm.enable_hooks()
+        self._axis_checked = True
 
     def _count_step(self, _optimizer: DPOptimizer) -> None:
         self.noised_steps += 1
@@ -225,7 +235,11 @@ class DPSGD:
                 self.bk.clipped_backward(loss)  # p.grad = Σ_b min(1, C/‖g_b‖) g_b
                 total, count = total + float(loss.detach().sum()), count + len(chunk)
             elif len(chunk):
-                loss = loss_fn(self.module, chunk)
+                probe = not self._axis_checked and len(chunk) >= 2
+                with layer_outputs(self.module) if probe else contextlib.nullcontext({}) as outputs:
+                    loss = loss_fn(self.module, chunk)
+                if probe:  # once: Opacus' samplers, like book-keeping, read the first axis as the example axis
+                    self._check_example_axis(loss, outputs)
                 with warnings.catch_warnings():  # Opacus' hooks warn when the input needs no grad: expected here
                     warnings.filterwarnings("ignore", message="Full backward hook is firing")
                     loss.sum().backward()
