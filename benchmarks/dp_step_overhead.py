@@ -103,7 +103,7 @@ def _status_mib(field: str) -> float:
 def child(args, r) -> None:
     """Memory of one path in a fresh process: the RSS peak of two steps over the RSS before them, and
     the per-example gradient state the clipping holds (Opacus: grad_sample of B·K rows; bk: [B, ...])."""
-    import privdiff.privacy.bookkeeping as bk
+    import privdiff.privacy.clipping as bk
     import privdiff.privacy.dpsgd as dpsgd
 
     state = [0]

@@ -15,7 +15,7 @@ from privdiff.diffusion import Denoiser, LogNormalSigma, denoising_loss, draw_tr
 from privdiff.models.latent import LatentUNetConfig, build_latent_net, select_trainable
 from privdiff.models.text import TextConfig, WordTokenizer, build_text_encoder
 from privdiff.privacy.accounting import epsilon
-from tests.privacy.test_bookkeeping import assert_latent_net_same, jitter
+from tests.helpers import assert_latent_net_same, jitter
 
 ROOT = Path(__file__).resolve().parents[2]
 NAMES = tuple(str(d) for d in range(10))  # the digit data sets' class names

@@ -191,7 +191,7 @@ def test_an_unknown_attacker_feature_is_refused_by_name():
 def test_book_keeping_clips_the_lora_gradients_as_one_example_at_a_time():
     """DP-SGD's per-example norms and clipped sum over the LoRA A, B of a UNet (base frozen) equal the slow reference."""
     from privdiff.diffusion import LogNormalSigma, denoising_loss, draw_training_noise
-    from tests.privacy.test_bookkeeping import assert_same
+    from tests.helpers import assert_same
 
     r = _recipe()
     _, net = _lora_net(r, seed=3)

@@ -9,7 +9,7 @@ import torch
 from privdiff.models.latent import select_trainable
 from privdiff.models.he_net import HENetConfig, build_he_net
 from privdiff.models.text import TextConfig, build_text_encoder
-from tests.privacy.test_bookkeeping import assert_latent_net_same
+from tests.helpers import assert_latent_net_same
 
 NAMES = tuple(str(d) for d in range(10))
 

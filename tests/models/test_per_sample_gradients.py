@@ -378,7 +378,7 @@ def test_shipped_recipe_model_per_sample_gradients(recipe_path):
     sigma, noise = draw_training_noise(x0, K=K, sigma_dist=LogNormalSigma(P_mean=r.diffusion.P_mean), generator=g)
     want = reference_grads(ref, x0, labels, sigma, noise)
     if r.privacy.grad_sample_mode == "bk":  # book-keeping: per-example norms and the clipped sum, no per-sample gradients
-        from privdiff.privacy.bookkeeping import BookKeeping
+        from privdiff.privacy.clipping import BookKeeping
 
         names = [n for n, _ in den.named_parameters()]
         norms_ref = torch.sqrt(sum(want[n].double().flatten(1).square().sum(1) for n in names)).float()

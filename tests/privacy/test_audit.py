@@ -62,7 +62,7 @@ def _break(monkeypatch, bug: str) -> None:
     import torch
     from opacus.optimizers import optimizer, optimizer_fast_gradient_clipping
 
-    from privdiff.privacy.bookkeeping import BookKeeping
+    from privdiff.privacy.clipping import BookKeeping
 
     if bug == "no_noise":  # the optimizer's noise draw returns zeros
         silent = lambda std, reference, generator=None, secure_mode=False: torch.zeros_like(reference)  # noqa: E731

@@ -38,7 +38,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from ..distributed import World, agree, all_reduce_sum_, broadcast_object, current_world
-from .bookkeeping import BookKeeping, check_example_axis, layer_outputs
+from .clipping import BookKeeping, check_example_axis, layer_outputs
 from .grad_sample import make_grad_sample_module
 
 LossFn = Callable[[nn.Module, torch.Tensor], torch.Tensor]

@@ -57,7 +57,7 @@ def make_grad_sample_module(module: nn.Module, *, grad_sample_mode: str = "hooks
     """
     from opacus.validators import ModuleValidator
 
-    from .bookkeeping import refuse_row_mixing
+    from .clipping import refuse_row_mixing
 
     refuse_row_mixing(module)  # Opacus' validator checks trainable modules only
     errors = ModuleValidator.validate(module, strict=False)

@@ -14,79 +14,8 @@ from torch import nn
 
 from privdiff.diffusion import Denoiser, LogNormalSigma, denoising_loss, draw_training_noise, drop_labels
 from privdiff.models.unet import UNetConfig, UNetNet, build_unet
-from privdiff.privacy.bookkeeping import BookKeeping
-
-TOL = 1e-4
-
-
-def jitter(model: nn.Module, seed: int) -> nn.Module:
-    """Move every weight off its (often 0 or 1) initial value."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=g))
-    return model
-
-
-def reference(model: nn.Module, row_loss, B: int, C: float):
-    """Each example's K rows alone through the model; flat gradient norm; clip; sum."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    norms, total = [], [torch.zeros_like(p) for p in params]
-    for b in range(B):
-        model.zero_grad(set_to_none=True)
-        row_loss(model, b).sum().backward()
-        grads = [torch.zeros_like(p) if p.grad is None else p.grad.detach().clone() for p in params]
-        n = torch.sqrt(sum(g.double().square().sum() for g in grads)).float()
-        c = min(1.0, C / (float(n) + 1e-6))
-        norms.append(n)
-        total = [t + c * g for t, g in zip(total, grads)]
-    model.zero_grad(set_to_none=True)
-    return torch.stack(norms), total
-
-
-def bookkeeping(model: nn.Module, batch_loss, K: int, C: float):
-    bk = BookKeeping(model, noise_multiplicity=K, max_grad_norm=C)
-    with bk.recording():
-        loss = batch_loss(model)
-    norms = bk.clipped_backward(loss)
-    grads = [p.grad.detach().clone() for p in model.parameters() if p.requires_grad]
-    model.zero_grad(set_to_none=True)
-    bk.remove()
-    return norms, grads
-
-
-def assert_same(model, batch_loss, row_loss, B, K, C):
-    ref_norms, ref_sum = reference(model, row_loss, B, C)
-    bk_norms, bk_sum = bookkeeping(model, batch_loss, K, C)
-    torch.testing.assert_close(bk_norms, ref_norms, rtol=TOL, atol=0)
-    flat_ref, flat_bk = torch.cat([t.flatten() for t in ref_sum]), torch.cat([t.flatten() for t in bk_sum])
-    assert float((flat_bk - flat_ref).norm() / flat_ref.norm()) <= TOL
-    scale = float(flat_ref.abs().max())
-    for r, b in zip(ref_sum, bk_sum):  # per parameter, with a floor for analytically-zero gradients (to_k.bias)
-        assert float((b - r).abs().max()) <= TOL * max(float(r.abs().max()), 1e-3 * scale)
-    return ref_norms
-
-
-def assert_latent_net_same(net: nn.Module, K: int, *, B: int = 4, C: float = 1e-2, seed: int = 4) -> None:
-    """:func:`assert_same` on a text-conditioned latent network (DP-LDM's ``LatentNet`` or the HE-friendly
-    ``HENet``, trainable subset already selected): B latents, K noise draws each, conditions with labels
-    and captions of the digit class names."""
-    from privdiff.data.captions import caption
-
-    den = Denoiser(net, sigma_data=1.0)
-    g = torch.Generator().manual_seed(seed)
-    x0 = torch.randn(B, *net.sample_shape, generator=g)
-    sigma, noise = draw_training_noise(x0, K=K, sigma_dist=LogNormalSigma(), generator=g)
-    cond = net.conditions(labels=torch.randint(0, 10, (B * K,), generator=g), prompts=[caption(str(i % 10)) for i in range(B * K)], n=B * K)
-    cond = cond.view(B, K, -1)
-
-    def batch_loss(m):
-        return denoising_loss(m, x0, cond, sigma=sigma, noise=noise, loss_weight=den.loss_weight)
-
-    def row_loss(m, b):
-        return denoising_loss(m, x0[b:b + 1], cond[b:b + 1], sigma=sigma[b:b + 1], noise=noise[b:b + 1], loss_weight=den.loss_weight)
-
-    assert_same(den, batch_loss, row_loss, B, K, C)
+from privdiff.privacy.clipping import BookKeeping
+from tests.helpers import assert_same, bookkeeping, jitter
 
 
 # -- the training UNet with the DPDM loss --------------------------------------------------------
@@ -191,7 +120,7 @@ class Convs(nn.Module):
 @pytest.mark.parametrize("K,channels_last", [(1, False), (3, True)])
 def test_each_conv_kernel(monkeypatch, kernel, K, channels_last):
     """The autotuner may pick either per-example kernel for a layer: each must be exact on its own."""
-    from privdiff.privacy import bookkeeping as bkmod
+    from privdiff.privacy import clipping as bkmod
 
     chosen = {"grouped": bkmod._per_example_conv_grouped, "taps": bkmod._per_example_conv2d_taps}[kernel]
     used = []
@@ -219,7 +148,7 @@ def test_each_conv_kernel(monkeypatch, kernel, K, channels_last):
 
 
 def test_kernel_choice_is_timed_once_and_fixed_under_deterministic_algorithms():
-    from privdiff.privacy import bookkeeping as bkmod
+    from privdiff.privacy import clipping as bkmod
 
     m = nn.Conv2d(4, 3, 3, padding=1)
     g = torch.Generator().manual_seed(13)
@@ -249,7 +178,7 @@ def test_kernel_choice_is_timed_once_and_fixed_under_deterministic_algorithms():
 
 def test_weighted_sum_reads_any_layout():
     """Σ_b c_b x_b over permuted, tap-major and sliced [B, ...] views equals the contiguous tensordot."""
-    from privdiff.privacy.bookkeeping import _sq_norms, _weighted_sum
+    from privdiff.privacy.clipping import _sq_norms, _weighted_sum
 
     g = torch.Generator().manual_seed(12)
     c = torch.rand(6, generator=g)
@@ -292,7 +221,7 @@ def test_normalisation_without_positions_keeps_examples_apart(K):
 
 
 def test_group_norm_recomputes_statistics_when_autograd_did_not_keep_them(monkeypatch):
-    from privdiff.privacy import bookkeeping as bkmod
+    from privdiff.privacy import clipping as bkmod
 
     monkeypatch.setattr(bkmod, "_forward_group_norm_stats", lambda out, a: None)
     test_normalisation_without_positions_keeps_examples_apart(2)
@@ -379,7 +308,7 @@ def test_unsupported_and_unsafe_models_are_refused():
 
 def test_per_example_gradient_memory_does_not_grow_with_K(monkeypatch):
     """The per-example gradients the backward keeps for the clipped sum are [B, ...] whatever K is."""
-    from privdiff.privacy import bookkeeping as bkmod
+    from privdiff.privacy import clipping as bkmod
 
     kept: list[int] = []
     real = bkmod._clipped_sum
@@ -461,7 +390,7 @@ def test_no_contribution_exceeds_C_on_cancelling_positions(monkeypatch, kind, sc
     """With the ghost path forced, every example's clipped contribution c_b·‖∇ℓ_b‖ stays ≤ C·(1 + 1e-6)
     against the exact gradient (float32 Grams under-estimated by 27 %, or gave NaN), the norms are not
     grossly over-estimated either, and the clipped sum is Σ_b c_b ∇ℓ_b."""
-    from privdiff.privacy import bookkeeping as bkmod
+    from privdiff.privacy import clipping as bkmod
 
     monkeypatch.setattr(bkmod, "_use_ghost", lambda *shape: True)
     layer, x, v, exact = _adversarial_case(kind, scale, seed=21)
@@ -483,7 +412,7 @@ def test_no_contribution_exceeds_C_on_cancelling_positions(monkeypatch, kind, sc
 def test_single_example_update_is_at_most_C_when_grams_cancel(monkeypatch):
     """The update a cancelling example adds is its exact gradient scaled by c (≤ C in norm), not the fused
     float32 weighted gradient, whose rounding is of the order of the cancelling terms."""
-    from privdiff.privacy import bookkeeping as bkmod
+    from privdiff.privacy import clipping as bkmod
 
     monkeypatch.setattr(bkmod, "_use_ghost", lambda *shape: True)
     for kind in ("linear", "conv", "embedding"):

@@ -1,0 +1,85 @@
+"""Test helpers shared across test files (one place; no test file imports another).
+
+Per-example clipping against the slow, obvious reference: each example's K rows alone through a
+plain copy of the model, its flat gradient norm, clipped, summed (relative error ≤ TOL).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from privdiff.diffusion import Denoiser, LogNormalSigma, denoising_loss, draw_training_noise
+from privdiff.privacy.clipping import BookKeeping
+
+TOL = 1e-4
+
+
+def jitter(model: nn.Module, seed: int) -> nn.Module:
+    """Move every weight off its (often 0 or 1) initial value."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    return model
+
+
+def reference(model: nn.Module, row_loss, B: int, C: float):
+    """Each example's K rows alone through the model; flat gradient norm; clip; sum."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    norms, total = [], [torch.zeros_like(p) for p in params]
+    for b in range(B):
+        model.zero_grad(set_to_none=True)
+        row_loss(model, b).sum().backward()
+        grads = [torch.zeros_like(p) if p.grad is None else p.grad.detach().clone() for p in params]
+        n = torch.sqrt(sum(g.double().square().sum() for g in grads)).float()
+        c = min(1.0, C / (float(n) + 1e-6))
+        norms.append(n)
+        total = [t + c * g for t, g in zip(total, grads)]
+    model.zero_grad(set_to_none=True)
+    return torch.stack(norms), total
+
+
+def bookkeeping(model: nn.Module, batch_loss, K: int, C: float):
+    bk = BookKeeping(model, noise_multiplicity=K, max_grad_norm=C)
+    with bk.recording():
+        loss = batch_loss(model)
+    norms = bk.clipped_backward(loss)
+    grads = [p.grad.detach().clone() for p in model.parameters() if p.requires_grad]
+    model.zero_grad(set_to_none=True)
+    bk.remove()
+    return norms, grads
+
+
+def assert_same(model, batch_loss, row_loss, B, K, C):
+    ref_norms, ref_sum = reference(model, row_loss, B, C)
+    bk_norms, bk_sum = bookkeeping(model, batch_loss, K, C)
+    torch.testing.assert_close(bk_norms, ref_norms, rtol=TOL, atol=0)
+    flat_ref, flat_bk = torch.cat([t.flatten() for t in ref_sum]), torch.cat([t.flatten() for t in bk_sum])
+    assert float((flat_bk - flat_ref).norm() / flat_ref.norm()) <= TOL
+    scale = float(flat_ref.abs().max())
+    for r, b in zip(ref_sum, bk_sum):  # per parameter, with a floor for analytically-zero gradients (to_k.bias)
+        assert float((b - r).abs().max()) <= TOL * max(float(r.abs().max()), 1e-3 * scale)
+    return ref_norms
+
+
+def assert_latent_net_same(net: nn.Module, K: int, *, B: int = 4, C: float = 1e-2, seed: int = 4) -> None:
+    """:func:`assert_same` on a text-conditioned latent network (DP-LDM's ``LatentNet`` or the HE-friendly
+    ``HENet``, trainable subset already selected): B latents, K noise draws each, conditions with labels
+    and captions of the digit class names."""
+    from privdiff.data.captions import caption
+
+    den = Denoiser(net, sigma_data=1.0)
+    g = torch.Generator().manual_seed(seed)
+    x0 = torch.randn(B, *net.sample_shape, generator=g)
+    sigma, noise = draw_training_noise(x0, K=K, sigma_dist=LogNormalSigma(), generator=g)
+    cond = net.conditions(labels=torch.randint(0, 10, (B * K,), generator=g), prompts=[caption(str(i % 10)) for i in range(B * K)], n=B * K)
+    cond = cond.view(B, K, -1)
+
+    def batch_loss(m):
+        return denoising_loss(m, x0, cond, sigma=sigma, noise=noise, loss_weight=den.loss_weight)
+
+    def row_loss(m, b):
+        return denoising_loss(m, x0[b:b + 1], cond[b:b + 1], sigma=sigma[b:b + 1], noise=noise[b:b + 1], loss_weight=den.loss_weight)
+
+    assert_same(den, batch_loss, row_loss, B, K, C)
