@@ -6,13 +6,19 @@ plain copy of the model, its flat gradient norm, clipped, summed (relative error
 
 from __future__ import annotations
 
+import dp_accounting
 import torch
+from dp_accounting import rdp
 from torch import nn
 
 from privdiff.diffusion import Denoiser, LogNormalSigma, denoising_loss, draw_training_noise
+from privdiff.models.he_net import HENetConfig, build_he_net
+from privdiff.models.text import TextConfig, build_text_encoder
+from privdiff.privacy.accounting import RDP_ORDERS
 from privdiff.privacy.clipping import BookKeeping
 
 TOL = 1e-4
+DELTA = 1e-5
 
 
 def jitter(model: nn.Module, seed: int) -> nn.Module:
@@ -83,3 +89,38 @@ def assert_latent_net_same(net: nn.Module, K: int, *, B: int = 4, C: float = 1e-
         return denoising_loss(m, x0[b:b + 1], cond[b:b + 1], sigma=sigma[b:b + 1], noise=noise[b:b + 1], loss_weight=den.loss_weight)
 
     assert_same(den, batch_loss, row_loss, B, K, C)
+
+
+# -- accountant references (dp-accounting) --------------------------------------------------------
+
+def sgm_event(sigma: float, q: float, steps: int) -> dp_accounting.DpEvent:
+    return dp_accounting.SelfComposedDpEvent(
+        dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)), steps
+    )
+
+
+def composed(history) -> dp_accounting.DpEvent:
+    return dp_accounting.ComposedDpEvent([sgm_event(*h) for h in history])
+
+
+def dp_accounting_rdp(history, delta=DELTA, orders=RDP_ORDERS) -> float:
+    acc = rdp.RdpAccountant(orders=list(orders))
+    acc.compose(composed(history))
+    return acc.get_epsilon(delta)
+
+
+# -- a tiny HE-friendly denoiser ------------------------------------------------------------------
+
+NAMES = tuple(str(d) for d in range(10))
+
+
+def tiny_he_net(seed: int = 0, config: HENetConfig = HENetConfig(width=32, blocks=1, heads=2, head_dim=8, mlp_ratio=2, fourier=4)):
+    """A tiny HE-friendly denoiser (H = 32, one block) on 4×4×4 latents with fresh random weights of a trained-like size
+    (also the model of tests/he's encrypted evaluations)."""
+    torch.manual_seed(seed)
+    te = build_text_encoder(TextConfig(width=16, layers=1, heads=2), class_names=(NAMES,))
+    net = build_he_net(config, te, latent_channels=4, latent_size=4, num_classes=10).eval()
+    with torch.no_grad():  # not the init's small weights
+        for p in net.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return net

@@ -13,7 +13,7 @@ pytest.importorskip("tenseal")
 from privdiff.diffusion import Denoiser, guided_denoiser, sample  # noqa: E402
 from privdiff.he.ckks import TenSEALContext  # noqa: E402
 from privdiff.he.private import PrivateServer, client_net, layout, pack_inputs, pack_weights, permute_layers, unpack_outputs  # noqa: E402
-from tests.models.test_he_net import NAMES, tiny_he_net  # noqa: E402
+from tests.helpers import tiny_he_net  # noqa: E402
 
 PROMPT = "a handwritten digit three"
 

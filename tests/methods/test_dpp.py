@@ -8,7 +8,7 @@ import pytest
 
 from privdiff.cli import main
 from privdiff.privacy.accounting import epsilon
-from tests.privacy.test_accounting import dp_accounting_rdp
+from tests.helpers import dp_accounting_rdp
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]

@@ -7,24 +7,7 @@ import pytest
 import torch
 
 from privdiff.models.latent import select_trainable
-from privdiff.models.he_net import HENetConfig, build_he_net
-from privdiff.models.text import TextConfig, build_text_encoder
-from tests.helpers import assert_latent_net_same
-
-NAMES = tuple(str(d) for d in range(10))
-
-
-def tiny_he_net(seed: int = 0, config: HENetConfig = HENetConfig(width=32, blocks=1, heads=2, head_dim=8, mlp_ratio=2, fourier=4)):
-    """A tiny HE-friendly denoiser (H = 32, one block) on 4×4×4 latents with fresh random weights of a trained-like size
-    (also the model of tests/he's encrypted evaluations)."""
-    torch.manual_seed(seed)
-    te = build_text_encoder(TextConfig(width=16, layers=1, heads=2), class_names=(NAMES,))
-    net = build_he_net(config, te, latent_channels=4, latent_size=4, num_classes=10).eval()
-    with torch.no_grad():  # not the init's small weights
-        for p in net.parameters():
-            p.add_(0.1 * torch.randn_like(p))
-    return net
-
+from tests.helpers import assert_latent_net_same, tiny_he_net
 
 @pytest.mark.parametrize("K", [1, 3])
 def test_per_example_gradients_of_the_recipes_trainable_part_match_one_example_at_a_time(K):

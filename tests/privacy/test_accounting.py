@@ -10,35 +10,18 @@ from __future__ import annotations
 import logging
 import math
 
-import dp_accounting
 import numpy as np
 import pytest
-from dp_accounting import pld, rdp
+from dp_accounting import pld
 from dp_accounting.rdp.rdp_privacy_accountant import compute_epsilon as rdp_to_epsilon
 from scipy import integrate
 
 from privdiff.privacy.accounting import RDP_ORDERS, calibrate_noise, epsilon
+from tests.helpers import DELTA, composed, dp_accounting_rdp
 
-DELTA = 1e-5
 
 
 # -- references --------------------------------------------------------------------------------
-
-
-def sgm_event(sigma: float, q: float, steps: int) -> dp_accounting.DpEvent:
-    return dp_accounting.SelfComposedDpEvent(
-        dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)), steps
-    )
-
-
-def composed(history) -> dp_accounting.DpEvent:
-    return dp_accounting.ComposedDpEvent([sgm_event(*h) for h in history])
-
-
-def dp_accounting_rdp(history, delta=DELTA, orders=RDP_ORDERS) -> float:
-    acc = rdp.RdpAccountant(orders=list(orders))
-    acc.compose(composed(history))
-    return acc.get_epsilon(delta)
 
 
 def dp_accounting_pld(history, delta=DELTA) -> float:

@@ -10,7 +10,7 @@ import torch
 from privdiff.privacy.accounting import calibrate_noise, epsilon
 from privdiff.privacy.central import central_sensitivity, class_means, release_central_images
 from privdiff.privacy.ledger import SUBSAMPLED_GAUSSIAN, Ledger
-from tests.privacy.test_accounting import DELTA, dp_accounting_rdp
+from tests.helpers import DELTA, dp_accounting_rdp
 
 
 @pytest.mark.parametrize("downsample", [1, 2, 4])
