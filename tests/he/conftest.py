@@ -69,7 +69,7 @@ class BackgroundServer:
             finally:
                 self.wire.append((request.method, request.path_qs, bytes(body), bytes(answer)))
 
-        app = build_app(service)
+        app = self.app = build_app(service)
         app.middlewares.append(capture)
         self.loop = asyncio.new_event_loop()
         self.runner = web.AppRunner(app)

@@ -178,3 +178,49 @@ def test_cli_generate_equals_cli_sample(he_run, server, tmp_path, capsys):
     assert main(["he", "generate", "--server", "http://127.0.0.1:9", "--prompt", PROMPT, "--out", str(tmp_path / "x.png"), "--quiet"]) == 2
     err = capsys.readouterr().err
     assert "cannot reach" in err and err.count("\n") == 1 and not (tmp_path / "x.png").exists()
+
+
+def test_a_request_past_its_timeout_stops_computing_and_frees_the_worker(he_run):
+    """With a timeout (1 ms) shorter than the largest request the protocol allows, that request is answered
+    503 at once and its worker is free again (the work stopped at its next check, not at its end); a
+    Deadline already past stops the work before its first ciphertext is even loaded."""
+    import time
+
+    from privdiff.he.private import pack_inputs
+    from privdiff.he.protocol import Cancelled, Deadline
+    from privdiff.he.server import ServiceConfig, load_service
+
+    from .conftest import BackgroundServer
+
+    srv = BackgroundServer(load_service(he_run.path, config=ServiceConfig(timeout_s=0.001, workers=1)))
+    try:
+        ctx = TenSEALContext.generate(PRESETS["precise"])
+        status, body = post(srv.url + "/v1/sessions?mode=private", ctx.public_bytes())
+        assert status == 503 and "stopped" in body["error"]  # even opening a session takes longer than 1 ms
+        sid = srv.service.private.open_session(ctx.public_bytes(), owner="127.0.0.1")  # so open it in process
+        info = json.loads(urllib.request.urlopen(srv.url + "/v1/info", timeout=10).read())
+        T, layers = info["limits"]["context_tokens"], "k0,v0"
+        n_out, n_in = 2 * info["model"]["layers"]["k0"][0], info["model"]["layers"]["k0"][1]
+        X = np.random.default_rng(0).standard_normal((2 * T, n_in))
+        cts = [ctx.encrypt(v).serialize() for v in pack_inputs(X, n_out, 4096)]
+        t0 = time.monotonic()
+        status, answer = post(f"{srv.url}/v1/sessions/{sid}/linear?layers={layers}&positions={2 * T}", encode_frames(cts))
+        took = time.monotonic() - t0
+        assert status == 503 and "stopped" in answer["error"], (status, answer)
+        from privdiff.he.server import SCHEDULER
+
+        sched = srv.app[SCHEDULER]
+        for _ in range(100):  # the worker's bookkeeping follows the answer by microseconds
+            if sched.busy() == (0, 0):
+                break
+            time.sleep(0.01)
+        assert sched.busy() == (0, 0) and took < 5.0
+        # the same work, in process: a deadline already past stops it before the first ciphertext
+        session = srv.service.private.sessions.get(sid, owner="127.0.0.1")
+        d = Deadline(0.0)
+        d.start()
+        time.sleep(0.01)
+        with pytest.raises(Cancelled):
+            srv.service.private.compute(session, ("k0", "v0"), 2 * T, cts, d)
+    finally:
+        srv.close()

@@ -7,7 +7,9 @@ Modules (import them directly; this package imports nothing heavy):
 - :mod:`privdiff.he.private`: private mode: packed encrypted linear layers, per-session permutations,
   the client's forward pass (norms, activations, attention softmax-and-mix on what it decrypts).
 - :mod:`privdiff.he.compat`: HE-Diffusion's per-step HILL selection, COO packing and encrypted update.
-- :mod:`privdiff.he.protocol`: the servers' shared parts: the 4xx error and the session table (count and idle limits).
+- :mod:`privdiff.he.protocol`: the servers' shared parts: 4xx/503 errors, the session table (capability
+  tokens, per-client limits, no eviction of active sessions), the fair scheduler with deadlines, memory release.
+- :mod:`privdiff.he.serialization`: reads TenSEAL/SEAL bytes before loading them (counts, inflated sizes).
 - :mod:`privdiff.he.server` / :mod:`privdiff.he.client`: the HTTP service and its client.
 
 The HE-friendly denoiser these protocols evaluate is a model like any other, trained by DP-LDM's

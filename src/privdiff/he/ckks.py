@@ -1,9 +1,11 @@
 """A small CKKS backend interface and its TenSEAL implementation.
 
 The secret key exists only in a *client* context (:meth:`TenSEALContext.generate`). What leaves the
-client is :meth:`~TenSEALContext.public_bytes`: the parameters and the public (and, if asked for,
-Galois) keys, from which a *server* context (:meth:`TenSEALContext.from_public_bytes`) can encrypt
-and compute on ciphertexts but never decrypt.
+client is :meth:`~TenSEALContext.public_bytes`: the parameters, the scale and the public key, from
+which a *server* context (:meth:`TenSEALContext.from_public_bytes`) can compute ct ⊙ pt, ct + ct and
+ct + pt on the client's ciphertexts but never decrypt. Contexts and ciphertexts from a client are read
+before TenSEAL loads them (:mod:`privdiff.he.serialization`), so a hostile one cannot make the server
+inflate more than its parameters allow.
 
 Operations (Cheon, Kim, Kim & Song 2017, "CKKS"): encrypt/decrypt of real vectors packed into the
 N/2 slots of a ciphertext, ct ⊙ pt (slot-wise product with a plaintext vector, one rescale), ct + ct,
@@ -95,25 +97,43 @@ class TenSEALContext:
         return bool(self._ctx.has_secret_key())
 
     def public_bytes(self) -> bytes:
-        """The serialised context *without* the secret key: what a client sends a server."""
-        pub = self._ctx.copy()
-        pub.make_context_public()
-        return pub.serialize()
+        """The serialised context *without* the secret key, and without relinearisation and Galois
+        keys: the parameters, the scale and the public key, all a server needs to compute ct ⊙ pt,
+        ct + ct and ct + pt on ciphertexts under it (the public key only to stand in an encryption
+        of zero where a product is exactly zero). The reference preset's Galois keys alone are 97 MB."""
+        return self._ctx.serialize(save_public_key=True, save_secret_key=False, save_galois_keys=False, save_relin_keys=False)
 
     @classmethod
     def from_public_bytes(cls, data: bytes, *, allowed: tuple[CKKSParams, ...] | None = None) -> "TenSEALContext":
         """A server context from a client's :meth:`public_bytes`.
 
+        The bytes are read before TenSEAL loads them (:func:`privdiff.he.serialization.check_context`).
         Raises :class:`CKKSError` for bytes that are not a CKKS context, for a context that holds a
-        secret key (a server must never receive one), and for parameters not in ``allowed``."""
+        secret key (a server must never receive one) or relinearisation or Galois keys (never used
+        here: refused rather than kept in memory), and for parameters not in ``allowed``."""
         import tenseal as ts
 
+        from .serialization import EnvelopeError, check_context, public_key_bytes
+
+        biggest = max(((p.poly_modulus_degree, len(p.coeff_mod_bit_sizes)) for p in allowed), default=(8192, 8)) if allowed else (32768, 16)
         try:
-            ctx = ts.context_from(bytes(data))
-        except Exception as e:
+            env = check_context(data, max_public_key=public_key_bytes(*biggest))
+        except EnvelopeError as e:
             raise CKKSError(f"not a serialised CKKS context ({e})") from None
+        if env.has_secret_key:
+            raise CKKSError("the context holds a secret key: send only the public context")
+        if env.has_galois_keys or env.has_relin_keys:
+            raise CKKSError("the context carries Galois or relinearisation keys, which this server never uses: "
+                            "send it without them (TenSEALContext.public_bytes())")
+        try:
+            ctx = ts.context_from(bytes(data), n_threads=1)
+        except Exception as e:
+            raise CKKSError(f"not a serialised CKKS context ({str(e)[:120]})") from None
         if ctx.has_secret_key():
             raise CKKSError("the context holds a secret key: send only the public context")
+        scheme = getattr(ctx.seal_context().data.key_context_data().parms().scheme(), "name", "?")
+        if scheme != "CKKS":
+            raise CKKSError(f"the context's scheme is {scheme}, not CKKS")
         shape = _shape_of(ctx)
         galois = bool(ctx.has_galois_keys())
         if allowed is None:
@@ -166,16 +186,44 @@ class TenSEALContext:
         return Ciphertext(ct.data.mm(P.tolist()))
 
     # -- serialisation ------------------------------------------------------------------------
-    def ciphertext_from_bytes(self, data: bytes, *, size: int | None = None) -> Ciphertext:
+    def check_ciphertext_bytes(self, data: bytes, *, size: int | None = None, fresh: bool = False) -> None:
+        """What :meth:`ciphertext_from_bytes` checks before loading (one ciphertext, its inflated size,
+        ``size`` values, and for ``fresh`` the context's scale), without loading it: :class:`CKKSError`."""
+        from .serialization import EnvelopeError, check_ciphertext, ciphertext_bytes
+
+        primes = self._ctx.seal_context().data.first_context_data().chain_index() + 1
+        try:
+            check_ciphertext(data, max_inflated=ciphertext_bytes(self.params.poly_modulus_degree, primes), size=size,
+                             max_size=self.params.slots, scale=self._ctx.global_scale if fresh else None)
+        except EnvelopeError as e:
+            raise CKKSError(str(e)) from None
+
+    def ciphertext_from_bytes(self, data: bytes, *, size: int | None = None, fresh: bool = False) -> Ciphertext:
         """Load a serialised ciphertext into this context; :class:`CKKSError` if it is malformed,
-        truncated, made under other parameters, or (``size``) does not hold ``size`` values."""
+        truncated, made under other parameters, holds more than one ciphertext or would inflate beyond
+        one (checked before loading), or (``size``) does not hold ``size`` values.
+
+        ``fresh``: it must be as the client encrypts it, at the first level of the chain and at the
+        context's scale (what a server computes on: its own output, one level lower, is refused)."""
         import tenseal as ts
 
+        self.check_ciphertext_bytes(data, size=size, fresh=fresh)
+        sc = self._ctx.seal_context().data
+        N, primes = self.params.poly_modulus_degree, sc.first_context_data().chain_index() + 1
+        scale = self._ctx.global_scale
         try:
             ct = Ciphertext(ts.ckks_vector_from(self._ctx, bytes(data)))
             n = ct.size
+            (seal,) = ct.data.ciphertext()
+            shape = (seal.size(), seal.poly_modulus_degree(), bool(seal.is_ntt_form()))
+            top = seal.parms_id() == sc.first_parms_id() and seal.coeff_modulus_size() == primes and seal.scale == scale
         except Exception as e:
             raise CKKSError(f"malformed ciphertext ({str(e)[:120]})") from None
+        if shape != (2, N, True):
+            raise CKKSError(f"not a 2-polynomial CKKS ciphertext of degree {N} ({shape[0]} polynomials of degree {shape[1]}, NTT form {shape[2]})")
+        if fresh and not top:
+            raise CKKSError("the ciphertext is not at the first level and scale of the session's context "
+                            "(a server's output cannot be computed on again)")
         if n <= 0 or (size is not None and n != size):
             raise CKKSError(f"ciphertext holds {n} values, expected {size if size is not None else '> 0'}")
         return ct

@@ -29,6 +29,11 @@ class ServiceError(OSError):
     """The server refused a request or could not be reached."""
 
 
+class _Retry(Exception):
+    def __init__(self, code: int, detail: str, after: float):
+        self.code, self.detail, self.after = code, detail, after
+
+
 @dataclass
 class GenerateResult:
     image: np.ndarray  # [1, C, H, W] in [0, 1]
@@ -42,13 +47,34 @@ class GenerateResult:
 
 
 class HTTPClient:
-    """Requests to one server (stdlib ``urllib``), counting the bytes of every body both ways."""
+    """Requests to one server (stdlib ``urllib``), counting the bytes of every body both ways.
+
+    A 429 or 503 answer with a ``Retry-After`` header (a limit of the server that frees up: its
+    session table, its queue, the memory it gives requests) is retried after that many seconds,
+    for up to ``timeout`` seconds of waiting per request; every request of the protocol can be
+    repeated without effect (a refused one changed nothing on the server)."""
 
     def __init__(self, url: str, *, timeout: float = 300.0):
         self.url, self.timeout = url.rstrip("/"), timeout
         self.bytes_up = self.bytes_down = 0
+        self.retries = 0
 
     def request(self, method: str, path: str, body: bytes | None = None) -> bytes:
+        import random
+
+        waited = 0.0
+        while True:
+            try:
+                return self._once(method, path, body)
+            except _Retry as r:
+                pause = r.after + random.uniform(0.0, 0.5)
+                if waited + pause > self.timeout:
+                    raise ServiceError(f"server answered {r.code}: {r.detail} (still after {waited:.0f} s of retries)") from None
+                time.sleep(pause)
+                waited += pause
+                self.retries += 1
+
+    def _once(self, method: str, path: str, body: bytes | None) -> bytes:
         req = urllib.request.Request(self.url + path, data=body, method=method,
                                      headers={"Content-Type": "application/octet-stream"} if body is not None else {})
         try:
@@ -60,6 +86,9 @@ class HTTPClient:
                 detail = json.loads(detail)["error"]
             except (ValueError, KeyError, TypeError):
                 pass
+            after = e.headers.get("Retry-After", "") if e.headers is not None else ""
+            if e.code in (429, 503) and after.isdigit():
+                raise _Retry(e.code, str(detail), float(after)) from None
             raise ServiceError(f"server answered {e.code}: {detail}") from None
         except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
             raise ServiceError(f"cannot reach {self.url}: {getattr(e, 'reason', e)}") from None

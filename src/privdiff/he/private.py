@@ -37,7 +37,7 @@ import torch
 from torch import Tensor, nn
 
 from .ckks import PRESETS, CKKSParams, TenSEALContext
-from .protocol import ProtocolError, SessionTable
+from .protocol import Deadline, ProtocolError, SessionTable
 from ..models.he_net import HECore, HENet, HENetConfig, core_forward, keys_values
 
 __all__ = ["Block", "layout", "pack_inputs", "pack_weights", "unpack_outputs", "permute_layers", "PrivateServer",
@@ -148,15 +148,25 @@ class PrivateServer:
     """The server of private mode: the denoiser core's weights, one CKKS public context and one set of
     permutations per session; never a secret key, never a plaintext activation.
 
-    ``max_sessions`` bounds memory (the least recently used session is dropped), ``session_ttl`` (s)
-    drops idle ones, ``max_positions`` bounds the work of one request. Thread-safe."""
+    What one request may ask is what the client's forward pass sends (:func:`core_forward`): one
+    layer over ``R`` positions, or the stacked keys and values of all blocks over ``R·T`` positions
+    (T = ``context_tokens``, the length of the conditioning; None: any T ≤ 64), with 1 ≤ R ≤
+    ``max_rows`` (2: one image with guidance). Anything else is refused, so a request carries at most
+    a few dozen ciphertexts and the packed-weight cache of a session stays small.
+    ``sessions``: the session table (default: ``max_sessions``/``session_ttl``, no per-client limit).
+    Thread-safe."""
 
     def __init__(self, core: HECore, *, params: tuple[CKKSParams, ...] = (PRESETS["precise"],), permute: bool = True,
-                 max_sessions: int = 16, session_ttl: float = 600.0, max_positions: int = 4096):
+                 max_sessions: int = 16, session_ttl: float = 600.0, max_rows: int = 2, context_tokens: int | None = None,
+                 sessions: SessionTable | None = None):
+        if max_rows < 1 or (context_tokens is not None and context_tokens < 1):
+            raise ValueError(f"max_rows and context_tokens must be >= 1, got {max_rows} and {context_tokens}")
         self.core, self.params, self.permute = core.eval(), tuple(params), permute
-        self.max_positions = max_positions
+        self.max_rows, self.context_tokens = int(max_rows), context_tokens
+        self.max_positions = self.max_rows * (context_tokens or 64)
         self.shapes = {n: (m.out_features, m.in_features) for n, m in core.layers().items()}
-        self.sessions: SessionTable[_Session] = SessionTable(max_sessions=max_sessions, ttl=session_ttl)
+        self.kv_names = tuple(n for b in range(core.config.blocks) for n in (f"k{b}", f"v{b}"))
+        self.sessions: SessionTable[_Session] = sessions if sessions is not None else SessionTable(max_sessions=max_sessions, ttl=session_ttl)
 
     def spec(self) -> dict:
         """What a client needs to run its part: sizes of the network and of every layer (no weights)."""
@@ -166,52 +176,85 @@ class PrivateServer:
                 "context_width": self.core.context_width, "layers": {n: list(s) for n, s in self.shapes.items()},
                 "ckks": [p.to_dict() for p in self.params]}
 
-    def open_session(self, public_context: bytes) -> str:
-        """Register a client's public context (no secret key) and draw the session's permutations."""
+    def new_session(self, public_context: bytes, deadline: Deadline | None = None) -> _Session:
+        """A session's state: the client's public context (no secret key; checked before it is loaded)
+        and the session's permuted weights."""
         ctx = TenSEALContext.from_public_bytes(public_context, allowed=self.params)
+        if deadline is not None:
+            deadline.check()
         rng = np.random.default_rng(secrets.randbits(128)) if self.permute else None
         with torch.no_grad():
             weights = permute_layers(self.core, rng)
-        return self.sessions.open(_Session(ctx, weights, {}))
+        return _Session(ctx, weights, {})
 
-    def close_session(self, sid: str) -> None:
-        self.sessions.close(sid)
+    def open_session(self, public_context: bytes, *, owner: str | None = None) -> str:
+        """Register a client's public context and draw the session's permutations; returns its token."""
+        reservation = self.sessions.reserve(owner)
+        try:
+            session = self.new_session(public_context)
+        except BaseException:
+            self.sessions.cancel(reservation)
+            raise
+        return self.sessions.fill(reservation, session)
+
+    def close_session(self, sid: str, *, owner: str | None = None) -> None:
+        self.sessions.close(sid, owner=owner)
 
     def expected(self, names: tuple[str, ...], positions: int, *, slots: int) -> list[int]:
-        """Sizes of the ciphertexts a request for ``names`` over ``positions`` must carry."""
-        unknown = [n for n in names if n not in self.shapes]
-        if unknown or not names:
-            raise ProtocolError(f"unknown layer(s) {unknown or names} (layers: {', '.join(self.shapes)})")
-        if len({self.shapes[n][1] for n in names}) != 1:
-            raise ProtocolError(f"layers {names} do not share one input width")
-        if not 1 <= positions <= self.max_positions:
-            raise ProtocolError(f"positions must be in [1, {self.max_positions}], got {positions}")
+        """Sizes of the ciphertexts a request for ``names`` over ``positions`` must carry;
+        :class:`ProtocolError` for anything the client's forward pass does not ask."""
+        if names == self.kv_names:
+            T = self.context_tokens
+            ok = 1 <= positions <= self.max_positions and (T is None or positions % T == 0)
+            allowed = f"a multiple of {T} up to {self.max_positions}" if T else f"1 to {self.max_positions}"
+        elif len(names) == 1 and names[0] in self.shapes:
+            ok, allowed = 1 <= positions <= self.max_rows, f"1 to {self.max_rows}"
+        else:
+            raise ProtocolError(f"layers must be one of {', '.join(self.shapes)} or the stack {','.join(self.kv_names)}; "
+                                f"got {','.join(names)[:200]!r}")
+        if not ok:
+            raise ProtocolError(f"positions for layer(s) {','.join(names)} must be {allowed}, got {positions}")
         n_out, n_in = sum(self.shapes[n][0] for n in names), self.shapes[names[0]][1]
         return [blk.G * blk.M for blk in layout(positions, n_in, n_out, slots) for _ in range(blk.K)]
 
-    def linear(self, sid: str, names: tuple[str, ...], positions: int, ciphertexts: list[bytes]) -> list[bytes]:
+    def linear(self, sid: str, names: tuple[str, ...], positions: int, ciphertexts: list[bytes], *,
+               owner: str | None = None, deadline: Deadline | None = None) -> list[bytes]:
         """Y = X Wᵀ + b for the stacked layers ``names`` on the packed ciphertexts of X (see module docstring)."""
-        s = self.sessions.get(sid)
+        with self.sessions.use(sid, owner=owner) as s:
+            return self.compute(s, names, positions, ciphertexts, deadline)
+
+    def compute(self, s: _Session, names: tuple[str, ...], positions: int, ciphertexts: list[bytes],
+                deadline: Deadline | None = None) -> list[bytes]:
+        """:meth:`linear` on a session's state; ``deadline`` is checked between homomorphic operations."""
+        check = deadline.check if deadline is not None else (lambda: None)
         ctx, slots = s.context, s.context.params.slots
         sizes = self.expected(names, positions, slots=slots)
         if len(ciphertexts) != len(sizes):
             raise ProtocolError(f"{len(ciphertexts)} ciphertexts for layer(s) {','.join(names)} over {positions} positions; expected {len(sizes)}")
-        cts = [ctx.ciphertext_from_bytes(c, size=n) for c, n in zip(ciphertexts, sizes)]
+        for c, n in zip(ciphertexts, sizes):  # every envelope before any work; each is loaded when it is used,
+            ctx.check_ciphertext_bytes(c, size=n, fresh=True)  # so a request holds a few ciphertexts at a time
         key = (names, positions)
-        if key not in s.packed:
+        packed = s.packed.get(key)
+        if packed is None:
             W = np.concatenate([s.weights[n][0] for n in names])
             bs = [s.weights[n][1] for n in names]
             b = None if all(x is None for x in bs) else np.concatenate([np.zeros(self.shapes[n][0]) if x is None else x for n, x in zip(names, bs)])
-            s.packed[key] = pack_weights(W, b, positions, slots)
+            packed = s.packed[key] = pack_weights(W, b, positions, slots)
         out, i = [], 0
-        for weights, bias in s.packed[key]:
-            # Σ_k ct_k ⊙ W_k (+ b): depth 1
+        for weights, bias in packed:
+            # Σ_k ct_k ⊙ W_k (+ b): depth 1. An all-zero W_k adds nothing and is skipped (its product
+            # would be SEAL's "transparent" ciphertext, at another level than the other terms).
             acc = None
             for w in weights:
-                term = ctx.mul_plain(cts[i], w)
-                acc = term if acc is None else ctx.add(acc, term)
+                check()
+                ct = ctx.ciphertext_from_bytes(ciphertexts[i], size=sizes[i], fresh=True)
+                if w.any():
+                    term = ctx.mul_plain(ct, w)
+                    acc = term if acc is None else ctx.add(acc, term)
                 i += 1
-            if bias is not None:
+            if acc is None:  # a block of zero weights: its output is the bias
+                acc = ctx.encrypt(bias if bias is not None else np.zeros(len(weights[0])))
+            elif bias is not None:
                 acc = ctx.add_plain(acc, bias)
             out.append(acc.serialize())
         return out
