@@ -1,4 +1,5 @@
-"""What the hostile-client tests send: hand-made TenSEAL/SEAL bytes (ciphertexts of zeros that inflate
+"""What the service tests use: the plaintext image a served run gives (what every client must get), and
+what the hostile-client tests send: hand-made TenSEAL/SEAL bytes (ciphertexts of zeros that inflate
 far beyond their size, vectors holding many ciphertexts), raw HTTP requests from a chosen loopback
 source address, and a ``privdiff he serve`` process on 127.0.0.1.
 
@@ -17,7 +18,26 @@ import sys
 import time
 from dataclasses import dataclass
 
+import numpy as np
+
 CLIENTS = ("127.0.0.1", "127.0.0.2", "127.0.0.3")
+PROMPT = "a handwritten digit three"
+
+
+def plaintext_image(run, *, seed: int, steps: int, sampler: str | None = None):
+    """The image plaintext sampling of ``run`` gives for PROMPT (and its denoiser): what a client must get."""
+    from privdiff.config import recipe_to_dict, resolve_recipe
+    from privdiff.methods.stages import generate as sample_images
+    from privdiff.methods.stages import load_decoder, load_denoiser
+
+    over = [f"sampler.steps={steps}"] + ([f"sampler.name={sampler}"] if sampler else [])
+    recipe = resolve_recipe(recipe_to_dict(run.load_config()), over)
+    den = load_denoiser(run, recipe)
+    return sample_images(den, labels=None, n=1, recipe=recipe, prompts=[PROMPT], decode=load_decoder(run), seed=seed, progress=False), den
+
+
+def psnr(a, b) -> float:
+    return float(10 * np.log10(1.0 / max(float(np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2)), 1e-20)))
 
 
 # -- bytes ----------------------------------------------------------------------------------------

@@ -30,7 +30,7 @@ from privdiff.he.client import generate  # noqa: E402
 from privdiff.he.private import pack_inputs  # noqa: E402
 from privdiff.he.server import decode_frames, encode_frames  # noqa: E402
 
-from .hostile import CLIENTS, ServerProcess, many_ciphertexts, request, shape_of, zero_ciphertext  # noqa: E402
+from .hostile import CLIENTS, ServerProcess, many_ciphertexts, plaintext_image, psnr, request, shape_of, zero_ciphertext  # noqa: E402
 
 PROMPT = "a handwritten digit three"
 LIMITS = ["--max-sessions", "6", "--max-client-sessions", "3", "--timeout", "5"]  # --max-body-mb: the default
@@ -84,9 +84,6 @@ def compat_frames(ctx, n: int, seed: int = 0, *, x=None, mask=None):
     cts = [ctx.encrypt(x[idx][i:i + S].astype(np.float64)).serialize() for i in range(0, idx.size, S)]
     return [x.tobytes(), idx.astype(np.int64).tobytes(), rem.tobytes()] + cts
 
-
-def psnr(a, b) -> float:
-    return float(10 * np.log10(1.0 / max(float(np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2)), 1e-20)))
 
 
 class Loop:
@@ -323,8 +320,6 @@ def test_amplifying_requests_are_refused_before_they_inflate(served, ctx):
 def test_a_client_flooding_valid_work_does_not_starve_another(served, ctx, he_run):
     """Two other clients keep the workers busy with the largest requests the protocol allows (the
     stacked keys and values over both rows); a real client still gets its image, the same as alone."""
-    from .test_service import plaintext_image
-
     url, info = served.url, served.info
     T = info["limits"]["context_tokens"]
     kv = kv_layers(info)
@@ -358,8 +353,6 @@ def test_a_client_flooding_valid_work_does_not_starve_another(served, ctx, he_ru
 def test_compat_with_reference_parameters_reaches_a_default_server(served, he_run):
     """HE-Diffusion's own context (N = 8192, [31, 26×6, 31], Galois keys generated) against the default
     body limit: the client sends its parameters and public key only (about 0.55 MB, not 97 MB)."""
-    from .test_service import plaintext_image
-
     ref_ctx = TenSEALContext.generate(PRESETS["reference"])
     assert ref_ctx._ctx.has_galois_keys() and len(ref_ctx.public_bytes()) < 2 << 20
     result = generate(served.url, PROMPT, mode="compat", seed=5, steps=2, progress=False, context=ref_ctx)
@@ -439,8 +432,6 @@ def test_memory_settles_under_repeated_load(served, ctx):
 
 def test_memory_release_and_limits_do_not_change_the_image(served, he_run):
     """After all of the above, a client alone still gets the plaintext image (nothing was left broken)."""
-    from .test_service import plaintext_image
-
     result = generate(served.url, PROMPT, seed=8, steps=1, progress=False)
     ref, _ = plaintext_image(he_run, seed=8, steps=1)
     assert psnr(result.image, ref) >= 40.0

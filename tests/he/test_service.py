@@ -22,22 +22,9 @@ from privdiff.he.ckks import PRESETS, TenSEALContext  # noqa: E402
 from privdiff.he.client import generate  # noqa: E402
 from privdiff.he.server import encode_frames  # noqa: E402
 
+from .hostile import plaintext_image, psnr  # noqa: E402
+
 PROMPT = "a handwritten digit three"
-
-
-def plaintext_image(run, *, seed: int, steps: int, sampler: str | None = None):
-    from privdiff.config import recipe_to_dict, resolve_recipe
-    from privdiff.methods.stages import generate as sample_images
-    from privdiff.methods.stages import load_decoder, load_denoiser
-
-    over = [f"sampler.steps={steps}"] + ([f"sampler.name={sampler}"] if sampler else [])
-    recipe = resolve_recipe(recipe_to_dict(run.load_config()), over)
-    den = load_denoiser(run, recipe)
-    return sample_images(den, labels=None, n=1, recipe=recipe, prompts=[PROMPT], decode=load_decoder(run), seed=seed, progress=False), den
-
-
-def psnr(a, b) -> float:
-    return float(10 * np.log10(1.0 / max(float(np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2)), 1e-20)))
 
 
 def post(url: str, body: bytes) -> tuple[int, dict]:
