@@ -1,0 +1,120 @@
+"""A user's own pretrained diffusers UNet, read from a local directory, as a privdiff ``net``.
+
+Two layouts are read, with diffusers' ``from_pretrained(..., local_files_only=True)`` (nothing is
+ever downloaded):
+
+* a pixel-space ``UNet2DModel`` directory (``config.json`` + weights) with its scheduler config
+  beside it (``scheduler_config.json`` in the same directory or in ``../scheduler/``), the layout
+  of DDPM/ADM checkpoints converted to diffusers;
+* the ``unet/`` + ``scheduler/`` components of a Stable-Diffusion-style pipeline directory
+  (``model_index.json``).
+
+The net keeps the objective it was trained with (:class:`~privdiff.diffusion.discrete.DiscreteSchedule`
+from its scheduler config); :class:`~privdiff.diffusion.discrete.VPDenoiser` makes it a D(x; σ).
+What is trainable is chosen by group or by name pattern (:func:`select_trainable`); everything
+else is frozen, and the privacy engine clips exactly the trainable parameters.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+from pathlib import Path
+
+from diffusers import UNet2DConditionModel, UNet2DModel
+from torch import Tensor, nn
+
+from ..diffusion.discrete import DiscreteSchedule
+
+__all__ = ["DiffusersUNetNet", "TRAINABLE_GROUPS", "load_pretrained_unet", "select_trainable"]
+
+
+class DiffusersUNetNet(nn.Module):
+    """``net(x_t, t, cond)`` over a diffusers UNet: ``cond`` is the text encoder's hidden states
+    [B, L, D] for a ``UNet2DConditionModel``, class labels [B] (or None) for a ``UNet2DModel``."""
+
+    def __init__(self, unet: UNet2DModel | UNet2DConditionModel):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, x: Tensor, t: Tensor, cond: Tensor | None = None) -> Tensor:
+        if isinstance(self.unet, UNet2DConditionModel):
+            if cond is None:
+                raise ValueError("a UNet2DConditionModel needs a condition (the text encoder's hidden states)")
+            return self.unet(x, t, encoder_hidden_states=cond).sample
+        return self.unet(x, t, class_labels=cond).sample
+
+
+def _scheduler_config(root: Path) -> dict:
+    for path in (root / "scheduler_config.json", root.parent / "scheduler" / "scheduler_config.json", root / "scheduler" / "scheduler_config.json"):
+        if path.is_file():
+            try:
+                return json.loads(path.read_text())
+            except (OSError, ValueError) as e:
+                raise ValueError(f"{path}: not a readable scheduler config ({e})") from None
+    raise ValueError(f"{root}: no scheduler_config.json beside the UNet (or in scheduler/): the net's own noise schedule is needed")
+
+
+def load_pretrained_unet(path: str | Path) -> tuple[DiffusersUNetNet, DiscreteSchedule]:
+    """The UNet at ``path`` (a UNet directory or a pipeline directory) and its own training schedule.
+
+    Raises ``ValueError`` with one line for a directory that holds neither, a missing component,
+    or a scheduler config whose objective privdiff does not implement.
+    """
+    root = Path(path).expanduser()
+    if not root.is_dir():
+        raise ValueError(f"{root}: not a directory")
+    if (root / "model_index.json").is_file():  # a pipeline: its unet/ and scheduler/ components
+        if not (root / "unet" / "config.json").is_file():
+            raise ValueError(f"{root}: pipeline without a unet/ component (unet/config.json)")
+        root = root / "unet"
+    config_file = root / "config.json"
+    if not config_file.is_file():
+        raise ValueError(f"{root}: neither a diffusers UNet directory (config.json) nor a pipeline (model_index.json)")
+    try:
+        kind = json.loads(config_file.read_text()).get("_class_name")
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{config_file}: not a readable config ({e})") from None
+    classes = {"UNet2DModel": UNet2DModel, "UNet2DConditionModel": UNet2DConditionModel}
+    if kind not in classes:
+        raise ValueError(f"{config_file}: a {kind!r}; privdiff reads UNet2DModel or UNet2DConditionModel")
+    schedule = DiscreteSchedule.from_config(_scheduler_config(root))
+    try:
+        unet = classes[kind].from_pretrained(root, local_files_only=True, low_cpu_mem_usage=False)
+    except (OSError, ValueError, EnvironmentError) as e:
+        raise ValueError(f"{root}: the UNet's weights could not be read ({str(e).splitlines()[0]})") from None
+    return DiffusersUNetNet(unet), schedule
+
+
+# Module-name patterns of each trainable group (fnmatch over the UNet's parameter names).
+TRAINABLE_GROUPS: dict[str, tuple[str, ...]] = {
+    "all": ("*",),
+    "attentions": ("*attentions.*",),  # self- and cross-attention blocks (Transformer2DModel / Attention), DP-LDM's choice
+    "cross_attention": ("*attn2.*",),  # the cross-attention layers only
+    "norms": ("*norm*",),
+    "time_embedding": ("time_embedding.*",),
+    "class_embedding": ("class_embedding.*",),
+}
+
+
+def select_trainable(net: nn.Module, trainable: list[str] | tuple[str, ...]) -> list[str]:
+    """Freeze every parameter of ``net`` except those of the named groups or patterns; returns the trainable names.
+
+    Each entry is a key of :data:`TRAINABLE_GROUPS` or an fnmatch pattern over parameter names
+    (e.g. ``"*attn2.to_k*"``). An entry that matches no parameter is an error, not ignored.
+    """
+    names = [n for n, _ in net.named_parameters()]
+    patterns: list[str] = []
+    for entry in trainable:
+        group = TRAINABLE_GROUPS.get(entry, (entry,))
+        prefixed = [p if p == "*" or p.startswith("*") else f"*{p}" for p in group]
+        if not any(fnmatch.fnmatchcase(n, p) for n in names for p in prefixed):
+            raise ValueError(f"model.trainable entry {entry!r} matches no parameter of the model")
+        patterns += prefixed
+    chosen = []
+    for name, p in net.named_parameters():
+        keep = any(fnmatch.fnmatchcase(name, pat) for pat in patterns)
+        p.requires_grad_(keep)
+        if keep:
+            chosen.append(name)
+    return chosen

@@ -1,0 +1,154 @@
+"""A user's own diffusers UNet: loaded from a local directory with its own objective, and trained privately
+with per-example gradients proven on its real block types (ResnetBlock2D, CrossAttnDown/UpBlock2D,
+Transformer2DModel with GEGLU, LayerNorm, GroupNorm, attention processors, time and class embeddings,
+and peft LoRA layers) against one example at a time."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from diffusers import DDPMScheduler, UNet2DConditionModel, UNet2DModel
+
+from privdiff.diffusion import denoising_loss
+from privdiff.diffusion.discrete import DiscreteSchedule, DiscreteSigma, VPDenoiser
+from privdiff.models.pretrained import DiffusersUNetNet, load_pretrained_unet, select_trainable
+from privdiff.privacy.clipping import BookKeeping
+from tests.helpers import assert_same, jitter
+
+
+def tiny_pixel_unet(seed: int = 0) -> UNet2DModel:
+    """A DDPM-style pixel UNet with attention and a class embedding (as diffusers' own tests build dummies)."""
+    torch.manual_seed(seed)
+    return UNet2DModel(sample_size=8, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=(8, 16),
+                       down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+                       norm_num_groups=4, attention_head_dim=4, num_class_embeds=3)
+
+
+def tiny_sd_unet(seed: int = 0) -> UNet2DConditionModel:
+    """A Stable-Diffusion-layout latent UNet: cross-attention blocks (Transformer2DModel, GEGLU feed-forward)."""
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(8, 16),
+                                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+                                cross_attention_dim=12, attention_head_dim=4, norm_num_groups=4)
+
+
+def _with_lora(net):
+    from peft import LoraConfig, inject_adapter_in_model
+
+    net.requires_grad_(False)
+    inject_adapter_in_model(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"]), net.unet)
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            if "lora_B" in name:  # off peft's zero init, so every LoRA factor has a gradient
+                p.normal_(0, 0.1)
+    return net
+
+
+CASES = {  # name: (build the net, trainable selection or "lora", condition)
+    "pixel-all": (lambda: DiffusersUNetNet(tiny_pixel_unet()), ["all"], "labels"),
+    "pixel-attention+class": (lambda: DiffusersUNetNet(tiny_pixel_unet()), ["attentions", "class_embedding"], "labels"),
+    "sd-all": (lambda: DiffusersUNetNet(tiny_sd_unet()), ["all"], "text"),
+    "sd-attentions (DP-LDM)": (lambda: DiffusersUNetNet(tiny_sd_unet()), ["attentions"], "text"),
+    "sd-cross-attention+time": (lambda: DiffusersUNetNet(tiny_sd_unet()), ["cross_attention", "time_embedding"], "text"),
+    "sd-lora": (lambda: DiffusersUNetNet(tiny_sd_unet()), "lora", "text"),
+}
+
+
+@pytest.fixture(autouse=True)
+def _one_kernel():
+    """One per-example convolution kernel (no timing of candidates): cheaper on tiny models, same result."""
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    yield
+    torch.use_deterministic_algorithms(before)
+
+
+@pytest.mark.parametrize("case,prediction_type", [(case, "epsilon") for case in CASES] + [("sd-all", "v_prediction")])
+def test_per_example_gradients_on_real_diffusers_blocks(case, prediction_type):
+    build, trainable, cond_kind = CASES[case]
+    net = jitter(build(), 1)
+    if trainable == "lora":
+        net = _with_lora(net)
+    else:
+        select_trainable(net, trainable)
+    sched = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, prediction_type=prediction_type)
+    den = VPDenoiser(net, schedule=DiscreteSchedule.from_config(sched.config))
+    B, K = 3, 2
+    g = torch.Generator().manual_seed(5)
+    channels = net.unet.config.in_channels
+    x0 = torch.randn(B, channels, 8, 8, generator=g)
+    sigma = DiscreteSigma(den.schedule)((B, K), generator=g)
+    noise = torch.randn(B, K, channels, 8, 8, generator=g)
+    cond = torch.randint(0, 3, (B, K), generator=g) if cond_kind == "labels" else torch.randn(B, K, 5, 12, generator=g)
+
+    def batch_loss(m):
+        return _loss(m, x0, cond, sigma, noise)
+
+    def row_loss(m, b):
+        return _loss(m, x0[b:b + 1], cond[b:b + 1], sigma[b:b + 1], noise[b:b + 1])
+
+    assert_same(den, batch_loss, row_loss, B, K, 1e-3)
+
+
+def _loss(den, x0, cond, sigma, noise):
+    """The per-example loss with a per-draw condition: labels [B, K] or text states [B, K, L, D]."""
+    if cond.ndim == 2:
+        return denoising_loss(den, x0, cond, sigma=sigma, noise=noise)
+    B, K = sigma.shape
+    states = cond.reshape(B * K, *cond.shape[2:])
+    return denoising_loss(lambda x, s, _: den(x, s, states), x0, None, sigma=sigma, noise=noise, loss_weight=den.loss_weight)
+
+
+def test_frozen_parameters_stay_bitwise_equal_through_a_private_step():
+    net = jitter(DiffusersUNetNet(tiny_sd_unet()), 2)
+    chosen = set(select_trainable(net, ["attentions"]))
+    before = {n: p.detach().clone() for n, p in net.named_parameters()}
+    sched = DDPMScheduler()
+    den = VPDenoiser(net, schedule=DiscreteSchedule.from_config(sched.config))
+    bk = BookKeeping(den, max_grad_norm=1e-2)
+    g = torch.Generator().manual_seed(0)
+    x0, cond = torch.randn(3, 4, 8, 8, generator=g), torch.randn(3, 1, 5, 12, generator=g)
+    sigma, noise = DiscreteSigma(den.schedule)((3, 1), generator=g), torch.randn(3, 1, 4, 8, 8, generator=g)
+    with bk.recording():
+        loss = _loss(den, x0, cond, sigma, noise)
+    bk.clipped_backward(loss)
+    torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=1.0).step()
+    for n, p in net.named_parameters():
+        assert torch.equal(p, before[n]) != (n in chosen), n  # trained ones moved, frozen ones are bitwise equal
+    assert chosen and all("attentions." in n for n in chosen)
+
+
+def test_load_a_local_unet_and_a_pipeline_with_their_schedules(tmp_path):
+    unet = tiny_pixel_unet()
+    unet.save_pretrained(tmp_path / "ddpm")
+    DDPMScheduler(beta_schedule="linear").save_config(tmp_path / "ddpm")
+    net, schedule = load_pretrained_unet(tmp_path / "ddpm")
+    assert isinstance(net.unet, UNet2DModel) and schedule.beta_schedule == "linear" and schedule.prediction_type == "epsilon"
+    for a, b in zip(net.parameters(), unet.parameters()):
+        assert torch.equal(a, b)
+
+    pipe = tmp_path / "pipe"
+    tiny_sd_unet().save_pretrained(pipe / "unet")
+    DDPMScheduler(beta_schedule="scaled_linear", prediction_type="v_prediction").save_config(pipe / "scheduler")
+    (pipe / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+    net, schedule = load_pretrained_unet(pipe)
+    assert isinstance(net.unet, UNet2DConditionModel) and schedule.prediction_type == "v_prediction"
+
+
+def test_bad_pretrained_directories_give_one_line_errors(tmp_path):
+    with pytest.raises(ValueError, match="not a directory"):
+        load_pretrained_unet(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="neither a diffusers UNet directory"):
+        load_pretrained_unet(tmp_path / "empty")
+    (tmp_path / "pipe").mkdir()
+    (tmp_path / "pipe" / "model_index.json").write_text("{}")
+    with pytest.raises(ValueError, match="without a unet/"):
+        load_pretrained_unet(tmp_path / "pipe")
+    tiny_pixel_unet().save_pretrained(tmp_path / "nosched")
+    with pytest.raises(ValueError, match="scheduler_config.json"):
+        load_pretrained_unet(tmp_path / "nosched")
+    with pytest.raises(ValueError, match="matches no parameter"):
+        select_trainable(DiffusersUNetNet(tiny_pixel_unet()), ["cross_attention"])  # a pixel UNet has no cross-attention
