@@ -3,7 +3,12 @@
 A write goes to a temporary file beside its target, is fsynced, renamed over the target, and the
 directory is fsynced, so after a kill (or a power cut) the target holds the old or the new content,
 never a mix, and a later rename cannot overtake an earlier one on disk. A kill can leave the
-temporary file itself behind (``.NAME.*.tmp``); :func:`remove_temporaries` clears them.
+temporary itself behind: ``.NAME.XXXXXXXX.tmp`` beside its target NAME (XXXXXXXX: :mod:`tempfile`'s
+eight random characters). :func:`remove_temporaries` clears those of given target names in one
+directory, and nothing else: a user's own ``.something.tmp`` is never touched.
+
+A failed write (a full disk included) raises :class:`OSError` and removes its temporary, so the
+target keeps its previous content.
 
 Under ``torchrun`` only rank 0 writes (:mod:`privdiff.distributed`): on other ranks these
 functions write nothing (``atomic_directory`` yields a scratch directory that is then removed).
@@ -12,6 +17,7 @@ functions write nothing (``atomic_directory`` yields a scratch directory that is
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 from contextlib import contextmanager
@@ -34,8 +40,10 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
         fsync_directory(path.parent)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.filename is None:  # a write error names no file: say which target failed
+            raise OSError(e.errno, f"cannot write {path}: {e.strerror or e}") from None
         raise
 
 
@@ -60,12 +68,21 @@ def fsync_tree(path: str | os.PathLike) -> None:
         fsync_directory(root)
 
 
-def remove_temporaries(path: str | os.PathLike) -> list[Path]:
-    """Delete the temporaries (``.NAME.*.tmp`` files and directories) a killed writer left under ``path``.
+TEMPORARY_SUFFIX = r"\.[a-z0-9_]{8}\.tmp"  # what tempfile.mkstemp/mkdtemp add after ``.NAME.`` (its name sequence)
+
+
+def remove_temporaries(directory: str | os.PathLike, *, targets: str) -> list[Path]:
+    """Delete the temporaries this module's writers left in ``directory`` (not below it) for targets whose
+    names fully match the regular expression ``targets``: entries named ``.NAME.XXXXXXXX.tmp``. Anything
+    else, a user's own ``.notes.tmp`` included, stays.
 
     Only safe while no other process writes there (a run holds its lock, :func:`privdiff.runs.open_run`).
     """
-    found = sorted(Path(path).rglob(".*.tmp"), key=lambda p: -len(p.parts))
+    directory = Path(directory)
+    if not directory.is_dir() or directory.is_symlink():
+        return []
+    pattern = re.compile(rf"\.(?:{targets}){TEMPORARY_SUFFIX}")
+    found = sorted(p for p in directory.iterdir() if pattern.fullmatch(p.name))
     for p in found:
         if p.is_dir() and not p.is_symlink():
             shutil.rmtree(p, ignore_errors=True)
@@ -80,7 +97,13 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 @contextmanager
 def atomic_directory(path: str | os.PathLike):
-    """Yield a temporary directory; on success it is renamed to ``path`` (which must not exist)."""
+    """Yield a temporary directory; on success it is renamed to ``path``.
+
+    An existing ``path`` is replaced only once the new directory is complete: it is first renamed
+    aside (to a temporary name), so a failure or a kill at any moment leaves the old directory or
+    the new one at ``path`` (or, killed between the two renames, the old one under its temporary
+    name, which :func:`remove_temporaries` clears), never a half-written one.
+    """
     path = Path(path)
     if not is_main():  # the caller's writes go to scratch space and vanish
         with tempfile.TemporaryDirectory(prefix="privdiff-rank-") as scratch:
@@ -91,8 +114,19 @@ def atomic_directory(path: str | os.PathLike):
     try:
         yield tmp
         fsync_tree(tmp)
-        os.replace(tmp, path)
+        aside = None
+        if path.exists():
+            aside = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+            os.replace(path, aside)  # onto an empty directory: allowed
+        try:
+            os.replace(tmp, path)
+        except BaseException:
+            if aside is not None:
+                os.replace(aside, path)  # put the old one back
+            raise
         fsync_directory(path.parent)
+        if aside is not None:
+            shutil.rmtree(aside, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -117,19 +117,23 @@ def test_budget_is_never_exceeded(tmp_path, tiny_overrides, capsys):
     assert after["events"][0]["steps"] == planned and after["epsilon"] == ledger["epsilon"] <= 2.0
 
 
-def test_corrupted_checkpoint_gives_a_clear_error(tmp_path, tiny_overrides, capsys):
+def test_corrupted_checkpoint_is_set_aside_and_training_resumes(tmp_path, tiny_overrides, capsys):
+    """The only checkpoint is damaged: it is kept aside, said on stderr, and training starts again from step 0
+    with the ledger's count kept (the replay draws the same batches and noise; tests/test_runs.py has more)."""
     code, run = _train(tmp_path, tiny_overrides, "train.max_steps=2")
     assert code == 0
     ckpt = run / "checkpoints" / (run / "checkpoints" / "latest").read_text().strip()
     weights = ckpt / "unet" / "diffusion_pytorch_model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
-    ledger_before = (run / "ledger.json").read_bytes()
+    ledger_before = json.loads((run / "ledger.json").read_text())
     capsys.readouterr()
     code, _ = _train(tmp_path, tiny_overrides, "train.max_steps=4")
-    err = capsys.readouterr().err.strip().splitlines()
-    assert code != 0 and len(err) == 1
-    assert "corrupted" in err[0] and "diffusion_pytorch_model.safetensors" in err[0]
-    assert (run / "ledger.json").read_bytes() == ledger_before  # nothing on disk was touched
+    err = capsys.readouterr().err
+    assert code == 0 and "Traceback" not in err
+    assert "corrupted" in err and "diffusion_pytorch_model.safetensors" in err and "starts again from step 0" in err
+    assert (run / "checkpoints" / "damaged" / ckpt.name / "unet" / weights.name).is_file()
+    after = json.loads((run / "ledger.json").read_text())
+    assert after["run_id"] == ledger_before["run_id"] and after["events"][0]["steps"] == 4  # continued, never restarted
 
 
 def test_bad_dataset_path_gives_a_clear_error(tmp_path, tiny_overrides, capsys):

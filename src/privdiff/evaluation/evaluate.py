@@ -65,7 +65,7 @@ def load_or_draw_samples(run: Run, recipe: Recipe, data: ImageDataset, *, n: int
             with np.load(path, allow_pickle=False) as f:
                 stored = json.loads(str(f["meta"])) if "meta" in f else None
                 images, labels = f["images"], f["labels"]
-        except (OSError, ValueError, KeyError) as e:
+        except Exception as e:  # a damaged .npz raises BadZipFile, EOFError, zlib.error, ValueError, KeyError...
             raise RunError(f"{path}: unreadable samples ({type(e).__name__}); delete it to draw new ones") from None
         if stored == meta:
             _check_samples(path, images, labels, expected, n=n, num_classes=data.num_classes)

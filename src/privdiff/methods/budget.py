@@ -9,6 +9,7 @@ and :func:`private_training_set`.
 
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING
 
 from ..config import Recipe, TrainConfig
@@ -21,7 +22,7 @@ from ..runs import Run, RunError
 if TYPE_CHECKING:
     from ..privacy.registry import Registry
 
-__all__ = ["data_identity", "load_ledger", "noise_for", "open_ledger", "planned_event", "planned_steps",
+__all__ = ["check_plan", "data_identity", "load_ledger", "noise_for", "open_ledger", "planned_event", "planned_steps",
            "private_training_set", "replayed_steps"]
 
 
@@ -50,7 +51,11 @@ def load_ledger(run: Run, dataset: ImageDataset) -> Ledger | None:
     """The run's ledger, if any, checked against the private data it must describe."""
     if not run.ledger_path.exists():
         return None
-    ledger = Ledger.load(run.ledger_path)
+    try:
+        ledger = Ledger.load(run.ledger_path)
+    except (OSError, ValueError) as e:  # damaged: never replaced by a fresh one, which would restart the count
+        raise RunError(f"{(str(e).splitlines() or [type(e).__name__])[0]}; the ledger is the run's privacy record: "
+                       "restore it from a backup (the run cannot continue without it)") from None
     if ledger.dataset.get("fingerprint") != dataset.fingerprint:
         raise RunError(f"{run.ledger_path}: recorded for data {ledger.dataset.get('fingerprint')}, "
                        f"but {dataset.name} now has {dataset.fingerprint}")
@@ -100,14 +105,13 @@ def _open_ledger(run: Run, recipe: Recipe, dataset: ImageDataset, *, plan: list[
 
     ledger = load_ledger(run, dataset)
     fresh = ledger is None
-    if fresh:
-        ledger = Ledger(
-            delta=recipe.privacy.delta, accountant=recipe.privacy.accountant, dataset=data_identity(dataset),
-            target_epsilon=recipe.privacy.epsilon if recipe.privacy.enabled else None,
-        )
-        ledger.save(run.ledger_path)  # its run_id is the registry's key: on disk before it is registered
+    planned = list(plan) + [planned_event(recipe, ledger or _fresh_ledger(recipe, dataset), num_examples=len(dataset),
+                                          stage=stage, prior=plan)]  # calibrated before anything is written
     registry = registry or Registry()
-    planned = list(plan) + [planned_event(recipe, ledger, num_examples=len(dataset), stage=stage, prior=plan)]
+    if fresh:
+        ledger = _fresh_ledger(recipe, dataset)
+        run.created(run.ledger_path)  # a start that fails leaves no ledger behind
+        ledger.save(run.ledger_path)  # its run_id is the registry's key: on disk before it is registered
     try:
         registry.admit(run_id=ledger.run_id, dataset=ledger.dataset, planned=planned, recorded=ledger.events,
                        path=str(run.path.resolve()), target_epsilon=ledger.target_epsilon, delta=ledger.delta,
@@ -116,14 +120,33 @@ def _open_ledger(run: Run, recipe: Recipe, dataset: ImageDataset, *, plan: list[
         if fresh:
             run.ledger_path.unlink(missing_ok=True)  # a refused run leaves no ledger behind
         raise
+    if fresh:  # a start that fails after this withdraws the reservation (it recorded nothing)
+        run.on_undo(lambda: registry.withdraw(run_id=ledger.run_id))
     ledger.sink = lambda lg: registry.record(run_id=lg.run_id, events=lg.events)
     return ledger
+
+
+def _fresh_ledger(recipe: Recipe, dataset: ImageDataset) -> Ledger:
+    return Ledger(delta=recipe.privacy.delta, accountant=recipe.privacy.accountant, dataset=data_identity(dataset),
+                  target_epsilon=recipe.privacy.epsilon if recipe.privacy.enabled else None)
+
+
+def check_plan(out, recipe: Recipe, dataset: ImageDataset, *, plan: list[dict] = (), stage: str = "dp_sgd") -> list[dict]:
+    """Before a run writes anything: the events :func:`open_ledger` will reserve, with the noise calibrated
+    now (an unreachable target is an error here), against the run's ledger if ``out`` holds one (it must
+    load and describe ``dataset``: a damaged ledger is an error before anything is touched)."""
+    run = Run(out)
+    ledger = load_ledger(run, dataset) if run.path.is_dir() else None
+    return list(plan) + [planned_event(recipe, ledger or _fresh_ledger(recipe, dataset), num_examples=len(dataset),
+                                       stage=stage, prior=plan)]
 
 
 def planned_event(recipe: Recipe, ledger: Ledger, *, num_examples: int, stage: str = "dp_sgd", prior: list[dict] = ()) -> dict:
     """The event a recipe's private training stage will record: σ calibrated after the ledger's other
     stages and the ``prior`` planned ones (as :func:`noise_for` will), q, and its steps (``max_steps`` if fewer)."""
     t = recipe.train
+    if not 1 <= t.batch_size <= num_examples:
+        raise ValueError(f"train.batch_size={t.batch_size} must be in [1, {num_examples}], the size of the private data set")
     steps = planned_steps(t, num_examples) if t.max_steps is None else min(planned_steps(t, num_examples), t.max_steps)
     q = t.batch_size / num_examples
     sigma = 0.0
@@ -131,8 +154,8 @@ def planned_event(recipe: Recipe, ledger: Ledger, *, num_examples: int, stage: s
         recorded = {e["stage"] for e in ledger.events}
         others = ledger.history(exclude_stage=stage) + [
             (e["noise_multiplier"], e["sample_rate"], e["steps"]) for e in prior if e["stage"] not in recorded]
-        sigma = calibrate_noise(epsilon_target=recipe.privacy.epsilon, delta=recipe.privacy.delta, sample_rate=q,
-                                steps=planned_steps(t, num_examples), accountant=recipe.privacy.accountant, prior=others)
+        sigma = _calibrate(recipe.privacy.epsilon, recipe.privacy.delta, q, planned_steps(t, num_examples),
+                           recipe.privacy.accountant, tuple(tuple(x) for x in others))
     return {"stage": stage, "mechanism": SUBSAMPLED_GAUSSIAN if recipe.privacy.enabled else NON_PRIVATE,
             "noise_multiplier": sigma, "sample_rate": q, "steps": steps}
 
@@ -143,14 +166,17 @@ def noise_for(recipe: Recipe, ledger: Ledger, *, stage: str, num_examples: int) 
     Deterministic in (recipe, earlier stages), so a resumed run recomputes the same σ.
     """
     prior = ledger.history(exclude_stage=stage)
-    return calibrate_noise(
-        epsilon_target=recipe.privacy.epsilon,
-        delta=recipe.privacy.delta,
-        sample_rate=recipe.train.batch_size / num_examples,
-        steps=planned_steps(recipe.train, num_examples),
-        accountant=recipe.privacy.accountant,
-        prior=prior,
-    )
+    return _calibrate(recipe.privacy.epsilon, recipe.privacy.delta, recipe.train.batch_size / num_examples,
+                      planned_steps(recipe.train, num_examples), recipe.privacy.accountant, tuple(tuple(x) for x in prior))
+
+
+@functools.lru_cache(maxsize=64)
+def _calibrate(epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str,
+               prior: tuple[tuple[float, float, int], ...]) -> float:
+    """:func:`calibrate_noise`, once per process for the same arguments (a start checks the plan, reserves it
+    and then trains with it: three calls, one search). Deterministic, so the cache changes no value."""
+    return calibrate_noise(epsilon_target=epsilon, delta=delta, sample_rate=sample_rate, steps=steps, accountant=accountant,
+                           prior=list(prior))
 
 
 def replayed_steps(ledger: Ledger | None, *, stage: str, start: int, mech: dict) -> int:

@@ -31,13 +31,22 @@ from ..config import Recipe
 from ..data import DatasetError, ImageDataset, load_dataset
 from ..data.captions import caption_variants
 from ..diffusion import drop_labels
-from ..models.autoencoder import encode_latents
+from ..models.autoencoder import build_autoencoder, encode_latents
 from ..models.latent import build_latent_net, select_trainable
 from ..models.text import build_text_encoder
 from ..privacy.ledger import Ledger
 from ..runs import Run, open_run, save_samples
-from .budget import data_identity, open_ledger
-from .stages import Conditioner, class_grid_labels, default_device, generate, load_decoder, train_autoencoder, train_denoiser
+from .budget import check_plan, data_identity, open_ledger
+from .stages import (
+    Conditioner,
+    check_stage,
+    class_grid_labels,
+    default_device,
+    generate,
+    load_decoder,
+    train_autoencoder,
+    train_denoiser,
+)
 
 if TYPE_CHECKING:
     from ..privacy.audit import GradientCanaries
@@ -83,6 +92,19 @@ def load_public(recipe: Recipe, *, like: ImageDataset, section: str = "ldm") -> 
     return dataclasses.replace(public, images=images)
 
 
+def latent_net(recipe: Recipe, text_encoder: torch.nn.Module, *, latent_channels: int, latent_size: int, num_classes: int):
+    """A fresh latent denoiser (``ldm.net``: the cross-attention UNet, or the HE-friendly network of encrypted
+    inference) around a copy of ``text_encoder``."""
+    L = recipe.ldm
+    if L.net == "he":  # the HE-friendly denoiser of encrypted inference (privdiff.models.he_net)
+        from ..models.he_net import build_he_net
+
+        return build_he_net(L.he, copy.deepcopy(text_encoder), latent_channels=latent_channels, latent_size=latent_size,
+                            num_classes=num_classes)
+    return build_latent_net(L.unet, copy.deepcopy(text_encoder), latent_channels=latent_channels, latent_size=latent_size,
+                            num_classes=num_classes)
+
+
 def caption_conditioner(dataset: ImageDataset, recipe: Recipe, tokenizer, device: torch.device) -> Conditioner:
     """Per draw: [label or ∅, tokens of a random caption of that label or none], each dropped independently
     (``diffusion.label_dropout``, ``ldm.text.caption_dropout``), so the model learns label-only, text-only,
@@ -112,24 +134,36 @@ def train(recipe: Recipe, *, out: str | Path, progress: bool = True, grid_per_cl
     d, L, device = recipe.data, recipe.ldm, default_device()
     private = load_dataset(d.name, root=d.root, split="train", resolution=d.resolution)
     public = load_public(recipe, like=private)
-    run = open_run(out, recipe)
-    ledger = open_ledger(run, recipe, private)
+    names = private.class_names or tuple(str(i) for i in range(private.num_classes))
 
-    ae = train_autoencoder(run=run, recipe=recipe, public=public, ledger=ledger, progress=progress)
+    def text():
+        return build_text_encoder(L.text, class_names=(names, public.class_names or names))
+
+    # everything that can fail is checked before the run writes anything or reserves budget: the
+    # networks of every stage (built on the meta device; the text encoder for real, as a local
+    # Hugging Face one may be missing), the batch sizes, the trainable groups, the noise calibration
+    with torch.random.fork_rng(devices=[]):
+        text_encoder = text()
+        with torch.device("meta"):
+            build_autoencoder(L.autoencoder, in_channels=public.channels, resolution=public.resolution)
+    latent = dict(latent_channels=L.autoencoder.latent_channels, num_classes=private.num_classes,
+                  latent_size=private.resolution // 2 ** (len(L.autoencoder.channels) - 1))
+    check_stage(stage="pretrain", num_examples=len(public), train=L.pretrain, build=lambda: latent_net(recipe, text_encoder, **latent))
+    check_stage(stage="dp_sgd", num_examples=len(private), train=recipe.train, build=lambda: latent_net(recipe, text_encoder, **latent),
+                select=lambda net: select_trainable(net, L.trainable))
+    check_plan(out, recipe, private)
+    run = open_run(out, recipe)
+    with run.starting():  # a start that still fails removes what it created
+        ledger = open_ledger(run, recipe, private)
+        ae = train_autoencoder(run=run, recipe=recipe, public=public, ledger=ledger, progress=progress)
     z_public = dataclasses.replace(public, images=encode_latents(ae, public.images.to(device)).cpu())
     z_private = dataclasses.replace(private, images=encode_latents(ae, private.images.to(device)).cpu())
-    names = private.class_names or tuple(str(i) for i in range(private.num_classes))
-    text_encoder = build_text_encoder(L.text, class_names=(names, public.class_names or names))
+    text_encoder = text()  # drawn here, after the autoencoder, as always (same weights for the same seed)
     tokenizer = text_encoder.tokenizer
 
     def fresh():
-        if L.net == "he":  # the HE-friendly denoiser of encrypted inference (privdiff.models.he_net)
-            from ..models.he_net import build_he_net
-
-            return build_he_net(L.he, copy.deepcopy(text_encoder), latent_channels=z_private.channels,
-                                latent_size=z_private.resolution, num_classes=private.num_classes)
-        return build_latent_net(L.unet, copy.deepcopy(text_encoder), latent_channels=z_private.channels,
-                                latent_size=z_private.resolution, num_classes=private.num_classes)
+        return latent_net(recipe, text_encoder, latent_channels=z_private.channels, latent_size=z_private.resolution,
+                          num_classes=private.num_classes)
 
     pre = train_denoiser(run=run.stage("pretrain"), recipe=recipe, dataset=z_public, ledger=None, stage="pretrain",
                          train=L.pretrain, init=fresh, condition=caption_conditioner(z_public, recipe, tokenizer, device),

@@ -14,8 +14,8 @@ from ..config import Recipe
 from ..data import load_dataset
 from ..privacy.ledger import Ledger
 from ..runs import Run, open_run, save_samples
-from .budget import open_ledger
-from .stages import class_grid_labels, generate, train_denoiser
+from .budget import check_plan, open_ledger
+from .stages import check_stage, class_grid_labels, generate, pixel_net, train_denoiser
 
 if TYPE_CHECKING:
     from ..privacy.audit import GradientCanaries
@@ -36,9 +36,13 @@ def train(recipe: Recipe, *, out: str | Path, progress: bool = True, grid_per_cl
     ``audit``: the canaries of ``privdiff audit`` (:mod:`privdiff.methods.audit`), put into the DP-SGD stage."""
     d = recipe.data
     dataset = load_dataset(d.name, root=d.root, split="train", resolution=d.resolution)
+    # everything that can fail is checked before the run writes anything or reserves budget
+    check_stage(stage="dp_sgd", num_examples=len(dataset), train=recipe.train, build=lambda: pixel_net(recipe, dataset))
+    check_plan(out, recipe, dataset)
     run = open_run(out, recipe)
-    ledger = open_ledger(run, recipe, dataset)
-    result = train_denoiser(run=run, recipe=recipe, dataset=dataset, ledger=ledger, progress=progress, audit=audit)
+    with run.starting():  # a start that still fails removes what it created
+        ledger = open_ledger(run, recipe, dataset)
+        result = train_denoiser(run=run, recipe=recipe, dataset=dataset, ledger=ledger, progress=progress, audit=audit)
     labels = class_grid_labels(dataset.num_classes, grid_per_class)
     images = generate(result.denoiser, labels=labels, n=len(labels), recipe=recipe, seed=recipe.train.seed, progress=progress)
     grid, _ = save_samples(run.samples, images, labels.numpy(), nrow=grid_per_class)

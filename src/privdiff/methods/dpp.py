@@ -34,8 +34,8 @@ from ..data.augment import augment_copies
 from ..privacy.central import release_central_images, release_parameters
 from ..privacy.ledger import SUBSAMPLED_GAUSSIAN, Ledger
 from ..runs import Run, open_run, save_grid, save_samples
-from .budget import open_ledger
-from .stages import class_grid_labels, generate, train_denoiser
+from .budget import check_plan, open_ledger
+from .stages import check_stage, class_grid_labels, generate, pixel_net, train_denoiser
 
 if TYPE_CHECKING:
     from ..privacy.audit import GradientCanaries
@@ -72,6 +72,7 @@ def central_images(run: Run, recipe: Recipe, private: ImageDataset, ledger: Ledg
     c = recipe.dpp
     event = release_event(recipe, private)
     q, sensitivity = event["sample_rate"], event["sensitivity"]
+    run.commit_start()  # the run's work begins
     ledger.record(**event)  # write-ahead: counted before the data is touched
     ledger.save(run.ledger_path)
     g = torch.Generator().manual_seed(recipe.train.seed * 1000 + 11)
@@ -95,9 +96,16 @@ def train(recipe: Recipe, *, out: str | Path, progress: bool = True, grid_per_cl
     ``audit``: the canaries of ``privdiff audit`` (:mod:`privdiff.methods.audit`), put into the DP-SGD stage only."""
     d, c = recipe.data, recipe.dpp
     private = load_dataset(d.name, root=d.root, split="train", resolution=d.resolution)
+    # everything that can fail is checked before the run writes anything, reserves budget or releases anything
+    event = release_event(recipe, private)
+    released_size = c.copies * c.rounds * private.num_classes  # augmented copies of R images per class
+    check_stage(stage="pretrain", num_examples=released_size, train=c.pretrain, build=lambda: pixel_net(recipe, private))
+    check_stage(stage="dp_sgd", num_examples=len(private), train=recipe.train)
+    check_plan(out, recipe, private, plan=[event])
     run = open_run(out, recipe)
-    ledger = open_ledger(run, recipe, private, plan=[release_event(recipe, private)])
-    images, labels = central_images(run, recipe, private, ledger)
+    with run.starting():  # a start that still fails removes what it created
+        ledger = open_ledger(run, recipe, private, plan=[event])
+        images, labels = central_images(run, recipe, private, ledger)
     aug, aug_labels = augment_copies(images, labels, copies=c.copies, num_ops=c.num_ops, magnitude=c.magnitude,
                                      generator=torch.Generator().manual_seed(recipe.train.seed * 1000 + 12))
     released = dataclasses.replace(private, images=aug * 2 - 1, labels=aug_labels)  # derived from the release only

@@ -39,16 +39,24 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..attacks.proxy import ProxyAttacker, feature_dim, member_gain, proxy_features
 from ..atomic import atomic_write_text
+from ..attacks.proxy import ProxyAttacker, feature_dim, member_gain, proxy_features
 from ..config import Recipe
 from ..data import ImageDataset, load_dataset
 from ..data.membership import MembershipSplits, split_pool
 from ..models.lora import LoRASpec, LoRAUNetNet, lora_parameters
 from ..privacy.ledger import Ledger
 from ..runs import Run, open_run, save_samples
-from .budget import data_identity, open_ledger
-from .stages import class_grid_labels, default_device, generate, train_denoiser, training_sigma_distribution
+from .budget import check_plan, data_identity, open_ledger
+from .stages import (
+    check_stage,
+    class_grid_labels,
+    default_device,
+    generate,
+    pixel_net,
+    train_denoiser,
+    training_sigma_distribution,
+)
 
 __all__ = ["PrivacyTerm", "train"]
 
@@ -173,22 +181,29 @@ def train(recipe: Recipe, *, out: str | Path, progress: bool = True, grid_per_cl
     d, L, device = recipe.data, recipe.lora, default_device()
     pool = load_dataset(d.name, root=d.root, split="train", resolution=d.resolution)
     public = load_public(recipe, like=pool)
-    run = open_run(out, recipe)
-    path = run.path / "splits.json"
-    if path.is_file():
-        splits = MembershipSplits.load(path)
-    else:
+    path = Path(out) / "splits.json"
+    fresh_splits = not path.is_file()
+    if fresh_splits:
         splits = split_pool(pool, n_per_role=L.n_per_role, seed=recipe.train.seed, root=d.root, resolution=d.resolution)
-        splits.save(path)
+    else:
+        splits = MembershipSplits.load(path)
     members = splits.members(pool)  # the only examples LoRA trains on
-    ledger = open_ledger(run, recipe, members, stage=STAGE)  # the registry reserves what this stage will record
-
-    pre = train_denoiser(run=run.stage("pretrain"), recipe=recipe, dataset=public, ledger=None, stage="pretrain",
-                         train=L.pretrain, noise_multiplicity=1, progress=progress)
+    spec = LoRASpec(rank=L.rank, alpha=L.alpha, targets=tuple(L.targets))
+    # everything that can fail is checked before the run writes anything or reserves budget
+    check_stage(stage="pretrain", num_examples=len(public), train=L.pretrain, build=lambda: pixel_net(recipe, public))
+    check_stage(stage=STAGE, num_examples=len(members), train=recipe.train,
+                build=lambda: LoRAUNetNet.from_base(pixel_net(recipe, public), spec))
+    check_plan(out, recipe, members, stage=STAGE)
+    run = open_run(out, recipe)
+    with run.starting():  # a start that still fails removes what it created
+        if fresh_splits:
+            run.created(path)
+            splits.save(path)
+        ledger = open_ledger(run, recipe, members, stage=STAGE)  # the registry reserves what this stage will record
+        pre = train_denoiser(run=run.stage("pretrain"), recipe=recipe, dataset=public, ledger=None, stage="pretrain",
+                             train=L.pretrain, noise_multiplicity=1, progress=progress)
     ledger.record_public(stage="pretrain", data=data_identity(public), steps=pre.steps)
     ledger.save(run.ledger_path)
-
-    spec = LoRASpec(rank=L.rank, alpha=L.alpha, targets=tuple(L.targets))
 
     def select(net: torch.nn.Module) -> None:
         net.requires_grad_(False)
@@ -197,7 +212,7 @@ def train(recipe: Recipe, *, out: str | Path, progress: bool = True, grid_per_cl
 
     term = None
     if L.objective != "lora":
-        if run.latest_checkpoint() is None:  # a fresh LoRA stage: lines of an attempt killed before its first checkpoint go
+        if run.resume_checkpoint(what=STAGE) is None:  # a fresh LoRA stage: lines of an attempt killed before its first checkpoint go
             (run.path / "attacker_log.jsonl").unlink(missing_ok=True)
         term = PrivacyTerm(recipe, members=members, member_aux=splits.dataset("member_aux", pool),
                            nonmember_aux=splits.dataset("nonmember_aux", pool), device=device,

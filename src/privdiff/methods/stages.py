@@ -96,6 +96,31 @@ def make_engine(
     )
 
 
+def pixel_net(recipe: Recipe, dataset: ImageDataset) -> UNetNet:
+    """A fresh pixel-space denoiser network for ``dataset`` from ``recipe.model`` (DPDM's, DPP's, LoRA's base)."""
+    return UNetNet(build_unet(recipe.model, resolution=dataset.resolution, in_channels=dataset.channels,
+                              num_classes=dataset.num_classes))
+
+
+def check_stage(*, stage: str, num_examples: int, train: TrainConfig, build: Callable[[], torch.nn.Module] | None = None,
+                select: Callable[[torch.nn.Module], object] | None = None) -> torch.nn.Module | None:
+    """Raise now what :func:`train_denoiser` would raise when stage ``stage`` starts: a batch larger than its
+    data, a network the model constructor rejects (``build()``), trainable groups that match nothing
+    (``select``). A method calls this for each of its stages before its run writes anything.
+
+    The network is built on the meta device (no memory, no weights) with the global generator left as
+    it was, so the real training draws exactly what it would have. Returns that (meta) network."""
+    if train.batch_size > num_examples:
+        raise ValueError(f"batch_size={train.batch_size} of stage {stage} is larger than its data set ({num_examples} examples)")
+    if build is None:
+        return None
+    with torch.random.fork_rng(devices=[]), torch.device("meta"):
+        net = build()
+        if select is not None:
+            select(net)
+    return net
+
+
 @dataclass
 class TrainResult:
     denoiser: Denoiser  # the EMA weights, in eval mode
@@ -188,10 +213,11 @@ def train_denoiser(
     if t.batch_size > N:
         raise ValueError(f"batch_size={t.batch_size} of stage {stage} is larger than its data set ({N} examples)")
 
-    resume = run.latest_checkpoint() is not None
+    restore = run.resume_checkpoint(what=stage)  # the newest intact checkpoint (damaged ones are set aside, said on stderr)
+    resume = restore is not None
     run.discard_orphans()
     if resume:
-        saved = run.load_checkpoint()
+        saved = run.load_checkpoint(restore)
         net, net_ema, start = saved.unet, saved.unet_ema, saved.step
         for name, g in gens.items():
             g.set_state(saved.rng[name].to(torch.uint8))
@@ -200,12 +226,11 @@ def train_denoiser(
                 set_rng(saved.rng[name].to(torch.uint8))
         if state is not None:
             if STATE_KEY not in saved.extra:
-                raise RunError(f"{run.latest_checkpoint()}: holds no state for stage {stage}'s {type(state).__name__} "
+                raise RunError(f"{restore}: holds no state for stage {stage}'s {type(state).__name__} "
                                "(written before it was checkpointed); use a new --out")
             state.load_state_dict(saved.extra[STATE_KEY])
     else:
-        net = init() if init is not None else UNetNet(build_unet(
-            r.model, resolution=dataset.resolution, in_channels=dataset.channels, num_classes=dataset.num_classes))
+        net = init() if init is not None else pixel_net(r, dataset)
         net_ema, start = copy.deepcopy(net), 0
     if world.distributed:
         _join_world(world, gens, ledger, seed=t.seed, start=start, what=(stage, start, N, dataset.fingerprint, planned_steps(t, N)))
@@ -269,6 +294,7 @@ def train_denoiser(
     # checkpoint restored the sampler's and the noise's generators, so they replay the *same* draws
     # (batch B_t, noise z_t): one execution of the mechanism, counted once (see replayed_steps).
     counted = replayed_steps(ledger, stage=stage, start=start, mech=mech)
+    run.commit_start()  # the run's work begins: from here on a failure keeps what is on disk, to resume
     clock = run.rewind_train_log(stage=stage, step=start) - time.perf_counter()
     for step in range(start, total):
         if step >= counted and engine.private and ledger.epsilon(extra=[(engine.noise_multiplier, engine.sample_rate, 1)]) > r.privacy.epsilon * (1 + 1e-9):
@@ -404,6 +430,7 @@ def train_autoencoder(*, run: Run, recipe: Recipe, public: ImageDataset, ledger:
     torch.manual_seed(recipe.train.seed)
     g = torch.Generator(device=device).manual_seed(recipe.train.seed * 1000 + 7)
     ae = build_autoencoder(cfg, in_channels=public.channels, resolution=public.resolution).to(device).train()
+    run.commit_start()  # the run's work begins
     opt = torch.optim.Adam(ae.parameters(), lr=cfg.lr)
     images, N = public.images.to(device), len(public)
     steps = max(1, round(cfg.epochs * N / cfg.batch_size))

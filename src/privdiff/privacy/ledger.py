@@ -131,10 +131,12 @@ class Ledger:
 
     @classmethod
     def load(cls, path: str | Path) -> "Ledger":
+        """Read ``ledger.json``; a damaged one (unreadable, not JSON, fields missing or of the wrong kind) is a
+        one-line ValueError naming the file, never a ledger that would compose to a wrong ε later."""
         path = Path(path)
         try:
             d = json.loads(path.read_text())
-            return cls(
+            ledger = cls(
                 delta=d["delta"],
                 accountant=d["accountant"],
                 dataset=d["dataset"],
@@ -143,7 +145,37 @@ class Ledger:
                 public_stages=list(d.get("public_stages", [])),
                 **({"run_id": d["run_id"]} if d.get("run_id") else {}),
             )
+            _check_loaded(ledger)
+            return ledger
         except FileNotFoundError:
             raise
-        except (ValueError, KeyError, TypeError) as e:
-            raise ValueError(f"{path}: not a privdiff ledger ({type(e).__name__}: {e})") from None
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            msg = (str(e).splitlines() or [""])[0][:200]
+            raise ValueError(f"{path}: not a privdiff ledger, or damaged ({type(e).__name__}: {msg})") from None
+        except OSError as e:
+            raise ValueError(f"{path}: unreadable ({e.strerror or e})") from None
+
+
+def _number(x: Any, what: str, *, low: float = 0.0, high: float = math.inf, integer: bool = False) -> None:
+    ok = isinstance(x, int if integer else (int, float)) and not isinstance(x, bool) and math.isfinite(x) and low <= x <= high
+    if not ok:
+        raise ValueError(f"{what} is {x!r}")
+
+
+def _check_loaded(ledger: "Ledger") -> None:
+    """What :meth:`Ledger.load` read has the shape and ranges a ledger's fields have (ValueError otherwise)."""
+    _number(ledger.delta, "delta", high=1.0)
+    if not isinstance(ledger.accountant, str) or not isinstance(ledger.dataset, dict) or not isinstance(ledger.run_id, str):
+        raise ValueError("accountant, dataset or run_id of the wrong kind")
+    if ledger.target_epsilon is not None:
+        _number(ledger.target_epsilon, "target_epsilon")
+    for i, e in enumerate(ledger.events):
+        if not isinstance(e, dict) or not isinstance(e.get("stage"), str) or e.get("mechanism") not in (SUBSAMPLED_GAUSSIAN, NON_PRIVATE):
+            raise ValueError(f"event {i} has no stage or an unknown mechanism")
+        _number(e.get("noise_multiplier"), f"event {i}'s noise_multiplier")
+        _number(e.get("sample_rate"), f"event {i}'s sample_rate", high=1.0)
+        _number(e.get("steps"), f"event {i}'s steps", integer=True)
+    for i, e in enumerate(ledger.public_stages):
+        if not isinstance(e, dict) or not isinstance(e.get("stage"), str) or not isinstance(e.get("data"), dict):
+            raise ValueError(f"public stage {i} has no stage or data")
+        _number(e.get("steps"), f"public stage {i}'s steps", integer=True)
