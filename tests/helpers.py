@@ -124,3 +124,40 @@ def tiny_he_net(seed: int = 0, config: HENetConfig = HENetConfig(width=32, block
         for p in net.parameters():
             p.add_(0.1 * torch.randn_like(p))
     return net
+
+
+# -- a tiny Stable-Diffusion-layout pipeline, built from configs (nothing downloaded) -----------------
+
+def tiny_sd_pipeline(path, *, prediction_type: str = "epsilon", seed: int = 0):
+    """Save a tiny StableDiffusionPipeline (UNet2DConditionModel with cross-attention, AutoencoderKL, CLIP text
+    encoder with a character-level tokenizer written here, DDIM scheduler) to ``path``; returns the pipeline."""
+    import json
+    import string
+    from pathlib import Path
+
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    path = Path(path)
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for c in string.ascii_lowercase + string.digits + ".,":
+        vocab[c] = len(vocab)
+        vocab[c + "</w>"] = len(vocab)
+    tok_dir = path.parent / f".{path.name}-tokenizer-source"
+    tok_dir.mkdir(parents=True, exist_ok=True)
+    (tok_dir / "vocab.json").write_text(json.dumps(vocab))
+    (tok_dir / "merges.txt").write_text("#version: 0.2\n")
+    tokenizer = CLIPTokenizer(str(tok_dir / "vocab.json"), str(tok_dir / "merges.txt"), model_max_length=8)
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=len(vocab), hidden_size=12, intermediate_size=16, num_attention_heads=2,
+                                                num_hidden_layers=1, max_position_embeddings=8, bos_token_id=0, eos_token_id=1, pad_token_id=1))
+    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(8, 16),
+                                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+                                cross_attention_dim=12, attention_head_dim=4, norm_num_groups=4)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        block_out_channels=(8, 8), latent_channels=4, norm_num_groups=4, sample_size=16)
+    scheduler = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, prediction_type=prediction_type, clip_sample=False)
+    pipe = StableDiffusionPipeline(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler,
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(path)
+    return pipe

@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from diffusers import DDPMScheduler, UNet2DConditionModel, UNet2DModel
 
 from privdiff.diffusion import denoising_loss
 from privdiff.diffusion.discrete import DiscreteSchedule, DiscreteSigma, VPDenoiser
-from privdiff.models.pretrained import DiffusersUNetNet, load_pretrained_unet, select_trainable
+from privdiff.models.pretrained import DiffusersUNetNet, add_lora, export_lora, export_pipeline, load_pretrained_unet, select_trainable
 from privdiff.privacy.clipping import BookKeeping
 from tests.helpers import assert_same, jitter
 
@@ -152,3 +153,52 @@ def test_bad_pretrained_directories_give_one_line_errors(tmp_path):
         load_pretrained_unet(tmp_path / "nosched")
     with pytest.raises(ValueError, match="matches no parameter"):
         select_trainable(DiffusersUNetNet(tiny_pixel_unet()), ["cross_attention"])  # a pixel UNet has no cross-attention
+
+
+def _generate(pipe):
+    return pipe("a cat", num_inference_steps=2, height=16, width=16, output_type="np", generator=torch.Generator().manual_seed(0)).images
+
+
+def test_exported_pipeline_loads_and_generates_with_the_trained_unet(tmp_path):
+    from diffusers import DiffusionPipeline
+
+    from tests.helpers import tiny_sd_pipeline
+
+    base = tiny_sd_pipeline(tmp_path / "base")
+    net, _ = load_pretrained_unet(tmp_path / "base")
+    select_trainable(net, ["attentions"])
+    with torch.no_grad():  # stands in for a private fine-tuning step
+        for p in net.parameters():
+            if p.requires_grad:
+                p.add_(0.1 * torch.randn_like(p))
+    export_pipeline(net, base=tmp_path / "base", out=tmp_path / "out")
+    pipe = DiffusionPipeline.from_pretrained(tmp_path / "out", local_files_only=True)
+    for a, b in zip(pipe.unet.parameters(), net.unet.parameters()):
+        assert torch.equal(a, b)
+    assert not np.allclose(_generate(pipe), _generate(base))
+    with pytest.raises(ValueError, match="already exists"):
+        export_pipeline(net, base=tmp_path / "base", out=tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".out")) == []  # no temporary left behind
+
+
+def test_exported_lora_loads_into_a_fresh_base_pipeline_and_changes_it(tmp_path):
+    from diffusers import DiffusionPipeline
+
+    from tests.helpers import tiny_sd_pipeline
+
+    tiny_sd_pipeline(tmp_path / "base")
+    net, _ = load_pretrained_unet(tmp_path / "base")
+    trainable = add_lora(net, rank=2, alpha=2, target_modules=["to_q", "to_k", "to_v", "to_out.0"])
+    assert trainable and all("lora_" in n for n in trainable)
+    with torch.no_grad():
+        for n, p in net.named_parameters():
+            if p.requires_grad:
+                p.add_(0.2 * torch.randn_like(p))
+    export_lora(net, out=tmp_path / "lora")
+    fresh = DiffusionPipeline.from_pretrained(tmp_path / "base", local_files_only=True)
+    before = _generate(fresh)
+    fresh.load_lora_weights(tmp_path / "lora")
+    assert not np.allclose(_generate(fresh), before)
+    merged = export_pipeline(net, base=tmp_path / "base", out=tmp_path / "merged")  # LoRA merged into a plain UNet
+    pipe = DiffusionPipeline.from_pretrained(merged, local_files_only=True)
+    np.testing.assert_allclose(_generate(pipe), _generate(fresh), atol=1e-4)

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from ..diffusion.discrete import DiscreteSchedule
 
-__all__ = ["DiffusersUNetNet", "TRAINABLE_GROUPS", "load_pretrained_unet", "select_trainable"]
+__all__ = ["DiffusersUNetNet", "TRAINABLE_GROUPS", "add_lora", "export_lora", "export_pipeline", "load_pretrained_unet", "select_trainable"]
 
 
 class DiffusersUNetNet(nn.Module):
@@ -118,3 +118,89 @@ def select_trainable(net: nn.Module, trainable: list[str] | tuple[str, ...]) -> 
         if keep:
             chosen.append(name)
     return chosen
+
+
+# -- back to plain diffusers ------------------------------------------------------------------------
+
+def add_lora(net: DiffusersUNetNet, *, rank: int, alpha: float, target_modules: list[str] | tuple[str, ...]) -> list[str]:
+    """Freeze the UNet and add LoRA adapters (peft, through diffusers' ``add_adapter``) on ``target_modules``.
+
+    The adapters' B factors start at zero (the base model's output is unchanged); only they train.
+    Returns the trainable parameter names.
+    """
+    from peft import LoraConfig
+
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise ValueError(f"LoRA rank must be a positive integer, got {rank!r}")
+    net.unet.requires_grad_(False)
+    try:
+        net.unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(target_modules), init_lora_weights=True))
+    except ValueError as e:
+        raise ValueError(f"LoRA target modules {list(target_modules)}: {str(e).splitlines()[0]}") from None
+    return [n for n, p in net.named_parameters() if p.requires_grad]
+
+
+def export_pipeline(net: DiffusersUNetNet, *, base: str | Path, out: str | Path) -> Path:
+    """Write a diffusers pipeline directory: the pipeline at ``base`` with its UNet replaced by ``net``'s.
+
+    ``DiffusionPipeline.from_pretrained(out)`` loads and runs it. LoRA adapters, if any, are merged
+    into the exported UNet's weights. Written to a temporary sibling and renamed, so ``out`` is
+    either complete or absent; an existing ``out`` is never overwritten.
+    """
+    import copy
+    import shutil
+    import tempfile
+
+    base, out = Path(base).expanduser(), Path(out).expanduser()
+    if not (base / "model_index.json").is_file():
+        raise ValueError(f"{base}: not a diffusers pipeline directory (no model_index.json)")
+    if out.exists():
+        raise ValueError(f"{out}: already exists; choose a new directory")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        shutil.copytree(base, tmp, dirs_exist_ok=True, ignore=shutil.ignore_patterns("unet"))
+        unet = copy.deepcopy(net.unet)
+        if getattr(unet, "peft_config", None):  # W ← W + (α/r)·BA in every adapted layer, then the plain layers back
+            from diffusers.utils import recurse_remove_peft_layers
+            from peft.tuners.tuners_utils import BaseTunerLayer
+
+            for module in unet.modules():
+                if isinstance(module, BaseTunerLayer):
+                    module.merge()
+            recurse_remove_peft_layers(unet)
+            del unet.peft_config
+            unet._hf_peft_config_loaded = False
+        unet.save_pretrained(tmp / "unet", safe_serialization=True)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def export_lora(net: DiffusersUNetNet, *, out: str | Path) -> Path:
+    """Write ``net``'s LoRA adapters in the diffusers LoRA format (``pytorch_lora_weights.safetensors``),
+    which ``pipe.load_lora_weights(out)`` accepts on a copy of the base pipeline."""
+    import shutil
+    import tempfile
+
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    if not getattr(net.unet, "peft_config", None):
+        raise ValueError("the model has no LoRA adapters to export")
+    out = Path(out).expanduser()
+    if out.exists():
+        raise ValueError(f"{out}: already exists; choose a new directory")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(net.unet))
+        StableDiffusionPipeline.save_lora_weights(tmp, unet_lora_layers=layers, safe_serialization=True)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
