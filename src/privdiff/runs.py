@@ -123,6 +123,7 @@ class Run:
         self.path = Path(path)
         self._train_log = train_log
         self._start: _Start | None = None  # set by open_run while a fresh start is in progress
+        self.set_aside_step = 0  # newest step of a written checkpoint that resume_checkpoint could not use (damaged, or missing)
 
     config_path = property(lambda self: self.path / "config.yaml")
     ledger_path = property(lambda self: self.path / "ledger.json")
@@ -316,8 +317,10 @@ class Run:
         checkpoint is a candidate. A damaged candidate is moved to ``checkpoints/damaged/`` (kept, not
         deleted), said on stderr, and the next older one is tried; ``latest`` is then repointed to
         the one chosen. Every candidate is a complete checkpoint whose steps the ledger counted
-        (write-ahead), so the ledger stays the run's: the steps after it were spent and stay counted;
-        resuming replays them with the same draws (:func:`privdiff.methods.budget.replayed_steps`).
+        (write-ahead), so the ledger stays the run's: the steps after it were spent and stay counted.
+        A set-aside checkpoint's output had left the process (it was written), so the steps it
+        covers are not replayed with the same draws but taken afresh and counted again
+        (:attr:`set_aside_step`; :func:`privdiff.methods.budget.replayed_steps`).
         """
         try:
             name = self._pointer()
@@ -331,12 +334,16 @@ class Run:
         notes = [damaged_pointer] if damaged_pointer else []
         if name is not None and not (self.checkpoints / name).is_dir():
             notes.append(f"{self.checkpoints / 'latest'}: points to missing checkpoint {name}")
+            step = re.fullmatch(r"step-(\d+)", name)  # it was written (and published) before it went missing
+            self.set_aside_step = max(self.set_aside_step, int(step.group(1)) if step else 0)
         chosen = None
         for path in candidates:
             try:
                 self.verify_checkpoint(path)
             except RunError as e:
                 notes.append(f"{e} (moved to {self._set_aside(path)})")
+                step = re.fullmatch(r"step-(\d+)", path.name)
+                self.set_aside_step = max(self.set_aside_step, int(step.group(1)) if step else 0)
                 continue
             chosen = path
             break

@@ -139,6 +139,22 @@ def _global_rng(device: torch.device) -> dict[str, tuple[Callable[[], torch.Tens
     return out
 
 
+def fresh_draws(gens: dict[str, torch.Generator]) -> None:
+    """Reseed the Poisson sampler's and the DP noise's generators from the OS's entropy.
+
+    For steps whose output already left the process (a checkpoint that was written, then found
+    damaged and set aside): replaying them with the same batch B_t and noise z_t would release a
+    second output under the *same* noise, whose difference from the first is noise-free wherever
+    the two computations differ (autotuned or non-deterministic kernels); with fresh draws each
+    execution is an independent subsampled Gaussian mechanism, and both are counted. Under torchrun
+    the sampler's state is broadcast from rank 0 when the engine is built, and rank 0 alone draws noise.
+    """
+    import secrets
+
+    gens["batches"].manual_seed(secrets.randbits(63))
+    gens["dp_noise"].manual_seed(secrets.randbits(63))
+
+
 def _generators(seed: int, device: torch.device) -> dict[str, torch.Generator]:
     # Separate streams: which examples are sampled, the DP noise, and the diffusion noise/labels.
     names = ("batches", "dp_noise", "diffusion")
@@ -232,6 +248,9 @@ def train_denoiser(
     else:
         net = init() if init is not None else pixel_net(r, dataset)
         net_ema, start = copy.deepcopy(net), 0
+    retake = run.set_aside_step > start  # steps after `start` whose output was written in a checkpoint now unusable
+    if retake:
+        fresh_draws(gens)
     if world.distributed:
         _join_world(world, gens, ledger, seed=t.seed, start=start, what=(stage, start, N, dataset.fingerprint, planned_steps(t, N)))
     if select is not None:
@@ -294,6 +313,12 @@ def train_denoiser(
     # checkpoint restored the sampler's and the noise's generators, so they replay the *same* draws
     # (batch B_t, noise z_t): one execution of the mechanism, counted once (see replayed_steps).
     counted = replayed_steps(ledger, stage=stage, start=start, mech=mech)
+    recounted = 0  # steps the ledger counted that are taken again with fresh draws (not replays)
+    if retake and ledger is not None:
+        recounted, counted = counted - start, start
+        tqdm.write(f"{stage}: steps {start + 1}..{run.set_aside_step} were written in a checkpoint that is now unusable, so "
+                   f"they are taken again with fresh batches and noise; the ledger keeps the {recounted} steps it counted "
+                   "after step {start} and counts the new ones too".replace("{start}", str(start)), file=sys.stderr)
     run.commit_start()  # the run's work begins: from here on a failure keeps what is on disk, to resume
     clock = run.rewind_train_log(stage=stage, step=start) - time.perf_counter()
     for step in range(start, total):
@@ -311,7 +336,7 @@ def train_denoiser(
             ledger.save(run.ledger_path)
             counted = step + 1
         loss = engine.step(indices, loss_fn)
-        if engine.private and (start + engine.noised_steps != step + 1 or ledger.steps(stage) != counted):
+        if engine.private and (start + engine.noised_steps != step + 1 or ledger.steps(stage) != counted + recounted):
             raise RuntimeError("internal error: noised steps and ledger disagree")  # never report an unbacked epsilon
         if after_step is not None:
             after_step(step)
