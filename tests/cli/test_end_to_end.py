@@ -166,3 +166,13 @@ def test_budget_calibrate_command(capsys):
 def test_help_runs():
     res = subprocess.run([sys.executable, "-m", "privdiff.cli", "--help"], capture_output=True, text=True)
     assert res.returncode == 0 and "train" in res.stdout and "budget" in res.stdout
+
+
+def test_python_dash_m_privdiff_is_the_same_command():
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "privdiff", "--help"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "usage: privdiff" in out.stdout
+    bad = subprocess.run([sys.executable, "-m", "privdiff", "train"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0 and "Traceback" not in bad.stderr
