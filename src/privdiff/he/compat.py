@@ -166,13 +166,7 @@ class CompatServer:
         return _CompatSession(ctx, net.conditions(prompts=[prompt] if prompt else None, n=1), guidance)
 
     def open_session(self, public_context: bytes, prompt: str = "", guidance: float = 0.0, *, owner: str | None = None) -> str:
-        reservation = self.sessions.reserve(owner)
-        try:
-            session = self.new_session(public_context, prompt, guidance)
-        except BaseException:
-            self.sessions.cancel(reservation)
-            raise
-        return self.sessions.fill(reservation, session)
+        return self.sessions.open_with(lambda: self.new_session(public_context, prompt, guidance), owner=owner)
 
     def close_session(self, sid: str, *, owner: str | None = None) -> None:
         self.sessions.close(sid, owner=owner)

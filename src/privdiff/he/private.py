@@ -189,13 +189,7 @@ class PrivateServer:
 
     def open_session(self, public_context: bytes, *, owner: str | None = None) -> str:
         """Register a client's public context and draw the session's permutations; returns its token."""
-        reservation = self.sessions.reserve(owner)
-        try:
-            session = self.new_session(public_context)
-        except BaseException:
-            self.sessions.cancel(reservation)
-            raise
-        return self.sessions.fill(reservation, session)
+        return self.sessions.open_with(lambda: self.new_session(public_context), owner=owner)
 
     def close_session(self, sid: str, *, owner: str | None = None) -> None:
         self.sessions.close(sid, owner=owner)

@@ -168,6 +168,17 @@ class SessionTable(Generic[T]):
         """Store ``value`` as a new session of ``owner`` and return its token."""
         return self.fill(self.reserve(owner), value)
 
+    def open_with(self, make: Callable[[], T], *, owner: str | None = None) -> str:
+        """Reserve a place for ``owner`` first, then build the session with ``make()`` (costly work is
+        never done for a client the table would refuse); a failed build gives the place back."""
+        reservation = self.reserve(owner)
+        try:
+            value = make()
+        except BaseException:
+            self.cancel(reservation)
+            raise
+        return self.fill(reservation, value)
+
     # -- using -----------------------------------------------------------------------------------
     def get(self, token: str, *, owner: str | None = None) -> T:
         """The value of session ``token`` (now its most recent use); :class:`SessionNotFound` if the
