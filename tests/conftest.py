@@ -1,4 +1,5 @@
 import os
+import shutil
 
 import pytest
 import torch
@@ -26,7 +27,19 @@ def tiny_overrides():
     return list(TINY)
 
 
+@pytest.fixture(scope="session")
+def _empty_registry(tmp_path_factory):
+    """One empty budget registry, copied for each test (a given registry must exist: `privdiff budget init`)."""
+    from privdiff.privacy.registry import Registry
+
+    path = tmp_path_factory.mktemp("registry-template") / "registry.sqlite"
+    Registry(path, create=True).close()
+    return path
+
+
 @pytest.fixture(autouse=True)
-def _private_budget_registry(tmp_path_factory, monkeypatch):
+def _private_budget_registry(tmp_path_factory, monkeypatch, _empty_registry):
     """Every test (and the commands it starts) registers its runs in its own budget registry, never ~/.privdiff."""
-    monkeypatch.setenv("PRIVDIFF_REGISTRY", str(tmp_path_factory.mktemp("registry") / "registry.sqlite"))
+    path = tmp_path_factory.mktemp("registry") / "registry.sqlite"
+    shutil.copyfile(_empty_registry, path)
+    monkeypatch.setenv("PRIVDIFF_REGISTRY", str(path))

@@ -21,6 +21,7 @@ import pytest
 from safetensors.torch import load_file
 
 from privdiff.cli import main
+from privdiff.privacy.registry import Registry
 from privdiff.runs import Run
 
 pytestmark = pytest.mark.slow
@@ -37,6 +38,7 @@ def trained(tmp_path_factory) -> Path:
     """One finished micro run (checkpoints at steps 2 and 4); each test works on its own copy."""
     base = tmp_path_factory.mktemp("trained")
     old = os.environ.get("PRIVDIFF_REGISTRY")
+    Registry(base / "registry.sqlite", create=True).close()  # a given registry must exist (privdiff budget init)
     os.environ["PRIVDIFF_REGISTRY"] = str(base / "registry.sqlite")
     try:
         assert main(["train", "dpdm-mnist5k", *MICRO, "--out", str(base / "run"), "--quiet"]) == 0
@@ -223,6 +225,7 @@ def test_a_full_disk_while_writing_a_checkpoint_loses_nothing_and_the_run_resume
     whose file-size limit the optimizer state passes): a one-line error, the checkpoint written before
     intact, no temporary left, and once there is room the run resumes to the ledger of an uninterrupted run."""
     registry = tmp_path / "registry.sqlite"
+    Registry(registry, create=True).close()
     monkeypatch.setenv("PRIVDIFF_REGISTRY", str(registry))
     with _small_disk(tmp_path / "disk", "300k") as enlarge:
         out = tmp_path / "disk" / "run"

@@ -22,6 +22,7 @@ EPILOG = """examples:
   privdiff sample runs/ldm --n 20 --prompt "a handwritten digit seven" --out seven.png
   privdiff budget calibrate --epsilon 10 --delta 1e-5 --n 60000 --batch-size 4096 --epochs 300
   privdiff budget show runs/eps1
+  privdiff budget init --registry /shared/reg.sqlite   create a budget registry (a given one that does not exist is refused)
   privdiff budget cap dpdm-mnist5k --epsilon 20        cap mnist5k across all runs (PRIVDIFF_REGISTRY=postgresql://... for teams)
   privdiff budget status --dataset mnist5k             every run on mnist5k, its epsilon, the composed total
   privdiff budget release runs/crashed                 free an abandoned run's reservation (executed steps stay spent)
@@ -33,6 +34,9 @@ EPILOG = """examples:
   privdiff he serve runs/he --port 8750                 encrypted inference server
   privdiff he generate --server http://127.0.0.1:8750 --prompt "a handwritten digit three" --out three.png
   privdiff attack runs/eps1 --attack loss              membership inference -> RUN/attacks/loss.json, loss.png
+
+key=value overrides may come before or after the options. An error is one line on stderr: exit 2 (a bad
+argument, recipe, file or registry), 3 (an unforeseen failure; PRIVDIFF_TRACEBACK=1 shows its traceback).
 """
 
 
@@ -44,12 +48,70 @@ def _recipe_path(name: str) -> str:
     return str(shipped) if shipped.is_file() else name
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a usage error on one line of stderr (exit 2) instead of the usage block."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _bounded(kind: type, lo: float | None = None, hi: float | None = None, *, lo_open: bool = False):
+    """An argparse ``type``: an int (or a finite float) in [lo, hi] (``lo_open``: > lo)."""
+
+    def parse(raw: str):
+        from .config import Bound, RecipeError
+
+        try:
+            value = kind(raw.strip())
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {raw!r}") from None
+        try:
+            Bound(lo=lo, hi=hi, lo_open=lo_open).check("", value)
+        except RecipeError as e:
+            raise argparse.ArgumentTypeError(str(e).strip()) from None
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def _key(key: str):
+    """An argparse ``type`` for a flag that sets recipe key ``key``: read and checked as ``key=value`` is
+    (its type and its range in :data:`privdiff.config.RANGES`)."""
+
+    def parse(raw: str):
+        from .config import RecipeError, parse_value
+
+        try:
+            return parse_value(key, raw, name="")
+        except RecipeError as e:
+            raise argparse.ArgumentTypeError(str(e).lstrip(": ")) from None
+
+    parse.__name__ = key
+    return parse
+
+
+SEED = _bounded(int, 0, 2**63 - 1)
+MAX_SAMPLE = 100_000  # images one `privdiff sample` draws (they are held in memory, and make one grid)
+MAX_NPROC = 1024
+
+
+def _check_registry() -> None:
+    """Open the budget registry the run will be admitted to, before anything is written: a location that
+    was given but holds no registry (or cannot be reached) is an error now, not after the run started."""
+    from .privacy.registry import Registry
+
+    Registry().close()
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from .config import resolve_recipe
     from .distributed import init_from_env, launched_by_torchrun, shutdown
 
     recipe = resolve_recipe(_recipe_path(args.recipe), args.overrides)  # a bad recipe fails here, before any worker starts
     out = args.out or os.path.join("runs", Path(args.recipe).stem)
+    if not launched_by_torchrun() or int(os.environ.get("RANK", "0")) == 0:
+        _check_registry()
     if args.nproc is not None and args.nproc > 1 and not launched_by_torchrun():
         return _launch_torchrun(args, out)
     from .methods import dp_ldm, dpdm, dpp, lora
@@ -68,8 +130,6 @@ def _launch_torchrun(args: argparse.Namespace, out: str) -> int:
     from torch.distributed import run as torchrun
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
-    if args.nproc < 1:
-        raise ValueError(f"--nproc must be at least 1, got {args.nproc}")
     argv = ["--standalone", f"--nproc-per-node={args.nproc}", "--module", "privdiff.cli", "train", args.recipe,
             *args.overrides, "--out", out] + (["--quiet"] if args.quiet else [])
     try:
@@ -100,10 +160,25 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .methods import dpdm
 
     recipe = resolve_recipe(_recipe_path("dpdm-mnist5k"), args.overrides)
+    _check_registry()
     print("privdiff demo: DPDM on mnist5k (4,000 private MNIST digits), target epsilon=10, delta=1e-5", file=sys.stderr)
     result = dpdm.train(recipe, out=args.out, progress=True)
     _report(result)
     return 0
+
+
+def _sample_output(out: str | None) -> str:
+    """What ``sample --out`` writes, by its extension (any case): "png" (the grid), "npz" (the arrays), or
+    "dir" (a directory of grid.png and samples.npz). Checked before anything is drawn."""
+    if out is None:
+        return "dir"
+    kind = {".png": "png", ".npz": "npz"}.get(Path(out).suffix.lower(), "dir")
+    path = Path(out)
+    if kind == "dir" and path.exists() and not path.is_dir():
+        raise ValueError(f"--out {out} is a file: give a .png (the grid), a .npz (the arrays) or a directory")
+    if kind != "dir" and path.is_dir():
+        raise ValueError(f"--out {out} is a directory: a {path.suffix} output is a file")
+    return kind
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
@@ -113,6 +188,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from .methods.stages import class_grid_labels, generate, load_decoder, load_denoiser
     from .runs import Run, save_grid, save_samples
 
+    kind = _sample_output(args.out)
     run = Run(args.run)
     overrides = [f"sampler.{k}={v}" for k, v in (("steps", args.steps), ("guidance", args.guidance), ("name", args.sampler)) if v is not None]
     recipe = resolve_recipe(recipe_to_dict(run.load_config()), overrides)
@@ -124,8 +200,10 @@ def cmd_sample(args: argparse.Namespace) -> int:
         labels, nrow = torch.full((args.n,), args.label), min(args.n, 10)
     elif args.prompt is not None:
         labels, nrow = None, min(args.n, 10)
+    elif num_classes is not None and args.n < num_classes:  # fewer images than classes: one each of the first n
+        labels, nrow = torch.arange(args.n), args.n
     elif num_classes is not None:
-        per = max(1, args.n // num_classes)
+        per = args.n // num_classes
         labels, nrow = class_grid_labels(num_classes, per), per
     else:
         labels, nrow = None, min(args.n, 10)
@@ -134,8 +212,13 @@ def cmd_sample(args: argparse.Namespace) -> int:
     images = generate(denoiser, labels=labels, n=n, recipe=recipe, prompts=prompts, decode=load_decoder(run),
                       seed=args.seed, progress=not args.quiet)
     lab = None if labels is None else labels.numpy()
-    if args.out and args.out.endswith(".png"):
+    if kind == "png":
         save_grid(args.out, images, nrow=nrow)
+        if not args.quiet:
+            print(args.out)
+        return 0
+    if kind == "npz":
+        _save_npz(args.out, images, lab)
         if not args.quiet:
             print(args.out)
         return 0
@@ -145,12 +228,25 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def _save_npz(path: str, images, labels) -> None:
+    """``images`` (float32 in [0, 1]) and ``labels`` (int64; empty if none) in one .npz, as RUN/samples/samples.npz."""
+    import io
+
+    import numpy as np
+
+    from .atomic import atomic_write_bytes
+
+    buf = io.BytesIO()
+    np.savez_compressed(buf, images=images.astype(np.float32), labels=np.asarray([] if labels is None else labels, dtype=np.int64))
+    atomic_write_bytes(path, buf.getvalue())
+
+
 def cmd_budget_calibrate(args: argparse.Namespace) -> int:
     from .privacy.accounting import calibrate_noise
 
-    q = args.batch_size / args.n
-    if not 0 < q <= 1:
+    if args.batch_size > args.n:
         raise ValueError(f"--batch-size must be in [1, --n], got {args.batch_size} for n={args.n}")
+    q = args.batch_size / args.n
     steps = args.steps if args.steps is not None else max(1, round(args.epochs / q))
     sigma = calibrate_noise(epsilon_target=args.epsilon, delta=args.delta, sample_rate=q, steps=steps, accountant=args.accountant)
     from .privacy.accounting import epsilon
@@ -203,6 +299,18 @@ def cmd_budget_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_budget_init(args: argparse.Namespace) -> int:
+    from .privacy.registry import Registry
+
+    registry = Registry(args.registry, create=True)
+    if registry.created:
+        print(f"created an empty budget registry at {registry.display} (no caps yet: privdiff budget cap RECIPE --epsilon E)")
+    else:
+        n = len(registry.status())
+        print(f"{registry.display} is already a budget registry ({n} data set{'s' * (n != 1)}): nothing changed")
+    return 0
+
+
 def cmd_budget_cap(args: argparse.Namespace) -> int:
     from .config import resolve_recipe
     from .data import load_dataset
@@ -210,9 +318,9 @@ def cmd_budget_cap(args: argparse.Namespace) -> int:
     from .privacy.registry import format_status
 
     recipe = resolve_recipe(_recipe_path(args.recipe), args.overrides)
+    registry = _registry(args)  # a registry that is not there is refused before the data is read
     d = recipe.data
     identity = data_identity(load_dataset(d.name, root=d.root, split="train", resolution=d.resolution))
-    registry = _registry(args)
     registry.set_cap(dataset=identity, epsilon=None if args.remove else args.epsilon,
                      delta=args.delta or recipe.privacy.delta, accountant=recipe.privacy.accountant)
     print(format_status(registry.status(registry.dataset_key(identity["fingerprint"]))))
@@ -241,6 +349,11 @@ def cmd_audit(args: argparse.Namespace) -> int:
     from .methods.audit import audit
 
     recipe = resolve_recipe(_recipe_path(args.recipe), args.overrides)
+    k_in = args.canaries // 5 if args.k_in is None else args.k_in
+    k_out = args.canaries // 5 if args.k_out is None else args.k_out
+    if not 1 <= k_in + k_out <= args.canaries:
+        raise ValueError(f"--k-in + --k-out must be in [1, --canaries={args.canaries}], got {k_in} + {k_out}")
+    _check_registry()
     out = args.out or os.path.join("runs", Path(args.recipe).stem + "-audit")
     done = audit(recipe, out=out, canaries=args.canaries, k_in=args.k_in, k_out=args.k_out, progress=not args.quiet)
     r = done.result
@@ -290,8 +403,12 @@ def cmd_he_serve(args: argparse.Namespace) -> int:
 
     torch.set_num_threads(1)  # the server's work is CKKS (TenSEAL); torch's thread pool only contends with it
 
+    if not 0 <= args.port <= 65535:
+        raise ValueError(f"--port must be in [0, 65535] (0: a free port), got {args.port}")
     serve(args.run, host=args.host, port=args.port,
-          config=ServiceConfig(max_body_mb=args.max_body_mb, timeout_s=args.timeout, max_sessions=args.max_sessions))
+          config=ServiceConfig(max_body_mb=args.max_body_mb, timeout_s=args.timeout, max_sessions=args.max_sessions,
+                               workers=args.workers, max_client_sessions=args.max_client_sessions,
+                               max_client_jobs=args.max_client_jobs, session_ttl_s=args.session_ttl))
     return 0
 
 
@@ -330,7 +447,7 @@ def cmd_attack(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="privdiff", description="Privacy-preserving diffusion models: train with DP-SGD, sample, account.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -350,21 +467,24 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides, e.g. privacy.epsilon=1 train.batch_size=512")
     t.add_argument("--out", help="run directory (default: runs/<recipe name>)")
     t.add_argument("--quiet", action="store_true", help="no progress bars")
-    t.add_argument("--nproc", type=int, metavar="W",
+    t.add_argument("--nproc", type=_bounded(int, 1, MAX_NPROC), metavar="W",
                    help="train with W processes on this machine (torchrun; one per GPU, or CPU cores split among them); "
                         "epsilon does not depend on W. Several machines: docs/distributed.md")
     t.set_defaults(func=cmd_train)
 
     s = sub.add_parser("sample", help="draw images from a trained run", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     s.add_argument("run", help="run directory")
-    s.add_argument("--n", type=int, default=100, help="number of images (a class grid rounds to a multiple of the classes)")
-    s.add_argument("--label", type=int, help="one class for all images")
+    s.add_argument("--n", type=_bounded(int, 1, MAX_SAMPLE), default=100,
+                   help="number of images (a class grid rounds down to a multiple of the classes; "
+                        "fewer than the classes: one each of the first N)")
+    s.add_argument("--label", type=_bounded(int, 0, 2**31 - 1), help="one class for all images")
     s.add_argument("--prompt", help='a text prompt for all images, e.g. "a handwritten digit seven" (DP-LDM runs)')
-    s.add_argument("--steps", type=int, help="sampler steps (default: the recipe's)")
+    s.add_argument("--steps", type=_key("sampler.steps"), help="sampler steps (default: the recipe's)")
     s.add_argument("--sampler", choices=["heun", "edm", "euler", "ddim"], help="sampler (default: the recipe's)")
-    s.add_argument("--guidance", type=float, help="classifier-free guidance scale w")
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--out", help="a .png for the grid only, or a directory for grid.png + samples.npz (default: RUN/samples)")
+    s.add_argument("--guidance", type=_key("sampler.guidance"), help="classifier-free guidance scale w")
+    s.add_argument("--seed", type=SEED, default=0)
+    s.add_argument("--out", help="by its extension (any case): .png the grid, .npz the arrays (images, labels); "
+                                 "anything else a directory for grid.png + samples.npz (default: RUN/samples)")
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(func=cmd_sample)
 
@@ -373,8 +493,8 @@ def build_parser() -> argparse.ArgumentParser:
                                     "real-data floor or ceiling) and RUN/report.html. The private test split is read once, last.")
     ev.add_argument("run", help="run directory")
     ev.add_argument("overrides", nargs="*", metavar="key=value", help="evaluate.* / sampler.* overrides, e.g. evaluate.classifier_epochs=50")
-    ev.add_argument("--n", type=int, help="number of samples (default: the recipe's evaluate.n_samples, 10000)")
-    ev.add_argument("--seed", type=int, default=0, help="seed of the samples and the metrics' subsets (default: 0)")
+    ev.add_argument("--n", type=_key("evaluate.n_samples"), help="number of samples (default: the recipe's evaluate.n_samples, 10000)")
+    ev.add_argument("--seed", type=SEED, default=0, help="seed of the samples and the metrics' subsets (default: 0)")
     ev.add_argument("--inception-weights", metavar="PATH",
                     help="use the FID Inception-v3 from this local file (weights-inception-2015-12-05-6726825d.pth) "
                          "instead of privdiff's feature CNN; nothing is downloaded")
@@ -393,10 +513,14 @@ def build_parser() -> argparse.ArgumentParser:
                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     hs.add_argument("run", help="run directory")
     hs.add_argument("--host", default="127.0.0.1")
-    hs.add_argument("--port", type=int, default=8750)
-    hs.add_argument("--max-body-mb", type=float, default=64.0, help="larger requests are refused (413)")
-    hs.add_argument("--timeout", type=float, default=120.0, help="seconds one request may compute (then 503)")
-    hs.add_argument("--max-sessions", type=int, default=16)
+    hs.add_argument("--port", type=_bounded(int, 0, 65535), default=8750)
+    hs.add_argument("--max-body-mb", type=_bounded(float, 0, 1e6, lo_open=True), default=64.0, help="larger requests are refused (413)")
+    hs.add_argument("--timeout", type=_bounded(float, 0, 1e6, lo_open=True), default=120.0, help="seconds one request may compute (then 503)")
+    hs.add_argument("--max-sessions", type=_bounded(int, 1, 1_000_000), default=16, help="open sessions per mode (a full table refuses new ones: 503)")
+    hs.add_argument("--max-client-sessions", type=_bounded(int, 1, 1_000_000), default=4, help="open sessions per mode and remote address (then 429)")
+    hs.add_argument("--workers", type=_bounded(int, 1, 1024), default=2, help="threads doing HE work (a fair queue serves them to clients in turn)")
+    hs.add_argument("--max-client-jobs", type=_bounded(int, 1, 1024), help="running requests per remote address (default: --workers)")
+    hs.add_argument("--session-ttl", type=_bounded(float, 0, 1e7, lo_open=True), default=600.0, help="seconds after which an idle session is dropped")
     hs.set_defaults(func=cmd_he_serve)
     hg = hsub.add_parser("generate", help="one image for a prompt from a server; the secret key never leaves this machine",
                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -405,11 +529,11 @@ def build_parser() -> argparse.ArgumentParser:
     hg.add_argument("--out", required=True, help="a .png file")
     hg.add_argument("--mode", choices=["private", "compat"], default="private",
                     help="private: the server sees neither prompt nor image; compat: HE-Diffusion as published (the server sees both)")
-    hg.add_argument("--steps", type=int, help="sampler steps (default: the server's recipe)")
-    hg.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: the server's recipe)")
-    hg.add_argument("--seed", type=int, default=0)
+    hg.add_argument("--steps", type=_key("sampler.steps"), help="sampler steps (default: the server's recipe)")
+    hg.add_argument("--guidance", type=_key("sampler.guidance"), help="classifier-free guidance scale (default: the server's recipe)")
+    hg.add_argument("--seed", type=SEED, default=0)
     hg.add_argument("--params", choices=["precise", "reference"], default="precise", help="CKKS parameters (reference: HE-Diffusion's, compat only)")
-    hg.add_argument("--timeout", type=float, default=300.0)
+    hg.add_argument("--timeout", type=_bounded(float, 0, 1e6, lo_open=True), default=300.0)
     hg.add_argument("--quiet", action="store_true")
     hg.set_defaults(func=cmd_he_generate)
 
@@ -422,9 +546,9 @@ def build_parser() -> argparse.ArgumentParser:
                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     au.add_argument("recipe", help="a DPDM, DP-LDM or DPP recipe (file or shipped name)")
     au.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides")
-    au.add_argument("--canaries", type=int, default=1000, help="m, the number of canaries")
-    au.add_argument("--k-in", type=int, help="guesses IN (highest scores); default m/5")
-    au.add_argument("--k-out", type=int, help="guesses OUT (lowest scores); default m/5")
+    au.add_argument("--canaries", type=_bounded(int, 1, 10_000_000), default=1000, help="m, the number of canaries")
+    au.add_argument("--k-in", type=_bounded(int, 0, 10_000_000), help="guesses IN (highest scores); default m/5")
+    au.add_argument("--k-out", type=_bounded(int, 0, 10_000_000), help="guesses OUT (lowest scores); default m/5")
     au.add_argument("--out", help="run directory, must be fresh (default: runs/<recipe name>-audit)")
     au.add_argument("--quiet", action="store_true")
     au.set_defaults(func=cmd_audit)
@@ -437,9 +561,9 @@ def build_parser() -> argparse.ArgumentParser:
                                     "Attacks: " + "; ".join(f"{k}: {v}" for k, v in ATTACKS.items()))
     at.add_argument("run", help="run directory")
     at.add_argument("--attack", required=True, choices=[*ATTACKS, "all"], help="which attack (all: one after another)")
-    at.add_argument("--n-per-role", type=int, help="examples per split role when the splits are drawn now (default: balanced maximum)")
-    at.add_argument("--seed", type=int, default=0, help="seed of the attack's noise draws (default: 0)")
-    at.add_argument("--unused-nonmembers", type=int, default=0, metavar="N",
+    at.add_argument("--n-per-role", type=_bounded(int, 1, 2**31 - 1), help="examples per split role when the splits are drawn now (default: balanced maximum)")
+    at.add_argument("--seed", type=SEED, default=0, help="seed of the attack's noise draws (default: 0)")
+    at.add_argument("--unused-nonmembers", type=_bounded(int, 0, 2**31 - 1), default=0, metavar="N",
                     help="also score up to N non-member-split examples in no role (never trained on, never seen by a proxy; "
                          "a fixed random subset), so TPR at 1%% / 0.1%% FPR can be measured; members stay member_test")
     at.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -448,20 +572,28 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("budget", help="noise calibration, or the ledger of a run")
     bsub = b.add_subparsers(dest="budget_command", required=True, metavar="ACTION")
     c = bsub.add_parser("calibrate", help="noise multiplier for a target (epsilon, delta)", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    c.add_argument("--epsilon", type=float, required=True)
-    c.add_argument("--delta", type=float, required=True)
-    c.add_argument("--n", type=int, required=True, help="number of private examples N")
-    c.add_argument("--batch-size", type=int, required=True, help="expected batch size (q = batch/N, Poisson)")
+    c.add_argument("--epsilon", type=_key("privacy.epsilon"), required=True, help="target epsilon (finite, > 0)")
+    c.add_argument("--delta", type=_key("privacy.delta"), required=True, help="target delta, in (0, 1)")
+    c.add_argument("--n", type=_bounded(int, 1, 10**12), required=True, help="number of private examples N")
+    c.add_argument("--batch-size", type=_bounded(int, 1, 10**12), required=True, help="expected batch size (q = batch/N, Poisson)")
     g = c.add_mutually_exclusive_group(required=True)
-    g.add_argument("--epochs", type=float)
-    g.add_argument("--steps", type=int)
+    g.add_argument("--epochs", type=_key("train.epochs"))
+    g.add_argument("--steps", type=_bounded(int, 1, 10**12))
     c.add_argument("--accountant", choices=["rdp", "prv"], default="rdp")
     c.set_defaults(func=cmd_budget_calibrate)
     sh = bsub.add_parser("show", help="print the ledger of a run and the epsilon it composes to")
     sh.add_argument("run", help="run directory or ledger.json")
     sh.add_argument("--accountant", choices=["rdp", "prv"], help="also recompute epsilon with this accountant")
     sh.set_defaults(func=cmd_budget_show)
-    registry_help = "budget registry: a SQLite file or postgresql://... (default: $PRIVDIFF_REGISTRY or ~/.privdiff/registry.sqlite)"
+    registry_help = ("budget registry: a SQLite file or postgresql://... that exists (privdiff budget init creates one) "
+                     "(default: $PRIVDIFF_REGISTRY, else ~/.privdiff/registry.sqlite, created on first use)")
+    ini = bsub.add_parser("init", help="create a budget registry (a location that holds none is refused everywhere else)",
+                          description="Create an empty budget registry at --registry (or $PRIVDIFF_REGISTRY): a SQLite file "
+                                      "(its directory is made) or the tables in a PostgreSQL database. Every other command "
+                                      "refuses a given location that holds no registry, so a misspelt one is an error, not a "
+                                      "fresh registry without caps. Nothing changes if it is a registry already.")
+    ini.add_argument("--registry", help="where (default: $PRIVDIFF_REGISTRY, else ~/.privdiff/registry.sqlite)")
+    ini.set_defaults(func=cmd_budget_init)
     st = bsub.add_parser("status", help="every run registered on each data set, its epsilon, and the composed total")
     st.add_argument("--dataset", help="only this data set (its name, e.g. mnist5k)")
     st.add_argument("--registry", help=registry_help)
@@ -470,9 +602,9 @@ def build_parser() -> argparse.ArgumentParser:
     cap.add_argument("recipe", help="recipe whose data.* names the data set (e.g. dpdm-mnist5k)")
     cap.add_argument("overrides", nargs="*", metavar="key=value", help="data.* overrides, e.g. data.name=mnist data.root=~/data")
     g = cap.add_mutually_exclusive_group(required=True)
-    g.add_argument("--epsilon", type=float, help="the cap")
+    g.add_argument("--epsilon", type=_key("privacy.epsilon"), help="the cap (finite, > 0)")
     g.add_argument("--remove", action="store_true", help="remove the cap")
-    cap.add_argument("--delta", type=float, help="delta at which the cap holds (default: the recipe's privacy.delta)")
+    cap.add_argument("--delta", type=_key("privacy.delta"), help="delta at which the cap holds, in (0, 1) (default: the recipe's privacy.delta)")
     cap.add_argument("--registry", help=registry_help)
     cap.set_defaults(func=cmd_budget_cap)
     rel = bsub.add_parser("release", help="free the reservation of a run abandoned after a crash (its executed steps stay spent)",
@@ -488,9 +620,23 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Parse ``argv``; a command's list of ``key=value`` overrides (or ``compare``'s runs) may come before,
+    between or after its options (argparse alone stops collecting a positional list at the first option)."""
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        dest = "overrides" if hasattr(args, "overrides") else "runs" if args.command == "compare" else None
+        bad = [a for a in extra if dest is None or a.startswith("-") or (dest == "overrides" and "=" not in a)]
+        if bad:
+            parser.error(f"unrecognized arguments: {' '.join(bad)}")
+        setattr(args, dest, list(getattr(args, dest) or []) + extra)
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    keep_freed_memory()  # no page faults on every step's buffers (privdiff.runtime)
+    args = _parse(build_parser(), argv)
+    if args.command != "he":  # not the HE server: it must give memory back (privdiff.he.protocol.server_allocator)
+        keep_freed_memory()  # no page faults on every step's buffers (privdiff.runtime)
     try:
         return args.func(args)
     except KeyboardInterrupt:
@@ -500,6 +646,13 @@ def main(argv: list[str] | None = None) -> int:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         print(f"privdiff: error: {msg}", file=sys.stderr)
         return 2
+    except Exception as e:  # noqa: BLE001  a bug or an unforeseen failure: one line; PRIVDIFF_TRACEBACK=1 shows where
+        if os.environ.get("PRIVDIFF_TRACEBACK"):
+            raise
+        msg = (str(e).splitlines() or [""])[0]
+        print(f"privdiff: internal error: {type(e).__name__}{': ' + msg if msg else ''} "
+              "(PRIVDIFF_TRACEBACK=1 shows the traceback)", file=sys.stderr)
+        return 3
 
 
 if __name__ == "__main__":

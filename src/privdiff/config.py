@@ -1,7 +1,13 @@
 """Recipes: nested dataclasses are the single source of truth for every key and its default.
 
 A recipe YAML and ``key=value`` overrides (dotted paths, as DPDM's OmegaConf command line) are
-merged over the defaults; an unknown key or a value of the wrong type is an error, never ignored.
+merged over the defaults; an unknown key, a key given twice in one mapping, a section given as a
+scalar, a value of the wrong type or out of its range is an error, never ignored.
+
+Every numeric key has its range in one table, :data:`RANGES` (finite unless it says otherwise), that
+recipe files, ``key=value`` overrides, a run's ``config.yaml`` and the command line's flags that set a
+recipe key (:func:`parse_value`) all go through; :func:`validate_recipe` adds the checks that relate
+keys to each other. A recipe is checked whole when it is resolved, before anything is written.
 """
 
 from __future__ import annotations
@@ -9,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -25,6 +32,7 @@ from .models.unet import UNetConfig
 
 
 METHODS = ("dpdm", "dp-ldm", "dpp", "lora")
+SAMPLERS = ("heun", "edm", "euler", "ddim")
 PROXY_FEATURES = ("map", "loss")  # what the proxy attacker h_ω reads (privdiff.attacks.proxy.proxy_features)
 
 
@@ -191,8 +199,216 @@ class Recipe:
     lora: LoRAConfig = field(default_factory=LoRAConfig)
 
 
+# -- YAML ---------------------------------------------------------------------------------------------
+class _RecipeLoader(yaml.SafeLoader):
+    """YAML as a recipe reads it: a key given twice in one mapping is an error (never "the last one
+    wins", at any level), and a number with an exponent but no dot (``1e-5``) is a float, as in YAML 1.2
+    (YAML 1.1 reads it as the string "1e-5")."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, Any] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":  # '<<: *anchor' merges are overridden by design
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    first = seen.get(key)
+                except TypeError:  # an unhashable key: the base class says so
+                    continue
+                if first is not None:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key {key!r} (first given on line {first.line + 1})", key_node.start_mark)
+                seen[key] = key_node.start_mark
+        return super().construct_mapping(node, deep=deep)
+
+
+_RecipeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9][0-9_]*)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
+def _load_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_RecipeLoader)  # noqa: S506 (a SafeLoader)
+
+
+def _yaml_problem(e: Exception) -> str:
+    """One line for a YAML error: its problem and where (line, column)."""
+    if isinstance(e, yaml.MarkedYAMLError) and e.problem:
+        mark = e.problem_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        return f"{e.problem}{where}"
+    return (str(e).splitlines() or [type(e).__name__])[0]
+
+
+# -- ranges -------------------------------------------------------------------------------------------
+INT_MAX = 2**31 - 1  # sizes and counts: larger is never meant (and overflows tensors' int32 indices)
+
+
+@dataclass(frozen=True)
+class Bound:
+    """The range of a numeric value (of each element, for a tuple): finite unless ``inf`` allows +∞.
+
+    ``lo``/``hi`` are inclusive unless ``lo_open``/``hi_open``; ``min_len`` is a tuple's least length.
+    """
+
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False
+    hi_open: bool = False
+    inf: bool = False
+    min_len: int = 0
+
+    def describe(self) -> str:
+        def fmt(x: float) -> str:
+            return "inf" if math.isinf(x) else str(int(x)) if float(x).is_integer() and abs(x) < 1e20 else f"{x:g}"
+
+        lo = None if self.lo is None else fmt(self.lo)
+        hi = None if self.hi is None else fmt(self.hi)
+        if lo is not None and hi is not None:
+            return f"in {'(' if self.lo_open else '['}{lo}, {hi}{')' if self.hi_open else ']'}"
+        if lo is not None:
+            return f"{'>' if self.lo_open else '>='} {lo}"
+        if hi is not None:
+            return f"{'<' if self.hi_open else '<='} {hi}"
+        return "finite"
+
+    def contains(self, v: Any) -> bool:
+        if not isinstance(v, (int, float)) or isinstance(v, bool):
+            return False
+        if isinstance(v, float) and (math.isnan(v) or (math.isinf(v) and not (self.inf and v > 0))):
+            return False
+        return ((self.lo is None or (v > self.lo if self.lo_open else v >= self.lo))
+                and (self.hi is None or (v < self.hi if self.hi_open else v <= self.hi)))
+
+    def check(self, name: str, value: Any) -> None:
+        """Raise :class:`RecipeError` unless ``value`` (a number, a tuple of numbers, or None) is in range."""
+        if value is None:
+            return
+        if isinstance(value, tuple):
+            if len(value) < self.min_len:
+                raise RecipeError(f"{name} must have at least {self.min_len} element{'s' * (self.min_len > 1)}, got {list(value)}")
+            bad = [v for v in value if not self.contains(v)]
+            if bad:
+                raise RecipeError(f"{name}: every element must be {self._kind(bad[0])} {self.describe()}, got {list(value)}")
+        elif not self.contains(value):
+            raise RecipeError(f"{name} must be {self._kind(value)} {self.describe()}, got {value!r}")
+
+    def _kind(self, v: Any) -> str:
+        if isinstance(v, int) and not isinstance(v, bool):
+            return "an integer"
+        return "a number (inf allowed)" if self.inf else "a finite number"
+
+
+POSITIVE = Bound(lo=0, lo_open=True)  # > 0, finite
+COUNT = Bound(lo=1, hi=INT_MAX)  # a positive integer
+PROBABILITY = Bound(lo=0, hi=1, hi_open=True)  # [0, 1): a dropout rate, a decay
+OPEN_UNIT = Bound(lo=0, hi=1, lo_open=True, hi_open=True)  # (0, 1): δ, a held-out fraction
+SEED = Bound(lo=0, hi=2**63 - 1)
+LR = Bound(lo=0, hi=10, lo_open=True)
+EPOCHS = Bound(lo=0, hi=1e6, lo_open=True)
+CHANNELS = Bound(lo=1, hi=65536, min_len=1)
+CONTRAST = Bound(lo=0, hi=100)
+
+_TRAIN_RANGES = {  # train, and the public pretraining stages (PretrainConfig has train's keys)
+    "batch_size": COUNT, "epochs": EPOCHS, "max_steps": Bound(lo=1, hi=10**12), "lr": LR, "ema_decay": PROBABILITY,
+    "max_physical_batch_size": COUNT, "checkpoint_every": COUNT, "seed": SEED,
+}
+
+RANGES: dict[str, Bound] = {
+    "data.resolution": Bound(lo=1, hi=4096),
+    "model.channels": CHANNELS,
+    "model.layers_per_block": Bound(lo=1, hi=64),
+    "model.attention_levels": Bound(lo=0, hi=64),
+    "model.attention_head_dim": Bound(lo=1, hi=65536),
+    "model.norm_num_groups": Bound(lo=1, hi=65536),
+    "model.dropout": PROBABILITY,
+    "diffusion.sigma_data": Bound(lo=0, hi=1e4, lo_open=True),
+    "diffusion.P_mean": Bound(lo=-20, hi=20),
+    "diffusion.P_std": Bound(lo=0, hi=20, lo_open=True),
+    "diffusion.logsnr_min": Bound(lo=-50, hi=50),
+    "diffusion.logsnr_max": Bound(lo=-50, hi=50),
+    "diffusion.label_dropout": PROBABILITY,
+    "privacy.epsilon": POSITIVE,
+    "privacy.delta": OPEN_UNIT,
+    "privacy.max_grad_norm": Bound(lo=0, hi=1e6, lo_open=True),
+    "privacy.noise_multiplicity": Bound(lo=1, hi=4096),
+    **{f"train.{k}": b for k, b in _TRAIN_RANGES.items()},
+    "sampler.steps": Bound(lo=1, hi=100_000),
+    "sampler.guidance": Bound(lo=0, hi=1000),
+    "sampler.S_churn": Bound(lo=0, hi=1e4),
+    "sampler.S_min": Bound(lo=0, hi=1e6),
+    "sampler.S_max": Bound(lo=0, inf=True),
+    "sampler.S_noise": Bound(lo=0, hi=10),
+    "sampler.sigma_min": Bound(lo=0, hi=1e6, lo_open=True),
+    "sampler.sigma_max": Bound(lo=0, hi=1e6, lo_open=True),
+    "sampler.rho": Bound(lo=0, hi=1000, lo_open=True),
+    "evaluate.n_samples": Bound(lo=2, hi=1_000_000),
+    "evaluate.classifier_epochs": Bound(lo=1, hi=100_000),
+    "evaluate.classifier_lr": LR,
+    "evaluate.holdout": OPEN_UNIT,
+    "evaluate.kid_subset_size": Bound(lo=2, hi=INT_MAX),
+    "evaluate.kid_subsets": COUNT,
+    "evaluate.pr_k": COUNT,
+    "evaluate.max_real": COUNT,
+    "ldm.public_margin": Bound(lo=0, hi=4096),
+    "ldm.public_contrast": CONTRAST,
+    "ldm.autoencoder.channels": CHANNELS,
+    "ldm.autoencoder.latent_channels": Bound(lo=1, hi=4096),
+    "ldm.autoencoder.layers_per_block": Bound(lo=1, hi=64),
+    "ldm.autoencoder.norm_num_groups": Bound(lo=1, hi=65536),
+    "ldm.autoencoder.kl_weight": Bound(lo=0, hi=1e6),
+    "ldm.autoencoder.epochs": EPOCHS,
+    "ldm.autoencoder.batch_size": COUNT,
+    "ldm.autoencoder.lr": LR,
+    "ldm.unet.channels": CHANNELS,
+    "ldm.unet.layers_per_block": Bound(lo=1, hi=64),
+    "ldm.unet.attention_heads": Bound(lo=1, hi=65536),
+    "ldm.unet.norm_num_groups": Bound(lo=1, hi=65536),
+    "ldm.text.width": Bound(lo=1, hi=65536),
+    "ldm.text.layers": Bound(lo=1, hi=256),
+    "ldm.text.heads": Bound(lo=1, hi=65536),
+    "ldm.text.max_length": Bound(lo=1, hi=65536),
+    "ldm.text.caption_dropout": PROBABILITY,
+    **{f"ldm.pretrain.{k}": b for k, b in _TRAIN_RANGES.items()},
+    "ldm.he.width": Bound(lo=1, hi=65536),
+    "ldm.he.blocks": Bound(lo=1, hi=256),
+    "ldm.he.heads": Bound(lo=1, hi=65536),
+    "ldm.he.head_dim": Bound(lo=1, hi=65536),
+    "ldm.he.mlp_ratio": Bound(lo=1, hi=64),
+    "ldm.he.fourier": Bound(lo=1, hi=64),
+    "dpp.batch_size": COUNT,
+    "dpp.noise_multiplier": Bound(lo=0, hi=1e6, lo_open=True),
+    "dpp.rounds": Bound(lo=1, hi=1_000_000),
+    "dpp.downsample": Bound(lo=1, hi=4096),
+    "dpp.copies": Bound(lo=1, hi=1_000_000),
+    "dpp.num_ops": Bound(lo=0, hi=64),
+    "dpp.magnitude": Bound(lo=1, hi=10),
+    **{f"dpp.pretrain.{k}": b for k, b in _TRAIN_RANGES.items()},
+    "lora.public_margin": Bound(lo=0, hi=4096),
+    "lora.public_contrast": CONTRAST,
+    **{f"lora.pretrain.{k}": b for k, b in _TRAIN_RANGES.items()},
+    "lora.rank": Bound(lo=1, hi=65536),
+    "lora.alpha": Bound(lo=0, hi=1e6, lo_open=True),
+    "lora.n_per_role": COUNT,
+    "lora.lam": Bound(lo=0, hi=1e6),
+    "lora.stabilizer": Bound(lo=0, hi=1e6, lo_open=True),
+    "lora.attacker_lr": LR,
+    "lora.attacker_weight_decay": Bound(lo=0, hi=1e3),
+    "lora.attacker_batch": COUNT,
+    "lora.attacker_steps": Bound(lo=0, hi=1000),
+}
+"""Every numeric recipe key (int, float, or a tuple of them) -> its range; finite unless ``inf=True``."""
+
+
+_FLOAT_WORDS = {"inf": math.inf, "+inf": math.inf, ".inf": math.inf, "+.inf": math.inf, "-inf": -math.inf, "-.inf": -math.inf,
+                "nan": math.nan, ".nan": math.nan}
+
+
 def _coerce(value: Any, hint: Any, key: str) -> Any:
-    """Check/convert one YAML value against a dataclass field's type hint."""
+    """Check/convert one YAML value against a dataclass field's type hint (ranges: :data:`RANGES`)."""
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(hint) if a is not type(None)]
@@ -200,6 +416,8 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
             return None
         return _coerce(value, args[0], key)
     if origin is tuple:
+        if isinstance(value, dict) or value is None:
+            raise RecipeError(f"{key}: expected a list, got {value!r}")
         if not isinstance(value, (list, tuple)):
             value = [value]
         (elem, *_rest) = typing.get_args(hint)
@@ -214,16 +432,27 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
             return int(value)
     elif hint is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str) and value.strip().lower() in ("inf", "+inf", ".inf"):
-            return float("inf")
+            try:
+                return float(value)
+            except OverflowError:
+                raise RecipeError(f"{key}: {value} is too large for a float") from None
+        if isinstance(value, str):
+            word = value.strip().lower()
+            if word in _FLOAT_WORDS:  # out of range unless the key allows it (RANGES): never silently taken
+                return _FLOAT_WORDS[word]
+            try:  # e.g. 1e-5 in a YAML 1.1 file that another tool wrote
+                return float(word)
+            except ValueError:
+                pass
     elif hint is str:
         if isinstance(value, str):
             return value
     raise RecipeError(f"{key}: expected {getattr(hint, '__name__', hint)}, got {value!r}")
 
 
-def _build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
+def _build(cls: type, values: Any, prefix: str = "") -> Any:
+    if not isinstance(values, dict):
+        raise RecipeError(f"{prefix.rstrip('.')}: expected a section (a mapping of keys), got {values!r}")
     hints = typing.get_type_hints(cls)
     known = {f.name: f for f in dataclasses.fields(cls)}
     kwargs = {}
@@ -233,8 +462,6 @@ def _build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
             raise RecipeError(f"unknown recipe key '{path}' (known under '{prefix or '.'}': {', '.join(known)})")
         hint = hints[key]
         if dataclasses.is_dataclass(hint):
-            if not isinstance(value, dict):
-                raise RecipeError(f"{path}: expected a section (mapping), got {value!r}")
             kwargs[key] = _build(hint, value, prefix=f"{path}.")
         else:
             kwargs[key] = _coerce(value, hint, path)
@@ -243,35 +470,74 @@ def _build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
 
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
     parts = dotted.split(".")
+    if any(not p.strip() for p in parts):
+        raise RecipeError(f"override '{dotted}': empty key in the dotted path")
     node = tree
-    for part in parts[:-1]:
+    for i, part in enumerate(parts[:-1]):
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
-            raise RecipeError(f"override '{dotted}': '{part}' is not a section")
+            raise RecipeError(f"override '{dotted}': '{'.'.join(parts[:i + 1])}' was given a value, it is a section")
     node[parts[-1]] = value
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:
-    """``["privacy.epsilon=1", "train.batch_size=512"]`` -> nested dict (values parsed as YAML)."""
+    """``["privacy.epsilon=1", "train.batch_size=512"]`` -> nested dict (values parsed as YAML, as a recipe file's).
+
+    The same key given twice: the later one wins, as on any command line (a recipe *file* refuses it).
+    """
     tree: dict[str, Any] = {}
     for item in items:
         if "=" not in item:
             raise RecipeError(f"override '{item}' is not of the form key=value")
         key, raw = item.split("=", 1)
-        if not key:
+        if not key.strip():
             raise RecipeError(f"override '{item}' has an empty key")
-        _set_dotted(tree, key.strip(), yaml.safe_load(raw) if raw != "" else None)
+        try:
+            value = _load_yaml(raw) if raw.strip() != "" else None
+        except (yaml.YAMLError, ValueError) as e:  # ValueError: e.g. an integer past Python's digit limit
+            raise RecipeError(f"override '{item[:200]}': the value is not valid YAML ({_yaml_problem(e)})") from None
+        _set_dotted(tree, key.strip(), value)
     return tree
 
 
-def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+def _merge(base: dict[str, Any], top: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     out = dict(base)
     for key, value in top.items():
+        if isinstance(value, dict) and key in out and not isinstance(out[key], dict):
+            raise RecipeError(f"{prefix}{key}: expected a section (a mapping of keys), got {out[key]!r}")
         if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
+            out[key] = _merge(out[key], value, prefix=f"{prefix}{key}.")
         else:
             out[key] = value
     return out
+
+
+def key_hint(key: str) -> Any:
+    """The type hint of a dotted recipe key (``"sampler.guidance"`` -> float); RecipeError if it is not a key."""
+    cls: Any = Recipe
+    parts = key.split(".")
+    for i, part in enumerate(parts):
+        hints = typing.get_type_hints(cls) if dataclasses.is_dataclass(cls) else {}
+        if part not in hints:
+            raise RecipeError(f"unknown recipe key '{key}'")
+        cls = hints[part]
+        if dataclasses.is_dataclass(cls) and i == len(parts) - 1:
+            raise RecipeError(f"'{key}' is a section, not a key")
+    return cls
+
+
+def parse_value(key: str, raw: str, name: str | None = None) -> Any:
+    """A command-line value for recipe key ``key`` (a flag such as ``sample --guidance``), read, type-checked
+    and range-checked exactly as ``key=raw`` would be; errors name ``name`` (default: the key)."""
+    name = key if name is None else name
+    try:
+        value = _load_yaml(raw) if raw.strip() != "" else None
+    except (yaml.YAMLError, ValueError) as e:
+        raise RecipeError(f"{name}: not a valid value ({_yaml_problem(e)})") from None
+    value = _coerce(value, key_hint(key), name)
+    if key in RANGES:
+        RANGES[key].check(name, value)
+    return value
 
 
 def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:
@@ -288,9 +554,10 @@ def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:
 
 
 def resolve_recipe(source: str | os.PathLike | dict | None = None, overrides: list[str] = ()) -> Recipe:
-    """Resolve a recipe file (or dict) plus ``key=value`` overrides over the defaults."""
+    """Resolve a recipe file (or dict) plus ``key=value`` overrides over the defaults, checked whole
+    (types, :data:`RANGES`, :func:`validate_recipe`): a RecipeError here, before anything is written."""
     if source is None:
-        tree: dict[str, Any] = {}
+        tree: Any = {}
     elif isinstance(source, dict):
         tree = source
     else:
@@ -298,59 +565,76 @@ def resolve_recipe(source: str | os.PathLike | dict | None = None, overrides: li
         if not path.is_file():
             raise RecipeError(f"{path}: recipe file not found")
         try:
-            tree = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise RecipeError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+            tree = _load_yaml(path.read_text())
+        except (OSError, UnicodeDecodeError) as e:
+            raise RecipeError(f"{path}: cannot be read as text ({type(e).__name__}: {e})") from None
+        except (yaml.YAMLError, ValueError) as e:  # ValueError: e.g. an integer past Python's digit limit
+            raise RecipeError(f"{path}: not a valid recipe ({_yaml_problem(e)})") from None
+        if tree is None:
+            tree = {}
         if not isinstance(tree, dict):
-            raise RecipeError(f"{path}: a recipe must be a mapping of sections")
+            raise RecipeError(f"{path}: a recipe must be a mapping of sections, got a YAML {type(tree).__name__}")
     recipe = _build(Recipe, _merge(tree, parse_overrides(list(overrides))))
     validate_recipe(recipe)
     return recipe
 
 
+def _value(recipe: Recipe, dotted: str) -> Any:
+    node: Any = recipe
+    for part in dotted.split("."):
+        node = getattr(node, part)
+    return node
+
+
 def validate_recipe(r: Recipe) -> None:
-    """Range checks that a type check cannot express."""
+    """Every numeric key in its range (:data:`RANGES`), then the checks that relate keys to each other
+    (and the model shapes that would otherwise fail only when the network is built, mid-start)."""
+    for key, bound in RANGES.items():
+        bound.check(key, _value(r, key))
+    m, ae, lu = r.model, r.ldm.autoencoder, r.ldm.unet
+    uses_model = r.method != "dp-ldm"  # DPDM, DPP and LoRA train model.*; DP-LDM its ldm.* networks
     checks = [
-        (r.privacy.epsilon > 0, "privacy.epsilon must be > 0"),
-        (0 < r.privacy.delta < 1, "privacy.delta must be in (0, 1)"),
-        (r.privacy.max_grad_norm > 0, "privacy.max_grad_norm must be > 0"),
-        (r.privacy.noise_multiplicity >= 1, "privacy.noise_multiplicity must be >= 1"),
+        (r.method in METHODS, f"method '{r.method}' is not available (available: {', '.join(METHODS)})"),
         (r.privacy.accountant in ("rdp", "prv"), "privacy.accountant must be 'rdp' or 'prv'"),
         (r.privacy.grad_sample_mode in ("bk", "hooks", "functorch"), "privacy.grad_sample_mode must be 'bk', 'hooks' or 'functorch'"),
-        (r.train.batch_size >= 1, "train.batch_size must be >= 1"),
-        (r.train.epochs > 0, "train.epochs must be > 0"),
-        (r.train.max_steps is None or r.train.max_steps >= 1, "train.max_steps must be >= 1"),
         (r.train.max_physical_batch_size >= r.privacy.noise_multiplicity,
          "train.max_physical_batch_size must be >= privacy.noise_multiplicity"),
-        (0 <= r.train.ema_decay < 1, "train.ema_decay must be in [0, 1)"),
         (r.train.lr_schedule in ("constant", "cosine"), "train.lr_schedule must be 'constant' or 'cosine'"),
         (r.diffusion.parameterization in ("edm", "v"), "diffusion.parameterization must be 'edm' or 'v'"),
         (r.diffusion.sigma_distribution in ("lognormal", "cosine"), "diffusion.sigma_distribution must be 'lognormal' or 'cosine'"),
-        (0 <= r.diffusion.label_dropout < 1, "diffusion.label_dropout must be in [0, 1)"),
-        (r.sampler.steps >= 1, "sampler.steps must be >= 1"),
-        (r.evaluate.n_samples >= 2, "evaluate.n_samples must be >= 2"),
+        (r.diffusion.logsnr_min < r.diffusion.logsnr_max, "diffusion.logsnr_min must be < diffusion.logsnr_max"),
+        (r.sampler.name in SAMPLERS, f"sampler.name must be one of {', '.join(SAMPLERS)}"),
+        (r.sampler.sigma_min < r.sampler.sigma_max, "sampler.sigma_min must be < sampler.sigma_max"),
+        (r.sampler.S_min <= r.sampler.S_max, "sampler.S_min must be <= sampler.S_max"),
         (r.evaluate.features in ("public", "train"), "evaluate.features must be 'public' or 'train'"),
-        (0 < r.evaluate.holdout < 1, "evaluate.holdout must be in (0, 1)"),
-        (r.evaluate.classifier_epochs >= 1, "evaluate.classifier_epochs must be >= 1"),
-        (r.evaluate.pr_k >= 1, "evaluate.pr_k must be >= 1"),
         (r.evaluate.max_real is None or r.evaluate.max_real > r.evaluate.pr_k, "evaluate.max_real must be > evaluate.pr_k"),
-        (r.method in METHODS, f"method '{r.method}' is not available (available: {', '.join(METHODS)})"),
-        (0 <= r.ldm.text.caption_dropout < 1, "ldm.text.caption_dropout must be in [0, 1)"),
-        (r.ldm.public_contrast >= 0, "ldm.public_contrast must be >= 0"),
-        (r.lora.public_contrast >= 0, "lora.public_contrast must be >= 0"),
-        (r.dpp.noise_multiplier > 0, "dpp.noise_multiplier must be > 0"),
-        (r.dpp.rounds >= 1 and r.dpp.copies >= 1 and r.dpp.downsample >= 1, "dpp.rounds, dpp.copies and dpp.downsample must be >= 1"),
-        (1 <= r.dpp.magnitude <= 10 and r.dpp.num_ops >= 0, "dpp.magnitude must be in 1..10, dpp.num_ops >= 0"),
+        (r.evaluate.n_samples > r.evaluate.pr_k, "evaluate.n_samples must be > evaluate.pr_k"),
+        (not uses_model or all(c % m.norm_num_groups == 0 for c in m.channels),
+         f"model.channels {list(m.channels)} must all be divisible by model.norm_num_groups={m.norm_num_groups}"),
+        (not uses_model or all(lvl < len(m.channels) for lvl in m.attention_levels),
+         f"model.attention_levels {list(m.attention_levels)} must be in [0, {len(m.channels)}) (model.channels has {len(m.channels)} levels)"),
+        (not uses_model or all(m.attention_head_dim <= m.channels[lvl] for lvl in (*m.attention_levels, -1) if lvl < len(m.channels)),
+         f"model.attention_head_dim={m.attention_head_dim} must be <= the channels of every attention level and of the last "
+         f"(the middle block's): {list(m.channels)}"),
+        (not uses_model or r.data.resolution is None or r.data.resolution % 2 ** (len(m.channels) - 1) == 0,
+         f"data.resolution={r.data.resolution} must be divisible by 2^{len(m.channels) - 1} (model.channels has {len(m.channels)} levels)"),
+        (uses_model or all(c % ae.norm_num_groups == 0 for c in ae.channels),
+         f"ldm.autoencoder.channels {list(ae.channels)} must all be divisible by ldm.autoencoder.norm_num_groups={ae.norm_num_groups}"),
+        (uses_model or r.data.resolution is None or r.data.resolution % 2 ** (len(ae.channels) - 1) == 0,
+         f"data.resolution={r.data.resolution} must be divisible by 2^{len(ae.channels) - 1} (ldm.autoencoder.channels has {len(ae.channels)} levels)"),
+        (uses_model or all(c % lu.norm_num_groups == 0 for c in lu.channels),
+         f"ldm.unet.channels {list(lu.channels)} must all be divisible by ldm.unet.norm_num_groups={lu.norm_num_groups}"),
+        (uses_model or lu.attention_heads <= min(lu.channels),
+         f"ldm.unet.attention_heads={lu.attention_heads} must be <= every ldm.unet.channels {list(lu.channels)}"),
+        (uses_model or r.ldm.text.encoder != "builtin" or r.ldm.text.width % r.ldm.text.heads == 0,
+         f"ldm.text.width={r.ldm.text.width} must be divisible by ldm.text.heads={r.ldm.text.heads}"),
         (len(r.ldm.trainable) >= 1, "ldm.trainable must name at least one group"),
         (r.ldm.net in ("unet", "he"), "ldm.net must be 'unet' or 'he'"),
         (r.method != "dp-ldm" or r.ldm.public_data != r.data.name, "ldm.public_data must not be the private data set"),
         (r.method != "lora" or r.lora.public_data != r.data.name, "lora.public_data must not be the private data set"),
         (r.lora.objective in ("lora", "privatelora", "stable"), "lora.objective must be 'lora', 'privatelora' or 'stable'"),
-        (r.lora.rank >= 1 and r.lora.alpha > 0, "lora.rank must be >= 1 and lora.alpha > 0"),
         (r.lora.attacker_feature in PROXY_FEATURES, f"lora.attacker_feature must be one of {', '.join(PROXY_FEATURES)}"),
-        (r.lora.n_per_role >= 1 and r.lora.attacker_batch >= 1 and r.lora.attacker_steps >= 0,
-         "lora.n_per_role and lora.attacker_batch must be >= 1, lora.attacker_steps >= 0"),
-        (r.lora.lam >= 0 and r.lora.stabilizer > 0, "lora.lam must be >= 0 and lora.stabilizer > 0"),
+        (len(r.lora.targets) >= 1, "lora.targets must name at least one layer"),
         (r.method != "lora" or r.lora.objective == "lora" or not r.privacy.enabled,
          "lora.objective privatelora/stable trains its proxy attacker on members without DP: set privacy.enabled=false"),
     ]

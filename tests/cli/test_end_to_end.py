@@ -119,7 +119,8 @@ def test_budget_is_never_exceeded(tmp_path, tiny_overrides, capsys):
 
 def test_corrupted_checkpoint_is_set_aside_and_training_resumes(tmp_path, tiny_overrides, capsys):
     """The only checkpoint is damaged: it is kept aside, said on stderr, and training starts again from step 0
-    with the ledger's count kept (the replay draws the same batches and noise; tests/test_runs.py has more)."""
+    with the ledger's count kept; the damaged checkpoint had been written, so its two steps are taken again with fresh
+    batches and noise and counted again (2 + 4 steps; tests/test_runs.py has more)."""
     code, run = _train(tmp_path, tiny_overrides, "train.max_steps=2")
     assert code == 0
     ckpt = run / "checkpoints" / (run / "checkpoints" / "latest").read_text().strip()
@@ -133,7 +134,8 @@ def test_corrupted_checkpoint_is_set_aside_and_training_resumes(tmp_path, tiny_o
     assert "corrupted" in err and "diffusion_pytorch_model.safetensors" in err and "starts again from step 0" in err
     assert (run / "checkpoints" / "damaged" / ckpt.name / "unet" / weights.name).is_file()
     after = json.loads((run / "ledger.json").read_text())
-    assert after["run_id"] == ledger_before["run_id"] and after["events"][0]["steps"] == 4  # continued, never restarted
+    assert after["run_id"] == ledger_before["run_id"] and after["events"][0]["steps"] == 6  # continued, never restarted
+    assert "taken again with fresh batches and noise" in err
 
 
 def test_bad_dataset_path_gives_a_clear_error(tmp_path, tiny_overrides, capsys):

@@ -71,6 +71,8 @@ def test_sigkill_at_random_moments_then_resume(tmp_path):
     warm.start()
     _join(warm)
     # the uninterrupted reference (also warms this process's caches, which the forks inherit)
+    for name in ("reference.sqlite", "registry.sqlite"):  # a given registry must exist (privdiff budget init)
+        Registry(tmp_path / name, create=True).close()
     t0 = time.perf_counter()
     p = ctx.Process(target=_train, args=(tmp_path / "reference", tmp_path / "reference.sqlite"))
     p.start()
@@ -110,6 +112,7 @@ def test_sigkill_at_random_moments_then_resume(tmp_path):
 def test_a_capped_data_set_refuses_a_run_before_it_reads_data(tmp_path, capsys):
     registry = tmp_path / "registry.sqlite"
     argv = ["--registry", str(registry)]
+    assert main(["budget", "init", *argv]) == 0
     assert main(["budget", "cap", "dpdm-mnist5k", *MICRO[:2], "--epsilon", "3.3", *argv]) == 0
     os.environ["PRIVDIFF_REGISTRY"] = str(registry)
     train = ["train", "dpdm-mnist5k", *MICRO, "train.max_steps=2"]

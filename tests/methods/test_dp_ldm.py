@@ -238,7 +238,6 @@ def test_public_data_errors_name_the_keys_of_the_section_that_set_them(recipe, s
     like = load_dataset("digits", split="all", resolution=16)
     cases = [
         (f"{section}.public_margin=7", ValueError, f"{section}.public_margin=7 leaves no image at resolution 16"),
-        (f"{section}.public_margin=-1", ValueError, f"{section}.public_margin=-1 must be >= 0"),
         (f"{section}.public_data=nope", DatasetError, f"{section}.public_data=nope: 'nope': unknown data set"),
     ]
     for override, error, message in cases:
@@ -246,8 +245,10 @@ def test_public_data_errors_name_the_keys_of_the_section_that_set_them(recipe, s
         with pytest.raises(error) as e:
             load(r, like=like)
         assert str(e.value).startswith(message) and f"{other}." not in str(e.value)
-    with pytest.raises(RecipeError, match=rf"^{section}\.public_contrast must be >= 0$"):
+    with pytest.raises(RecipeError, match=rf"^{section}\.public_contrast must be a finite number in \[0, 100\], got -1.0$"):
         resolve_recipe(ROOT / "recipes" / recipe, [f"{section}.public_contrast=-1.0"])
+    with pytest.raises(RecipeError, match=rf"^{section}\.public_margin must be an integer in \[0, 4096\], got -1$"):
+        resolve_recipe(ROOT / "recipes" / recipe, [f"{section}.public_margin=-1"])  # refused when the recipe is resolved
     rgb = ImageDataset(images=torch.zeros(2, 3, 16, 16), labels=torch.zeros(2, dtype=torch.long), num_classes=10, name="rgb",
                        split="train", fingerprint="sha256:rgb")
     with pytest.raises(ValueError, match=rf"^{section}\.public_data=digits has 1 channels and 10 classes, private rgb 3 and 10"):

@@ -82,13 +82,18 @@ def _has_user(name: str) -> bool:
 
 @pytest.fixture(params=["sqlite", "postgresql"])
 def registry_url(request, tmp_path):
-    """A fresh, empty registry on each backend."""
-    if request.param == "sqlite":
-        return str(tmp_path / "registry.sqlite")
-    server = request.getfixturevalue("postgres_server")
-    import psycopg
+    """A fresh, empty registry on each backend (created, as `privdiff budget init` does)."""
+    from privdiff.privacy.registry import Registry
 
-    name = "t_" + uuid.uuid4().hex[:12]
-    with psycopg.connect(f"{server}/postgres", autocommit=True) as conn:
-        conn.execute(f"CREATE DATABASE {name}")
-    return f"{server}/{name}"
+    if request.param == "sqlite":
+        url = str(tmp_path / "registry.sqlite")
+    else:
+        server = request.getfixturevalue("postgres_server")
+        import psycopg
+
+        name = "t_" + uuid.uuid4().hex[:12]
+        with psycopg.connect(f"{server}/postgres", autocommit=True) as conn:
+            conn.execute(f"CREATE DATABASE {name}")
+        url = f"{server}/{name}"
+    Registry(url, create=True).close()
+    return url

@@ -196,3 +196,27 @@ def test_calibrate_noise_errors():
         calibrate_noise(epsilon_target=1.0, delta=DELTA, sample_rate=0.01, steps=100, prior=[(0.0, 0.1, 1)])
     with pytest.raises(ValueError, match="cannot reach"):
         calibrate_noise(epsilon_target=1e-3, delta=DELTA, sample_rate=1.0, steps=100_000)
+
+
+@pytest.mark.parametrize("kwargs, says", [
+    ({"epsilon_target": math.nan}, "epsilon"), ({"epsilon_target": math.inf}, "epsilon"), ({"epsilon_target": 0.0}, "epsilon"),
+    ({"epsilon_target": -1.0}, "epsilon"), ({"delta": 1.0}, "delta"), ({"delta": 2.0}, "delta"), ({"delta": 0.0}, "delta"),
+    ({"delta": math.nan}, "delta"), ({"sample_rate": 0.0}, "sample rate"), ({"sample_rate": 1.5}, "sample rate"),
+    ({"sample_rate": math.nan}, "sample rate"), ({"steps": 0}, "steps"), ({"steps": -3}, "steps"), ({"steps": 2.5}, "steps"),
+    ({"accountant": "gdp"}, "accountant"),
+])
+def test_calibrate_noise_refuses_nonsense_arguments(kwargs, says):
+    """Issue 22: no sigma for a NaN/inf target, delta outside (0, 1) or no steps (it used to print one)."""
+    args = {"epsilon_target": 1.0, "delta": DELTA, "sample_rate": 0.01, "steps": 100, **kwargs}
+    with pytest.raises(ValueError, match=says):
+        calibrate_noise(**args)
+
+
+@pytest.mark.parametrize("history, delta", [
+    ([(1.0, 0.01, 10)], math.nan), ([(1.0, 0.01, 10)], 1.0), ([(1.0, 0.01, 10)], 2.0), ([(1.0, 0.01, 10)], 0.0),
+    ([(math.nan, 0.01, 10)], DELTA), ([(math.inf, 0.01, 10)], DELTA), ([(-1.0, 0.01, 10)], DELTA),
+    ([(1.0, math.nan, 10)], DELTA), ([(1.0, 1.5, 10)], DELTA), ([(1.0, 0.01, -1)], DELTA), ([(1.0, 0.01, 2.5)], DELTA),
+])
+def test_epsilon_refuses_nonsense_mechanisms(history, delta):
+    with pytest.raises(ValueError):
+        epsilon(history, delta=delta)

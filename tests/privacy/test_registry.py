@@ -82,7 +82,7 @@ def test_dataset_keys_are_hmacs_of_the_fingerprint(registry_url, tmp_path):
     key = reg.dataset_key(DATA["fingerprint"])
     assert key == Registry(registry_url).dataset_key(DATA["fingerprint"])  # stable for one registry
     assert DATA["fingerprint"].split(":")[1] not in key  # not the content hash itself
-    assert key != Registry(tmp_path / "other.sqlite").dataset_key(DATA["fingerprint"])  # keyed per registry
+    assert key != Registry(tmp_path / "other.sqlite", create=True).dataset_key(DATA["fingerprint"])  # keyed per registry
 
 
 def test_concurrent_admissions_are_serialised(registry_url):
@@ -224,6 +224,7 @@ def test_a_crashed_training_run_is_released_then_resumed(tmp_path, tiny_override
     from privdiff.runs import Run
 
     url, run = str(tmp_path / "registry.sqlite"), tmp_path / "run"
+    Registry(url, create=True).close()
     monkeypatch.setenv("PRIVDIFF_REGISTRY", url)
     args = ["train", "dpdm-mnist5k", *tiny_overrides, "train.max_steps=6", "train.checkpoint_every=2", "--out", str(run), "--quiet"]
     save, calls = Run.save_checkpoint, []
@@ -236,6 +237,7 @@ def test_a_crashed_training_run_is_released_then_resumed(tmp_path, tiny_override
 
     with monkeypatch.context() as m:
         m.setattr(Run, "save_checkpoint", dies_at_the_second)
+        m.setenv("PRIVDIFF_TRACEBACK", "1")  # the command line would print one line; here the exception itself is checked
         with pytest.raises(RuntimeError, match="power cut"):
             main(args)
     (entry,) = Registry(url).status()[0].runs
@@ -251,3 +253,182 @@ def test_a_crashed_training_run_is_released_then_resumed(tmp_path, tiny_override
     assert entry.state == "complete" and entry.steps == 6 == ledger["events"][0]["steps"]
     assert [{k: e[k] for k in ("stage", "noise_multiplier", "sample_rate", "steps")} for e in ledger["events"]] == \
         [{k: e[k] for k in ("stage", "noise_multiplier", "sample_rate", "steps")} for e in entry.events]
+
+
+# -- issue 22: a registry is created only on request; a typo is an error, never a fresh registry without caps --
+
+import math  # noqa: E402
+import sqlite3  # noqa: E402
+
+from privdiff.privacy.registry import RegistryError  # noqa: E402
+
+
+def _one_line_error(capsys) -> str:
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+def _cli(argv) -> int:
+    from privdiff.cli import main
+
+    try:
+        return main(argv)
+    except SystemExit as e:  # argparse's refusals
+        return e.code
+
+
+def test_a_given_registry_that_does_not_exist_is_refused_not_created(tmp_path, monkeypatch):
+    for missing in (tmp_path / "typo.sqlite", tmp_path / "no" / "such" / "dir" / "registry.sqlite"):
+        with pytest.raises(RegistryError, match="no budget registry at .*privdiff budget init"):
+            Registry(missing)
+        monkeypatch.setenv("PRIVDIFF_REGISTRY", str(missing))
+        with pytest.raises(RegistryError, match="no budget registry"):
+            Registry()
+        with pytest.raises(RegistryError):
+            Registry(f"sqlite:///{missing}")
+    assert list(tmp_path.iterdir()) == []  # neither file nor directory was made
+    # created on request (its directory too), then opened like any other
+    made = tmp_path / "team" / "registry.sqlite"
+    reg = Registry(made, create=True)
+    assert reg.created and made.is_file()
+    reg.set_cap(dataset=DATA, epsilon=3.0, delta=DELTA)
+    reg.close()
+    again = Registry(made, create=True)  # asking again changes nothing
+    assert not again.created and again.status()[0].cap_epsilon == 3.0
+    monkeypatch.setenv("PRIVDIFF_REGISTRY", str(made))
+    assert Registry().status()[0].cap_epsilon == 3.0
+
+
+def test_privdiffs_own_default_location_is_created_on_first_use(tmp_path, monkeypatch):
+    monkeypatch.delenv("PRIVDIFF_REGISTRY")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    reg = Registry()
+    assert reg.created and (tmp_path / ".privdiff" / "registry.sqlite").is_file()
+
+
+@pytest.mark.parametrize("url, says", [
+    ("postgresq://user@host/db", "unknown budget registry scheme 'postgresq://'"),
+    ("mysql://host/db", "unknown budget registry scheme"),
+    ("file:///tmp/registry.sqlite", "unknown budget registry scheme"),
+    ("http://host/registry", "unknown budget registry scheme"),
+    ("sqlite://relative.sqlite", "sqlite:///PATH"),
+    ("", "is empty"),
+    ("   ", "is empty"),
+])
+def test_an_unknown_scheme_or_an_empty_location_is_an_error(url, says, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(RegistryError, match=says):
+        Registry(url, create=True)
+    monkeypatch.setenv("PRIVDIFF_REGISTRY", url)
+    with pytest.raises(RegistryError, match=says):
+        Registry()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_path_that_is_not_a_registry_is_refused_and_left_as_it_was(tmp_path):
+    with pytest.raises(RegistryError, match="is a directory"):
+        Registry(tmp_path)
+    with pytest.raises(RegistryError, match="is a directory"):
+        Registry(tmp_path, create=True)
+    text = tmp_path / "notes.txt"
+    text.write_text("my notes, not a database\n")
+    empty = tmp_path / "empty.sqlite"
+    empty.touch()
+    other = tmp_path / "other-app.sqlite"
+    with sqlite3.connect(other) as conn:
+        conn.execute("CREATE TABLE things (x)")
+    conn.close()
+    before = {p: p.read_bytes() for p in (text, empty, other)}
+    for path, says in ((text, "not a SQLite database"), (empty, "not a privdiff budget registry"), (other, "not a privdiff budget registry")):
+        with pytest.raises(RegistryError, match=says) as e:
+            Registry(path)
+        assert "\n" not in str(e.value)
+    assert {p: p.read_bytes() for p in before} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.sqlite", "notes.txt", "other-app.sqlite"]  # no -wal, -shm
+
+
+def test_a_refused_postgresql_connection_is_one_line_without_the_password():
+    pytest.importorskip("psycopg")
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(RegistryError, match="cannot connect to the budget registry") as e:
+        Registry(f"postgresql://alice:hunter2secret@127.0.0.1:{port}/budget?connect_timeout=5")
+    assert "\n" not in str(e.value) and "hunter2secret" not in str(e.value) and "alice" not in str(e.value)
+    with pytest.raises(RegistryError) as e:
+        Registry(f"postgres://alice:hunter2secret@127.0.0.1:{port}/budget?connect_timeout=5")
+    assert "hunter2secret" not in str(e.value)
+
+
+def test_a_postgresql_database_without_the_tables_is_not_a_registry(postgres_server):
+    import uuid
+
+    import psycopg
+
+    name = "t_" + uuid.uuid4().hex[:12]
+    with psycopg.connect(f"{postgres_server}/postgres", autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {name}")
+    with pytest.raises(RegistryError, match="not a privdiff budget registry"):
+        Registry(f"{postgres_server}/{name}")
+    assert Registry(f"{postgres_server}/{name}", create=True).created
+    assert not Registry(f"{postgres_server}/{name}").created
+
+
+def test_set_cap_refuses_a_nan_cap_and_a_delta_outside_0_1(registry_url):
+    reg = Registry(registry_url)
+    reg.set_cap(dataset=DATA, epsilon=3.0, delta=DELTA)
+    for epsilon, delta in ((math.nan, DELTA), (math.inf, DELTA), (0.0, DELTA), (-1.0, DELTA), (3.0, 2.0), (3.0, 1.0),
+                           (3.0, 0.0), (3.0, math.nan)):
+        with pytest.raises(ValueError):
+            reg.set_cap(dataset=DATA, epsilon=epsilon, delta=delta)
+    (status,) = reg.status()
+    assert status.cap_epsilon == 3.0 and status.delta == DELTA  # unchanged: a NaN never removes a cap
+
+
+# the command line: one line on stderr, exit 2, nothing created or changed
+
+MICRO_DATA = ["data.name=digits", "data.resolution=4"]
+
+
+def test_budget_init_then_the_commands_use_it(tmp_path, capsys):
+    url = str(tmp_path / "shared" / "registry.sqlite")
+    assert _cli(["budget", "status", "--registry", url]) == 2
+    assert "no budget registry at" in _one_line_error(capsys) and not (tmp_path / "shared").exists()
+    assert _cli(["budget", "cap", "dpdm-mnist5k", *MICRO_DATA, "--epsilon", "5", "--registry", url]) == 2
+    assert "privdiff budget init" in _one_line_error(capsys) and not (tmp_path / "shared").exists()
+    assert _cli(["budget", "init", "--registry", url]) == 0
+    assert "created" in capsys.readouterr().out
+    assert _cli(["budget", "init", "--registry", url]) == 0
+    assert "already a budget registry" in capsys.readouterr().out
+    assert _cli(["budget", "cap", "dpdm-mnist5k", *MICRO_DATA, "--epsilon", "5", "--registry", url]) == 0
+    assert "cap epsilon=5" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--epsilon", "nan"], "--epsilon"), (["--epsilon", "inf"], "--epsilon"), (["--epsilon", "-1"], "--epsilon"),
+    (["--epsilon", "0"], "--epsilon"), (["--epsilon", "4", "--delta", "2"], "--delta"), (["--epsilon", "4", "--delta", "1"], "--delta"),
+    (["--epsilon", "4", "--delta", "nan"], "--delta"), (["--epsilon", "4", "privacy.delta=2"], "privacy.delta"),
+])
+def test_budget_cap_with_a_nonsense_value_changes_nothing(args, says, capsys):
+    """`budget cap --epsilon nan` used to remove an existing cap, `--delta 2` was stored."""
+    assert _cli(["budget", "cap", "dpdm-mnist5k", *MICRO_DATA, "--epsilon", "3"]) == 0
+    capsys.readouterr()
+    assert _cli(["budget", "cap", "dpdm-mnist5k", *MICRO_DATA, *args]) == 2
+    assert says in _one_line_error(capsys)
+    (status,) = Registry().status()
+    assert status.cap_epsilon == 3.0 and status.delta == 1e-5
+
+
+@pytest.mark.parametrize("location", ["{tmp}/typo.sqlite", "{tmp}/missing-dir/registry.sqlite", "postgresq://h/db", "{tmp}"])
+def test_train_with_a_registry_typo_is_refused_before_anything_is_written(location, tmp_path, monkeypatch, capsys):
+    location = location.format(tmp=tmp_path / "reg")
+    (tmp_path / "reg").mkdir()
+    monkeypatch.setenv("PRIVDIFF_REGISTRY", location)
+    out = tmp_path / "run"
+    assert _cli(["train", "dpdm-mnist5k", *MICRO_DATA, "--out", str(out), "--quiet"]) == 2
+    assert "registry" in _one_line_error(capsys)
+    assert not out.exists() and list((tmp_path / "reg").iterdir()) == []

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 from collections.abc import Iterable
 
 import numpy as np
@@ -29,6 +30,29 @@ def _rdp_one_step(noise_multiplier: float, sample_rate: float) -> np.ndarray:
     return np.asarray(rdp_analysis.compute_rdp(q=sample_rate, noise_multiplier=noise_multiplier, steps=1, orders=RDP_ORDERS))
 
 
+def _is_number(x) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool) and not math.isnan(x)
+
+
+def _is_integer(x) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def _check_delta(delta) -> None:
+    if not _is_number(delta) or not 0 < delta < 1:
+        raise ValueError(f"delta must be in (0, 1), got {delta!r}")
+
+
+def _mechanism(m) -> tuple[float, float, int]:
+    """One ``(noise_multiplier, sample_rate, steps)``, checked: σ >= 0 finite, q in [0, 1], steps an integer >= 0."""
+    s, q, t = m
+    if not (_is_number(s) and math.isfinite(s) and s >= 0 and _is_number(q) and 0 <= q <= 1
+            and (_is_integer(t) or (_is_number(t) and float(t).is_integer())) and t >= 0):
+        raise ValueError(f"not a mechanism (noise_multiplier >= 0 finite, sample_rate in [0, 1], steps an integer >= 0): "
+                         f"{(s, q, t)!r}")
+    return float(s), float(q), int(t)
+
+
 def epsilon(history: Iterable[tuple[float, float, int]], *, delta: float, accountant: str = "rdp") -> float:
     """ε(δ) of the composition of Poisson-subsampled Gaussian mechanisms.
 
@@ -40,7 +64,10 @@ def epsilon(history: Iterable[tuple[float, float, int]], *, delta: float, accoun
 
     A mechanism with ``noise_multiplier == 0`` (no noise) makes ε infinite.
     """
-    hist = [(float(s), float(q), int(t)) for s, q, t in history if int(t) > 0 and float(q) > 0]
+    _check_delta(delta)
+    if accountant not in ACCOUNTANTS:
+        raise ValueError(f"accountant must be one of {ACCOUNTANTS}, got {accountant!r}")
+    hist = [(s, q, t) for s, q, t in map(_mechanism, history) if t > 0 and q > 0]
     if not hist:
         return 0.0
     if any(s <= 0 for s, _, _ in hist):
@@ -74,8 +101,20 @@ def calibrate_noise(
     DPP's release), so the whole composition, not only this stage, meets the target.
 
     Raises:
-        ValueError: if the prior alone already exceeds the target, or no σ ≤ 1e4 reaches it.
+        ValueError: if an argument is out of range (ε finite and > 0, δ in (0, 1), q in (0, 1], steps an
+            integer >= 1), the prior alone already exceeds the target, or no σ ≤ 1e4 reaches it.
     """
+    if not _is_number(epsilon_target) or not math.isfinite(epsilon_target) or epsilon_target <= 0:
+        raise ValueError(f"epsilon must be a finite number > 0, got {epsilon_target!r}")
+    _check_delta(delta)
+    if not _is_number(sample_rate) or not 0 < sample_rate <= 1:
+        raise ValueError(f"sample rate must be in (0, 1], got {sample_rate!r} (is the batch larger than the data set?)")
+    if not _is_integer(steps) or steps < 1:
+        raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+    if not _is_number(rel_tol) or not 0 < rel_tol < 1:
+        raise ValueError(f"rel_tol must be in (0, 1), got {rel_tol!r}")
+    if accountant not in ACCOUNTANTS:
+        raise ValueError(f"accountant must be one of {ACCOUNTANTS}, got {accountant!r}")
     prior = list(prior)
     if epsilon(prior, delta=delta, accountant=accountant) >= epsilon_target:
         raise ValueError(f"the budget epsilon={epsilon_target} is already spent by earlier releases")

@@ -21,7 +21,12 @@ half-way keeps its reservation (it may be resumed); a non-private run's charge i
    admits it again: its plan is reserved anew, under the cap.
 
 Backends, one interface: SQLite (a file; the default ``~/.privdiff/registry.sqlite``, or
-``$PRIVDIFF_REGISTRY``) and PostgreSQL (``postgresql://...``, psycopg 3) for teams. Concurrent runs
+``$PRIVDIFF_REGISTRY``) and PostgreSQL (``postgresql://...``, psycopg 3) for teams. A registry is
+created only on request (``Registry(url, create=True)``, ``privdiff budget init``), or at the default
+location when none is given: a given location that holds no registry (a typo, a missing directory,
+an empty file), an unknown scheme, a directory, a file that is not a registry and a refused
+connection are :class:`RegistryError`\ s, so a misspelt registry can never be a fresh one without
+caps. Concurrent runs
 are serialised by the database: SQLite by ``BEGIN IMMEDIATE`` (one writer at a time, taken before
 the total is read), PostgreSQL by ``SELECT ... FOR UPDATE`` on the data set's row, so two runs can
 never both see room for themselves under the cap.
@@ -38,15 +43,19 @@ import hashlib
 import hmac
 import json
 import math
+import numbers
 import os
+import re
 import secrets
 import sqlite3
+import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from .accounting import ACCOUNTANTS
 from .accounting import epsilon as compose_epsilon
 
 DEFAULT_PATH = Path("~/.privdiff/registry.sqlite")
@@ -162,44 +171,212 @@ class DatasetStatus:
                                delta=self.delta, accountant=self.accountant)
 
 
+def _check_delta_accountant(delta: Any, accountant: Any) -> None:
+    if isinstance(delta, bool) or not isinstance(delta, (int, float)) or not 0 < delta < 1:
+        raise ValueError(f"delta must be in (0, 1), got {delta!r}")
+    if accountant not in ACCOUNTANTS:
+        raise ValueError(f"accountant must be one of {', '.join(ACCOUNTANTS)}, got {accountant!r}")
+
+
+def _check_events(events: list[Event], what: str) -> None:
+    """Every event a mechanism the accountant can compose: σ >= 0 finite, q in [0, 1], steps an integer >= 0."""
+    for e in events:
+        try:
+            sigma, q, steps = float(e["noise_multiplier"]), float(e["sample_rate"]), e["steps"]
+        except (KeyError, TypeError, ValueError):
+            raise ValueError(f"a {what} event is not a mechanism (noise_multiplier, sample_rate, steps): {e!r}") from None
+        if not (math.isfinite(sigma) and sigma >= 0 and 0 <= q <= 1 and isinstance(steps, numbers.Integral) and not isinstance(steps, bool)
+                and steps >= 0 and e.get("stage")):
+            raise ValueError(f"a {what} event is out of range (noise_multiplier >= 0 finite, sample_rate in [0, 1], "
+                             f"steps an integer >= 0, a stage): {e!r}")
+
+
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+class RegistryError(ValueError):
+    """A budget registry that cannot be used: not there (and not asked to be created), an unknown scheme,
+    a path that is not a registry, a server that refuses the connection, a database error."""
+
+
+SCHEMES = {"postgresql": "postgresql", "postgres": "postgresql", "sqlite": "sqlite"}  # scheme -> backend
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*)://")
+
+
+def resolve_location(url: str | os.PathLike | None = None) -> tuple[str, bool]:
+    """``(location, given)``: ``url``, else ``$PRIVDIFF_REGISTRY``, else privdiff's default file; ``given`` is
+    False only for the default. Checks the form (no I/O): an empty location or an unknown scheme is a
+    :class:`RegistryError`. PostgreSQL URLs come back as ``postgresql://...``."""
+    if url is not None:
+        url, source = os.fspath(url), "--registry"
+    elif "PRIVDIFF_REGISTRY" in os.environ:
+        url, source = os.environ["PRIVDIFF_REGISTRY"], "$PRIVDIFF_REGISTRY"
+    else:
+        return str(DEFAULT_PATH), False
+    url = str(url)
+    if not url.strip():
+        raise RegistryError(f"the budget registry location ({source}) is empty: give a SQLite file or postgresql://...")
+    m = _SCHEME.match(url)
+    if m:
+        scheme = m.group(1).lower()
+        if scheme not in SCHEMES:
+            raise RegistryError(f"unknown budget registry scheme '{m.group(1)}://' ({source}): give a SQLite file path, "
+                                "sqlite:///PATH, or postgresql://...")
+        if SCHEMES[scheme] == "postgresql":
+            return "postgresql://" + url[m.end():], True
+        if not url[m.end():].startswith("/"):
+            raise RegistryError(f"a SQLite registry URL is sqlite:///PATH (three slashes), got {_redact(url)!r} ({source})")
+    return url, True
+
+
+def _redact(url: str) -> str:
+    """A PostgreSQL URL without user and password; a path as it is."""
+    if not url.startswith("postgresql://"):
+        return url
+    return "postgresql://" + url[len("postgresql://"):].rsplit("@", 1)[-1]
+
+
+def _scrub(message: str, url: str) -> str:
+    """``message`` (a driver's) without the URL's password, on one line."""
+    try:
+        password = urllib.parse.urlsplit(url).password
+    except ValueError:
+        password = None
+    if password:
+        message = message.replace(password, "***").replace(urllib.parse.quote(password, safe=""), "***")
+    return " ".join(message.split()) or "no reason given"
+
+
+def _sqlite_path(url: str) -> Path:
+    return Path(url[len("sqlite:///"):] if url.lower().startswith("sqlite:///") else url).expanduser()
+
+
+def _connect_sqlite(path: Path, *, create: bool) -> sqlite3.Connection:
+    """A connection to the SQLite registry file ``path``; it must exist unless ``create``."""
+    if path.is_dir():
+        raise RegistryError(f"{path} is a directory, not a budget registry (a registry is a SQLite file, "
+                            f"e.g. {path / 'registry.sqlite'})")
+    if not path.exists():
+        if not create:
+            missing_dir = "" if path.parent.is_dir() else f" (the directory {path.parent} does not exist either)"
+            raise RegistryError(f"no budget registry at {path}{missing_dir}: check the path (a misspelt registry would "
+                                f"have no caps), or create one with: privdiff budget init --registry {path}")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise RegistryError(f"cannot create the budget registry {path}: {e.strerror or e}") from None
+    try:
+        # autocommit mode: transactions are the explicit BEGIN IMMEDIATE ... COMMIT of Registry._transaction;
+        # mode=rw never creates the file (an existing registry is opened, nothing else)
+        conn = sqlite3.connect(f"{path.absolute().as_uri()}?mode={'rwc' if create else 'rw'}", uri=True, timeout=60,
+                               isolation_level=None, check_same_thread=False)
+    except sqlite3.Error as e:
+        raise RegistryError(f"cannot open the budget registry {path}: {e}") from None
+    try:
+        # read before anything is written: a file that is not a registry is left exactly as it was
+        is_registry = bool(conn.execute("SELECT name FROM sqlite_master WHERE type = 'table' AND name = 'meta'").fetchall())
+        if not is_registry and not create:
+            conn.close()
+            raise RegistryError(f"{path} is not a privdiff budget registry (it holds no registry tables): check the "
+                                f"location, or make it one with: privdiff budget init --registry {path}")
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=FULL")
+        conn.execute("PRAGMA foreign_keys=ON")
+    except sqlite3.Error as e:
+        conn.close()
+        what = "not a budget registry (not a SQLite database)" if isinstance(e, sqlite3.DatabaseError) and \
+            "not a database" in str(e) else f"cannot be opened ({e})"
+        raise RegistryError(f"{path}: {what}") from None
+    return conn
+
+
+def _connect_postgresql(url: str):
+    try:
+        import psycopg
+    except ImportError:
+        raise RegistryError("a PostgreSQL registry needs psycopg: pip install 'privdiff[postgres]'") from None
+    timeout = {} if "connect_timeout" in url else {"connect_timeout": 30}
+    try:
+        return psycopg.connect(url, autocommit=True, **timeout)
+    except psycopg.Error as e:
+        raise RegistryError(f"cannot connect to the budget registry {_redact(url)}: {_scrub(str(e), url)}") from None
+
+
+@contextlib.contextmanager
+def _database_errors(where: str, url: str) -> Iterator[None]:
+    """sqlite3 / psycopg errors as :class:`RegistryError` (one line), the registry's own errors unchanged."""
+    errors: tuple[type[BaseException], ...] = (sqlite3.Error,)
+    try:
+        import psycopg
+
+        errors += (psycopg.Error,)
+    except ImportError:
+        pass
+    try:
+        yield
+    except errors as e:
+        raise RegistryError(f"budget registry {where}: {type(e).__name__}: {_scrub(str(e), url)}") from None
 
 
 class Registry:
     """A budget registry at ``url``: a file path (SQLite) or ``postgresql://...`` (PostgreSQL)."""
 
-    def __init__(self, url: str | os.PathLike | None = None):
-        url = str(url or os.environ.get("PRIVDIFF_REGISTRY") or DEFAULT_PATH)
-        self.url = url
-        if url.startswith(("postgresql://", "postgres://")):
+    def __init__(self, url: str | os.PathLike | None = None, *, create: bool = False):
+        """Open the registry at ``url`` (default: ``$PRIVDIFF_REGISTRY``, else ``~/.privdiff/registry.sqlite``).
+
+        A registry that does not exist is created only when ``create`` is set (``privdiff budget init``),
+        or at privdiff's own default location when no location is given at all: a location that was
+        given and holds no registry (a typo) is refused, never silently replaced by a fresh registry
+        without caps. An unknown scheme, a path that is a directory or not a registry, and a server
+        that refuses the connection are :class:`RegistryError`\ s (one line, no password).
+        """
+        url, given = resolve_location(url)
+        create = create or not given
+        self.url, self.created = url, False
+        if url.startswith("postgresql://"):
             self.backend = "postgresql"
-            try:
-                import psycopg
-            except ImportError:
-                raise ValueError("a PostgreSQL registry needs psycopg: pip install 'privdiff[postgres]'") from None
-            self._conn = psycopg.connect(url, autocommit=True)
+            self._conn = _connect_postgresql(url)
+            where = self.display
         else:
             self.backend = "sqlite"
-            path = Path(url.removeprefix("sqlite:///")).expanduser()
-            path.parent.mkdir(parents=True, exist_ok=True)
-            # autocommit mode: transactions are the explicit BEGIN IMMEDIATE ... COMMIT below
-            self._conn = sqlite3.connect(path, timeout=60, isolation_level=None, check_same_thread=False)
-            self._conn.execute("PRAGMA journal_mode=WAL")
-            self._conn.execute("PRAGMA synchronous=FULL")
-            self._conn.execute("PRAGMA foreign_keys=ON")
-        with self._transaction() as db:
-            for stmt in SCHEMA:
-                db(stmt)
-            self._migrate(db)
-            db("INSERT INTO meta (name, value) VALUES (?, ?) ON CONFLICT (name) DO NOTHING", ("hmac_key", secrets.token_hex(32)))
-            self._key = bytes.fromhex(db("SELECT value FROM meta WHERE name = ?", ("hmac_key",))[0][0])
+            path = _sqlite_path(url)
+            self._conn = _connect_sqlite(path, create=create)
+            where = str(path)
+        try:
+            with self._transaction() as db:
+                exists = self._has_schema(db)
+                if not exists and not create:
+                    raise RegistryError(f"{where} is not a privdiff budget registry (it holds no registry tables): check "
+                                        f"the location, or make it one with: privdiff budget init --registry {where}")
+                for stmt in SCHEMA:
+                    db(stmt)
+                self._migrate(db)
+                db("INSERT INTO meta (name, value) VALUES (?, ?) ON CONFLICT (name) DO NOTHING", ("hmac_key", secrets.token_hex(32)))
+                self._key = bytes.fromhex(db("SELECT value FROM meta WHERE name = ?", ("hmac_key",))[0][0])
+                self.created = not exists
+        except BaseException:
+            self._conn.close()
+            raise
+
+    @property
+    def display(self) -> str:
+        """The location, as it may be shown (a PostgreSQL URL without its user and password)."""
+        return _redact(self.url)
+
+    def _has_schema(self, db) -> bool:
+        if self.backend == "sqlite":
+            tables = db("SELECT name FROM sqlite_master WHERE type = 'table' AND name = 'meta'")
+        else:
+            tables = db("SELECT table_name FROM information_schema.tables WHERE table_schema = current_schema() "
+                        "AND table_name = 'meta'")
+        return bool(tables) and bool(db("SELECT value FROM meta WHERE name = ?", ("hmac_key",)))
 
     def close(self) -> None:
         self._conn.close()
 
     def __repr__(self) -> str:
-        return f"Registry({self.backend}: {self.url.split('@')[-1]})"  # never the password
+        return f"Registry({self.backend}: {self.display})"  # never the password
 
     def _migrate(self, db) -> None:
         """Bring a registry created by an older privdiff up to the current schema (columns added since)."""
@@ -214,25 +391,28 @@ class Registry:
     # -- transactions ---------------------------------------------------------------------------
     @contextlib.contextmanager
     def _transaction(self) -> Iterator:
-        """One serialised transaction; yields ``db(sql, params) -> rows`` (SQL with ``?`` placeholders)."""
-        if self.backend == "sqlite":
-            conn = self._conn
-            conn.execute("BEGIN IMMEDIATE")  # the write lock, before anything is read
+        """One serialised transaction; yields ``db(sql, params) -> rows`` (SQL with ``?`` placeholders).
 
-            def db(sql: str, params: tuple = ()) -> list[tuple]:
-                return conn.execute(sql, params).fetchall()
-            try:
-                yield db
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-            conn.execute("COMMIT")
-        else:
-            with self._conn.transaction(), self._conn.cursor() as cur:
+        A database error (locked past the timeout, a full disk, a lost server) is a :class:`RegistryError`."""
+        with _database_errors(self.display, self.url):
+            if self.backend == "sqlite":
+                conn = self._conn
+                conn.execute("BEGIN IMMEDIATE")  # the write lock, before anything is read
+
                 def db(sql: str, params: tuple = ()) -> list[tuple]:
-                    cur.execute(sql.replace("?", "%s"), params)
-                    return cur.fetchall() if cur.description else []
-                yield db
+                    return conn.execute(sql, params).fetchall()
+                try:
+                    yield db
+                except BaseException:
+                    conn.execute("ROLLBACK")
+                    raise
+                conn.execute("COMMIT")
+            else:
+                with self._conn.transaction(), self._conn.cursor() as cur:
+                    def db(sql: str, params: tuple = ()) -> list[tuple]:
+                        cur.execute(sql.replace("?", "%s"), params)
+                        return cur.fetchall() if cur.description else []
+                    yield db
 
     def _lock_dataset(self, db, key: str) -> None:
         """Serialise every writer of one data set (PostgreSQL: row lock; SQLite: BEGIN IMMEDIATE already did)."""
@@ -255,8 +435,13 @@ class Registry:
     def set_cap(self, *, dataset: dict[str, Any], epsilon: float | None, delta: float, accountant: str = "rdp") -> None:
         """Cap (ε at ``delta``) a data set (``{"name", "fingerprint", "size"}``); ``epsilon=None`` removes the cap.
 
-        A cap below what is already committed is refused (it could never be honoured).
+        A cap below what is already committed is refused (it could never be honoured). ``epsilon`` must be
+        finite and > 0 (None removes the cap: never a NaN), ``delta`` in (0, 1).
         """
+        if epsilon is not None and (isinstance(epsilon, bool) or not isinstance(epsilon, (int, float))
+                                    or not math.isfinite(epsilon) or epsilon <= 0):
+            raise ValueError(f"a cap's epsilon must be a finite number > 0, got {epsilon!r} (epsilon=None removes the cap)")
+        _check_delta_accountant(delta, accountant)
         with self._transaction() as db:
             key = self._ensure_dataset(db, dataset, delta=delta, accountant=accountant)
             db("UPDATE datasets SET cap_epsilon = ?, delta = ?, accountant = ? WHERE key = ?",
@@ -273,6 +458,9 @@ class Registry:
         Called before the run reads any data (and again on every resume, with its current plan).
         Returns the data set's committed ε with this run admitted.
         """
+        _check_delta_accountant(delta, accountant)
+        _check_events(planned, "planned")
+        _check_events(recorded, "recorded")
         with self._transaction() as db:
             key = self._ensure_dataset(db, dataset, delta=delta, accountant=accountant)
             now = _now()
@@ -287,6 +475,7 @@ class Registry:
 
     def record(self, *, run_id: str, events: list[Event]) -> float:
         """Replace a run's recorded events with ``events`` (its ledger's, write-ahead); checked against the cap."""
+        _check_events(events, "recorded")
         with self._transaction() as db:
             rows = db("SELECT dataset_key, path FROM runs WHERE run_id = ?", (run_id,))
             if not rows:
@@ -325,6 +514,20 @@ class Registry:
                 self._write_events(db, run_id, events)
                 db("UPDATE runs SET released = ?, updated = ? WHERE run_id = ?", (now, now, run_id))
             return next(r for r in self._status(db, key).runs if r.run_id == run_id), freed
+
+    def withdraw(self, *, run_id: str) -> bool:
+        """Remove a run that recorded nothing (its start failed after it was admitted): its reservation
+        and its entry go, as if it had never been admitted. A run with recorded events is refused
+        (spent steps are never removed; see :meth:`release`). Returns whether an entry was removed."""
+        with self._transaction() as db:
+            rows = db("SELECT dataset_key FROM runs WHERE run_id = ?", (run_id,))
+            if not rows:
+                return False
+            self._lock_dataset(db, rows[0][0])
+            if db("SELECT COUNT(*) FROM events WHERE run_id = ?", (run_id,))[0][0]:
+                raise ValueError(f"run {run_id} has recorded events: it cannot be withdrawn, only released")
+            db("DELETE FROM runs WHERE run_id = ?", (run_id,))
+            return True
 
     def find_run(self, prefix: str) -> tuple[str, str | None]:
         """(run id, path) of the one run whose id is ``prefix`` or starts with it (at least 8 characters)."""
