@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.privdiff-installed
 
-.PHONY: demo test install browser postgres clean
+.PHONY: demo test lint install browser postgres clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -46,7 +46,11 @@ postgres:
 	    || echo "postgresql install failed (see $${TMPDIR:-/tmp}/privdiff-postgresql-install.log): the PostgreSQL registry tests will be skipped"; \
 	else echo "no initdb and no root apt-get: the PostgreSQL registry tests will be skipped (apt-get install postgresql)"; fi
 
-test: $(STAMP) browser postgres
+# Pyflakes-level lint of the whole tree (pyproject's [tool.ruff]): unused or undefined names fail `make test`.
+lint: $(STAMP)
+	$(BIN)/ruff check src tests benchmarks
+
+test: $(STAMP) lint browser postgres
 	$(BIN)/python -m pytest
 
 clean:

@@ -43,3 +43,14 @@ def _private_budget_registry(tmp_path_factory, monkeypatch, _empty_registry):
     path = tmp_path_factory.mktemp("registry") / "registry.sqlite"
     shutil.copyfile(_empty_registry, path)
     monkeypatch.setenv("PRIVDIFF_REGISTRY", str(path))
+
+
+@pytest.fixture
+def deterministic_kernels():
+    """One per-example convolution kernel, not the fastest one timed anew for every Poisson batch size:
+    cheaper on tiny models and runs, the same result (use with ``pytest.mark.usefixtures``)."""
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    yield
+    torch.use_deterministic_algorithms(before)
+

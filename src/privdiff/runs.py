@@ -41,7 +41,7 @@ import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import yaml
@@ -50,6 +50,10 @@ from safetensors.torch import load_file, save_file
 from .atomic import atomic_directory, atomic_write_text, remove_temporaries
 from .config import Recipe, recipe_to_dict, resolve_recipe
 from .distributed import is_main
+
+if TYPE_CHECKING:  # annotations only (numpy and PIL are imported where images are written)
+    import numpy as np
+    from PIL import Image
 
 
 class RunError(ValueError):

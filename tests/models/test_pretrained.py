@@ -48,7 +48,6 @@ def _with_lora(net):
 
 
 CASES = {  # name: (build the net, trainable selection or "lora", condition)
-    "pixel-all": (lambda: DiffusersUNetNet(tiny_pixel_unet()), ["all"], "labels"),
     "pixel-attention+class": (lambda: DiffusersUNetNet(tiny_pixel_unet()), ["attentions", "class_embedding"], "labels"),
     "sd-all": (lambda: DiffusersUNetNet(tiny_sd_unet()), ["all"], "text"),
     "sd-attentions (DP-LDM)": (lambda: DiffusersUNetNet(tiny_sd_unet()), ["attentions"], "text"),
@@ -57,16 +56,12 @@ CASES = {  # name: (build the net, trainable selection or "lora", condition)
 }
 
 
-@pytest.fixture(autouse=True)
-def _one_kernel():
-    """One per-example convolution kernel (no timing of candidates): cheaper on tiny models, same result."""
-    before = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    yield
-    torch.use_deterministic_algorithms(before)
+pytestmark = pytest.mark.usefixtures("deterministic_kernels")
 
 
-@pytest.mark.parametrize("case,prediction_type", [(case, "epsilon") for case in CASES] + [("sd-all", "v_prediction")])
+@pytest.mark.parametrize("case,prediction_type", [("pixel-attention+class", "epsilon"), ("sd-all", "epsilon"),
+                                                   ("sd-attentions (DP-LDM)", "v_prediction"), ("sd-cross-attention+time", "epsilon"),
+                                                   ("sd-lora", "v_prediction")])
 def test_per_example_gradients_on_real_diffusers_blocks(case, prediction_type):
     build, trainable, cond_kind = CASES[case]
     net = jitter(build(), 1)

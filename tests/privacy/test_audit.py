@@ -40,15 +40,7 @@ AUDIT = ["data.name=digits", "data.resolution=4", "model.channels=[4]", "model.a
          "train.max_physical_batch_size=1024", "privacy.epsilon=1"]
 
 
-@pytest.fixture(autouse=True)
-def _deterministic_kernels():
-    """One per-example kernel, not the fastest one timed anew for every Poisson batch size: cheaper on tiny runs."""
-    import torch
-
-    before = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    yield
-    torch.use_deterministic_algorithms(before)
+pytestmark = pytest.mark.usefixtures("deterministic_kernels")
 
 
 def _audit(tmp_path, capsys, name, recipe="dpdm-mnist5k", overrides=AUDIT, canaries=500):

@@ -201,8 +201,6 @@ def test_noise_multiplicity_one_clipped_gradient_per_example(mode):
         torch.testing.assert_close(p.grad_sample, rows[id(p)].view(len(idx), K, *p.shape).sum(1))
     engine.optimizer.zero_grad(set_to_none=True)
 
-    batch = clipped_sum(engine, data.loss_fn, idx)
-    singles = []
     _check_one_clipped_gradient_per_example(engine, data, ref, idx, K, C)
 
 

@@ -381,10 +381,10 @@ def test_a_postgresql_database_without_the_tables_is_not_a_registry(postgres_ser
 def test_set_cap_refuses_a_nan_cap_and_a_delta_outside_0_1(registry_url):
     reg = Registry(registry_url)
     reg.set_cap(dataset=DATA, epsilon=3.0, delta=DELTA)
-    for epsilon, delta in ((math.nan, DELTA), (math.inf, DELTA), (0.0, DELTA), (-1.0, DELTA), (3.0, 2.0), (3.0, 1.0),
-                           (3.0, 0.0), (3.0, math.nan)):
+    for eps, delta in ((math.nan, DELTA), (math.inf, DELTA), (0.0, DELTA), (-1.0, DELTA), (3.0, 2.0), (3.0, 1.0),
+                       (3.0, 0.0), (3.0, math.nan)):
         with pytest.raises(ValueError):
-            reg.set_cap(dataset=DATA, epsilon=epsilon, delta=delta)
+            reg.set_cap(dataset=DATA, epsilon=eps, delta=delta)
     (status,) = reg.status()
     assert status.cap_epsilon == 3.0 and status.delta == DELTA  # unchanged: a NaN never removes a cap
 
