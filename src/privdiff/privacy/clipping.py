@@ -305,9 +305,12 @@ def _check_subclass_forward(layer: _Layer, a: Tensor, out: Tensor) -> None:
     base = next(cls for cls in type(layer.module).__mro__ if cls in _LAYER_RULES)
     if type(layer.module) is base:
         return
-    with torch.no_grad():
-        ref = base.forward(layer.module, a)
-    ok = isinstance(out, Tensor) and out.shape == ref.shape
+    try:
+        with torch.no_grad():
+            ref = base.forward(layer.module, a)
+    except Exception:  # the subclass's forward takes or returns something else: not the base's computation
+        ref = None
+    ok = ref is not None and isinstance(out, Tensor) and out.shape == ref.shape
     if ok:
         half = torch.float16 in (out.dtype, ref.dtype) or torch.bfloat16 in (out.dtype, ref.dtype)
         tol = 1e-2 if half else 1e-4
