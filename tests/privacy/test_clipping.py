@@ -404,7 +404,9 @@ def test_no_contribution_exceeds_C_on_cancelling_positions(monkeypatch, kind, sc
     bk.remove()
     c = (C / (norms + 1e-6)).clamp(max=1.0)
     assert bool((c * true_norms <= C * (1 + 1e-6)).all()), (c * true_norms / C).tolist()
-    assert bool((norms <= true_norms * (1 + 1e-3)).all())  # rigorous, not a blanket over-estimate
+    # rigorous, not a blanket over-estimate: the bound adds at most the fused float32 update's rounding,
+    # γ'(B·n)·Σ_t‖a_t‖‖g_t‖ ≈ 1e-3 of these norms (32 rows, Σ_t‖a_t‖‖g_t‖ = 512 ‖∇ℓ_b‖ by construction)
+    assert bool((norms <= true_norms * (1 + 1e-2)).all())
     clipped = (c.view(-1, *[1] * (exact.ndim - 1)) * exact).sum(0)
     assert float((layer.weight.grad.double() - clipped.reshape(layer.weight.shape)).norm()) <= 1e-5 * float(clipped.norm())
 
@@ -558,3 +560,32 @@ def test_an_unsupported_trainable_layer_is_refused_by_module_path():
     model = nn.Sequential(nn.Linear(3, 3), nn.Sequential(nn.PReLU()))
     with pytest.raises(ValueError, match="PReLU '1.0'"):
         BookKeeping(model, max_grad_norm=1.0)
+
+
+def test_partly_cancelling_examples_stay_under_C_through_the_fused_float32_update(monkeypatch):
+    """Examples whose ghost norm is accurate in float64 but whose share of the fused float32 weighted gradient
+    rounds by ~u·Σ‖a_t‖‖g_t‖ (not flagged as cancelling): the norm bound carries that rounding, so the update
+    as computed stays ≤ C (before, up to 1 + 2.3e-4)."""
+    from privdiff.privacy import clipping as bkmod
+
+    monkeypatch.setattr(bkmod, "_use_ghost", lambda *shape: True)
+    g = torch.Generator().manual_seed(31)
+    worst = 0.0
+    for _ in range(150):
+        lin = nn.Linear(17, 17, bias=False)
+        x = torch.randn(17, generator=g) * 10 + 3
+        eta = 10 ** (torch.rand(1, generator=g).item() * 4 - 6)  # 1e-6 .. 1e-2: partly cancelling positions
+        a = torch.zeros(2, 2, 17)
+        a[0, 0], a[0, 1] = x, x * (1 + eta * torch.randn(17, generator=g))
+        y = torch.randn(17, generator=g)
+        v = torch.zeros(2, 2, 17)
+        v[0, 0], v[0, 1] = y, -y
+        exact = v[0].double().T @ a[0].double()
+        C = 0.5 * float(exact.norm())
+        bk = BookKeeping(lin, max_grad_norm=C)
+        with bk.recording():
+            loss = (lin(a) * v).sum((1, 2))
+        bk.clipped_backward(loss)
+        bk.remove()
+        worst = max(worst, float(lin.weight.grad.double().norm()) / C)
+    assert worst <= 1 + 1e-6, worst

@@ -226,7 +226,7 @@ class BookKeeping:
         if S is not None:
             for (layer, name, _), s in zip(small, (c.to(S.dtype) @ S).split([x.shape[1] for _, _, x in small])):
                 out[id(dict(layer.params)[name])] = s
-        with torch.autocast(c.device.type, enabled=False):
+        with torch.autocast(c.device.type, enabled=False), _full_precision():
             for layer in self.layers:
                 grads = _clipped_sum(layer, c) if layer.calls else {n: torch.zeros_like(p) for n, p in layer.params}
                 for n, p in layer.params:
@@ -401,17 +401,44 @@ def _ghost_sq(layer: _Layer, A: Tensor, G: Tensor, B: int, direct) -> Tensor:
     examples whose Grams cancel (see the note above); those gradients are kept in ``layer.exact``
     and enter the clipped sum as they are, instead of through the fused weighted gradient, whose
     float32 rounding for such an example is of the order of its cancelling terms.
+
+    The other examples enter through that fused weighted gradient, one matrix product over all
+    B·n rows in the recorded dtype: its rounding is at most γ'_{B·n}·S_b in example b's share
+    (γ' in that dtype's unit round-off, full precision forced: :func:`_full_precision`), so that
+    much is added to their norm bound and c_b·(their share as computed) stays ≤ C.
     """
+    u_fused = torch.finfo(A.dtype).eps / 2
+    rows = A.shape[0] // B * A.shape[1]  # one example's rows in the fused product (times B: its reduction length)
     A, G = A.double(), G.double()
     n, d, p = A.shape[1], A.shape[2], G.shape[2]
     sq = (torch.bmm(A, A.transpose(1, 2)) * torch.bmm(G, G.transpose(1, 2))).sum((1, 2)).reshape(B, -1).sum(1)
     S = (torch.linalg.vector_norm(A, dim=2) * torch.linalg.vector_norm(G, dim=2)).sum(1).reshape(B, -1).sum(1)
     bound = sq.clamp(min=0) + (_gamma(n * n) + _gamma(d) + _gamma(p) + 3 * _U64) * 1.1 * S.square()
-    for b in torch.nonzero(bound - sq.clamp(min=0) > _CANCELLING * sq.clamp(min=0)).flatten().tolist():
+    flagged = torch.nonzero(bound - sq.clamp(min=0) > _CANCELLING * sq.clamp(min=0)).flatten().tolist()
+    # the fused float32 (or float64) weighted gradient's rounding in an unflagged example's share
+    n_fused = B * rows
+    gamma_fused = n_fused * u_fused / (1 - n_fused * u_fused)
+    bound = (bound.sqrt() + gamma_fused * 1.1 * S).square()
+    for b in flagged:
         W = layer.exact[b] = direct(b).double()
         exact = (torch.linalg.vector_norm(W) * (1 + 4 * _U64) + _gamma(n) * 1.1 * S[b]).square()
-        bound[b] = torch.minimum(bound[b], exact)
+        bound[b] = exact  # its update is this W itself (float64), not the fused product
     return bound
+
+
+@contextlib.contextmanager
+def _full_precision() -> Iterator[None]:
+    """No TF32 in the engine's own products on CUDA (PyTorch lets cuDNN use it by default): the
+    rounding bounds of :func:`_ghost_sq` assume float32's unit round-off."""
+    if not torch.cuda.is_available():
+        yield
+        return
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 def _as_computed(module: nn.Module, a: Tensor) -> Tensor:
