@@ -250,3 +250,17 @@ def test_a_full_disk_while_writing_a_checkpoint_loses_nothing_and_the_run_resume
             enlarge("4m")
             assert main(["train", "dpdm-mnist5k", *MICRO, "--out", str(out), "--quiet"]) == 0
             assert _events(run) == _events(Run(trained))  # every step counted exactly once
+
+
+def test_a_later_resume_after_a_retake_still_counts_every_new_step(run, capsys):
+    """The re-taken steps put the ledger's count ahead of the step index; every later checkpoint carries that
+    offset, so a later resume never mistakes steps that never ran for replays (it would under-count)."""
+    events = _events(run)
+    _flip_a_byte(run.checkpoints / "step-000004" / "unet" / WEIGHTS)
+    assert main([*_resume(run), "train.max_steps=6"]) == 0  # re-takes 3-4 afresh, then runs 5-6
+    assert _steps(_events(run)) == _steps(events) + 4
+    assert main([*_resume(run), "train.max_steps=8"]) == 0  # resumes at 6 with the offset: 7-8 are new, counted
+    assert _steps(_events(run)) == _steps(events) + 6
+    _epsilon_recomputes(run)
+    assert [e["step"] for e in run.read_train_log()][-2:] == [7, 8]
+    capsys.readouterr()

@@ -179,9 +179,13 @@ def _calibrate(epsilon: float, delta: float, sample_rate: float, steps: int, acc
                            prior=list(prior))
 
 
-def replayed_steps(ledger: Ledger | None, *, stage: str, start: int, mech: dict) -> int:
-    """Steps of ``stage`` the ledger has counted (write-ahead): ``start`` plus the ones a killed attempt
-    counted after its last checkpoint, which a resumed run replays from the checkpoint.
+def replayed_steps(ledger: Ledger | None, *, stage: str, start: int, mech: dict, offset: int = 0) -> int:
+    """The step index up to which the ledger has counted ``stage`` (write-ahead): ``start`` plus the steps a
+    killed attempt counted after its last checkpoint, which a resumed run replays from the checkpoint.
+
+    ``offset`` is how many more steps the ledger counts than the step index, for steps that were
+    taken again with fresh draws after a damaged checkpoint (saved in every later checkpoint), so
+    that those are never mistaken for replays of steps that never ran.
 
     Why a replayed step is not counted again: ε bounds the distribution of what is released (the
     checkpoints and the final model). The checkpoint holds the generators of the Poisson sampler and
@@ -195,7 +199,7 @@ def replayed_steps(ledger: Ledger | None, *, stage: str, start: int, mech: dict)
     """
     if ledger is None:
         return start
-    counted = ledger.steps(stage)
+    counted = ledger.steps(stage) - offset
     if counted < start:  # a checkpoint is written after its steps were counted: never fewer
         raise RunError(f"the ledger counts {counted} steps of {stage}, but its checkpoint is at step {start}: "
                        "the ledger is not this run's (or was edited)")

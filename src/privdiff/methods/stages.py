@@ -129,6 +129,7 @@ class TrainResult:
 
 
 STATE_KEY = "state"  # train_denoiser's ``state`` in a checkpoint's ``extra``
+OFFSET_KEY = "ledger_offset"  # steps the ledger counts beyond the checkpoint's step index (re-taken steps), in ``extra``
 
 
 def _global_rng(device: torch.device) -> dict[str, tuple[Callable[[], torch.Tensor], Callable[[torch.Tensor], None]]]:
@@ -248,6 +249,8 @@ def train_denoiser(
     else:
         net = init() if init is not None else pixel_net(r, dataset)
         net_ema, start = copy.deepcopy(net), 0
+    # the ledger's count runs ahead of the step index by the steps re-taken earlier (saved in every checkpoint)
+    offset = int(saved.extra.get(OFFSET_KEY, 0)) if resume else 0
     retake = run.set_aside_step > start  # steps after `start` whose output was written in a checkpoint now unusable
     if retake:
         fresh_draws(gens)
@@ -295,7 +298,7 @@ def train_denoiser(
 
     def checkpoint(step: int) -> None:
         rng = {n: g.get_state() for n, g in gens.items()} | {n: get() for n, (get, _) in _global_rng(device).items()}
-        extra = {} if state is None else {STATE_KEY: state.state_dict()}
+        extra = ({} if state is None else {STATE_KEY: state.state_dict()}) | ({OFFSET_KEY: recounted} if recounted else {})
         run.save_checkpoint(TrainingState(step=step, unet=net, unet_ema=net_ema, optimizer=optimizer.state_dict(), rng=rng,
                                           extra=extra))
 
@@ -312,10 +315,10 @@ def train_denoiser(
     # Steps start..counted-1 were counted by an attempt that died before its next checkpoint. The
     # checkpoint restored the sampler's and the noise's generators, so they replay the *same* draws
     # (batch B_t, noise z_t): one execution of the mechanism, counted once (see replayed_steps).
-    counted = replayed_steps(ledger, stage=stage, start=start, mech=mech)
-    recounted = 0  # steps the ledger counted that are taken again with fresh draws (not replays)
+    counted = replayed_steps(ledger, stage=stage, start=start, mech=mech, offset=offset)
+    recounted = offset  # steps the ledger counts beyond the step index: taken again with fresh draws (not replays)
     if retake and ledger is not None:
-        recounted, counted = counted - start, start
+        recounted, counted = offset + counted - start, start
         tqdm.write(f"{stage}: steps {start + 1}..{run.set_aside_step} were written in a checkpoint that is now unusable, so "
                    f"they are taken again with fresh batches and noise; the ledger keeps the {recounted} steps it counted "
                    "after step {start} and counts the new ones too".replace("{start}", str(start)), file=sys.stderr)
