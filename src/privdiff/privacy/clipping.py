@@ -408,7 +408,7 @@ def _ghost_sq(layer: _Layer, A: Tensor, G: Tensor, B: int, direct) -> Tensor:
     much is added to their norm bound and c_b·(their share as computed) stays ≤ C.
     """
     u_fused = torch.finfo(A.dtype).eps / 2
-    rows = A.shape[0] // B * A.shape[1]  # one example's rows in the fused product (times B: its reduction length)
+    n_fused = A.shape[0] * A.shape[1]  # the fused product's reduction length, B·K·T (times γ for grouped convs: an over-count)
     A, G = A.double(), G.double()
     n, d, p = A.shape[1], A.shape[2], G.shape[2]
     sq = (torch.bmm(A, A.transpose(1, 2)) * torch.bmm(G, G.transpose(1, 2))).sum((1, 2)).reshape(B, -1).sum(1)
@@ -416,7 +416,6 @@ def _ghost_sq(layer: _Layer, A: Tensor, G: Tensor, B: int, direct) -> Tensor:
     bound = sq.clamp(min=0) + (_gamma(n * n) + _gamma(d) + _gamma(p) + 3 * _U64) * 1.1 * S.square()
     flagged = torch.nonzero(bound - sq.clamp(min=0) > _CANCELLING * sq.clamp(min=0)).flatten().tolist()
     # the fused float32 (or float64) weighted gradient's rounding in an unflagged example's share
-    n_fused = B * rows
     gamma_fused = n_fused * u_fused / (1 - n_fused * u_fused)
     bound = (bound.sqrt() + gamma_fused * 1.1 * S).square()
     for b in flagged:
