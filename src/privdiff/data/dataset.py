@@ -58,6 +58,10 @@ class ImageDataset:
         split: ``"train"``, ``"test"`` or ``"all"``.
         fingerprint: ``"sha256:<hex>"`` of the source content, name and split.
         class_names: One name per class, or None when unknown.
+        holdout: For data without a test split of its own (an image folder): the fraction
+            held out as its test split (``data.holdout``), or None.
+        holdout_seed: The seed that drew that held-out fraction, or None without ``holdout``.
+        test_root: The absolute folder or ``.zip`` read as the test split (``data.test_root``), or None.
     """
 
     images: Tensor
@@ -67,6 +71,9 @@ class ImageDataset:
     split: str
     fingerprint: str
     class_names: tuple[str, ...] | None = None
+    holdout: float | None = None
+    holdout_seed: int | None = None
+    test_root: str | None = None
 
     def __post_init__(self) -> None:
         images, labels, n = self.images, self.labels, self.images.shape[0]
@@ -90,6 +97,24 @@ class ImageDataset:
             fail(f"fingerprint must start with 'sha256:', got {self.fingerprint!r}")
         if self.class_names is not None and len(self.class_names) != self.num_classes:
             fail(f"{len(self.class_names)} class names for {self.num_classes} classes")
+        if self.holdout is not None and (self.holdout_seed is None or self.test_root is not None):
+            fail("a held-out split needs holdout_seed and no test_root")
+        if self.holdout is None and self.holdout_seed is not None:
+            fail("holdout_seed without holdout")
+
+    @property
+    def split_identity(self) -> dict[str, object]:
+        """How this split was drawn, for the run and the ledger's data identity.
+
+        ``{"split": ...}`` plus ``holdout`` and ``holdout_seed`` for a held-out split of data
+        that has no test split, or ``test_root`` for a test split read from elsewhere.
+        """
+        out: dict[str, object] = {"split": self.split}
+        if self.holdout is not None:
+            out.update(holdout=self.holdout, holdout_seed=self.holdout_seed)
+        if self.test_root is not None:
+            out["test_root"] = self.test_root
+        return out
 
     def __len__(self) -> int:
         """Number of images."""
@@ -113,7 +138,14 @@ class ImageDataset:
         )
 
 
-def content_fingerprint(images: np.ndarray, labels: np.ndarray, *, name: str, split: str) -> str:
+def content_fingerprint(
+    images: np.ndarray,
+    labels: np.ndarray,
+    *,
+    name: str,
+    split: str,
+    extra: dict[str, object] | None = None,
+) -> str:
     """Fingerprint uint8 image content so the privacy ledger can name the exact data.
 
     The hash is SHA-256 over, in order: the images as uint8 ``N×C×H×W`` bytes in C order,
@@ -121,13 +153,16 @@ def content_fingerprint(images: np.ndarray, labels: np.ndarray, *, name: str, sp
     ``{"name": ..., "shape": [N, C, H, W], "split": ..., "v": 1}`` (sorted keys, no spaces).
     It depends only on these values, never on the machine, platform byte order or run,
     and any change of one pixel, label, the order of the examples, the name or the
-    split changes it.
+    split changes it. ``extra`` (e.g. ``{"holdout": 0.1, "holdout_seed": 0}`` for a
+    held-out split) joins the JSON under the key ``"extra"``; without it the hash is
+    exactly the one above, so existing fingerprints are unchanged.
 
     Args:
         images: uint8 array ``[N, C, H, W]``.
         labels: Integer array ``[N]``.
         name: Data set name.
         split: Split name.
+        extra: Optional JSON-able description of how the split was drawn.
 
     Returns:
         ``"sha256:<64 hex digits>"``.
@@ -138,7 +173,9 @@ def content_fingerprint(images: np.ndarray, labels: np.ndarray, *, name: str, sp
     digest = hashlib.sha256()
     digest.update(images.tobytes(order="C"))
     digest.update(np.ascontiguousarray(labels, dtype="<i8").tobytes())
-    meta = {"name": name, "shape": list(images.shape), "split": split, "v": _FINGERPRINT_VERSION}
+    meta: dict[str, object] = {"name": name, "shape": list(images.shape), "split": split, "v": _FINGERPRINT_VERSION}
+    if extra is not None:
+        meta["extra"] = extra
     digest.update(json.dumps(meta, sort_keys=True, separators=(",", ":")).encode("utf-8"))
     return "sha256:" + digest.hexdigest()
 
@@ -192,6 +229,10 @@ def _to_dataset(
     class_names: tuple[str, ...] | None = None,
     resolution: int | None = None,
     source: str | None = None,
+    holdout: float | None = None,
+    holdout_seed: int | None = None,
+    test_root: str | None = None,
+    fingerprint_extra: dict[str, object] | None = None,
 ) -> ImageDataset:
     """Build an :class:`ImageDataset` from canonical uint8 content.
 
@@ -207,6 +248,8 @@ def _to_dataset(
         class_names: Optional class names.
         resolution: Optional target side length; resized if it differs from native.
         source: What to name in error messages (a path); defaults to ``name``.
+        holdout, holdout_seed, test_root: How the split was drawn (see :class:`ImageDataset`).
+        fingerprint_extra: Passed to :func:`content_fingerprint` as ``extra``.
     """
     where = source or name
     if images.dtype != np.uint8 or images.ndim != 4:
@@ -217,7 +260,7 @@ def _to_dataset(
         raise DatasetError(f"{where}: images are {images.shape[2]}x{images.shape[3]}; expected square images")
     _check_resolution(resolution)
     labels = np.asarray(labels, dtype=np.int64)
-    fingerprint = content_fingerprint(images, labels, name=name, split=split)
+    fingerprint = content_fingerprint(images, labels, name=name, split=split, extra=fingerprint_extra)
     x = torch.from_numpy(np.array(images, dtype=np.float32, order="C")) / 127.5 - 1.0
     if resolution is not None:
         x = resize_images(x, resolution)
@@ -229,4 +272,7 @@ def _to_dataset(
         split=split,
         fingerprint=fingerprint,
         class_names=class_names,
+        holdout=holdout,
+        holdout_seed=holdout_seed,
+        test_root=test_root,
     )

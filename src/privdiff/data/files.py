@@ -19,6 +19,7 @@ import tarfile
 import zipfile
 import zlib
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, BinaryIO
 
@@ -28,7 +29,15 @@ from PIL import Image
 from privdiff.data.builtin import DIGIT_NAMES
 from privdiff.data.dataset import DatasetError, ImageDataset, _check_resolution, _check_split, _to_dataset
 
-__all__ = ["load_idx", "load_cifar10", "load_folder", "FASHION_MNIST_NAMES", "IMAGE_EXTENSIONS"]
+__all__ = [
+    "load_idx",
+    "load_cifar10",
+    "load_folder",
+    "read_folder",
+    "FolderContent",
+    "FASHION_MNIST_NAMES",
+    "IMAGE_EXTENSIONS",
+]
 
 FASHION_MNIST_NAMES: tuple[str, ...] = (
     "T-shirt/top",
@@ -350,32 +359,46 @@ def _open_image(read: Callable[[], bytes], where: str) -> Image.Image:
     return image
 
 
-def load_folder(
-    root: str | os.PathLike | None,
-    *,
-    split: str = "all",
-    resolution: int | None = None,
-) -> ImageDataset:
-    """Load a labelled image folder: one sub-folder per class, or a ``.zip`` with that layout.
+@dataclass(frozen=True)
+class FolderContent:
+    """What an image folder holds, before it becomes an :class:`ImageDataset`.
+
+    Attributes:
+        images: uint8 ``[N, C, H, W]`` (square), in class-then-file order.
+        labels: int64 ``[N]``, the index of each image's class in ``class_names``.
+        class_names: The sub-folder names, sorted.
+        path: The directory or ``.zip`` read (absolute, ``~`` expanded).
+    """
+
+    images: np.ndarray
+    labels: np.ndarray
+    class_names: tuple[str, ...]
+    path: Path
+
+
+def no_test_split_error(root: str | os.PathLike | None) -> DatasetError:
+    """The error for a test split asked of an image folder that has none; names the recipe keys that give one."""
+    return DatasetError(
+        f"{root}: an image folder has no test split; hold out a fraction of it with data.holdout=0.1 (drawn with "
+        "data.holdout_seed) or give one with data.test_root=DIR (a folder or .zip of test images)"
+    )
+
+
+def read_folder(root: str | os.PathLike | None, *, resolution: int | None = None) -> FolderContent:
+    """Read a labelled image folder (one sub-folder per class, or a ``.zip`` with that layout) as uint8.
 
     Class names are the sub-folder names in sorted order; the label of an image is the
     index of its folder. Images are converted to grayscale ("L") if all of them are
     grayscale, else to "RGB" (alpha is dropped). Without ``resolution`` all images must
     have one square size; with it, each is resized with PIL (bilinear) to
-    ``resolution × resolution`` first, so the fingerprint is of the resized content.
+    ``resolution × resolution`` first.
 
     Args:
         root: The directory or ``.zip`` file.
-        split: ``"all"`` or ``"train"`` (both give every image); folders have no test split.
         resolution: Optional side length every image is resized to.
     """
-    _check_split("folder", split)
-    if split == "test":
-        raise DatasetError(
-            f"{root}: an image folder has no test split; use split='all' (or 'train') and hold out data yourself"
-        )
     _check_resolution(resolution)
-    path = _require_root(root, "folder", "a directory with one sub-folder per class, or a .zip of one")
+    path = _require_root(root, "folder", "a directory with one sub-folder per class, or a .zip of one").absolute()
     entries = _folder_entries(path)
     if not entries:
         raise DatasetError(
@@ -403,12 +426,37 @@ def load_folder(
         array = np.asarray(image, dtype=np.uint8)
         arrays.append(array[None] if mode == "L" else array.transpose(2, 0, 1))
     labels = np.array([label_of[e[0]] for e in entries], dtype=np.int64)
+    return FolderContent(images=np.stack(arrays), labels=labels, class_names=class_names, path=path)
+
+
+def load_folder(
+    root: str | os.PathLike | None,
+    *,
+    split: str = "all",
+    resolution: int | None = None,
+) -> ImageDataset:
+    """Load a labelled image folder: one sub-folder per class, or a ``.zip`` with that layout.
+
+    See :func:`read_folder` for the layout and conversions; the fingerprint is of the
+    (resized) uint8 content. A folder has no test split of its own: ``split="test"`` is
+    refused with a message naming ``data.holdout`` / ``data.test_root``, which
+    :func:`privdiff.data.load_dataset` turns into a train/test split.
+
+    Args:
+        root: The directory or ``.zip`` file.
+        split: ``"all"`` or ``"train"`` (both give every image).
+        resolution: Optional side length every image is resized to.
+    """
+    _check_split("folder", split)
+    if split == "test":
+        raise no_test_split_error(root)
+    content = read_folder(root, resolution=resolution)
     return _to_dataset(
-        np.stack(arrays),
-        labels,
+        content.images,
+        content.labels,
         name="folder",
         split=split,
-        num_classes=len(class_names),
-        class_names=class_names,
-        source=str(path),
+        num_classes=len(content.class_names),
+        class_names=content.class_names,
+        source=str(content.path),
     )
