@@ -7,6 +7,11 @@ non-private function of the private data). Numbers computed on it are named ``pr
 ``metrics.json`` and are never comparable with Inception-FID; ``--inception-weights`` selects
 the standard FID Inception network from a local file instead.
 
+For data with no matching public set (colour images: privdiff's public sets are grayscale),
+:func:`photo_feature_cnn` builds the same network for any number of channels and resolution
+from public photographs that installed packages ship (scikit-learn's sample images and
+matplotlib's), trained on a self-supervised task: it is public by construction and offline.
+
 Everything cached (trained extractors, real-data features, real-data classifier scores) lives
 under ``$PRIVDIFF_CACHE`` (default ``~/.cache/privdiff``), named by the sha256 of everything that
 determines it, so a changed data set, extractor or setting can never hit a stale entry.
@@ -21,15 +26,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..atomic import atomic_write_text
-from ..data import ImageDataset
+from ..data import ImageDataset, content_fingerprint
 from .classifiers import Embedding, SmallCNN, fit_classifier
 
 FEATURE_CNN_VERSION = 2  # bump when the architecture, its training or its output scaling changes
+PHOTO_PATCHES_VERSION = 1  # bump when the crops of the public photos or their pretext labels change
+PHOTO_ROTATIONS = 4  # pretext classes per photo: rotated by 0, 90, 180, 270 degrees
 
 
 def cache_dir() -> Path:
@@ -146,3 +155,129 @@ def cached_features(net: FeatureNetwork, data: ImageDataset, *, limit: int | Non
     key = content_key(network=net.key, data=data.fingerprint, resolution=data.resolution, limit=limit, seed=seed)
     return cached_tensors("features", key, lambda: {"features": extract_features(
         net.module, images, progress=progress, desc=f"features of {data.name}/{data.split}")})["features"]
+
+
+def public_photos() -> list[tuple[str, np.ndarray]]:
+    """The public colour photographs that installed packages ship, as ``(name, uint8 [H, W, 3])``.
+
+    scikit-learn's ``load_sample_images()`` (``china.jpg``, ``flower.jpg``, both 427×640) and,
+    where the installed matplotlib ships it, its ``sample_data/grace_hopper.jpg``. Nothing is
+    downloaded; the list is in a fixed order.
+    """
+    import matplotlib
+    from sklearn.datasets import load_sample_images
+
+    bunch = load_sample_images()
+    photos = [(Path(f).name, np.asarray(im, dtype=np.uint8)) for f, im in zip(bunch.filenames, bunch.images)]
+    extra = Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg"
+    if extra.is_file():
+        with Image.open(extra) as im:
+            photos.append((extra.name, np.asarray(im.convert("RGB"), dtype=np.uint8)))
+    return photos
+
+
+def _check_photo_options(*, channels: int, resolution: int, n: int) -> None:
+    """One-line errors for a network the photos cannot give."""
+    if channels not in (1, 3):
+        raise ValueError(f"the public-photo feature network is built for 1 or 3 channels, got {channels!r}")
+    if isinstance(resolution, bool) or not isinstance(resolution, int) or resolution < 8:
+        raise ValueError(f"the public-photo feature network needs a resolution of at least 8 pixels, got {resolution!r}")
+    if isinstance(n, bool) or not isinstance(n, int) or n < 2 * PHOTO_ROTATIONS:
+        raise ValueError(f"the public-photo feature network needs at least {2 * PHOTO_ROTATIONS} patches, got {n!r}")
+
+
+def photo_patches(*, channels: int, resolution: int, n: int = 6000, seed: int = 0) -> ImageDataset:
+    """A self-supervised, public training set for a feature network: rotated crops of :func:`public_photos`.
+
+    Each of the ``n`` examples is a square crop of one photo (photo, position and a side
+    between ``resolution`` and the photo's short side, log-uniform, drawn from ``seed``),
+    resized with PIL (bilinear, antialiased) to ``resolution``, converted to grayscale for
+    ``channels=1``, and rotated by ``k`` × 90°. Its label ``photo * 4 + k`` (which photo,
+    which rotation) needs no annotation: a network that predicts it must see colour, texture
+    and orientation, which is what FID's features should measure. The patches are cached by
+    the photos' content and these settings.
+
+    Args:
+        channels: 1 (grayscale) or 3 (RGB).
+        resolution: Side length of the patches, >= 8.
+        n: Number of patches.
+        seed: Seed of the crops and rotations.
+
+    Returns:
+        An :class:`ImageDataset` named ``"public-photos"`` (split ``"train"``) with one class per
+        (photo, rotation) and a fingerprint of the patches.
+    """
+    _check_photo_options(channels=channels, resolution=resolution, n=n)
+    photos = public_photos()
+    names = tuple(f"{name} rot{90 * k}" for name, _ in photos for k in range(PHOTO_ROTATIONS))
+    source = hashlib.sha256()
+    for name, pixels in photos:
+        source.update(name.encode() + str(pixels.shape).encode() + pixels.tobytes())
+    key = content_key(version=PHOTO_PATCHES_VERSION, photos=source.hexdigest(), channels=channels,
+                      resolution=resolution, n=n, seed=seed)
+
+    def make() -> dict[str, torch.Tensor]:
+        rng = np.random.default_rng(seed)
+        images = np.empty((n, channels, resolution, resolution), dtype=np.uint8)
+        labels = np.empty(n, dtype=np.int64)
+        pil = [Image.fromarray(pixels).convert("L" if channels == 1 else "RGB") for _, pixels in photos]
+        for i in range(n):
+            p, k = int(rng.integers(len(photos))), int(rng.integers(PHOTO_ROTATIONS))
+            w, h = pil[p].size
+            short = min(w, h)
+            side = int(round(float(np.exp(rng.uniform(np.log(min(resolution, short)), np.log(short))))))
+            x, y = int(rng.integers(w - side + 1)), int(rng.integers(h - side + 1))
+            crop = pil[p].resize((resolution, resolution), Image.Resampling.BILINEAR, box=(x, y, x + side, y + side))
+            array = np.asarray(crop, dtype=np.uint8)
+            array = array[None] if channels == 1 else array.transpose(2, 0, 1)
+            images[i] = np.rot90(array, k, axes=(1, 2))
+            labels[i] = p * PHOTO_ROTATIONS + k
+        return {"images": torch.from_numpy(images), "labels": torch.from_numpy(labels)}
+
+    cached = cached_tensors("public-photos", key, make)
+    images, labels = cached["images"].numpy(), cached["labels"].numpy()
+    return ImageDataset(
+        images=torch.from_numpy(images.astype(np.float32)) / 127.5 - 1.0,
+        labels=torch.from_numpy(labels.astype(np.int64)),
+        num_classes=len(names),
+        name="public-photos",
+        split="train",
+        fingerprint=content_fingerprint(images, labels, name="public-photos", split="train"),
+        class_names=names,
+    )
+
+
+def photo_feature_cnn(
+    *,
+    channels: int,
+    resolution: int,
+    n: int = 6000,
+    epochs: int = 10,
+    lr: float = 1e-3,
+    seed: int = 0,
+    progress: bool = True,
+) -> FeatureNetwork:
+    """privdiff's feature CNN for ``channels`` × ``resolution``² images, public by construction and offline.
+
+    A :class:`SmallCNN` trained by :func:`train_feature_cnn` on :func:`photo_patches` (crops of
+    photographs that scikit-learn and matplotlib ship, labelled only by which photo and which
+    rotation): no private or downloaded image is involved, so it serves any data set, colour
+    ones included, that has no matching public set. Cached like every feature CNN (by the
+    patches' fingerprint and the training settings). Recorded as ``privdiff-cnn`` with
+    ``trained_on`` naming the photos; its FID/KID are not Inception-FID.
+
+    Args:
+        channels: 1 or 3, the channels of the data it will measure.
+        resolution: Side length of the data it will measure, >= 8.
+        n: Number of training patches.
+        epochs: Training epochs (the best epoch on 10% held-out patches is kept).
+        lr: Adam learning rate.
+        seed: Seed of the patches and of the training.
+        progress: Show a progress bar while training.
+    """
+    data = photo_patches(channels=channels, resolution=resolution, n=n, seed=seed)
+    net = train_feature_cnn(data, public=True, epochs=epochs, lr=lr, seed=seed, progress=progress)
+    photos = ", ".join(sorted({name.rsplit(" ", 1)[0] for name in data.class_names or ()}))
+    net.info["trained_on"] = (f"public-photos: {n} {resolution}x{resolution} crops of {photos} (photographs shipped "
+                              "by scikit-learn and matplotlib; public), self-supervised: which photo and which rotation")
+    return net
