@@ -30,7 +30,7 @@ import torch
 
 from privdiff.config import resolve_recipe
 from privdiff.diffusion import denoising_loss, draw_training_noise, make_sigma_distribution
-from privdiff.methods.stages import make_denoiser
+from privdiff.core.denoisers import make_denoiser
 from privdiff.data import ImageDataset
 from privdiff.methods.dp_ldm import caption_conditioner
 from privdiff.models import build_unet, count_parameters

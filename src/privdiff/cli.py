@@ -114,11 +114,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         _check_registry()
     if args.nproc is not None and args.nproc > 1 and not launched_by_torchrun():
         return _launch_torchrun(args, out)
-    from .methods import dp_ldm, dpdm, dpp, lora
+    from .method_registry import get_method
 
     world = init_from_env()  # under torchrun: join the process group (docs/distributed.md)
-    method = {"dpdm": dpdm, "dp-ldm": dp_ldm, "dpp": dpp, "lora": lora}[recipe.method]
-    result = method.train(recipe, out=out, progress=not args.quiet and world.is_main)
+    result = get_method(recipe.method).train(recipe, out=out, progress=not args.quiet and world.is_main)
     if world.is_main:
         _report(result)
     shutdown()
@@ -157,12 +156,12 @@ def _report(result) -> None:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from .config import resolve_recipe
-    from .methods import dpdm
+    from .method_registry import get_method
 
     recipe = resolve_recipe(_recipe_path("dpdm-mnist5k"), args.overrides)
     _check_registry()
     print("privdiff demo: DPDM on mnist5k (4,000 private MNIST digits), target epsilon=10, delta=1e-5", file=sys.stderr)
-    result = dpdm.train(recipe, out=args.out, progress=True)
+    result = get_method(recipe.method).train(recipe, out=args.out, progress=True)
     _report(result)
     return 0
 
@@ -182,31 +181,17 @@ def _sample_output(out: str | None) -> str:
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    import torch
-
     from .config import recipe_to_dict, resolve_recipe
-    from .methods.stages import class_grid_labels, generate, load_decoder, load_denoiser
-    from .runs import Run, save_grid, save_samples
+    from .core.denoisers import load_decoder, load_denoiser
+    from .core.generation import generate, sample_labels
+    from .runs import Run, save_grid, save_npz, save_samples
 
     kind = _sample_output(args.out)
     run = Run(args.run)
     overrides = [f"sampler.{k}={v}" for k, v in (("steps", args.steps), ("guidance", args.guidance), ("name", args.sampler)) if v is not None]
     recipe = resolve_recipe(recipe_to_dict(run.load_config()), overrides)
     denoiser = load_denoiser(run, recipe)
-    num_classes = denoiser.net.num_classes
-    if args.label is not None:
-        if num_classes is None or not 0 <= args.label < num_classes:
-            raise ValueError(f"--label must be in [0, {num_classes}) for this run" if num_classes else "this run is unconditional: no --label")
-        labels, nrow = torch.full((args.n,), args.label), min(args.n, 10)
-    elif args.prompt is not None:
-        labels, nrow = None, min(args.n, 10)
-    elif num_classes is not None and args.n < num_classes:  # fewer images than classes: one each of the first n
-        labels, nrow = torch.arange(args.n), args.n
-    elif num_classes is not None:
-        per = args.n // num_classes
-        labels, nrow = class_grid_labels(num_classes, per), per
-    else:
-        labels, nrow = None, min(args.n, 10)
+    labels, nrow = sample_labels(n=args.n, num_classes=denoiser.net.num_classes, label=args.label, text=args.prompt is not None)
     n = args.n if labels is None else len(labels)
     prompts = None if args.prompt is None else [args.prompt]
     images = generate(denoiser, labels=labels, n=n, recipe=recipe, prompts=prompts, decode=load_decoder(run),
@@ -218,7 +203,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
             print(args.out)
         return 0
     if kind == "npz":
-        _save_npz(args.out, images, lab)
+        save_npz(args.out, images, lab)
         if not args.quiet:
             print(args.out)
         return 0
@@ -228,29 +213,15 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
-def _save_npz(path: str, images, labels) -> None:
-    """``images`` (float32 in [0, 1]) and ``labels`` (int64; empty if none) in one .npz, as RUN/samples/samples.npz."""
-    import io
-
-    import numpy as np
-
-    from .atomic import atomic_write_bytes
-
-    buf = io.BytesIO()
-    np.savez_compressed(buf, images=images.astype(np.float32), labels=np.asarray([] if labels is None else labels, dtype=np.int64))
-    atomic_write_bytes(path, buf.getvalue())
-
-
 def cmd_budget_calibrate(args: argparse.Namespace) -> int:
-    from .privacy.accounting import calibrate_noise
+    from .privacy.accounting import calibrate_noise, epsilon
+    from .privacy.budget import steps_for
 
     if args.batch_size > args.n:
         raise ValueError(f"--batch-size must be in [1, --n], got {args.batch_size} for n={args.n}")
     q = args.batch_size / args.n
-    steps = args.steps if args.steps is not None else max(1, round(args.epochs / q))
+    steps = args.steps if args.steps is not None else steps_for(epochs=args.epochs, num_examples=args.n, batch_size=args.batch_size)
     sigma = calibrate_noise(epsilon_target=args.epsilon, delta=args.delta, sample_rate=q, steps=steps, accountant=args.accountant)
-    from .privacy.accounting import epsilon
-
     eps = epsilon([(sigma, q, steps)], delta=args.delta, accountant=args.accountant)
     print(json.dumps({"noise_multiplier": sigma, "sample_rate": q, "steps": steps, "epsilon": eps, "delta": args.delta,
                       "accountant": args.accountant}, indent=2))
@@ -258,28 +229,13 @@ def cmd_budget_calibrate(args: argparse.Namespace) -> int:
 
 
 def cmd_budget_show(args: argparse.Namespace) -> int:
-    from .privacy.accounting import epsilon
-    from .privacy.ledger import Ledger
+    from .privacy.ledger import Ledger, format_ledger
 
     path = Path(args.run)
     path = path / "ledger.json" if path.is_dir() else path
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no ledger (is this a privdiff run directory?)")
-    ledger = Ledger.load(path)
-    eps = ledger.epsilon()
-    print(f"dataset:  {ledger.dataset.get('name')} ({ledger.dataset.get('size')} examples, {ledger.dataset.get('fingerprint')})")
-    for e in ledger.events:
-        print(f"  {e['stage']:<10} {e['mechanism']:<20} sigma={e['noise_multiplier']:.4f}  q={e['sample_rate']:.5f}  "
-              f"steps={e['steps']}" + (f"  C={e['max_grad_norm']}" if e.get("max_grad_norm") else "")
-              + (f"  sensitivity={e['sensitivity']}" if e.get("sensitivity") else ""))
-    for p in ledger.public_stages:
-        d = p["data"]
-        print(f"  {p['stage']:<10} {'public data':<20} {d.get('name')} ({d.get('split')}, {d.get('size')} examples)  steps={p['steps']}  (not part of epsilon)")
-    print(f"epsilon:  {'inf (non-private steps ran)' if math.isinf(eps) else f'{eps:.4f}'} at delta={ledger.delta} "
-          f"({ledger.accountant}); target {ledger.target_epsilon}")
-    if args.accountant and not math.isinf(eps):
-        other = epsilon(ledger.history(), delta=ledger.delta, accountant=args.accountant)
-        print(f"          {other:.4f} with the {args.accountant} accountant")
+    print(format_ledger(Ledger.load(path), accountant=args.accountant))
     return 0
 
 
@@ -313,14 +269,13 @@ def cmd_budget_init(args: argparse.Namespace) -> int:
 
 def cmd_budget_cap(args: argparse.Namespace) -> int:
     from .config import resolve_recipe
-    from .data import load_dataset
-    from .methods.budget import data_identity
+    from .core.stages import private_dataset
+    from .privacy.budget import data_identity
     from .privacy.registry import format_status
 
     recipe = resolve_recipe(_recipe_path(args.recipe), args.overrides)
     registry = _registry(args)  # a registry that is not there is refused before the data is read
-    d = recipe.data
-    identity = data_identity(load_dataset(d.name, root=d.root, split="train", resolution=d.resolution))
+    identity = data_identity(private_dataset(recipe))
     registry.set_cap(dataset=identity, epsilon=None if args.remove else args.epsilon,
                      delta=args.delta or recipe.privacy.delta, accountant=recipe.privacy.accountant)
     print(format_status(registry.status(registry.dataset_key(identity["fingerprint"]))))
@@ -329,7 +284,7 @@ def cmd_budget_cap(args: argparse.Namespace) -> int:
 
 def cmd_budget_release(args: argparse.Namespace) -> int:
     from .privacy.registry import format_status
-    from .runs import release_run
+    from .privacy.budget import release_run
 
     registry = _registry(args)
     run_id, entry, freed = release_run(args.run, registry=registry, missing_ok=args.missing_ok)
@@ -346,7 +301,7 @@ def cmd_budget_release(args: argparse.Namespace) -> int:
 
 def cmd_audit(args: argparse.Namespace) -> int:
     from .config import resolve_recipe
-    from .methods.audit import audit
+    from .evaluation.audit import audit
 
     recipe = resolve_recipe(_recipe_path(args.recipe), args.overrides)
     k_in = args.canaries // 5 if args.k_in is None else args.k_in

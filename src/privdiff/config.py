@@ -24,16 +24,15 @@ from typing import Any
 
 import yaml
 
+from .method_registry import METHODS
 from .models.autoencoder import AutoencoderConfig
 from .models.he_net import HENetConfig
 from .models.latent import LatentUNetConfig
 from .models.text import TextConfig
 from .models.unet import UNetConfig
 
-
-METHODS = ("dpdm", "dp-ldm", "dpp", "lora")
 SAMPLERS = ("heun", "edm", "euler", "ddim")
-PROXY_FEATURES = ("map", "loss")  # what the proxy attacker h_ω reads (privdiff.attacks.proxy.proxy_features)
+PROXY_FEATURES = ("map", "loss")  # what the proxy attacker h_ω reads (privdiff.core.proxy.proxy_features)
 
 
 class RecipeError(ValueError):

@@ -324,7 +324,7 @@ class Run:
         (write-ahead), so the ledger stays the run's: the steps after it were spent and stay counted.
         A set-aside checkpoint's output had left the process (it was written), so the steps it
         covers are not replayed with the same draws but taken afresh and counted again
-        (:attr:`set_aside_step`; :func:`privdiff.methods.budget.replayed_steps`).
+        (:attr:`set_aside_step`; :func:`privdiff.privacy.budget.replayed_steps`).
         """
         try:
             name = self._pointer()
@@ -444,7 +444,7 @@ class Run:
 
         ``verify``: check its files against the checkpoint's checksums first (a damaged file is a RunError
         that says how to continue from the newest intact checkpoint, never weights silently misread)."""
-        from .models import load_net
+        from .models.saved import load_net
 
         path = path or self.latest_checkpoint()
         if path is None:
@@ -570,44 +570,6 @@ def held_lock(path: str | Path) -> Iterator[None]:
         os.close(fd)  # closing the descriptor releases the flock
 
 
-def release_run(target: str | Path, *, registry=None, missing_ok: bool = False):
-    """``privdiff budget release``: free the budget reservation of an abandoned run (crashed, never resumed).
-
-    ``target`` is a run directory, its ``ledger.json``, or a run id (or a unique prefix of one, as
-    ``budget status`` shows) in ``registry`` (a :class:`~privdiff.privacy.registry.Registry`; default:
-    ``$PRIVDIFF_REGISTRY``). The run's lock is held while its registry entry is changed, so a run that
-    is training (or resumes meanwhile) is refused. Its charge becomes what its ledger and the registry
-    say it executed (spent steps stay spent). A run id whose directory is not on this machine is
-    refused, since nothing shows it is not running elsewhere, unless ``missing_ok`` (then the
-    registry's record alone is used). Returns ``(run id, the run's registry entry, freed events)``.
-    """
-    from .privacy.ledger import Ledger
-    from .privacy.registry import Registry
-
-    registry = registry or Registry()
-    path = Path(target)
-    if path.exists():
-        path = path.parent if path.is_file() else path
-        if not (path / "ledger.json").is_file():
-            raise RunError(f"{path}: no ledger.json (not a private privdiff run)")
-        run_id = Ledger.load(path / "ledger.json").run_id
-    else:
-        run_id, registered = registry.find_run(str(target))
-        path = Path(registered) if registered else None
-        if path is None or not path.is_dir():
-            if not missing_ok:
-                raise RunError(f"run {run_id[:12]}: its directory {registered} is not on this machine, so nothing shows that it is "
-                               "not running elsewhere; release it from the machine that holds it, or pass --missing-ok if it is gone")
-            entry, freed = registry.release(run_id=run_id)
-            return run_id, entry, freed
-    with held_lock(path):
-        ledger = Ledger.load(path / "ledger.json")  # read under the lock: nothing writes it now
-        if ledger.run_id != run_id:
-            raise RunError(f"{path}: its ledger belongs to run {ledger.run_id[:12]}, not {run_id[:12]}")
-        entry, freed = registry.release(run_id=run_id, executed=ledger.events)
-    return run_id, entry, freed
-
-
 def _diff(a: dict, b: dict, prefix: str = "") -> list[str]:
     keys = set(a) | set(b)
     out = []
@@ -641,18 +603,24 @@ def image_grid(images: "np.ndarray", *, nrow: int, scale: int | None = None, pad
 
 def save_samples(out: str | Path, images: "np.ndarray", labels: "np.ndarray | None", *, nrow: int) -> tuple[Path, Path]:
     """Write ``samples.npz`` (images in [0,1], labels) and ``grid.png`` into directory ``out``, atomically."""
+    out = Path(out)
+    save_npz(out / "samples.npz", images, labels)
+    save_grid(out / "grid.png", images, nrow=nrow)
+    return out / "grid.png", out / "samples.npz"
+
+
+def save_npz(path: str | Path, images: "np.ndarray", labels: "np.ndarray | None") -> Path:
+    """Write ``images`` (float32 in [0, 1]) and ``labels`` (int64; empty if none) to one .npz, atomically."""
     import io
 
     import numpy as np
 
     from .atomic import atomic_write_bytes
 
-    out = Path(out)
     buf = io.BytesIO()
     np.savez_compressed(buf, images=images.astype(np.float32), labels=np.asarray([] if labels is None else labels, dtype=np.int64))
-    atomic_write_bytes(out / "samples.npz", buf.getvalue())
-    save_grid(out / "grid.png", images, nrow=nrow)
-    return out / "grid.png", out / "samples.npz"
+    atomic_write_bytes(path, buf.getvalue())
+    return Path(path)
 
 
 def save_grid(path: str | Path, images: "np.ndarray", *, nrow: int) -> Path:

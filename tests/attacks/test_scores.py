@@ -8,8 +8,10 @@ import torch
 from torch import nn
 
 from privdiff.attacks.metrics import attack_metrics
-from privdiff.attacks.proxy import feature_dim, proxy_features, proxy_scores
-from privdiff.attacks.scores import LOSS_TIMESTEPS, ddpm_sigma, loss_scores, pia_scores, secmi_scores
+from privdiff.attacks.proxy import proxy_scores
+from privdiff.attacks.scores import loss_scores, pia_scores, secmi_scores
+from privdiff.core.proxy import LOSS_TIMESTEPS, feature_dim, proxy_features
+from privdiff.diffusion.discrete import ddpm_sigma
 from privdiff.attacks.target import Target
 from privdiff.config import resolve_recipe
 from privdiff.diffusion import Denoiser, denoising_loss, draw_training_noise, make_sigma_distribution

@@ -57,7 +57,7 @@ def test_evaluate_writes_metrics_with_floors_ceilings_and_a_report(trained, caps
     assert samples["images"].shape == (60, 1, 8, 8) and sorted(np.bincount(samples["labels"])) == [6] * 10
 
     # a second evaluation reuses the samples and the cached real-data numbers
-    monkeypatch.setattr("privdiff.methods.stages.generate", lambda *a, **k: pytest.fail("samples were drawn again"))
+    monkeypatch.setattr("privdiff.core.generation.generate", lambda *a, **k: pytest.fail("samples were drawn again"))
     assert _evaluate(trained) == 0
     again = json.loads((trained / "metrics.json").read_text())
     assert again["metrics"]["fid"] == m["metrics"]["fid"]

@@ -27,8 +27,8 @@ PROMPT = "a handwritten digit three"
 def plaintext_image(run, *, seed: int, steps: int, sampler: str | None = None):
     """The image plaintext sampling of ``run`` gives for PROMPT (and its denoiser): what a client must get."""
     from privdiff.config import recipe_to_dict, resolve_recipe
-    from privdiff.methods.stages import generate as sample_images
-    from privdiff.methods.stages import load_decoder, load_denoiser
+    from privdiff.core.denoisers import load_decoder, load_denoiser
+    from privdiff.core.generation import generate as sample_images
 
     over = [f"sampler.steps={steps}"] + ([f"sampler.name={sampler}"] if sampler else [])
     recipe = resolve_recipe(recipe_to_dict(run.load_config()), over)

@@ -101,7 +101,7 @@ def test_attacker_step_trains_only_the_attacker():
     before_h = [p.clone() for p in term.attacker.parameters()]
     before_lora = [p.clone() for p in lora_parameters(net)]
     term.objective(den, torch.arange(4), torch.ones(4)).sum().backward()  # leaves grads on ω too
-    term.attacker_step(0)
+    term.after_step(0)
     assert any(not torch.equal(a, b) for a, b in zip(before_h, term.attacker.parameters()))
     assert all(torch.equal(a, b) for a, b in zip(before_lora, lora_parameters(net)))
     assert all(p.grad is None for p in term.attacker.parameters())
@@ -220,7 +220,7 @@ def _defended_run(out, r, *, max_steps: int) -> tuple[PrivacyTerm, list[torch.Te
     """train_denoiser on the LoRA stage with a fresh PrivacyTerm (as a new process builds it) up to ``max_steps``."""
     from dataclasses import replace
 
-    from privdiff.methods.stages import train_denoiser
+    from privdiff.core.training import Stage, train_denoiser
     from privdiff.runs import Run
 
     r = replace(r, train=replace(r.train, max_steps=max_steps))
@@ -233,8 +233,8 @@ def _defended_run(out, r, *, max_steps: int) -> tuple[PrivacyTerm, list[torch.Te
     def init():
         return _lora_net(r, seed=7)[1]
 
-    result = train_denoiser(run=run, recipe=r, dataset=members, ledger=None, stage="lora", init=init,
-                            objective=term.objective, after_step=term.attacker_step, state=term, progress=False)
+    result = train_denoiser(run=run, recipe=r, dataset=members, ledger=None, stage=Stage(name="lora", init=init), term=term,
+                            progress=False)
     assert result.steps == max_steps
     return term, [p.detach().clone() for p in lora_parameters(run.load_checkpoint().unet)]
 
@@ -261,14 +261,14 @@ def test_a_resumed_defended_run_takes_the_steps_of_an_uninterrupted_one(tmp_path
 def test_resuming_a_defended_run_without_saved_attacker_state_is_refused(tmp_path):
     from dataclasses import replace
 
-    from privdiff.methods.stages import train_denoiser
+    from privdiff.core.training import Stage, train_denoiser
     from privdiff.runs import Run, RunError
 
     r = _recipe("lora.objective=stable", "train.batch_size=4", "train.epochs=3", "train.max_steps=1", "model.attention_levels=[]")
     members = _data(8, 1)
     run = Run(tmp_path)
-    train_denoiser(run=run, recipe=r, dataset=members, ledger=None, stage="lora", init=lambda: _lora_net(r)[1], progress=False)
+    train_denoiser(run=run, recipe=r, dataset=members, ledger=None, stage=Stage(name="lora", init=lambda: _lora_net(r)[1]), progress=False)
     term = PrivacyTerm(r, members=members, member_aux=_data(4, 2), nonmember_aux=_data(4, 3), device=torch.device("cpu"))
     with pytest.raises(RunError, match="holds no state for stage lora's PrivacyTerm"):
-        train_denoiser(run=run, recipe=replace(r, train=replace(r.train, max_steps=2)), dataset=members, ledger=None, stage="lora",
-                       init=lambda: _lora_net(r)[1], objective=term.objective, after_step=term.attacker_step, state=term, progress=False)
+        train_denoiser(run=run, recipe=replace(r, train=replace(r.train, max_steps=2)), dataset=members, ledger=None,
+                       stage=Stage(name="lora", init=lambda: _lora_net(r)[1]), term=term, progress=False)

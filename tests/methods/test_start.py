@@ -8,7 +8,7 @@ import pytest
 from privdiff.cli import main
 from privdiff.config import resolve_recipe
 from privdiff.data import load_dataset
-from privdiff.methods.budget import open_ledger
+from privdiff.privacy.budget import open_ledger
 from privdiff.privacy.registry import Registry
 from privdiff.runs import open_run
 

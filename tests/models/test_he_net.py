@@ -18,7 +18,7 @@ def test_per_example_gradients_of_the_recipes_trainable_part_match_one_example_a
 
 
 def test_trainable_groups_and_save_load(tmp_path):
-    from privdiff.models import load_net
+    from privdiff.models.saved import load_net
 
     net = tiny_he_net(5)
     n_attn, _ = select_trainable(net, ("attentions",))
@@ -39,7 +39,7 @@ def test_the_core_config_and_training_import_nothing_of_encrypted_inference():
     import sys
 
     code = ("import sys, privdiff.config, privdiff.cli, privdiff.runs, privdiff.models.he_net, privdiff.models.unet\n"
-            "import privdiff.methods.dpdm, privdiff.methods.dp_ldm, privdiff.methods.dpp, privdiff.methods.lora, privdiff.methods.audit\n"
+            "import privdiff.methods.dpdm, privdiff.methods.dp_ldm, privdiff.methods.dpp, privdiff.methods.lora, privdiff.evaluation.audit\n"
             "print(' '.join(sorted(m for m in sys.modules if m.split('.')[0] in ('tenseal', 'aiohttp') or m.startswith('privdiff.he'))))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == ""

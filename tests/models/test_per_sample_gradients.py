@@ -350,7 +350,7 @@ def test_shipped_recipe_model_per_sample_gradients(recipe_path):
     """The UNet a shipped recipe trains (same builder, preconditioning, resolution and mode as
     ``train_denoiser``), channels-last input, K = 2: per-sample gradients equal one-at-a-time ones."""
     from privdiff.config import resolve_recipe
-    from privdiff.methods.stages import make_denoiser
+    from privdiff.core.denoisers import make_denoiser
 
     r = resolve_recipe(recipe_path)
     if not r.privacy.enabled:

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from ..atomic import atomic_write_text
-from . import ATTACKS
+from .names import ATTACKS
 from ..runs import Run, RunError
 from .metrics import attack_metrics, save_roc_plot
 from .proxy import proxy_scores

@@ -23,21 +23,11 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from ..core.proxy import LOSS_TIMESTEPS
+from ..diffusion.discrete import ddpm_sigma
 from .target import Target
 
 __all__ = ["LOSS_TIMESTEPS", "ddpm_sigma", "loss_scores", "secmi_scores", "pia_scores"]
-
-LOSS_TIMESTEPS: tuple[int, ...] = (50, 100, 200, 300)  # the loss attack's t, Carlini's "Goldilocks zone" of DDPM's T = 1000
-
-
-def ddpm_sigma(t: int, *, T: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> float:
-    """σ_t = √(1/ᾱ_t − 1) of DDPM's linear β schedule (Ho et al. 2020), ᾱ_t = Π_{s≤t} (1 − β_s)."""
-    if not 0 <= t < T:
-        raise ValueError(f"timestep t must be in [0, {T}), got {t}")
-    betas = np.linspace(beta_start, beta_end, T, dtype=np.float64)
-    alpha_bar = np.cumprod(1.0 - betas)[t]
-    return float(math.sqrt(1.0 / alpha_bar - 1.0))
-
 
 def _batches(target: Target, x0: Tensor, cond: Tensor | None, desc: str, progress: bool):
     B = target.batch_size

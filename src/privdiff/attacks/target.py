@@ -21,8 +21,9 @@ from ..config import Recipe
 from ..data import ImageDataset, load_dataset
 from ..data.membership import MembershipSplits, split_held_out
 from ..diffusion import Denoiser
-from ..methods.budget import load_ledger
-from ..methods.stages import default_device, load_denoiser, training_sigma_distribution
+from ..core.denoisers import default_device, load_denoiser
+from ..core.training import training_sigma_distribution
+from ..privacy.budget import load_ledger
 from ..runs import Run
 
 __all__ = ["Target", "load_target", "run_splits", "role_datasets", "SPLITS_FILE"]

@@ -29,10 +29,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
-__all__ = ["DiscreteSchedule", "DiscreteSigma", "VPDenoiser"]
+__all__ = ["DiscreteSchedule", "DiscreteSigma", "VPDenoiser", "ddpm_sigma"]
 
 Prediction = Literal["epsilon", "v_prediction"]
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
@@ -168,3 +169,12 @@ class VPDenoiser(nn.Module):
 
     def extra_repr(self) -> str:
         return f"schedule={self.schedule}"
+
+
+def ddpm_sigma(t: int, *, T: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> float:
+    """σ_t = √(1/ᾱ_t − 1) of DDPM's linear β schedule (Ho et al. 2020), ᾱ_t = Π_{s≤t} (1 − β_s)."""
+    if not 0 <= t < T:
+        raise ValueError(f"timestep t must be in [0, {T}), got {t}")
+    betas = np.linspace(beta_start, beta_end, T, dtype=np.float64)
+    alpha_bar = np.cumprod(1.0 - betas)[t]
+    return float(math.sqrt(1.0 / alpha_bar - 1.0))

@@ -56,7 +56,8 @@ def _samples_meta(run: Run, recipe: Recipe, *, n: int, seed: int) -> dict[str, A
 
 def load_or_draw_samples(run: Run, recipe: Recipe, data: ImageDataset, *, n: int, seed: int, progress: bool) -> tuple[np.ndarray, np.ndarray]:
     """N class-balanced samples of the run's latest EMA checkpoint; reused from ``RUN/eval/samples.npz`` if drawn alike."""
-    from ..methods.stages import generate, load_decoder, load_denoiser
+    from ..core.denoisers import load_decoder, load_denoiser
+    from ..core.generation import generate
 
     path, meta = eval_dir(run) / "samples.npz", _samples_meta(run, recipe, n=n, seed=seed)
     expected = (data.channels, data.resolution, data.resolution)
@@ -135,7 +136,8 @@ def evaluate_run(
     e, n = recipe.evaluate, n or recipe.evaluate.n_samples
     if n < max(2, e.pr_k + 1):
         raise ValueError(f"--n must be at least {max(2, e.pr_k + 1)}")
-    from ..methods.budget import load_ledger, private_training_set
+    from ..core.stages import private_training_set
+    from ..privacy.budget import load_ledger
 
     train = private_training_set(run, recipe)  # the training split, or a LoRA run's members: what the ledger describes
     ledger = load_ledger(run, train)

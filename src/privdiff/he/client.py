@@ -136,7 +136,7 @@ def generate(url: str, prompt: str, *, mode: str = "private", seed: int = 0, ste
     served run with the same seed, steps and guidance (up to CKKS rounding)."""
     from ..config import resolve_recipe
     from ..diffusion import Denoiser
-    from ..methods.stages import generate as sample_images
+    from ..core.generation import generate as sample_images
     from .private import client_net
 
     if mode not in ("private", "compat"):

@@ -163,7 +163,7 @@ def load_service(run: str | Path, *, config: ServiceConfig = ServiceConfig(), pe
     import torch
 
     from ..config import recipe_to_dict
-    from ..methods.stages import make_denoiser
+    from ..core.denoisers import make_denoiser
     from ..runs import Run, RunError
     from .compat import CompatServer
     from ..models.he_net import HENet

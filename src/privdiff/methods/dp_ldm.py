@@ -6,7 +6,7 @@ Stages, all on the shared core:
 1. ``autoencoder`` (public): a KL autoencoder maps 28×28 images to 4×7×7 latents.
 2. ``pretrain`` (public): a cross-attention latent UNet, its class embedder and privdiff's text
    encoder learn to denoise public latents conditioned on labels and captions — the one
-   training loop (:func:`~.stages.train_denoiser`), without a ledger.
+   training loop (:func:`~privdiff.core.training.train_denoiser`), without a ledger.
 3. ``dp_sgd`` (private): the same loop with DP-SGD on the private latents, training only
    ``ldm.trainable`` (default: the UNet's attention/cross-attention blocks and the class
    embedder, as DP-LDM's ``train_condition_only``); every other parameter is frozen, so
@@ -19,77 +19,29 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import math
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 
 from ..config import Recipe
-from ..data import DatasetError, ImageDataset, load_dataset
+from ..core.denoisers import default_device, load_decoder
+from ..core.generation import sample_class_grid
+from ..core.stages import MethodResult, pretrain, private_dataset, public_data, train_autoencoder
+from ..core.training import Conditioner, Stage, check_stage, train_denoiser
+from ..data import ImageDataset
 from ..data.captions import caption_variants
 from ..diffusion import drop_labels
 from ..models.autoencoder import build_autoencoder, encode_latents
 from ..models.latent import build_latent_net, select_trainable
 from ..models.text import build_text_encoder
-from ..privacy.ledger import Ledger
-from ..runs import Run, open_run, save_samples
-from .budget import check_plan, data_identity, open_ledger
-from .stages import (
-    Conditioner,
-    check_stage,
-    class_grid_labels,
-    default_device,
-    generate,
-    load_decoder,
-    train_autoencoder,
-    train_denoiser,
-)
-
-if TYPE_CHECKING:
-    from ..privacy.audit import GradientCanaries
+from ..privacy.audit import GradientCanaries
+from ..privacy.budget import check_plan, open_ledger
+from ..runs import open_run
 
 
-@dataclass
-class DPLDMResult:
-    run: Run
-    grid: Path
-    ledger: Ledger
-    steps: int
-
-
-def load_public(recipe: Recipe, *, like: ImageDataset, section: str = "ldm") -> ImageDataset:
-    """The public data set ``<section>.public_data`` at the private set ``like``'s resolution (its channels and
-    classes must match), drawn at ``resolution − 2·<section>.public_margin`` and framed by a background
-    margin (MNIST's digits sit in a 20×20 box of a 28×28 image; scikit-learn's fill their 8×8 frame),
-    with contrast ``<section>.public_contrast`` = g: x ← tanh(g·x)/tanh(g) on [-1, 1] (g = 0: unchanged),
-    which turns the soft blobs of 8×8 images enlarged 2.5× back into strokes on a black background.
-
-    ``section`` is the recipe section that holds the four ``public_*`` keys: ``ldm`` (DP-LDM) or
-    ``lora`` (LoRA's pretraining); errors name that section's keys."""
-    L, resolution = getattr(recipe, section), like.resolution
-    inner = resolution - 2 * L.public_margin
-    if L.public_margin < 0:
-        raise ValueError(f"{section}.public_margin={L.public_margin} must be >= 0")
-    if inner < 4:
-        raise ValueError(f"{section}.public_margin={L.public_margin} leaves no image at resolution {resolution}")
-    try:
-        public = load_dataset(L.public_data, root=L.public_root, split="all", resolution=inner)
-    except DatasetError as e:
-        raise DatasetError(f"{section}.public_data={L.public_data}: {e}") from None
-    images = public.images
-    if L.public_contrast > 0:
-        g = L.public_contrast
-        images = torch.tanh(g * images) / math.tanh(g)
-    if L.public_margin:
-        m = L.public_margin
-        images = F.pad(images, (m, m, m, m), value=-1.0)
-    if (public.channels, public.num_classes) != (like.channels, like.num_classes):
-        raise ValueError(f"{section}.public_data={public.name} has {public.channels} channels and {public.num_classes} classes, "
-                         f"private {like.name} {like.channels} and {like.num_classes}: they must match")
-    return dataclasses.replace(public, images=images)
+def load_public(recipe: Recipe, *, like: ImageDataset) -> ImageDataset:
+    """DP-LDM's public data: ``ldm.public_*`` framed like the private set ``like`` (:func:`~privdiff.core.stages.public_data`)."""
+    return public_data(recipe, like=like, section="ldm")
 
 
 def latent_net(recipe: Recipe, text_encoder: torch.nn.Module, *, latent_channels: int, latent_size: int, num_classes: int):
@@ -127,12 +79,12 @@ def caption_conditioner(dataset: ImageDataset, recipe: Recipe, tokenizer, device
 
 
 def train(recipe: Recipe, *, out: str | Path, progress: bool = True, grid_per_class: int = 10,
-          audit: GradientCanaries | None = None) -> DPLDMResult:
+          audit: GradientCanaries | None = None) -> MethodResult:
     """Run DP-LDM's three stages into run directory ``out`` (resuming any that is done) and sample a class grid.
 
-    ``audit``: the canaries of ``privdiff audit`` (:mod:`privdiff.methods.audit`), put into the DP-SGD stage only."""
-    d, L, device = recipe.data, recipe.ldm, default_device()
-    private = load_dataset(d.name, root=d.root, split="train", resolution=d.resolution)
+    ``audit``: the canaries of ``privdiff audit`` (:mod:`privdiff.evaluation.audit`), put into the DP-SGD stage only."""
+    L, device = recipe.ldm, default_device()
+    private = private_dataset(recipe)
     public = load_public(recipe, like=private)
     names = private.class_names or tuple(str(i) for i in range(private.num_classes))
 
@@ -165,20 +117,15 @@ def train(recipe: Recipe, *, out: str | Path, progress: bool = True, grid_per_cl
         return latent_net(recipe, text_encoder, latent_channels=z_private.channels, latent_size=z_private.resolution,
                           num_classes=private.num_classes)
 
-    pre = train_denoiser(run=run.stage("pretrain"), recipe=recipe, dataset=z_public, ledger=None, stage="pretrain",
-                         train=L.pretrain, init=fresh, condition=caption_conditioner(z_public, recipe, tokenizer, device),
-                         noise_multiplicity=1, progress=progress)  # K lowers the variance DP-SGD clips; public steps need none
-    ledger.record_public(stage="pretrain", data=data_identity(public), steps=pre.steps)
-    ledger.save(run.ledger_path)
+    pre = pretrain(run, recipe, z_public, train=L.pretrain, ledger=ledger, init=fresh,
+                   condition=caption_conditioner(z_public, recipe, tokenizer, device), progress=progress)
 
     def pretrained():
         return copy.deepcopy(pre.denoiser.net).requires_grad_(True)
 
-    result = train_denoiser(run=run, recipe=recipe, dataset=z_private, ledger=ledger, stage="dp_sgd", init=pretrained,
-                            select=lambda net: select_trainable(net, L.trainable), condition=caption_conditioner(z_private, recipe, tokenizer, device), progress=progress,
-                            audit=audit)
-    labels = class_grid_labels(private.num_classes, grid_per_class)
-    images = generate(result.denoiser, labels=labels, n=len(labels), recipe=recipe, decode=load_decoder(run),
-                      seed=recipe.train.seed, progress=progress)
-    grid, _ = save_samples(run.samples, images, labels.numpy(), nrow=grid_per_class)
-    return DPLDMResult(run=run, grid=grid, ledger=ledger, steps=result.steps)
+    stage = Stage(name="dp_sgd", init=pretrained, select=lambda net: select_trainable(net, L.trainable),
+                  condition=caption_conditioner(z_private, recipe, tokenizer, device))
+    result = train_denoiser(run=run, recipe=recipe, dataset=z_private, ledger=ledger, stage=stage, audit=audit, progress=progress)
+    grid = sample_class_grid(run, recipe, result.denoiser, num_classes=private.num_classes, per_class=grid_per_class,
+                             decode=load_decoder(run), progress=progress)
+    return MethodResult(run=run, grid=grid, ledger=ledger, steps=result.steps)

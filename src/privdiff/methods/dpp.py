@@ -19,9 +19,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import io
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -29,26 +27,19 @@ import torch.nn.functional as F
 
 from ..atomic import atomic_write_bytes
 from ..config import Recipe
-from ..data import ImageDataset, load_dataset
+from ..core.denoisers import pixel_net
+from ..core.generation import sample_class_grid
+from ..core.stages import MethodResult, pretrain, private_dataset
+from ..core.training import Stage, check_stage, train_denoiser
+from ..data import ImageDataset
 from ..data.augment import augment_copies
+from ..privacy.audit import GradientCanaries
+from ..privacy.budget import check_plan, open_ledger
 from ..privacy.central import release_central_images, release_parameters
 from ..privacy.ledger import SUBSAMPLED_GAUSSIAN, Ledger
-from ..runs import Run, open_run, save_grid, save_samples
-from .budget import check_plan, open_ledger
-from .stages import check_stage, class_grid_labels, generate, pixel_net, train_denoiser
-
-if TYPE_CHECKING:
-    from ..privacy.audit import GradientCanaries
+from ..runs import Run, open_run, save_grid
 
 STAGE = "central_images"
-
-
-@dataclass
-class DPPResult:
-    run: Run
-    grid: Path
-    ledger: Ledger
-    steps: int
 
 
 def release_event(recipe: Recipe, private: ImageDataset) -> dict:
@@ -90,12 +81,12 @@ def central_images(run: Run, recipe: Recipe, private: ImageDataset, ledger: Ledg
 
 
 def train(recipe: Recipe, *, out: str | Path, progress: bool = True, grid_per_class: int = 10,
-          audit: GradientCanaries | None = None) -> DPPResult:
+          audit: GradientCanaries | None = None) -> MethodResult:
     """Release central images, pretrain on their augmentations, fine-tune with DP-SGD; sample a class grid.
 
-    ``audit``: the canaries of ``privdiff audit`` (:mod:`privdiff.methods.audit`), put into the DP-SGD stage only."""
-    d, c = recipe.data, recipe.dpp
-    private = load_dataset(d.name, root=d.root, split="train", resolution=d.resolution)
+    ``audit``: the canaries of ``privdiff audit`` (:mod:`privdiff.evaluation.audit`), put into the DP-SGD stage only."""
+    c = recipe.dpp
+    private = private_dataset(recipe)
     # everything that can fail is checked before the run writes anything, reserves budget or releases anything
     event = release_event(recipe, private)
     released_size = c.copies * c.rounds * private.num_classes  # augmented copies of R images per class
@@ -109,11 +100,8 @@ def train(recipe: Recipe, *, out: str | Path, progress: bool = True, grid_per_cl
     aug, aug_labels = augment_copies(images, labels, copies=c.copies, num_ops=c.num_ops, magnitude=c.magnitude,
                                      generator=torch.Generator().manual_seed(recipe.train.seed * 1000 + 12))
     released = dataclasses.replace(private, images=aug * 2 - 1, labels=aug_labels)  # derived from the release only
-    pre = train_denoiser(run=run.stage("pretrain"), recipe=recipe, dataset=released, ledger=None, stage="pretrain",
-                         train=c.pretrain, noise_multiplicity=1, progress=progress)
-    result = train_denoiser(run=run, recipe=recipe, dataset=private, ledger=ledger, stage="dp_sgd",
-                            init=lambda: copy.deepcopy(pre.denoiser.net).requires_grad_(True), progress=progress, audit=audit)
-    grid_labels = class_grid_labels(private.num_classes, grid_per_class)
-    samples = generate(result.denoiser, labels=grid_labels, n=len(grid_labels), recipe=recipe, seed=recipe.train.seed, progress=progress)
-    grid, _ = save_samples(run.samples, samples, grid_labels.numpy(), nrow=grid_per_class)
-    return DPPResult(run=run, grid=grid, ledger=ledger, steps=result.steps)
+    pre = pretrain(run, recipe, released, train=c.pretrain, ledger=None, progress=progress)  # post-processing: no ledger event
+    stage = Stage(name="dp_sgd", init=lambda: copy.deepcopy(pre.denoiser.net).requires_grad_(True))
+    result = train_denoiser(run=run, recipe=recipe, dataset=private, ledger=ledger, stage=stage, audit=audit, progress=progress)
+    grid = sample_class_grid(run, recipe, result.denoiser, num_classes=private.num_classes, per_class=grid_per_class, progress=progress)
+    return MethodResult(run=run, grid=grid, ledger=ledger, steps=result.steps)

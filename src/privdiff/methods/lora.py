@@ -1,6 +1,6 @@
 """LoRA fine-tuning on a small private member set, plain or defended against membership inference.
 
-Stages, all on the shared core (:func:`~.stages.train_denoiser`):
+Stages, all on the shared core (:func:`~privdiff.core.training.train_denoiser`):
 
 1. ``pretrain`` (public): the recipe's pixel UNet learns to denoise the public data (``lora.public_data``,
    scikit-learn's digits by default, framed and sharpened as DP-LDM's public stages do).
@@ -16,7 +16,7 @@ Stages, all on the shared core (:func:`~.stages.train_denoiser`):
    e = (ε̂(x₀ + σ'ε', σ') − ε')² at a fresh (σ', ε'), computed INSIDE the autograd graph of the
    LoRA weights (the pitfall of the reference note, §7.1: detached errors give ∇G = 0 and the
    defense silently becomes plain LoRA). With ``lora.attacker_feature: loss`` h_ω reads
-   [log mean(e), onehot(t)] at a Goldilocks t instead of the map (see :mod:`privdiff.attacks.proxy`
+   [log mean(e), onehot(t)] at a Goldilocks t instead of the map (see :mod:`privdiff.core.proxy`
    for why: on small member sets the map proxy learns the auxiliary images, not membership). The paper trains with batch 1, so its batch ratio is this
    per-example ratio. After each LoRA step, ``lora.attacker_steps`` steps of h_ω (Adam) on a balanced
    batch of member_aux and nonmember_aux maps (features without gradient), as the released code.
@@ -33,42 +33,27 @@ on member_aux outside DP-SGD, and every LoRA step reads it through ω, which no 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from ..atomic import atomic_write_text
-from ..attacks.proxy import ProxyAttacker, feature_dim, member_gain, proxy_features
 from ..config import Recipe
-from ..data import ImageDataset, load_dataset
+from ..core.denoisers import default_device, pixel_net
+from ..core.generation import sample_class_grid
+from ..core.proxy import ProxyAttacker, feature_dim, member_gain, proxy_features
+from ..core.stages import MethodResult, pretrain, private_dataset, public_data
+from ..core.training import Stage, check_stage, train_denoiser, training_sigma_distribution
+from ..data import ImageDataset
 from ..data.membership import MembershipSplits, split_pool
 from ..models.lora import LoRASpec, LoRAUNetNet, lora_parameters
-from ..privacy.ledger import Ledger
-from ..runs import Run, open_run, save_samples
-from .budget import check_plan, data_identity, open_ledger
-from .stages import (
-    check_stage,
-    class_grid_labels,
-    default_device,
-    generate,
-    pixel_net,
-    train_denoiser,
-    training_sigma_distribution,
-)
+from ..privacy.budget import check_plan, open_ledger
+from ..runs import open_run
 
 __all__ = ["PrivacyTerm", "train"]
 
 STAGE = "lora"  # the ledger stage of the adaptation on the members
-
-
-@dataclass
-class LoRAResult:
-    run: Run
-    grid: Path
-    ledger: Ledger
-    steps: int
 
 
 def _eps_fn(denoiser: torch.nn.Module):
@@ -79,12 +64,12 @@ def _eps_fn(denoiser: torch.nn.Module):
 
 
 class PrivacyTerm:
-    """PrivateLoRA's privacy term and its proxy attacker h_ω (one instance per training run).
+    """PrivateLoRA's privacy term and its proxy attacker h_ω (one instance per training run): an
+    :class:`~privdiff.core.training.ExtraTerm` of the LoRA stage.
 
-    ``objective(module, idx, loss)`` is the per-example training objective given to
-    :func:`train_denoiser`; ``attacker_step(step)`` its ``after_step``; the term itself its
-    ``state`` (:meth:`state_dict`: h_ω, its Adam and the term's generator), so a resumed run
-    continues the attacker where the checkpoint left it instead of starting a fresh one.
+    :meth:`objective` is the per-example training objective; :meth:`after_step` the attacker's steps;
+    :meth:`state_dict` (h_ω, its Adam and the term's generator) is checkpointed with the network, so a
+    resumed run continues the attacker where the checkpoint left it instead of starting a fresh one.
     """
 
     def __init__(self, recipe: Recipe, *, members: ImageDataset, member_aux: ImageDataset, nonmember_aux: ImageDataset,
@@ -140,7 +125,7 @@ class PrivacyTerm:
         # L_SPL = ℓ_ada / (1 − λ·G + δ) = ℓ_ada / (1 + λ·CE_member + δ)
         return loss / (1.0 + self.lam * ce + self.delta)
 
-    def attacker_step(self, step: int) -> None:
+    def after_step(self, step: int) -> None:
         """k ascent steps on G for ω: CE on a balanced batch of member_aux / nonmember_aux maps (LoRA frozen)."""
         if self.module is None:
             return
@@ -170,16 +155,14 @@ class PrivacyTerm:
 
 
 def load_public(recipe: Recipe, *, like: ImageDataset) -> ImageDataset:
-    """The public pretraining data: ``lora.public_*`` through DP-LDM's framing, contrast and checks against ``like``."""
-    from .dp_ldm import load_public as framed
-
-    return framed(recipe, like=like, section="lora")
+    """The public pretraining data: ``lora.public_*`` framed like ``like`` (:func:`~privdiff.core.stages.public_data`)."""
+    return public_data(recipe, like=like, section="lora")
 
 
-def train(recipe: Recipe, *, out: str | Path, progress: bool = True, grid_per_class: int = 10) -> LoRAResult:
+def train(recipe: Recipe, *, out: str | Path, progress: bool = True, grid_per_class: int = 10) -> MethodResult:
     """Pretrain on public data, record the membership splits, LoRA-adapt on the members; sample a class grid."""
     d, L, device = recipe.data, recipe.lora, default_device()
-    pool = load_dataset(d.name, root=d.root, split="train", resolution=d.resolution)
+    pool = private_dataset(recipe)
     public = load_public(recipe, like=pool)
     path = Path(out) / "splits.json"
     fresh_splits = not path.is_file()
@@ -200,10 +183,7 @@ def train(recipe: Recipe, *, out: str | Path, progress: bool = True, grid_per_cl
             run.created(path)
             splits.save(path)
         ledger = open_ledger(run, recipe, members, stage=STAGE)  # the registry reserves what this stage will record
-        pre = train_denoiser(run=run.stage("pretrain"), recipe=recipe, dataset=public, ledger=None, stage="pretrain",
-                             train=L.pretrain, noise_multiplicity=1, progress=progress)
-    ledger.record_public(stage="pretrain", data=data_identity(public), steps=pre.steps)
-    ledger.save(run.ledger_path)
+        pre = pretrain(run, recipe, public, train=L.pretrain, ledger=ledger, progress=progress)
 
     def select(net: torch.nn.Module) -> None:
         net.requires_grad_(False)
@@ -217,11 +197,7 @@ def train(recipe: Recipe, *, out: str | Path, progress: bool = True, grid_per_cl
         term = PrivacyTerm(recipe, members=members, member_aux=splits.dataset("member_aux", pool),
                            nonmember_aux=splits.dataset("nonmember_aux", pool), device=device,
                            log=run.path / "attacker_log.jsonl")
-    result = train_denoiser(run=run, recipe=recipe, dataset=members, ledger=ledger, stage=STAGE,
-                            init=lambda: LoRAUNetNet.from_base(pre.denoiser.net, spec), select=select,
-                            objective=None if term is None else term.objective,
-                            after_step=None if term is None else term.attacker_step, state=term, progress=progress)
-    labels = class_grid_labels(pool.num_classes, grid_per_class)
-    images = generate(result.denoiser, labels=labels, n=len(labels), recipe=recipe, seed=recipe.train.seed, progress=progress)
-    grid, _ = save_samples(run.samples, images, labels.numpy(), nrow=grid_per_class)
-    return LoRAResult(run=run, grid=grid, ledger=ledger, steps=result.steps)
+    stage = Stage(name=STAGE, init=lambda: LoRAUNetNet.from_base(pre.denoiser.net, spec), select=select)
+    result = train_denoiser(run=run, recipe=recipe, dataset=members, ledger=ledger, stage=stage, term=term, progress=progress)
+    grid = sample_class_grid(run, recipe, result.denoiser, num_classes=pool.num_classes, per_class=grid_per_class, progress=progress)
+    return MethodResult(run=run, grid=grid, ledger=ledger, steps=result.steps)

@@ -90,25 +90,6 @@ class UNetNet(nn.Module):
         return cls(UNet2DModel.from_pretrained(path, local_files_only=True, use_safetensors=True, low_cpu_mem_usage=False))
 
 
-def load_net(path) -> nn.Module:
-    """The denoiser network saved in directory ``path``: a :class:`UNetNet`, or a DP-LDM ``LatentNet``."""
-    from pathlib import Path
-
-    from .latent import LatentNet
-
-    if (Path(path) / "he_net.json").is_file():  # the HE-friendly latent denoiser (private-mode inference)
-        from .he_net import HENet
-
-        return HENet.from_pretrained(path)
-    if (Path(path) / "conditioner.json").is_file():
-        return LatentNet.from_pretrained(path)
-    if (Path(path) / "lora" / "adapter.json").is_file():
-        from .lora import LoRAUNetNet
-
-        return LoRAUNetNet.from_pretrained(path)
-    return UNetNet.from_pretrained(path)
-
-
 def count_parameters(module: nn.Module) -> int:
     """Number of trainable parameters."""
     return sum(p.numel() for p in module.parameters() if p.requires_grad)

@@ -101,8 +101,8 @@ class AuditResult:
 class GradientCanaries:
     """m Dirac gradient canaries for one DP-SGD run (see module docstring), each included by a fair coin.
 
-    The training loop calls :meth:`install` (before its optimizer is built), :meth:`attach` (once
-    the DP engine exists), :meth:`wrap_loss` and, every step, :meth:`extend` on the sampled batch.
+    The training loop calls :meth:`install` (before its optimizer is built) and :meth:`wrap` on its DP
+    engine; the wrapped engine attaches the observer, extends each batch and wraps the loss.
 
     Args:
         m: number of canaries.
@@ -163,6 +163,11 @@ class GradientCanaries:
             return torch.where(is_canary.to(real.device), canary, real)
         return loss
 
+    def wrap(self, engine, *, noise_multiplicity: int) -> "CanaryEngine":
+        """The run's engine with the canaries in (after :meth:`install`): its batches gain the included
+        canaries Poisson-sampled at q, its loss their terms, and every noisy gradient is observed."""
+        return CanaryEngine(engine, self, noise_multiplicity=noise_multiplicity)
+
     def result(self, *, claimed_epsilon: float, stage: str, stage_epsilon: float, delta: float, k_in: int | None = None,
                k_out: int | None = None, beta: float = 0.05, seed: int = 0) -> AuditResult:
         """Guess top-k₊ IN and bottom-k₋ OUT (defaults m/5 each, fixed before looking), count, bound.
@@ -180,3 +185,33 @@ class GradientCanaries:
         return AuditResult(claimed_epsilon=claimed_epsilon, stage=stage, stage_epsilon=stage_epsilon, delta=delta, epsilon_lower_bound=bound, confidence=1 - beta,
                            canaries=self.m, included=int(S.sum()), guesses_in=k_in, guesses_out=k_out, correct=correct,
                            steps=self.steps)
+
+
+class _CanaryBatches:
+    """The engine's Poisson batches, each followed by the included canaries sampled at the same q."""
+
+    def __init__(self, batches, canaries: GradientCanaries):
+        self._batches, self._canaries = batches, canaries
+
+    def next(self) -> torch.Tensor:
+        return self._canaries.extend(self._batches.next())
+
+    def __getattr__(self, name: str):
+        return getattr(self._batches, name)
+
+
+class CanaryEngine:
+    """A DP engine (:class:`~privdiff.privacy.dpsgd.DPSGD`) with an audit's canaries in it, used exactly as the
+    engine is: ``batches.next()`` adds the included canaries, ``step(indices, loss_fn)`` gives them their
+    loss (:meth:`GradientCanaries.wrap_loss`); everything else is the engine's own."""
+
+    def __init__(self, engine, canaries: GradientCanaries, *, noise_multiplicity: int):
+        canaries.attach(engine)
+        self._engine, self._canaries, self._K = engine, canaries, noise_multiplicity
+        self.batches = _CanaryBatches(engine.batches, canaries)
+
+    def step(self, indices: torch.Tensor, loss_fn: Callable[[nn.Module, torch.Tensor], torch.Tensor]) -> float:
+        return self._engine.step(indices, self._canaries.wrap_loss(loss_fn, K=self._K))
+
+    def __getattr__(self, name: str):
+        return getattr(self._engine, name)

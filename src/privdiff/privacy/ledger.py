@@ -179,3 +179,25 @@ def _check_loaded(ledger: "Ledger") -> None:
         if not isinstance(e, dict) or not isinstance(e.get("stage"), str) or not isinstance(e.get("data"), dict):
             raise ValueError(f"public stage {i} has no stage or data")
         _number(e.get("steps"), f"public stage {i}'s steps", integer=True)
+
+
+def format_ledger(ledger: Ledger, *, accountant: str | None = None) -> str:
+    """The ledger as ``privdiff budget show`` prints it: the data set, one line per event and per public stage,
+    and the composed ε at δ (also with ``accountant``, if given, for a finite ε)."""
+    eps = ledger.epsilon()
+    d = ledger.dataset
+    lines = [f"dataset:  {d.get('name')} ({d.get('size')} examples, {d.get('fingerprint')})"]
+    for e in ledger.events:
+        lines.append(f"  {e['stage']:<10} {e['mechanism']:<20} sigma={e['noise_multiplier']:.4f}  q={e['sample_rate']:.5f}  "
+                     f"steps={e['steps']}" + (f"  C={e['max_grad_norm']}" if e.get("max_grad_norm") else "")
+                     + (f"  sensitivity={e['sensitivity']}" if e.get("sensitivity") else ""))
+    for p in ledger.public_stages:
+        pd = p["data"]
+        lines.append(f"  {p['stage']:<10} {'public data':<20} {pd.get('name')} ({pd.get('split')}, {pd.get('size')} examples)  "
+                     f"steps={p['steps']}  (not part of epsilon)")
+    lines.append(f"epsilon:  {'inf (non-private steps ran)' if math.isinf(eps) else f'{eps:.4f}'} at delta={ledger.delta} "
+                 f"({ledger.accountant}); target {ledger.target_epsilon}")
+    if accountant and not math.isinf(eps):
+        other = compose_epsilon(ledger.history(), delta=ledger.delta, accountant=accountant)
+        lines.append(f"          {other:.4f} with the {accountant} accountant")
+    return "\n".join(lines)

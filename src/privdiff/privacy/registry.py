@@ -25,7 +25,7 @@ Backends, one interface: SQLite (a file; the default ``~/.privdiff/registry.sqli
 created only on request (``Registry(url, create=True)``, ``privdiff budget init``), or at the default
 location when none is given: a given location that holds no registry (a typo, a missing directory,
 an empty file), an unknown scheme, a directory, a file that is not a registry and a refused
-connection are :class:`RegistryError`\ s, so a misspelt registry can never be a fresh one without
+connection are :class:`RegistryError` errors, so a misspelt registry can never be a fresh one without
 caps. Concurrent runs
 are serialised by the database: SQLite by ``BEGIN IMMEDIATE`` (one writer at a time, taken before
 the total is read), PostgreSQL by ``SELECT ... FOR UPDATE`` on the data set's row, so two runs can
@@ -329,7 +329,7 @@ class Registry:
         or at privdiff's own default location when no location is given at all: a location that was
         given and holds no registry (a typo) is refused, never silently replaced by a fresh registry
         without caps. An unknown scheme, a path that is a directory or not a registry, and a server
-        that refuses the connection are :class:`RegistryError`\ s (one line, no password).
+        that refuses the connection are :class:`RegistryError` errors (one line, no password).
         """
         url, given = resolve_location(url)
         create = create or not given
@@ -492,7 +492,7 @@ class Registry:
         What it executed is its recorded events, or ``executed`` (its ledger's) if those count at least
         as many steps in every stage (a save the registry missed); spent steps are never released,
         so two records that disagree either way are refused. The caller makes sure the run is not
-        running (:func:`privdiff.runs.release_run` holds its lock). Returns the run's entry after the
+        running (:func:`privdiff.privacy.budget.release_run` holds its lock). Returns the run's entry after the
         release and the reservation it freed (empty if it held none: nothing is changed then).
         """
         with self._transaction() as db:

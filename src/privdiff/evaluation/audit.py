@@ -1,7 +1,8 @@
 """``privdiff audit``: train a recipe once with canaries and check its claimed ε empirically.
 
 See :mod:`privdiff.privacy.audit` for the canaries, the attack and the bound. Recipes whose private
-training is one DP-SGD stage of the shared loop can be audited: DPDM, DP-LDM (public stages, then
+training is one DP-SGD stage of the shared loop can be audited (``auditable`` in
+:mod:`privdiff.method_registry`): DPDM, DP-LDM (public stages, then
 DP-SGD of the trainable subset) and DPP (a Gaussian release, then DP-SGD). The method's own
 ``train`` runs, with the canaries in its DP-SGD stage only, so the bound is checked against that
 stage's ε (the accountant on its events alone) and the run's composed ε is reported beside it.
@@ -18,13 +19,10 @@ from pathlib import Path
 
 from ..atomic import atomic_write_text
 from ..config import Recipe
-from ..data import load_dataset
+from ..core.stages import private_dataset
+from ..method_registry import METHODS, get_method
 from ..privacy.audit import AuditResult, GradientCanaries
 from ..runs import Run, RunError
-from . import dp_ldm, dpdm, dpp
-
-AUDITABLE = {"dpdm": dpdm, "dp-ldm": dp_ldm, "dpp": dpp}  # methods whose private training is one DP-SGD stage
-STAGE = "dp_sgd"  # the stage of train_denoiser that carries the canaries in each of them
 
 
 @dataclass
@@ -42,23 +40,22 @@ def audit(recipe: Recipe, *, out: str | Path, canaries: int = 1000, k_in: int | 
     """Train ``recipe`` (DPDM, DP-LDM or DPP) with ``canaries`` gradient canaries in its DP-SGD stage into a
     fresh run ``out``; write ``RUN/audit.json`` with the claimed ε (the ledger's total), the DP-SGD stage's
     own ε, the audited lower bound, the canary count and the attack."""
-    method = AUDITABLE.get(recipe.method)
-    if method is None:
+    method = get_method(recipe.method)
+    if not method.auditable:
         raise ValueError(f"privdiff audit supports recipes whose private training is one DP-SGD stage "
-                         f"({', '.join(AUDITABLE)}); {recipe.method} is not one")
+                         f"({', '.join(m.name for m in METHODS.values() if m.auditable)}); {recipe.method} is not one")
     if not recipe.privacy.enabled:
         raise ValueError("privacy.enabled=false: a non-private run claims no epsilon to audit")
     run = Run(out)
     if run.ledger_path.exists() or (run.path / "audit.json").exists():
         raise RunError(f"{run.path} already holds a run: an audit needs a fresh --out")
-    d = recipe.data
-    n = len(load_dataset(d.name, root=d.root, split="train", resolution=d.resolution))  # the DP-SGD stage's examples
+    n = len(private_dataset(recipe))  # the DP-SGD stage's examples
     c = GradientCanaries(m=canaries, num_examples=n, seed=recipe.train.seed)
     trained = method.train(recipe, out=out, progress=progress, grid_per_class=1, audit=c)
     ledger = trained.ledger
-    result = c.result(claimed_epsilon=ledger.epsilon(), stage=STAGE, stage_epsilon=ledger.epsilon(stage=STAGE), delta=ledger.delta,
+    result = c.result(claimed_epsilon=ledger.epsilon(), stage=method.private_stage, stage_epsilon=ledger.epsilon(stage=method.private_stage), delta=ledger.delta,
                       k_in=k_in, k_out=k_out, beta=1 - confidence, seed=recipe.train.seed)
-    if result.steps != trained.steps or result.steps != ledger.steps(STAGE):
+    if result.steps != trained.steps or result.steps != ledger.steps(method.private_stage):
         raise RuntimeError("internal error: the canaries did not see every private step")
     atomic_write_text(trained.run.path / "audit.json", json.dumps(result.to_dict(), indent=2) + "\n")
     return AuditRun(run=trained.run, result=result)

@@ -1,50 +1,38 @@
 """What a run charges to the privacy budget: its ledger, opened and admitted to the registry before
-any private data is read, the events its stages will record, their noise calibration, and the steps
-a resumed run must not count twice.
+any private data is read, the events its stages will record, their noise calibration, the guard that
+every private step passes (check, write-ahead record, verify), and the steps a resumed run must not
+count twice.
 
-:func:`~.stages.train_denoiser` calls :func:`noise_for` and :func:`replayed_steps`; every method
-opens its ledger with :func:`open_ledger`; evaluation and attacks read it with :func:`load_ledger`
-and :func:`private_training_set`.
+The training loop (:func:`privdiff.core.training.train_denoiser`) calls :func:`noise_for` and one
+:class:`StepGuard` per stage; every method opens its ledger with :func:`open_ledger`; evaluation and
+attacks read it with :func:`load_ledger`; ``privdiff budget release`` is :func:`release_run`.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import TYPE_CHECKING
+from pathlib import Path
 
 from ..config import Recipe, TrainConfig
 from ..data import ImageDataset
 from ..distributed import broadcast_object, current_world
-from ..privacy.accounting import calibrate_noise
-from ..privacy.ledger import NON_PRIVATE, SUBSAMPLED_GAUSSIAN, Ledger
-from ..runs import Run, RunError
+from ..runs import Run, RunError, held_lock
+from .accounting import calibrate_noise
+from .ledger import NON_PRIVATE, SUBSAMPLED_GAUSSIAN, Ledger
+from .registry import Registry
 
-if TYPE_CHECKING:
-    from ..privacy.registry import Registry
+__all__ = ["StepGuard", "check_plan", "data_identity", "load_ledger", "noise_for", "open_ledger", "planned_event",
+           "planned_steps", "release_run", "replayed_steps", "steps_for"]
 
-__all__ = ["check_plan", "data_identity", "load_ledger", "noise_for", "open_ledger", "planned_event", "planned_steps",
-           "private_training_set", "replayed_steps"]
+
+def steps_for(*, epochs: float, num_examples: int, batch_size: int) -> int:
+    """Steps of ``epochs`` passes at expected batch ``batch_size`` over N examples: ``epochs / q``, q = batch_size / N (at least 1)."""
+    return max(1, round(epochs * num_examples / batch_size))
 
 
 def planned_steps(train: TrainConfig, num_examples: int) -> int:
-    """Steps of a stage (the private one: the steps the noise is calibrated for): ``epochs / q`` with q = batch_size / N."""
-    return max(1, round(train.epochs * num_examples / train.batch_size))
-
-
-def private_training_set(run: Run, recipe: Recipe) -> ImageDataset:
-    """The private examples ``run`` trained on, which its ledger describes: the recipe's training split,
-    or, for a run that trained on the members of ``RUN/splits.json`` only (a LoRA run), that member set."""
-    from ..data import load_dataset
-    from ..data.membership import TRAINED_ON_MEMBERS, MembershipSplits
-
-    d = recipe.data
-    pool = load_dataset(d.name, root=d.root, split="train", resolution=d.resolution)
-    path = run.path / "splits.json"
-    if path.is_file():
-        splits = MembershipSplits.load(path)
-        if splits.trained_on == TRAINED_ON_MEMBERS:
-            return splits.members(pool)
-    return pool
+    """Steps of a stage (the private one: the steps the noise is calibrated for): :func:`steps_for` its epochs and batch."""
+    return steps_for(epochs=train.epochs, num_examples=num_examples, batch_size=train.batch_size)
 
 
 def load_ledger(run: Run, dataset: ImageDataset) -> Ledger | None:
@@ -63,7 +51,7 @@ def load_ledger(run: Run, dataset: ImageDataset) -> Ledger | None:
 
 
 def open_ledger(run: Run, recipe: Recipe, dataset: ImageDataset, *, plan: list[dict] = (), stage: str = "dp_sgd",
-                registry: "Registry | None" = None) -> Ledger:
+                registry: Registry | None = None) -> Ledger:
     """The run's ledger (continued on resume), or a new one for ``dataset``, admitted to the budget registry.
 
     Before any data is read, the run's planned events (``plan``: releases of earlier stages, e.g.
@@ -100,9 +88,7 @@ def open_ledger(run: Run, recipe: Recipe, dataset: ImageDataset, *, plan: list[d
     return copy_
 
 
-def _open_ledger(run: Run, recipe: Recipe, dataset: ImageDataset, *, plan: list[dict], stage: str, registry: "Registry | None") -> Ledger:
-    from ..privacy.registry import Registry
-
+def _open_ledger(run: Run, recipe: Recipe, dataset: ImageDataset, *, plan: list[dict], stage: str, registry: Registry | None) -> Ledger:
     ledger = load_ledger(run, dataset)
     fresh = ledger is None
     planned = list(plan) + [planned_event(recipe, ledger or _fresh_ledger(recipe, dataset), num_examples=len(dataset),
@@ -211,6 +197,107 @@ def replayed_steps(ledger: Ledger | None, *, stage: str, start: int, mech: dict,
     return counted
 
 
+class StepGuard:
+    """The privacy side of one training stage's steps: every step passes it, once (``ledger=None``: a
+    public stage, for which it does nothing).
+
+    Per step t of a private stage: :meth:`allows` (would one more step take ε past the target? then
+    stop), :meth:`record` (write-ahead: the step is in the ledger file, and the registry, before the
+    data is touched), the step itself, :meth:`verify` (the engine's noised steps and the ledger's
+    count agree, or the run stops: never an unbacked ε). The event recorded is what the engine
+    actually does: its σ, its sampler's q, its clip norm C.
+
+    On resume (:meth:`resume`), steps the ledger counted after the checkpoint are replays (same
+    batch and noise, counted once: :func:`replayed_steps`), unless they were released in a
+    checkpoint that is now unusable; those are taken again with fresh draws and counted again
+    (``retake``), and the ledger's lead over the step index (:attr:`offset`) goes into every
+    later checkpoint.
+    """
+
+    def __init__(self, ledger: Ledger | None, *, engine, stage: str, path: Path, target_epsilon: float):
+        self.ledger, self.path, self.stage, self.target = ledger, Path(path), stage, target_epsilon
+        self.private = ledger is not None and engine.private
+        self.event = dict(
+            stage=stage,
+            mechanism=SUBSAMPLED_GAUSSIAN if engine.private else NON_PRIVATE,
+            noise_multiplier=engine.noise_multiplier,  # what the optimizer will actually draw
+            sample_rate=engine.sample_rate,  # what the sampler actually uses
+            max_grad_norm=engine.max_grad_norm,  # what the optimizer actually clips to
+        )
+        self.counted = self.start = 0  # the ledger has counted steps < counted (of this attempt's step index)
+        self.offset = 0  # steps the ledger counts beyond the step index: taken again with fresh draws
+
+    def resume(self, *, start: int, offset: int, retake: bool) -> int:
+        """Continue from a checkpoint at step ``start`` whose ledger lead was ``offset``; ``retake``: the
+        steps after ``start`` were released in a checkpoint now unusable. Returns the steps re-taken
+        (0 unless ``retake``)."""
+        self.start, self.offset = start, offset
+        self.counted = replayed_steps(self.ledger, stage=self.stage, start=start, mech=self.event, offset=offset)
+        if not (retake and self.ledger is not None):
+            return 0
+        again = self.counted - start
+        self.offset, self.counted = offset + again, start
+        return again
+
+    def allows(self, step: int) -> bool:
+        """False when step ``step`` (not yet counted) would take the ledger's ε past the target."""
+        if step < self.counted or not self.private:
+            return True
+        extra = [(self.event["noise_multiplier"], self.event["sample_rate"], 1)]
+        return self.ledger.epsilon(extra=extra) <= self.target * (1 + 1e-9)
+
+    def record(self, step: int) -> None:
+        """Write-ahead: count step ``step`` in the ledger (file and registry) before it touches the data."""
+        if self.ledger is not None and step >= self.counted:
+            self.ledger.record(**self.event)
+            self.ledger.save(self.path)
+            self.counted = step + 1
+
+    def verify(self, step: int, *, noised_steps: int) -> None:
+        """After step ``step``: the engine has noised exactly the steps the ledger counts (else stop)."""
+        if self.private and (self.start + noised_steps != step + 1 or self.ledger.steps(self.stage) != self.counted + self.offset):
+            raise RuntimeError("internal error: noised steps and ledger disagree")  # never report an unbacked epsilon
+
+    def epsilon(self) -> float | None:
+        """The ledger's ε now; None for a public or non-private stage."""
+        return self.ledger.epsilon() if self.private else None
+
+
 def data_identity(dataset: ImageDataset) -> dict:
     """What the ledger records of a data set: name, split, content fingerprint, size."""
     return {"name": dataset.name, "split": dataset.split, "fingerprint": dataset.fingerprint, "size": len(dataset)}
+
+
+def release_run(target: str | Path, *, registry=None, missing_ok: bool = False):
+    """``privdiff budget release``: free the budget reservation of an abandoned run (crashed, never resumed).
+
+    ``target`` is a run directory, its ``ledger.json``, or a run id (or a unique prefix of one, as
+    ``budget status`` shows) in ``registry`` (a :class:`~privdiff.privacy.registry.Registry`; default:
+    ``$PRIVDIFF_REGISTRY``). The run's lock is held while its registry entry is changed, so a run that
+    is training (or resumes meanwhile) is refused. Its charge becomes what its ledger and the registry
+    say it executed (spent steps stay spent). A run id whose directory is not on this machine is
+    refused, since nothing shows it is not running elsewhere, unless ``missing_ok`` (then the
+    registry's record alone is used). Returns ``(run id, the run's registry entry, freed events)``.
+    """
+    registry = registry or Registry()
+    path = Path(target)
+    if path.exists():
+        path = path.parent if path.is_file() else path
+        if not (path / "ledger.json").is_file():
+            raise RunError(f"{path}: no ledger.json (not a private privdiff run)")
+        run_id = Ledger.load(path / "ledger.json").run_id
+    else:
+        run_id, registered = registry.find_run(str(target))
+        path = Path(registered) if registered else None
+        if path is None or not path.is_dir():
+            if not missing_ok:
+                raise RunError(f"run {run_id[:12]}: its directory {registered} is not on this machine, so nothing shows that it is "
+                               "not running elsewhere; release it from the machine that holds it, or pass --missing-ok if it is gone")
+            entry, freed = registry.release(run_id=run_id)
+            return run_id, entry, freed
+    with held_lock(path):
+        ledger = Ledger.load(path / "ledger.json")  # read under the lock: nothing writes it now
+        if ledger.run_id != run_id:
+            raise RunError(f"{path}: its ledger belongs to run {ledger.run_id[:12]}, not {run_id[:12]}")
+        entry, freed = registry.release(run_id=run_id, executed=ledger.events)
+    return run_id, entry, freed

@@ -1,0 +1,142 @@
+"""Stages and pieces that methods compose, so that a method file is only its method: the private data
+set of a recipe (and of a trained run), public data framed like it, a public pretraining stage,
+DP-LDM's public autoencoder, and the one result type every method returns."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL
+from tqdm.auto import tqdm
+
+from ..atomic import atomic_directory
+from ..config import Recipe, TrainConfig
+from ..data import DatasetError, ImageDataset, load_dataset
+from ..data.membership import TRAINED_ON_MEMBERS, MembershipSplits
+from ..models.autoencoder import autoencoder_loss, build_autoencoder, encode_latents
+from ..privacy.budget import data_identity
+from ..privacy.ledger import Ledger
+from ..runs import Run
+from .denoisers import default_device
+from .training import Conditioner, Stage, TrainResult, train_denoiser
+
+__all__ = ["MethodResult", "pretrain", "private_dataset", "private_training_set", "public_data", "train_autoencoder"]
+
+
+@dataclass
+class MethodResult:
+    """What every method's ``train`` returns: its run, the class grid it drew, its ledger and its private steps."""
+
+    run: Run
+    grid: Path
+    ledger: Ledger
+    steps: int
+
+
+def private_dataset(recipe: Recipe) -> ImageDataset:
+    """The recipe's private data: the training split of ``data.*`` at ``data.resolution``."""
+    d = recipe.data
+    return load_dataset(d.name, root=d.root, split="train", resolution=d.resolution)
+
+
+def private_training_set(run: Run, recipe: Recipe) -> ImageDataset:
+    """The private examples ``run`` trained on, which its ledger describes: the recipe's training split,
+    or, for a run that trained on the members of ``RUN/splits.json`` only (a LoRA run), that member set."""
+    pool = private_dataset(recipe)
+    path = run.path / "splits.json"
+    if path.is_file():
+        splits = MembershipSplits.load(path)
+        if splits.trained_on == TRAINED_ON_MEMBERS:
+            return splits.members(pool)
+    return pool
+
+
+def public_data(recipe: Recipe, *, like: ImageDataset, section: str) -> ImageDataset:
+    """The public data set ``<section>.public_data`` at the private set ``like``'s resolution (its channels and
+    classes must match), drawn at ``resolution − 2·<section>.public_margin`` and framed by a background
+    margin (MNIST's digits sit in a 20×20 box of a 28×28 image; scikit-learn's fill their 8×8 frame),
+    with contrast ``<section>.public_contrast`` = g: x ← tanh(g·x)/tanh(g) on [-1, 1] (g = 0: unchanged),
+    which turns the soft blobs of 8×8 images enlarged 2.5× back into strokes on a black background.
+
+    ``section`` is the recipe section that holds the four ``public_*`` keys: ``ldm`` (DP-LDM) or
+    ``lora`` (LoRA's pretraining); errors name that section's keys."""
+    L, resolution = getattr(recipe, section), like.resolution
+    inner = resolution - 2 * L.public_margin
+    if L.public_margin < 0:
+        raise ValueError(f"{section}.public_margin={L.public_margin} must be >= 0")
+    if inner < 4:
+        raise ValueError(f"{section}.public_margin={L.public_margin} leaves no image at resolution {resolution}")
+    try:
+        public = load_dataset(L.public_data, root=L.public_root, split="all", resolution=inner)
+    except DatasetError as e:
+        raise DatasetError(f"{section}.public_data={L.public_data}: {e}") from None
+    images = public.images
+    if L.public_contrast > 0:
+        g = L.public_contrast
+        images = torch.tanh(g * images) / math.tanh(g)
+    if L.public_margin:
+        m = L.public_margin
+        images = F.pad(images, (m, m, m, m), value=-1.0)
+    if (public.channels, public.num_classes) != (like.channels, like.num_classes):
+        raise ValueError(f"{section}.public_data={public.name} has {public.channels} channels and {public.num_classes} classes, "
+                         f"private {like.name} {like.channels} and {like.num_classes}: they must match")
+    return dataclasses.replace(public, images=images)
+
+
+def pretrain(run: Run, recipe: Recipe, data: ImageDataset, *, train: TrainConfig, ledger: Ledger | None,
+             init=None, condition: Conditioner | None = None, progress: bool = True) -> TrainResult:
+    """The public pretraining stage ``pretrain`` (``RUN/pretrain``): the one training loop without DP on ``data``,
+    K = 1 (a public stage needs no variance reduction). ``ledger``: the run's ledger, which names ``data``
+    as the stage's public data (None: ``data`` was derived from a release the ledger already counts)."""
+    stage = Stage(name="pretrain", train=train, noise_multiplicity=1, init=init, condition=condition)
+    result = train_denoiser(run=run.stage("pretrain"), recipe=recipe, dataset=data, ledger=None, stage=stage, progress=progress)
+    if ledger is not None:
+        ledger.record_public(stage="pretrain", data=data_identity(data), steps=result.steps)
+        ledger.save(run.ledger_path)
+    return result
+
+
+def train_autoencoder(*, run: Run, recipe: Recipe, public: ImageDataset, ledger: Ledger, progress: bool = True):
+    """Train DP-LDM's ``AutoencoderKL`` on ``public`` data (non-private), or load it from ``RUN/autoencoder``.
+
+    Adam on the per-example loss of :func:`~privdiff.models.autoencoder.autoencoder_loss` over
+    uniformly drawn public batches; then the latent scaling factor s = 1/std(μ(x)) over the
+    public images (Rombach et al. 2022), so latents have unit variance. The directory is written
+    atomically when the stage is complete; the ledger notes the stage and its public data.
+    """
+    path, cfg, device = run.path / "autoencoder", recipe.ldm.autoencoder, default_device()
+    if (path / "config.json").is_file():
+        return AutoencoderKL.from_pretrained(path, local_files_only=True, use_safetensors=True, low_cpu_mem_usage=False).to(device).eval()
+    torch.manual_seed(recipe.train.seed)
+    g = torch.Generator(device=device).manual_seed(recipe.train.seed * 1000 + 7)
+    ae = build_autoencoder(cfg, in_channels=public.channels, resolution=public.resolution).to(device).train()
+    run.commit_start()  # the run's work begins
+    opt = torch.optim.Adam(ae.parameters(), lr=cfg.lr)
+    images, N = public.images.to(device), len(public)
+    steps = max(1, round(cfg.epochs * N / cfg.batch_size))
+    clock = run.rewind_train_log(stage="autoencoder", step=0) - time.perf_counter()
+    bar = tqdm(range(steps), desc="autoencoder", unit="step", disable=not progress, dynamic_ncols=True, file=sys.stderr)
+    for step in bar:
+        idx = torch.randint(0, N, (min(cfg.batch_size, N),), generator=g, device=device)
+        loss = autoencoder_loss(ae, images[idx], kl_weight=cfg.kl_weight, generator=g).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
+        run.append_train_log({"stage": "autoencoder", "step": step + 1, "loss": loss.item(), "epsilon": None,
+                              "lr": cfg.lr, "time_s": round(clock + time.perf_counter(), 3)})
+    ae.eval()
+    z = encode_latents(ae, images)
+    ae.register_to_config(scaling_factor=float(1.0 / z.std()))  # s: unit-variance latents
+    with atomic_directory(path) as tmp:
+        ae.save_pretrained(tmp, safe_serialization=True)
+    ledger.record_public(stage="autoencoder", data=data_identity(public), steps=steps)
+    ledger.save(run.ledger_path)
+    return ae
