@@ -264,8 +264,8 @@ class StepGuard:
 
 
 def data_identity(dataset: ImageDataset) -> dict:
-    """What the ledger records of a data set: name, split, content fingerprint, size."""
-    return {"name": dataset.name, "split": dataset.split, "fingerprint": dataset.fingerprint, "size": len(dataset)}
+    """What the ledger records of a data set: name, split (and how a held-out split was drawn), content fingerprint, size."""
+    return {"name": dataset.name, **dataset.split_identity, "fingerprint": dataset.fingerprint, "size": len(dataset)}
 
 
 def release_run(target: str | Path, *, registry=None, missing_ok: bool = False):
