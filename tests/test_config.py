@@ -1,4 +1,6 @@
 import math
+import os
+from pathlib import Path
 
 import pytest
 
@@ -131,7 +133,7 @@ def test_numbers_with_an_exponent_are_floats_as_in_yaml_1_2(tmp_path):
     path.write_text("privacy:\n  delta: 1e-6\ntrain:\n  lr: 2e-3\n")
     r = resolve_recipe(path)
     assert (r.privacy.delta, r.train.lr) == (1e-6, 2e-3)
-    assert resolve_recipe(None, ["data.root=1e5x"]).data.root == "1e5x"  # not a number: a string as before
+    assert resolve_recipe(None, ["data.root=1e5x"]).data.root == os.path.abspath("1e5x")  # not a number: a path as before
 
 
 def _numeric_keys(cls=Recipe, prefix=""):
@@ -167,3 +169,29 @@ def test_bounds_and_command_line_values():
     with pytest.raises(RecipeError, match="unknown recipe key"):
         parse_value("sampler.guidence", "1")
     assert parse_value("privacy.delta", "1e-6") == 1e-6 and parse_value("sampler.steps", "12") == 12
+
+
+def test_data_split_keys_and_absolute_roots(tmp_path, monkeypatch):
+    """data.holdout / holdout_seed / test_root for data without a test split; data.root and data.test_root are
+    stored absolute (~ expanded), so a run's saved config names the same files from any directory."""
+    import random
+
+    recipe = Path(__file__).resolve().parents[1] / "recipes/dpdm-mnist5k.yaml"
+    seed, fraction = random.randrange(2**31), round(random.uniform(0.05, 0.95), 3)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    r = resolve_recipe(None, ["data.name=folder", "data.root=~/flowers", f"data.holdout={fraction}", f"data.holdout_seed={seed}"])
+    assert (r.data.root, r.data.holdout, r.data.holdout_seed, r.data.test_root) == (str(tmp_path / "home/flowers"), fraction, seed, None)
+    r = resolve_recipe(None, ["data.name=folder", "data.root=flowers", "data.test_root=../test.zip"])
+    assert (r.data.root, r.data.test_root) == (str(tmp_path / "flowers"), str(tmp_path.parent / "test.zip"))
+    monkeypatch.chdir(tmp_path.parent)
+    assert resolve_recipe(recipe_to_dict(r)) == r  # a saved config reads back unchanged from elsewhere
+    for bad, says in [(["data.holdout=0.2"], "mnist5k has a test split of its own"),
+                      (["data.name=folder", "data.holdout=0.2", "data.test_root=t"], "not both"),
+                      (["data.name=folder", "data.holdout=1"], "data.holdout"),
+                      (["data.name=folder", "data.holdout=0"], "data.holdout"),
+                      (["data.holdout_seed=-1"], "data.holdout_seed"),
+                      (["evaluate.features=inception"], "evaluate.features must be one of public, photos, train")]:
+        with pytest.raises(RecipeError, match=says) as e:
+            resolve_recipe(recipe, bad)
+        assert "\n" not in str(e.value)

@@ -24,6 +24,7 @@ from typing import Any
 
 import yaml
 
+from .data.splits import absolute_root, check_split_options
 from .method_registry import METHODS
 from .models.autoencoder import AutoencoderConfig
 from .models.he_net import HENetConfig
@@ -32,6 +33,7 @@ from .models.text import TextConfig
 from .models.unet import UNetConfig
 
 SAMPLERS = ("heun", "edm", "euler", "ddim")
+EVALUATE_FEATURES = ("public", "photos", "train")  # the feature CNN of privdiff evaluate (privdiff.evaluation.evaluate.feature_network)
 PROXY_FEATURES = ("map", "loss")  # what the proxy attacker h_ω reads (privdiff.core.proxy.proxy_features)
 
 
@@ -44,6 +46,9 @@ class DataConfig:
     name: str = "mnist5k"  # mnist5k | digits | mnist | fashion-mnist | cifar10 | folder
     root: str | None = None  # where the files of mnist/fashion-mnist/cifar10/folder are
     resolution: int | None = None  # resize to this (square); None keeps the native size
+    holdout: float | None = None  # data without a test split (folder): this fraction, per class, is its test split, never trained on
+    holdout_seed: int = 0  # seed of that held-out draw (the same seed, the same parts)
+    test_root: str | None = None  # data without a test split (folder): a folder or .zip read as its test split instead
 
 
 @dataclass(frozen=True)
@@ -106,9 +111,11 @@ class EvaluateConfig:
     """How ``privdiff evaluate`` judges a run; changing it never changes what training did."""
 
     n_samples: int = 10_000  # synthetic images drawn (balanced over classes)
-    features: str = "public"  # public: feature CNN trained on public_data | train: on the real training split (recorded as such)
+    features: str = "public"  # public: feature CNN trained on public_data (photos when its channels differ from the data's) | photos: on crops of public photos | train: on the real training split (recorded as such)
     public_data: str = "digits"  # the public data set of the feature CNN (features=public)
     public_root: str | None = None
+    feature_epochs: int | None = None  # epochs of the feature CNN (None: 30 on public_data or train, 10 on photos); never classifier_epochs
+    feature_patches: int = 6000  # photo crops the photos feature CNN trains on
     classifier_epochs: int = 30  # downstream CNN / logistic regression (DPDM: 50)
     classifier_lr: float = 1e-3  # Adam (DPDM: 3e-4 over 50 epochs)
     holdout: float = 0.1  # fraction of the (synthetic or real-train) data held out to select the epoch
@@ -318,6 +325,8 @@ _TRAIN_RANGES = {  # train, and the public pretraining stages (PretrainConfig ha
 
 RANGES: dict[str, Bound] = {
     "data.resolution": Bound(lo=1, hi=4096),
+    "data.holdout": OPEN_UNIT,
+    "data.holdout_seed": SEED,
     "model.channels": CHANNELS,
     "model.layers_per_block": Bound(lo=1, hi=64),
     "model.attention_levels": Bound(lo=0, hi=64),
@@ -345,6 +354,8 @@ RANGES: dict[str, Bound] = {
     "sampler.sigma_max": Bound(lo=0, hi=1e6, lo_open=True),
     "sampler.rho": Bound(lo=0, hi=1000, lo_open=True),
     "evaluate.n_samples": Bound(lo=2, hi=1_000_000),
+    "evaluate.feature_epochs": Bound(lo=1, hi=100_000),
+    "evaluate.feature_patches": Bound(lo=8, hi=10_000_000),
     "evaluate.classifier_epochs": Bound(lo=1, hi=100_000),
     "evaluate.classifier_lr": LR,
     "evaluate.holdout": OPEN_UNIT,
@@ -573,9 +584,17 @@ def resolve_recipe(source: str | os.PathLike | dict | None = None, overrides: li
             tree = {}
         if not isinstance(tree, dict):
             raise RecipeError(f"{path}: a recipe must be a mapping of sections, got a YAML {type(tree).__name__}")
-    recipe = _build(Recipe, _merge(tree, parse_overrides(list(overrides))))
+    recipe = _absolute_data_paths(_build(Recipe, _merge(tree, parse_overrides(list(overrides)))))
     validate_recipe(recipe)
     return recipe
+
+
+def _absolute_data_paths(recipe: Recipe) -> Recipe:
+    """``recipe`` with ``data.root`` and ``data.test_root`` ``~``-expanded and absolute, as the run saves them:
+    a run's ``config.yaml`` then names the same files from any directory a later command runs in."""
+    d = recipe.data
+    data = dataclasses.replace(d, root=absolute_root(d.root), test_root=absolute_root(d.test_root))
+    return recipe if data == d else dataclasses.replace(recipe, data=data)
 
 
 def _value(recipe: Recipe, dotted: str) -> Any:
@@ -605,7 +624,7 @@ def validate_recipe(r: Recipe) -> None:
         (r.sampler.name in SAMPLERS, f"sampler.name must be one of {', '.join(SAMPLERS)}"),
         (r.sampler.sigma_min < r.sampler.sigma_max, "sampler.sigma_min must be < sampler.sigma_max"),
         (r.sampler.S_min <= r.sampler.S_max, "sampler.S_min must be <= sampler.S_max"),
-        (r.evaluate.features in ("public", "train"), "evaluate.features must be 'public' or 'train'"),
+        (r.evaluate.features in EVALUATE_FEATURES, f"evaluate.features must be one of {', '.join(EVALUATE_FEATURES)}"),
         (r.evaluate.max_real is None or r.evaluate.max_real > r.evaluate.pr_k, "evaluate.max_real must be > evaluate.pr_k"),
         (r.evaluate.n_samples > r.evaluate.pr_k, "evaluate.n_samples must be > evaluate.pr_k"),
         (not uses_model or all(c % m.norm_num_groups == 0 for c in m.channels),
@@ -640,3 +659,7 @@ def validate_recipe(r: Recipe) -> None:
     for ok, message in checks:
         if not ok:
             raise RecipeError(message)
+    try:  # data.holdout / data.test_root only for data without a test split, and not both
+        check_split_options(r.data.name, holdout=r.data.holdout, holdout_seed=r.data.holdout_seed, test_root=r.data.test_root)
+    except ValueError as e:
+        raise RecipeError(str(e)) from None
