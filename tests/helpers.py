@@ -6,9 +6,14 @@ plain copy of the model, its flat gradient norm, clipped, summed (relative error
 
 from __future__ import annotations
 
+import zipfile
+from pathlib import Path
+
 import dp_accounting
+import numpy as np
 import torch
 from dp_accounting import rdp
+from PIL import Image
 from torch import nn
 
 from privdiff.diffusion import Denoiser, LogNormalSigma, denoising_loss, draw_training_noise
@@ -161,3 +166,21 @@ def tiny_sd_pipeline(path, *, prediction_type: str = "epsilon", seed: int = 0):
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(path)
     return pipe
+
+
+def image_folder(root: Path, rng: np.random.Generator, *, classes: dict[str, int], mode: str = "L", size: int = 8) -> Path:
+    """A user's class folder: one sub-folder per class of fresh random PNGs (``mode`` "L" or "RGB", ``size``²)."""
+    for name, count in classes.items():
+        (root / name).mkdir(parents=True)
+        for i in range(count):
+            shape = (size, size, 3) if mode == "RGB" else (size, size)
+            Image.fromarray(rng.integers(0, 256, size=shape, dtype=np.uint8)).save(root / name / f"{i}.png")
+    return root
+
+
+def zip_folder(folder: Path, path: Path) -> Path:
+    """``folder`` zipped as a user would (its files under one top folder of the archive)."""
+    with zipfile.ZipFile(path, "w") as zf:
+        for file in sorted(folder.rglob("*.png")):
+            zf.write(file, folder.name + "/" + file.relative_to(folder).as_posix())
+    return path

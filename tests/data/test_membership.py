@@ -71,3 +71,33 @@ def test_unused_nonmembers_are_the_nonmember_split_minus_every_role():
     assert all(any(torch.equal(x, y) for y in all_unused.images) for x in some.images)
     with pytest.raises(DatasetError, match="no unused examples"):
         split_pool(_data(80, "train", 2), n_per_role=20, seed=0).unused_nonmembers(_data(80, "train", 2))
+
+
+def test_splits_of_a_held_out_folder_record_how_and_read_the_same_parts_again(tmp_path):
+    """splits.json names holdout and its seed (or test_root), so an attack reads the very parts the roles index;
+    a splits.json written before they were recorded still reads (as data with a test split of its own)."""
+    from privdiff.data import load_dataset
+    from tests.helpers import image_folder
+
+    rng = np.random.default_rng()
+    root = image_folder(tmp_path / "f", rng, classes={"a": 8, "b": 8}, size=4)
+    seed = int(rng.integers(0, 2**31))
+    train, test = (load_dataset("folder", root=root, split=s, holdout=0.25, holdout_seed=seed) for s in ("train", "test"))
+    s = split_held_out(members=train, nonmembers=test, seed=seed, root=str(root))
+    assert s.data == {"name": "folder", "root": str(root), "resolution": None, "holdout": 0.25, "holdout_seed": seed}
+    s.save(tmp_path / "splits.json")
+    again = MembershipSplits.load(tmp_path / "splits.json")
+    for role in ROLES:  # each role's examples, read again from the split it names
+        source = again.source(s.roles[role]["split"])
+        assert torch.equal(again.dataset(role, source).images, s.dataset(role, train if role in MEMBER_ROLES else test).images)
+
+    other = image_folder(tmp_path / "t", rng, classes={"b": 3}, size=4)
+    members = load_dataset("folder", root=root, split="train", test_root=other)
+    nonmembers = load_dataset("folder", root=root, split="test", test_root=other)
+    s = split_held_out(members=members, nonmembers=nonmembers, seed=0, n_per_role=1, root=str(root))
+    assert s.data["test_root"] == str(other) and s.source("test").fingerprint == nonmembers.fingerprint
+
+    digits_train, digits_test = (load_dataset("digits", split=x) for x in ("train", "test"))
+    old = split_held_out(members=digits_train, nonmembers=digits_test, seed=1, n_per_role=5)
+    assert old.data == {"name": "digits", "root": None, "resolution": None}  # as every earlier splits.json
+    assert old.source("test").fingerprint == old.roles["nonmember_test"]["fingerprint"]

@@ -18,10 +18,11 @@ import torch
 from torch import Tensor
 
 from ..config import Recipe
-from ..data import ImageDataset, load_dataset
+from ..data import ImageDataset
 from ..data.membership import MembershipSplits, split_held_out
 from ..diffusion import Denoiser
 from ..core.denoisers import default_device, load_denoiser
+from ..core.stages import recipe_dataset, require_test_split
 from ..core.training import training_sigma_distribution
 from ..privacy.budget import load_ledger
 from ..runs import Run
@@ -90,10 +91,11 @@ def run_splits(run: Run, *, n_per_role: int | None = None, seed: int | None = No
     if path.is_file():
         return MembershipSplits.load(path)
     recipe = run.load_config()
+    require_test_split(recipe)  # before anything is read: the non-members are the data's test split
     d = recipe.data
-    members = load_dataset(d.name, root=d.root, split="train", resolution=d.resolution)
+    members = recipe_dataset(recipe, split="train")
     load_ledger(run, members)  # a ledger that names other private data is an error: members must be what was trained on
-    nonmembers = load_dataset(d.name, root=d.root, split="test", resolution=d.resolution)
+    nonmembers = recipe_dataset(recipe, split="test")
     splits = split_held_out(members=members, nonmembers=nonmembers, seed=recipe.train.seed if seed is None else seed,
                             n_per_role=n_per_role, root=d.root, resolution=d.resolution)
     splits.save(path)
@@ -103,12 +105,11 @@ def run_splits(run: Run, *, n_per_role: int | None = None, seed: int | None = No
 def role_datasets(splits: MembershipSplits, *, unused_nonmembers: int = 0) -> dict[str, ImageDataset]:
     """Each role's examples, read from the data set and split the role names; with ``unused_nonmembers`` = n > 0
     also ``"nonmember_unused"``: up to n of the non-member split's examples in no role (:meth:`MembershipSplits.unused_nonmembers`)."""
-    d = splits.data
     sources: dict[str, ImageDataset] = {}
     out = {}
     for role, r in splits.roles.items():
         if r["split"] not in sources:
-            sources[r["split"]] = load_dataset(d["name"], root=d["root"], split=r["split"], resolution=d["resolution"])
+            sources[r["split"]] = splits.source(r["split"])
         out[role] = splits.dataset(role, sources[r["split"]])
     if unused_nonmembers:
         out["nonmember_unused"] = splits.unused_nonmembers(sources[splits.roles["nonmember_test"]["split"]], limit=unused_nonmembers)

@@ -18,7 +18,8 @@ from tqdm.auto import tqdm
 
 from ..atomic import atomic_directory
 from ..config import Recipe, TrainConfig
-from ..data import DatasetError, ImageDataset, load_dataset
+from ..data import NO_TEST_SPLIT, DatasetError, ImageDataset, load_dataset
+from ..data.files import no_test_split_error
 from ..data.membership import TRAINED_ON_MEMBERS, MembershipSplits
 from ..models.autoencoder import autoencoder_loss, build_autoencoder, encode_latents
 from ..privacy.budget import data_identity
@@ -27,7 +28,8 @@ from ..runs import Run
 from .denoisers import default_device
 from .training import Conditioner, Stage, TrainResult, train_denoiser
 
-__all__ = ["MethodResult", "pretrain", "private_dataset", "private_training_set", "public_data", "train_autoencoder"]
+__all__ = ["MethodResult", "pretrain", "private_dataset", "private_training_set", "public_data", "recipe_dataset",
+           "require_test_split", "train_autoencoder"]
 
 
 @dataclass
@@ -40,10 +42,44 @@ class MethodResult:
     steps: int
 
 
-def private_dataset(recipe: Recipe) -> ImageDataset:
-    """The recipe's private data: the training split of ``data.*`` at ``data.resolution``."""
+def recipe_dataset(recipe: Recipe, *, split: str = "train") -> ImageDataset:
+    """One split of the recipe's data ``data.*``: the one place a recipe's data is read.
+
+    ``data.resolution`` resizes it; for data without a test split of its own (an image folder or zip),
+    ``data.holdout`` / ``data.holdout_seed`` or ``data.test_root`` say what ``"test"`` is, and ``"train"``
+    is what remains (never the held-out images). Training, ``budget cap``, ``audit``, ``evaluate`` and
+    ``attack`` all read the data through here, so they all see the same parts.
+
+    Raises:
+        DatasetError: The data cannot be read, or ``split="test"`` of data with no test split
+            (the message names ``data.holdout`` and ``data.test_root``).
+    """
     d = recipe.data
-    return load_dataset(d.name, root=d.root, split="train", resolution=d.resolution)
+    return load_dataset(d.name, root=d.root, split=split, resolution=d.resolution, holdout=d.holdout,
+                        holdout_seed=d.holdout_seed, test_root=d.test_root)
+
+
+def private_dataset(recipe: Recipe) -> ImageDataset:
+    """The recipe's private data: the training split of ``data.*`` (:func:`recipe_dataset`)."""
+    return recipe_dataset(recipe, split="train")
+
+
+def require_test_split(recipe: Recipe) -> None:
+    """Refuse, before any work, a recipe whose data has no test split (``evaluate`` and ``attack`` need one):
+    an image folder without ``data.holdout`` or ``data.test_root``, or a ``data.test_root`` that is gone.
+    Reads no image: the test split itself is read only when a command's protocol says so.
+
+    Raises:
+        DatasetError: One line naming ``data.holdout`` and ``data.test_root``.
+    """
+    d = recipe.data
+    if d.name not in NO_TEST_SPLIT or d.holdout is not None:
+        return
+    if d.test_root is None:
+        raise no_test_split_error(d.root)
+    if not Path(d.test_root).exists():
+        raise DatasetError(f"{d.test_root}: data.test_root is not there (a folder or .zip of test images; "
+                           "was it moved? the run's config.yaml names it)")
 
 
 def private_training_set(run: Run, recipe: Recipe) -> ImageDataset:

@@ -40,7 +40,8 @@ class MembershipSplits:
     """The four roles of one run: ``roles[role] = {"split", "fingerprint", "indices"}``.
 
     Attributes:
-        data: ``{"name", "root", "resolution"}`` of the data set the indices refer to.
+        data: ``{"name", "root", "resolution"}`` of the data set the indices refer to, plus ``holdout`` and
+            ``holdout_seed``, or ``test_root``, where its test split was made (:func:`_data_key`).
         seed: Seed the roles were drawn with.
         roles: Per role, the split name, that split's fingerprint and sorted int indices.
         trained_on: Which roles the model was trained on, as a description (e.g. ``"member_aux+member_test"``
@@ -65,6 +66,15 @@ class MembershipSplits:
                 if key in seen:
                     raise DatasetError(f"membership splits overlap: example {i} of {r['split']} is in {seen[key]} and {role}")
                 seen[key] = role
+
+    def source(self, split: str) -> ImageDataset:
+        """The split ``split`` of the data set the roles were drawn from, read again as :attr:`data` describes it
+        (a ``splits.json`` written before ``holdout``/``test_root`` were recorded reads as having neither)."""
+        from . import load_dataset
+
+        d = self.data
+        return load_dataset(d["name"], root=d["root"], split=split, resolution=d["resolution"], holdout=d.get("holdout"),
+                            holdout_seed=d.get("holdout_seed", 0), test_root=d.get("test_root"))
 
     def size(self, role: str) -> int:
         return len(self.roles[role]["indices"])
@@ -134,7 +144,14 @@ def subset(dataset: ImageDataset, indices: np.ndarray, *, tag: str = "subset") -
 
 
 def _data_key(dataset: ImageDataset, root, resolution) -> dict:
-    return {"name": dataset.name, "root": root, "resolution": resolution}
+    """What :meth:`MembershipSplits.source` needs to read the parts again: the data set, where, at which
+    resolution, and how a test split was made for data without one (``holdout``/``holdout_seed`` or ``test_root``)."""
+    key = {"name": dataset.name, "root": root, "resolution": resolution}
+    if dataset.holdout is not None:
+        key.update(holdout=dataset.holdout, holdout_seed=dataset.holdout_seed)
+    if dataset.test_root is not None:
+        key["test_root"] = dataset.test_root
+    return key
 
 
 def _role(dataset: ImageDataset, idx: np.ndarray) -> dict:
