@@ -13,7 +13,7 @@ from privdiff.evaluation import evaluate as ev
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
-FAST = ["evaluate.classifier_epochs=2", "evaluate.max_real=300", "evaluate.kid_subset_size=50", "evaluate.kid_subsets=10"]
+FAST = ["evaluate.feature_epochs=2", "evaluate.classifier_epochs=2", "evaluate.max_real=300", "evaluate.kid_subset_size=50", "evaluate.kid_subsets=10"]
 
 
 @pytest.fixture(scope="module")
@@ -31,8 +31,10 @@ def _evaluate(run, *extra, n=60):
 
 def test_evaluate_writes_metrics_with_floors_ceilings_and_a_report(trained, capsys, monkeypatch):
     order = []
-    real_load, real_train = ev.load_dataset, ev.train_classifiers
-    monkeypatch.setattr(ev, "load_dataset", lambda name, **kw: order.append(("load", kw["split"])) or real_load(name, **kw))
+    from privdiff.core import stages
+
+    real_load, real_train = stages.recipe_dataset, ev.train_classifiers  # every read of the run's data goes through it
+    monkeypatch.setattr(stages, "recipe_dataset", lambda recipe, **kw: order.append(("load", kw["split"])) or real_load(recipe, **kw))
     monkeypatch.setattr(ev, "train_classifiers", lambda *a, **kw: order.append(("fit", kw.get("source"))) or real_train(*a, **kw))
     assert _evaluate(trained) == 0
     out = capsys.readouterr().out

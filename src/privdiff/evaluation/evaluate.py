@@ -2,6 +2,9 @@
 
 Order of work, which is the DP-safety argument for the numbers:
 
+0. before anything costly: the run's data must have a test split (an image folder needs
+   ``data.holdout`` or ``data.test_root``) and a feature network must fit its channels and
+   resolution (:func:`choose_features`; colour data gets the public-photo CNN); else one line;
 1. draw N class-balanced samples from the run's EMA checkpoint (cached in ``RUN/eval/``);
 2. features of the samples and of the real *training* split (the FID reference, as DPDM and
    DPImageBench) under the feature network;
@@ -21,6 +24,7 @@ from __future__ import annotations
 import io
 import json
 import time
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -34,7 +38,17 @@ from ..data import ImageDataset, load_dataset
 from ..privacy.ledger import Ledger
 from ..runs import Run, RunError, save_grid
 from .downstream import score, train_classifiers
-from .features import FeatureNetwork, cached_features, cached_json, content_key, inception_network, is_cached, train_feature_cnn
+from .features import (
+    FeatureNetwork,
+    cached_features,
+    cached_json,
+    check_photo_options,
+    content_key,
+    inception_network,
+    is_cached,
+    photo_feature_cnn,
+    train_feature_cnn,
+)
 from .metrics import extract_features, image_metrics
 
 SCHEMA = 1
@@ -94,20 +108,72 @@ def _check_samples(path: Path, images: np.ndarray, labels: np.ndarray, expected:
         raise RunError(f"{path}: samples contain NaN or inf (the model diverged)")
 
 
-def feature_network(recipe: Recipe, train: ImageDataset, *, inception_weights: str | Path | None, progress: bool) -> FeatureNetwork:
-    """Inception from a local file if given; else the feature CNN on public data (or on the training split)."""
-    e = recipe.evaluate
+FEATURE_EPOCHS = {"public": 30, "train": 30, "photos": 10}  # the feature CNN's epochs unless evaluate.feature_epochs says
+FEATURE_LR = 1e-3  # Adam lr of the feature CNN: fixed, so the FID network never follows the classifier settings
+
+
+@dataclass(frozen=True)
+class FeatureChoice:
+    """The feature network an evaluation will use, settled and checked before any expensive work
+    (:func:`choose_features`); :meth:`build` trains it (or loads it from the cache)."""
+
+    kind: str  # inception | public | photos | train
+    data: ImageDataset | None  # what the CNN trains on (public or train); None for inception and photos
+    channels: int
+    resolution: int
+    epochs: int
+    patches: int
+    inception_weights: Path | None = None
+
+    def build(self, *, progress: bool) -> FeatureNetwork:
+        if self.kind == "inception":
+            return inception_network(self.inception_weights)
+        if self.kind == "photos":
+            return photo_feature_cnn(channels=self.channels, resolution=self.resolution, n=self.patches,
+                                     epochs=self.epochs, lr=FEATURE_LR, progress=progress)
+        return train_feature_cnn(self.data, public=self.kind == "public", epochs=self.epochs, lr=FEATURE_LR, progress=progress)
+
+
+def choose_features(recipe: Recipe, train: ImageDataset, *, inception_weights: str | Path | None) -> FeatureChoice:
+    """Which feature network measures ``train``-like images, checked now (cheap: no network is trained here).
+
+    ``--inception-weights FILE``: the standard FID Inception. Otherwise ``evaluate.features``:
+    ``public``, the feature CNN on ``evaluate.public_data`` at the data's resolution, or, when that
+    set's channels differ from the data's (colour data: privdiff's public sets are grayscale), the CNN
+    on crops of public photographs (:func:`~privdiff.evaluation.features.photo_feature_cnn`), as
+    ``photos`` asks for directly; ``train``, the CNN on the real training split (recorded as such).
+    Its epochs are ``evaluate.feature_epochs`` (default :data:`FEATURE_EPOCHS`), never the downstream
+    classifiers' ``evaluate.classifier_epochs``.
+
+    Raises:
+        FileNotFoundError: ``inception_weights`` is not a file.
+        ValueError: No feature network fits the data (one line naming the keys that would).
+    """
+    e, channels, resolution = recipe.evaluate, train.channels, train.resolution
     if inception_weights is not None:
-        return inception_network(inception_weights)
-    if e.features == "train":
-        data, public = train, False
-    else:
-        data = load_dataset(e.public_data, root=e.public_root, split="train", resolution=train.resolution)
-        public = True
-        if data.channels != train.channels:
-            raise ValueError(f"public data '{e.public_data}' has {data.channels} channel(s), the run's data {train.channels}: "
-                             "set evaluate.public_data to a matching public set, or evaluate.features=train")
-    return train_feature_cnn(data, public=public, epochs=e.classifier_epochs, lr=e.classifier_lr, progress=progress)
+        if not Path(inception_weights).is_file():
+            raise FileNotFoundError(f"{inception_weights}: --inception-weights is not a file")
+        return FeatureChoice("inception", None, channels, resolution, 0, 0, Path(inception_weights))
+    kind, data = e.features, train if e.features == "train" else None
+    if kind == "public":
+        try:
+            data = load_dataset(e.public_data, root=e.public_root, split="train", resolution=resolution)
+        except ValueError as err:
+            raise ValueError(f"evaluate.public_data={e.public_data}: {err}") from None
+        if data.channels != channels:
+            kind, data = "photos", None  # no public set of the data's channels: the public photos are one
+    if kind == "photos":
+        try:
+            check_photo_options(channels=channels, resolution=resolution, n=e.feature_patches)
+        except ValueError as err:
+            raise ValueError(f"{err}: no public feature network fits {channels}-channel {resolution}x{resolution} data; "
+                             "set evaluate.features=train or give --inception-weights FILE") from None
+    return FeatureChoice(kind, data, channels, resolution, e.feature_epochs or FEATURE_EPOCHS[kind], e.feature_patches)
+
+
+def feature_network(recipe: Recipe, train: ImageDataset, *, inception_weights: str | Path | None, progress: bool) -> FeatureNetwork:
+    """The feature network :func:`choose_features` picks, built."""
+    return choose_features(recipe, train, inception_weights=inception_weights).build(progress=progress)
 
 
 def evaluate_run(
@@ -136,11 +202,13 @@ def evaluate_run(
     e, n = recipe.evaluate, n or recipe.evaluate.n_samples
     if n < max(2, e.pr_k + 1):
         raise ValueError(f"--n must be at least {max(2, e.pr_k + 1)}")
-    from ..core.stages import private_training_set
+    from ..core.stages import private_training_set, recipe_dataset, require_test_split
     from ..privacy.budget import load_ledger
 
+    require_test_split(recipe)  # step 4 needs one: refused now, not after the samples and classifiers
     train = private_training_set(run, recipe)  # the training split, or a LoRA run's members: what the ledger describes
     ledger = load_ledger(run, train)
+    features = choose_features(recipe, train, inception_weights=inception_weights)  # a network for these channels exists
 
     # 1. samples
     images, labels = load_or_draw_samples(run, recipe, train, n=n, seed=seed, progress=progress)
@@ -149,7 +217,7 @@ def evaluate_run(
         rows = np.concatenate([images[labels == c][:per_class] for c in range(train.num_classes)])
         save_grid(eval_dir(run) / "grid.png", rows, nrow=per_class)
     # 2. features and image metrics against the training split
-    net = feature_network(recipe, train, inception_weights=inception_weights, progress=progress)
+    net = features.build(progress=progress)
     real_train = cached_features(net, train, limit=e.max_real, seed=seed, progress=progress)
     fake = extract_features(net.module, images, progress=progress, desc="features of the samples")
     metric_kw = dict(kid_subset_size=e.kid_subset_size, kid_subsets=e.kid_subsets, pr_k=e.pr_k, seed=seed)
@@ -163,7 +231,7 @@ def evaluate_run(
         ceiling_fits = train_classifiers((train.images + 1) / 2, train.labels, progress=progress, source="real training split", **cls_kw)
 
     # 4. the real test split, read for the first time
-    test = load_dataset(recipe.data.name, root=recipe.data.root, split="test", resolution=recipe.data.resolution)
+    test = recipe_dataset(recipe, split="test")
     test_x = (test.images + 1) / 2
     selection = f"epoch with the best accuracy on {e.holdout:.0%} held-out synthetic samples"
     synthetic = score(synthetic_fits, lambda: (test_x, test.labels), selection=selection)
@@ -239,4 +307,5 @@ def format_metrics(result: dict[str, Any]) -> str:
     return "\n".join(rows)
 
 
-__all__ = ["evaluate_run", "format_metrics", "load_or_draw_samples", "feature_network", "PRIVACY_NOTE"]
+__all__ = ["FeatureChoice", "choose_features", "evaluate_run", "format_metrics", "load_or_draw_samples", "feature_network",
+           "PRIVACY_NOTE"]

@@ -176,7 +176,7 @@ def public_photos() -> list[tuple[str, np.ndarray]]:
     return photos
 
 
-def _check_photo_options(*, channels: int, resolution: int, n: int) -> None:
+def check_photo_options(*, channels: int, resolution: int, n: int) -> None:
     """One-line errors for a network the photos cannot give."""
     if channels not in (1, 3):
         raise ValueError(f"the public-photo feature network is built for 1 or 3 channels, got {channels!r}")
@@ -207,7 +207,7 @@ def photo_patches(*, channels: int, resolution: int, n: int = 6000, seed: int = 
         An :class:`ImageDataset` named ``"public-photos"`` (split ``"train"``) with one class per
         (photo, rotation) and a fingerprint of the patches.
     """
-    _check_photo_options(channels=channels, resolution=resolution, n=n)
+    check_photo_options(channels=channels, resolution=resolution, n=n)
     photos = public_photos()
     names = tuple(f"{name} rot{90 * k}" for name, _ in photos for k in range(PHOTO_ROTATIONS))
     source = hashlib.sha256()
