@@ -292,7 +292,7 @@ def cmd_budget_release(args: argparse.Namespace) -> int:
         print(f"run {run_id[:12]} holds no reservation ({entry.state}): nothing to release")
     else:
         kept = entry.epsilon()
-        what = ", ".join(f"{e['steps']} planned steps of {e['stage']}" for e in freed)
+        what = ", ".join(f"{e.steps} planned steps of {e.stage}" for e in freed)
         print(f"released run {run_id[:12]}: {what} no longer reserved; it keeps its {entry.steps} executed steps "
               f"(epsilon={'inf' if math.isinf(kept) else f'{kept:.4f}'})")
     print(format_status([s for s in registry.status() if any(r.run_id == run_id for r in s.runs)]))

@@ -38,8 +38,8 @@ def test_two_processes_same_epsilon_as_one_then_resume_on_one(tmp_path, tiny_ove
     # the budget registry holds ONE run for the two processes (rank 0 admits and records), with the ledger's events
     (status,) = Registry().status()
     runs_w2 = [r for r in status.runs if r.run_id == l2["run_id"]]
-    triples = lambda evs: [(e["noise_multiplier"], e["sample_rate"], e["steps"]) for e in evs]  # noqa: E731
-    assert len(status.runs) == 2 and len(runs_w2) == 1 and triples(runs_w2[0].events) == triples(l2["events"])
+    triples = [(e["noise_multiplier"], e["sample_rate"], e["steps"]) for e in l2["events"]]
+    assert len(status.runs) == 2 and len(runs_w2) == 1 and [e.triple for e in runs_w2[0].events] == triples
 
     # the W=2 run resumes on ONE process and its ledger continues the count
     capsys.readouterr()

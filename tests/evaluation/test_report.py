@@ -19,7 +19,7 @@ from PIL import Image
 
 from privdiff.config import resolve_recipe
 from privdiff.evaluation.report import write_report
-from privdiff.privacy.ledger import NON_PRIVATE, SUBSAMPLED_GAUSSIAN, Ledger
+from privdiff.privacy.ledger import NON_PRIVATE, SUBSAMPLED_GAUSSIAN, Ledger, Release
 from privdiff.runs import Run, RunError
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -41,8 +41,8 @@ def make_run(root: Path, *, private: bool = True) -> Path:
     run.save_config(resolve_recipe(None, [] if private else ["privacy.enabled=false"]))
     ledger = Ledger(delta=1e-5, accountant="rdp", dataset={"name": "mnist5k", "fingerprint": "sha256:0123abcd", "size": 4000},
                     target_epsilon=10.0 if private else None)
-    ledger.record(stage="dp_sgd", mechanism=SUBSAMPLED_GAUSSIAN if private else NON_PRIVATE,
-                  noise_multiplier=1.3 if private else 0.0, sample_rate=256 / 4000, max_grad_norm=1.0, steps=50)
+    ledger.record(Release(stage="dp_sgd", mechanism=SUBSAMPLED_GAUSSIAN if private else NON_PRIVATE,
+                          noise_multiplier=1.3 if private else 0.0, sample_rate=256 / 4000, max_grad_norm=1.0, steps=50))
     ledger.save(run.ledger_path)
 
     rng = np.random.default_rng(0)

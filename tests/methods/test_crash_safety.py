@@ -104,8 +104,8 @@ def test_sigkill_at_random_moments_then_resume(tmp_path):
     # the registry holds the run once, with exactly the ledger's events (one row per event, no duplicates)
     (status,) = Registry(tmp_path / "registry.sqlite").status()
     assert [r.run_id for r in status.runs] == [ledger["run_id"]]
-    assert status.runs[0].events == [{k: e[k] for k in ("stage", "mechanism", "noise_multiplier", "sample_rate", "steps")}
-                                     for e in ledger["events"]]
+    assert [{k: getattr(e, k) for k in ("stage", "mechanism", "noise_multiplier", "sample_rate", "steps")} for e in status.runs[0].events] \
+        == [{k: e[k] for k in ("stage", "mechanism", "noise_multiplier", "sample_rate", "steps")} for e in ledger["events"]]
     assert status.spent == pytest.approx(ledger["epsilon"])
 
 

@@ -9,7 +9,7 @@ import torch
 
 from privdiff.privacy.accounting import calibrate_noise, epsilon
 from privdiff.privacy.central import central_sensitivity, class_means, release_central_images
-from privdiff.privacy.ledger import SUBSAMPLED_GAUSSIAN, Ledger
+from privdiff.privacy.ledger import SUBSAMPLED_GAUSSIAN, Ledger, Release
 from tests.helpers import DELTA, dp_accounting_rdp
 
 
@@ -58,8 +58,8 @@ def test_release_and_dp_sgd_compose_to_the_target():
     """The release is recorded as its own event; DP-SGD's σ is calibrated so that BOTH meet the target (within 0.5 %),
     and the ledger's ε equals dp-accounting's RDP composition of the two events."""
     ledger = Ledger(delta=DELTA, accountant="rdp", dataset={"name": "x", "fingerprint": "sha256:0"})
-    ledger.record(stage="central_images", mechanism=SUBSAMPLED_GAUSSIAN, noise_multiplier=5.0, sample_rate=0.1,
-                  steps=5, sensitivity=0.35)
+    ledger.record(Release(stage="central_images", mechanism=SUBSAMPLED_GAUSSIAN, noise_multiplier=5.0, sample_rate=0.1,
+                          steps=5, sensitivity=0.35))
     for target in (1.0, 10.0):
         q, steps = 250 / 4000, 880
         sigma = calibrate_noise(epsilon_target=target, delta=DELTA, sample_rate=q, steps=steps, accountant="rdp",

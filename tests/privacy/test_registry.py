@@ -2,11 +2,13 @@
 
 import hashlib
 import threading
+from dataclasses import replace
 
 import dp_accounting
 import pytest
 
 from privdiff.privacy.accounting import RDP_ORDERS, epsilon
+from privdiff.privacy.events import Release
 from privdiff.privacy.registry import BudgetExceeded, Registry
 
 DATA = {"name": "toy", "fingerprint": "sha256:" + hashlib.sha256(b"toy data").hexdigest(), "size": 1000}
@@ -14,7 +16,7 @@ DELTA = 1e-5
 
 
 def _event(sigma, q, steps, stage="dp_sgd"):
-    return {"stage": stage, "mechanism": "subsampled_gaussian", "noise_multiplier": sigma, "sample_rate": q, "steps": steps}
+    return Release(stage=stage, mechanism="subsampled_gaussian", noise_multiplier=sigma, sample_rate=q, steps=steps)
 
 
 def _plan():
@@ -40,7 +42,7 @@ def test_refused_over_the_cap_before_anything_is_recorded(registry_url):
         reg.set_cap(dataset=DATA, epsilon=1.0, delta=DELTA)
     # a non-private run spends infinity: refused on a capped data set
     with pytest.raises(BudgetExceeded):
-        _admit(reg, "c", [{**_event(0.0, 0.05, 10), "mechanism": "non_private"}])
+        _admit(reg, "c", [replace(_event(0.0, 0.05, 10), mechanism="non_private")])
 
 
 def test_composition_across_runs_is_the_accountants(registry_url):
@@ -51,7 +53,7 @@ def test_composition_across_runs_is_the_accountants(registry_url):
         _admit(reg, run_id, events)
         reg.record(run_id=run_id, events=events)
     (status,) = reg.status()
-    triples = [(e["noise_multiplier"], e["sample_rate"], e["steps"]) for ev in runs.values() for e in ev]
+    triples = [e.triple for ev in runs.values() for e in ev]
     assert status.spent == pytest.approx(epsilon(triples, delta=DELTA))
     assert status.committed == pytest.approx(status.spent)  # every run recorded its plan
     # the same composition with Google's dp-accounting RDP accountant
@@ -68,13 +70,13 @@ def test_record_replaces_a_runs_events_never_duplicates(registry_url):
     plan = _plan()
     _admit(reg, "a", plan)
     for steps in (1, 2, 2, 3, 3, 3):  # write-ahead saves, replays after a crash included
-        reg.record(run_id="a", events=[{**plan[0], "steps": steps}])
-    assert reg.run_events("a") == [{**plan[0], "steps": 3}]
+        reg.record(run_id="a", events=[plan[0].with_steps(steps)])
+    assert reg.run_events("a") == [plan[0].with_steps(3)]
     # on resume a run is admitted again with what it recorded: still one run
-    _admit(reg, "a", plan, recorded=[{**plan[0], "steps": 3}])
+    _admit(reg, "a", plan, recorded=[plan[0].with_steps(3)])
     (status,) = reg.status()
     assert len(status.runs) == 1 and status.runs[0].steps == 3 and not status.runs[0].complete
-    assert status.committed == pytest.approx(epsilon([(plan[0]["noise_multiplier"], plan[0]["sample_rate"], 200)], delta=DELTA))
+    assert status.committed == pytest.approx(epsilon([(plan[0].noise_multiplier, plan[0].sample_rate, 200)], delta=DELTA))
 
 
 def test_dataset_keys_are_hmacs_of_the_fingerprint(registry_url, tmp_path):
@@ -110,7 +112,7 @@ def test_concurrent_admissions_are_serialised(registry_url):
 
 
 def _composed(*events):
-    return epsilon([(e["noise_multiplier"], e["sample_rate"], e["steps"]) for e in events], delta=DELTA)
+    return epsilon([e.triple for e in events], delta=DELTA)
 
 
 def test_release_turns_a_reservation_into_what_was_executed(registry_url):
@@ -120,19 +122,19 @@ def test_release_turns_a_reservation_into_what_was_executed(registry_url):
     reg.set_cap(dataset=DATA, epsilon=3.0, delta=DELTA)
     plan = _plan()
     _admit(reg, "crashed", plan, path="/nowhere/crashed")
-    reg.record(run_id="crashed", events=[{**plan[0], "steps": 30}])
+    reg.record(run_id="crashed", events=[plan[0].with_steps(30)])
     with pytest.raises(BudgetExceeded):  # the crashed run's reservation leaves no room for a second run
         _admit(reg, "next", plan)
     entry, freed = reg.release(run_id="crashed")
-    assert freed == [{**plan[0], "steps": 170}] and entry.state == "released" and entry.steps == 30
+    assert freed == [plan[0].with_steps(170)] and entry.state == "released" and entry.steps == 30
     (status,) = reg.status()
-    assert status.committed == pytest.approx(_composed({**plan[0], "steps": 30})) == pytest.approx(status.spent)
+    assert status.committed == pytest.approx(_composed(plan[0].with_steps(30))) == pytest.approx(status.spent)
     assert reg.release(run_id="crashed") == (entry, [])  # nothing left to release
     _admit(reg, "next", plan)  # the freed room is usable now
     with pytest.raises(BudgetExceeded):  # resuming the released run needs its plan reserved again: no room now
-        _admit(reg, "crashed", plan, recorded=[{**plan[0], "steps": 30}])
+        _admit(reg, "crashed", plan, recorded=[plan[0].with_steps(30)])
     (status,) = reg.status()
-    assert status.committed == pytest.approx(_composed({**plan[0], "steps": 30}, plan[0]))
+    assert status.committed == pytest.approx(_composed(plan[0].with_steps(30), plan[0]))
 
 
 def test_release_keeps_whichever_record_counts_more_and_refuses_a_disagreement(registry_url):
@@ -140,20 +142,20 @@ def test_release_keeps_whichever_record_counts_more_and_refuses_a_disagreement(r
     two = [_event(1.5, 0.1, 20, stage="central_images"), _event(1.5, 0.05, 200)]
     for run_id in ("behind", "ahead", "odd"):
         _admit(reg, run_id, two)
-        reg.record(run_id=run_id, events=[two[0], {**two[1], "steps": 30}])
+        reg.record(run_id=run_id, events=[two[0], two[1].with_steps(30)])
     # the ledger one step behind the registry (killed between the registry's write and the file's): the registry's 30 stay
-    entry, _ = reg.release(run_id="behind", executed=[two[0], {**two[1], "steps": 29}])
-    assert entry.events == [two[0], {**two[1], "steps": 30}]
+    entry, _ = reg.release(run_id="behind", executed=[two[0], two[1].with_steps(29)])
+    assert entry.events == [two[0], two[1].with_steps(30)]
     # the ledger ahead (a save the registry missed): its 31 steps are charged
-    entry, _ = reg.release(run_id="ahead", executed=[two[0], {**two[1], "steps": 31}])
-    assert entry.events == [two[0], {**two[1], "steps": 31}] and entry.charged == entry.events
+    entry, _ = reg.release(run_id="ahead", executed=[two[0], two[1].with_steps(31)])
+    assert entry.events == [two[0], two[1].with_steps(31)] and entry.charged == entry.events
     # each ahead in one stage: no record can be trusted to hold every spent step
     with pytest.raises(ValueError, match="disagree"):
-        reg.release(run_id="odd", executed=[{**two[0], "steps": 21}, {**two[1], "steps": 29}])
+        reg.release(run_id="odd", executed=[two[0].with_steps(21), two[1].with_steps(29)])
     with pytest.raises(ValueError, match="is not in"):
         reg.release(run_id="never-admitted")
     (status,) = reg.status()
-    assert status.committed == pytest.approx(_composed(two[0], {**two[1], "steps": 30}, two[0], {**two[1], "steps": 31}, *two))
+    assert status.committed == pytest.approx(_composed(two[0], two[1].with_steps(30), two[0], two[1].with_steps(31), *two))
 
 
 def test_a_registry_made_before_release_existed_is_migrated(registry_url):
@@ -174,7 +176,7 @@ def _ledger_run(path, reg, *, run_id_steps=30):
 
     path.mkdir()
     ledger = Ledger(delta=DELTA, accountant="rdp", dataset=DATA, target_epsilon=3.0)
-    ledger.record(stage="dp_sgd", mechanism="subsampled_gaussian", noise_multiplier=1.5, sample_rate=0.05, steps=run_id_steps)
+    ledger.record(_event(1.5, 0.05, run_id_steps))
     ledger.save(path / "ledger.json")
     _admit(reg, ledger.run_id, _plan(), path=str(path), recorded=ledger.events)
     return ledger.run_id
@@ -241,7 +243,7 @@ def test_a_crashed_training_run_is_released_then_resumed(tmp_path, tiny_override
         with pytest.raises(RuntimeError, match="power cut"):
             main(args)
     (entry,) = Registry(url).status()[0].runs
-    assert entry.steps == 4 and entry.state == "reserved" and entry.reserved[0]["steps"] == 2
+    assert entry.steps == 4 and entry.state == "reserved" and entry.reserved[0].steps == 2
     assert main(["budget", "release", str(run), "--registry", url]) == 0
     (status,) = Registry(url).status()
     ledger = json.loads((run / "ledger.json").read_text())
@@ -252,7 +254,7 @@ def test_a_crashed_training_run_is_released_then_resumed(tmp_path, tiny_override
     ledger = json.loads((run / "ledger.json").read_text())
     assert entry.state == "complete" and entry.steps == 6 == ledger["events"][0]["steps"]
     assert [{k: e[k] for k in ("stage", "noise_multiplier", "sample_rate", "steps")} for e in ledger["events"]] == \
-        [{k: e[k] for k in ("stage", "noise_multiplier", "sample_rate", "steps")} for e in entry.events]
+        [{k: getattr(e, k) for k in ("stage", "noise_multiplier", "sample_rate", "steps")} for e in entry.events]
 
 
 # -- issue 22: a registry is created only on request; a typo is an error, never a fresh registry without caps --

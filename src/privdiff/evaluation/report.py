@@ -369,9 +369,8 @@ def _ledger_section(ledger: Ledger | None, eps: float | None, problem: str | Non
     if ledger is None or eps is None:
         return _section("ledger", "Privacy ledger", _unavailable(problem or "no ledger"))
     ds = ledger.dataset or {}
-    rows = [[_esc(e.get("stage")), _esc(e.get("mechanism")), _num(e.get("noise_multiplier")),
-             _num(e.get("sample_rate")), _num(e.get("max_grad_norm")), _num(e.get("sensitivity")),
-             _num(e.get("steps")), _esc(e.get("dataset", ds.get("name", "—")))] for e in ledger.events]
+    rows = [[_esc(e.stage), _esc(e.mechanism), _num(e.noise_multiplier), _num(e.sample_rate), _num(e.max_grad_norm),
+             _num(e.sensitivity), _num(e.steps), _esc(ds.get("name", "—"))] for e in ledger.events]
     if rows:
         table = _table(["stage", "mechanism", "σ (noise)", "q (sample rate)", "C (clip norm)", "sensitivity",
                         "steps", "data set"], rows, numeric=(2, 3, 4, 5, 6))

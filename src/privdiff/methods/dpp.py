@@ -36,21 +36,22 @@ from ..data.augment import augment_copies
 from ..privacy.audit import GradientCanaries
 from ..privacy.budget import check_plan, open_ledger
 from ..privacy.central import release_central_images, release_parameters
-from ..privacy.ledger import SUBSAMPLED_GAUSSIAN, Ledger
+from ..privacy.events import SUBSAMPLED_GAUSSIAN, Release
+from ..privacy.ledger import Ledger
 from ..runs import Run, open_run, save_grid
 
 STAGE = "central_images"
 
 
-def release_event(recipe: Recipe, private: ImageDataset) -> dict:
+def release_event(recipe: Recipe, private: ImageDataset) -> Release:
     """The ledger event of the central-image release (computed from the recipe and the data's shape only)."""
     c = recipe.dpp
     q = min(1.0, c.batch_size / len(private))
     _, sensitivity = release_parameters(num_examples=len(private), num_classes=private.num_classes, sample_rate=q,
                                         channels=private.channels, height=private.resolution, width=private.resolution,
                                         downsample=c.downsample)
-    return dict(stage=STAGE, mechanism=SUBSAMPLED_GAUSSIAN, noise_multiplier=c.noise_multiplier, sample_rate=q,
-                steps=c.rounds, sensitivity=sensitivity)
+    return Release(stage=STAGE, mechanism=SUBSAMPLED_GAUSSIAN, noise_multiplier=c.noise_multiplier, sample_rate=q,
+                   steps=c.rounds, sensitivity=sensitivity)
 
 
 def central_images(run: Run, recipe: Recipe, private: ImageDataset, ledger: Ledger) -> tuple[torch.Tensor, torch.Tensor]:
@@ -62,9 +63,9 @@ def central_images(run: Run, recipe: Recipe, private: ImageDataset, ledger: Ledg
             return torch.from_numpy(f["images"]), torch.from_numpy(f["labels"])
     c = recipe.dpp
     event = release_event(recipe, private)
-    q, sensitivity = event["sample_rate"], event["sensitivity"]
+    q, sensitivity = event.sample_rate, event.sensitivity
     run.commit_start()  # the run's work begins
-    ledger.record(**event)  # write-ahead: counted before the data is touched
+    ledger.record(event)  # write-ahead: counted before the data is touched
     ledger.save(run.ledger_path)
     g = torch.Generator().manual_seed(recipe.train.seed * 1000 + 11)
     rel = release_central_images((private.images + 1) / 2, private.labels, num_classes=private.num_classes, sample_rate=q,

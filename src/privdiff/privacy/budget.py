@@ -18,7 +18,8 @@ from ..data import ImageDataset
 from ..distributed import broadcast_object, current_world
 from ..runs import Run, RunError, held_lock
 from .accounting import calibrate_noise
-from .ledger import NON_PRIVATE, SUBSAMPLED_GAUSSIAN, Ledger
+from .events import NON_PRIVATE, SUBSAMPLED_GAUSSIAN, Release
+from .ledger import Ledger
 from .registry import Registry
 
 __all__ = ["StepGuard", "check_plan", "data_identity", "load_ledger", "noise_for", "open_ledger", "planned_event",
@@ -50,7 +51,7 @@ def load_ledger(run: Run, dataset: ImageDataset) -> Ledger | None:
     return ledger
 
 
-def open_ledger(run: Run, recipe: Recipe, dataset: ImageDataset, *, plan: list[dict] = (), stage: str = "dp_sgd",
+def open_ledger(run: Run, recipe: Recipe, dataset: ImageDataset, *, plan: list[Release] = (), stage: str = "dp_sgd",
                 registry: Registry | None = None) -> Ledger:
     """The run's ledger (continued on resume), or a new one for ``dataset``, admitted to the budget registry.
 
@@ -88,7 +89,7 @@ def open_ledger(run: Run, recipe: Recipe, dataset: ImageDataset, *, plan: list[d
     return copy_
 
 
-def _open_ledger(run: Run, recipe: Recipe, dataset: ImageDataset, *, plan: list[dict], stage: str, registry: Registry | None) -> Ledger:
+def _open_ledger(run: Run, recipe: Recipe, dataset: ImageDataset, *, plan: list[Release], stage: str, registry: Registry | None) -> Ledger:
     ledger = load_ledger(run, dataset)
     fresh = ledger is None
     planned = list(plan) + [planned_event(recipe, ledger or _fresh_ledger(recipe, dataset), num_examples=len(dataset),
@@ -117,7 +118,7 @@ def _fresh_ledger(recipe: Recipe, dataset: ImageDataset) -> Ledger:
                   target_epsilon=recipe.privacy.epsilon if recipe.privacy.enabled else None)
 
 
-def check_plan(out, recipe: Recipe, dataset: ImageDataset, *, plan: list[dict] = (), stage: str = "dp_sgd") -> list[dict]:
+def check_plan(out, recipe: Recipe, dataset: ImageDataset, *, plan: list[Release] = (), stage: str = "dp_sgd") -> list[Release]:
     """Before a run writes anything: the events :func:`open_ledger` will reserve, with the noise calibrated
     now (an unreachable target is an error here), against the run's ledger if ``out`` holds one (it must
     load and describe ``dataset``: a damaged ledger is an error before anything is touched)."""
@@ -127,7 +128,7 @@ def check_plan(out, recipe: Recipe, dataset: ImageDataset, *, plan: list[dict] =
                                        stage=stage, prior=plan)]
 
 
-def planned_event(recipe: Recipe, ledger: Ledger, *, num_examples: int, stage: str = "dp_sgd", prior: list[dict] = ()) -> dict:
+def planned_event(recipe: Recipe, ledger: Ledger, *, num_examples: int, stage: str = "dp_sgd", prior: list[Release] = ()) -> Release:
     """The event a recipe's private training stage will record: σ calibrated after the ledger's other
     stages and the ``prior`` planned ones (as :func:`noise_for` will), q, and its steps (``max_steps`` if fewer)."""
     t = recipe.train
@@ -137,13 +138,12 @@ def planned_event(recipe: Recipe, ledger: Ledger, *, num_examples: int, stage: s
     q = t.batch_size / num_examples
     sigma = 0.0
     if recipe.privacy.enabled:
-        recorded = {e["stage"] for e in ledger.events}
-        others = ledger.history(exclude_stage=stage) + [
-            (e["noise_multiplier"], e["sample_rate"], e["steps"]) for e in prior if e["stage"] not in recorded]
+        recorded = {e.stage for e in ledger.events}
+        others = ledger.history(exclude_stage=stage) + [e.triple for e in prior if e.stage not in recorded]
         sigma = _calibrate(recipe.privacy.epsilon, recipe.privacy.delta, q, planned_steps(t, num_examples),
                            recipe.privacy.accountant, tuple(tuple(x) for x in others))
-    return {"stage": stage, "mechanism": SUBSAMPLED_GAUSSIAN if recipe.privacy.enabled else NON_PRIVATE,
-            "noise_multiplier": sigma, "sample_rate": q, "steps": steps}
+    return Release(stage=stage, mechanism=SUBSAMPLED_GAUSSIAN if recipe.privacy.enabled else NON_PRIVATE,
+                   noise_multiplier=sigma, sample_rate=q, steps=steps)
 
 
 def noise_for(recipe: Recipe, ledger: Ledger, *, stage: str, num_examples: int) -> float:
@@ -165,7 +165,7 @@ def _calibrate(epsilon: float, delta: float, sample_rate: float, steps: int, acc
                            prior=list(prior))
 
 
-def replayed_steps(ledger: Ledger | None, *, stage: str, start: int, mech: dict, offset: int = 0) -> int:
+def replayed_steps(ledger: Ledger | None, *, stage: str, start: int, mech: Release, offset: int = 0) -> int:
     """The step index up to which the ledger has counted ``stage`` (write-ahead): ``start`` plus the steps a
     killed attempt counted after its last checkpoint, which a resumed run replays from the checkpoint.
 
@@ -190,10 +190,10 @@ def replayed_steps(ledger: Ledger | None, *, stage: str, start: int, mech: dict,
         raise RunError(f"the ledger counts {counted} steps of {stage}, but its checkpoint is at step {start}: "
                        "the ledger is not this run's (or was edited)")
     if counted > start:
-        last = next(e for e in reversed(ledger.events) if e["stage"] == stage)
-        if any(last[k] != v for k, v in mech.items()):
+        last = next(e for e in reversed(ledger.events) if e.stage == stage)
+        if not last.same_mechanism(mech):
             raise RunError(f"resuming {stage}: the mechanism differs from the one counted before the crash "
-                           f"({ {k: last[k] for k in mech} } vs {mech}); use a new --out")
+                           f"({last.with_steps(1)} vs {mech.with_steps(1)}); use a new --out")
     return counted
 
 
@@ -217,7 +217,7 @@ class StepGuard:
     def __init__(self, ledger: Ledger | None, *, engine, stage: str, path: Path, target_epsilon: float):
         self.ledger, self.path, self.stage, self.target = ledger, Path(path), stage, target_epsilon
         self.private = ledger is not None and engine.private
-        self.event = dict(
+        self.event = Release(  # one step of it
             stage=stage,
             mechanism=SUBSAMPLED_GAUSSIAN if engine.private else NON_PRIVATE,
             noise_multiplier=engine.noise_multiplier,  # what the optimizer will actually draw
@@ -243,13 +243,13 @@ class StepGuard:
         """False when step ``step`` (not yet counted) would take the ledger's ε past the target."""
         if step < self.counted or not self.private:
             return True
-        extra = [(self.event["noise_multiplier"], self.event["sample_rate"], 1)]
+        extra = [self.event.triple]
         return self.ledger.epsilon(extra=extra) <= self.target * (1 + 1e-9)
 
     def record(self, step: int) -> None:
         """Write-ahead: count step ``step`` in the ledger (file and registry) before it touches the data."""
         if self.ledger is not None and step >= self.counted:
-            self.ledger.record(**self.event)
+            self.ledger.record(self.event)
             self.ledger.save(self.path)
             self.counted = step + 1
 

@@ -17,9 +17,9 @@ from typing import Any
 
 from ..atomic import atomic_write_text
 from .accounting import epsilon as compose_epsilon
+from .events import NON_PRIVATE, SUBSAMPLED_GAUSSIAN, Release
 
-SUBSAMPLED_GAUSSIAN = "subsampled_gaussian"
-NON_PRIVATE = "non_private"
+__all__ = ["NON_PRIVATE", "SUBSAMPLED_GAUSSIAN", "Ledger", "Release", "format_ledger"]
 
 
 @dataclass
@@ -31,8 +31,9 @@ class Ledger:
         accountant: ``"rdp"`` or ``"prv"``.
         dataset: ``{"name", "fingerprint", "size"}`` of the private data.
         target_epsilon: the budget; ``None`` for a non-private run.
-        events: dicts with ``stage``, ``mechanism``, ``noise_multiplier``, ``sample_rate``,
-            ``steps``, ``max_grad_norm`` and, for releases, ``sensitivity``.
+        events: the releases (:class:`~privdiff.privacy.events.Release`), in order (in the file: objects with
+            ``stage``, ``mechanism``, ``noise_multiplier``, ``sample_rate``, ``max_grad_norm``,
+            ``sensitivity``, ``steps``).
         public_stages: stages that touched public data only (``stage``, ``data`` identity,
             ``steps``): what the model learned outside the budget, never part of ε.
     """
@@ -41,7 +42,7 @@ class Ledger:
     accountant: str
     dataset: dict[str, Any]
     target_epsilon: float | None = None
-    events: list[dict[str, Any]] = field(default_factory=list)
+    events: list[Release] = field(default_factory=list)
     public_stages: list[dict[str, Any]] = field(default_factory=list)
     run_id: str = field(default_factory=lambda: uuid.uuid4().hex)  # the run's key in the budget registry
     # called with the ledger on every save, before the file is written (the budget registry's
@@ -54,53 +55,34 @@ class Ledger:
     ) -> list[tuple[float, float, int]]:
         """``(noise_multiplier, sample_rate, steps)`` of every event (optionally not of one stage, or of
         ``stage`` alone), plus ``extra``."""
-        return [
-            (e["noise_multiplier"], e["sample_rate"], e["steps"]) for e in self.events
-            if e["stage"] != exclude_stage and stage in (None, e["stage"])
-        ] + list(extra)
+        return [e.triple for e in self.events if e.stage != exclude_stage and stage in (None, e.stage)] + list(extra)
 
     @property
     def private(self) -> bool:
-        return all(e["mechanism"] != NON_PRIVATE for e in self.events)
+        return all(e.private for e in self.events)
 
     def epsilon(self, *, extra: list[tuple[float, float, int]] = (), stage: str | None = None) -> float:
         """ε(δ) of all events (plus ``extra`` hypothetical ones); ``inf`` if anything ran without noise.
 
         ``stage``: the ε of that stage's events alone, as if nothing else had run (what an audit whose
         canaries live in that stage can check); the run's claim is the composition of all stages."""
-        if any(e["mechanism"] == NON_PRIVATE for e in self.events if stage in (None, e["stage"])):
+        if any(not e.private for e in self.events if stage in (None, e.stage)):
             return math.inf
         return compose_epsilon(self.history(extra, stage=stage), delta=self.delta, accountant=self.accountant)
 
     def steps(self, stage: str) -> int:
-        return sum(e["steps"] for e in self.events if e["stage"] == stage)
+        return sum(e.steps for e in self.events if e.stage == stage)
 
     # -- recording ----------------------------------------------------------------------------
-    def record(
-        self,
-        *,
-        stage: str,
-        mechanism: str,
-        noise_multiplier: float,
-        sample_rate: float,
-        max_grad_norm: float | None = None,
-        sensitivity: float | None = None,
-        steps: int = 1,
-    ) -> None:
-        """Count ``steps`` more runs of a mechanism; merged into the last event if it is the same one."""
-        event = {
-            "stage": stage,
-            "mechanism": mechanism,
-            "noise_multiplier": float(noise_multiplier),
-            "sample_rate": float(sample_rate),
-            "max_grad_norm": None if max_grad_norm is None else float(max_grad_norm),
-            "sensitivity": None if sensitivity is None else float(sensitivity),
-        }
+    def record(self, release: Release) -> None:
+        """Count ``release``: merged into the last event if that is the same mechanism (more steps of it)."""
+        if not isinstance(release, Release):
+            raise TypeError(f"a ledger records Releases, got {type(release).__name__}")
         last = self.events[-1] if self.events else None
-        if last is not None and all(last[k] == v for k, v in event.items()):
-            last["steps"] += steps
+        if last is not None and last.same_mechanism(release):
+            self.events[-1] = last.with_steps(last.steps + release.steps)
         else:
-            self.events.append({**event, "steps": steps})
+            self.events.append(release)
 
     def record_public(self, *, stage: str, data: dict[str, Any], steps: int) -> None:
         """Note a stage that trained on public ``data`` (its identity: name, split, fingerprint, size)."""
@@ -119,7 +101,7 @@ class Ledger:
             "private": self.private,
             "target_epsilon": self.target_epsilon,
             "dataset": self.dataset,
-            "events": self.events,
+            "events": [e.to_dict() for e in self.events],
             "public_stages": self.public_stages,
             "run_id": self.run_id,
         }
@@ -141,7 +123,7 @@ class Ledger:
                 accountant=d["accountant"],
                 dataset=d["dataset"],
                 target_epsilon=d.get("target_epsilon"),
-                events=list(d["events"]),
+                events=[Release.from_dict(e) for e in d["events"]],
                 public_stages=list(d.get("public_stages", [])),
                 **({"run_id": d["run_id"]} if d.get("run_id") else {}),
             )
@@ -169,12 +151,6 @@ def _check_loaded(ledger: "Ledger") -> None:
         raise ValueError("accountant, dataset or run_id of the wrong kind")
     if ledger.target_epsilon is not None:
         _number(ledger.target_epsilon, "target_epsilon")
-    for i, e in enumerate(ledger.events):
-        if not isinstance(e, dict) or not isinstance(e.get("stage"), str) or e.get("mechanism") not in (SUBSAMPLED_GAUSSIAN, NON_PRIVATE):
-            raise ValueError(f"event {i} has no stage or an unknown mechanism")
-        _number(e.get("noise_multiplier"), f"event {i}'s noise_multiplier")
-        _number(e.get("sample_rate"), f"event {i}'s sample_rate", high=1.0)
-        _number(e.get("steps"), f"event {i}'s steps", integer=True)
     for i, e in enumerate(ledger.public_stages):
         if not isinstance(e, dict) or not isinstance(e.get("stage"), str) or not isinstance(e.get("data"), dict):
             raise ValueError(f"public stage {i} has no stage or data")
@@ -188,9 +164,9 @@ def format_ledger(ledger: Ledger, *, accountant: str | None = None) -> str:
     d = ledger.dataset
     lines = [f"dataset:  {d.get('name')} ({d.get('size')} examples, {d.get('fingerprint')})"]
     for e in ledger.events:
-        lines.append(f"  {e['stage']:<10} {e['mechanism']:<20} sigma={e['noise_multiplier']:.4f}  q={e['sample_rate']:.5f}  "
-                     f"steps={e['steps']}" + (f"  C={e['max_grad_norm']}" if e.get("max_grad_norm") else "")
-                     + (f"  sensitivity={e['sensitivity']}" if e.get("sensitivity") else ""))
+        lines.append(f"  {e.stage:<10} {e.mechanism:<20} sigma={e.noise_multiplier:.4f}  q={e.sample_rate:.5f}  "
+                     f"steps={e.steps}" + (f"  C={e.max_grad_norm}" if e.max_grad_norm else "")
+                     + (f"  sensitivity={e.sensitivity}" if e.sensitivity else ""))
     for p in ledger.public_stages:
         pd = p["data"]
         lines.append(f"  {p['stage']:<10} {'public data':<20} {pd.get('name')} ({pd.get('split')}, {pd.get('size')} examples)  "

@@ -43,7 +43,6 @@ import hashlib
 import hmac
 import json
 import math
-import numbers
 import os
 import re
 import secrets
@@ -57,6 +56,7 @@ from typing import Any
 
 from .accounting import ACCOUNTANTS
 from .accounting import epsilon as compose_epsilon
+from .events import Release
 
 DEFAULT_PATH = Path("~/.privdiff/registry.sqlite")
 
@@ -80,34 +80,31 @@ class BudgetExceeded(ValueError):
     """A run would take its data set's composed ε past the cap: refused, nothing recorded."""
 
 
-Event = dict[str, Any]  # stage, mechanism, noise_multiplier, sample_rate, steps (a ledger event)
+def _triples(events: list[Release]) -> list[tuple[float, float, int]]:
+    return [e.triple for e in events]
 
 
-def _triples(events: list[Event]) -> list[tuple[float, float, int]]:
-    return [(float(e["noise_multiplier"]), float(e["sample_rate"]), int(e["steps"])) for e in events]
-
-
-def _steps_by_stage(events: list[Event]) -> dict[str, int]:
+def _steps_by_stage(events: list[Release]) -> dict[str, int]:
     out: dict[str, int] = {}
     for e in events:
-        out[e["stage"]] = out.get(e["stage"], 0) + int(e["steps"])
+        out[e.stage] = out.get(e.stage, 0) + e.steps
     return out
 
 
-def _covers(a: list[Event], b: list[Event]) -> bool:
+def _covers(a: list[Release], b: list[Release]) -> bool:
     """``a`` counts at least as many steps as ``b`` in every stage of ``b``."""
     sa = _steps_by_stage(a)
     return all(sa.get(stage, 0) >= n for stage, n in _steps_by_stage(b).items())
 
 
-def charge(planned: list[Event], recorded: list[Event]) -> list[Event]:
+def charge(planned: list[Release], recorded: list[Release]) -> list[Release]:
     """What a run counts against its data set: its recorded events, plus the planned steps of each
     stage it has not recorded yet (reserved)."""
-    out = [dict(e) for e in recorded]
+    out = list(recorded)
     for p in planned:
-        done = sum(e["steps"] for e in recorded if e["stage"] == p["stage"])
-        if p["steps"] > done:
-            out.append({**p, "steps": p["steps"] - done})
+        done = sum(e.steps for e in recorded if e.stage == p.stage)
+        if p.steps > done:
+            out.append(p.with_steps(p.steps - done))
     return out
 
 
@@ -115,8 +112,8 @@ def charge(planned: list[Event], recorded: list[Event]) -> list[Event]:
 class RunEntry:
     run_id: str
     path: str | None
-    planned: list[Event]
-    events: list[Event]
+    planned: list[Release]
+    events: list[Release]
     delta: float
     accountant: str
     created: str
@@ -128,15 +125,15 @@ class RunEntry:
 
     @property
     def steps(self) -> int:
-        return sum(e["steps"] for e in self.events)
+        return sum(e.steps for e in self.events)
 
     @property
-    def charged(self) -> list[Event]:
+    def charged(self) -> list[Release]:
         """What the run counts against its data set: recorded + reserved, or (released) recorded only."""
         return list(self.events) if self.released else charge(self.planned, self.events)
 
     @property
-    def reserved(self) -> list[Event]:
+    def reserved(self) -> list[Release]:
         """The planned steps it has not executed and still holds."""
         return self.charged[len(self.events):]
 
@@ -178,17 +175,12 @@ def _check_delta_accountant(delta: Any, accountant: Any) -> None:
         raise ValueError(f"accountant must be one of {', '.join(ACCOUNTANTS)}, got {accountant!r}")
 
 
-def _check_events(events: list[Event], what: str) -> None:
-    """Every event a mechanism the accountant can compose: σ >= 0 finite, q in [0, 1], steps an integer >= 0."""
+def _check_events(events: list[Release], what: str) -> None:
+    """Every event a :class:`~privdiff.privacy.events.Release` (which checks its own ranges: σ >= 0 finite,
+    q in [0, 1], steps an integer >= 0, a stage), so the accountant can compose it."""
     for e in events:
-        try:
-            sigma, q, steps = float(e["noise_multiplier"]), float(e["sample_rate"]), e["steps"]
-        except (KeyError, TypeError, ValueError):
-            raise ValueError(f"a {what} event is not a mechanism (noise_multiplier, sample_rate, steps): {e!r}") from None
-        if not (math.isfinite(sigma) and sigma >= 0 and 0 <= q <= 1 and isinstance(steps, numbers.Integral) and not isinstance(steps, bool)
-                and steps >= 0 and e.get("stage")):
-            raise ValueError(f"a {what} event is out of range (noise_multiplier >= 0 finite, sample_rate in [0, 1], "
-                             f"steps an integer >= 0, a stage): {e!r}")
+        if not isinstance(e, Release):
+            raise ValueError(f"a {what} event is not a Release: {e!r}")
 
 
 def _now() -> str:
@@ -451,7 +443,7 @@ class Registry:
                 raise BudgetExceeded(f"{status.name}: epsilon={status.committed:.4g} is already committed, "
                                      f"more than the cap {epsilon:g}")
 
-    def admit(self, *, run_id: str, dataset: dict[str, Any], planned: list[Event], recorded: list[Event] = (),
+    def admit(self, *, run_id: str, dataset: dict[str, Any], planned: list[Release], recorded: list[Release] = (),
               path: str | None = None, target_epsilon: float | None = None, delta: float, accountant: str) -> float:
         """Reserve a run's planned events on its data set, or refuse it (:class:`BudgetExceeded`).
 
@@ -467,13 +459,13 @@ class Registry:
             db("INSERT INTO runs (run_id, dataset_key, path, planned, target_epsilon, delta, accountant, created, updated) "
                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (run_id) DO UPDATE SET planned = excluded.planned, "
                "path = excluded.path, updated = excluded.updated, released = NULL",  # a resumed run reserves again
-               (run_id, key, path, json.dumps(planned), target_epsilon, float(delta), accountant, now, now))
+               (run_id, key, path, json.dumps([p.to_dict() for p in planned]), target_epsilon, float(delta), accountant, now, now))
             if db("SELECT dataset_key FROM runs WHERE run_id = ?", (run_id,))[0][0] != key:
                 raise ValueError(f"run {run_id} is registered on another data set")
             self._write_events(db, run_id, list(recorded))
             return self._check(db, key, what=f"run {path or run_id}")
 
-    def record(self, *, run_id: str, events: list[Event]) -> float:
+    def record(self, *, run_id: str, events: list[Release]) -> float:
         """Replace a run's recorded events with ``events`` (its ledger's, write-ahead); checked against the cap."""
         _check_events(events, "recorded")
         with self._transaction() as db:
@@ -486,7 +478,7 @@ class Registry:
             db("UPDATE runs SET updated = ? WHERE run_id = ?", (_now(), run_id))
             return self._check(db, key, what=f"run {path or run_id}")
 
-    def release(self, *, run_id: str, executed: list[Event] | None = None) -> tuple[RunEntry, list[Event]]:
+    def release(self, *, run_id: str, executed: list[Release] | None = None) -> tuple[RunEntry, list[Release]]:
         """Release the reservation of an abandoned run: its charge becomes what it executed.
 
         What it executed is its recorded events, or ``executed`` (its ledger's) if those count at least
@@ -507,7 +499,7 @@ class Registry:
                 if not _covers(executed, events):
                     raise ValueError(f"run {run_id}: its ledger ({_steps_by_stage(executed)} steps) and the registry "
                                      f"({_steps_by_stage(events)}) disagree; resume the run to reconcile them")
-                events = [dict(e) for e in executed]
+                events = list(executed)
             freed = entry.reserved
             if freed or events != entry.events:
                 now = _now()
@@ -539,11 +531,11 @@ class Registry:
             raise ValueError(f"{'no run' if not rows else f'{len(rows)} runs'} with id {prefix!r} in {self!r}")
         return rows[0][0], rows[0][1]
 
-    def _write_events(self, db, run_id: str, events: list[Event]) -> None:
+    def _write_events(self, db, run_id: str, events: list[Release]) -> None:
         db("DELETE FROM events WHERE run_id = ?", (run_id,))
         for seq, e in enumerate(events):
             db("INSERT INTO events (run_id, seq, stage, mechanism, noise_multiplier, sample_rate, steps) VALUES (?, ?, ?, ?, ?, ?, ?)",
-               (run_id, seq, e["stage"], e["mechanism"], float(e["noise_multiplier"]), float(e["sample_rate"]), int(e["steps"])))
+               (run_id, seq, e.stage, e.mechanism, e.noise_multiplier, e.sample_rate, e.steps))
 
     def _check(self, db, key: str, *, what: str) -> float:
         status = self._status(db, key)
@@ -561,9 +553,8 @@ class Registry:
         runs = db("SELECT run_id, path, planned, delta, accountant, created, released FROM runs WHERE dataset_key = ? "
                   "ORDER BY created, run_id", (key,))
         for run_id, path, planned, r_delta, r_acc, created, released in runs:
-            events = [dict(zip(("stage", "mechanism", "noise_multiplier", "sample_rate", "steps"), row)) for row in
-                      db("SELECT stage, mechanism, noise_multiplier, sample_rate, steps FROM events WHERE run_id = ? ORDER BY seq", (run_id,))]
-            status.runs.append(RunEntry(run_id=run_id, path=path, planned=json.loads(planned), events=events,
+            events = self._events(db, run_id)
+            status.runs.append(RunEntry(run_id=run_id, path=path, planned=[Release.from_dict(p) for p in json.loads(planned)], events=events,
                                         delta=r_delta, accountant=r_acc, created=created, released=released))
         return status
 
@@ -574,10 +565,16 @@ class Registry:
                     if dataset is None or dataset in (n, k) or (len(dataset) >= 8 and k.split(":")[-1].startswith(dataset))]
             return [self._status(db, k) for k in keys]
 
-    def run_events(self, run_id: str) -> list[Event]:
+    @staticmethod
+    def _events(db, run_id: str) -> list[Release]:
+        """A run's recorded events, in order (the registry keeps each one's stage, mechanism, σ, q and steps)."""
+        rows = db("SELECT stage, mechanism, noise_multiplier, sample_rate, steps FROM events WHERE run_id = ? ORDER BY seq", (run_id,))
+        return [Release(stage=stage, mechanism=mech, noise_multiplier=sigma, sample_rate=q, steps=int(steps))
+                for stage, mech, sigma, q, steps in rows]
+
+    def run_events(self, run_id: str) -> list[Release]:
         with self._transaction() as db:
-            return [dict(zip(("stage", "mechanism", "noise_multiplier", "sample_rate", "steps"), row)) for row in
-                    db("SELECT stage, mechanism, noise_multiplier, sample_rate, steps FROM events WHERE run_id = ? ORDER BY seq", (run_id,))]
+            return self._events(db, run_id)
 
 
 def format_status(statuses: list[DatasetStatus]) -> str:
