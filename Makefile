@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.privdiff-installed
 
-.PHONY: demo test lint install browser postgres clean
+.PHONY: demo test lint format install browser postgres clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -46,9 +46,14 @@ postgres:
 	    || echo "postgresql install failed (see $${TMPDIR:-/tmp}/privdiff-postgresql-install.log): the PostgreSQL registry tests will be skipped"; \
 	else echo "no initdb and no root apt-get: the PostgreSQL registry tests will be skipped (apt-get install postgresql)"; fi
 
-# Pyflakes-level lint of the whole tree (pyproject's [tool.ruff]): unused or undefined names fail `make test`.
+# The house style (pyproject's [tool.ruff]): Pyflakes-level lint (unused or undefined names) and `ruff format`
+# at one line length; either failing fails `make test`. `make format` rewrites the tree in the house style.
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
+
+format: $(STAMP)
+	$(BIN)/ruff format src tests benchmarks
 
 test: $(STAMP) lint browser postgres
 	$(BIN)/python -m pytest

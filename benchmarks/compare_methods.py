@@ -26,7 +26,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-RECIPES = {"DPDM": "recipes/dpdm-mnist5k.yaml", "DPP": "recipes/dpp-mnist5k.yaml", "DP-LDM": "recipes/dp-ldm-mnist5k.yaml"}
+RECIPES = {
+    "DPDM": "recipes/dpdm-mnist5k.yaml",
+    "DPP": "recipes/dpp-mnist5k.yaml",
+    "DP-LDM": "recipes/dp-ldm-mnist5k.yaml",
+}
 
 
 def recipe_for(method: str, eps: float) -> str:
@@ -60,8 +64,9 @@ def main() -> None:
     ap.add_argument("--epsilon", type=float, nargs="+", default=[1.0, 10.0])
     ap.add_argument("--n", type=int, default=2000, help="samples per evaluation")
     ap.add_argument("--out", default="runs/methods")
-    ap.add_argument("--override", nargs="*", default=[], metavar="METHOD:key=value",
-                    help="a recipe override for one method only")
+    ap.add_argument(
+        "--override", nargs="*", default=[], metavar="METHOD:key=value", help="a recipe override for one method only"
+    )
     args = ap.parse_args()
     extra: dict[str, list[str]] = {m: [] for m in args.methods}
     for o in args.override:
@@ -75,7 +80,9 @@ def main() -> None:
             run = Path(args.out) / f"{name.lower()}-eps{eps:g}"
             cost = run / "cost.json"
             done = cost.is_file()
-            cpu = privdiff("train", recipe_for(name, eps), f"privacy.epsilon={eps}", *extra[name], "--out", str(run), "--quiet")
+            cpu = privdiff(
+                "train", recipe_for(name, eps), f"privacy.epsilon={eps}", *extra[name], "--out", str(run), "--quiet"
+            )
             if done:
                 cpu = json.loads(cost.read_text())["train_cpu_s"]
             else:
@@ -91,8 +98,10 @@ def main() -> None:
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, eps, spent, mm, wall, cpu in rows:
-        lines.append(f"| {name} | {eps:g} | {spent:.4f} | {mm['accuracy_cnn']['value']:.3f} | {mm['accuracy_logreg']['value']:.3f} | "
-                     f"{mm['fid']['value']:.3f} | {mm['kid']['value']:.4f} | {wall:.0f} | {cpu:.0f} |")
+        lines.append(
+            f"| {name} | {eps:g} | {spent:.4f} | {mm['accuracy_cnn']['value']:.3f} | {mm['accuracy_logreg']['value']:.3f} | "
+            f"{mm['fid']['value']:.3f} | {mm['kid']['value']:.4f} | {wall:.0f} | {cpu:.0f} |"
+        )
     text = "\n".join(lines)
     print("\n" + text)
     (Path(args.out) / "table.md").write_text(text + "\n")

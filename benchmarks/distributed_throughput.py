@@ -30,8 +30,22 @@ from pathlib import Path
 
 def run(recipe: str, overrides: list[str], *, nproc: int, threads: int, steps: int, out: Path) -> dict:
     """Train ``steps`` steps with ``nproc`` processes of ``threads`` threads; the per-step wall times."""
-    cmd = [sys.executable, "-W", "ignore", "-m", "privdiff.cli", "train", recipe, *overrides, f"train.max_steps={steps}",
-           f"train.checkpoint_every={10 * steps}", "sampler.steps=2", "--out", str(out), "--quiet"] + (["--nproc", str(nproc)] if nproc > 1 else [])
+    cmd = [
+        sys.executable,
+        "-W",
+        "ignore",
+        "-m",
+        "privdiff.cli",
+        "train",
+        recipe,
+        *overrides,
+        f"train.max_steps={steps}",
+        f"train.checkpoint_every={10 * steps}",
+        "sampler.steps=2",
+        "--out",
+        str(out),
+        "--quiet",
+    ] + (["--nproc", str(nproc)] if nproc > 1 else [])
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     t0 = time.perf_counter()
     res = subprocess.run(cmd, env=env, capture_output=True, text=True)
@@ -62,16 +76,27 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         half = max(1, args.cores // 2)
         for nproc, threads in ((1, args.cores), (1, half), (2, half)):
-            r = run(recipe, args.overrides, nproc=nproc, threads=threads, steps=args.steps, out=Path(tmp) / f"w{nproc}t{threads}")
-            timed = r["step_times"][args.warmup - 1:]
+            r = run(
+                recipe,
+                args.overrides,
+                nproc=nproc,
+                threads=threads,
+                steps=args.steps,
+                out=Path(tmp) / f"w{nproc}t{threads}",
+            )
+            timed = r["step_times"][args.warmup - 1 :]
             med = statistics.median(timed)
             rows.append((nproc, threads, len(timed), med, min(timed), r["wall"]))
     per_process = rows[1][3]  # W = 1 on one process's share of the cores
     print(f"recipe {args.recipe} {' '.join(args.overrides)}; expected batch {batch}; {args.cores} cores")
-    print("| W | threads/process | steps timed | median s/step | best s/step | steps/s | examples/s | vs W=1 on cores/2 threads | command wall s |")
+    print(
+        "| W | threads/process | steps timed | median s/step | best s/step | steps/s | examples/s | vs W=1 on cores/2 threads | command wall s |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for nproc, threads, n, med, best, wall in rows:
-        print(f"| {nproc} | {threads} | {n} | {med:.3f} | {best:.3f} | {1 / med:.2f} | {batch / med:.0f} | {per_process / med:.2f}× | {wall:.0f} |")
+        print(
+            f"| {nproc} | {threads} | {n} | {med:.3f} | {best:.3f} | {1 / med:.2f} | {batch / med:.0f} | {per_process / med:.2f}× | {wall:.0f} |"
+        )
 
 
 if __name__ == "__main__":

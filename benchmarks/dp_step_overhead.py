@@ -55,13 +55,24 @@ def _model_and_batch(r, batch: int, g: torch.Generator):
     text = build_text_encoder(L.text, class_names=(names,))
     tok = text.tokenizer
     size = res // 2 ** (len(L.autoencoder.channels) - 1)
-    net = build_latent_net(L.unet, text, latent_channels=L.autoencoder.latent_channels, latent_size=size, num_classes=10)
+    net = build_latent_net(
+        L.unet, text, latent_channels=L.autoencoder.latent_channels, latent_size=size, num_classes=10
+    )
     n, total = select_trainable(net, L.trainable)
     x0 = torch.randn(batch, L.autoencoder.latent_channels, size, size, generator=g)
-    data = ImageDataset(images=x0, labels=torch.randint(0, 10, (batch,), generator=g), num_classes=10, name="bench", split="train",
-                        fingerprint="sha256:0", class_names=names)
-    desc = (f"DP-LDM latent UNet {list(L.unet.channels)} @ {L.autoencoder.latent_channels}x{size}x{size}, "
-            f"trainable {', '.join(L.trainable)} = {n:,} of {total:,} ({n / total:.1%})")
+    data = ImageDataset(
+        images=x0,
+        labels=torch.randint(0, 10, (batch,), generator=g),
+        num_classes=10,
+        name="bench",
+        split="train",
+        fingerprint="sha256:0",
+        class_names=names,
+    )
+    desc = (
+        f"DP-LDM latent UNet {list(L.unet.channels)} @ {L.autoencoder.latent_channels}x{size}x{size}, "
+        f"trainable {', '.join(L.trainable)} = {n:,} of {total:,} ({n / total:.1%})"
+    )
     return net, x0, caption_conditioner(data, r, tok, torch.device("cpu")), desc
 
 
@@ -75,13 +86,25 @@ def build(r, mode: str, batch: int):
     idx = torch.arange(batch)
     den = make_denoiser(r, net)
     opt = torch.optim.Adam([p for p in den.parameters() if p.requires_grad], lr=r.train.lr)
-    common = dict(num_examples=10 * batch, batch_size=batch, noise_multiplicity=K,
-                  max_physical_batch_size=r.train.max_physical_batch_size, generator=torch.Generator().manual_seed(1))
+    common = dict(
+        num_examples=10 * batch,
+        batch_size=batch,
+        noise_multiplicity=K,
+        max_physical_batch_size=r.train.max_physical_batch_size,
+        generator=torch.Generator().manual_seed(1),
+    )
     if mode == "non-private":
         eng = NonPrivateSGD(den, opt, **common)
     else:
-        eng = DPSGD(den, opt, noise_multiplier=1.0, max_grad_norm=1.0, grad_sample_mode=mode,
-                    noise_generator=torch.Generator().manual_seed(2), **common)
+        eng = DPSGD(
+            den,
+            opt,
+            noise_multiplier=1.0,
+            max_grad_norm=1.0,
+            grad_sample_mode=mode,
+            noise_generator=torch.Generator().manual_seed(2),
+            **common,
+        )
 
     def loss_fn(module, i):
         s, n = draw_training_noise(x0[i], K=K, sigma_dist=sigma_dist, generator=g)
@@ -110,8 +133,14 @@ def child(args, r) -> None:
     fold = dpsgd.fold_noise_multiplicity
 
     def fold_and_measure(module, K):
-        state[0] = max(state[0], sum(p.grad_sample.numel() * p.grad_sample.element_size()
-                                     for p in module.parameters() if getattr(p, "grad_sample", None) is not None))
+        state[0] = max(
+            state[0],
+            sum(
+                p.grad_sample.numel() * p.grad_sample.element_size()
+                for p in module.parameters()
+                if getattr(p, "grad_sample", None) is not None
+            ),
+        )
         fold(module, K)
 
     clipped_sum = bk._clipped_sum
@@ -135,15 +164,22 @@ def child(args, r) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--recipe", nargs="+", default=["recipes/dpdm-mnist5k.yaml"],
-                    help="one or more recipes; with several, their steps are interleaved too and compared")
+    ap.add_argument(
+        "--recipe",
+        nargs="+",
+        default=["recipes/dpdm-mnist5k.yaml"],
+        help="one or more recipes; with several, their steps are interleaved too and compared",
+    )
     ap.add_argument("--batch", type=int, nargs="+", default=[64, 256], help="examples per step (fixed, for timing)")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     ap.add_argument("--no-memory", action="store_true", help="skip the per-path memory subprocesses")
-    ap.add_argument("--system-malloc", action="store_true",
-                    help="leave glibc's allocator as it is (privdiff's CLI keeps freed memory: privdiff.runtime)")
+    ap.add_argument(
+        "--system-malloc",
+        action="store_true",
+        help="leave glibc's allocator as it is (privdiff's CLI keeps freed memory: privdiff.runtime)",
+    )
     ap.add_argument("--child", choices=MODES, help=argparse.SUPPRESS)
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
@@ -152,8 +188,12 @@ def main() -> None:
     kept = keep_freed_memory()  # as `privdiff train` does, for every path alike
     torch.set_num_threads(args.threads)
     # "recipe.yaml@key=value,key=value": a recipe with its own overrides (after the common ones)
-    recipes = {spec: resolve_recipe(spec.split("@")[0], [*args.overrides, *(spec.split("@")[1].split(",") if "@" in spec else [])])
-               for spec in args.recipe}
+    recipes = {
+        spec: resolve_recipe(
+            spec.split("@")[0], [*args.overrides, *(spec.split("@")[1].split(",") if "@" in spec else [])]
+        )
+        for spec in args.recipe
+    }
     if args.child:
         return child(args, next(iter(recipes.values())))
     modes = ["non-private"] + [m for m in args.modes if m != "non-private"]
@@ -171,25 +211,51 @@ def main() -> None:
             if not args.no_memory:
                 for m in modes:
                     path_, _, own = path.partition("@")
-                    out = subprocess.run([sys.executable, "-W", "ignore", __file__, "--recipe", path_, "--batch", str(batch),
-                                          "--threads", str(args.threads), "--child", m, *args.overrides, *(own.split(",") if own else [])],
-                                         capture_output=True, text=True, check=True)
+                    out = subprocess.run(
+                        [
+                            sys.executable,
+                            "-W",
+                            "ignore",
+                            __file__,
+                            "--recipe",
+                            path_,
+                            "--batch",
+                            str(batch),
+                            "--threads",
+                            str(args.threads),
+                            "--child",
+                            m,
+                            *args.overrides,
+                            *(own.split(",") if own else []),
+                        ],
+                        capture_output=True,
+                        text=True,
+                        check=True,
+                    )
                     memory[m] = json.loads(out.stdout.strip().splitlines()[-1])
             base = medians[(path, "non-private")]
             den, _, desc = runs[(path, "non-private")]
             P = count_parameters(den)
-            print(f"\n{path}: {desc}, {P:,} trainable params, batch {batch} x K={r.privacy.noise_multiplicity}, "
-                  f"{args.threads} threads, median of {args.repeats}, allocator: {'freed memory kept' if kept else 'system'}")
-            print(f"{'path':<12} {'s/step':>8} {'ratio vs non-private':>21} {'step peak MiB':>14} {'per-example grads MiB':>22}")
+            print(
+                f"\n{path}: {desc}, {P:,} trainable params, batch {batch} x K={r.privacy.noise_multiplicity}, "
+                f"{args.threads} threads, median of {args.repeats}, allocator: {'freed memory kept' if kept else 'system'}"
+            )
+            print(
+                f"{'path':<12} {'s/step':>8} {'ratio vs non-private':>21} {'step peak MiB':>14} {'per-example grads MiB':>22}"
+            )
             for m in modes:
                 med = medians[(path, m)]
                 mem = memory.get(m, {})
-                print(f"{m:<12} {med:>8.3f} {med / base:>21.2f} {mem.get('step_mib', float('nan')):>14.0f} {mem.get('per_example_mib', float('nan')):>22.1f}")
+                print(
+                    f"{m:<12} {med:>8.3f} {med / base:>21.2f} {mem.get('step_mib', float('nan')):>14.0f} {mem.get('per_example_mib', float('nan')):>22.1f}"
+                )
         if len(recipes) > 1:
             first, mode = args.recipe[0], modes[-1]
             print(f"\n{mode} step of each recipe over {first}'s (same batch, interleaved):")
             for path in args.recipe[1:]:
-                print(f"  {path}: {medians[(path, mode)] / medians[(first, mode)]:.2f}x  ({medians[(path, mode)]:.3f} s vs {medians[(first, mode)]:.3f} s)")
+                print(
+                    f"  {path}: {medians[(path, mode)] / medians[(first, mode)]:.2f}x  ({medians[(path, mode)]:.3f} s vs {medians[(first, mode)]:.3f} s)"
+                )
 
 
 if __name__ == "__main__":

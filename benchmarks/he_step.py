@@ -72,6 +72,7 @@ def compat_rows(shape, *, element_slice: int):
         dec = np.array(out.decrypt().tolist())
         t3 = time.perf_counter()
         return (t1 - t0, t2 - t1, t3 - t2), len(enc.serialize()), len(out.serialize()), np.abs(dec - ref[:k]).max()
+
     t_el, (split, up, down, err) = timed(per_element, repeat=1)
     rows.append((f"per-element (×{n / k:.0f} from {k})", t_el * n / k, CPU[0] * n / k, up * n / k, down * n / k, err))
 
@@ -80,7 +81,13 @@ def compat_rows(shape, *, element_slice: int):
         cts = encrypt_packed(ctx, xf)
         out = update_encrypted(ctx, cts, f, add)
         dec = np.concatenate([ctx.decrypt(c) for c in out])
-        return sum(len(c.serialize()) for c in cts), sum(len(c.serialize()) for c in out), np.abs(dec - ref).max(), time.perf_counter() - t0
+        return (
+            sum(len(c.serialize()) for c in cts),
+            sum(len(c.serialize()) for c in out),
+            np.abs(dec - ref).max(),
+            time.perf_counter() - t0,
+        )
+
     t_pk, (up, down, err, _) = timed(packed)
     rows.append(("packed", t_pk, CPU[0], up, down, err))
 
@@ -91,8 +98,13 @@ def compat_rows(shape, *, element_slice: int):
         out = update_encrypted(ctx, cts, f, add[idx])
         x_next = merge(f * rem + add, idx, np.concatenate([ctx.decrypt(c) for c in out]))
         plain_parts = idx.size * 8 + rem.size * 8 + xf.size * 4  # indices, remainder, and x_t for the U-Net (plaintext)
-        return sum(len(c.serialize()) for c in cts) + plain_parts, sum(len(c.serialize()) for c in out) + rem.size * 8, \
-            np.abs(x_next - ref).max(), keep.float().mean().item()
+        return (
+            sum(len(c.serialize()) for c in cts) + plain_parts,
+            sum(len(c.serialize()) for c in out) + rem.size * 8,
+            np.abs(x_next - ref).max(),
+            keep.float().mean().item(),
+        )
+
     t_sp, (up, down, err, frac) = timed(sparse)
     rows.append((f"packed+sparse ({frac:.1%} encrypted)", t_sp, CPU[0], up, down, err))
     return rows
@@ -135,8 +147,10 @@ def private_row(run: str | None):
         rounds, up, down = (core.rounds - r0) / 3, (core.bytes_up - u0) / 3, (core.bytes_down - d0) / 3
     err = ((out - ref).norm() / ref.norm()).item()
     params = sum(p.numel() for p in net.unet.parameters())
-    return [("plain denoiser evaluation (2 rows)", t_plain, c_plain, 0, 0, 0.0),
-            (f"private mode, one evaluation ({rounds:.0f} round trips, {params:,} weights)", t_he, c_he, up, down, err)]
+    return [
+        ("plain denoiser evaluation (2 rows)", t_plain, c_plain, 0, 0, 0.0),
+        (f"private mode, one evaluation ({rounds:.0f} round trips, {params:,} weights)", t_he, c_he, up, down, err),
+    ]
 
 
 def main():
@@ -150,9 +164,14 @@ def main():
     print("|---|---|---|---|---|---|---|")
     for shape in [(1, 4, 7, 7)] + ([] if args.skip_large else [(1, 4, 64, 64)]):
         for name, t, c, up, down, err in compat_rows(shape, element_slice=args.element_slice):
-            print(f"| {'×'.join(map(str, shape[1:]))} | compat: {name} | {t:.4g} | {c:.4g} | {up / 1e6:.3g} | {down / 1e6:.3g} | {err:.2g} |", flush=True)
+            print(
+                f"| {'×'.join(map(str, shape[1:]))} | compat: {name} | {t:.4g} | {c:.4g} | {up / 1e6:.3g} | {down / 1e6:.3g} | {err:.2g} |",
+                flush=True,
+            )
     for name, t, c, up, down, err in private_row(args.run):
-        print(f"| 4×7×7 | {name} | {t:.4g} | {c:.4g} | {up / 1e6:.3g} | {down / 1e6:.3g} | {err:.2g} (rel) |", flush=True)
+        print(
+            f"| 4×7×7 | {name} | {t:.4g} | {c:.4g} | {up / 1e6:.3g} | {down / 1e6:.3g} | {err:.2g} (rel) |", flush=True
+        )
 
 
 if __name__ == "__main__":

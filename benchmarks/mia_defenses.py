@@ -22,8 +22,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-RECIPES = {"LoRA": "recipes/lora-mnist5k.yaml", "PrivateLoRA": "recipes/lora-mnist5k-privatelora.yaml",
-           "Stable PrivateLoRA": "recipes/lora-mnist5k-stable.yaml", "DP-SGD LoRA": "recipes/lora-mnist5k-dp.yaml"}
+RECIPES = {
+    "LoRA": "recipes/lora-mnist5k.yaml",
+    "PrivateLoRA": "recipes/lora-mnist5k-privatelora.yaml",
+    "Stable PrivateLoRA": "recipes/lora-mnist5k-stable.yaml",
+    "DP-SGD LoRA": "recipes/lora-mnist5k-dp.yaml",
+}
 ATTACKS = ("loss", "secmi", "pia", "pian", "proxy", "proxy-loss")
 
 
@@ -44,7 +48,13 @@ def main() -> None:
     ap.add_argument("--out", default="runs/mia")
     ap.add_argument("--n", type=int, default=1000, help="samples per evaluation (FID/KID)")
     ap.add_argument("--only", nargs="*", choices=list(RECIPES), help="a subset of the recipes")
-    ap.add_argument("--unused-nonmembers", type=int, default=0, metavar="N", help="attacks also score up to N pool examples in no role")
+    ap.add_argument(
+        "--unused-nonmembers",
+        type=int,
+        default=0,
+        metavar="N",
+        help="attacks also score up to N pool examples in no role",
+    )
     ap.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides for every run")
     args = ap.parse_args()
     rows = []
@@ -55,9 +65,15 @@ def main() -> None:
         privdiff("train", recipe, *args.overrides, "--out", str(run), "--quiet")  # a finished run: nothing to do
         scored = ["member_test", "nonmember_test+unused" if args.unused_nonmembers else "nonmember_test"]
         splits = json.loads((run / "splits.json").read_text())["roles"]
-        n_non = len(splits["nonmember_test"]["indices"]) + args.unused_nonmembers  # the pool has more unused examples than asked
-        if not all(_scored(run / "attacks" / f"{a}.json") == (scored, n_non) for a in ATTACKS):  # delete RUN/attacks to score again
-            privdiff("attack", str(run), "--attack", "all", "--quiet", "--unused-nonmembers", str(args.unused_nonmembers))
+        n_non = (
+            len(splits["nonmember_test"]["indices"]) + args.unused_nonmembers
+        )  # the pool has more unused examples than asked
+        if not all(
+            _scored(run / "attacks" / f"{a}.json") == (scored, n_non) for a in ATTACKS
+        ):  # delete RUN/attacks to score again
+            privdiff(
+                "attack", str(run), "--attack", "all", "--quiet", "--unused-nonmembers", str(args.unused_nonmembers)
+            )
         if not (run / "metrics.json").is_file():
             privdiff("evaluate", str(run), "--n", str(args.n), "--quiet", "--no-report")
         metrics = json.loads((run / "metrics.json").read_text())
@@ -72,10 +88,16 @@ def main() -> None:
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
     for name, eps, m, a, wall in rows:
+
         def cell(r):
             tpr = "n/r" if r["tpr_at_1pct_fpr"] is None else f"{r['tpr_at_1pct_fpr']:.3f}"
             return f"{r['auc']:.3f} / {tpr}"
-        print(f"| {name} | {'∞' if eps is None else f'{eps:.2f}'} | {m['metrics']['fid']['value']:.2f} | {m['metrics']['kid']['value']:.4f} | " + " | ".join(cell(a[x]) for x in ATTACKS) + f" | {wall:.0f} |")
+
+        print(
+            f"| {name} | {'∞' if eps is None else f'{eps:.2f}'} | {m['metrics']['fid']['value']:.2f} | {m['metrics']['kid']['value']:.4f} | "
+            + " | ".join(cell(a[x]) for x in ATTACKS)
+            + f" | {wall:.0f} |"
+        )
 
 
 if __name__ == "__main__":

@@ -53,4 +53,3 @@ def deterministic_kernels():
     torch.use_deterministic_algorithms(True)
     yield
     torch.use_deterministic_algorithms(before)
-

@@ -84,19 +84,31 @@ def assert_latent_net_same(net: nn.Module, K: int, *, B: int = 4, C: float = 1e-
     g = torch.Generator().manual_seed(seed)
     x0 = torch.randn(B, *net.sample_shape, generator=g)
     sigma, noise = draw_training_noise(x0, K=K, sigma_dist=LogNormalSigma(), generator=g)
-    cond = net.conditions(labels=torch.randint(0, 10, (B * K,), generator=g), prompts=[caption(str(i % 10)) for i in range(B * K)], n=B * K)
+    cond = net.conditions(
+        labels=torch.randint(0, 10, (B * K,), generator=g),
+        prompts=[caption(str(i % 10)) for i in range(B * K)],
+        n=B * K,
+    )
     cond = cond.view(B, K, -1)
 
     def batch_loss(m):
         return denoising_loss(m, x0, cond, sigma=sigma, noise=noise, loss_weight=den.loss_weight)
 
     def row_loss(m, b):
-        return denoising_loss(m, x0[b:b + 1], cond[b:b + 1], sigma=sigma[b:b + 1], noise=noise[b:b + 1], loss_weight=den.loss_weight)
+        return denoising_loss(
+            m,
+            x0[b : b + 1],
+            cond[b : b + 1],
+            sigma=sigma[b : b + 1],
+            noise=noise[b : b + 1],
+            loss_weight=den.loss_weight,
+        )
 
     assert_same(den, batch_loss, row_loss, B, K, C)
 
 
 # -- accountant references (dp-accounting) --------------------------------------------------------
+
 
 def sgm_event(sigma: float, q: float, steps: int) -> dp_accounting.DpEvent:
     return dp_accounting.SelfComposedDpEvent(
@@ -119,7 +131,9 @@ def dp_accounting_rdp(history, delta=DELTA, orders=RDP_ORDERS) -> float:
 NAMES = tuple(str(d) for d in range(10))
 
 
-def tiny_he_net(seed: int = 0, config: HENetConfig = HENetConfig(width=32, blocks=1, heads=2, head_dim=8, mlp_ratio=2, fourier=4)):
+def tiny_he_net(
+    seed: int = 0, config: HENetConfig = HENetConfig(width=32, blocks=1, heads=2, head_dim=8, mlp_ratio=2, fourier=4)
+):
     """A tiny HE-friendly denoiser (H = 32, one block) on 4×4×4 latents with fresh random weights of a trained-like size
     (also the model of tests/he's encrypted evaluations)."""
     torch.manual_seed(seed)
@@ -132,6 +146,7 @@ def tiny_he_net(seed: int = 0, config: HENetConfig = HENetConfig(width=32, block
 
 
 # -- a tiny Stable-Diffusion-layout pipeline, built from configs (nothing downloaded) -----------------
+
 
 def tiny_sd_pipeline(path, *, prediction_type: str = "epsilon", seed: int = 0):
     """Save a tiny StableDiffusionPipeline (UNet2DConditionModel with cross-attention, AutoencoderKL, CLIP text
@@ -154,21 +169,65 @@ def tiny_sd_pipeline(path, *, prediction_type: str = "epsilon", seed: int = 0):
     (tok_dir / "merges.txt").write_text("#version: 0.2\n")
     tokenizer = CLIPTokenizer(str(tok_dir / "vocab.json"), str(tok_dir / "merges.txt"), model_max_length=8)
     torch.manual_seed(seed)
-    text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=len(vocab), hidden_size=12, intermediate_size=16, num_attention_heads=2,
-                                                num_hidden_layers=1, max_position_embeddings=8, bos_token_id=0, eos_token_id=1, pad_token_id=1))
-    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(8, 16),
-                                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-                                cross_attention_dim=12, attention_head_dim=4, norm_num_groups=4)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                        block_out_channels=(8, 8), latent_channels=4, norm_num_groups=4, sample_size=16)
-    scheduler = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, prediction_type=prediction_type, clip_sample=False)
-    pipe = StableDiffusionPipeline(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler,
-                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(vocab),
+            hidden_size=12,
+            intermediate_size=16,
+            num_attention_heads=2,
+            num_hidden_layers=1,
+            max_position_embeddings=8,
+            bos_token_id=0,
+            eos_token_id=1,
+            pad_token_id=1,
+        )
+    )
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(8, 16),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=12,
+        attention_head_dim=4,
+        norm_num_groups=4,
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(8, 8),
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=16,
+    )
+    scheduler = DDIMScheduler(
+        beta_schedule="scaled_linear",
+        beta_start=0.00085,
+        beta_end=0.012,
+        prediction_type=prediction_type,
+        clip_sample=False,
+    )
+    pipe = StableDiffusionPipeline(
+        unet=unet,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
     pipe.save_pretrained(path)
     return pipe
 
 
-def image_folder(root: Path, rng: np.random.Generator, *, classes: dict[str, int], mode: str = "L", size: int = 8) -> Path:
+def image_folder(
+    root: Path, rng: np.random.Generator, *, classes: dict[str, int], mode: str = "L", size: int = 8
+) -> Path:
     """A user's class folder: one sub-folder per class of fresh random PNGs (``mode`` "L" or "RGB", ``size``²)."""
     for name, count in classes.items():
         (root / name).mkdir(parents=True)

@@ -92,8 +92,12 @@ def test_no_import_runs_up_a_floor(graph):
 
 
 def test_only_the_command_line_imports_methods(graph):
-    users = sorted(m for m, ts in graph.items() for t in ts if _package(t) == "methods" and _package(m) not in ("methods", "cli"))
-    assert not users, f"modules that import privdiff.methods (only the CLI may; others go through privdiff.method_registry): {users}"
+    users = sorted(
+        m for m, ts in graph.items() for t in ts if _package(t) == "methods" and _package(m) not in ("methods", "cli")
+    )
+    assert not users, (
+        f"modules that import privdiff.methods (only the CLI may; others go through privdiff.method_registry): {users}"
+    )
 
 
 def _cycle(edges: dict[str, set[str]]) -> list[str] | None:
@@ -106,7 +110,7 @@ def _cycle(edges: dict[str, set[str]]) -> list[str] | None:
         path.append(n)
         for t in sorted(edges.get(n, ())):
             if state.get(t) == 1:
-                return path[path.index(t):] + [t]
+                return path[path.index(t) :] + [t]
             if t not in state and (found := visit(t)):
                 return found
         path.pop()

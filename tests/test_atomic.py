@@ -18,8 +18,13 @@ def test_remove_temporaries_takes_only_the_named_targets_here(tmp_path):
     rng = random.Random()
     ours = [tmp_path / _mkstemp_like(n, rng) for n in ("config.yaml", "ledger.json", "step-000012")]
     (tmp_path / "sub").mkdir()
-    users = [tmp_path / ".notes.tmp", tmp_path / ".config.yaml.tmp", tmp_path / _mkstemp_like("notes.txt", rng),
-             tmp_path / f".config.yaml.{'x' * 9}.tmp", tmp_path / "sub" / _mkstemp_like("config.yaml", rng)]
+    users = [
+        tmp_path / ".notes.tmp",
+        tmp_path / ".config.yaml.tmp",
+        tmp_path / _mkstemp_like("notes.txt", rng),
+        tmp_path / f".config.yaml.{'x' * 9}.tmp",
+        tmp_path / "sub" / _mkstemp_like("config.yaml", rng),
+    ]
     for p in ours[:2] + users:
         p.write_text("keep me" if p in users else "")
     ours[2].mkdir()

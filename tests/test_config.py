@@ -8,8 +8,16 @@ from privdiff.config import Recipe, RecipeError, parse_overrides, recipe_to_dict
 
 
 def test_defaults_and_dotted_overrides():
-    r = resolve_recipe(None, ["privacy.epsilon=1", "train.batch_size=512", "model.channels=[16,32]", "model.attention_levels=[1]",
-                                "train.max_steps=null"])
+    r = resolve_recipe(
+        None,
+        [
+            "privacy.epsilon=1",
+            "train.batch_size=512",
+            "model.channels=[16,32]",
+            "model.attention_levels=[1]",
+            "train.max_steps=null",
+        ],
+    )
     assert r.privacy.epsilon == 1.0 and isinstance(r.privacy.epsilon, float)
     assert r.train.batch_size == 512 and r.model.channels == (16, 32) and r.train.max_steps is None
     assert r.privacy.delta == Recipe().privacy.delta
@@ -43,7 +51,13 @@ def test_shipped_recipes_resolve():
     from importlib import resources
 
     names = sorted(p.name for p in (resources.files("privdiff") / "recipes").iterdir() if p.name.endswith(".yaml"))
-    assert {"dpdm-mnist5k.yaml", "dpdm-mnist5k-eps1.yaml", "dpdm-mnist5k-nonprivate.yaml", "dp-ldm-mnist5k.yaml", "dp-ldm-mnist5k-eps1.yaml"} <= set(names)
+    assert {
+        "dpdm-mnist5k.yaml",
+        "dpdm-mnist5k-eps1.yaml",
+        "dpdm-mnist5k-nonprivate.yaml",
+        "dp-ldm-mnist5k.yaml",
+        "dp-ldm-mnist5k-eps1.yaml",
+    } <= set(names)
     for n in names:
         resolve_recipe(str(resources.files("privdiff") / "recipes" / n))
 
@@ -66,12 +80,15 @@ import typing  # noqa: E402
 from privdiff.config import RANGES, Bound, parse_value, validate_recipe  # noqa: E402
 
 
-@pytest.mark.parametrize("text, says", [
-    ("privacy: {epsilon: 1}\nprivacy: {epsilon: 50}\n", "duplicate key 'privacy'"),
-    ("privacy:\n  epsilon: 1\n  delta: 1.0e-5\n  epsilon: 50\n", "duplicate key 'epsilon'"),
-    ("ldm:\n  autoencoder:\n    lr: 1.0e-3\n    lr: 5.0e-3\n", "duplicate key 'lr'"),
-    ("method: dpdm\nmethod: dpp\n", "duplicate key 'method'"),
-])
+@pytest.mark.parametrize(
+    "text, says",
+    [
+        ("privacy: {epsilon: 1}\nprivacy: {epsilon: 50}\n", "duplicate key 'privacy'"),
+        ("privacy:\n  epsilon: 1\n  delta: 1.0e-5\n  epsilon: 50\n", "duplicate key 'epsilon'"),
+        ("ldm:\n  autoencoder:\n    lr: 1.0e-3\n    lr: 5.0e-3\n", "duplicate key 'lr'"),
+        ("method: dpdm\nmethod: dpp\n", "duplicate key 'method'"),
+    ],
+)
 def test_a_key_given_twice_in_a_recipe_is_an_error(tmp_path, text, says):
     """`privacy: {epsilon: 1}` then `privacy: {epsilon: 50}` used to train at 50: the last one silently won."""
     path = tmp_path / "recipe.yaml"
@@ -87,10 +104,16 @@ def test_a_yaml_merge_key_may_still_override_what_it_merges(tmp_path):
     assert resolve_recipe(path).privacy.epsilon == 1.0
 
 
-@pytest.mark.parametrize("text, overrides", [
-    ("privacy: 5\n", []), ("privacy: 5\n", ["privacy.epsilon=3"]), ("privacy:\n", []), ("train: [1, 2]\n", ["train.lr=0.1"]),
-    ("ldm: {autoencoder: 3}\n", ["ldm.autoencoder.lr=0.1"]),
-])
+@pytest.mark.parametrize(
+    "text, overrides",
+    [
+        ("privacy: 5\n", []),
+        ("privacy: 5\n", ["privacy.epsilon=3"]),
+        ("privacy:\n", []),
+        ("train: [1, 2]\n", ["train.lr=0.1"]),
+        ("ldm: {autoencoder: 3}\n", ["ldm.autoencoder.lr=0.1"]),
+    ],
+)
 def test_a_section_given_as_a_scalar_is_an_error(tmp_path, text, overrides):
     """Even when an override names a key inside it (the scalar used to be replaced silently)."""
     path = tmp_path / "recipe.yaml"
@@ -101,22 +124,70 @@ def test_a_section_given_as_a_scalar_is_an_error(tmp_path, text, overrides):
         resolve_recipe(None, ["privacy=5"])
 
 
-@pytest.mark.parametrize("override", [
-    "privacy.max_grad_norm=inf", "privacy.epsilon=inf", "privacy.epsilon=.inf", "privacy.epsilon=nan", "privacy.epsilon=0",
-    "privacy.epsilon=1e400", "privacy.delta=1", "privacy.delta=0", "privacy.delta=2", "privacy.delta=-1e-5",
-    "train.lr=inf", "train.lr=0", "train.lr=-1e-3", "sampler.guidance=.nan", "sampler.guidance=inf", "sampler.guidance=-1",
-    "train.epochs=inf", "train.epochs=0", "train.checkpoint_every=0", "train.batch_size=0", "train.batch_size=-5",
-    "train.max_steps=0", "train.seed=-1", "model.channels=[]", "model.channels=[0]", "model.layers_per_block=0",
-    "model.dropout=1", "privacy.noise_multiplicity=0", "diffusion.label_dropout=1.5", "diffusion.P_std=0",
-    "sampler.steps=0", "sampler.sigma_min=0", "sampler.sigma_max=inf", "sampler.S_max=nan", "sampler.rho=0",
-    "evaluate.n_samples=1", "evaluate.holdout=1", "evaluate.kid_subset_size=1", "ldm.autoencoder.lr=nan",
-    "ldm.pretrain.epochs=inf", "ldm.text.caption_dropout=1", "dpp.noise_multiplier=inf", "dpp.magnitude=11",
-    "dpp.pretrain.batch_size=0", "lora.rank=0", "lora.stabilizer=0", "lora.pretrain.lr=inf", "ldm.he.blocks=0",
-    # values that would only fail when the network is built, mid-start
-    "model.channels=[6,16]", "model.attention_head_dim=64", "model.attention_levels=[5]", "data.resolution=27",
-    # malformed values
-    "train.batch_size=[1,", "train.batch_size=1.5", "privacy.epsilon={a: 1", "privacy.epsilon=abc", "model.channels={a: 1}",
-])
+@pytest.mark.parametrize(
+    "override",
+    [
+        "privacy.max_grad_norm=inf",
+        "privacy.epsilon=inf",
+        "privacy.epsilon=.inf",
+        "privacy.epsilon=nan",
+        "privacy.epsilon=0",
+        "privacy.epsilon=1e400",
+        "privacy.delta=1",
+        "privacy.delta=0",
+        "privacy.delta=2",
+        "privacy.delta=-1e-5",
+        "train.lr=inf",
+        "train.lr=0",
+        "train.lr=-1e-3",
+        "sampler.guidance=.nan",
+        "sampler.guidance=inf",
+        "sampler.guidance=-1",
+        "train.epochs=inf",
+        "train.epochs=0",
+        "train.checkpoint_every=0",
+        "train.batch_size=0",
+        "train.batch_size=-5",
+        "train.max_steps=0",
+        "train.seed=-1",
+        "model.channels=[]",
+        "model.channels=[0]",
+        "model.layers_per_block=0",
+        "model.dropout=1",
+        "privacy.noise_multiplicity=0",
+        "diffusion.label_dropout=1.5",
+        "diffusion.P_std=0",
+        "sampler.steps=0",
+        "sampler.sigma_min=0",
+        "sampler.sigma_max=inf",
+        "sampler.S_max=nan",
+        "sampler.rho=0",
+        "evaluate.n_samples=1",
+        "evaluate.holdout=1",
+        "evaluate.kid_subset_size=1",
+        "ldm.autoencoder.lr=nan",
+        "ldm.pretrain.epochs=inf",
+        "ldm.text.caption_dropout=1",
+        "dpp.noise_multiplier=inf",
+        "dpp.magnitude=11",
+        "dpp.pretrain.batch_size=0",
+        "lora.rank=0",
+        "lora.stabilizer=0",
+        "lora.pretrain.lr=inf",
+        "ldm.he.blocks=0",
+        # values that would only fail when the network is built, mid-start
+        "model.channels=[6,16]",
+        "model.attention_head_dim=64",
+        "model.attention_levels=[5]",
+        "data.resolution=27",
+        # malformed values
+        "train.batch_size=[1,",
+        "train.batch_size=1.5",
+        "privacy.epsilon={a: 1",
+        "privacy.epsilon=abc",
+        "model.channels={a: 1}",
+    ],
+)
 def test_every_numeric_value_out_of_its_range_is_an_error(override):
     with pytest.raises(RecipeError) as e:
         resolve_recipe("recipes/dpdm-mnist5k.yaml", [override])
@@ -125,15 +196,31 @@ def test_every_numeric_value_out_of_its_range_is_an_error(override):
 
 def test_numbers_with_an_exponent_are_floats_as_in_yaml_1_2(tmp_path):
     """YAML 1.1 reads 1e-5 as the string "1e-5" (it used to be refused as a float)."""
-    r = resolve_recipe(None, ["privacy.delta=1e-5", "train.lr=3E-4", "privacy.epsilon=1e1", "train.batch_size=1e2",
-                              "sampler.sigma_max=8.0e1"])
-    assert (r.privacy.delta, r.train.lr, r.privacy.epsilon, r.train.batch_size, r.sampler.sigma_max) == (1e-5, 3e-4, 10.0, 100, 80.0)
+    r = resolve_recipe(
+        None,
+        [
+            "privacy.delta=1e-5",
+            "train.lr=3E-4",
+            "privacy.epsilon=1e1",
+            "train.batch_size=1e2",
+            "sampler.sigma_max=8.0e1",
+        ],
+    )
+    assert (r.privacy.delta, r.train.lr, r.privacy.epsilon, r.train.batch_size, r.sampler.sigma_max) == (
+        1e-5,
+        3e-4,
+        10.0,
+        100,
+        80.0,
+    )
     assert isinstance(r.train.batch_size, int)
     path = tmp_path / "recipe.yaml"
     path.write_text("privacy:\n  delta: 1e-6\ntrain:\n  lr: 2e-3\n")
     r = resolve_recipe(path)
     assert (r.privacy.delta, r.train.lr) == (1e-6, 2e-3)
-    assert resolve_recipe(None, ["data.root=1e5x"]).data.root == os.path.abspath("1e5x")  # not a number: a path as before
+    assert resolve_recipe(None, ["data.root=1e5x"]).data.root == os.path.abspath(
+        "1e5x"
+    )  # not a number: a path as before
 
 
 def _numeric_keys(cls=Recipe, prefix=""):
@@ -180,18 +267,27 @@ def test_data_split_keys_and_absolute_roots(tmp_path, monkeypatch):
     seed, fraction = random.randrange(2**31), round(random.uniform(0.05, 0.95), 3)
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    r = resolve_recipe(None, ["data.name=folder", "data.root=~/flowers", f"data.holdout={fraction}", f"data.holdout_seed={seed}"])
-    assert (r.data.root, r.data.holdout, r.data.holdout_seed, r.data.test_root) == (str(tmp_path / "home/flowers"), fraction, seed, None)
+    r = resolve_recipe(
+        None, ["data.name=folder", "data.root=~/flowers", f"data.holdout={fraction}", f"data.holdout_seed={seed}"]
+    )
+    assert (r.data.root, r.data.holdout, r.data.holdout_seed, r.data.test_root) == (
+        str(tmp_path / "home/flowers"),
+        fraction,
+        seed,
+        None,
+    )
     r = resolve_recipe(None, ["data.name=folder", "data.root=flowers", "data.test_root=../test.zip"])
     assert (r.data.root, r.data.test_root) == (str(tmp_path / "flowers"), str(tmp_path.parent / "test.zip"))
     monkeypatch.chdir(tmp_path.parent)
     assert resolve_recipe(recipe_to_dict(r)) == r  # a saved config reads back unchanged from elsewhere
-    for bad, says in [(["data.holdout=0.2"], "mnist5k has a test split of its own"),
-                      (["data.name=folder", "data.holdout=0.2", "data.test_root=t"], "not both"),
-                      (["data.name=folder", "data.holdout=1"], "data.holdout"),
-                      (["data.name=folder", "data.holdout=0"], "data.holdout"),
-                      (["data.holdout_seed=-1"], "data.holdout_seed"),
-                      (["evaluate.features=inception"], "evaluate.features must be one of public, photos, train")]:
+    for bad, says in [
+        (["data.holdout=0.2"], "mnist5k has a test split of its own"),
+        (["data.name=folder", "data.holdout=0.2", "data.test_root=t"], "not both"),
+        (["data.name=folder", "data.holdout=1"], "data.holdout"),
+        (["data.name=folder", "data.holdout=0"], "data.holdout"),
+        (["data.holdout_seed=-1"], "data.holdout_seed"),
+        (["evaluate.features=inception"], "evaluate.features must be one of public, photos, train"),
+    ]:
         with pytest.raises(RecipeError, match=says) as e:
             resolve_recipe(recipe, bad)
         assert "\n" not in str(e.value)

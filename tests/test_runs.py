@@ -27,9 +27,21 @@ from privdiff.runs import Run
 pytestmark = pytest.mark.slow
 
 # the smallest DPDM: a one-level UNet on 4x4 digits (sklearn's), a few seconds a run
-MICRO = ["data.name=digits", "data.resolution=4", "model.channels=[4]", "model.attention_levels=[]", "model.norm_num_groups=2",
-         "model.attention_head_dim=4", "train.batch_size=8", "train.epochs=1", "privacy.noise_multiplicity=1",
-         "train.max_physical_batch_size=64", "sampler.steps=1", "train.max_steps=4", "train.checkpoint_every=2"]
+MICRO = [
+    "data.name=digits",
+    "data.resolution=4",
+    "model.channels=[4]",
+    "model.attention_levels=[]",
+    "model.norm_num_groups=2",
+    "model.attention_head_dim=4",
+    "train.batch_size=8",
+    "train.epochs=1",
+    "privacy.noise_multiplicity=1",
+    "train.max_physical_batch_size=64",
+    "sampler.steps=1",
+    "train.max_steps=4",
+    "train.checkpoint_every=2",
+]
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 
 
@@ -57,8 +69,11 @@ def run(trained, tmp_path) -> Run:
 
 
 def _snapshot(path: Path) -> dict[str, str]:
-    return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(path.rglob("*")) if p.is_file() and p.name != ".lock"}
+    return {
+        str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(path.rglob("*"))
+        if p.is_file() and p.name != ".lock"
+    }
 
 
 def _flip_a_byte(path: Path) -> None:
@@ -95,6 +110,7 @@ def _resume(run: Run) -> list[str]:
 
 
 # -- resuming past damaged or missing checkpoints (the advice printed is one that works) -----------
+
 
 def test_a_damaged_checkpoint_is_set_aside_and_the_run_resumes_from_the_one_before(run, capsys):
     events = _events(run)
@@ -146,8 +162,11 @@ def test_with_no_intact_checkpoint_left_training_restarts_and_the_ledger_keeps_i
 
 # -- damaged run files: one line, non-zero exit, nothing touched ------------------------------------
 
+
 def _damage(run: Run, what: str) -> None:
-    cut = lambda p: p.write_text("".join(p.read_text().splitlines(keepends=True)[: len(p.read_text().splitlines()) // 2]))  # noqa: E731
+    cut = lambda p: p.write_text(
+        "".join(p.read_text().splitlines(keepends=True)[: len(p.read_text().splitlines()) // 2])
+    )  # noqa: E731
     if what == "config-garbage":
         run.config_path.write_bytes(os.urandom(200))
     elif what == "config-cut":
@@ -171,20 +190,28 @@ def _damage(run: Run, what: str) -> None:
         (run.path / "eval" / "samples.npz").write_bytes(b"PK\x03\x04" + os.urandom(300))
 
 
-CASES = [(d, c) for d in ("config-garbage", "config-cut", "config-empty", "config-list") for c in ("sample", "train", "evaluate")] + [
-    (d, c) for d in ("state-garbage",) for c in ("sample", "evaluate")] + [
-    (d, c) for d in ("ledger-garbage", "ledger-event", "ledger-cut") for c in ("train", "budget", "evaluate")] + [
-    ("samples-garbage", "evaluate")]
+CASES = (
+    [
+        (d, c)
+        for d in ("config-garbage", "config-cut", "config-empty", "config-list")
+        for c in ("sample", "train", "evaluate")
+    ]
+    + [(d, c) for d in ("state-garbage",) for c in ("sample", "evaluate")]
+    + [(d, c) for d in ("ledger-garbage", "ledger-event", "ledger-cut") for c in ("train", "budget", "evaluate")]
+    + [("samples-garbage", "evaluate")]
+)
 
 
 @pytest.mark.parametrize("damage,command", CASES)
 def test_a_damaged_run_file_is_a_one_line_error_and_nothing_is_touched(run, capsys, damage, command):
     _damage(run, damage)
     before = _snapshot(run.path)
-    argv = {"sample": ["sample", str(run.path), "--n", "4", "--quiet"],
-            "train": ["train", "dpdm-mnist5k", *MICRO, "train.max_steps=6", "--out", str(run.path), "--quiet"],
-            "evaluate": ["evaluate", str(run.path), "--n", "20", "--no-report", "--quiet"],
-            "budget": ["budget", "show", str(run.path)]}[command]
+    argv = {
+        "sample": ["sample", str(run.path), "--n", "4", "--quiet"],
+        "train": ["train", "dpdm-mnist5k", *MICRO, "train.max_steps=6", "--out", str(run.path), "--quiet"],
+        "evaluate": ["evaluate", str(run.path), "--n", "20", "--no-report", "--quiet"],
+        "budget": ["budget", "show", str(run.path)],
+    }[command]
     assert main(argv) != 0
     err = _one_line_error(capsys)
     assert str(run.path) in err
@@ -194,12 +221,19 @@ def test_a_damaged_run_file_is_a_one_line_error_and_nothing_is_touched(run, caps
 
 # -- a full disk while a checkpoint is written --------------------------------------------------------
 
+
 @contextlib.contextmanager
 def _small_disk(path: Path, size: str):
     """``path`` on a tmpfs of ``size`` (needs root and mount); yields a function that enlarges it, or None."""
     path.mkdir()
-    if os.geteuid() != 0 or shutil.which("mount") is None or subprocess.run(
-            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True).returncode != 0:
+    if (
+        os.geteuid() != 0
+        or shutil.which("mount") is None
+        or subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True
+        ).returncode
+        != 0
+    ):
         yield None
         return
     try:
@@ -215,12 +249,21 @@ def _train_process(out: Path, registry: Path, *, fsize: int, extra: list[str] = 
 
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails with EFBIG instead of killing the process
         resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
+
     env = {**os.environ, "PRIVDIFF_REGISTRY": str(registry), "PRIVDIFF_TEST_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "privdiff.cli", "train", "dpdm-mnist5k", *MICRO, *extra, "--out", str(out),
-                           "--quiet"], env=env, capture_output=True, text=True, timeout=300, preexec_fn=limit)
+    return subprocess.run(
+        [sys.executable, "-m", "privdiff.cli", "train", "dpdm-mnist5k", *MICRO, *extra, "--out", str(out), "--quiet"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        preexec_fn=limit,
+    )
 
 
-def test_a_full_disk_while_writing_a_checkpoint_loses_nothing_and_the_run_resumes(trained, tmp_path, capsys, monkeypatch):
+def test_a_full_disk_while_writing_a_checkpoint_loses_nothing_and_the_run_resumes(
+    trained, tmp_path, capsys, monkeypatch
+):
     """The run dir on a tmpfs that holds one checkpoint but not two (or, without root, in a child process
     whose file-size limit the optimizer state passes): a one-line error, the checkpoint written before
     intact, no temporary left, and once there is room the run resumes to the ledger of an uninterrupted run."""

@@ -64,7 +64,9 @@ def _bounded(kind: type, lo: float | None = None, hi: float | None = None, *, lo
         try:
             value = kind(raw.strip())
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {raw!r}") from None
+            raise argparse.ArgumentTypeError(
+                f"expected {'an integer' if kind is int else 'a number'}, got {raw!r}"
+            ) from None
         try:
             Bound(lo=lo, hi=hi, lo_open=lo_open).check("", value)
         except RecipeError as e:
@@ -108,7 +110,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .config import resolve_recipe
     from .distributed import init_from_env, launched_by_torchrun, shutdown
 
-    recipe = resolve_recipe(_recipe_path(args.recipe), args.overrides)  # a bad recipe fails here, before any worker starts
+    recipe = resolve_recipe(
+        _recipe_path(args.recipe), args.overrides
+    )  # a bad recipe fails here, before any worker starts
     out = args.out or os.path.join("runs", Path(args.recipe).stem)
     if not launched_by_torchrun() or int(os.environ.get("RANK", "0")) == 0:
         _check_registry()
@@ -129,14 +133,25 @@ def _launch_torchrun(args: argparse.Namespace, out: str) -> int:
     from torch.distributed import run as torchrun
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
-    argv = ["--standalone", f"--nproc-per-node={args.nproc}", "--module", "privdiff.cli", "train", args.recipe,
-            *args.overrides, "--out", out] + (["--quiet"] if args.quiet else [])
+    argv = [
+        "--standalone",
+        f"--nproc-per-node={args.nproc}",
+        "--module",
+        "privdiff.cli",
+        "train",
+        args.recipe,
+        *args.overrides,
+        "--out",
+        out,
+    ] + (["--quiet"] if args.quiet else [])
     try:
         torchrun.main(argv)
     except ChildFailedError as e:
         codes = sorted({f.exitcode for f in e.failures.values()})
-        print(f"privdiff: error: {len(e.failures)} of {args.nproc} workers failed (exit {codes}); their messages are above",
-              file=sys.stderr)
+        print(
+            f"privdiff: error: {len(e.failures)} of {args.nproc} workers failed (exit {codes}); their messages are above",
+            file=sys.stderr,
+        )
         return next((c for c in codes if c > 0), 1)
     return 0
 
@@ -188,14 +203,28 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
     kind = _sample_output(args.out)
     run = Run(args.run)
-    overrides = [f"sampler.{k}={v}" for k, v in (("steps", args.steps), ("guidance", args.guidance), ("name", args.sampler)) if v is not None]
+    overrides = [
+        f"sampler.{k}={v}"
+        for k, v in (("steps", args.steps), ("guidance", args.guidance), ("name", args.sampler))
+        if v is not None
+    ]
     recipe = resolve_recipe(recipe_to_dict(run.load_config()), overrides)
     denoiser = load_denoiser(run, recipe)
-    labels, nrow = sample_labels(n=args.n, num_classes=denoiser.net.num_classes, label=args.label, text=args.prompt is not None)
+    labels, nrow = sample_labels(
+        n=args.n, num_classes=denoiser.net.num_classes, label=args.label, text=args.prompt is not None
+    )
     n = args.n if labels is None else len(labels)
     prompts = None if args.prompt is None else [args.prompt]
-    images = generate(denoiser, labels=labels, n=n, recipe=recipe, prompts=prompts, decode=load_decoder(run),
-                      seed=args.seed, progress=not args.quiet)
+    images = generate(
+        denoiser,
+        labels=labels,
+        n=n,
+        recipe=recipe,
+        prompts=prompts,
+        decode=load_decoder(run),
+        seed=args.seed,
+        progress=not args.quiet,
+    )
     lab = None if labels is None else labels.numpy()
     if kind == "png":
         save_grid(args.out, images, nrow=nrow)
@@ -220,11 +249,28 @@ def cmd_budget_calibrate(args: argparse.Namespace) -> int:
     if args.batch_size > args.n:
         raise ValueError(f"--batch-size must be in [1, --n], got {args.batch_size} for n={args.n}")
     q = args.batch_size / args.n
-    steps = args.steps if args.steps is not None else steps_for(epochs=args.epochs, num_examples=args.n, batch_size=args.batch_size)
-    sigma = calibrate_noise(epsilon_target=args.epsilon, delta=args.delta, sample_rate=q, steps=steps, accountant=args.accountant)
+    steps = (
+        args.steps
+        if args.steps is not None
+        else steps_for(epochs=args.epochs, num_examples=args.n, batch_size=args.batch_size)
+    )
+    sigma = calibrate_noise(
+        epsilon_target=args.epsilon, delta=args.delta, sample_rate=q, steps=steps, accountant=args.accountant
+    )
     eps = epsilon([(sigma, q, steps)], delta=args.delta, accountant=args.accountant)
-    print(json.dumps({"noise_multiplier": sigma, "sample_rate": q, "steps": steps, "epsilon": eps, "delta": args.delta,
-                      "accountant": args.accountant}, indent=2))
+    print(
+        json.dumps(
+            {
+                "noise_multiplier": sigma,
+                "sample_rate": q,
+                "steps": steps,
+                "epsilon": eps,
+                "delta": args.delta,
+                "accountant": args.accountant,
+            },
+            indent=2,
+        )
+    )
     return 0
 
 
@@ -260,7 +306,9 @@ def cmd_budget_init(args: argparse.Namespace) -> int:
 
     registry = Registry(args.registry, create=True)
     if registry.created:
-        print(f"created an empty budget registry at {registry.display} (no caps yet: privdiff budget cap RECIPE --epsilon E)")
+        print(
+            f"created an empty budget registry at {registry.display} (no caps yet: privdiff budget cap RECIPE --epsilon E)"
+        )
     else:
         n = len(registry.status())
         print(f"{registry.display} is already a budget registry ({n} data set{'s' * (n != 1)}): nothing changed")
@@ -276,8 +324,12 @@ def cmd_budget_cap(args: argparse.Namespace) -> int:
     recipe = resolve_recipe(_recipe_path(args.recipe), args.overrides)
     registry = _registry(args)  # a registry that is not there is refused before the data is read
     identity = data_identity(private_dataset(recipe))
-    registry.set_cap(dataset=identity, epsilon=None if args.remove else args.epsilon,
-                     delta=args.delta or recipe.privacy.delta, accountant=recipe.privacy.accountant)
+    registry.set_cap(
+        dataset=identity,
+        epsilon=None if args.remove else args.epsilon,
+        delta=args.delta or recipe.privacy.delta,
+        accountant=recipe.privacy.accountant,
+    )
     print(format_status(registry.status(registry.dataset_key(identity["fingerprint"]))))
     return 0
 
@@ -293,8 +345,10 @@ def cmd_budget_release(args: argparse.Namespace) -> int:
     else:
         kept = entry.epsilon()
         what = ", ".join(f"{e.steps} planned steps of {e.stage}" for e in freed)
-        print(f"released run {run_id[:12]}: {what} no longer reserved; it keeps its {entry.steps} executed steps "
-              f"(epsilon={'inf' if math.isinf(kept) else f'{kept:.4f}'})")
+        print(
+            f"released run {run_id[:12]}: {what} no longer reserved; it keeps its {entry.steps} executed steps "
+            f"(epsilon={'inf' if math.isinf(kept) else f'{kept:.4f}'})"
+        )
     print(format_status([s for s in registry.status() if any(r.run_id == run_id for r in s.runs)]))
     return 0
 
@@ -314,16 +368,22 @@ def cmd_audit(args: argparse.Namespace) -> int:
     r = done.result
     print(f"run:             {done.run.path}")
     print(f"claimed epsilon: {r.claimed_epsilon:.4f} at delta={r.delta:g} (the ledger's, all stages composed)")
-    print(f"audited stage:   {r.stage}, epsilon {r.stage_epsilon:.4f} (its events alone, {r.steps} steps: the canaries' stage)")
-    print(f"audited bound:   epsilon >= {r.epsilon_lower_bound:.4f} at {r.confidence:.0%} confidence "
-          f"({r.correct} of {r.guesses_in + r.guesses_out} guesses right)")
+    print(
+        f"audited stage:   {r.stage}, epsilon {r.stage_epsilon:.4f} (its events alone, {r.steps} steps: the canaries' stage)"
+    )
+    print(
+        f"audited bound:   epsilon >= {r.epsilon_lower_bound:.4f} at {r.confidence:.0%} confidence "
+        f"({r.correct} of {r.guesses_in + r.guesses_out} guesses right)"
+    )
     print(f"canaries:        {r.canaries} ({r.included} included by coin flips)")
     print(f"attack:          {r.attack}")
     print(f"audit:           {done.path}")
     if not r.passed:
-        print(f"privdiff: AUDIT FAILED: the audited lower bound {r.epsilon_lower_bound:.4f} exceeds the {r.stage} stage's "
-              f"epsilon {r.stage_epsilon:.4f} (run total {r.claimed_epsilon:.4f}): the run is not as private as its ledger says",
-              file=sys.stderr)
+        print(
+            f"privdiff: AUDIT FAILED: the audited lower bound {r.epsilon_lower_bound:.4f} exceeds the {r.stage} stage's "
+            f"epsilon {r.stage_epsilon:.4f} (run total {r.claimed_epsilon:.4f}): the run is not as private as its ledger says",
+            file=sys.stderr,
+        )
         return 1
     print(f"passed:          the experiment is consistent with the {r.stage} stage's epsilon")
     return 0
@@ -332,8 +392,15 @@ def cmd_audit(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from .evaluation.evaluate import evaluate_run, format_metrics
 
-    result = evaluate_run(args.run, n=args.n, seed=args.seed, overrides=args.overrides, inception_weights=args.inception_weights,
-                          progress=not args.quiet, report=not args.no_report)
+    result = evaluate_run(
+        args.run,
+        n=args.n,
+        seed=args.seed,
+        overrides=args.overrides,
+        inception_weights=args.inception_weights,
+        progress=not args.quiet,
+        report=not args.no_report,
+    )
     print(format_metrics(result))
     print(f"metrics:    {Path(args.run) / 'metrics.json'}")
     if not args.no_report:
@@ -360,10 +427,20 @@ def cmd_he_serve(args: argparse.Namespace) -> int:
 
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port must be in [0, 65535] (0: a free port), got {args.port}")
-    serve(args.run, host=args.host, port=args.port,
-          config=ServiceConfig(max_body_mb=args.max_body_mb, timeout_s=args.timeout, max_sessions=args.max_sessions,
-                               workers=args.workers, max_client_sessions=args.max_client_sessions,
-                               max_client_jobs=args.max_client_jobs, session_ttl_s=args.session_ttl))
+    serve(
+        args.run,
+        host=args.host,
+        port=args.port,
+        config=ServiceConfig(
+            max_body_mb=args.max_body_mb,
+            timeout_s=args.timeout,
+            max_sessions=args.max_sessions,
+            workers=args.workers,
+            max_client_sessions=args.max_client_sessions,
+            max_client_jobs=args.max_client_jobs,
+            session_ttl_s=args.session_ttl,
+        ),
+    )
     return 0
 
 
@@ -376,14 +453,25 @@ def cmd_he_generate(args: argparse.Namespace) -> int:
     torch.set_num_threads(1)  # the client's torch work is tiny (norms, softmax); a thread pool only adds contention
 
     try:
-        result = generate(args.server, args.prompt, mode=args.mode, seed=args.seed, steps=args.steps, guidance=args.guidance,
-                          params=args.params, progress=not args.quiet, timeout=args.timeout)
+        result = generate(
+            args.server,
+            args.prompt,
+            mode=args.mode,
+            seed=args.seed,
+            steps=args.steps,
+            guidance=args.guidance,
+            params=args.params,
+            progress=not args.quiet,
+            timeout=args.timeout,
+        )
     except ServiceError as e:
         raise OSError(str(e)) from None
     save_grid(args.out, result.image, nrow=1)
     per = sum(result.per_eval) / max(1, len(result.per_eval))
-    print(f"{args.out}: {result.mode} mode, {result.evaluations} denoiser evaluations in {result.seconds:.1f} s "
-          f"({per:.2f} s each), {result.rounds} round trips, {result.bytes_up / 1e6:.1f} MB sent, {result.bytes_down / 1e6:.1f} MB received")
+    print(
+        f"{args.out}: {result.mode} mode, {result.evaluations} denoiser evaluations in {result.seconds:.1f} s "
+        f"({per:.2f} s each), {result.rounds} round trips, {result.bytes_up / 1e6:.1f} MB sent, {result.bytes_down / 1e6:.1f} MB received"
+    )
     return 0
 
 
@@ -391,20 +479,30 @@ def cmd_attack(args: argparse.Namespace) -> int:
     from .attacks import ATTACKS, run_attacks
 
     names = list(ATTACKS) if args.attack == "all" else [args.attack]
-    results = run_attacks(args.run, names, n_per_role=args.n_per_role, seed=args.seed,
-                          unused_nonmembers=args.unused_nonmembers, progress=not args.quiet)
+    results = run_attacks(
+        args.run,
+        names,
+        n_per_role=args.n_per_role,
+        seed=args.seed,
+        unused_nonmembers=args.unused_nonmembers,
+        progress=not args.quiet,
+    )
     for name, r in results.items():
         tpr = lambda v: "n/a (not resolvable)" if v is None else f"{v:.3f}"  # noqa: E731
-        print(f"{name:<6} AUC {r['auc']:.3f}  ASR {r['asr']:.3f}  TPR@1%FPR {tpr(r['tpr_at_1pct_fpr'])}  "
-              f"TPR@0.1%FPR {tpr(r['tpr_at_0.1pct_fpr'])}  ({r['n_members']} members, {r['n_nonmembers']} non-members)  "
-              f"-> {Path(args.run) / 'attacks' / (name + '.json')}")
+        print(
+            f"{name:<6} AUC {r['auc']:.3f}  ASR {r['asr']:.3f}  TPR@1%FPR {tpr(r['tpr_at_1pct_fpr'])}  "
+            f"TPR@0.1%FPR {tpr(r['tpr_at_0.1pct_fpr'])}  ({r['n_members']} members, {r['n_nonmembers']} non-members)  "
+            f"-> {Path(args.run) / 'attacks' / (name + '.json')}"
+        )
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(
-        prog="privdiff", description="Privacy-preserving diffusion models: train with DP-SGD, sample, account.",
-        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        prog="privdiff",
+        description="Privacy-preserving diffusion models: train with DP-SGD, sample, account.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     from . import __version__
 
@@ -416,89 +514,183 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="runs/demo", help="run directory (default: runs/demo; reruns resume it)")
     d.set_defaults(func=cmd_demo)
 
-    t = sub.add_parser("train", help="train from a recipe; resumes RUN if --out already holds it",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    t = sub.add_parser(
+        "train",
+        help="train from a recipe; resumes RUN if --out already holds it",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     t.add_argument("recipe", help="recipe YAML (or a shipped recipe name, e.g. dpdm-mnist5k)")
-    t.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides, e.g. privacy.epsilon=1 train.batch_size=512")
+    t.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="recipe overrides, e.g. privacy.epsilon=1 train.batch_size=512",
+    )
     t.add_argument("--out", help="run directory (default: runs/<recipe name>)")
     t.add_argument("--quiet", action="store_true", help="no progress bars")
-    t.add_argument("--nproc", type=_bounded(int, 1, MAX_NPROC), metavar="W",
-                   help="train with W processes on this machine (torchrun; one per GPU, or CPU cores split among them); "
-                        "epsilon does not depend on W. Several machines: docs/distributed.md")
+    t.add_argument(
+        "--nproc",
+        type=_bounded(int, 1, MAX_NPROC),
+        metavar="W",
+        help="train with W processes on this machine (torchrun; one per GPU, or CPU cores split among them); "
+        "epsilon does not depend on W. Several machines: docs/distributed.md",
+    )
     t.set_defaults(func=cmd_train)
 
-    s = sub.add_parser("sample", help="draw images from a trained run", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    s = sub.add_parser(
+        "sample", help="draw images from a trained run", formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     s.add_argument("run", help="run directory")
-    s.add_argument("--n", type=_bounded(int, 1, MAX_SAMPLE), default=100,
-                   help="number of images (a class grid rounds down to a multiple of the classes; "
-                        "fewer than the classes: one each of the first N)")
+    s.add_argument(
+        "--n",
+        type=_bounded(int, 1, MAX_SAMPLE),
+        default=100,
+        help="number of images (a class grid rounds down to a multiple of the classes; "
+        "fewer than the classes: one each of the first N)",
+    )
     s.add_argument("--label", type=_bounded(int, 0, 2**31 - 1), help="one class for all images")
     s.add_argument("--prompt", help='a text prompt for all images, e.g. "a handwritten digit seven" (DP-LDM runs)')
     s.add_argument("--steps", type=_key("sampler.steps"), help="sampler steps (default: the recipe's)")
     s.add_argument("--sampler", choices=["heun", "edm", "euler", "ddim"], help="sampler (default: the recipe's)")
     s.add_argument("--guidance", type=_key("sampler.guidance"), help="classifier-free guidance scale w")
     s.add_argument("--seed", type=SEED, default=0)
-    s.add_argument("--out", help="by its extension (any case): .png the grid, .npz the arrays (images, labels); "
-                                 "anything else a directory for grid.png + samples.npz (default: RUN/samples)")
+    s.add_argument(
+        "--out",
+        help="by its extension (any case): .png the grid, .npz the arrays (images, labels); "
+        "anything else a directory for grid.png + samples.npz (default: RUN/samples)",
+    )
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(func=cmd_sample)
 
-    ev = sub.add_parser("evaluate", help="FID/KID, precision/recall and downstream accuracy of a run, with a report",
-                        description="Draw samples from RUN's EMA checkpoint; write RUN/metrics.json (each metric beside its "
-                                    "real-data floor or ceiling) and RUN/report.html. The private test split is read once, last.")
+    ev = sub.add_parser(
+        "evaluate",
+        help="FID/KID, precision/recall and downstream accuracy of a run, with a report",
+        description="Draw samples from RUN's EMA checkpoint; write RUN/metrics.json (each metric beside its "
+        "real-data floor or ceiling) and RUN/report.html. The private test split is read once, last.",
+    )
     ev.add_argument("run", help="run directory")
-    ev.add_argument("overrides", nargs="*", metavar="key=value", help="evaluate.* / sampler.* overrides, e.g. evaluate.classifier_epochs=50")
-    ev.add_argument("--n", type=_key("evaluate.n_samples"), help="number of samples (default: the recipe's evaluate.n_samples, 10000)")
+    ev.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="evaluate.* / sampler.* overrides, e.g. evaluate.classifier_epochs=50",
+    )
+    ev.add_argument(
+        "--n",
+        type=_key("evaluate.n_samples"),
+        help="number of samples (default: the recipe's evaluate.n_samples, 10000)",
+    )
     ev.add_argument("--seed", type=SEED, default=0, help="seed of the samples and the metrics' subsets (default: 0)")
-    ev.add_argument("--inception-weights", metavar="PATH",
-                    help="use the FID Inception-v3 from this local file (weights-inception-2015-12-05-6726825d.pth) "
-                         "instead of privdiff's feature CNN; nothing is downloaded")
+    ev.add_argument(
+        "--inception-weights",
+        metavar="PATH",
+        help="use the FID Inception-v3 from this local file (weights-inception-2015-12-05-6726825d.pth) "
+        "instead of privdiff's feature CNN; nothing is downloaded",
+    )
     ev.add_argument("--no-report", action="store_true", help="skip RUN/report.html")
     ev.add_argument("--quiet", action="store_true", help="no progress bars")
     ev.set_defaults(func=cmd_evaluate)
 
-    cp = sub.add_parser("compare", help="one table of several evaluated runs (method, epsilon, FID, KID, accuracy, time)")
+    cp = sub.add_parser(
+        "compare", help="one table of several evaluated runs (method, epsilon, FID, KID, accuracy, time)"
+    )
     cp.add_argument("runs", nargs="+", metavar="RUN")
     cp.add_argument("--out", help="also write OUT.csv and OUT.md")
     cp.set_defaults(func=cmd_compare)
 
     he = sub.add_parser("he", help="encrypted inference (CKKS): serve a run, or generate from a server")
     hsub = he.add_subparsers(dest="he_command", required=True, metavar="ACTION")
-    hs = hsub.add_parser("serve", help="serve a run trained with ldm.net=he (e.g. recipe he-ldm-mnist5k) over HTTP",
-                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    hs = hsub.add_parser(
+        "serve",
+        help="serve a run trained with ldm.net=he (e.g. recipe he-ldm-mnist5k) over HTTP",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     hs.add_argument("run", help="run directory")
     hs.add_argument("--host", default="127.0.0.1")
     hs.add_argument("--port", type=_bounded(int, 0, 65535), default=8750)
-    hs.add_argument("--max-body-mb", type=_bounded(float, 0, 1e6, lo_open=True), default=64.0, help="larger requests are refused (413)")
-    hs.add_argument("--timeout", type=_bounded(float, 0, 1e6, lo_open=True), default=120.0, help="seconds one request may compute (then 503)")
-    hs.add_argument("--max-sessions", type=_bounded(int, 1, 1_000_000), default=16, help="open sessions per mode (a full table refuses new ones: 503)")
-    hs.add_argument("--max-client-sessions", type=_bounded(int, 1, 1_000_000), default=4, help="open sessions per mode and remote address (then 429)")
-    hs.add_argument("--workers", type=_bounded(int, 1, 1024), default=2, help="threads doing HE work (a fair queue serves them to clients in turn)")
-    hs.add_argument("--max-client-jobs", type=_bounded(int, 1, 1024), help="running requests per remote address (default: --workers)")
-    hs.add_argument("--session-ttl", type=_bounded(float, 0, 1e7, lo_open=True), default=600.0, help="seconds after which an idle session is dropped")
+    hs.add_argument(
+        "--max-body-mb",
+        type=_bounded(float, 0, 1e6, lo_open=True),
+        default=64.0,
+        help="larger requests are refused (413)",
+    )
+    hs.add_argument(
+        "--timeout",
+        type=_bounded(float, 0, 1e6, lo_open=True),
+        default=120.0,
+        help="seconds one request may compute (then 503)",
+    )
+    hs.add_argument(
+        "--max-sessions",
+        type=_bounded(int, 1, 1_000_000),
+        default=16,
+        help="open sessions per mode (a full table refuses new ones: 503)",
+    )
+    hs.add_argument(
+        "--max-client-sessions",
+        type=_bounded(int, 1, 1_000_000),
+        default=4,
+        help="open sessions per mode and remote address (then 429)",
+    )
+    hs.add_argument(
+        "--workers",
+        type=_bounded(int, 1, 1024),
+        default=2,
+        help="threads doing HE work (a fair queue serves them to clients in turn)",
+    )
+    hs.add_argument(
+        "--max-client-jobs",
+        type=_bounded(int, 1, 1024),
+        help="running requests per remote address (default: --workers)",
+    )
+    hs.add_argument(
+        "--session-ttl",
+        type=_bounded(float, 0, 1e7, lo_open=True),
+        default=600.0,
+        help="seconds after which an idle session is dropped",
+    )
     hs.set_defaults(func=cmd_he_serve)
-    hg = hsub.add_parser("generate", help="one image for a prompt from a server; the secret key never leaves this machine",
-                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    hg = hsub.add_parser(
+        "generate",
+        help="one image for a prompt from a server; the secret key never leaves this machine",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     hg.add_argument("--server", required=True, help="e.g. http://127.0.0.1:8750")
     hg.add_argument("--prompt", required=True)
     hg.add_argument("--out", required=True, help="a .png file")
-    hg.add_argument("--mode", choices=["private", "compat"], default="private",
-                    help="private: the server sees neither prompt nor image; compat: HE-Diffusion as published (the server sees both)")
+    hg.add_argument(
+        "--mode",
+        choices=["private", "compat"],
+        default="private",
+        help="private: the server sees neither prompt nor image; compat: HE-Diffusion as published (the server sees both)",
+    )
     hg.add_argument("--steps", type=_key("sampler.steps"), help="sampler steps (default: the server's recipe)")
-    hg.add_argument("--guidance", type=_key("sampler.guidance"), help="classifier-free guidance scale (default: the server's recipe)")
+    hg.add_argument(
+        "--guidance",
+        type=_key("sampler.guidance"),
+        help="classifier-free guidance scale (default: the server's recipe)",
+    )
     hg.add_argument("--seed", type=SEED, default=0)
-    hg.add_argument("--params", choices=["precise", "reference"], default="precise", help="CKKS parameters (reference: HE-Diffusion's, compat only)")
+    hg.add_argument(
+        "--params",
+        choices=["precise", "reference"],
+        default="precise",
+        help="CKKS parameters (reference: HE-Diffusion's, compat only)",
+    )
     hg.add_argument("--timeout", type=_bounded(float, 0, 1e6, lo_open=True), default=300.0)
     hg.add_argument("--quiet", action="store_true")
     hg.set_defaults(func=cmd_he_generate)
 
-    au = sub.add_parser("audit", help="empirical privacy audit: train once with canaries, bound epsilon from below",
-                        description="Train the recipe once with m gradient canaries (each included by a fair coin) and turn "
-                                    "the white-box attack's guesses into a lower bound on epsilon at 95% confidence "
-                                    "(Steinke, Nasr & Jagielski 2023). The canaries live in the DP-SGD stage, so the bound "
-                                    "is checked against that stage's own epsilon (printed with the run's composed total). "
-                                    "Exit 1 if the bound exceeds it.",
-                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    au = sub.add_parser(
+        "audit",
+        help="empirical privacy audit: train once with canaries, bound epsilon from below",
+        description="Train the recipe once with m gradient canaries (each included by a fair coin) and turn "
+        "the white-box attack's guesses into a lower bound on epsilon at 95% confidence "
+        "(Steinke, Nasr & Jagielski 2023). The canaries live in the DP-SGD stage, so the bound "
+        "is checked against that stage's own epsilon (printed with the run's composed total). "
+        "Exit 1 if the bound exceeds it.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     au.add_argument("recipe", help="a DPDM, DP-LDM or DPP recipe (file or shipped name)")
     au.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides")
     au.add_argument("--canaries", type=_bounded(int, 1, 10_000_000), default=1000, help="m, the number of canaries")
@@ -510,27 +702,45 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .attacks import ATTACKS
 
-    at = sub.add_parser("attack", help="membership-inference attack on a run -> RUN/attacks/NAME.json and NAME.png",
-                        description="Score held-out members against held-out non-members of RUN (RUN/splits.json; for a run "
-                                    "trained on its whole training split: members = that split, non-members = the test split). "
-                                    "Attacks: " + "; ".join(f"{k}: {v}" for k, v in ATTACKS.items()))
+    at = sub.add_parser(
+        "attack",
+        help="membership-inference attack on a run -> RUN/attacks/NAME.json and NAME.png",
+        description="Score held-out members against held-out non-members of RUN (RUN/splits.json; for a run "
+        "trained on its whole training split: members = that split, non-members = the test split). "
+        "Attacks: " + "; ".join(f"{k}: {v}" for k, v in ATTACKS.items()),
+    )
     at.add_argument("run", help="run directory")
     at.add_argument("--attack", required=True, choices=[*ATTACKS, "all"], help="which attack (all: one after another)")
-    at.add_argument("--n-per-role", type=_bounded(int, 1, 2**31 - 1), help="examples per split role when the splits are drawn now (default: balanced maximum)")
+    at.add_argument(
+        "--n-per-role",
+        type=_bounded(int, 1, 2**31 - 1),
+        help="examples per split role when the splits are drawn now (default: balanced maximum)",
+    )
     at.add_argument("--seed", type=SEED, default=0, help="seed of the attack's noise draws (default: 0)")
-    at.add_argument("--unused-nonmembers", type=_bounded(int, 0, 2**31 - 1), default=0, metavar="N",
-                    help="also score up to N non-member-split examples in no role (never trained on, never seen by a proxy; "
-                         "a fixed random subset), so TPR at 1%% / 0.1%% FPR can be measured; members stay member_test")
+    at.add_argument(
+        "--unused-nonmembers",
+        type=_bounded(int, 0, 2**31 - 1),
+        default=0,
+        metavar="N",
+        help="also score up to N non-member-split examples in no role (never trained on, never seen by a proxy; "
+        "a fixed random subset), so TPR at 1%% / 0.1%% FPR can be measured; members stay member_test",
+    )
     at.add_argument("--quiet", action="store_true", help="no progress bars")
     at.set_defaults(func=cmd_attack)
 
     b = sub.add_parser("budget", help="noise calibration, or the ledger of a run")
     bsub = b.add_subparsers(dest="budget_command", required=True, metavar="ACTION")
-    c = bsub.add_parser("calibrate", help="noise multiplier for a target (epsilon, delta)", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    c = bsub.add_parser(
+        "calibrate",
+        help="noise multiplier for a target (epsilon, delta)",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     c.add_argument("--epsilon", type=_key("privacy.epsilon"), required=True, help="target epsilon (finite, > 0)")
     c.add_argument("--delta", type=_key("privacy.delta"), required=True, help="target delta, in (0, 1)")
     c.add_argument("--n", type=_bounded(int, 1, 10**12), required=True, help="number of private examples N")
-    c.add_argument("--batch-size", type=_bounded(int, 1, 10**12), required=True, help="expected batch size (q = batch/N, Poisson)")
+    c.add_argument(
+        "--batch-size", type=_bounded(int, 1, 10**12), required=True, help="expected batch size (q = batch/N, Poisson)"
+    )
     g = c.add_mutually_exclusive_group(required=True)
     g.add_argument("--epochs", type=_key("train.epochs"))
     g.add_argument("--steps", type=_bounded(int, 1, 10**12))
@@ -540,13 +750,18 @@ def build_parser() -> argparse.ArgumentParser:
     sh.add_argument("run", help="run directory or ledger.json")
     sh.add_argument("--accountant", choices=["rdp", "prv"], help="also recompute epsilon with this accountant")
     sh.set_defaults(func=cmd_budget_show)
-    registry_help = ("budget registry: a SQLite file or postgresql://... that exists (privdiff budget init creates one) "
-                     "(default: $PRIVDIFF_REGISTRY, else ~/.privdiff/registry.sqlite, created on first use)")
-    ini = bsub.add_parser("init", help="create a budget registry (a location that holds none is refused everywhere else)",
-                          description="Create an empty budget registry at --registry (or $PRIVDIFF_REGISTRY): a SQLite file "
-                                      "(its directory is made) or the tables in a PostgreSQL database. Every other command "
-                                      "refuses a given location that holds no registry, so a misspelt one is an error, not a "
-                                      "fresh registry without caps. Nothing changes if it is a registry already.")
+    registry_help = (
+        "budget registry: a SQLite file or postgresql://... that exists (privdiff budget init creates one) "
+        "(default: $PRIVDIFF_REGISTRY, else ~/.privdiff/registry.sqlite, created on first use)"
+    )
+    ini = bsub.add_parser(
+        "init",
+        help="create a budget registry (a location that holds none is refused everywhere else)",
+        description="Create an empty budget registry at --registry (or $PRIVDIFF_REGISTRY): a SQLite file "
+        "(its directory is made) or the tables in a PostgreSQL database. Every other command "
+        "refuses a given location that holds no registry, so a misspelt one is an error, not a "
+        "fresh registry without caps. Nothing changes if it is a registry already.",
+    )
     ini.add_argument("--registry", help="where (default: $PRIVDIFF_REGISTRY, else ~/.privdiff/registry.sqlite)")
     ini.set_defaults(func=cmd_budget_init)
     st = bsub.add_parser("status", help="every run registered on each data set, its epsilon, and the composed total")
@@ -555,22 +770,38 @@ def build_parser() -> argparse.ArgumentParser:
     st.set_defaults(func=cmd_budget_status)
     cap = bsub.add_parser("cap", help="cap the composed epsilon of a recipe's private data set across all runs")
     cap.add_argument("recipe", help="recipe whose data.* names the data set (e.g. dpdm-mnist5k)")
-    cap.add_argument("overrides", nargs="*", metavar="key=value", help="data.* overrides, e.g. data.name=mnist data.root=~/data")
+    cap.add_argument(
+        "overrides", nargs="*", metavar="key=value", help="data.* overrides, e.g. data.name=mnist data.root=~/data"
+    )
     g = cap.add_mutually_exclusive_group(required=True)
     g.add_argument("--epsilon", type=_key("privacy.epsilon"), help="the cap (finite, > 0)")
     g.add_argument("--remove", action="store_true", help="remove the cap")
-    cap.add_argument("--delta", type=_key("privacy.delta"), help="delta at which the cap holds, in (0, 1) (default: the recipe's privacy.delta)")
+    cap.add_argument(
+        "--delta",
+        type=_key("privacy.delta"),
+        help="delta at which the cap holds, in (0, 1) (default: the recipe's privacy.delta)",
+    )
     cap.add_argument("--registry", help=registry_help)
     cap.set_defaults(func=cmd_budget_cap)
-    rel = bsub.add_parser("release", help="free the reservation of a run abandoned after a crash (its executed steps stay spent)",
-                          description="An unfinished run keeps its planned budget reserved so that it can be resumed. For a run "
-                                      "that will never be resumed, its charge becomes exactly what its ledger and the registry say "
-                                      "it executed. Refused for a run that is running (its lock is held) or unknown. Resuming the "
-                                      "run later reserves its plan again.")
-    rel.add_argument("run", metavar="RUN_ID_OR_PATH", help="run directory, its ledger.json, or a run id (or the prefix budget status shows)")
+    rel = bsub.add_parser(
+        "release",
+        help="free the reservation of a run abandoned after a crash (its executed steps stay spent)",
+        description="An unfinished run keeps its planned budget reserved so that it can be resumed. For a run "
+        "that will never be resumed, its charge becomes exactly what its ledger and the registry say "
+        "it executed. Refused for a run that is running (its lock is held) or unknown. Resuming the "
+        "run later reserves its plan again.",
+    )
+    rel.add_argument(
+        "run",
+        metavar="RUN_ID_OR_PATH",
+        help="run directory, its ledger.json, or a run id (or the prefix budget status shows)",
+    )
     rel.add_argument("--registry", help=registry_help)
-    rel.add_argument("--missing-ok", action="store_true",
-                     help="release a run id whose directory is gone from this machine (its lock cannot be checked)")
+    rel.add_argument(
+        "--missing-ok",
+        action="store_true",
+        help="release a run id whose directory is gone from this machine (its lock cannot be checked)",
+    )
     rel.set_defaults(func=cmd_budget_release)
     return p
 
@@ -605,8 +836,11 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("PRIVDIFF_TRACEBACK"):
             raise
         msg = (str(e).splitlines() or [""])[0]
-        print(f"privdiff: internal error: {type(e).__name__}{': ' + msg if msg else ''} "
-              "(PRIVDIFF_TRACEBACK=1 shows the traceback)", file=sys.stderr)
+        print(
+            f"privdiff: internal error: {type(e).__name__}{': ' + msg if msg else ''} "
+            "(PRIVDIFF_TRACEBACK=1 shows the traceback)",
+            file=sys.stderr,
+        )
         return 3
 
 

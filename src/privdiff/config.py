@@ -33,7 +33,11 @@ from .models.text import TextConfig
 from .models.unet import UNetConfig
 
 SAMPLERS = ("heun", "edm", "euler", "ddim")
-EVALUATE_FEATURES = ("public", "photos", "train")  # the feature CNN of privdiff evaluate (privdiff.evaluation.evaluate.feature_network)
+EVALUATE_FEATURES = (
+    "public",
+    "photos",
+    "train",
+)  # the feature CNN of privdiff evaluate (privdiff.evaluation.evaluate.feature_network)
 PROXY_FEATURES = ("map", "loss")  # what the proxy attacker h_ω reads (privdiff.core.proxy.proxy_features)
 
 
@@ -46,7 +50,9 @@ class DataConfig:
     name: str = "mnist5k"  # mnist5k | digits | mnist | fashion-mnist | cifar10 | folder
     root: str | None = None  # where the files of mnist/fashion-mnist/cifar10/folder are
     resolution: int | None = None  # resize to this (square); None keeps the native size
-    holdout: float | None = None  # data without a test split (folder): this fraction, per class, is its test split, never trained on
+    holdout: float | None = (
+        None  # data without a test split (folder): this fraction, per class, is its test split, never trained on
+    )
     holdout_seed: int = 0  # seed of that held-out draw (the same seed, the same parts)
     test_root: str | None = None  # data without a test split (folder): a folder or .zip read as its test split instead
 
@@ -114,7 +120,9 @@ class EvaluateConfig:
     features: str = "public"  # public: feature CNN trained on public_data (photos when its channels differ from the data's) | photos: on crops of public photos | train: on the real training split (recorded as such)
     public_data: str = "digits"  # the public data set of the feature CNN (features=public)
     public_root: str | None = None
-    feature_epochs: int | None = None  # epochs of the feature CNN (None: 30 on public_data or train, 10 on photos); never classifier_epochs
+    feature_epochs: int | None = (
+        None  # epochs of the feature CNN (None: 30 on public_data or train, 10 on photos); never classifier_epochs
+    )
     feature_patches: int = 6000  # photo crops the photos feature CNN trains on
     classifier_epochs: int = 30  # downstream CNN / logistic regression (DPDM: 50)
     classifier_lr: float = 1e-3  # Adam (DPDM: 3e-4 over 50 epochs)
@@ -147,7 +155,10 @@ class LDMConfig:
     unet: LatentUNetConfig = field(default_factory=LatentUNetConfig)
     text: TextConfig = field(default_factory=TextConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
-    trainable: tuple[str, ...] = ("attentions", "class_embedder")  # privately fine-tuned (privdiff.models.latent.TRAINABLE_GROUPS or name patterns)
+    trainable: tuple[str, ...] = (
+        "attentions",
+        "class_embedder",
+    )  # privately fine-tuned (privdiff.models.latent.TRAINABLE_GROUPS or name patterns)
     net: str = "unet"  # the latent denoiser: "unet" (ldm.unet) or "he", the HE-friendly one of privdiff.models.he_net (ldm.he; private-mode inference)
     he: HENetConfig = field(default_factory=HENetConfig)
 
@@ -163,7 +174,9 @@ class DPPConfig:
     copies: int = 100  # augmented copies of each central image for pretraining (post-processing)
     num_ops: int = 2  # RandAugment-style operations per copy
     magnitude: int = 9  # their strength is drawn in 1..magnitude (of 10)
-    pretrain: PretrainConfig = field(default_factory=lambda: PretrainConfig(batch_size=128, epochs=20.0, lr=2e-3, ema_decay=0.995))
+    pretrain: PretrainConfig = field(
+        default_factory=lambda: PretrainConfig(batch_size=128, epochs=20.0, lr=2e-3, ema_decay=0.995)
+    )
 
 
 @dataclass(frozen=True)
@@ -175,7 +188,9 @@ class LoRAConfig:
     public_root: str | None = None
     public_margin: int = 4  # as ldm.public_margin: public digits drawn inside a background frame
     public_contrast: float = 2.5  # as ldm.public_contrast
-    pretrain: PretrainConfig = field(default_factory=lambda: PretrainConfig(batch_size=128, epochs=40.0, lr=2e-3, ema_decay=0.995))
+    pretrain: PretrainConfig = field(
+        default_factory=lambda: PretrainConfig(batch_size=128, epochs=40.0, lr=2e-3, ema_decay=0.995)
+    )
     rank: int = 8  # r
     alpha: float = 4.0  # α (scale α/r)
     targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2")  # peft target_modules
@@ -187,7 +202,9 @@ class LoRAConfig:
     attacker_weight_decay: float = 1e-4
     attacker_batch: int = 8  # members and as many non-members per attacker step (paper: 1 + 1)
     attacker_steps: int = 1  # attacker steps per LoRA step (k)
-    attacker_feature: str = "map"  # map (the paper's squared-error map at sigma ~ p_train) | loss (log mean error at a Goldilocks t)
+    attacker_feature: str = (
+        "map"  # map (the paper's squared-error map at sigma ~ p_train) | loss (log mean error at a Goldilocks t)
+    )
 
 
 @dataclass(frozen=True)
@@ -224,7 +241,8 @@ class _RecipeLoader(yaml.SafeLoader):
                     continue
                 if first is not None:
                     raise yaml.constructor.ConstructorError(
-                        None, None, f"duplicate key {key!r} (first given on line {first.line + 1})", key_node.start_mark)
+                        None, None, f"duplicate key {key!r} (first given on line {first.line + 1})", key_node.start_mark
+                    )
                 seen[key] = key_node.start_mark
         return super().construct_mapping(node, deep=deep)
 
@@ -286,8 +304,9 @@ class Bound:
             return False
         if isinstance(v, float) and (math.isnan(v) or (math.isinf(v) and not (self.inf and v > 0))):
             return False
-        return ((self.lo is None or (v > self.lo if self.lo_open else v >= self.lo))
-                and (self.hi is None or (v < self.hi if self.hi_open else v <= self.hi)))
+        return (self.lo is None or (v > self.lo if self.lo_open else v >= self.lo)) and (
+            self.hi is None or (v < self.hi if self.hi_open else v <= self.hi)
+        )
 
     def check(self, name: str, value: Any) -> None:
         """Raise :class:`RecipeError` unless ``value`` (a number, a tuple of numbers, or None) is in range."""
@@ -295,10 +314,14 @@ class Bound:
             return
         if isinstance(value, tuple):
             if len(value) < self.min_len:
-                raise RecipeError(f"{name} must have at least {self.min_len} element{'s' * (self.min_len > 1)}, got {list(value)}")
+                raise RecipeError(
+                    f"{name} must have at least {self.min_len} element{'s' * (self.min_len > 1)}, got {list(value)}"
+                )
             bad = [v for v in value if not self.contains(v)]
             if bad:
-                raise RecipeError(f"{name}: every element must be {self._kind(bad[0])} {self.describe()}, got {list(value)}")
+                raise RecipeError(
+                    f"{name}: every element must be {self._kind(bad[0])} {self.describe()}, got {list(value)}"
+                )
         elif not self.contains(value):
             raise RecipeError(f"{name} must be {self._kind(value)} {self.describe()}, got {value!r}")
 
@@ -319,8 +342,14 @@ CHANNELS = Bound(lo=1, hi=65536, min_len=1)
 CONTRAST = Bound(lo=0, hi=100)
 
 _TRAIN_RANGES = {  # train, and the public pretraining stages (PretrainConfig has train's keys)
-    "batch_size": COUNT, "epochs": EPOCHS, "max_steps": Bound(lo=1, hi=10**12), "lr": LR, "ema_decay": PROBABILITY,
-    "max_physical_batch_size": COUNT, "checkpoint_every": COUNT, "seed": SEED,
+    "batch_size": COUNT,
+    "epochs": EPOCHS,
+    "max_steps": Bound(lo=1, hi=10**12),
+    "lr": LR,
+    "ema_decay": PROBABILITY,
+    "max_physical_batch_size": COUNT,
+    "checkpoint_every": COUNT,
+    "seed": SEED,
 }
 
 RANGES: dict[str, Bound] = {
@@ -413,8 +442,16 @@ RANGES: dict[str, Bound] = {
 """Every numeric recipe key (int, float, or a tuple of them) -> its range; finite unless ``inf=True``."""
 
 
-_FLOAT_WORDS = {"inf": math.inf, "+inf": math.inf, ".inf": math.inf, "+.inf": math.inf, "-inf": -math.inf, "-.inf": -math.inf,
-                "nan": math.nan, ".nan": math.nan}
+_FLOAT_WORDS = {
+    "inf": math.inf,
+    "+inf": math.inf,
+    ".inf": math.inf,
+    "+.inf": math.inf,
+    "-inf": -math.inf,
+    "-.inf": -math.inf,
+    "nan": math.nan,
+    ".nan": math.nan,
+}
 
 
 def _coerce(value: Any, hint: Any, key: str) -> Any:
@@ -486,7 +523,7 @@ def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
     for i, part in enumerate(parts[:-1]):
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
-            raise RecipeError(f"override '{dotted}': '{'.'.join(parts[:i + 1])}' was given a value, it is a section")
+            raise RecipeError(f"override '{dotted}': '{'.'.join(parts[: i + 1])}' was given a value, it is a section")
     node[parts[-1]] = value
 
 
@@ -614,52 +651,94 @@ def validate_recipe(r: Recipe) -> None:
     checks = [
         (r.method in METHODS, f"method '{r.method}' is not available (available: {', '.join(METHODS)})"),
         (r.privacy.accountant in ("rdp", "prv"), "privacy.accountant must be 'rdp' or 'prv'"),
-        (r.privacy.grad_sample_mode in ("bk", "hooks", "functorch"), "privacy.grad_sample_mode must be 'bk', 'hooks' or 'functorch'"),
-        (r.train.max_physical_batch_size >= r.privacy.noise_multiplicity,
-         "train.max_physical_batch_size must be >= privacy.noise_multiplicity"),
+        (
+            r.privacy.grad_sample_mode in ("bk", "hooks", "functorch"),
+            "privacy.grad_sample_mode must be 'bk', 'hooks' or 'functorch'",
+        ),
+        (
+            r.train.max_physical_batch_size >= r.privacy.noise_multiplicity,
+            "train.max_physical_batch_size must be >= privacy.noise_multiplicity",
+        ),
         (r.train.lr_schedule in ("constant", "cosine"), "train.lr_schedule must be 'constant' or 'cosine'"),
         (r.diffusion.parameterization in ("edm", "v"), "diffusion.parameterization must be 'edm' or 'v'"),
-        (r.diffusion.sigma_distribution in ("lognormal", "cosine"), "diffusion.sigma_distribution must be 'lognormal' or 'cosine'"),
+        (
+            r.diffusion.sigma_distribution in ("lognormal", "cosine"),
+            "diffusion.sigma_distribution must be 'lognormal' or 'cosine'",
+        ),
         (r.diffusion.logsnr_min < r.diffusion.logsnr_max, "diffusion.logsnr_min must be < diffusion.logsnr_max"),
         (r.sampler.name in SAMPLERS, f"sampler.name must be one of {', '.join(SAMPLERS)}"),
         (r.sampler.sigma_min < r.sampler.sigma_max, "sampler.sigma_min must be < sampler.sigma_max"),
         (r.sampler.S_min <= r.sampler.S_max, "sampler.S_min must be <= sampler.S_max"),
         (r.evaluate.features in EVALUATE_FEATURES, f"evaluate.features must be one of {', '.join(EVALUATE_FEATURES)}"),
-        (r.evaluate.max_real is None or r.evaluate.max_real > r.evaluate.pr_k, "evaluate.max_real must be > evaluate.pr_k"),
+        (
+            r.evaluate.max_real is None or r.evaluate.max_real > r.evaluate.pr_k,
+            "evaluate.max_real must be > evaluate.pr_k",
+        ),
         (r.evaluate.n_samples > r.evaluate.pr_k, "evaluate.n_samples must be > evaluate.pr_k"),
-        (not uses_model or all(c % m.norm_num_groups == 0 for c in m.channels),
-         f"model.channels {list(m.channels)} must all be divisible by model.norm_num_groups={m.norm_num_groups}"),
-        (not uses_model or all(lvl < len(m.channels) for lvl in m.attention_levels),
-         f"model.attention_levels {list(m.attention_levels)} must be in [0, {len(m.channels)}) (model.channels has {len(m.channels)} levels)"),
-        (not uses_model or all(m.attention_head_dim <= m.channels[lvl] for lvl in (*m.attention_levels, -1) if lvl < len(m.channels)),
-         f"model.attention_head_dim={m.attention_head_dim} must be <= the channels of every attention level and of the last "
-         f"(the middle block's): {list(m.channels)}"),
-        (not uses_model or r.data.resolution is None or r.data.resolution % 2 ** (len(m.channels) - 1) == 0,
-         f"data.resolution={r.data.resolution} must be divisible by 2^{len(m.channels) - 1} (model.channels has {len(m.channels)} levels)"),
-        (uses_model or all(c % ae.norm_num_groups == 0 for c in ae.channels),
-         f"ldm.autoencoder.channels {list(ae.channels)} must all be divisible by ldm.autoencoder.norm_num_groups={ae.norm_num_groups}"),
-        (uses_model or r.data.resolution is None or r.data.resolution % 2 ** (len(ae.channels) - 1) == 0,
-         f"data.resolution={r.data.resolution} must be divisible by 2^{len(ae.channels) - 1} (ldm.autoencoder.channels has {len(ae.channels)} levels)"),
-        (uses_model or all(c % lu.norm_num_groups == 0 for c in lu.channels),
-         f"ldm.unet.channels {list(lu.channels)} must all be divisible by ldm.unet.norm_num_groups={lu.norm_num_groups}"),
-        (uses_model or lu.attention_heads <= min(lu.channels),
-         f"ldm.unet.attention_heads={lu.attention_heads} must be <= every ldm.unet.channels {list(lu.channels)}"),
-        (uses_model or r.ldm.text.encoder != "builtin" or r.ldm.text.width % r.ldm.text.heads == 0,
-         f"ldm.text.width={r.ldm.text.width} must be divisible by ldm.text.heads={r.ldm.text.heads}"),
+        (
+            not uses_model or all(c % m.norm_num_groups == 0 for c in m.channels),
+            f"model.channels {list(m.channels)} must all be divisible by model.norm_num_groups={m.norm_num_groups}",
+        ),
+        (
+            not uses_model or all(lvl < len(m.channels) for lvl in m.attention_levels),
+            f"model.attention_levels {list(m.attention_levels)} must be in [0, {len(m.channels)}) (model.channels has {len(m.channels)} levels)",
+        ),
+        (
+            not uses_model
+            or all(
+                m.attention_head_dim <= m.channels[lvl] for lvl in (*m.attention_levels, -1) if lvl < len(m.channels)
+            ),
+            f"model.attention_head_dim={m.attention_head_dim} must be <= the channels of every attention level and of the last "
+            f"(the middle block's): {list(m.channels)}",
+        ),
+        (
+            not uses_model or r.data.resolution is None or r.data.resolution % 2 ** (len(m.channels) - 1) == 0,
+            f"data.resolution={r.data.resolution} must be divisible by 2^{len(m.channels) - 1} (model.channels has {len(m.channels)} levels)",
+        ),
+        (
+            uses_model or all(c % ae.norm_num_groups == 0 for c in ae.channels),
+            f"ldm.autoencoder.channels {list(ae.channels)} must all be divisible by ldm.autoencoder.norm_num_groups={ae.norm_num_groups}",
+        ),
+        (
+            uses_model or r.data.resolution is None or r.data.resolution % 2 ** (len(ae.channels) - 1) == 0,
+            f"data.resolution={r.data.resolution} must be divisible by 2^{len(ae.channels) - 1} (ldm.autoencoder.channels has {len(ae.channels)} levels)",
+        ),
+        (
+            uses_model or all(c % lu.norm_num_groups == 0 for c in lu.channels),
+            f"ldm.unet.channels {list(lu.channels)} must all be divisible by ldm.unet.norm_num_groups={lu.norm_num_groups}",
+        ),
+        (
+            uses_model or lu.attention_heads <= min(lu.channels),
+            f"ldm.unet.attention_heads={lu.attention_heads} must be <= every ldm.unet.channels {list(lu.channels)}",
+        ),
+        (
+            uses_model or r.ldm.text.encoder != "builtin" or r.ldm.text.width % r.ldm.text.heads == 0,
+            f"ldm.text.width={r.ldm.text.width} must be divisible by ldm.text.heads={r.ldm.text.heads}",
+        ),
         (len(r.ldm.trainable) >= 1, "ldm.trainable must name at least one group"),
         (r.ldm.net in ("unet", "he"), "ldm.net must be 'unet' or 'he'"),
         (r.method != "dp-ldm" or r.ldm.public_data != r.data.name, "ldm.public_data must not be the private data set"),
         (r.method != "lora" or r.lora.public_data != r.data.name, "lora.public_data must not be the private data set"),
-        (r.lora.objective in ("lora", "privatelora", "stable"), "lora.objective must be 'lora', 'privatelora' or 'stable'"),
-        (r.lora.attacker_feature in PROXY_FEATURES, f"lora.attacker_feature must be one of {', '.join(PROXY_FEATURES)}"),
+        (
+            r.lora.objective in ("lora", "privatelora", "stable"),
+            "lora.objective must be 'lora', 'privatelora' or 'stable'",
+        ),
+        (
+            r.lora.attacker_feature in PROXY_FEATURES,
+            f"lora.attacker_feature must be one of {', '.join(PROXY_FEATURES)}",
+        ),
         (len(r.lora.targets) >= 1, "lora.targets must name at least one layer"),
-        (r.method != "lora" or r.lora.objective == "lora" or not r.privacy.enabled,
-         "lora.objective privatelora/stable trains its proxy attacker on members without DP: set privacy.enabled=false"),
+        (
+            r.method != "lora" or r.lora.objective == "lora" or not r.privacy.enabled,
+            "lora.objective privatelora/stable trains its proxy attacker on members without DP: set privacy.enabled=false",
+        ),
     ]
     for ok, message in checks:
         if not ok:
             raise RecipeError(message)
     try:  # data.holdout / data.test_root only for data without a test split, and not both
-        check_split_options(r.data.name, holdout=r.data.holdout, holdout_seed=r.data.holdout_seed, test_root=r.data.test_root)
+        check_split_options(
+            r.data.name, holdout=r.data.holdout, holdout_seed=r.data.holdout_seed, test_root=r.data.test_root
+        )
     except ValueError as e:
         raise RecipeError(str(e)) from None

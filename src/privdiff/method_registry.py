@@ -38,14 +38,29 @@ class Method:
         return self.load().train(recipe, **options)
 
 
-METHODS: dict[str, Method] = {m.name: m for m in (
-    Method("dpdm", "privdiff.methods.dpdm", "DP-SGD training from scratch (Dockhorn et al., TMLR 2023)", auditable=True),
-    Method("dp-ldm", "privdiff.methods.dp_ldm", "public latent diffusion, DP-SGD on a part of it (Liu et al., TMLR 2024)",
-           auditable=True),
-    Method("dpp", "privdiff.methods.dpp", "noisy central images, then DP-SGD, one budget (Li et al.)", auditable=True),
-    Method("lora", "privdiff.methods.lora", "LoRA on a member set: plain, PrivateLoRA, Stable PrivateLoRA or DP-SGD (Luo et al., AAAI 2025)",
-           private_stage="lora"),
-)}
+METHODS: dict[str, Method] = {
+    m.name: m
+    for m in (
+        Method(
+            "dpdm", "privdiff.methods.dpdm", "DP-SGD training from scratch (Dockhorn et al., TMLR 2023)", auditable=True
+        ),
+        Method(
+            "dp-ldm",
+            "privdiff.methods.dp_ldm",
+            "public latent diffusion, DP-SGD on a part of it (Liu et al., TMLR 2024)",
+            auditable=True,
+        ),
+        Method(
+            "dpp", "privdiff.methods.dpp", "noisy central images, then DP-SGD, one budget (Li et al.)", auditable=True
+        ),
+        Method(
+            "lora",
+            "privdiff.methods.lora",
+            "LoRA on a member set: plain, PrivateLoRA, Stable PrivateLoRA or DP-SGD (Luo et al., AAAI 2025)",
+            private_stage="lora",
+        ),
+    )
+}
 
 
 def get_method(name: str) -> Method:

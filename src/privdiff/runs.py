@@ -67,7 +67,7 @@ CHECKPOINT_NAME = re.compile(r"step-\d{6}")
 # (privdiff.atomic); only those are removed when the run is opened again.
 RUN_TEMPORARIES: dict[str, str] = {
     ".": r"config\.yaml|ledger\.json|train_log\.jsonl|splits\.json|audit\.json|metrics\.json|report\.html"
-         r"|attacker_log\.jsonl|autoencoder",
+    r"|attacker_log\.jsonl|autoencoder",
     "checkpoints": r"latest|step-\d{6}",
     "stages/*/checkpoints": r"latest|step-\d{6}",
     "samples": r"samples\.npz|grid\.png",
@@ -127,7 +127,9 @@ class Run:
         self.path = Path(path)
         self._train_log = train_log
         self._start: _Start | None = None  # set by open_run while a fresh start is in progress
-        self.set_aside_step = 0  # newest step of a written checkpoint that resume_checkpoint could not use (damaged, or missing)
+        self.set_aside_step = (
+            0  # newest step of a written checkpoint that resume_checkpoint could not use (damaged, or missing)
+        )
 
     config_path = property(lambda self: self.path / "config.yaml")
     ledger_path = property(lambda self: self.path / "ledger.json")
@@ -263,7 +265,9 @@ class Run:
         """The checkpoint directories, newest first."""
         if not self.checkpoints.is_dir():
             return []
-        return sorted((p for p in self.checkpoints.iterdir() if CHECKPOINT_NAME.fullmatch(p.name) and p.is_dir()), reverse=True)
+        return sorted(
+            (p for p in self.checkpoints.iterdir() if CHECKPOINT_NAME.fullmatch(p.name) and p.is_dir()), reverse=True
+        )
 
     def latest_checkpoint(self) -> Path | None:
         """The checkpoint ``latest`` points to (None before the first one); RunError if the pointer is
@@ -276,8 +280,10 @@ class Run:
             return None
         path = self.checkpoints / name
         if not path.is_dir():
-            raise RunError(f"{self.checkpoints / 'latest'}: points to missing checkpoint {name}; "
-                           f"to continue from the newest intact checkpoint: {resume_hint(self._top())}")
+            raise RunError(
+                f"{self.checkpoints / 'latest'}: points to missing checkpoint {name}; "
+                f"to continue from the newest intact checkpoint: {resume_hint(self._top())}"
+            )
         return path
 
     def _top(self) -> "Run":
@@ -292,11 +298,18 @@ class Run:
             meta = json.loads(state_file.read_text())
             digests = meta["sha256"]
             step = meta["step"]
-            if not (isinstance(digests, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in digests.items())
-                    and isinstance(step, int) and not isinstance(step, bool) and step >= 0):
+            if not (
+                isinstance(digests, dict)
+                and all(isinstance(k, str) and isinstance(v, str) for k, v in digests.items())
+                and isinstance(step, int)
+                and not isinstance(step, bool)
+                and step >= 0
+            ):
                 raise ValueError("unexpected content")
         except (OSError, ValueError, KeyError, TypeError) as e:
-            raise RunError(f"{state_file}: unreadable checkpoint metadata ({type(e).__name__}: {_first_line(e)})") from None
+            raise RunError(
+                f"{state_file}: unreadable checkpoint metadata ({type(e).__name__}: {_first_line(e)})"
+            ) from None
         if f"step-{step:06d}" != path.name:
             raise RunError(f"{state_file}: damaged (records step {step}, the checkpoint is {path.name})")
         for rel, digest in digests.items():
@@ -352,8 +365,11 @@ class Run:
             chosen = path
             break
         if notes:
-            fallback = (f"resuming {what} from {chosen.name}, the newest intact checkpoint" if chosen else
-                        f"no intact checkpoint is left: {what} starts again from step 0")
+            fallback = (
+                f"resuming {what} from {chosen.name}, the newest intact checkpoint"
+                if chosen
+                else f"no intact checkpoint is left: {what} starts again from step 0"
+            )
             for note in notes:
                 print(f"privdiff: {note}", file=sys.stderr)
             print(f"privdiff: {fallback}; the ledger keeps every step already counted", file=sys.stderr)
@@ -397,7 +413,9 @@ class Run:
             return final
         try:
             with atomic_directory(final) as tmp:  # replaces an existing one only once the new one is complete
-                state.unet.save_pretrained(tmp / "unet")  # a diffusers UNet directory (safetensors), plus a conditioner if any
+                state.unet.save_pretrained(
+                    tmp / "unet"
+                )  # a diffusers UNet directory (safetensors), plus a conditioner if any
                 state.unet_ema.save_pretrained(tmp / "unet_ema")
                 torch.save(state.optimizer, tmp / "optimizer.pt")
                 save_file({k: v.contiguous() for k, v in state.rng.items()}, tmp / "rng.safetensors")
@@ -407,12 +425,17 @@ class Run:
                 meta = {"step": state.step, "sha256": {str(p.relative_to(tmp)): _sha256(p) for p in files}}
                 (tmp / "state.json").write_text(json.dumps(meta, indent=2))
         except OSError as e:
-            raise OSError(e.errno, f"cannot write checkpoint {final} ({e.strerror or _first_line(e)}); "
-                                   f"the previous checkpoints are intact") from None
+            raise OSError(
+                e.errno,
+                f"cannot write checkpoint {final} ({e.strerror or _first_line(e)}); "
+                f"the previous checkpoints are intact",
+            ) from None
         except Exception as e:  # torch.save and safetensors report a failed write (a full disk) as RuntimeError & co.
             free = shutil.disk_usage(self.checkpoints).free
-            raise OSError(f"cannot write checkpoint {final} ({type(e).__name__}: {_first_line(e)}; {free:,} bytes free "
-                          f"on its disk); the previous checkpoints are intact") from None
+            raise OSError(
+                f"cannot write checkpoint {final} ({type(e).__name__}: {_first_line(e)}; {free:,} bytes free "
+                f"on its disk); the previous checkpoints are intact"
+            ) from None
         atomic_write_text(self.checkpoints / "latest", name + "\n")
         old = sorted(p for p in self._checkpoint_dirs() if p.name != name)
         for p in old[: max(0, len(old) - (keep - 1))]:
@@ -454,7 +477,9 @@ class Run:
             try:
                 self.verify_checkpoint(path, only=sub.name)
             except RunError as e:
-                raise RunError(f"{e}; to continue from the newest intact checkpoint: {resume_hint(self._top())}") from None
+                raise RunError(
+                    f"{e}; to continue from the newest intact checkpoint: {resume_hint(self._top())}"
+                ) from None
         try:
             return load_net(sub)
         except Exception as e:  # diffusers raises several types for unreadable files
@@ -480,8 +505,11 @@ def check_run(out: str | Path, recipe: Recipe) -> bool:
     if not run.config_path.exists():
         return False
     existing = run.load_config()
-    diff = sorted(k for k in _diff(recipe_to_dict(existing), recipe_to_dict(recipe))
-                  if not any(k == r or (r.endswith(".") and k.startswith(r)) for r in RESUMABLE_KEYS))
+    diff = sorted(
+        k
+        for k in _diff(recipe_to_dict(existing), recipe_to_dict(recipe))
+        if not any(k == r or (r.endswith(".") and k.startswith(r)) for r in RESUMABLE_KEYS)
+    )
     if diff:
         raise RunError(f"{run.path} holds a run with a different recipe ({', '.join(diff[:4])}); use a new --out")
     return True
@@ -501,7 +529,9 @@ def open_run(out: str | Path, recipe: Recipe) -> Run:
     for d in reversed(missing):  # outermost first, so the undo removes the innermost first
         run.created(d)
     try:
-        if is_main():  # under torchrun rank 0 alone writes, so it alone locks the run and clears what a killed writer left
+        if (
+            is_main()
+        ):  # under torchrun rank 0 alone writes, so it alone locks the run and clears what a killed writer left
             if not (run.path / ".lock").exists():
                 run.created(run.path / ".lock")
             lock_run(run)
@@ -520,7 +550,7 @@ def remove_run_temporaries(run: Run) -> list[Path]:
     """Delete the temporaries a killed privdiff writer left in ``run`` (:data:`RUN_TEMPORARIES`), nothing else."""
     found = []
     for where, targets in RUN_TEMPORARIES.items():
-        for d in ([run.path] if where == "." else sorted(run.path.glob(where))):
+        for d in [run.path] if where == "." else sorted(run.path.glob(where)):
             found += remove_temporaries(d, targets=targets)
     return found
 
@@ -594,7 +624,7 @@ def image_grid(images: "np.ndarray", *, nrow: int, scale: int | None = None, pad
     grid = np.ones((c, rows * (h + pad) + pad, nrow * (w + pad) + pad), dtype=np.float32)
     for i, img in enumerate(images):
         r, col = divmod(i, nrow)
-        grid[:, pad + r * (h + pad): pad + r * (h + pad) + h, pad + col * (w + pad): pad + col * (w + pad) + w] = img
+        grid[:, pad + r * (h + pad) : pad + r * (h + pad) + h, pad + col * (w + pad) : pad + col * (w + pad) + w] = img
     arr = (grid.clip(0, 1) * 255).round().astype(np.uint8)
     pic = Image.fromarray(arr[0] if c == 1 else arr.transpose(1, 2, 0), mode="L" if c == 1 else "RGB")
     scale = max(1, 64 // w) if scale is None else scale
@@ -618,7 +648,9 @@ def save_npz(path: str | Path, images: "np.ndarray", labels: "np.ndarray | None"
     from .atomic import atomic_write_bytes
 
     buf = io.BytesIO()
-    np.savez_compressed(buf, images=images.astype(np.float32), labels=np.asarray([] if labels is None else labels, dtype=np.int64))
+    np.savez_compressed(
+        buf, images=images.astype(np.float32), labels=np.asarray([] if labels is None else labels, dtype=np.int64)
+    )
     atomic_write_bytes(path, buf.getvalue())
     return Path(path)
 

@@ -35,8 +35,10 @@ def keep_freed_memory() -> bool:
         mallopt = libc.mallopt
     except (OSError, AttributeError):  # musl and others have no mallopt
         return False
-    ok = (mallopt(_M_MMAP_THRESHOLD, 32 << 20)  # glibc's ceiling for the threshold on 64-bit
-          and mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)
-          and mallopt(_M_TOP_PAD, 256 << 20))
+    ok = (
+        mallopt(_M_MMAP_THRESHOLD, 32 << 20)  # glibc's ceiling for the threshold on 64-bit
+        and mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)
+        and mallopt(_M_TOP_PAD, 256 << 20)
+    )
     _done = bool(ok)
     return _done

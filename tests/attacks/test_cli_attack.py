@@ -16,7 +16,12 @@ def tiny_run(tmp_path_factory):
     from tests.conftest import TINY
 
     out = tmp_path_factory.mktemp("attack") / "run"
-    assert main(["train", str(ROOT / "recipes/dpdm-mnist5k.yaml"), *TINY, "train.max_steps=2", "--out", str(out), "--quiet"]) == 0
+    assert (
+        main(
+            ["train", str(ROOT / "recipes/dpdm-mnist5k.yaml"), *TINY, "train.max_steps=2", "--out", str(out), "--quiet"]
+        )
+        == 0
+    )
     return out
 
 
@@ -26,7 +31,9 @@ def test_every_attack_writes_its_result_and_roc(tiny_run, capsys):
     splits = json.loads((tiny_run / "splits.json").read_text())
     assert splits["roles"]["member_test"]["split"] == "train" and splits["roles"]["nonmember_test"]["split"] == "test"
     ledger = json.loads((tiny_run / "ledger.json").read_text())
-    assert splits["roles"]["member_aux"]["fingerprint"] == ledger["dataset"]["fingerprint"]  # members = what DP-SGD touched
+    assert (
+        splits["roles"]["member_aux"]["fingerprint"] == ledger["dataset"]["fingerprint"]
+    )  # members = what DP-SGD touched
     for name in ("loss", "secmi", "pia", "pian", "proxy", "proxy-loss"):
         r = json.loads((tiny_run / "attacks" / f"{name}.json").read_text())
         assert {"auc", "asr", "tpr_at_1pct_fpr", "tpr_at_0.1pct_fpr", "n_members", "n_nonmembers", "roc_png"} <= set(r)
@@ -56,7 +63,9 @@ def test_unused_nonmembers_make_low_fpr_measurable(tiny_run, capsys):
 
 def test_bad_input_is_one_line_and_exit_2(tiny_run, tmp_path, capsys):
     assert main(["attack", str(tmp_path / "nothing"), "--attack", "loss"]) == 2
-    assert main(["attack", str(tiny_run), "--attack", "loss", "--n-per-role", "7"]) == 2  # splits already recorded with 40
+    assert (
+        main(["attack", str(tiny_run), "--attack", "loss", "--n-per-role", "7"]) == 2
+    )  # splits already recorded with 40
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and all(e.startswith("privdiff: error:") for e in err)
     with pytest.raises(SystemExit):

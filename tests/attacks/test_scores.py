@@ -22,7 +22,9 @@ class MLPNet(nn.Module):
 
     def __init__(self, dim=16, width=128):
         super().__init__()
-        self.f = nn.Sequential(nn.Linear(dim + 1, width), nn.SiLU(), nn.Linear(width, width), nn.SiLU(), nn.Linear(width, dim))
+        self.f = nn.Sequential(
+            nn.Linear(dim + 1, width), nn.SiLU(), nn.Linear(width, width), nn.SiLU(), nn.Linear(width, dim)
+        )
 
     def forward(self, x, c_noise, labels=None):
         return self.f(torch.cat([x.flatten(1), c_noise.view(-1, 1)], 1)).view_as(x)
@@ -40,7 +42,9 @@ def test_ddpm_sigma_matches_diffusers_linear_schedule():
 
     abar = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear").alphas_cumprod.double()
     for t in (0, 10, 100, 200, 999):
-        assert ddpm_sigma(t) == pytest.approx(math.sqrt(1 / abar[t].item() - 1), rel=1e-4)  # diffusers keeps ᾱ in float32
+        assert ddpm_sigma(t) == pytest.approx(
+            math.sqrt(1 / abar[t].item() - 1), rel=1e-4
+        )  # diffusers keeps ᾱ in float32
 
 
 def test_secmi_and_pia_equal_a_slow_reference_in_ddpm_variables():
@@ -62,7 +66,7 @@ def test_secmi_and_pia_equal_a_slow_reference_in_ddpm_variables():
 
     ref = []
     for i in range(len(x0)):
-        x = x0[i:i + 1]
+        x = x0[i : i + 1]
         for t in range(0, 90, 10):
             x = ddim(x, t, t + 10)
         back = ddim(ddim(x, 90, 100), 100, 90)
@@ -92,7 +96,11 @@ def overfit():
         opt.zero_grad()
         loss.backward()
         opt.step()
-    return Target(denoiser=den.eval().requires_grad_(False), recipe=resolve_recipe(None), batch_size=64), members, nonmembers
+    return (
+        Target(denoiser=den.eval().requires_grad_(False), recipe=resolve_recipe(None), batch_size=64),
+        members,
+        nonmembers,
+    )
 
 
 def test_overfit_model_is_caught_by_the_loss_attack(overfit):
@@ -123,7 +131,7 @@ def test_proxy_loss_feature_is_the_log_loss_at_the_drawn_goldilocks_t(overfit):
     noise = torch.randn(m.shape, generator=g)
     for i in range(16):
         sigma = ddpm_sigma(LOSS_TIMESTEPS[int(k[i])])
-        err = (target.eps(m[i:i + 1] + sigma * noise[i:i + 1], sigma, None) - noise[i:i + 1]).square().mean()
+        err = (target.eps(m[i : i + 1] + sigma * noise[i : i + 1], sigma, None) - noise[i : i + 1]).square().mean()
         torch.testing.assert_close(f[i, 0], err.log(), rtol=1e-5, atol=1e-6)
         assert f[i, 1:].tolist() == [float(j == int(k[i])) for j in range(len(LOSS_TIMESTEPS))]
     with pytest.raises(ValueError, match="unknown proxy feature"):
@@ -132,6 +140,7 @@ def test_proxy_loss_feature_is_the_log_loss_at_the_drawn_goldilocks_t(overfit):
 
 def test_proxy_attacker_on_the_loss_feature_learns_the_overfit_model(overfit):
     target, m, n = overfit
-    sm, sn = proxy_scores(target, (m[:8], None, n[:8], None), (m[8:], None, n[8:], None), epochs=40, draws=4, lr=1e-3,
-                          feature="loss")
+    sm, sn = proxy_scores(
+        target, (m[:8], None, n[:8], None), (m[8:], None, n[8:], None), epochs=40, draws=4, lr=1e-3, feature="loss"
+    )
     assert attack_metrics(sm, sn)["auc"] > 0.8

@@ -20,9 +20,23 @@ RECIPE = str(ROOT / "recipes/dpdm-mnist5k.yaml")
 
 def test_two_processes_same_epsilon_as_one_then_resume_on_one(tmp_path, tiny_overrides, capsys):
     w2, w1 = tmp_path / "w2", tmp_path / "w1"
-    cmd = [sys.executable, "-m", "privdiff.cli", "train", RECIPE, *tiny_overrides, "train.max_steps=2",
-           "--out", str(w2), "--quiet", "--nproc", "2"]
-    res = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=1200)  # minutes only on a saturated machine
+    cmd = [
+        sys.executable,
+        "-m",
+        "privdiff.cli",
+        "train",
+        RECIPE,
+        *tiny_overrides,
+        "train.max_steps=2",
+        "--out",
+        str(w2),
+        "--quiet",
+        "--nproc",
+        "2",
+    ]
+    res = subprocess.run(
+        cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=1200
+    )  # minutes only on a saturated machine
     assert res.returncode == 0, res.stderr[-3000:]
     assert res.stdout.count("epsilon:") == 1  # rank 0 reports, once
     assert main(["train", RECIPE, *tiny_overrides, "train.max_steps=2", "--out", str(w1), "--quiet"]) == 0
@@ -47,6 +61,8 @@ def test_two_processes_same_epsilon_as_one_then_resume_on_one(tmp_path, tiny_ove
     ledger = json.loads((w2 / "ledger.json").read_text())
     (event,) = ledger["events"]
     assert event["steps"] == 3
-    assert ledger["epsilon"] == pytest.approx(epsilon([(event["noise_multiplier"], event["sample_rate"], 3)], delta=ledger["delta"]))
+    assert ledger["epsilon"] == pytest.approx(
+        epsilon([(event["noise_multiplier"], event["sample_rate"], 3)], delta=ledger["delta"])
+    )
     assert [e["step"] for e in Run(w2).read_train_log()] == [1, 2, 3]
     assert (w2 / "checkpoints" / "latest").read_text().strip() == "step-000003"

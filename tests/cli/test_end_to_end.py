@@ -41,7 +41,7 @@ def test_train_then_sample(tmp_path, tiny_overrides, capsys):
     # the UNet loads with diffusers' own from_pretrained
     from diffusers import UNet2DModel
 
-    ckpt = (run / "checkpoints" / (run / "checkpoints" / "latest").read_text().strip())
+    ckpt = run / "checkpoints" / (run / "checkpoints" / "latest").read_text().strip()
     UNet2DModel.from_pretrained(ckpt / "unet_ema", local_files_only=True)
 
     assert main(["sample", str(run), "--n", "6", "--label", "3", "--out", str(tmp_path / "three.png"), "--quiet"]) == 0
@@ -62,8 +62,19 @@ def test_nonprivate_baseline_ledger(tmp_path, tiny_overrides):
 def test_kill_and_resume_continues_the_ledger(tmp_path, tiny_overrides):
     """SIGKILL a real training process mid-run; rerunning the command resumes and never restarts the count."""
     run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "privdiff.cli", "train", str(ROOT / RECIPE), *tiny_overrides,
-           "train.max_steps=40", "train.checkpoint_every=3", "--out", str(run), "--quiet"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "privdiff.cli",
+        "train",
+        str(ROOT / RECIPE),
+        *tiny_overrides,
+        "train.max_steps=40",
+        "train.checkpoint_every=3",
+        "--out",
+        str(run),
+        "--quiet",
+    ]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     ledger_path = run / "ledger.json"
@@ -159,8 +170,25 @@ def test_unknown_override_and_changed_recipe(tmp_path, tiny_overrides, capsys):
 
 
 def test_budget_calibrate_command(capsys):
-    assert main(["budget", "calibrate", "--epsilon", "10", "--delta", "1e-5", "--n", "4000",
-                 "--batch-size", "400", "--epochs", "50"]) == 0
+    assert (
+        main(
+            [
+                "budget",
+                "calibrate",
+                "--epsilon",
+                "10",
+                "--delta",
+                "1e-5",
+                "--n",
+                "4000",
+                "--batch-size",
+                "400",
+                "--epochs",
+                "50",
+            ]
+        )
+        == 0
+    )
     out = json.loads(capsys.readouterr().out)
     assert out["steps"] == 500 and out["epsilon"] <= 10 and out["epsilon"] == pytest.approx(10, rel=5e-3)
 

@@ -39,22 +39,40 @@ def test_constant_schedule():
 
 # -- the loop itself, on a tiny pixel UNet and fresh random data ---------------------------------
 
-TINY_LOOP = ["model.channels=[8,16]", "model.attention_levels=[]", "model.norm_num_groups=4", "data.resolution=8",
-             "train.batch_size=8", "train.max_physical_batch_size=64", "privacy.noise_multiplicity=2", "train.checkpoint_every=1000"]
+TINY_LOOP = [
+    "model.channels=[8,16]",
+    "model.attention_levels=[]",
+    "model.norm_num_groups=4",
+    "data.resolution=8",
+    "train.batch_size=8",
+    "train.max_physical_batch_size=64",
+    "privacy.noise_multiplicity=2",
+    "train.checkpoint_every=1000",
+]
 
 
 def _data(n: int, seed: int) -> ImageDataset:
     g = torch.Generator().manual_seed(seed)
-    return ImageDataset(images=torch.rand(n, 1, 8, 8, generator=g) * 2 - 1, labels=torch.randint(0, 10, (n,), generator=g),
-                        num_classes=10, name="toy", split="train", fingerprint=f"sha256:toy{seed}")
+    return ImageDataset(
+        images=torch.rand(n, 1, 8, 8, generator=g) * 2 - 1,
+        labels=torch.randint(0, 10, (n,), generator=g),
+        num_classes=10,
+        name="toy",
+        split="train",
+        fingerprint=f"sha256:toy{seed}",
+    )
 
 
 def _ledger(recipe, dataset: ImageDataset, path=None) -> Ledger:
     """The run's ledger (continued from ``path`` if it exists), with no registry: the loop's own behaviour."""
     if path is not None and path.exists():
         return Ledger.load(path)
-    return Ledger(delta=recipe.privacy.delta, accountant=recipe.privacy.accountant, dataset=data_identity(dataset),
-                  target_epsilon=recipe.privacy.epsilon)
+    return Ledger(
+        delta=recipe.privacy.delta,
+        accountant=recipe.privacy.accountant,
+        dataset=data_identity(dataset),
+        target_epsilon=recipe.privacy.epsilon,
+    )
 
 
 def _train(out, recipe, dataset, *, max_steps: int, private: bool = True, term=None, stage: Stage = Stage()):
@@ -88,7 +106,9 @@ def test_the_stage_stops_before_the_step_that_would_pass_the_budget(tmp_path, mo
 
     r = resolve_recipe(None, [*TINY_LOOP, "train.epochs=2", "privacy.epsilon=2"])
     data = _data(32, seed=int(torch.randint(0, 10**6, ())))
-    monkeypatch.setattr(training, "noise_for", lambda *a, **k: 1.5)  # calibrated for the 8 planned steps: 2.05 (1.5 allows 2)
+    monkeypatch.setattr(
+        training, "noise_for", lambda *a, **k: 1.5
+    )  # calibrated for the 8 planned steps: 2.05 (1.5 allows 2)
     result, ledger, run = _train(tmp_path, r, data, max_steps=10**6)
     q = r.train.batch_size / len(data)
     assert result.stopped_at_budget and 0 < result.steps < planned_steps(r.train, len(data))
@@ -152,7 +172,9 @@ def test_an_extra_terms_state_is_checkpointed_and_resumed(tmp_path):
     whole, _, _ = _train(tmp_path / "whole", r, data, max_steps=5, private=False, term=whole_term)
     _train(tmp_path / "split", r, data, max_steps=2, private=False, term=_Drift(5))
     assert Run(tmp_path / "split").load_checkpoint().extra[STATE_KEY]["calls"] == 2
-    resumed, _, _ = _train(tmp_path / "split", r, data, max_steps=5, private=False, term=split_term)  # a fresh term, as a new process
+    resumed, _, _ = _train(
+        tmp_path / "split", r, data, max_steps=5, private=False, term=split_term
+    )  # a fresh term, as a new process
     assert split_term.calls == whole_term.calls == 5 and torch.equal(split_term.w, whole_term.w)
     for a, b in zip(whole.denoiser.state_dict().values(), resumed.denoiser.state_dict().values()):
         assert torch.equal(a, b)

@@ -21,14 +21,20 @@ def _image(path, size, mode="RGB", seed=0):
 def test_metadata_jsonl_pairs_and_center_crop(tmp_path):
     for i, size in enumerate([(20, 12), (12, 20), (16, 16)]):
         _image(tmp_path / f"{i}.png", size, seed=i)
-    rows = [{"file_name": "2.png", "text": "a red square"}, {"file_name": "0.png", "text": "a wide one"}, {"file_name": "1.png", "text": "tall"}]
+    rows = [
+        {"file_name": "2.png", "text": "a red square"},
+        {"file_name": "0.png", "text": "a wide one"},
+        {"file_name": "1.png", "text": "tall"},
+    ]
     (tmp_path / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     data = load_captioned_folder(tmp_path, resolution=8)
     assert data.captions == ("a red square", "a wide one", "tall") and data.files == ("2.png", "0.png", "1.png")
     assert tuple(data.images.shape) == (3, 3, 8, 8) and float(data.images.min()) >= -1 and float(data.images.max()) <= 1
     # the wide image: shorter side to 8 (20x12 -> 13x8), then the central 8x8 crop
     wide = Image.open(tmp_path / "0.png").resize((13, 8), Image.Resampling.BILINEAR).crop((2, 0, 10, 8))
-    np.testing.assert_array_equal(((data.images[1] + 1) * 127.5).round().byte().permute(1, 2, 0).numpy(), np.asarray(wide))
+    np.testing.assert_array_equal(
+        ((data.images[1] + 1) * 127.5).round().byte().permute(1, 2, 0).numpy(), np.asarray(wide)
+    )
 
 
 def test_caption_files_and_fingerprint_covers_captions(tmp_path):
@@ -46,16 +52,19 @@ def test_caption_files_and_fingerprint_covers_captions(tmp_path):
     assert tuple(gray.images.shape) == (2, 1, 4, 4)
 
 
-@pytest.mark.parametrize("problem,match", [
-    ("missing-file", "caption for a missing file"),
-    ("no-caption", "no caption"),
-    ("mixed-modes", "mixes grayscale"),
-    ("bad-json", "not a JSON object"),
-    ("outside", "points outside"),
-    ("twice", "captioned twice"),
-    ("not-a-dir", "not a directory"),
-    ("broken-image", "cannot read image"),
-])
+@pytest.mark.parametrize(
+    "problem,match",
+    [
+        ("missing-file", "caption for a missing file"),
+        ("no-caption", "no caption"),
+        ("mixed-modes", "mixes grayscale"),
+        ("bad-json", "not a JSON object"),
+        ("outside", "points outside"),
+        ("twice", "captioned twice"),
+        ("not-a-dir", "not a directory"),
+        ("broken-image", "cannot read image"),
+    ],
+)
 def test_bad_captioned_folders_are_one_line_errors(tmp_path, problem, match):
     root = tmp_path / "data"
     root.mkdir()

@@ -15,8 +15,9 @@ from privdiff.data.splits import holdout_indices
 CLASSES = {"tulip": 8, "daisy": 10, "rose": 9}  # written in this (unsorted) order
 
 
-def _make_folder(root: Path, rng: np.random.Generator, *, classes: dict[str, int] = CLASSES, mode: str = "RGB",
-                 size: int = 4) -> None:
+def _make_folder(
+    root: Path, rng: np.random.Generator, *, classes: dict[str, int] = CLASSES, mode: str = "RGB", size: int = 4
+) -> None:
     """One sub-folder per class of random (hence distinct) PNGs."""
     for cls, count in classes.items():
         (root / cls).mkdir(parents=True)
@@ -79,8 +80,12 @@ def test_holdout_parts_disjoint_cover_stratified_and_deterministic(folder, tmp_p
 def test_holdout_fingerprints_name_the_part_fraction_and_seed(folder, rng):
     seed = int(rng.integers(0, 2**31))
     plain = {s: load_dataset("folder", root=folder, split=s).fingerprint for s in ("train", "all")}
-    fp = {(s, f, k): load_dataset("folder", root=folder, split=s, holdout=f, holdout_seed=k).fingerprint
-          for s in ("train", "test") for f in (0.25, 0.4) for k in (seed, seed + 1)}
+    fp = {
+        (s, f, k): load_dataset("folder", root=folder, split=s, holdout=f, holdout_seed=k).fingerprint
+        for s in ("train", "test")
+        for f in (0.25, 0.4)
+        for k in (seed, seed + 1)
+    }
     assert len(set(fp.values()) | set(plain.values())) == len(fp) + len(plain)
     # "all" is the whole folder whatever the split options: same content, same fingerprint
     assert load_dataset("folder", root=folder, split="all", holdout=0.25, holdout_seed=seed).fingerprint == plain["all"]
@@ -112,7 +117,9 @@ def test_test_root_reads_another_folder(tmp_path, rng):
     assert len({train.fingerprint, test.fingerprint, whole.fingerprint}) == 3
     assert test.test_root == str(tmp_path / "test") and test.holdout is None
     assert test.split_identity == {"split": "test", "test_root": str(tmp_path / "test")}
-    zipped = load_dataset("folder", split="test", root=tmp_path / "train", test_root=_zip(tmp_path / "test", tmp_path / "t.zip"))
+    zipped = load_dataset(
+        "folder", split="test", root=tmp_path / "train", test_root=_zip(tmp_path / "test", tmp_path / "t.zip")
+    )
     assert _keys(zipped) == _keys(test)
 
 
@@ -166,8 +173,14 @@ def test_refusals(folder, tmp_path, rng):
 
 def test_dataset_refuses_inconsistent_split_fields(folder):
     ds = load_dataset("folder", root=folder, split="train", holdout=0.3, holdout_seed=1)
-    fields = dict(images=ds.images, labels=ds.labels, num_classes=ds.num_classes, name="folder", split="train",
-                  fingerprint=ds.fingerprint)
+    fields = dict(
+        images=ds.images,
+        labels=ds.labels,
+        num_classes=ds.num_classes,
+        name="folder",
+        split="train",
+        fingerprint=ds.fingerprint,
+    )
     with pytest.raises(DatasetError, match="holdout_seed without holdout"):
         ImageDataset(**fields, holdout_seed=1)
     with pytest.raises(DatasetError, match="needs holdout_seed"):

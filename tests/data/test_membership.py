@@ -8,8 +8,14 @@ from privdiff.data.membership import MEMBER_ROLES, ROLES, MembershipSplits, spli
 
 def _data(n, split, seed):
     g = torch.Generator().manual_seed(seed)
-    return ImageDataset(images=torch.rand(n, 1, 4, 4, generator=g) * 2 - 1, labels=torch.randint(0, 3, (n,), generator=g),
-                        num_classes=3, name="toy", split=split, fingerprint=f"sha256:{split}{seed}")
+    return ImageDataset(
+        images=torch.rand(n, 1, 4, 4, generator=g) * 2 - 1,
+        labels=torch.randint(0, 3, (n,), generator=g),
+        num_classes=3,
+        name="toy",
+        split=split,
+        fingerprint=f"sha256:{split}{seed}",
+    )
 
 
 def test_pool_roles_are_disjoint_deterministic_and_roundtrip(tmp_path):
@@ -82,14 +88,18 @@ def test_splits_of_a_held_out_folder_record_how_and_read_the_same_parts_again(tm
     rng = np.random.default_rng()
     root = image_folder(tmp_path / "f", rng, classes={"a": 8, "b": 8}, size=4)
     seed = int(rng.integers(0, 2**31))
-    train, test = (load_dataset("folder", root=root, split=s, holdout=0.25, holdout_seed=seed) for s in ("train", "test"))
+    train, test = (
+        load_dataset("folder", root=root, split=s, holdout=0.25, holdout_seed=seed) for s in ("train", "test")
+    )
     s = split_held_out(members=train, nonmembers=test, seed=seed, root=str(root))
     assert s.data == {"name": "folder", "root": str(root), "resolution": None, "holdout": 0.25, "holdout_seed": seed}
     s.save(tmp_path / "splits.json")
     again = MembershipSplits.load(tmp_path / "splits.json")
     for role in ROLES:  # each role's examples, read again from the split it names
         source = again.source(s.roles[role]["split"])
-        assert torch.equal(again.dataset(role, source).images, s.dataset(role, train if role in MEMBER_ROLES else test).images)
+        assert torch.equal(
+            again.dataset(role, source).images, s.dataset(role, train if role in MEMBER_ROLES else test).images
+        )
 
     other = image_folder(tmp_path / "t", rng, classes={"b": 3}, size=4)
     members = load_dataset("folder", root=root, split="train", test_root=other)

@@ -32,9 +32,7 @@ class RecordingNet(nn.Module):
         self.calls: list[tuple[Tensor, Tensor, Tensor | None]] = []
 
     def forward(self, x_in: Tensor, c_noise: Tensor, labels: Tensor | None) -> Tensor:
-        self.calls.append(
-            (x_in.detach().clone(), c_noise.detach().clone(), None if labels is None else labels.clone())
-        )
+        self.calls.append((x_in.detach().clone(), c_noise.detach().clone(), None if labels is None else labels.clone()))
         out = self.a * x_in + self.b * c_noise.view(-1, 1, 1, 1)
         if labels is not None:
             out = out + 0.1 * labels.to(x_in.dtype).view(-1, 1, 1, 1)

@@ -13,7 +13,9 @@ from privdiff.diffusion.discrete import DiscreteSchedule, DiscreteSigma, VPDenoi
 CONFIGS = [
     dict(beta_schedule="linear", prediction_type="epsilon"),
     dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, prediction_type="epsilon"),  # SD 1.x
-    dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, prediction_type="v_prediction"),  # SD 2.x 768
+    dict(
+        beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, prediction_type="v_prediction"
+    ),  # SD 2.x 768
     dict(beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction"),
 ]
 
@@ -77,7 +79,13 @@ def test_discrete_sigma_draws_the_tables_levels_uniformly():
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
 def test_privdiff_euler_is_ddim_on_the_pretrained_net(prediction_type):
     """Euler on dx/dσ = (x − D)/σ over the net's own σ_t equals diffusers' DDIM (η = 0) on the same timesteps."""
-    config = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, prediction_type=prediction_type, clip_sample=False)
+    config = dict(
+        beta_schedule="scaled_linear",
+        beta_start=0.00085,
+        beta_end=0.012,
+        prediction_type=prediction_type,
+        clip_sample=False,
+    )
     ddim = DDIMScheduler(**config, set_alpha_to_one=True)
     ddim.set_timesteps(8)
     schedule = DiscreteSchedule.from_config(ddim.config)

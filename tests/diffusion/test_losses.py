@@ -46,7 +46,9 @@ def test_draw_training_noise_shapes_and_reproducibility():
     sigma, noise = draw_training_noise(x0, K=K, sigma_dist=LogNormalSigma(), generator=torch.Generator().manual_seed(1))
     assert sigma.shape == (B, K) and noise.shape == (B, K, C, H, W)
     assert noise.dtype == x0.dtype and (sigma > 0).all()
-    sigma2, noise2 = draw_training_noise(x0, K=K, sigma_dist=LogNormalSigma(), generator=torch.Generator().manual_seed(1))
+    sigma2, noise2 = draw_training_noise(
+        x0, K=K, sigma_dist=LogNormalSigma(), generator=torch.Generator().manual_seed(1)
+    )
     assert torch.equal(sigma, sigma2) and torch.equal(noise, noise2)
     with pytest.raises(ValueError):
         draw_training_noise(x0, K=0, sigma_dist=LogNormalSigma())
@@ -69,7 +71,9 @@ def test_loss_matches_slow_loop(param, label_kind):
     if label_kind == "none":
         labels = None
     elif label_kind == "per_draw":
-        labels = drop_labels(labels[:, None].expand(B, K), p=0.5, null_label=NULL, generator=torch.Generator().manual_seed(9))
+        labels = drop_labels(
+            labels[:, None].expand(B, K), p=0.5, null_label=NULL, generator=torch.Generator().manual_seed(9)
+        )
     loss = denoising_loss(den, x0, labels, sigma=sigma, noise=noise)
     assert loss.shape == (B,)
     torch.testing.assert_close(loss, _slow_loss(den, x0, labels, sigma, noise), rtol=1e-5, atol=1e-6)

@@ -114,8 +114,15 @@ def test_heun_with_churn_samples_the_data_distribution():
     n = 20_000
     den = GaussianDenoiser(MU, S)
     out = sample(
-        den, shape=(n,), sampler="heun", steps=256, generator=torch.Generator().manual_seed(0),
-        S_churn=40.0, S_min=0.05, S_max=50.0, S_noise=1.0,
+        den,
+        shape=(n,),
+        sampler="heun",
+        steps=256,
+        generator=torch.Generator().manual_seed(0),
+        S_churn=40.0,
+        S_min=0.05,
+        S_max=50.0,
+        S_noise=1.0,
     )
     se_mean, se_std = S / math.sqrt(n), S / math.sqrt(2 * n)
     assert abs(out.mean().item() - MU) < 4 * se_mean
@@ -158,7 +165,9 @@ def test_sample_dispatch_aliases_and_errors():
     den = GaussianDenoiser(MU, S)
 
     def run(sampler, **kw):
-        return sample(den, shape=(2, 1, 3, 3), sampler=sampler, steps=6, generator=torch.Generator().manual_seed(0), **kw)
+        return sample(
+            den, shape=(2, 1, 3, 3), sampler=sampler, steps=6, generator=torch.Generator().manual_seed(0), **kw
+        )
 
     assert torch.equal(run("ddim"), run("euler"))
     assert torch.equal(run("edm"), run("heun"))
@@ -173,8 +182,16 @@ def test_sample_initial_noise_and_no_clamp():
     mu = 3.0  # data far outside [-1, 1]: the samplers must not clamp
     den = GaussianDenoiser(mu, S)
     seen = []
-    out = sample(den, shape=(4096,), sampler="heun", steps=8, sigma_max=40.0,
-                 generator=torch.Generator().manual_seed(1), callback=seen.append, progress=True)
+    out = sample(
+        den,
+        shape=(4096,),
+        sampler="heun",
+        steps=8,
+        sigma_max=40.0,
+        generator=torch.Generator().manual_seed(1),
+        callback=seen.append,
+        progress=True,
+    )
     x0 = seen[0]["x"]
     assert x0.dtype == torch.float32
     assert abs(x0.std().item() - 40.0) < 40.0 * 5 / math.sqrt(2 * 4096)
@@ -195,8 +212,14 @@ PINNED = {
 
 @pytest.mark.parametrize("sampler,S_churn", list(PINNED))
 def test_pinned_results(sampler, S_churn):
-    out = sample(GaussianDenoiser(MU, S), shape=(2, 1, 4, 4), sampler=sampler, steps=8,
-                 generator=torch.Generator().manual_seed(0), S_churn=S_churn)
+    out = sample(
+        GaussianDenoiser(MU, S),
+        shape=(2, 1, 4, 4),
+        sampler=sampler,
+        steps=8,
+        generator=torch.Generator().manual_seed(0),
+        S_churn=S_churn,
+    )
     assert abs(out.sum().item() - PINNED[(sampler, S_churn)]) < 1e-3, out.sum().item()
 
 
@@ -227,7 +250,9 @@ def test_guided_denoiser_formula(w):
     labels = torch.tensor([1, 3, 0])
     null = torch.full_like(labels, 5)
     expected = (1 + w) * den(x, sigma, labels) - w * den(x, sigma, null)
-    torch.testing.assert_close(guided_denoiser(den, labels, guidance=w, null_label=5)(x, sigma), expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        guided_denoiser(den, labels, guidance=w, null_label=5)(x, sigma), expected, rtol=1e-5, atol=1e-6
+    )
 
 
 def test_guided_denoiser_single_batched_forward():
@@ -248,6 +273,12 @@ def test_sample_with_guided_network_end_to_end():
     den = _cond_denoiser(2)
     labels = torch.tensor([0, 1, 2, 3])
     for sampler in ("euler", "heun"):
-        out = sample(guided_denoiser(den, labels, guidance=1.0, null_label=5), shape=(4, 2, 4, 4),
-                     sampler=sampler, steps=4, generator=torch.Generator().manual_seed(0), S_churn=1.0)
+        out = sample(
+            guided_denoiser(den, labels, guidance=1.0, null_label=5),
+            shape=(4, 2, 4, 4),
+            sampler=sampler,
+            steps=4,
+            generator=torch.Generator().manual_seed(0),
+            S_churn=1.0,
+        )
         assert out.shape == (4, 2, 4, 4) and out.dtype == torch.float32 and torch.isfinite(out).all()

@@ -30,7 +30,9 @@ def test_trained_on_real_data_the_cnn_beats_90_percent_and_reads_the_test_split_
         return x_test, y_test
 
     monkeypatch.setattr(downstream, "fit_classifier", fit_and_log)
-    scores = downstream.downstream_accuracy(x, y, test=test_split, num_classes=10, epochs=5, lr=3e-3, progress=False, source="real")
+    scores = downstream.downstream_accuracy(
+        x, y, test=test_split, num_classes=10, epochs=5, lr=3e-3, progress=False, source="real"
+    )
     # every classifier was trained and selected before the test split was opened, and it was opened once
     assert [e[0] for e in events] == ["fit", "fit", "test"]
     assert scores["cnn"]["accuracy"] > 0.90

@@ -13,7 +13,13 @@ from privdiff.evaluation import evaluate as ev
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
-FAST = ["evaluate.feature_epochs=2", "evaluate.classifier_epochs=2", "evaluate.max_real=300", "evaluate.kid_subset_size=50", "evaluate.kid_subsets=10"]
+FAST = [
+    "evaluate.feature_epochs=2",
+    "evaluate.classifier_epochs=2",
+    "evaluate.max_real=300",
+    "evaluate.kid_subset_size=50",
+    "evaluate.kid_subsets=10",
+]
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +27,12 @@ def trained(tmp_path_factory, privdiff_cache):
     from tests.conftest import TINY
 
     out = tmp_path_factory.mktemp("eval") / "run"
-    assert main(["train", str(ROOT / "recipes/dpdm-mnist5k.yaml"), *TINY, "train.max_steps=3", "--out", str(out), "--quiet"]) == 0
+    assert (
+        main(
+            ["train", str(ROOT / "recipes/dpdm-mnist5k.yaml"), *TINY, "train.max_steps=3", "--out", str(out), "--quiet"]
+        )
+        == 0
+    )
     return out
 
 
@@ -34,8 +45,12 @@ def test_evaluate_writes_metrics_with_floors_ceilings_and_a_report(trained, caps
     from privdiff.core import stages
 
     real_load, real_train = stages.recipe_dataset, ev.train_classifiers  # every read of the run's data goes through it
-    monkeypatch.setattr(stages, "recipe_dataset", lambda recipe, **kw: order.append(("load", kw["split"])) or real_load(recipe, **kw))
-    monkeypatch.setattr(ev, "train_classifiers", lambda *a, **kw: order.append(("fit", kw.get("source"))) or real_train(*a, **kw))
+    monkeypatch.setattr(
+        stages, "recipe_dataset", lambda recipe, **kw: order.append(("load", kw["split"])) or real_load(recipe, **kw)
+    )
+    monkeypatch.setattr(
+        ev, "train_classifiers", lambda *a, **kw: order.append(("fit", kw.get("source"))) or real_train(*a, **kw)
+    )
     assert _evaluate(trained) == 0
     out = capsys.readouterr().out
     assert "FID" in out and "(floor)" in out and "(ceiling)" in out
@@ -101,8 +116,12 @@ def test_bad_runs_give_one_line_errors_and_no_partial_metrics(trained, tmp_path,
     assert _evaluate(run) == 2
     assert "unreadable samples" in capsys.readouterr().err and (run / "metrics.json").read_bytes() == before
     meta = ev._samples_meta(ev.Run(run), ev.Run(run).load_config(), n=60, seed=0)
-    np.savez(run / "eval" / "samples.npz", images=np.random.rand(60, 3, 8, 8).astype(np.float32),
-             labels=np.arange(60) % 10, meta=np.array(json.dumps(meta)))
+    np.savez(
+        run / "eval" / "samples.npz",
+        images=np.random.rand(60, 3, 8, 8).astype(np.float32),
+        labels=np.arange(60) % 10,
+        meta=np.array(json.dumps(meta)),
+    )
     assert _evaluate(run) == 2
     assert "expected (60, 1, 8, 8)" in capsys.readouterr().err and (run / "metrics.json").read_bytes() == before
     # only evaluation settings may be overridden

@@ -42,7 +42,9 @@ def test_fid_grows_monotonically_with_noise_on_real_images(digits_features):
     assert fid(real, extract_features(net.module, images)) < 1e-6  # a set against itself
     g = torch.Generator().manual_seed(7)
     noise = torch.randn(images.shape, generator=g)
-    scores = [fid(real, extract_features(net.module, (images + s * noise).clamp(0, 1))) for s in (0.05, 0.1, 0.2, 0.4, 0.8)]
+    scores = [
+        fid(real, extract_features(net.module, (images + s * noise).clamp(0, 1))) for s in (0.05, 0.1, 0.2, 0.4, 0.8)
+    ]
     assert all(a < b for a, b in zip(scores, scores[1:])), scores
     assert scores[0] > 0
 
@@ -56,8 +58,8 @@ def test_kid_is_the_unbiased_mmd_and_centred_on_zero_for_one_distribution():
 
     def mmd2_unbiased(x, y):  # one term at a time, as written in Bińkowski et al. (2018), eq. 3
         m = len(x)
-        kxx = sum(k(x[i:i + 1], x[j:j + 1]).item() for i, j in itertools.permutations(range(m), 2)) / (m * (m - 1))
-        kyy = sum(k(y[i:i + 1], y[j:j + 1]).item() for i, j in itertools.permutations(range(m), 2)) / (m * (m - 1))
+        kxx = sum(k(x[i : i + 1], x[j : j + 1]).item() for i, j in itertools.permutations(range(m), 2)) / (m * (m - 1))
+        kyy = sum(k(y[i : i + 1], y[j : j + 1]).item() for i, j in itertools.permutations(range(m), 2)) / (m * (m - 1))
         kxy = k(x, y).sum().item() / (m * m)
         return kxx + kyy - 2 * kxy
 
@@ -66,7 +68,9 @@ def test_kid_is_the_unbiased_mmd_and_centred_on_zero_for_one_distribution():
     assert std == 0 or np.isnan(std) or std >= 0
     # unbiased: over many independent pairs from one distribution the estimate averages to ~0,
     # where the biased (V-statistic) estimate is always positive
-    estimates = [kid(_gauss(100, d, 100 + i), _gauss(100, d, 200 + i), subset_size=100, subsets=1)[0] for i in range(60)]
+    estimates = [
+        kid(_gauss(100, d, 100 + i), _gauss(100, d, 200 + i), subset_size=100, subsets=1)[0] for i in range(60)
+    ]
     se = np.std(estimates) / np.sqrt(len(estimates))
     assert abs(np.mean(estimates)) < 3 * se
     assert min(estimates) < 0 < max(estimates)
@@ -74,6 +78,7 @@ def test_kid_is_the_unbiased_mmd_and_centred_on_zero_for_one_distribution():
 
 def _pr_reference(real, fake, k):
     """Improved precision/recall by brute force, one point at a time."""
+
     def radii(x):
         return [sorted(float(torch.dist(a, b)) for b in x)[k] for a in x]  # [0] is the point itself
 

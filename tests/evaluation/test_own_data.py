@@ -18,8 +18,13 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
 RECIPE = str(ROOT / "recipes/dpdm-mnist5k.yaml")
 CLASSES = {"tulip": 10, "daisy": 10, "rose": 10}
-FAST = ["evaluate.feature_epochs=1", "evaluate.feature_patches=64", "evaluate.classifier_epochs=1",
-        "evaluate.kid_subset_size=10", "evaluate.kid_subsets=2"]
+FAST = [
+    "evaluate.feature_epochs=1",
+    "evaluate.feature_patches=64",
+    "evaluate.classifier_epochs=1",
+    "evaluate.kid_subset_size=10",
+    "evaluate.kid_subsets=2",
+]
 
 
 @pytest.fixture
@@ -29,8 +34,21 @@ def rng() -> np.random.Generator:
 
 def _train(root, tiny, *extra, out) -> int:
     """``privdiff train`` of the DPDM recipe on the folder ``root`` (a batch of 8 fits a few dozen images)."""
-    return main(["train", RECIPE, *tiny, "train.batch_size=8", "train.max_steps=2", "data.name=folder",
-                 f"data.root={root}", *extra, "--out", str(out), "--quiet"])
+    return main(
+        [
+            "train",
+            RECIPE,
+            *tiny,
+            "train.batch_size=8",
+            "train.max_steps=2",
+            "data.name=folder",
+            f"data.root={root}",
+            *extra,
+            "--out",
+            str(out),
+            "--quiet",
+        ]
+    )
 
 
 def _evaluate(run, *extra) -> int:
@@ -38,7 +56,9 @@ def _evaluate(run, *extra) -> int:
 
 
 @pytest.mark.parametrize("packed", ["folder", "zip"])
-def test_folder_and_zip_train_evaluate_and_attack_from_any_directory(packed, tmp_path, tiny_overrides, rng, monkeypatch, capsys):
+def test_folder_and_zip_train_evaluate_and_attack_from_any_directory(
+    packed, tmp_path, tiny_overrides, rng, monkeypatch, capsys
+):
     folder = image_folder(tmp_path / "flowers", rng, classes=CLASSES)
     root = "flowers" if packed == "folder" else zip_folder(folder, tmp_path / "flowers.zip").name
     seed = int(rng.integers(0, 2**31))
@@ -59,7 +79,9 @@ def test_folder_and_zip_train_evaluate_and_attack_from_any_directory(packed, tmp
 
     assert main(["attack", str(run), "--attack", "loss", "--quiet"]) == 0, capsys.readouterr().err
     splits = json.loads((run / "splits.json").read_text())
-    assert splits["data"]["holdout"] == 0.2 and splits["data"]["holdout_seed"] == seed  # the same parts can be read again
+    assert (
+        splits["data"]["holdout"] == 0.2 and splits["data"]["holdout_seed"] == seed
+    )  # the same parts can be read again
     test = load_dataset("folder", root=tmp_path / root, split="test", holdout=0.2, holdout_seed=seed, resolution=8)
     assert splits["roles"]["nonmember_test"]["fingerprint"] == test.fingerprint  # non-members: the held-out images
     ledger = json.loads((run / "ledger.json").read_text())
@@ -83,15 +105,26 @@ def test_colour_folder_evaluates_on_the_public_photo_features(tmp_path, tiny_ove
 def test_a_folder_without_test_split_is_refused_before_any_work(tmp_path, tiny_overrides, rng, monkeypatch, capsys):
     folder = image_folder(tmp_path / "flowers", rng, classes=CLASSES)
     run = tmp_path / "run"
-    assert _train(zip_folder(folder, tmp_path / "flowers.zip"), tiny_overrides, "train.max_steps=1", out=run) == 0  # no split needed
+    assert (
+        _train(zip_folder(folder, tmp_path / "flowers.zip"), tiny_overrides, "train.max_steps=1", out=run) == 0
+    )  # no split needed
     capsys.readouterr()
-    for where in ("privdiff.core.generation.generate", "privdiff.evaluation.features.fit_classifier",
-                  "privdiff.evaluation.evaluate.train_classifiers", "privdiff.attacks.run.load_target"):
+    for where in (
+        "privdiff.core.generation.generate",
+        "privdiff.evaluation.features.fit_classifier",
+        "privdiff.evaluation.evaluate.train_classifiers",
+        "privdiff.attacks.run.load_target",
+    ):
         monkeypatch.setattr(where, lambda *a, _w=where, **k: pytest.fail(f"{_w} ran before the split was checked"))
-    for command in (["evaluate", str(run), "--n", "20", "--quiet"], ["attack", str(run), "--attack", "loss", "--quiet"]):
+    for command in (
+        ["evaluate", str(run), "--n", "20", "--quiet"],
+        ["attack", str(run), "--attack", "loss", "--quiet"],
+    ):
         t = time.perf_counter()
         assert main(command) == 2
         assert time.perf_counter() - t < 3
         err = capsys.readouterr().err.strip().splitlines()
-        assert len(err) == 1 and "no test split" in err[0] and "data.holdout" in err[0] and "data.test_root" in err[0], err
+        assert (
+            len(err) == 1 and "no test split" in err[0] and "data.holdout" in err[0] and "data.test_root" in err[0]
+        ), err
     assert not (run / "metrics.json").exists() and not (run / "eval").exists() and not (run / "splits.json").exists()

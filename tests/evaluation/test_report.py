@@ -39,29 +39,81 @@ def make_run(root: Path, *, private: bool = True) -> Path:
     run = Run(root / "demo")
     run.path.mkdir(parents=True)
     run.save_config(resolve_recipe(None, [] if private else ["privacy.enabled=false"]))
-    ledger = Ledger(delta=1e-5, accountant="rdp", dataset={"name": "mnist5k", "fingerprint": "sha256:0123abcd", "size": 4000},
-                    target_epsilon=10.0 if private else None)
-    ledger.record(Release(stage="dp_sgd", mechanism=SUBSAMPLED_GAUSSIAN if private else NON_PRIVATE,
-                          noise_multiplier=1.3 if private else 0.0, sample_rate=256 / 4000, max_grad_norm=1.0, steps=50))
+    ledger = Ledger(
+        delta=1e-5,
+        accountant="rdp",
+        dataset={"name": "mnist5k", "fingerprint": "sha256:0123abcd", "size": 4000},
+        target_epsilon=10.0 if private else None,
+    )
+    ledger.record(
+        Release(
+            stage="dp_sgd",
+            mechanism=SUBSAMPLED_GAUSSIAN if private else NON_PRIVATE,
+            noise_multiplier=1.3 if private else 0.0,
+            sample_rate=256 / 4000,
+            max_grad_norm=1.0,
+            steps=50,
+        )
+    )
     ledger.save(run.ledger_path)
 
     rng = np.random.default_rng(0)
-    lines = [json.dumps({"stage": "dp_sgd", "step": s, "loss": float(1 / np.sqrt(s) + 0.1 * rng.random()),
-                         "epsilon": float(2 * np.sqrt(s / 50)) if private else None, "lr": 1e-3, "time_s": 1.5 * s})
-             for s in range(1, 51)]
+    lines = [
+        json.dumps(
+            {
+                "stage": "dp_sgd",
+                "step": s,
+                "loss": float(1 / np.sqrt(s) + 0.1 * rng.random()),
+                "epsilon": float(2 * np.sqrt(s / 50)) if private else None,
+                "lr": 1e-3,
+                "time_s": 1.5 * s,
+            }
+        )
+        for s in range(1, 51)
+    ]
     run.train_log_path.write_text("\n".join(lines) + '\n{"stage": "dp_sgd", "step": 51, "lo')  # crashed mid-line
 
     (run.path / "eval").mkdir()
-    np.savez_compressed(run.path / "eval" / "samples.npz", images=rng.random((100, 1, 28, 28), dtype=np.float32),
-                        labels=np.repeat(np.arange(10), 10).astype(np.int64))
-    metric = lambda v, better, **kw: {"value": v, "real": 0.5, "real_desc": "mnist5k train (4000) vs test (1000)", "better": better, **kw}  # noqa: E731
+    np.savez_compressed(
+        run.path / "eval" / "samples.npz",
+        images=rng.random((100, 1, 28, 28), dtype=np.float32),
+        labels=np.repeat(np.arange(10), 10).astype(np.int64),
+    )
+    metric = lambda v, better, **kw: {
+        "value": v,
+        "real": 0.5,
+        "real_desc": "mnist5k train (4000) vs test (1000)",
+        "better": better,
+        **kw,
+    }  # noqa: E731
     metrics = {
-        "schema": 1, "run": str(run.path), "method": "dpdm", "checkpoint_step": 50, "created": "2026-11-22T11:00:00Z",
-        "privacy": {"private": private, "epsilon": 9.99 if private else None, "delta": 1e-5, "accountant": "rdp", "target_epsilon": 10.0},
-        "train_time_s": 75.0, "privacy_note": "epsilon covers training only.",
+        "schema": 1,
+        "run": str(run.path),
+        "method": "dpdm",
+        "checkpoint_step": 50,
+        "created": "2026-11-22T11:00:00Z",
+        "privacy": {
+            "private": private,
+            "epsilon": 9.99 if private else None,
+            "delta": 1e-5,
+            "accountant": "rdp",
+            "target_epsilon": 10.0,
+        },
+        "train_time_s": 75.0,
+        "privacy_note": "epsilon covers training only.",
         "data": {"name": "mnist5k", "class_names": [f"digit-{i}" for i in range(10)], "n_train": 4000, "n_test": 1000},
-        "samples": {"n": 100, "seed": 0, "sampler": {"name": "heun", "steps": 64, "guidance": 2.0}, "labels": "balanced"},
-        "features": {"name": "privdiff-cnn", "trained_on": "digits/train (public)", "dim": 128, "sha256": "sha256:" + "ab" * 32},
+        "samples": {
+            "n": 100,
+            "seed": 0,
+            "sampler": {"name": "heun", "steps": 64, "guidance": 2.0},
+            "labels": "balanced",
+        },
+        "features": {
+            "name": "privdiff-cnn",
+            "trained_on": "digits/train (public)",
+            "dim": 128,
+            "sha256": "sha256:" + "ab" * 32,
+        },
         "metrics": {
             "fid": metric(12.3, "lower"),
             "kid": metric(0.011, "lower", std=0.001, real_std=0.0004),
@@ -74,9 +126,19 @@ def make_run(root: Path, *, private: bool = True) -> Path:
     (run.path / "metrics.json").write_text(json.dumps(metrics))
     (run.path / "attacks").mkdir()
     (run.path / "attacks" / "loss-roc.png").write_bytes(_png((360, 300)))
-    (run.path / "attacks" / "loss.json").write_text(json.dumps(
-        {"attack": "loss", "auc": 0.61, "asr": 0.58, "tpr_at_fpr": {"0.01": 0.03, "0.001": 0.0},
-         "n_members": 500, "n_nonmembers": 500, "roc_png": "loss-roc.png"}))
+    (run.path / "attacks" / "loss.json").write_text(
+        json.dumps(
+            {
+                "attack": "loss",
+                "auc": 0.61,
+                "asr": 0.58,
+                "tpr_at_fpr": {"0.01": 0.03, "0.001": 0.0},
+                "n_members": 500,
+                "n_nonmembers": 500,
+                "roc_png": "loss-roc.png",
+            }
+        )
+    )
     return run.path
 
 
@@ -109,11 +171,20 @@ def test_full_report_is_self_contained_with_every_section(tmp_path):
     # header, metrics table with references, the feature network, samples, ledger, attacks
     assert "dpdm" in page and "step 50" in page and "2026-11-22T11:00:00Z" in page and "δ = 1e-05" in page
     assert "FID" in page and "12.3" in page and "± 0.001" in page and "floor" in page and "ceiling" in page
-    assert "epoch 12 of 30" in page and "my_new_metric" in page and "± 0.0004" in page and "epsilon covers training only." in page
+    assert (
+        "epoch 12 of 30" in page
+        and "my_new_metric" in page
+        and "± 0.0004" in page
+        and "epsilon covers training only." in page
+    )
     assert "privdiff-cnn" in page and "not Inception-v3" in page
     assert all(f"<th>digit-{i}</th>" in page for i in range(10))
     assert "50 logged steps of dp_sgd" in page  # the truncated last line is skipped
-    assert "subsampled_gaussian" in page and "mnist5k" in page and f"ε = {Ledger.load(run / 'ledger.json').epsilon():.4g}" in page
+    assert (
+        "subsampled_gaussian" in page
+        and "mnist5k" in page
+        and f"ε = {Ledger.load(run / 'ledger.json').epsilon():.4g}" in page
+    )
     assert "0.61" in page and "0.03" in page
     # the curves are also saved beside the numbers, and are what the page shows
     for name in ("loss.png", "epsilon.png"):
@@ -158,8 +229,10 @@ def test_directory_without_config_raises_and_writes_nothing(tmp_path):
 
 def _chromium() -> str:
     if not os.access(CHROMIUM, os.X_OK):
-        pytest.skip(f"report-render test needs headless Chromium at {CHROMIUM}: install it with "
-                    "`apt-get install chromium` (make test does this when run as root)")
+        pytest.skip(
+            f"report-render test needs headless Chromium at {CHROMIUM}: install it with "
+            "`apt-get install chromium` (make test does this when run as root)"
+        )
     return CHROMIUM
 
 
@@ -171,10 +244,22 @@ def test_report_renders_in_headless_chromium(tmp_path):
     shot = tmp_path / "report.png"
 
     def browser(profile: str, *action: str) -> subprocess.Popen:
-        args = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                "--disable-dev-shm-usage", f"--user-data-dir={tmp_path / profile}", "--virtual-time-budget=5000",
-                *action, page.as_uri()]
+        args = [
+            chromium,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--disable-dev-shm-usage",
+            f"--user-data-dir={tmp_path / profile}",
+            "--virtual-time-budget=5000",
+            *action,
+            page.as_uri(),
+        ]
         return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
     # the two renderings run side by side: a browser start costs seconds

@@ -11,9 +11,18 @@ import torch
 
 NAMES = tuple(str(d) for d in range(10))
 TINY_HE = [
-    "data.resolution=16", "ldm.autoencoder.channels=[8,16]", "ldm.autoencoder.norm_num_groups=4",
-    "ldm.he.width=32", "ldm.he.blocks=1", "ldm.he.heads=2", "ldm.he.head_dim=8", "ldm.he.fourier=4",
-    "ldm.text.width=16", "ldm.text.layers=1", "ldm.text.heads=2", "sampler.steps=2",
+    "data.resolution=16",
+    "ldm.autoencoder.channels=[8,16]",
+    "ldm.autoencoder.norm_num_groups=4",
+    "ldm.he.width=32",
+    "ldm.he.blocks=1",
+    "ldm.he.heads=2",
+    "ldm.he.head_dim=8",
+    "ldm.he.fourier=4",
+    "ldm.text.width=16",
+    "ldm.text.layers=1",
+    "ldm.text.heads=2",
+    "sampler.steps=2",
 ]
 
 
@@ -34,7 +43,9 @@ def make_he_run(path, seed: int = 0):
     with torch.no_grad():
         for p in net.parameters():
             p.add_(0.1 * torch.randn_like(p))
-    run.save_checkpoint(TrainingState(step=1, unet=net, unet_ema=net, optimizer={}, rng={"x": torch.zeros(1, dtype=torch.uint8)}))
+    run.save_checkpoint(
+        TrainingState(step=1, unet=net, unet_ema=net, optimizer={}, rng={"x": torch.zeros(1, dtype=torch.uint8)})
+    )
     ae = build_autoencoder(recipe.ldm.autoencoder, in_channels=1, resolution=16)
     ae.register_to_config(scaling_factor=1.5)
     ae.save_pretrained(run.path / "autoencoder", safe_serialization=True)

@@ -33,11 +33,15 @@ def plaintext_image(run, *, seed: int, steps: int, sampler: str | None = None):
     over = [f"sampler.steps={steps}"] + ([f"sampler.name={sampler}"] if sampler else [])
     recipe = resolve_recipe(recipe_to_dict(run.load_config()), over)
     den = load_denoiser(run, recipe)
-    return sample_images(den, labels=None, n=1, recipe=recipe, prompts=[PROMPT], decode=load_decoder(run), seed=seed, progress=False), den
+    return sample_images(
+        den, labels=None, n=1, recipe=recipe, prompts=[PROMPT], decode=load_decoder(run), seed=seed, progress=False
+    ), den
 
 
 def psnr(a, b) -> float:
-    return float(10 * np.log10(1.0 / max(float(np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2)), 1e-20)))
+    return float(
+        10 * np.log10(1.0 / max(float(np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2)), 1e-20))
+    )
 
 
 # -- bytes ----------------------------------------------------------------------------------------
@@ -73,7 +77,9 @@ def zstd_frame(raw: bytes, zeros: int) -> bytes:
     """One zstd frame inflating to ``raw`` followed by ``zeros`` zero bytes: a raw block, then RLE
     blocks of 128 KiB (4 bytes each for 128 KiB of output)."""
     total = len(raw) + zeros
-    out = bytearray(struct.pack("<IB", 0xFD2FB528, 0xA0) + struct.pack("<I", total))  # single segment, 4-byte content size
+    out = bytearray(
+        struct.pack("<IB", 0xFD2FB528, 0xA0) + struct.pack("<I", total)
+    )  # single segment, 4-byte content size
     blocks = [(0, raw)] + [(1, min(1 << 17, zeros - i)) for i in range(0, zeros, 1 << 17)]
     for j, (kind, content) in enumerate(blocks):
         last = int(j == len(blocks) - 1)
@@ -102,13 +108,25 @@ def shape_of(ctx) -> CiphertextShape:
     ct = ctx.encrypt(np.zeros(1))
     (seal,) = ct.data.ciphertext()
     raw = ct.serialize()
-    version = raw[raw.index(b"\x5e\xa1\x10") + 3:][:2]
-    return CiphertextShape(tuple(seal.parms_id()), seal.poly_modulus_degree(), seal.coeff_modulus_size(), seal.scale,
-                           ctx.params.slots, version)
+    version = raw[raw.index(b"\x5e\xa1\x10") + 3 :][:2]
+    return CiphertextShape(
+        tuple(seal.parms_id()),
+        seal.poly_modulus_degree(),
+        seal.coeff_modulus_size(),
+        seal.scale,
+        ctx.params.slots,
+        version,
+    )
 
 
-def zero_ciphertext(shape: CiphertextShape, *, polys: int = 2, primes: int | None = None, scale: float | None = None,
-                    size: int | None = None) -> bytes:
+def zero_ciphertext(
+    shape: CiphertextShape,
+    *,
+    polys: int = 2,
+    primes: int | None = None,
+    scale: float | None = None,
+    size: int | None = None,
+) -> bytes:
     """A serialised CKKS vector holding one ciphertext of zeros (``polys`` polynomials over ``primes``
     primes): a few hundred bytes on the wire, 2·N·primes·8 bytes (and more) once inflated."""
     primes = shape.primes if primes is None else primes
@@ -124,8 +142,8 @@ def zero_ciphertext(shape: CiphertextShape, *, polys: int = 2, primes: int | Non
 def many_ciphertexts(shape: CiphertextShape, n: int, *, size: int | None = None) -> bytes:
     """One "ciphertext" frame that is a CKKS vector of ``n`` ciphertexts of zeros (what TenSEAL loads whole)."""
     one = zero_ciphertext(shape)
-    blob = one[one.index(b"\x5e\xa1\x10"):]
-    blob = blob[:struct.unpack_from("<Q", blob, 8)[0]]
+    blob = one[one.index(b"\x5e\xa1\x10") :]
+    blob = blob[: struct.unpack_from("<Q", blob, 8)[0]]
     return vector_proto([blob] * n, [shape.slots if size is None else size] * n, shape.scale)
 
 
@@ -144,15 +162,26 @@ class Answer:
             return ""
 
 
-def request(url: str, method: str, path: str, body: bytes | None = None, *, source: str = "127.0.0.1",
-            headers: dict | None = None, timeout: float = 60.0, chunked: bool = False) -> Answer:
+def request(
+    url: str,
+    method: str,
+    path: str,
+    body: bytes | None = None,
+    *,
+    source: str = "127.0.0.1",
+    headers: dict | None = None,
+    timeout: float = 60.0,
+    chunked: bool = False,
+) -> Answer:
     """One request from loopback address ``source`` (a fresh connection; ``chunked``: the body in
     chunked transfer encoding, without a Content-Length)."""
     m = re.match(r"http://(127\.[0-9.]+):(\d+)$", url)
     assert m, f"only loopback servers: {url}"
     conn = http.client.HTTPConnection(m.group(1), int(m.group(2)), timeout=timeout, source_address=(source, 0))
     try:
-        conn.request(method, path, body=iter([body]) if chunked else body, headers=headers or {}, encode_chunked=chunked)
+        conn.request(
+            method, path, body=iter([body]) if chunked else body, headers=headers or {}, encode_chunked=chunked
+        )
         r = conn.getresponse()
         return Answer(r.status, r.read(), {k.lower(): v for k, v in r.getheaders()})
     finally:
@@ -165,8 +194,25 @@ class ServerProcess:
 
     def __init__(self, run, *args: str, startup: float = 180.0):
         env = dict(os.environ, PYTHONUNBUFFERED="1")
-        self.proc = subprocess.Popen([sys.executable, "-m", "privdiff.cli", "he", "serve", str(run), "--host", "127.0.0.1",
-                                      "--port", "0", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True)
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "privdiff.cli",
+                "he",
+                "serve",
+                str(run),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                "0",
+                *args,
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            env=env,
+            text=True,
+        )
         self.lines: list[str] = []
         deadline = time.monotonic() + startup
         while time.monotonic() < deadline:

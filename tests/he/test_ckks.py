@@ -90,4 +90,6 @@ def test_bad_bytes_are_clear_errors(client, server):
     with pytest.raises(CKKSError):
         TenSEALContext.from_public_bytes(b"not a context")
     with pytest.raises(CKKSError, match="not accepted"):
-        TenSEALContext.from_public_bytes(TenSEALContext.generate(PRESETS["small"]).public_bytes(), allowed=(PRESETS["precise"],))
+        TenSEALContext.from_public_bytes(
+            TenSEALContext.generate(PRESETS["small"]).public_bytes(), allowed=(PRESETS["precise"],)
+        )

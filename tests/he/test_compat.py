@@ -11,7 +11,15 @@ import torch
 pytest.importorskip("tenseal")
 
 from privdiff.he.ckks import PRESETS, TenSEALContext  # noqa: E402
-from privdiff.he.compat import coo_pack, encrypt_packed, euler_coefficients, hill_cost, merge, select_encrypted, update_encrypted  # noqa: E402
+from privdiff.he.compat import (
+    coo_pack,
+    encrypt_packed,
+    euler_coefficients,
+    hill_cost,
+    merge,
+    select_encrypted,
+    update_encrypted,
+)  # noqa: E402
 
 
 def test_hill_cost_against_scipy():

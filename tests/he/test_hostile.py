@@ -81,9 +81,8 @@ def compat_frames(ctx, n: int, seed: int = 0, *, x=None, mask=None):
     idx = np.flatnonzero(mask)
     rem = np.where(mask, 0.0, x.astype(np.float64))
     S = ctx.params.slots
-    cts = [ctx.encrypt(x[idx][i:i + S].astype(np.float64)).serialize() for i in range(0, idx.size, S)]
+    cts = [ctx.encrypt(x[idx][i : i + S].astype(np.float64)).serialize() for i in range(0, idx.size, S)]
     return [x.tobytes(), idx.astype(np.int64).tobytes(), rem.tobytes()] + cts
-
 
 
 class Loop:
@@ -169,7 +168,11 @@ def test_every_bad_request_gets_a_4xx_with_a_reason(served, ctx):
     x_big = np.full(n, 3e38, np.float32)
     cases = {
         # opening a session
-        "BFV context": ("POST", "/v1/sessions?mode=private", bfv_pub.serialize(save_galois_keys=False, save_relin_keys=False)),
+        "BFV context": (
+            "POST",
+            "/v1/sessions?mode=private",
+            bfv_pub.serialize(save_galois_keys=False, save_relin_keys=False),
+        ),
         "secret key": ("POST", "/v1/sessions?mode=private", ctx._ctx.serialize(save_secret_key=True)),
         "relinearisation keys": ("POST", "/v1/sessions?mode=private", with_relin.serialize()),
         "other parameters": ("POST", "/v1/sessions?mode=private", small.public_bytes()),
@@ -179,10 +182,20 @@ def test_every_bad_request_gets_a_4xx_with_a_reason(served, ctx):
         "unknown parameter": ("POST", "/v1/sessions?mode=private&x=1", ctx.public_bytes()),
         "repeated parameter": ("POST", "/v1/sessions?mode=private&mode=private", ctx.public_bytes()),
         "prompt in private mode": ("POST", "/v1/sessions?mode=private&prompt=three", ctx.public_bytes()),
-        **{f"guidance {g}": ("POST", f"/v1/sessions?mode=compat&guidance={g}", ctx.public_bytes())
-           for g in ("nan", "inf", "-inf", "1e300", "-5", "abc", "")},
-        "prompt too long": ("POST", "/v1/sessions?" + urllib.parse.urlencode({"mode": "compat", "prompt": "a" * 1001}), ctx.public_bytes()),
-        "prompt control character": ("POST", "/v1/sessions?" + urllib.parse.urlencode({"mode": "compat", "prompt": "a\x00b"}), ctx.public_bytes()),
+        **{
+            f"guidance {g}": ("POST", f"/v1/sessions?mode=compat&guidance={g}", ctx.public_bytes())
+            for g in ("nan", "inf", "-inf", "1e300", "-5", "abc", "")
+        },
+        "prompt too long": (
+            "POST",
+            "/v1/sessions?" + urllib.parse.urlencode({"mode": "compat", "prompt": "a" * 1001}),
+            ctx.public_bytes(),
+        ),
+        "prompt control character": (
+            "POST",
+            "/v1/sessions?" + urllib.parse.urlencode({"mode": "compat", "prompt": "a\x00b"}),
+            ctx.public_bytes(),
+        ),
         # private-mode layers
         "garbage frame": ("POST", lin, b"hello"),
         "truncated frame": ("POST", lin, encode_frames(good)[:-100]),
@@ -198,14 +211,26 @@ def test_every_bad_request_gets_a_4xx_with_a_reason(served, ctx):
         "unknown layer": ("POST", f"/v1/sessions/{sid}/linear?layers=nope&positions=2", encode_frames(good)),
         "repeated layer": ("POST", f"/v1/sessions/{sid}/linear?layers=q0,q0&positions=2", encode_frames(good)),
         "empty layers": ("POST", f"/v1/sessions/{sid}/linear?layers=&positions=2", encode_frames(good)),
-        **{f"positions {p}": ("POST", f"/v1/sessions/{sid}/linear?layers=q0&positions={p}", encode_frames(good))
-           for p in ("x", "-1", "0", "1e3", "2.0", "99999999999999", "4096", "")},
+        **{
+            f"positions {p}": ("POST", f"/v1/sessions/{sid}/linear?layers=q0&positions={p}", encode_frames(good))
+            for p in ("x", "-1", "0", "1e3", "2.0", "99999999999999", "4096", "")
+        },
         "missing positions": ("POST", f"/v1/sessions/{sid}/linear?layers=q0", encode_frames(good)),
-        "kv positions off the token grid": ("POST", f"/v1/sessions/{sid}/linear?layers={kv_layers(info)}&positions=3", encode_frames(good)),
+        "kv positions off the token grid": (
+            "POST",
+            f"/v1/sessions/{sid}/linear?layers={kv_layers(info)}&positions=3",
+            encode_frames(good),
+        ),
         # compat steps
-        **{f"sigma {s}": ("POST", f"/v1/sessions/{cid}/compat-step?sigma={s}&sigma_next=0", encode_frames(frames))
-           for s in ("inf", "nan", "1e300", "-1", "0", "1e5", "x")},
-        "sigma_next above sigma": ("POST", f"/v1/sessions/{cid}/compat-step?sigma=1&sigma_next=2", encode_frames(frames)),
+        **{
+            f"sigma {s}": ("POST", f"/v1/sessions/{cid}/compat-step?sigma={s}&sigma_next=0", encode_frames(frames))
+            for s in ("inf", "nan", "1e300", "-1", "0", "1e5", "x")
+        },
+        "sigma_next above sigma": (
+            "POST",
+            f"/v1/sessions/{cid}/compat-step?sigma=1&sigma_next=2",
+            encode_frames(frames),
+        ),
         "sigma_next nan": ("POST", f"/v1/sessions/{cid}/compat-step?sigma=1&sigma_next=nan", encode_frames(frames)),
         "missing sigma_next": ("POST", f"/v1/sessions/{cid}/compat-step?sigma=1", encode_frames(frames)),
         "NaN in x_t": ("POST", step, step_with(x=x_nan.tobytes())),
@@ -219,10 +244,22 @@ def test_every_bad_request_gets_a_4xx_with_a_reason(served, ctx):
         "compat output fed back": ("POST", step, step_with(cts=[own_compat])),
         "compat without ciphertexts": ("POST", step, step_with(cts=[])),
         "compat many ciphertexts in one": ("POST", step, step_with(cts=[many_ciphertexts(shape, 40)])),
-        "compat step on a private session": ("POST", f"/v1/sessions/{sid}/compat-step?sigma=1&sigma_next=0", encode_frames(frames)),
+        "compat step on a private session": (
+            "POST",
+            f"/v1/sessions/{sid}/compat-step?sigma=1&sigma_next=0",
+            encode_frames(frames),
+        ),
         # sessions and routes
-        "unknown session": ("POST", f"/v1/sessions/{'0' * 16}.{'A' * 43}/linear?layers=q0&positions=2", encode_frames(good)),
-        "wrong secret": ("POST", f"/v1/sessions/{sid[:-1]}{'B' if sid[-1] != 'B' else 'C'}/linear?layers=q0&positions=2", encode_frames(good)),
+        "unknown session": (
+            "POST",
+            f"/v1/sessions/{'0' * 16}.{'A' * 43}/linear?layers=q0&positions=2",
+            encode_frames(good),
+        ),
+        "wrong secret": (
+            "POST",
+            f"/v1/sessions/{sid[:-1]}{'B' if sid[-1] != 'B' else 'C'}/linear?layers=q0&positions=2",
+            encode_frames(good),
+        ),
         "malformed token": ("POST", "/v1/sessions/..%2F/linear?layers=q0&positions=2", encode_frames(good)),
         "close unknown session": ("DELETE", f"/v1/sessions/{'1' * 16}.{'A' * 43}", None),
         "unknown route": ("GET", "/v1/nothing", None),
@@ -303,8 +340,10 @@ def test_amplifying_requests_are_refused_before_they_inflate(served, ctx):
     path = f"/v1/sessions/{sid}/linear?layers=q0&positions=2"
     before = served.rss
     size = ctx.ciphertext_from_bytes(good[0]).size  # each bomb says it holds what the request needs
-    bombs = [encode_frames([many_ciphertexts(shape, 300, size=size)] * len(good)),  # 300 × 262 KB per frame once loaded
-             encode_frames([zero_ciphertext(shape, polys=16, size=size)] * len(good))]
+    bombs = [
+        encode_frames([many_ciphertexts(shape, 300, size=size)] * len(good)),  # 300 × 262 KB per frame once loaded
+        encode_frames([zero_ciphertext(shape, polys=16, size=size)] * len(good)),
+    ]
     assert all(len(b) < 100_000 * len(good) for b in bombs)
     for i in range(6):
         a = request(url, "POST", path, bombs[i % 2], source="127.0.0.3")
@@ -331,7 +370,9 @@ def test_a_client_flooding_valid_work_does_not_starve_another(served, ctx, he_ru
         if done.is_set():
             return 0
         src = ("127.0.0.2", "127.0.0.3")[i % 2]
-        return request(url, "POST", f"/v1/sessions/{sessions[src]}/linear?layers={kv}&positions={2 * T}", body, source=src).status
+        return request(
+            url, "POST", f"/v1/sessions/{sessions[src]}/linear?layers={kv}&positions={2 * T}", body, source=src
+        ).status
 
     loop = Loop(hog, threads=4, count=400, seconds=60)
     try:
@@ -357,7 +398,9 @@ def test_compat_with_reference_parameters_reaches_a_default_server(served, he_ru
     assert ref_ctx._ctx.has_galois_keys() and len(ref_ctx.public_bytes()) < 2 << 20
     result = generate(served.url, PROMPT, mode="compat", seed=5, steps=2, progress=False, context=ref_ctx)
     ref, _ = plaintext_image(he_run, seed=5, steps=2, sampler="euler")
-    assert result.evaluations == 2 and psnr(result.image, ref) >= 30.0  # 26-bit scale: ~1e-3 per step (reference note §7)
+    assert (
+        result.evaluations == 2 and psnr(result.image, ref) >= 30.0
+    )  # 26-bit scale: ~1e-3 per step (reference note §7)
 
 
 # -- 17: memory grown under load is given back --------------------------------------------------------
@@ -374,11 +417,20 @@ print(before - rss())
 """
 
 
-@pytest.mark.parametrize("setup,returned", [
-    ("from privdiff.runtime import keep_freed_memory; keep_freed_memory()", False),  # the training commands' allocator
-    ("from privdiff.runtime import keep_freed_memory; keep_freed_memory()\n"
-     "from privdiff.he.protocol import server_allocator; assert server_allocator()", True),  # what `he serve` sets
-])
+@pytest.mark.parametrize(
+    "setup,returned",
+    [
+        (
+            "from privdiff.runtime import keep_freed_memory; keep_freed_memory()",
+            False,
+        ),  # the training commands' allocator
+        (
+            "from privdiff.runtime import keep_freed_memory; keep_freed_memory()\n"
+            "from privdiff.he.protocol import server_allocator; assert server_allocator()",
+            True,
+        ),  # what `he serve` sets
+    ],
+)
 def test_the_server_allocator_gives_freed_blocks_back(setup, returned):
     """A freed 16 MB block stays resident under the training commands' allocator setting and goes back
     to the system once the server's is set (``privdiff he serve`` sets it, and the CLI no longer applies
@@ -386,7 +438,9 @@ def test_the_server_allocator_gives_freed_blocks_back(setup, returned):
     import subprocess
     import sys
 
-    out = subprocess.run([sys.executable, "-c", ALLOC_PROBE.format(setup=setup)], capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-c", ALLOC_PROBE.format(setup=setup)], capture_output=True, text=True, timeout=120
+    )
     assert out.returncode == 0, out.stderr
     assert (int(out.stdout) > 12 << 20) == returned, int(out.stdout) >> 20
 
@@ -416,7 +470,9 @@ def test_memory_settles_under_repeated_load(served, ctx):
 
         def work(i):
             src, sid = sessions[i % len(sessions)]
-            return request(url, "POST", f"/v1/sessions/{sid}/linear?layers={kv}&positions={2 * T}", body, source=src).status
+            return request(
+                url, "POST", f"/v1/sessions/{sid}/linear?layers={kv}&positions={2 * T}", body, source=src
+            ).status
 
         loop = Loop(work, threads=6, count=36, seconds=60).join()
         for src, sid in sessions:

@@ -12,13 +12,23 @@ pytest.importorskip("tenseal")
 
 from privdiff.diffusion import Denoiser, guided_denoiser, sample  # noqa: E402
 from privdiff.he.ckks import TenSEALContext  # noqa: E402
-from privdiff.he.private import PrivateServer, client_net, layout, pack_inputs, pack_weights, permute_layers, unpack_outputs  # noqa: E402
+from privdiff.he.private import (
+    PrivateServer,
+    client_net,
+    layout,
+    pack_inputs,
+    pack_weights,
+    permute_layers,
+    unpack_outputs,
+)  # noqa: E402
 from tests.helpers import tiny_he_net  # noqa: E402
 
 PROMPT = "a handwritten digit three"
 
 
-@pytest.mark.parametrize("P,n_in,n_out,slots", [(2, 7, 5, 64), (3, 40, 9, 64), (50, 6, 4, 64), (1, 200, 128, 4096), (20, 16, 64, 256)])
+@pytest.mark.parametrize(
+    "P,n_in,n_out,slots", [(2, 7, 5, 64), (3, 40, 9, 64), (50, 6, 4, 64), (1, 200, 128, 4096), (20, 16, 64, 256)]
+)
 def test_packing_computes_the_layer(P, n_in, n_out, slots):
     """Client packing ⊙ server packing, summed per vector and unpacked = X Wᵀ + b (plaintext slot arithmetic)."""
     rng = np.random.default_rng(P * n_in)
@@ -46,15 +56,25 @@ def test_permuted_weights_compute_the_same_function_in_another_order():
     def with_weights(weights):
         def linear(names, a):
             W = np.concatenate([weights[n][0] for n in names])
-            b = np.concatenate([weights[n][1] if weights[n][1] is not None else np.zeros(weights[n][0].shape[0]) for n in names])
+            b = np.concatenate(
+                [weights[n][1] if weights[n][1] is not None else np.zeros(weights[n][0].shape[0]) for n in names]
+            )
             return torch.from_numpy(a.double().numpy() @ W.T + b).float()
+
         return linear
 
     from privdiff.models.he_net import core_forward, keys_values
 
     ref = core(x, c, ctx)
     for weights in (plain, perm):
-        out = core_forward(core.config, core.latent_shape, x, c, keys_values(core.config, ctx, with_weights(weights)), with_weights(weights))
+        out = core_forward(
+            core.config,
+            core.latent_shape,
+            x,
+            c,
+            keys_values(core.config, ctx, with_weights(weights)),
+            with_weights(weights),
+        )
         torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
 
 
@@ -91,7 +111,9 @@ def test_private_sampling_run_matches_plaintext(private):
 
     net, remote = private
     torch.manual_seed(4)
-    ae = build_autoencoder(AutoencoderConfig(channels=(8, 16, 16), norm_num_groups=4), in_channels=1, resolution=16).eval()
+    ae = build_autoencoder(
+        AutoencoderConfig(channels=(8, 16, 16), norm_num_groups=4), in_channels=1, resolution=16
+    ).eval()
     decode = lambda z: ae.decode(z).sample  # noqa: E731
 
     def run(n):
@@ -99,9 +121,15 @@ def test_private_sampling_run_matches_plaintext(private):
         fn = guided_denoiser(Denoiser(n, sigma_data=1.0), cond, guidance=2.0, null_label=n.null_condition())
         steps = []
         with torch.no_grad():
-            z = sample(fn, shape=(1, *net.sample_shape), sampler="heun", steps=4, generator=torch.Generator().manual_seed(7),
-                       callback=lambda d: steps.append(d["denoised"].clone()))
-            img = ((decode(z).clamp(-1, 1) + 1) / 2)
+            z = sample(
+                fn,
+                shape=(1, *net.sample_shape),
+                sampler="heun",
+                steps=4,
+                generator=torch.Generator().manual_seed(7),
+                callback=lambda d: steps.append(d["denoised"].clone()),
+            )
+            img = (decode(z).clamp(-1, 1) + 1) / 2
         return steps, img
 
     steps_ref, img_ref = run(net)

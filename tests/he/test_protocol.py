@@ -15,8 +15,15 @@ import time
 
 import pytest
 
-from privdiff.he.protocol import (Cancelled, Deadline, FairScheduler, ServerBusy, SessionNotFound, SessionTable,
-                                  TooManyRequests)
+from privdiff.he.protocol import (
+    Cancelled,
+    Deadline,
+    FairScheduler,
+    ServerBusy,
+    SessionNotFound,
+    SessionTable,
+    TooManyRequests,
+)
 
 
 class Clock:
@@ -80,8 +87,15 @@ def test_random_operations_match_the_reference(seed):
     idle, grace = rnd.choice([1.0, 4.0]), rnd.choice([0.5, 2.0])
     idle = min(idle, ttl)
     clock = Clock()
-    table = SessionTable(max_sessions=max_sessions, ttl=ttl, max_per_owner=per, idle_evict=idle, unused_grace=grace,
-                         max_inflight=2, clock=clock)
+    table = SessionTable(
+        max_sessions=max_sessions,
+        ttl=ttl,
+        max_per_owner=per,
+        idle_evict=idle,
+        unused_grace=grace,
+        max_inflight=2,
+        clock=clock,
+    )
     ref = Reference(max_sessions, per, ttl, idle, grace)
     owners = ("a", "b", "c")
     tokens: list[tuple[str, str]] = []  # (token, owner) ever issued
@@ -105,7 +119,17 @@ def test_random_operations_match_the_reference(seed):
                 assert e.retry_after >= 1
             assert got == want, (i, got, want)
             if got == "ok":
-                ref.entries.append({"token": token, "owner": owner, "value": i, "opened": now, "last": now, "used": False, "inflight": 0})
+                ref.entries.append(
+                    {
+                        "token": token,
+                        "owner": owner,
+                        "value": i,
+                        "opened": now,
+                        "last": now,
+                        "used": False,
+                        "inflight": 0,
+                    }
+                )
                 tokens.append((token, owner))
         elif op < 0.65 and tokens:
             token, owner = rnd.choice(tokens)
@@ -151,7 +175,9 @@ def test_random_operations_match_the_reference(seed):
                 held = [(c, x) for c, x in held if x is not e]
         ref.expire(clock.now)
         assert table.values() == [e["value"] for e in ref.entries], i
-        assert len(ref.entries) <= max_sessions and all(sum(e["owner"] == o for e in ref.entries) <= per for o in owners)
+        assert len(ref.entries) <= max_sessions and all(
+            sum(e["owner"] == o for e in ref.entries) <= per for o in owners
+        )
 
 
 def test_an_active_session_survives_any_number_of_opens():
@@ -259,6 +285,7 @@ def test_one_group_flooding_does_not_starve_another():
         def run(d):
             started.append(name)
             time.sleep(0.05)
+
         return run
 
     jobs = [sched.submit("attacker", f"s{k}", job(f"a{k}.{i}")) for i in range(3) for k in range(4)]

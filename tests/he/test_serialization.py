@@ -17,8 +17,15 @@ import pytest
 pytest.importorskip("tenseal")
 
 from privdiff.he.ckks import PRESETS, CKKSError, TenSEALContext  # noqa: E402
-from privdiff.he.serialization import (EnvelopeError, check_ciphertext, check_context, ciphertext_bytes,  # noqa: E402
-                                       ciphertext_wire_max, inflated_bound, public_key_bytes)
+from privdiff.he.serialization import (
+    EnvelopeError,
+    check_ciphertext,
+    check_context,
+    ciphertext_bytes,  # noqa: E402
+    ciphertext_wire_max,
+    inflated_bound,
+    public_key_bytes,
+)
 
 from .hostile import many_ciphertexts, seal_blob, shape_of, vector_proto, zero_ciphertext, zstd_frame  # noqa: E402
 
@@ -45,7 +52,7 @@ def test_real_ciphertexts_pass_with_their_exact_inflated_size(client, reference)
         blob = ctx.encrypt(np.random.default_rng(0).standard_normal(p.slots)).serialize()
         primes = len(p.coeff_mod_bit_sizes) - 1
         limit = ciphertext_bytes(p.poly_modulus_degree, primes)
-        env = check_ciphertext(blob, max_inflated=limit, size=p.slots, scale=2.0 ** p.scale_bits)
+        env = check_ciphertext(blob, max_inflated=limit, size=p.slots, scale=2.0**p.scale_bits)
         assert env.ciphertexts == 1 and env.sizes == (p.slots,)
         assert len(blob) <= ciphertext_wire_max(limit)
         with pytest.raises(EnvelopeError, match="inflates"):
@@ -59,9 +66,14 @@ def test_hand_made_zero_ciphertexts_load_as_the_walk_says(client, server):
     ct = server.ciphertext_from_bytes(z, size=shape.slots, fresh=True)  # TenSEAL loads it: the walk is SEAL's format
     out = server.add_plain(server.mul_plain(ct, np.ones(shape.slots)), np.full(shape.slots, 0.5))
     assert np.abs(client.decrypt(client.ciphertext_from_bytes(out.serialize())) - 0.5).max() < 1e-6
-    for bad, match in [(zero_ciphertext(shape, polys=3), "inflates"), (zero_ciphertext(shape, polys=16), "inflates"),
-                       (many_ciphertexts(shape, 300), "exactly one ciphertext"), (zero_ciphertext(shape, scale=2.0**41), "scale"),
-                       (zero_ciphertext(shape, size=100), "holds 100 values"), (zero_ciphertext(shape, size=5000), "5000 values")]:
+    for bad, match in [
+        (zero_ciphertext(shape, polys=3), "inflates"),
+        (zero_ciphertext(shape, polys=16), "inflates"),
+        (many_ciphertexts(shape, 300), "exactly one ciphertext"),
+        (zero_ciphertext(shape, scale=2.0**41), "scale"),
+        (zero_ciphertext(shape, size=100), "holds 100 values"),
+        (zero_ciphertext(shape, size=5000), "5000 values"),
+    ]:
         with pytest.raises(CKKSError, match=match):
             server.ciphertext_from_bytes(bad, size=shape.slots, fresh=True)
     # the server's own output is one level lower: refused as input (a product with a ciphertext of zeros
@@ -139,7 +151,9 @@ def test_contexts_carry_only_what_a_server_needs(client, reference):
         TenSEALContext.from_public_bytes(client._ctx.serialize(), allowed=(PRESETS["precise"],))
     bfv = ts.context(ts.SCHEME_TYPE.BFV, poly_modulus_degree=4096, plain_modulus=1032193)
     with pytest.raises(CKKSError, match="not CKKS"):
-        TenSEALContext.from_public_bytes(bfv.serialize(save_secret_key=False, save_relin_keys=False, save_galois_keys=False))
+        TenSEALContext.from_public_bytes(
+            bfv.serialize(save_secret_key=False, save_relin_keys=False, save_galois_keys=False)
+        )
     # the reference preset's context: its 97 MB of Galois keys stay on the client
     assert reference._ctx.has_galois_keys() and len(reference.public_bytes()) < 1 << 20
     TenSEALContext.from_public_bytes(reference.public_bytes(), allowed=(PRESETS["reference"],))

@@ -31,7 +31,9 @@ def post(url: str, body: bytes) -> tuple[int, dict]:
     req = urllib.request.Request(url, data=body, method="POST")
     try:
         with urllib.request.urlopen(req, timeout=30) as r:
-            return r.status, json.loads(r.read() or b"{}") if r.headers.get("Content-Type", "").startswith("application/json") else {}
+            return r.status, json.loads(r.read() or b"{}") if r.headers.get("Content-Type", "").startswith(
+                "application/json"
+            ) else {}
     except urllib.error.HTTPError as e:
         text = e.read()
         try:
@@ -45,7 +47,9 @@ def test_private_generation_matches_plaintext_and_the_wire_carries_nothing_reada
     start = len(server.wire)
     result = generate(server.url, PROMPT, seed=3, steps=1, progress=False, context=ctx)
     ref, den = plaintext_image(he_run, seed=3, steps=1)
-    assert result.evaluations == 1 and result.rounds == 7  # the prompt's keys and values, then in, q, o, fc1, fc2, out (one block)
+    assert (
+        result.evaluations == 1 and result.rounds == 7
+    )  # the prompt's keys and values, then in, q, o, fc1, fc2, out (one block)
     assert psnr(result.image, ref) >= 40.0
     wire = server.wire[start:]
     up = b"".join(path.encode() + body for _, path, body, _ in wire)  # everything the server received
@@ -59,7 +63,7 @@ def test_private_generation_matches_plaintext_and_the_wire_carries_nothing_reada
     with tempfile.NamedTemporaryFile() as f:
         ctx._ctx.secret_key().data.save(f.name)
         sk = Path(f.name).read_bytes()
-    assert all(sk[i:i + 32] not in up for i in range(0, len(sk) - 32, len(sk) // 16))
+    assert all(sk[i : i + 32] not in up for i in range(0, len(sk) - 32, len(sk) // 16))
     # no prompt: neither its text nor any of its words, in bodies or URLs
     for word in (PROMPT, "three", "handwritten"):
         assert word.encode() not in up and word.encode("utf-16-le") not in up
@@ -76,7 +80,7 @@ def test_private_generation_matches_plaintext_and_the_wire_carries_nothing_reada
             assert np.float64(v).tobytes() not in up
         f32 = values.astype(np.float32)
         for i in range(0, min(len(f32) - 1, 64)):
-            assert f32[i:i + 2].tobytes() not in up
+            assert f32[i : i + 2].tobytes() not in up
     # the session was closed at the end
     assert wire[-1][0] == "DELETE"
 
@@ -92,7 +96,10 @@ def test_bad_requests_get_4xx_and_the_server_keeps_serving(server):
     assert all(not s.context.has_secret_key for s in server.service.private.sessions.values())
     info = json.loads(urllib.request.urlopen(url + "/v1/info", timeout=10).read())
     n_out, n_in = info["model"]["layers"]["q0"]
-    good = [ctx.encrypt(v).serialize() for v in pack_inputs(np.random.default_rng(0).standard_normal((2, n_in)), n_out, 4096)]
+    good = [
+        ctx.encrypt(v).serialize()
+        for v in pack_inputs(np.random.default_rng(0).standard_normal((2, n_in)), n_out, 4096)
+    ]
     lin = f"{url}/v1/sessions/{sid}/linear?layers=q0&positions=2"
     other = TenSEALContext.generate(PRESETS["small"]).encrypt(np.ones(8)).serialize()
     cases = {
@@ -104,7 +111,10 @@ def test_bad_requests_get_4xx_and_the_server_keeps_serving(server):
         "unknown layer": (f"{url}/v1/sessions/{sid}/linear?layers=nope&positions=2", encode_frames(good)),
         "bad positions": (f"{url}/v1/sessions/{sid}/linear?layers=q0&positions=x", encode_frames(good)),
         "secret key in context": (url + "/v1/sessions?mode=private", ctx._ctx.serialize(save_secret_key=True)),
-        "wrong parameters": (url + "/v1/sessions?mode=private", TenSEALContext.generate(PRESETS["small"]).public_bytes()),
+        "wrong parameters": (
+            url + "/v1/sessions?mode=private",
+            TenSEALContext.generate(PRESETS["small"]).public_bytes(),
+        ),
         "bad mode": (url + "/v1/sessions?mode=nope", ctx.public_bytes()),
         "unknown session": (f"{url}/v1/sessions/{'0' * 32}/linear?layers=q0&positions=2", encode_frames(good)),
         "oversized": (lin, encode_frames([b"\0" * (9 << 20)])),
@@ -113,7 +123,11 @@ def test_bad_requests_get_4xx_and_the_server_keeps_serving(server):
         status, answer = post(u, body)
         assert 400 <= status < 500, (name, status, answer)
         assert answer.get("error"), name
-        assert status == (413 if name == "oversized" else 404 if name == "unknown session" else 400), (name, status, answer)
+        assert status == (413 if name == "oversized" else 404 if name == "unknown session" else 400), (
+            name,
+            status,
+            answer,
+        )
     # the session is intact and the server still computes a correct layer
     req = urllib.request.Request(lin, data=encode_frames(good), method="POST")
     with urllib.request.urlopen(req, timeout=30) as r:
@@ -156,13 +170,38 @@ def test_cli_generate_equals_cli_sample(he_run, server, tmp_path, capsys):
     from privdiff.cli import main
 
     out, plain = tmp_path / "three.png", tmp_path / "plain.png"
-    assert main(["he", "generate", "--server", server.url, "--prompt", PROMPT, "--out", str(out), "--steps", "2", "--quiet"]) == 0
+    assert (
+        main(
+            ["he", "generate", "--server", server.url, "--prompt", PROMPT, "--out", str(out), "--steps", "2", "--quiet"]
+        )
+        == 0
+    )
     assert "private mode, 3 denoiser evaluations" in capsys.readouterr().out
-    assert main(["sample", str(he_run.path), "--n", "1", "--prompt", PROMPT, "--steps", "2", "--out", str(plain), "--quiet"]) == 0
+    assert (
+        main(
+            ["sample", str(he_run.path), "--n", "1", "--prompt", PROMPT, "--steps", "2", "--out", str(plain), "--quiet"]
+        )
+        == 0
+    )
     a, b = (np.asarray(Image.open(p), dtype=np.float64) / 255 for p in (out, plain))
     assert psnr(a, b) >= 40.0
     capsys.readouterr()
-    assert main(["he", "generate", "--server", "http://127.0.0.1:9", "--prompt", PROMPT, "--out", str(tmp_path / "x.png"), "--quiet"]) == 2
+    assert (
+        main(
+            [
+                "he",
+                "generate",
+                "--server",
+                "http://127.0.0.1:9",
+                "--prompt",
+                PROMPT,
+                "--out",
+                str(tmp_path / "x.png"),
+                "--quiet",
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert "cannot reach" in err and err.count("\n") == 1 and not (tmp_path / "x.png").exists()
 
@@ -191,7 +230,9 @@ def test_a_request_past_its_timeout_stops_computing_and_frees_the_worker(he_run)
         X = np.random.default_rng(0).standard_normal((2 * T, n_in))
         cts = [ctx.encrypt(v).serialize() for v in pack_inputs(X, n_out, 4096)]
         t0 = time.monotonic()
-        status, answer = post(f"{srv.url}/v1/sessions/{sid}/linear?layers={layers}&positions={2 * T}", encode_frames(cts))
+        status, answer = post(
+            f"{srv.url}/v1/sessions/{sid}/linear?layers={layers}&positions={2 * T}", encode_frames(cts)
+        )
         took = time.monotonic() - t0
         assert status == 503 and "stopped" in answer["error"], (status, answer)
         from privdiff.he.server import SCHEDULER

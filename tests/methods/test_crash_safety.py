@@ -25,9 +25,21 @@ from privdiff.runs import Run
 pytestmark = pytest.mark.slow
 
 # the smallest DPDM: a one-level UNet on 4x4 digits (sklearn's), so a run is a few seconds
-MICRO = ["data.name=digits", "data.resolution=4", "model.channels=[4]", "model.attention_levels=[]", "model.norm_num_groups=2",
-         "model.attention_head_dim=4", "train.batch_size=8", "train.epochs=1", "privacy.noise_multiplicity=1",
-         "train.max_physical_batch_size=64", "sampler.steps=1", "train.max_steps=6", "train.checkpoint_every=2"]
+MICRO = [
+    "data.name=digits",
+    "data.resolution=4",
+    "model.channels=[4]",
+    "model.attention_levels=[]",
+    "model.norm_num_groups=2",
+    "model.attention_head_dim=4",
+    "train.batch_size=8",
+    "train.epochs=1",
+    "privacy.noise_multiplicity=1",
+    "train.max_physical_batch_size=64",
+    "sampler.steps=1",
+    "train.max_steps=6",
+    "train.checkpoint_every=2",
+]
 
 
 def _train(out, registry):
@@ -104,8 +116,12 @@ def test_sigkill_at_random_moments_then_resume(tmp_path):
     # the registry holds the run once, with exactly the ledger's events (one row per event, no duplicates)
     (status,) = Registry(tmp_path / "registry.sqlite").status()
     assert [r.run_id for r in status.runs] == [ledger["run_id"]]
-    assert [{k: getattr(e, k) for k in ("stage", "mechanism", "noise_multiplier", "sample_rate", "steps")} for e in status.runs[0].events] \
-        == [{k: e[k] for k in ("stage", "mechanism", "noise_multiplier", "sample_rate", "steps")} for e in ledger["events"]]
+    assert [
+        {k: getattr(e, k) for k in ("stage", "mechanism", "noise_multiplier", "sample_rate", "steps")}
+        for e in status.runs[0].events
+    ] == [
+        {k: e[k] for k in ("stage", "mechanism", "noise_multiplier", "sample_rate", "steps")} for e in ledger["events"]
+    ]
     assert status.spent == pytest.approx(ledger["epsilon"])
 
 
@@ -119,7 +135,9 @@ def test_a_capped_data_set_refuses_a_run_before_it_reads_data(tmp_path, capsys):
     # two steps of sigma calibrated for epsilon=5 over the recipe's 180: epsilon 3.23 planned, under the cap
     assert main([*train, "privacy.epsilon=5", "--quiet", "--out", str(tmp_path / "a")]) == 0
     capsys.readouterr()
-    assert main([*train, "privacy.epsilon=5", "--quiet", "--out", str(tmp_path / "b")]) == 2  # the same again composes to 3.39, past 3.3
+    assert (
+        main([*train, "privacy.epsilon=5", "--quiet", "--out", str(tmp_path / "b")]) == 2
+    )  # the same again composes to 3.39, past 3.3
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "refused" in err[0] and "over its cap 3.3" in err[0]
     assert not (tmp_path / "b" / "ledger.json").exists() and not (tmp_path / "b" / "checkpoints").exists()

@@ -20,19 +20,35 @@ from tests.helpers import assert_latent_net_same, jitter
 ROOT = Path(__file__).resolve().parents[2]
 NAMES = tuple(str(d) for d in range(10))  # the digit data sets' class names
 TINY_LDM = [
-    "data.resolution=16", "ldm.public_margin=2",
-    "ldm.autoencoder.channels=[8,16]", "ldm.autoencoder.norm_num_groups=4", "ldm.autoencoder.epochs=0.5",
-    "ldm.unet.channels=[16,32]", "ldm.unet.attention_heads=2", "ldm.unet.norm_num_groups=8",
-    "ldm.text.width=16", "ldm.text.layers=1", "ldm.text.heads=2",
-    "ldm.pretrain.batch_size=64", "ldm.pretrain.max_steps=4",
-    "train.batch_size=32", "train.max_steps=3", "privacy.noise_multiplicity=2", "train.max_physical_batch_size=64",
+    "data.resolution=16",
+    "ldm.public_margin=2",
+    "ldm.autoencoder.channels=[8,16]",
+    "ldm.autoencoder.norm_num_groups=4",
+    "ldm.autoencoder.epochs=0.5",
+    "ldm.unet.channels=[16,32]",
+    "ldm.unet.attention_heads=2",
+    "ldm.unet.norm_num_groups=8",
+    "ldm.text.width=16",
+    "ldm.text.layers=1",
+    "ldm.text.heads=2",
+    "ldm.pretrain.batch_size=64",
+    "ldm.pretrain.max_steps=4",
+    "train.batch_size=32",
+    "train.max_steps=3",
+    "privacy.noise_multiplicity=2",
+    "train.max_physical_batch_size=64",
     "sampler.steps=4",
 ]
 
 
 def tiny_net(num_classes: int = 10, text: TextConfig = TextConfig(width=16, layers=1, heads=2)):
-    return build_latent_net(LatentUNetConfig(channels=(16, 32), attention_heads=2, norm_num_groups=8),
-                            build_text_encoder(text, class_names=(NAMES,)), latent_channels=4, latent_size=4, num_classes=num_classes)
+    return build_latent_net(
+        LatentUNetConfig(channels=(16, 32), attention_heads=2, norm_num_groups=8),
+        build_text_encoder(text, class_names=(NAMES,)),
+        latent_channels=4,
+        latent_size=4,
+        num_classes=num_classes,
+    )
 
 
 def test_prompts_reach_the_output():
@@ -47,8 +63,14 @@ def test_prompts_reach_the_output():
     same = den(x, sigma, net.conditions(prompts=["a handwritten digit seven"], n=2))
     assert torch.equal(a, same) and (a - b).abs().max() > 1e-3
     # a label and a prompt are both read; "no class, no text" is the null row
-    assert not torch.equal(den(x, sigma, net.conditions(labels=torch.tensor([7, 7]), n=2)), den(x, sigma, net.conditions(n=2)))
-    assert net.conditions(n=1)[0].tolist() == net.null_condition().tolist() == [10] + [0] * net.text_encoder.tokenizer.max_length
+    assert not torch.equal(
+        den(x, sigma, net.conditions(labels=torch.tensor([7, 7]), n=2)), den(x, sigma, net.conditions(n=2))
+    )
+    assert (
+        net.conditions(n=1)[0].tolist()
+        == net.null_condition().tolist()
+        == [10] + [0] * net.text_encoder.tokenizer.max_length
+    )
 
 
 def test_tokenizer_knows_every_caption_and_flags_unknown_words(capsys):
@@ -111,7 +133,9 @@ def test_dp_ldm_end_to_end(tmp_path, capsys):
     from privdiff.runs import Run
 
     run = tmp_path / "ldm"
-    assert main(["train", str(ROOT / "recipes/dp-ldm-mnist5k.yaml"), *TINY_LDM, "--out", str(run), "--quiet"]) == 0, capsys.readouterr().err
+    assert main(["train", str(ROOT / "recipes/dp-ldm-mnist5k.yaml"), *TINY_LDM, "--out", str(run), "--quiet"]) == 0, (
+        capsys.readouterr().err
+    )
     ledger = json.loads((run / "ledger.json").read_text())
     assert [e["stage"] for e in ledger["events"]] == ["dp_sgd"] and ledger["events"][0]["steps"] == 3
     assert [s["stage"] for s in ledger["public_stages"]] == ["autoencoder", "pretrain"]
@@ -152,8 +176,14 @@ def local_bert(tmp_path):
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]
     (tmp_path / "vocab.txt").write_text("\n".join(vocab) + "\n")
     transformers.BertTokenizer(str(tmp_path / "vocab.txt")).save_pretrained(tmp_path)
-    config = transformers.BertConfig(vocab_size=len(vocab), hidden_size=24, num_hidden_layers=1, num_attention_heads=2,
-                                     intermediate_size=32, max_position_embeddings=32)
+    config = transformers.BertConfig(
+        vocab_size=len(vocab),
+        hidden_size=24,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=32,
+    )
     torch.manual_seed(5)
     transformers.BertModel(config).save_pretrained(tmp_path)
     return tmp_path
@@ -193,15 +223,33 @@ def test_opacus_hooks_and_book_keeping_give_the_same_update_on_the_trainable_sub
         B, K, g = 4, 2, torch.Generator().manual_seed(4)
         x0 = torch.randn(B, 4, 4, 4, generator=g)
         sigma, noise = draw_training_noise(x0, K=K, sigma_dist=LogNormalSigma(), generator=g)
-        cond = net.conditions(labels=torch.randint(0, 10, (B * K,), generator=g),
-                              prompts=[caption(NAMES[i % 10]) for i in range(B * K)], n=B * K).view(B, K, -1)
+        cond = net.conditions(
+            labels=torch.randint(0, 10, (B * K,), generator=g),
+            prompts=[caption(NAMES[i % 10]) for i in range(B * K)],
+            n=B * K,
+        ).view(B, K, -1)
         opt = torch.optim.SGD([p for p in den.parameters() if p.requires_grad], lr=1.0)
-        engine = DPSGD(den, opt, num_examples=8, batch_size=4, noise_multiplicity=K, noise_multiplier=0.5, max_grad_norm=1e-2,
-                       grad_sample_mode=mode, generator=torch.Generator().manual_seed(0), noise_generator=torch.Generator().manual_seed(1))
+        engine = DPSGD(
+            den,
+            opt,
+            num_examples=8,
+            batch_size=4,
+            noise_multiplicity=K,
+            noise_multiplier=0.5,
+            max_grad_norm=1e-2,
+            grad_sample_mode=mode,
+            generator=torch.Generator().manual_seed(0),
+            noise_generator=torch.Generator().manual_seed(1),
+        )
         before = [p.detach().clone() for p in den.parameters()]
-        engine.step(torch.arange(B), lambda m, i: denoising_loss(m, x0[i], cond[i], sigma=sigma[i], noise=noise[i], loss_weight=den.loss_weight))
+        engine.step(
+            torch.arange(B),
+            lambda m, i: denoising_loss(m, x0[i], cond[i], sigma=sigma[i], noise=noise[i], loss_weight=den.loss_weight),
+        )
         assert all(torch.equal(b, p) for b, p in zip(before, den.parameters()) if not p.requires_grad)
-        updates[mode] = torch.cat([(b - p.detach()).flatten() for b, p in zip(before, den.parameters()) if p.requires_grad])
+        updates[mode] = torch.cat(
+            [(b - p.detach()).flatten() for b, p in zip(before, den.parameters()) if p.requires_grad]
+        )
     torch.testing.assert_close(updates["bk"], updates["hooks"], rtol=1e-4, atol=1e-6)
 
 
@@ -213,9 +261,35 @@ def test_dp_ldm_resume_continues_the_private_stage_with_the_same_frozen_part(tmp
 
     run = tmp_path / "ldm"
     base = [a for a in TINY_LDM if not a.startswith("train.max_steps")]
-    assert main(["train", str(ROOT / "recipes/dp-ldm-mnist5k.yaml"), *base, "train.max_steps=2", "--out", str(run), "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                str(ROOT / "recipes/dp-ldm-mnist5k.yaml"),
+                *base,
+                "train.max_steps=2",
+                "--out",
+                str(run),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     public_log = [e for e in Run(run).read_train_log() if e["stage"] != "dp_sgd"]
-    assert main(["train", str(ROOT / "recipes/dp-ldm-mnist5k.yaml"), *base, "train.max_steps=4", "--out", str(run), "--quiet"]) == 0, capsys.readouterr().err
+    assert (
+        main(
+            [
+                "train",
+                str(ROOT / "recipes/dp-ldm-mnist5k.yaml"),
+                *base,
+                "train.max_steps=4",
+                "--out",
+                str(run),
+                "--quiet",
+            ]
+        )
+        == 0
+    ), capsys.readouterr().err
     ledger = json.loads((run / "ledger.json").read_text())
     assert [(e["stage"], e["steps"]) for e in ledger["events"]] == [("dp_sgd", 4)]
     assert [e for e in Run(run).read_train_log() if e["stage"] != "dp_sgd"] == public_log  # nothing public ran again
@@ -227,7 +301,9 @@ def test_dp_ldm_resume_continues_the_private_stage_with_the_same_frozen_part(tmp
             assert torch.equal(p0, p1), name
 
 
-@pytest.mark.parametrize("recipe,section,other", [("dp-ldm-mnist5k.yaml", "ldm", "lora"), ("lora-mnist5k.yaml", "lora", "ldm")])
+@pytest.mark.parametrize(
+    "recipe,section,other", [("dp-ldm-mnist5k.yaml", "ldm", "lora"), ("lora-mnist5k.yaml", "lora", "ldm")]
+)
 def test_public_data_errors_name_the_keys_of_the_section_that_set_them(recipe, section, other):
     """DP-LDM reads ldm.public_*, LoRA's pretraining lora.public_*: each error names the key the user wrote."""
     from privdiff.config import RecipeError, resolve_recipe
@@ -245,13 +321,25 @@ def test_public_data_errors_name_the_keys_of_the_section_that_set_them(recipe, s
         with pytest.raises(error) as e:
             load(r, like=like)
         assert str(e.value).startswith(message) and f"{other}." not in str(e.value)
-    with pytest.raises(RecipeError, match=rf"^{section}\.public_contrast must be a finite number in \[0, 100\], got -1.0$"):
+    with pytest.raises(
+        RecipeError, match=rf"^{section}\.public_contrast must be a finite number in \[0, 100\], got -1.0$"
+    ):
         resolve_recipe(ROOT / "recipes" / recipe, [f"{section}.public_contrast=-1.0"])
     with pytest.raises(RecipeError, match=rf"^{section}\.public_margin must be an integer in \[0, 4096\], got -1$"):
-        resolve_recipe(ROOT / "recipes" / recipe, [f"{section}.public_margin=-1"])  # refused when the recipe is resolved
-    rgb = ImageDataset(images=torch.zeros(2, 3, 16, 16), labels=torch.zeros(2, dtype=torch.long), num_classes=10, name="rgb",
-                       split="train", fingerprint="sha256:rgb")
-    with pytest.raises(ValueError, match=rf"^{section}\.public_data=digits has 1 channels and 10 classes, private rgb 3 and 10"):
+        resolve_recipe(
+            ROOT / "recipes" / recipe, [f"{section}.public_margin=-1"]
+        )  # refused when the recipe is resolved
+    rgb = ImageDataset(
+        images=torch.zeros(2, 3, 16, 16),
+        labels=torch.zeros(2, dtype=torch.long),
+        num_classes=10,
+        name="rgb",
+        split="train",
+        fingerprint="sha256:rgb",
+    )
+    with pytest.raises(
+        ValueError, match=rf"^{section}\.public_data=digits has 1 channels and 10 classes, private rgb 3 and 10"
+    ):
         load(resolve_recipe(ROOT / "recipes" / recipe), like=rgb)
 
 
@@ -266,8 +354,10 @@ def test_lora_public_data_is_framed_and_sharpened_by_its_own_keys():
     from privdiff.methods.lora import load_public
 
     like = load_dataset("digits", split="all", resolution=16)
-    r = resolve_recipe(ROOT / "recipes/lora-mnist5k.yaml", ["lora.public_margin=3", "lora.public_contrast=1.7",
-                                                            "ldm.public_margin=1", "ldm.public_contrast=0.0"])
+    r = resolve_recipe(
+        ROOT / "recipes/lora-mnist5k.yaml",
+        ["lora.public_margin=3", "lora.public_contrast=1.7", "ldm.public_margin=1", "ldm.public_contrast=0.0"],
+    )
     got = load_public(r, like=like).images
     raw = load_dataset("digits", split="all", resolution=10).images
     want = F.pad(torch.tanh(1.7 * raw) / math.tanh(1.7), (3, 3, 3, 3), value=-1.0)

@@ -16,8 +16,20 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_dpp_releases_pretrains_fine_tunes_and_composes_one_epsilon(tmp_path, tiny_overrides, capsys):
     run = tmp_path / "dpp"
-    args = ["train", str(ROOT / "recipes/dpp-mnist5k.yaml"), *tiny_overrides, "privacy.epsilon=2", "dpp.copies=4",
-            "dpp.rounds=2", "dpp.pretrain.max_steps=3", "dpp.pretrain.batch_size=32", "train.max_steps=3", "--out", str(run), "--quiet"]
+    args = [
+        "train",
+        str(ROOT / "recipes/dpp-mnist5k.yaml"),
+        *tiny_overrides,
+        "privacy.epsilon=2",
+        "dpp.copies=4",
+        "dpp.rounds=2",
+        "dpp.pretrain.max_steps=3",
+        "dpp.pretrain.batch_size=32",
+        "train.max_steps=3",
+        "--out",
+        str(run),
+        "--quiet",
+    ]
     assert main(args) == 0, capsys.readouterr().err
     ledger = json.loads((run / "ledger.json").read_text())
     release, dpsgd = ledger["events"]

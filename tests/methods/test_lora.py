@@ -31,8 +31,14 @@ def _lora_net(recipe, seed=0):
 
 def _data(n, seed):
     g = torch.Generator().manual_seed(seed)
-    return ImageDataset(images=torch.rand(n, 1, 8, 8, generator=g) * 2 - 1, labels=torch.randint(0, 10, (n,), generator=g),
-                        num_classes=10, name="toy", split="train", fingerprint=f"sha256:{seed}")
+    return ImageDataset(
+        images=torch.rand(n, 1, 8, 8, generator=g) * 2 - 1,
+        labels=torch.randint(0, 10, (n,), generator=g),
+        num_classes=10,
+        name="toy",
+        split="train",
+        fingerprint=f"sha256:{seed}",
+    )
 
 
 def test_only_adapters_train_and_the_start_is_the_base_model():
@@ -87,8 +93,11 @@ def test_privacy_term_has_a_lora_gradient_that_depends_on_lambda(objective, feat
         g = torch.autograd.grad(total, params)
         flat = torch.cat([x.flatten() for x in g])
         assert flat.abs().sum() > 0, "privacy term has no gradient w.r.t. the LoRA weights"
-        assert all(x.abs().sum() > 0 for x, (n, _) in zip(g, [(n, p) for n, p in net.named_parameters() if p in set(params)])
-                   if ".lora_A." in n)
+        assert all(
+            x.abs().sum() > 0
+            for x, (n, _) in zip(g, [(n, p) for n, p in net.named_parameters() if p in set(params)])
+            if ".lora_A." in n
+        )
         grads[lam] = flat
     assert not torch.allclose(grads[0.05], grads[1.0])
 
@@ -97,7 +106,9 @@ def test_attacker_step_trains_only_the_attacker():
     r = _recipe("lora.objective=stable")
     _, net = _lora_net(r)
     den = Denoiser(net)
-    term = PrivacyTerm(r, members=_data(8, 1), member_aux=_data(4, 2), nonmember_aux=_data(4, 3), device=torch.device("cpu"))
+    term = PrivacyTerm(
+        r, members=_data(8, 1), member_aux=_data(4, 2), nonmember_aux=_data(4, 3), device=torch.device("cpu")
+    )
     before_h = [p.clone() for p in term.attacker.parameters()]
     before_lora = [p.clone() for p in lora_parameters(net)]
     term.objective(den, torch.arange(4), torch.ones(4)).sum().backward()  # leaves grads on ω too
@@ -112,8 +123,20 @@ def test_lora_method_end_to_end(tmp_path, capsys, monkeypatch):
     from privdiff.cli import main
 
     out = tmp_path / "run"
-    args = ["train", str(ROOT / "recipes/lora-mnist5k-stable.yaml"), *TINY, "lora.n_per_role=16", "lora.public_margin=1", "lora.pretrain.max_steps=2",
-            "lora.pretrain.batch_size=32", "train.batch_size=8", "train.max_steps=3", "--out", str(out), "--quiet"]
+    args = [
+        "train",
+        str(ROOT / "recipes/lora-mnist5k-stable.yaml"),
+        *TINY,
+        "lora.n_per_role=16",
+        "lora.public_margin=1",
+        "lora.pretrain.max_steps=2",
+        "lora.pretrain.batch_size=32",
+        "train.batch_size=8",
+        "train.max_steps=3",
+        "--out",
+        str(out),
+        "--quiet",
+    ]
     assert main(args) == 0, capsys.readouterr().err
     ledger = json.loads((out / "ledger.json").read_text())
     assert ledger["epsilon"] is None and ledger["events"][0]["stage"] == "lora" and ledger["events"][0]["steps"] == 3
@@ -131,16 +154,38 @@ def test_lora_method_end_to_end(tmp_path, capsys, monkeypatch):
     assert r["n_members"] == r["n_nonmembers"] == 16
     # evaluate judges the run against what it trained on (and what its ledger names): the 32 members
     monkeypatch.setenv("PRIVDIFF_CACHE", str(tmp_path / "cache"))
-    assert main(["evaluate", str(out), "evaluate.classifier_epochs=1", "evaluate.kid_subset_size=10", "evaluate.kid_subsets=5",
-                 "--n", "30", "--quiet", "--no-report"]) == 0, capsys.readouterr().err
+    assert (
+        main(
+            [
+                "evaluate",
+                str(out),
+                "evaluate.classifier_epochs=1",
+                "evaluate.kid_subset_size=10",
+                "evaluate.kid_subsets=5",
+                "--n",
+                "30",
+                "--quiet",
+                "--no-report",
+            ]
+        )
+        == 0
+    ), capsys.readouterr().err
     data = json.loads((out / "metrics.json").read_text())["data"]
     assert data["n_train"] == 32 and data["fingerprint"] == ledger["dataset"]["fingerprint"]
 
 
 # -- DP-SGD LoRA (recipes/lora-mnist5k-dp.yaml) ----------------------------------------------------
 
-DP_TINY = [*TINY, "lora.n_per_role=16", "lora.public_margin=1", "lora.pretrain.max_steps=2", "lora.pretrain.batch_size=32",
-           "train.batch_size=8", "train.max_steps=3", "privacy.noise_multiplicity=1"]
+DP_TINY = [
+    *TINY,
+    "lora.n_per_role=16",
+    "lora.public_margin=1",
+    "lora.pretrain.max_steps=2",
+    "lora.pretrain.batch_size=32",
+    "train.batch_size=8",
+    "train.max_steps=3",
+    "privacy.noise_multiplicity=1",
+]
 
 
 def test_dp_lora_ledger_is_the_accountants_epsilon_of_what_ran_with_pretraining_public(tmp_path):
@@ -157,10 +202,22 @@ def test_dp_lora_ledger_is_the_accountants_epsilon_of_what_ran_with_pretraining_
     members = 2 * r.lora.n_per_role
     assert ledger["private"] and ledger["dataset"]["size"] == members and ledger["target_epsilon"] == 10.0
     [event] = ledger["events"]
-    sigma = calibrate_noise(epsilon_target=10.0, delta=r.privacy.delta, sample_rate=8 / members,
-                            steps=round(r.train.epochs * members / 8), accountant="rdp")
-    assert event == {"stage": STAGE, "mechanism": "subsampled_gaussian", "noise_multiplier": pytest.approx(sigma),
-                     "sample_rate": 8 / members, "max_grad_norm": 1.0, "sensitivity": None, "steps": 3}
+    sigma = calibrate_noise(
+        epsilon_target=10.0,
+        delta=r.privacy.delta,
+        sample_rate=8 / members,
+        steps=round(r.train.epochs * members / 8),
+        accountant="rdp",
+    )
+    assert event == {
+        "stage": STAGE,
+        "mechanism": "subsampled_gaussian",
+        "noise_multiplier": pytest.approx(sigma),
+        "sample_rate": 8 / members,
+        "max_grad_norm": 1.0,
+        "sensitivity": None,
+        "steps": 3,
+    }
     eps = epsilon([(event["noise_multiplier"], event["sample_rate"], 3)], delta=r.privacy.delta, accountant="rdp")
     assert ledger["epsilon"] == pytest.approx(eps, rel=1e-12) and 0 < eps < 10  # 3 of the calibrated steps ran
     log = [e for e in Run(out).read_train_log() if e["stage"] == STAGE]
@@ -208,13 +265,16 @@ def test_book_keeping_clips_the_lora_gradients_as_one_example_at_a_time():
         return denoising_loss(m, x0, y, sigma=sigma, noise=noise, loss_weight=den.loss_weight)
 
     def row_loss(m, b):
-        return denoising_loss(m, x0[b:b + 1], y[b:b + 1], sigma=sigma[b:b + 1], noise=noise[b:b + 1], loss_weight=den.loss_weight)
+        return denoising_loss(
+            m, x0[b : b + 1], y[b : b + 1], sigma=sigma[b : b + 1], noise=noise[b : b + 1], loss_weight=den.loss_weight
+        )
 
     norms = assert_same(den, batch_loss, row_loss, B, K, 1e-2)
     assert float(norms.min()) > 1e-2  # clipping active for every example
 
 
 # -- resuming PrivateLoRA: the proxy attacker is part of the checkpoint ----------------------------
+
 
 def _defended_run(out, r, *, max_steps: int) -> tuple[PrivacyTerm, list[torch.Tensor]]:
     """train_denoiser on the LoRA stage with a fresh PrivacyTerm (as a new process builds it) up to ``max_steps``."""
@@ -225,28 +285,44 @@ def _defended_run(out, r, *, max_steps: int) -> tuple[PrivacyTerm, list[torch.Te
 
     r = replace(r, train=replace(r.train, max_steps=max_steps))
     members = _data(8, 1)
-    term = PrivacyTerm(r, members=members, member_aux=_data(4, 2), nonmember_aux=_data(4, 3), device=torch.device("cpu"),
-                       log=out / "attacker_log.jsonl")
+    term = PrivacyTerm(
+        r,
+        members=members,
+        member_aux=_data(4, 2),
+        nonmember_aux=_data(4, 3),
+        device=torch.device("cpu"),
+        log=out / "attacker_log.jsonl",
+    )
     out.mkdir(exist_ok=True)
     run = Run(out)
 
     def init():
         return _lora_net(r, seed=7)[1]
 
-    result = train_denoiser(run=run, recipe=r, dataset=members, ledger=None, stage=Stage(name="lora", init=init), term=term,
-                            progress=False)
+    result = train_denoiser(
+        run=run, recipe=r, dataset=members, ledger=None, stage=Stage(name="lora", init=init), term=term, progress=False
+    )
     assert result.steps == max_steps
     return term, [p.detach().clone() for p in lora_parameters(run.load_checkpoint().unet)]
 
 
 @pytest.mark.parametrize("objective", ["privatelora", "stable"])
 def test_a_resumed_defended_run_takes_the_steps_of_an_uninterrupted_one(tmp_path, objective):
-    r = _recipe(f"lora.objective={objective}", "lora.lam=1.0", "train.batch_size=4", "train.epochs=3", "train.checkpoint_every=100",
-                "lora.attacker_batch=2", "model.attention_levels=[]")
+    r = _recipe(
+        f"lora.objective={objective}",
+        "lora.lam=1.0",
+        "train.batch_size=4",
+        "train.epochs=3",
+        "train.checkpoint_every=100",
+        "lora.attacker_batch=2",
+        "model.attention_levels=[]",
+    )
     whole, lora_whole = _defended_run(tmp_path / "whole", r, max_steps=5)
     _, lora_first = _defended_run(tmp_path / "split", r, max_steps=2)  # stops at step 2 and checkpoints it
     with open(tmp_path / "split/attacker_log.jsonl", "a") as f:
-        f.write('{"step": 3, "attacker_ce": 0.5, "attacker_acc": 0.5}\n')  # as an attempt killed after its checkpoint logs
+        f.write(
+            '{"step": 3, "attacker_ce": 0.5, "attacker_acc": 0.5}\n'
+        )  # as an attempt killed after its checkpoint logs
     resumed, lora_resumed = _defended_run(tmp_path / "split", r, max_steps=5)
     assert not all(torch.equal(a, b) for a, b in zip(lora_first, lora_whole))  # steps 3..5 changed the adapters
     for a, b in zip(lora_resumed, lora_whole):
@@ -264,11 +340,33 @@ def test_resuming_a_defended_run_without_saved_attacker_state_is_refused(tmp_pat
     from privdiff.core.training import Stage, train_denoiser
     from privdiff.runs import Run, RunError
 
-    r = _recipe("lora.objective=stable", "train.batch_size=4", "train.epochs=3", "train.max_steps=1", "model.attention_levels=[]")
+    r = _recipe(
+        "lora.objective=stable",
+        "train.batch_size=4",
+        "train.epochs=3",
+        "train.max_steps=1",
+        "model.attention_levels=[]",
+    )
     members = _data(8, 1)
     run = Run(tmp_path)
-    train_denoiser(run=run, recipe=r, dataset=members, ledger=None, stage=Stage(name="lora", init=lambda: _lora_net(r)[1]), progress=False)
-    term = PrivacyTerm(r, members=members, member_aux=_data(4, 2), nonmember_aux=_data(4, 3), device=torch.device("cpu"))
+    train_denoiser(
+        run=run,
+        recipe=r,
+        dataset=members,
+        ledger=None,
+        stage=Stage(name="lora", init=lambda: _lora_net(r)[1]),
+        progress=False,
+    )
+    term = PrivacyTerm(
+        r, members=members, member_aux=_data(4, 2), nonmember_aux=_data(4, 3), device=torch.device("cpu")
+    )
     with pytest.raises(RunError, match="holds no state for stage lora's PrivacyTerm"):
-        train_denoiser(run=run, recipe=replace(r, train=replace(r.train, max_steps=2)), dataset=members, ledger=None,
-                       stage=Stage(name="lora", init=lambda: _lora_net(r)[1]), term=term, progress=False)
+        train_denoiser(
+            run=run,
+            recipe=replace(r, train=replace(r.train, max_steps=2)),
+            dataset=members,
+            ledger=None,
+            stage=Stage(name="lora", init=lambda: _lora_net(r)[1]),
+            term=term,
+            progress=False,
+        )

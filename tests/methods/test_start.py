@@ -14,9 +14,20 @@ from privdiff.runs import open_run
 
 pytestmark = pytest.mark.slow
 
-MICRO = ["data.name=digits", "data.resolution=4", "model.channels=[4]", "model.attention_levels=[]", "model.norm_num_groups=2",
-         "model.attention_head_dim=4", "train.batch_size=8", "train.epochs=1", "privacy.noise_multiplicity=1",
-         "train.max_physical_batch_size=64", "sampler.steps=1", "train.max_steps=2"]
+MICRO = [
+    "data.name=digits",
+    "data.resolution=4",
+    "model.channels=[4]",
+    "model.attention_levels=[]",
+    "model.norm_num_groups=2",
+    "model.attention_head_dim=4",
+    "train.batch_size=8",
+    "train.epochs=1",
+    "privacy.noise_multiplicity=1",
+    "train.max_physical_batch_size=64",
+    "sampler.steps=1",
+    "train.max_steps=2",
+]
 
 
 def _registered_runs() -> list:
@@ -34,7 +45,11 @@ LATE_ERRORS = [  # (recipe, overrides, what the one-line error says)
     ("dpdm-mnist5k", ["model.norm_num_groups=3"], "divisible"),  # the UNet constructor rejects it
     ("dpdm-mnist5k", ["train.batch_size=5000"], "larger than its data set"),
     ("dpdm-mnist5k", ["data.name=mnist", "data.root={tmp}/nowhere"], "nowhere"),  # a missing data.root
-    ("dpp-mnist5k", ["dpp.copies=1", "dpp.rounds=1", "dpp.pretrain.batch_size=64"], "pretrain"),  # found only after the release, before
+    (
+        "dpp-mnist5k",
+        ["dpp.copies=1", "dpp.rounds=1", "dpp.pretrain.batch_size=64"],
+        "pretrain",
+    ),  # found only after the release, before
     ("dp-ldm-mnist5k", ["ldm.trainable=[no_such_group]"], "no_such_group"),
     ("dp-ldm-mnist5k", ["ldm.unet.norm_num_groups=7"], "divisible"),
     ("lora-mnist5k", ["lora.targets=[no_such_layer]"], "no_such_layer"),
@@ -47,7 +62,9 @@ def test_a_recipe_error_found_late_touches_neither_disk_nor_registry(tmp_path, c
     existing.mkdir()
     (existing / "notes.txt").write_text("mine")
     for out in (fresh, existing) if recipe == "dpdm-mnist5k" else (fresh,):
-        data = MICRO[:1] if recipe.startswith("dp") and recipe != "dp-ldm-mnist5k" else []  # ldm/lora: public data is digits
+        data = (
+            MICRO[:1] if recipe.startswith("dp") and recipe != "dp-ldm-mnist5k" else []
+        )  # ldm/lora: public data is digits
         argv = ["train", recipe, *data, *[o.format(tmp=tmp_path) for o in overrides], "--out", str(out), "--quiet"]
         assert main(argv) == 2
         assert says in _one_line(capsys)

@@ -9,6 +9,7 @@ import torch
 from privdiff.models.latent import select_trainable
 from tests.helpers import assert_latent_net_same, tiny_he_net
 
+
 @pytest.mark.parametrize("K", [1, 3])
 def test_per_example_gradients_of_the_recipes_trainable_part_match_one_example_at_a_time(K):
     net = tiny_he_net(3)
@@ -38,8 +39,10 @@ def test_the_core_config_and_training_import_nothing_of_encrypted_inference():
     import subprocess
     import sys
 
-    code = ("import sys, privdiff.config, privdiff.cli, privdiff.runs, privdiff.models.he_net, privdiff.models.unet\n"
-            "import privdiff.methods.dpdm, privdiff.methods.dp_ldm, privdiff.methods.dpp, privdiff.methods.lora, privdiff.evaluation.audit\n"
-            "print(' '.join(sorted(m for m in sys.modules if m.split('.')[0] in ('tenseal', 'aiohttp') or m.startswith('privdiff.he'))))")
+    code = (
+        "import sys, privdiff.config, privdiff.cli, privdiff.runs, privdiff.models.he_net, privdiff.models.unet\n"
+        "import privdiff.methods.dpdm, privdiff.methods.dp_ldm, privdiff.methods.dpp, privdiff.methods.lora, privdiff.evaluation.audit\n"
+        "print(' '.join(sorted(m for m in sys.modules if m.split('.')[0] in ('tenseal', 'aiohttp') or m.startswith('privdiff.he'))))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == ""

@@ -45,7 +45,9 @@ def build_denoiser(seed: int = 0, in_channels: int = 1) -> Denoiser:
     """The training model, with every weight moved off its (often 0 or 1) initial value."""
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        den = Denoiser(UNetNet(build_unet(CFG, resolution=RESOLUTION, in_channels=in_channels, num_classes=NUM_CLASSES)))
+        den = Denoiser(
+            UNetNet(build_unet(CFG, resolution=RESOLUTION, in_channels=in_channels, num_classes=NUM_CLASSES))
+        )
     g = torch.Generator().manual_seed(1000 + seed)
     with torch.no_grad():
         for p in den.parameters():
@@ -356,7 +358,9 @@ def test_shipped_recipe_model_per_sample_gradients(recipe_path):
     if not r.privacy.enabled:
         pytest.skip("non-private recipe: no per-sample gradients")
     if r.method not in ("dpdm", "dpp"):
-        pytest.skip(f"{r.method} trains a latent model, checked in its own tests (tests/methods/test_dp_ldm.py, tests/models/test_he_net.py)")
+        pytest.skip(
+            f"{r.method} trains a latent model, checked in its own tests (tests/methods/test_dp_ldm.py, tests/models/test_he_net.py)"
+        )
     res = r.data.resolution or 28
 
     def build(seed):
@@ -377,7 +381,9 @@ def test_shipped_recipe_model_per_sample_gradients(recipe_path):
     labels[0, 1] = NULL_LABEL  # a dropped label, as CFG training does
     sigma, noise = draw_training_noise(x0, K=K, sigma_dist=LogNormalSigma(P_mean=r.diffusion.P_mean), generator=g)
     want = reference_grads(ref, x0, labels, sigma, noise)
-    if r.privacy.grad_sample_mode == "bk":  # book-keeping: per-example norms and the clipped sum, no per-sample gradients
+    if (
+        r.privacy.grad_sample_mode == "bk"
+    ):  # book-keeping: per-example norms and the clipped sum, no per-sample gradients
         from privdiff.privacy.clipping import BookKeeping
 
         names = [n for n, _ in den.named_parameters()]

@@ -14,7 +14,14 @@ from diffusers import DDPMScheduler, UNet2DConditionModel, UNet2DModel
 
 from privdiff.diffusion import denoising_loss
 from privdiff.diffusion.discrete import DiscreteSchedule, DiscreteSigma, VPDenoiser
-from privdiff.models.pretrained import DiffusersUNetNet, add_lora, export_lora, export_pipeline, load_pretrained_unet, select_trainable
+from privdiff.models.pretrained import (
+    DiffusersUNetNet,
+    add_lora,
+    export_lora,
+    export_pipeline,
+    load_pretrained_unet,
+    select_trainable,
+)
 from privdiff.privacy.clipping import BookKeeping
 from tests.helpers import assert_same, jitter
 
@@ -22,24 +29,44 @@ from tests.helpers import assert_same, jitter
 def tiny_pixel_unet(seed: int = 0) -> UNet2DModel:
     """A DDPM-style pixel UNet with attention and a class embedding (as diffusers' own tests build dummies)."""
     torch.manual_seed(seed)
-    return UNet2DModel(sample_size=8, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=(8, 16),
-                       down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-                       norm_num_groups=4, attention_head_dim=4, num_class_embeds=3)
+    return UNet2DModel(
+        sample_size=8,
+        in_channels=1,
+        out_channels=1,
+        layers_per_block=1,
+        block_out_channels=(8, 16),
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        norm_num_groups=4,
+        attention_head_dim=4,
+        num_class_embeds=3,
+    )
 
 
 def tiny_sd_unet(seed: int = 0) -> UNet2DConditionModel:
     """A Stable-Diffusion-layout latent UNet: cross-attention blocks (Transformer2DModel, GEGLU feed-forward)."""
     torch.manual_seed(seed)
-    return UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(8, 16),
-                                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-                                cross_attention_dim=12, attention_head_dim=4, norm_num_groups=4)
+    return UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(8, 16),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=12,
+        attention_head_dim=4,
+        norm_num_groups=4,
+    )
 
 
 def _with_lora(net):
     from peft import LoraConfig, inject_adapter_in_model
 
     net.requires_grad_(False)
-    inject_adapter_in_model(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"]), net.unet)
+    inject_adapter_in_model(
+        LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"]), net.unet
+    )
     with torch.no_grad():
         for name, p in net.named_parameters():
             if "lora_B" in name:  # off peft's zero init, so every LoRA factor has a gradient
@@ -51,7 +78,11 @@ CASES = {  # name: (build the net, trainable selection or "lora", condition)
     "pixel-attention+class": (lambda: DiffusersUNetNet(tiny_pixel_unet()), ["attentions", "class_embedding"], "labels"),
     "sd-all": (lambda: DiffusersUNetNet(tiny_sd_unet()), ["all"], "text"),
     "sd-attentions (DP-LDM)": (lambda: DiffusersUNetNet(tiny_sd_unet()), ["attentions"], "text"),
-    "sd-cross-attention+time": (lambda: DiffusersUNetNet(tiny_sd_unet()), ["cross_attention", "time_embedding"], "text"),
+    "sd-cross-attention+time": (
+        lambda: DiffusersUNetNet(tiny_sd_unet()),
+        ["cross_attention", "time_embedding"],
+        "text",
+    ),
     "sd-lora": (lambda: DiffusersUNetNet(tiny_sd_unet()), "lora", "text"),
 }
 
@@ -59,9 +90,16 @@ CASES = {  # name: (build the net, trainable selection or "lora", condition)
 pytestmark = pytest.mark.usefixtures("deterministic_kernels")
 
 
-@pytest.mark.parametrize("case,prediction_type", [("pixel-attention+class", "epsilon"), ("sd-all", "epsilon"),
-                                                   ("sd-attentions (DP-LDM)", "v_prediction"), ("sd-cross-attention+time", "epsilon"),
-                                                   ("sd-lora", "v_prediction")])
+@pytest.mark.parametrize(
+    "case,prediction_type",
+    [
+        ("pixel-attention+class", "epsilon"),
+        ("sd-all", "epsilon"),
+        ("sd-attentions (DP-LDM)", "v_prediction"),
+        ("sd-cross-attention+time", "epsilon"),
+        ("sd-lora", "v_prediction"),
+    ],
+)
 def test_per_example_gradients_on_real_diffusers_blocks(case, prediction_type):
     build, trainable, cond_kind = CASES[case]
     net = jitter(build(), 1)
@@ -69,7 +107,9 @@ def test_per_example_gradients_on_real_diffusers_blocks(case, prediction_type):
         net = _with_lora(net)
     else:
         select_trainable(net, trainable)
-    sched = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, prediction_type=prediction_type)
+    sched = DDPMScheduler(
+        beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, prediction_type=prediction_type
+    )
     den = VPDenoiser(net, schedule=DiscreteSchedule.from_config(sched.config))
     B, K = 3, 2
     g = torch.Generator().manual_seed(5)
@@ -83,7 +123,7 @@ def test_per_example_gradients_on_real_diffusers_blocks(case, prediction_type):
         return _loss(m, x0, cond, sigma, noise)
 
     def row_loss(m, b):
-        return _loss(m, x0[b:b + 1], cond[b:b + 1], sigma[b:b + 1], noise[b:b + 1])
+        return _loss(m, x0[b : b + 1], cond[b : b + 1], sigma[b : b + 1], noise[b : b + 1])
 
     assert_same(den, batch_loss, row_loss, B, K, 1e-3)
 
@@ -94,7 +134,9 @@ def _loss(den, x0, cond, sigma, noise):
         return denoising_loss(den, x0, cond, sigma=sigma, noise=noise)
     B, K = sigma.shape
     states = cond.reshape(B * K, *cond.shape[2:])
-    return denoising_loss(lambda x, s, _: den(x, s, states), x0, None, sigma=sigma, noise=noise, loss_weight=den.loss_weight)
+    return denoising_loss(
+        lambda x, s, _: den(x, s, states), x0, None, sigma=sigma, noise=noise, loss_weight=den.loss_weight
+    )
 
 
 def test_frozen_parameters_stay_bitwise_equal_through_a_private_step():
@@ -121,7 +163,11 @@ def test_load_a_local_unet_and_a_pipeline_with_their_schedules(tmp_path):
     unet.save_pretrained(tmp_path / "ddpm")
     DDPMScheduler(beta_schedule="linear").save_config(tmp_path / "ddpm")
     net, schedule = load_pretrained_unet(tmp_path / "ddpm")
-    assert isinstance(net.unet, UNet2DModel) and schedule.beta_schedule == "linear" and schedule.prediction_type == "epsilon"
+    assert (
+        isinstance(net.unet, UNet2DModel)
+        and schedule.beta_schedule == "linear"
+        and schedule.prediction_type == "epsilon"
+    )
     for a, b in zip(net.parameters(), unet.parameters()):
         assert torch.equal(a, b)
 
@@ -147,11 +193,20 @@ def test_bad_pretrained_directories_give_one_line_errors(tmp_path):
     with pytest.raises(ValueError, match="scheduler_config.json"):
         load_pretrained_unet(tmp_path / "nosched")
     with pytest.raises(ValueError, match="matches no parameter"):
-        select_trainable(DiffusersUNetNet(tiny_pixel_unet()), ["cross_attention"])  # a pixel UNet has no cross-attention
+        select_trainable(
+            DiffusersUNetNet(tiny_pixel_unet()), ["cross_attention"]
+        )  # a pixel UNet has no cross-attention
 
 
 def _generate(pipe):
-    return pipe("a cat", num_inference_steps=2, height=16, width=16, output_type="np", generator=torch.Generator().manual_seed(0)).images
+    return pipe(
+        "a cat",
+        num_inference_steps=2,
+        height=16,
+        width=16,
+        output_type="np",
+        generator=torch.Generator().manual_seed(0),
+    ).images
 
 
 def test_exported_pipeline_loads_and_generates_with_the_trained_unet(tmp_path):

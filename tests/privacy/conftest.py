@@ -42,8 +42,12 @@ def postgres_server(tmp_path_factory):
         pytest.skip("PostgreSQL registry tests skipped: psycopg is not installed (pip install 'privdiff[postgres]')")
     bindir = _pg_bin()
     if bindir is None:
-        pytest.skip("PostgreSQL registry tests skipped: no initdb (apt-get install postgresql, or run `make test` as root)")
-    base = Path(tempfile.mkdtemp(prefix="privdiff-pg-"))  # not under pytest's root-only tmp tree: the server's user must reach it
+        pytest.skip(
+            "PostgreSQL registry tests skipped: no initdb (apt-get install postgresql, or run `make test` as root)"
+        )
+    base = Path(
+        tempfile.mkdtemp(prefix="privdiff-pg-")
+    )  # not under pytest's root-only tmp tree: the server's user must reach it
     data, sock = base / "data", base / "sock"
     sock.mkdir()
     prefix = []
@@ -64,7 +68,9 @@ def postgres_server(tmp_path_factory):
     opts = f"-c listen_addresses=127.0.0.1 -p {port} -k {sock} -c fsync=off"
     r = run(f"{bindir}/pg_ctl", "-D", str(data), "-o", opts, "-l", str(log), "-w", "-t", "60", "start")
     if r.returncode:
-        pytest.skip(f"PostgreSQL registry tests skipped: the server did not start: {r.stderr.strip()[-300:]} (see {log})")
+        pytest.skip(
+            f"PostgreSQL registry tests skipped: the server did not start: {r.stderr.strip()[-300:]} (see {log})"
+        )
     try:
         yield f"postgresql://privdiff@127.0.0.1:{port}"
     finally:

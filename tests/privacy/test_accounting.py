@@ -20,7 +20,6 @@ from privdiff.privacy.accounting import RDP_ORDERS, calibrate_noise, epsilon
 from tests.helpers import DELTA, composed, dp_accounting_rdp
 
 
-
 # -- references --------------------------------------------------------------------------------
 
 
@@ -164,8 +163,12 @@ def test_calibrate_noise_hits_target(target):
 
 def test_calibrate_noise_pinned():
     # computed once (privdiff 0.1.0, opacus 1.6.0, RDP): ε = 1 and 10 at δ = 1e-5, q = 0.01, 1000 steps
-    assert calibrate_noise(epsilon_target=1.0, delta=DELTA, sample_rate=0.01, steps=1000) == pytest.approx(1.513671875, rel=1e-6)
-    assert calibrate_noise(epsilon_target=10.0, delta=DELTA, sample_rate=0.01, steps=1000) == pytest.approx(0.5732421875, rel=1e-6)
+    assert calibrate_noise(epsilon_target=1.0, delta=DELTA, sample_rate=0.01, steps=1000) == pytest.approx(
+        1.513671875, rel=1e-6
+    )
+    assert calibrate_noise(epsilon_target=10.0, delta=DELTA, sample_rate=0.01, steps=1000) == pytest.approx(
+        0.5732421875, rel=1e-6
+    )
 
 
 def test_calibrate_noise_with_prior_history():
@@ -198,13 +201,26 @@ def test_calibrate_noise_errors():
         calibrate_noise(epsilon_target=1e-3, delta=DELTA, sample_rate=1.0, steps=100_000)
 
 
-@pytest.mark.parametrize("kwargs, says", [
-    ({"epsilon_target": math.nan}, "epsilon"), ({"epsilon_target": math.inf}, "epsilon"), ({"epsilon_target": 0.0}, "epsilon"),
-    ({"epsilon_target": -1.0}, "epsilon"), ({"delta": 1.0}, "delta"), ({"delta": 2.0}, "delta"), ({"delta": 0.0}, "delta"),
-    ({"delta": math.nan}, "delta"), ({"sample_rate": 0.0}, "sample rate"), ({"sample_rate": 1.5}, "sample rate"),
-    ({"sample_rate": math.nan}, "sample rate"), ({"steps": 0}, "steps"), ({"steps": -3}, "steps"), ({"steps": 2.5}, "steps"),
-    ({"accountant": "gdp"}, "accountant"),
-])
+@pytest.mark.parametrize(
+    "kwargs, says",
+    [
+        ({"epsilon_target": math.nan}, "epsilon"),
+        ({"epsilon_target": math.inf}, "epsilon"),
+        ({"epsilon_target": 0.0}, "epsilon"),
+        ({"epsilon_target": -1.0}, "epsilon"),
+        ({"delta": 1.0}, "delta"),
+        ({"delta": 2.0}, "delta"),
+        ({"delta": 0.0}, "delta"),
+        ({"delta": math.nan}, "delta"),
+        ({"sample_rate": 0.0}, "sample rate"),
+        ({"sample_rate": 1.5}, "sample rate"),
+        ({"sample_rate": math.nan}, "sample rate"),
+        ({"steps": 0}, "steps"),
+        ({"steps": -3}, "steps"),
+        ({"steps": 2.5}, "steps"),
+        ({"accountant": "gdp"}, "accountant"),
+    ],
+)
 def test_calibrate_noise_refuses_nonsense_arguments(kwargs, says):
     """Issue 22: no sigma for a NaN/inf target, delta outside (0, 1) or no steps (it used to print one)."""
     args = {"epsilon_target": 1.0, "delta": DELTA, "sample_rate": 0.01, "steps": 100, **kwargs}
@@ -212,11 +228,22 @@ def test_calibrate_noise_refuses_nonsense_arguments(kwargs, says):
         calibrate_noise(**args)
 
 
-@pytest.mark.parametrize("history, delta", [
-    ([(1.0, 0.01, 10)], math.nan), ([(1.0, 0.01, 10)], 1.0), ([(1.0, 0.01, 10)], 2.0), ([(1.0, 0.01, 10)], 0.0),
-    ([(math.nan, 0.01, 10)], DELTA), ([(math.inf, 0.01, 10)], DELTA), ([(-1.0, 0.01, 10)], DELTA),
-    ([(1.0, math.nan, 10)], DELTA), ([(1.0, 1.5, 10)], DELTA), ([(1.0, 0.01, -1)], DELTA), ([(1.0, 0.01, 2.5)], DELTA),
-])
+@pytest.mark.parametrize(
+    "history, delta",
+    [
+        ([(1.0, 0.01, 10)], math.nan),
+        ([(1.0, 0.01, 10)], 1.0),
+        ([(1.0, 0.01, 10)], 2.0),
+        ([(1.0, 0.01, 10)], 0.0),
+        ([(math.nan, 0.01, 10)], DELTA),
+        ([(math.inf, 0.01, 10)], DELTA),
+        ([(-1.0, 0.01, 10)], DELTA),
+        ([(1.0, math.nan, 10)], DELTA),
+        ([(1.0, 1.5, 10)], DELTA),
+        ([(1.0, 0.01, -1)], DELTA),
+        ([(1.0, 0.01, 2.5)], DELTA),
+    ],
+)
 def test_epsilon_refuses_nonsense_mechanisms(history, delta):
     with pytest.raises(ValueError):
         epsilon(history, delta=delta)

@@ -11,7 +11,7 @@ from privdiff.privacy.audit import epsilon_lower_bound
 
 def test_bound_all_guesses_right_is_the_hand_computed_binomial_case():
     # r = 10 guesses, all right: P[Bin(10, p) >= 10] = p^10 = 0.05  =>  p = 0.05^(1/10), eps = log(p / (1 - p))
-    p = 0.05 ** 0.1
+    p = 0.05**0.1
     assert epsilon_lower_bound(correct=10, guesses=10, canaries=10) == pytest.approx(math.log(p / (1 - p)), abs=1e-5)
 
 
@@ -22,7 +22,9 @@ def test_bound_nine_of_ten_against_the_binomial_polynomial():
     for _ in range(100):
         p = (lo + hi) / 2
         lo, hi = (lo, p) if 10 * p**9 * (1 - p) + p**10 > 0.05 - m * delta else (p, hi)
-    assert epsilon_lower_bound(correct=9, guesses=10, canaries=m, delta=delta) == pytest.approx(math.log(lo / (1 - lo)), abs=1e-5)
+    assert epsilon_lower_bound(correct=9, guesses=10, canaries=m, delta=delta) == pytest.approx(
+        math.log(lo / (1 - lo)), abs=1e-5
+    )
 
 
 def test_bound_is_zero_when_chance_explains_the_guesses():
@@ -35,9 +37,19 @@ def test_bound_is_zero_when_chance_explains_the_guesses():
 
 # a 4x4 one-level DPDM on sklearn's digits: q = 512/1437, 8 steps, claimed epsilon 1 (calibrated for those 8 steps);
 # 500 canaries: a perfect attack reaches a bound of about 3.1, a correct run about 0.3
-AUDIT = ["data.name=digits", "data.resolution=4", "model.channels=[4]", "model.attention_levels=[]", "model.norm_num_groups=2",
-         "model.attention_head_dim=4", "train.batch_size=512", "train.epochs=2.85", "privacy.noise_multiplicity=1",
-         "train.max_physical_batch_size=1024", "privacy.epsilon=1"]
+AUDIT = [
+    "data.name=digits",
+    "data.resolution=4",
+    "model.channels=[4]",
+    "model.attention_levels=[]",
+    "model.norm_num_groups=2",
+    "model.attention_head_dim=4",
+    "train.batch_size=512",
+    "train.epochs=2.85",
+    "privacy.noise_multiplicity=1",
+    "train.max_physical_batch_size=1024",
+    "privacy.epsilon=1",
+]
 
 
 pytestmark = pytest.mark.usefixtures("deterministic_kernels")
@@ -66,6 +78,7 @@ def _break(monkeypatch, bug: str) -> None:
         def unclipped(self, loss):
             self.C = math.inf
             return clipped_backward(self, loss)
+
         monkeypatch.setattr(BookKeeping, "clipped_backward", unclipped)
 
 
@@ -91,16 +104,47 @@ def test_a_silently_broken_mechanism_fails_the_audit(tmp_path, capsys, monkeypat
 
 # The multi-stage methods on sklearn's digits (1,437 training images, 4x4, q = 512/1437 as above): DP-LDM with
 # mnist5k as its public data (autoencoder, pretraining), DPP with a 2-round release before DP-SGD.
-TINY_STAGES = ["data.name=digits", "data.resolution=4", "train.batch_size=512", "train.epochs=2.85", "train.max_steps=4",
-               "privacy.noise_multiplicity=1", "train.max_physical_batch_size=1024", "privacy.epsilon=1", "sampler.steps=2"]
+TINY_STAGES = [
+    "data.name=digits",
+    "data.resolution=4",
+    "train.batch_size=512",
+    "train.epochs=2.85",
+    "train.max_steps=4",
+    "privacy.noise_multiplicity=1",
+    "train.max_physical_batch_size=1024",
+    "privacy.epsilon=1",
+    "sampler.steps=2",
+]
 MULTI_STAGE = {
-    "dp-ldm-mnist5k": TINY_STAGES + [
-        "ldm.public_data=mnist5k", "ldm.public_margin=0", "ldm.autoencoder.channels=[4]", "ldm.autoencoder.norm_num_groups=2",
-        "ldm.autoencoder.epochs=0.02", "ldm.unet.channels=[8]", "ldm.unet.attention_heads=2", "ldm.unet.norm_num_groups=4",
-        "ldm.text.width=8", "ldm.text.layers=1", "ldm.text.heads=2", "ldm.pretrain.batch_size=32", "ldm.pretrain.max_steps=2"],
-    "dpp-mnist5k": TINY_STAGES + [
-        "model.channels=[4]", "model.attention_levels=[]", "model.norm_num_groups=2", "model.attention_head_dim=4",
-        "dpp.rounds=2", "dpp.batch_size=500", "dpp.downsample=1", "dpp.copies=2", "dpp.pretrain.max_steps=2", "dpp.pretrain.batch_size=32"],
+    "dp-ldm-mnist5k": TINY_STAGES
+    + [
+        "ldm.public_data=mnist5k",
+        "ldm.public_margin=0",
+        "ldm.autoencoder.channels=[4]",
+        "ldm.autoencoder.norm_num_groups=2",
+        "ldm.autoencoder.epochs=0.02",
+        "ldm.unet.channels=[8]",
+        "ldm.unet.attention_heads=2",
+        "ldm.unet.norm_num_groups=4",
+        "ldm.text.width=8",
+        "ldm.text.layers=1",
+        "ldm.text.heads=2",
+        "ldm.pretrain.batch_size=32",
+        "ldm.pretrain.max_steps=2",
+    ],
+    "dpp-mnist5k": TINY_STAGES
+    + [
+        "model.channels=[4]",
+        "model.attention_levels=[]",
+        "model.norm_num_groups=2",
+        "model.attention_head_dim=4",
+        "dpp.rounds=2",
+        "dpp.batch_size=500",
+        "dpp.downsample=1",
+        "dpp.copies=2",
+        "dpp.pretrain.max_steps=2",
+        "dpp.pretrain.batch_size=32",
+    ],
 }
 
 
@@ -109,8 +153,11 @@ def _stage_epsilon(run, stage="dp_sgd"):
     from privdiff.privacy.accounting import epsilon
 
     ledger = json.loads((run / "ledger.json").read_text())
-    return epsilon([(e["noise_multiplier"], e["sample_rate"], e["steps"]) for e in ledger["events"] if e["stage"] == stage],
-                   delta=ledger["delta"], accountant=ledger["accountant"]), ledger
+    return epsilon(
+        [(e["noise_multiplier"], e["sample_rate"], e["steps"]) for e in ledger["events"] if e["stage"] == stage],
+        delta=ledger["delta"],
+        accountant=ledger["accountant"],
+    ), ledger
 
 
 @pytest.mark.parametrize("recipe", list(MULTI_STAGE))

@@ -28,8 +28,14 @@ def test_adding_or_removing_one_example_never_moves_the_query_more_than_the_boun
         y = torch.randint(0, K, (1,), generator=g)
         mask = torch.rand(N, generator=g) < 0.3
         before = class_means(images, labels, mask, num_classes=K, expected_per_class=m, downsample=downsample)
-        after = class_means(torch.cat([images, x]), torch.cat([labels, y]), torch.cat([mask, torch.tensor([True])]),
-                            num_classes=K, expected_per_class=m, downsample=downsample)
+        after = class_means(
+            torch.cat([images, x]),
+            torch.cat([labels, y]),
+            torch.cat([mask, torch.tensor([True])]),
+            num_classes=K,
+            expected_per_class=m,
+            downsample=downsample,
+        )
         change = float((after - before).norm())
         assert change <= bound * (1 + 1e-6)
         worst = max(worst, change)
@@ -58,12 +64,26 @@ def test_release_and_dp_sgd_compose_to_the_target():
     """The release is recorded as its own event; DP-SGD's σ is calibrated so that BOTH meet the target (within 0.5 %),
     and the ledger's ε equals dp-accounting's RDP composition of the two events."""
     ledger = Ledger(delta=DELTA, accountant="rdp", dataset={"name": "x", "fingerprint": "sha256:0"})
-    ledger.record(Release(stage="central_images", mechanism=SUBSAMPLED_GAUSSIAN, noise_multiplier=5.0, sample_rate=0.1,
-                          steps=5, sensitivity=0.35))
+    ledger.record(
+        Release(
+            stage="central_images",
+            mechanism=SUBSAMPLED_GAUSSIAN,
+            noise_multiplier=5.0,
+            sample_rate=0.1,
+            steps=5,
+            sensitivity=0.35,
+        )
+    )
     for target in (1.0, 10.0):
         q, steps = 250 / 4000, 880
-        sigma = calibrate_noise(epsilon_target=target, delta=DELTA, sample_rate=q, steps=steps, accountant="rdp",
-                                prior=ledger.history(exclude_stage="dp_sgd"))
+        sigma = calibrate_noise(
+            epsilon_target=target,
+            delta=DELTA,
+            sample_rate=q,
+            steps=steps,
+            accountant="rdp",
+            prior=ledger.history(exclude_stage="dp_sgd"),
+        )
         total = ledger.epsilon(extra=[(sigma, q, steps)])
         assert target * 0.995 <= total <= target * (1 + 1e-9)
         assert total == pytest.approx(dp_accounting_rdp([(5.0, 0.1, 5), (sigma, q, steps)]), rel=1e-3)

@@ -22,14 +22,22 @@ from tests.helpers import assert_same, bookkeeping, jitter
 
 UNETS = {
     "demo": UNetConfig(channels=(16, 32), layers_per_block=1, attention_levels=(), norm_num_groups=8),
-    "attention": UNetConfig(channels=(16, 32), layers_per_block=1, attention_levels=(0, 1), norm_num_groups=8, attention_head_dim=8),
+    "attention": UNetConfig(
+        channels=(16, 32), layers_per_block=1, attention_levels=(0, 1), norm_num_groups=8, attention_head_dim=8
+    ),
 }
 
 
-@pytest.mark.parametrize("name,K,channels_last,C,B", [
-    ("demo", 1, False, 1e-2, 5), ("demo", 4, False, 1e-2, 5), ("attention", 3, True, 1e-2, 5), ("attention", 2, False, 1e6, 5),
-    ("attention", 1, False, 1e-2, 1),  # one example: attention's reshapes leave GroupNorm inputs as strided views
-])
+@pytest.mark.parametrize(
+    "name,K,channels_last,C,B",
+    [
+        ("demo", 1, False, 1e-2, 5),
+        ("demo", 4, False, 1e-2, 5),
+        ("attention", 3, True, 1e-2, 5),
+        ("attention", 2, False, 1e6, 5),
+        ("attention", 1, False, 1e-2, 1),  # one example: attention's reshapes leave GroupNorm inputs as strided views
+    ],
+)
 def test_unet_denoising_loss(name, K, channels_last, C, B):
     res, classes = 8, 10
     torch.manual_seed(0)
@@ -40,13 +48,17 @@ def test_unet_denoising_loss(name, K, channels_last, C, B):
         x0 = x0.contiguous(memory_format=torch.channels_last)
     sigma, noise = draw_training_noise(x0, K=K, sigma_dist=LogNormalSigma(), generator=g)
     # labels per draw, with label dropout to the null label: rows of one example may differ
-    y = drop_labels(torch.randint(0, classes, (B,), generator=g)[:, None].expand(-1, K), p=0.4, null_label=classes, generator=g)
+    y = drop_labels(
+        torch.randint(0, classes, (B,), generator=g)[:, None].expand(-1, K), p=0.4, null_label=classes, generator=g
+    )
 
     def batch_loss(m):
         return denoising_loss(m, x0, y, sigma=sigma, noise=noise, loss_weight=den.loss_weight)
 
     def row_loss(m, b):
-        return denoising_loss(m, x0[b:b + 1], y[b:b + 1], sigma=sigma[b:b + 1], noise=noise[b:b + 1], loss_weight=den.loss_weight)
+        return denoising_loss(
+            m, x0[b : b + 1], y[b : b + 1], sigma=sigma[b : b + 1], noise=noise[b : b + 1], loss_weight=den.loss_weight
+        )
 
     norms = assert_same(den, batch_loss, row_loss, B, K, C)
     if C < 1:
@@ -54,6 +66,7 @@ def test_unet_denoising_loss(name, K, channels_last, C, B):
 
 
 # -- every supported layer, every convolution option ---------------------------------------------
+
 
 class Zoo(nn.Module):
     """Conv1d/2d/3d with stride, dilation, groups and padding; GroupNorm; LayerNorm; Embedding with padding_idx; 3-D Linear."""
@@ -141,7 +154,7 @@ def test_each_conv_kernel(monkeypatch, kernel, K, channels_last):
         return m(x).view(B, K).mean(1)
 
     def row_loss(m, b):
-        return m(x[b * K:(b + 1) * K]).mean().reshape(1)
+        return m(x[b * K : (b + 1) * K]).mean().reshape(1)
 
     assert_same(model, batch_loss, row_loss, B, K, 1e-2)
     assert len(used) == 3
@@ -161,7 +174,9 @@ def test_kernel_choice_is_timed_once_and_fixed_under_deterministic_algorithms():
     torch.testing.assert_close(sq, sq_ref)
     # Poisson batch sizes vary every step: sizes of one power-of-two bucket (4..7) reuse the choice, 8 times anew
     for b in (5, 7, 4):
-        bkmod._per_example_conv_weight(m, torch.randn(b, 4, 5, 5, generator=g), torch.randn(b, 3, 5, 5, generator=g), b, 2)
+        bkmod._per_example_conv_weight(
+            m, torch.randn(b, 4, 5, 5, generator=g), torch.randn(b, 3, 5, 5, generator=g), b, 2
+        )
     assert len(bkmod._KERNEL_CHOICE) == 1
     a8, g8 = torch.randn(8, 4, 5, 5, generator=g), torch.randn(8, 3, 5, 5, generator=g)
     W8, _ = bkmod._per_example_conv_weight(m, a8, g8, 8, 2)
@@ -183,8 +198,13 @@ def test_weighted_sum_reads_any_layout():
     g = torch.Generator().manual_seed(12)
     c = torch.rand(6, generator=g)
     base = torch.randn(9, 6, 4, 5, generator=g)
-    for x in (base.permute(1, 3, 2, 0).unflatten(3, (3, 3)), base.permute(1, 0, 2, 3), base[:, :, 1:3].transpose(0, 1),
-              torch.randn(6, 7, generator=g), torch.randn(6, generator=g)):
+    for x in (
+        base.permute(1, 3, 2, 0).unflatten(3, (3, 3)),
+        base.permute(1, 0, 2, 3),
+        base[:, :, 1:3].transpose(0, 1),
+        torch.randn(6, 7, generator=g),
+        torch.randn(6, generator=g),
+    ):
         torch.testing.assert_close(_weighted_sum(c, x), torch.tensordot(c, x.contiguous(), dims=1))
         torch.testing.assert_close(_sq_norms(x), x.contiguous().reshape(6, -1).square().sum(1))
 
@@ -215,7 +235,7 @@ def test_normalisation_without_positions_keeps_examples_apart(K):
         return (m(x) ** 2).view(B, K).mean(1)
 
     def row_loss(m, b):
-        return (m(x[b * K:(b + 1) * K]) ** 2).mean().reshape(1)
+        return (m(x[b * K : (b + 1) * K]) ** 2).mean().reshape(1)
 
     assert_same(model, batch_loss, row_loss, B, K, 1e-2)
 
@@ -326,10 +346,14 @@ def test_per_example_gradient_memory_does_not_grow_with_K(monkeypatch):
     for K in (1, 4):
         B = 6
         x0 = torch.rand(B, 1, 8, 8) * 2 - 1
-        sigma, noise = draw_training_noise(x0, K=K, sigma_dist=LogNormalSigma(), generator=torch.Generator().manual_seed(0))
+        sigma, noise = draw_training_noise(
+            x0, K=K, sigma_dist=LogNormalSigma(), generator=torch.Generator().manual_seed(0)
+        )
         kept.clear()
         rows.clear()
-        bookkeeping(den, lambda m: denoising_loss(m, x0, torch.randint(0, 10, (B, K)), sigma=sigma, noise=noise), K, 1.0)
+        bookkeeping(
+            den, lambda m: denoising_loss(m, x0, torch.randint(0, 10, (B, K)), sigma=sigma, noise=noise), K, 1.0
+        )
         sizes[K] = sum(kept)
         assert rows == {B}  # one gradient per example, never one per row (B·K)
     n_params = sum(p.numel() for p in den.parameters())
@@ -347,11 +371,14 @@ def test_per_example_gradient_memory_does_not_grow_with_K(monkeypatch):
 # the terms the ghost Grams add up. Every value is a power of two times a small integer, so the
 # same numbers run in float32 and under bfloat16 autocast (casting them is exact).
 
+
 def _cancelling(B: int, T: int, p: int, generator) -> torch.Tensor:
     """[B, T, p] output gradients: ±u_b at alternating positions, the last one scaled by 1 − 2⁻⁶."""
-    u = torch.randint(0, 3, (B, 1, p), generator=generator).float().exp2() * (torch.randint(0, 2, (B, 1, p), generator=generator) * 2 - 1)
+    u = torch.randint(0, 3, (B, 1, p), generator=generator).float().exp2() * (
+        torch.randint(0, 2, (B, 1, p), generator=generator) * 2 - 1
+    )
     v = u.expand(B, T, p) * (torch.arange(T) % 2 * -2 + 1).view(1, T, 1).float()
-    v[:, -1] *= 1 - 2.0 ** -6
+    v[:, -1] *= 1 - 2.0**-6
     return v.contiguous()
 
 
@@ -384,7 +411,7 @@ def _adversarial_case(kind: str, scale: float, seed: int):
 
 
 @pytest.mark.parametrize("kind", ["linear", "conv", "embedding"])
-@pytest.mark.parametrize("scale", [1.0, 2.0 ** 60, 2.0 ** -60])
+@pytest.mark.parametrize("scale", [1.0, 2.0**60, 2.0**-60])
 @pytest.mark.parametrize("precision", ["float32", "bfloat16"])
 def test_no_contribution_exceeds_C_on_cancelling_positions(monkeypatch, kind, scale, precision):
     """With the ghost path forced, every example's clipped contribution c_b·‖∇ℓ_b‖ stays ≤ C·(1 + 1e-6)
@@ -408,7 +435,9 @@ def test_no_contribution_exceeds_C_on_cancelling_positions(monkeypatch, kind, sc
     # γ'(B·n)·Σ_t‖a_t‖‖g_t‖ ≈ 1e-3 of these norms (32 rows, Σ_t‖a_t‖‖g_t‖ = 512 ‖∇ℓ_b‖ by construction)
     assert bool((norms <= true_norms * (1 + 1e-2)).all())
     clipped = (c.view(-1, *[1] * (exact.ndim - 1)) * exact).sum(0)
-    assert float((layer.weight.grad.double() - clipped.reshape(layer.weight.shape)).norm()) <= 1e-5 * float(clipped.norm())
+    assert float((layer.weight.grad.double() - clipped.reshape(layer.weight.shape)).norm()) <= 1e-5 * float(
+        clipped.norm()
+    )
 
 
 def test_single_example_update_is_at_most_C_when_grams_cancel(monkeypatch):
@@ -418,7 +447,7 @@ def test_single_example_update_is_at_most_C_when_grams_cancel(monkeypatch):
 
     monkeypatch.setattr(bkmod, "_use_ghost", lambda *shape: True)
     for kind in ("linear", "conv", "embedding"):
-        layer, x, v, exact = _adversarial_case(kind, 2.0 ** 60, seed=22)
+        layer, x, v, exact = _adversarial_case(kind, 2.0**60, seed=22)
         C = float(exact[0].norm()) * 0.25
         bk = BookKeeping(layer, max_grad_norm=C)
         with bk.recording():
@@ -429,6 +458,7 @@ def test_single_example_update_is_at_most_C_when_grams_cancel(monkeypatch):
 
 
 # -- the example axis is checked, not assumed from shapes ------------------------------------------
+
 
 class SeqFirst(nn.Module):
     """A Linear applied sequence-first ([T, R, d]) inside a batch-first model: T == R passes every shape check."""
@@ -480,9 +510,17 @@ def test_sequence_first_layers_are_refused_by_opacus_hooks_too():
     model = SeqFirstAttention()
     N, T = 12, 6
     x = torch.randn(N, T, 4)
-    engine = DPSGD(model, torch.optim.SGD(model.parameters(), lr=0.1), num_examples=N, batch_size=6, noise_multiplier=1.0,
-                   max_grad_norm=1.0, generator=torch.Generator().manual_seed(1), noise_generator=torch.Generator().manual_seed(2),
-                   grad_sample_mode="hooks")
+    engine = DPSGD(
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        num_examples=N,
+        batch_size=6,
+        noise_multiplier=1.0,
+        max_grad_norm=1.0,
+        generator=torch.Generator().manual_seed(1),
+        noise_generator=torch.Generator().manual_seed(2),
+        grad_sample_mode="hooks",
+    )
     with pytest.raises(ValueError, match="not the example axis"):
         engine.step(torch.arange(T), lambda m, idx: m(x[idx]))
 
@@ -495,14 +533,23 @@ def test_batch_first_models_pass_the_probe_and_train():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
     x = torch.randn(8, 4)
-    engine = DPSGD(model, torch.optim.SGD(model.parameters(), lr=0.1), num_examples=8, batch_size=4, noise_multiplier=1.0,
-                   max_grad_norm=1.0, generator=torch.Generator().manual_seed(1), noise_generator=torch.Generator().manual_seed(2),
-                   grad_sample_mode="hooks")
+    engine = DPSGD(
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        num_examples=8,
+        batch_size=4,
+        noise_multiplier=1.0,
+        max_grad_norm=1.0,
+        generator=torch.Generator().manual_seed(1),
+        noise_generator=torch.Generator().manual_seed(2),
+        grad_sample_mode="hooks",
+    )
     engine.step(torch.arange(4), lambda m, idx: m(x[idx]).squeeze(1))
     assert engine._axis_checked
 
 
 # -- subclasses of supported layers ----------------------------------------------------------------
+
 
 class GroupNorm32(nn.GroupNorm):
     """As in ADM / guided-diffusion checkpoints: normalise in float32, return the input's dtype."""
@@ -544,7 +591,7 @@ def test_subclasses_of_supported_layers_use_their_base_rule(K):
         return (m(x) ** 2).view(B, K).mean(1)
 
     def row_loss(m, b):
-        return (m(x[b * K:(b + 1) * K]) ** 2).mean().reshape(1)
+        return (m(x[b * K : (b + 1) * K]) ** 2).mean().reshape(1)
 
     assert_same(model, batch_loss, row_loss, B, K, 1e-2)
 

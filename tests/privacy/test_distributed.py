@@ -54,13 +54,19 @@ class Fixed(MnistLike):
         self.weight = build_denoiser(0).loss_weight
 
     def loss_fn(self, module, idx):
-        return denoising_loss(module, self.x[idx], self.labels[idx], sigma=self.sigma[idx], noise=self.noise[idx], loss_weight=self.weight)
+        return denoising_loss(
+            module, self.x[idx], self.labels[idx], sigma=self.sigma[idx], noise=self.noise[idx], loss_weight=self.weight
+        )
 
 
-def applied_update(*, mode: str, K: int, max_physical: int, idx: list[int], sigma: float) -> tuple[torch.Tensor, torch.Tensor]:
+def applied_update(
+    *, mode: str, K: int, max_physical: int, idx: list[int], sigma: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(update the optimizer applied, parameters after the step) of one DPSGD step on the global batch ``idx``."""
     den = build_denoiser(0)
-    engine = engine_for(den, n=N, batch_size=B, sigma=sigma, C=C, K=K, max_physical=max_physical, noise_seed=5, mode=mode)
+    engine = engine_for(
+        den, n=N, batch_size=B, sigma=sigma, C=C, K=K, max_physical=max_physical, noise_seed=5, mode=mode
+    )
     engine.step(torch.tensor(idx), Fixed(K).loss_fn)
     assert engine.noised_steps == 1
     return flat(engine.optimizer.original_optimizer.seen), flat(p.detach() for p in den.parameters())

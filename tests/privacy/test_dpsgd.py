@@ -71,7 +71,11 @@ class MnistLike:
     def row_loss(self, model, i: int, k: int) -> torch.Tensor:
         """Example i's draw-k loss alone (ℓ_ik, not divided by K)."""
         return denoising_loss(
-            model, self.x[i : i + 1], self.labels[i : i + 1], sigma=self.sigma[i : i + 1, k : k + 1], noise=self.noise[i : i + 1, k : k + 1]
+            model,
+            self.x[i : i + 1],
+            self.labels[i : i + 1],
+            sigma=self.sigma[i : i + 1, k : k + 1],
+            noise=self.noise[i : i + 1, k : k + 1],
         )
 
 
@@ -323,7 +327,9 @@ def test_virtual_batches_match_one_chunk(sigma, mode):
     for max_physical in (512, 2, 5):  # one chunk; one example per chunk; 2 examples per chunk
         den = build_denoiser(0)
         before = flat(p.detach() for p in den.parameters()).clone()
-        engine = engine_for(den, n=10, batch_size=4, sigma=sigma, C=C, K=K, max_physical=max_physical, noise_seed=7, mode=mode)
+        engine = engine_for(
+            den, n=10, batch_size=4, sigma=sigma, C=C, K=K, max_physical=max_physical, noise_seed=7, mode=mode
+        )
         assert engine.examples_per_chunk == max(1, max_physical // K)
         engine.step(idx, data.loss_fn)
         assert engine.noised_steps == 1  # one logical step, however many chunks
@@ -376,8 +382,12 @@ def test_nothing_from_a_failed_or_altered_step_reaches_the_update(mode):
     fresh = build_denoiser(0)
     ref_engine = engine_for(fresh, n=10, batch_size=4, sigma=0.0, C=1e-2, K=2, max_physical=2, mode=mode)
     ref_engine.step(torch.tensor([5, 6]), data.loss_fn)
-    assert_close_rel(flat(engine.optimizer.original_optimizer.seen), flat(ref_engine.optimizer.original_optimizer.seen),
-                     rtol=1e-5, what="update after a failed step")
+    assert_close_rel(
+        flat(engine.optimizer.original_optimizer.seen),
+        flat(ref_engine.optimizer.original_optimizer.seen),
+        rtol=1e-5,
+        what="update after a failed step",
+    )
     if mode == "bk":
         next(den.parameters()).requires_grad_(False)
         with pytest.raises(RuntimeError, match="not the ones the engine clips"):

@@ -18,7 +18,16 @@ def make_ledger(accountant: str = "rdp") -> Ledger:
 
 
 def sgd(ledger: Ledger, steps: int = 1, sigma: float = 1.1, q: float = 256 / 60000, C: float = 1.0, stage="train"):
-    ledger.record(Release(stage=stage, mechanism=SUBSAMPLED_GAUSSIAN, noise_multiplier=sigma, sample_rate=q, max_grad_norm=C, steps=steps))
+    ledger.record(
+        Release(
+            stage=stage,
+            mechanism=SUBSAMPLED_GAUSSIAN,
+            noise_multiplier=sigma,
+            sample_rate=q,
+            max_grad_norm=C,
+            steps=steps,
+        )
+    )
 
 
 def test_record_merges_only_identical_consecutive_events():
@@ -30,7 +39,9 @@ def test_record_merges_only_identical_consecutive_events():
     sgd(led, sigma=1.2)  # different noise: new event
     sgd(led, C=0.5)  # different clipping norm: new event
     sgd(led, sigma=1.1)  # same as the first event, but not consecutive: new event
-    led.record(Release(stage="release", mechanism=SUBSAMPLED_GAUSSIAN, noise_multiplier=20.0, sample_rate=1.0, sensitivity=2.0))
+    led.record(
+        Release(stage="release", mechanism=SUBSAMPLED_GAUSSIAN, noise_multiplier=20.0, sample_rate=1.0, sensitivity=2.0)
+    )
     assert [e.steps for e in led.events] == [15, 1, 1, 1, 1]
     assert led.steps("train") == 18 and led.steps("release") == 1 and led.steps("other") == 0
     assert led.events[-1].sensitivity == 2.0 and led.events[-1].max_grad_norm is None
@@ -49,7 +60,9 @@ def test_record_merges_only_identical_consecutive_events():
 def test_epsilon_equals_accounting_of_events(accountant):
     led = make_ledger(accountant)
     assert led.epsilon() == 0.0  # nothing released yet
-    led.record(Release(stage="release", mechanism=SUBSAMPLED_GAUSSIAN, noise_multiplier=20.0, sample_rate=1.0, sensitivity=1.0))
+    led.record(
+        Release(stage="release", mechanism=SUBSAMPLED_GAUSSIAN, noise_multiplier=20.0, sample_rate=1.0, sensitivity=1.0)
+    )
     sgd(led, steps=700)
     sgd(led, steps=300, sigma=1.5)
     history = [(20.0, 1.0, 1), (1.1, 256 / 60000, 700), (1.5, 256 / 60000, 300)]
@@ -72,7 +85,9 @@ def test_merged_steps_cost_the_same_as_separate_steps():
 
 def test_save_load_round_trip(tmp_path):
     led = make_ledger()
-    led.record(Release(stage="release", mechanism=SUBSAMPLED_GAUSSIAN, noise_multiplier=20.0, sample_rate=1.0, sensitivity=1.0))
+    led.record(
+        Release(stage="release", mechanism=SUBSAMPLED_GAUSSIAN, noise_multiplier=20.0, sample_rate=1.0, sensitivity=1.0)
+    )
     sgd(led, steps=1234)
     path = tmp_path / "run" / "ledger.json"
     led.save(path)
@@ -136,9 +151,16 @@ def test_load_rejects_what_is_not_a_ledger(tmp_path):
 
 # -- the typed event ------------------------------------------------------------------------------
 
+
 def _random_release(rng) -> Release:
-    return Release(stage="dp_sgd", mechanism=SUBSAMPLED_GAUSSIAN, noise_multiplier=float(rng.uniform(0.3, 5)),
-                   sample_rate=float(rng.uniform(1e-4, 1)), steps=int(rng.integers(1, 10_000)), max_grad_norm=float(rng.uniform(0.1, 10)))
+    return Release(
+        stage="dp_sgd",
+        mechanism=SUBSAMPLED_GAUSSIAN,
+        noise_multiplier=float(rng.uniform(0.3, 5)),
+        sample_rate=float(rng.uniform(1e-4, 1)),
+        steps=int(rng.integers(1, 10_000)),
+        max_grad_norm=float(rng.uniform(0.1, 10)),
+    )
 
 
 def test_a_release_is_a_value_with_the_ledger_files_keys():
@@ -158,12 +180,28 @@ def test_a_release_is_a_value_with_the_ledger_files_keys():
     assert Release.from_dict(old) == Release(**old)
 
 
-@pytest.mark.parametrize("bad", [
-    {"noise_multiplier": -1.0}, {"noise_multiplier": float("nan")}, {"sample_rate": 1.5}, {"steps": 2.5}, {"steps": True},
-    {"mechanism": "laplace"}, {"stage": ""}, {"max_grad_norm": float("inf")}, {"unknown_key": 1},
-])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"noise_multiplier": -1.0},
+        {"noise_multiplier": float("nan")},
+        {"sample_rate": 1.5},
+        {"steps": 2.5},
+        {"steps": True},
+        {"mechanism": "laplace"},
+        {"stage": ""},
+        {"max_grad_norm": float("inf")},
+        {"unknown_key": 1},
+    ],
+)
 def test_a_release_out_of_range_is_refused_and_a_ledger_holding_one_is_damaged(tmp_path, bad):
-    good = {"stage": "dp_sgd", "mechanism": SUBSAMPLED_GAUSSIAN, "noise_multiplier": 1.1, "sample_rate": 0.01, "steps": 3}
+    good = {
+        "stage": "dp_sgd",
+        "mechanism": SUBSAMPLED_GAUSSIAN,
+        "noise_multiplier": 1.1,
+        "sample_rate": 0.01,
+        "steps": 3,
+    }
     with pytest.raises(ValueError):
         Release.from_dict({**good, **bad})
     led = make_ledger()

@@ -47,8 +47,11 @@ def test_refused_over_the_cap_before_anything_is_recorded(registry_url):
 
 def test_composition_across_runs_is_the_accountants(registry_url):
     reg = Registry(registry_url)
-    runs = {"r1": [_event(1.1, 0.01, 300)], "r2": [_event(0.8, 0.05, 50), _event(2.0, 0.02, 100, stage="later")],
-            "r3": [_event(1.5, 0.1, 20, stage="central_images"), _event(1.0, 0.02, 80)]}
+    runs = {
+        "r1": [_event(1.1, 0.01, 300)],
+        "r2": [_event(0.8, 0.05, 50), _event(2.0, 0.02, 100, stage="later")],
+        "r3": [_event(1.5, 0.1, 20, stage="central_images"), _event(1.0, 0.02, 80)],
+    }
     for run_id, events in runs.items():
         _admit(reg, run_id, events)
         reg.record(run_id=run_id, events=events)
@@ -76,7 +79,9 @@ def test_record_replaces_a_runs_events_never_duplicates(registry_url):
     _admit(reg, "a", plan, recorded=[plan[0].with_steps(3)])
     (status,) = reg.status()
     assert len(status.runs) == 1 and status.runs[0].steps == 3 and not status.runs[0].complete
-    assert status.committed == pytest.approx(epsilon([(plan[0].noise_multiplier, plan[0].sample_rate, 200)], delta=DELTA))
+    assert status.committed == pytest.approx(
+        epsilon([(plan[0].noise_multiplier, plan[0].sample_rate, 200)], delta=DELTA)
+    )
 
 
 def test_dataset_keys_are_hmacs_of_the_fingerprint(registry_url, tmp_path):
@@ -84,7 +89,9 @@ def test_dataset_keys_are_hmacs_of_the_fingerprint(registry_url, tmp_path):
     key = reg.dataset_key(DATA["fingerprint"])
     assert key == Registry(registry_url).dataset_key(DATA["fingerprint"])  # stable for one registry
     assert DATA["fingerprint"].split(":")[1] not in key  # not the content hash itself
-    assert key != Registry(tmp_path / "other.sqlite", create=True).dataset_key(DATA["fingerprint"])  # keyed per registry
+    assert key != Registry(tmp_path / "other.sqlite", create=True).dataset_key(
+        DATA["fingerprint"]
+    )  # keyed per registry
 
 
 def test_concurrent_admissions_are_serialised(registry_url):
@@ -155,7 +162,9 @@ def test_release_keeps_whichever_record_counts_more_and_refuses_a_disagreement(r
     with pytest.raises(ValueError, match="is not in"):
         reg.release(run_id="never-admitted")
     (status,) = reg.status()
-    assert status.committed == pytest.approx(_composed(two[0], two[1].with_steps(30), two[0], two[1].with_steps(31), *two))
+    assert status.committed == pytest.approx(
+        _composed(two[0], two[1].with_steps(30), two[0], two[1].with_steps(31), *two)
+    )
 
 
 def test_a_registry_made_before_release_existed_is_migrated(registry_url):
@@ -228,7 +237,16 @@ def test_a_crashed_training_run_is_released_then_resumed(tmp_path, tiny_override
     url, run = str(tmp_path / "registry.sqlite"), tmp_path / "run"
     Registry(url, create=True).close()
     monkeypatch.setenv("PRIVDIFF_REGISTRY", url)
-    args = ["train", "dpdm-mnist5k", *tiny_overrides, "train.max_steps=6", "train.checkpoint_every=2", "--out", str(run), "--quiet"]
+    args = [
+        "train",
+        "dpdm-mnist5k",
+        *tiny_overrides,
+        "train.max_steps=6",
+        "train.checkpoint_every=2",
+        "--out",
+        str(run),
+        "--quiet",
+    ]
     save, calls = Run.save_checkpoint, []
 
     def dies_at_the_second(self, state):
@@ -239,7 +257,9 @@ def test_a_crashed_training_run_is_released_then_resumed(tmp_path, tiny_override
 
     with monkeypatch.context() as m:
         m.setattr(Run, "save_checkpoint", dies_at_the_second)
-        m.setenv("PRIVDIFF_TRACEBACK", "1")  # the command line would print one line; here the exception itself is checked
+        m.setenv(
+            "PRIVDIFF_TRACEBACK", "1"
+        )  # the command line would print one line; here the exception itself is checked
         with pytest.raises(RuntimeError, match="power cut"):
             main(args)
     (entry,) = Registry(url).status()[0].runs
@@ -253,8 +273,9 @@ def test_a_crashed_training_run_is_released_then_resumed(tmp_path, tiny_override
     (entry,) = Registry(url).status()[0].runs
     ledger = json.loads((run / "ledger.json").read_text())
     assert entry.state == "complete" and entry.steps == 6 == ledger["events"][0]["steps"]
-    assert [{k: e[k] for k in ("stage", "noise_multiplier", "sample_rate", "steps")} for e in ledger["events"]] == \
-        [{k: getattr(e, k) for k in ("stage", "noise_multiplier", "sample_rate", "steps")} for e in entry.events]
+    assert [{k: e[k] for k in ("stage", "noise_multiplier", "sample_rate", "steps")} for e in ledger["events"]] == [
+        {k: getattr(e, k) for k in ("stage", "noise_multiplier", "sample_rate", "steps")} for e in entry.events
+    ]
 
 
 # -- issue 22: a registry is created only on request; a typo is an error, never a fresh registry without caps --
@@ -310,15 +331,18 @@ def test_privdiffs_own_default_location_is_created_on_first_use(tmp_path, monkey
     assert reg.created and (tmp_path / ".privdiff" / "registry.sqlite").is_file()
 
 
-@pytest.mark.parametrize("url, says", [
-    ("postgresq://user@host/db", "unknown budget registry scheme 'postgresq://'"),
-    ("mysql://host/db", "unknown budget registry scheme"),
-    ("file:///tmp/registry.sqlite", "unknown budget registry scheme"),
-    ("http://host/registry", "unknown budget registry scheme"),
-    ("sqlite://relative.sqlite", "sqlite:///PATH"),
-    ("", "is empty"),
-    ("   ", "is empty"),
-])
+@pytest.mark.parametrize(
+    "url, says",
+    [
+        ("postgresq://user@host/db", "unknown budget registry scheme 'postgresq://'"),
+        ("mysql://host/db", "unknown budget registry scheme"),
+        ("file:///tmp/registry.sqlite", "unknown budget registry scheme"),
+        ("http://host/registry", "unknown budget registry scheme"),
+        ("sqlite://relative.sqlite", "sqlite:///PATH"),
+        ("", "is empty"),
+        ("   ", "is empty"),
+    ],
+)
 def test_an_unknown_scheme_or_an_empty_location_is_an_error(url, says, monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(RegistryError, match=says):
@@ -343,12 +367,20 @@ def test_a_path_that_is_not_a_registry_is_refused_and_left_as_it_was(tmp_path):
         conn.execute("CREATE TABLE things (x)")
     conn.close()
     before = {p: p.read_bytes() for p in (text, empty, other)}
-    for path, says in ((text, "not a SQLite database"), (empty, "not a privdiff budget registry"), (other, "not a privdiff budget registry")):
+    for path, says in (
+        (text, "not a SQLite database"),
+        (empty, "not a privdiff budget registry"),
+        (other, "not a privdiff budget registry"),
+    ):
         with pytest.raises(RegistryError, match=says) as e:
             Registry(path)
         assert "\n" not in str(e.value)
     assert {p: p.read_bytes() for p in before} == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.sqlite", "notes.txt", "other-app.sqlite"]  # no -wal, -shm
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "empty.sqlite",
+        "notes.txt",
+        "other-app.sqlite",
+    ]  # no -wal, -shm
 
 
 def test_a_refused_postgresql_connection_is_one_line_without_the_password():
@@ -383,8 +415,16 @@ def test_a_postgresql_database_without_the_tables_is_not_a_registry(postgres_ser
 def test_set_cap_refuses_a_nan_cap_and_a_delta_outside_0_1(registry_url):
     reg = Registry(registry_url)
     reg.set_cap(dataset=DATA, epsilon=3.0, delta=DELTA)
-    for eps, delta in ((math.nan, DELTA), (math.inf, DELTA), (0.0, DELTA), (-1.0, DELTA), (3.0, 2.0), (3.0, 1.0),
-                       (3.0, 0.0), (3.0, math.nan)):
+    for eps, delta in (
+        (math.nan, DELTA),
+        (math.inf, DELTA),
+        (0.0, DELTA),
+        (-1.0, DELTA),
+        (3.0, 2.0),
+        (3.0, 1.0),
+        (3.0, 0.0),
+        (3.0, math.nan),
+    ):
         with pytest.raises(ValueError):
             reg.set_cap(dataset=DATA, epsilon=eps, delta=delta)
     (status,) = reg.status()
@@ -410,11 +450,19 @@ def test_budget_init_then_the_commands_use_it(tmp_path, capsys):
     assert "cap epsilon=5" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("args, says", [
-    (["--epsilon", "nan"], "--epsilon"), (["--epsilon", "inf"], "--epsilon"), (["--epsilon", "-1"], "--epsilon"),
-    (["--epsilon", "0"], "--epsilon"), (["--epsilon", "4", "--delta", "2"], "--delta"), (["--epsilon", "4", "--delta", "1"], "--delta"),
-    (["--epsilon", "4", "--delta", "nan"], "--delta"), (["--epsilon", "4", "privacy.delta=2"], "privacy.delta"),
-])
+@pytest.mark.parametrize(
+    "args, says",
+    [
+        (["--epsilon", "nan"], "--epsilon"),
+        (["--epsilon", "inf"], "--epsilon"),
+        (["--epsilon", "-1"], "--epsilon"),
+        (["--epsilon", "0"], "--epsilon"),
+        (["--epsilon", "4", "--delta", "2"], "--delta"),
+        (["--epsilon", "4", "--delta", "1"], "--delta"),
+        (["--epsilon", "4", "--delta", "nan"], "--delta"),
+        (["--epsilon", "4", "privacy.delta=2"], "privacy.delta"),
+    ],
+)
 def test_budget_cap_with_a_nonsense_value_changes_nothing(args, says, capsys):
     """`budget cap --epsilon nan` used to remove an existing cap, `--delta 2` was stored."""
     assert _cli(["budget", "cap", "dpdm-mnist5k", *MICRO_DATA, "--epsilon", "3"]) == 0
@@ -425,7 +473,9 @@ def test_budget_cap_with_a_nonsense_value_changes_nothing(args, says, capsys):
     assert status.cap_epsilon == 3.0 and status.delta == 1e-5
 
 
-@pytest.mark.parametrize("location", ["{tmp}/typo.sqlite", "{tmp}/missing-dir/registry.sqlite", "postgresq://h/db", "{tmp}"])
+@pytest.mark.parametrize(
+    "location", ["{tmp}/typo.sqlite", "{tmp}/missing-dir/registry.sqlite", "postgresq://h/db", "{tmp}"]
+)
 def test_train_with_a_registry_typo_is_refused_before_anything_is_written(location, tmp_path, monkeypatch, capsys):
     location = location.format(tmp=tmp_path / "reg")
     (tmp_path / "reg").mkdir()

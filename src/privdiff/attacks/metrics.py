@@ -45,12 +45,20 @@ def attack_metrics(member_scores: np.ndarray, nonmember_scores: np.ndarray) -> d
     fpr, tpr, _ = roc_curve(y, s)
     # ASR = max_τ ½(TPR(τ) + 1 − FPR(τ)): accuracy at the best threshold on a balanced set
     asr = float(np.max(0.5 * (tpr + 1.0 - fpr)))
-    out = {"auc": float(roc_auc_score(y, s)), "asr": asr, "n_members": len(m), "n_nonmembers": len(n),
-           "min_resolvable_fpr": 1.0 / len(n), "notes": []}
+    out = {
+        "auc": float(roc_auc_score(y, s)),
+        "asr": asr,
+        "n_members": len(m),
+        "n_nonmembers": len(n),
+        "min_resolvable_fpr": 1.0 / len(n),
+        "notes": [],
+    }
     for key, target in FPR_TARGETS.items():
         if target < 1.0 / len(n):
             out[key] = None
-            out["notes"].append(f"{key}: not resolvable with {len(n)} non-members (smallest non-zero FPR is 1/{len(n)})")
+            out["notes"].append(
+                f"{key}: not resolvable with {len(n)} non-members (smallest non-zero FPR is 1/{len(n)})"
+            )
         else:
             out[key] = tpr_at_fpr(fpr, tpr, target)
     out["roc"] = {"fpr": fpr.tolist(), "tpr": tpr.tolist()}

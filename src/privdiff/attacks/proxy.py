@@ -21,23 +21,40 @@ __all__ = ["proxy_scores"]
 
 
 @torch.no_grad()
-def _features(target: Target, x0: Tensor, cond: Tensor | None, sigma_dist: SigmaDistribution, draws: int,
-              g: torch.Generator, kind: str) -> Tensor:
+def _features(
+    target: Target,
+    x0: Tensor,
+    cond: Tensor | None,
+    sigma_dist: SigmaDistribution,
+    draws: int,
+    g: torch.Generator,
+    kind: str,
+) -> Tensor:
     """[draws, N, D] features, each draw with its own (σ, ε) per example."""
     out = []
     for _ in range(draws):
         rows = []
         for i in range(0, len(x0), target.batch_size):
-            x, c = x0[i:i + target.batch_size], None if cond is None else cond[i:i + target.batch_size]
+            x, c = x0[i : i + target.batch_size], None if cond is None else cond[i : i + target.batch_size]
             rows.append(proxy_features(target.eps, x, c, kind=kind, sigma_dist=sigma_dist, generator=g))
         out.append(torch.cat(rows))
     return torch.stack(out)
 
 
-def proxy_scores(target: Target, aux: tuple[Tensor, Tensor | None, Tensor, Tensor | None],
-                 test: tuple[Tensor, Tensor | None, Tensor, Tensor | None], *, epochs: int = 100, draws: int = 8,
-                 lr: float = 1e-4, weight_decay: float = 1e-4, batch_size: int = 64, seed: int = 0,
-                 feature: str = "map", progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+def proxy_scores(
+    target: Target,
+    aux: tuple[Tensor, Tensor | None, Tensor, Tensor | None],
+    test: tuple[Tensor, Tensor | None, Tensor, Tensor | None],
+    *,
+    epochs: int = 100,
+    draws: int = 8,
+    lr: float = 1e-4,
+    weight_decay: float = 1e-4,
+    batch_size: int = 64,
+    seed: int = 0,
+    feature: str = "map",
+    progress: bool = False,
+) -> tuple[np.ndarray, np.ndarray]:
     """Train a fresh h′ on the auxiliary members / non-members and score the held-out ones.
 
     ``aux`` and ``test`` are ``(x_members, c_members, x_nonmembers, c_nonmembers)`` in model space;
@@ -58,11 +75,13 @@ def proxy_scores(target: Target, aux: tuple[Tensor, Tensor | None, Tensor, Tenso
     if X.device.type == "cpu":
         torch.set_num_threads(1)  # a small MLP gains nothing from threads, and on a busy CPU their spin-waits cost 30x
     try:
-        for _ in tqdm(range(epochs), desc="proxy attacker", unit="epoch", disable=not progress, file=sys.stderr, leave=False):
+        for _ in tqdm(
+            range(epochs), desc="proxy attacker", unit="epoch", disable=not progress, file=sys.stderr, leave=False
+        ):
             h.train()
             perm = torch.randperm(len(X), device=X.device)
             for i in range(0, len(X), batch_size):
-                b = perm[i:i + batch_size]
+                b = perm[i : i + batch_size]
                 loss = F.cross_entropy(h(X[b]), y[b])
                 opt.zero_grad(set_to_none=True)
                 loss.backward()

@@ -23,8 +23,15 @@ def run_attack(run_dir: str | Path, name: str, **options) -> dict:
     return run_attacks(run_dir, [name], **options)[name]
 
 
-def run_attacks(run_dir: str | Path, names: list[str], *, n_per_role: int | None = None, seed: int = 0,
-                unused_nonmembers: int = 0, progress: bool = True) -> dict[str, dict]:
+def run_attacks(
+    run_dir: str | Path,
+    names: list[str],
+    *,
+    n_per_role: int | None = None,
+    seed: int = 0,
+    unused_nonmembers: int = 0,
+    progress: bool = True,
+) -> dict[str, dict]:
     """Attack the run in ``run_dir`` with each of ``names``; returns and writes each result.
 
     The run, its splits and its examples are loaded once for all attacks.
@@ -50,7 +57,9 @@ def run_attacks(run_dir: str | Path, names: list[str], *, n_per_role: int | None
         raise RunError(f"{run.path}: no checkpoint to attack (train it first)")
     splits = run_splits(run, n_per_role=n_per_role)
     if n_per_role is not None and splits.size("member_test") != n_per_role:
-        raise ValueError(f"{run.path / 'splits.json'} records {splits.size('member_test')} examples per role, not {n_per_role}")
+        raise ValueError(
+            f"{run.path / 'splits.json'} records {splits.size('member_test')} examples per role, not {n_per_role}"
+        )
     target = load_target(run)
     x = {role: target.inputs(ds) for role, ds in role_datasets(splits, unused_nonmembers=unused_nonmembers).items()}
     scored = ["member_test", "nonmember_test"]
@@ -58,7 +67,10 @@ def run_attacks(run_dir: str | Path, names: list[str], *, n_per_role: int | None
         (a, ca), (b, cb) = x.pop("nonmember_test"), x.pop("nonmember_unused")
         x["nonmember_test"] = (torch.cat([a, b]), None if ca is None else torch.cat([ca, cb]))
         scored = ["member_test", "nonmember_test+unused"]
-    return {name: _attack(run, target, x, name, splits=splits, scored=scored, seed=seed, progress=progress) for name in names}
+    return {
+        name: _attack(run, target, x, name, splits=splits, scored=scored, seed=seed, progress=progress)
+        for name in names
+    }
 
 
 LEARNED = {"proxy": "map", "proxy-loss": "loss"}  # the learned attacks and the feature their h′ reads
@@ -71,20 +83,33 @@ def _attack(run: Run, target, x: dict, name: str, *, splits, scored: list[str], 
         test = (*x["member_test"], *x["nonmember_test"])
         sm, sn = proxy_scores(target, aux, test, seed=seed, feature=LEARNED[name], progress=progress)
     else:
-        fn = {"loss": lambda *a: loss_scores(*a, seed=seed, progress=progress),
-              "secmi": lambda *a: secmi_scores(*a, progress=progress),
-              "pia": lambda *a: pia_scores(*a, progress=progress),
-              "pian": lambda *a: pia_scores(*a, normalized=True, progress=progress)}[name]
+        fn = {
+            "loss": lambda *a: loss_scores(*a, seed=seed, progress=progress),
+            "secmi": lambda *a: secmi_scores(*a, progress=progress),
+            "pia": lambda *a: pia_scores(*a, progress=progress),
+            "pian": lambda *a: pia_scores(*a, normalized=True, progress=progress),
+        }[name]
         sm, sn = fn(target, *x["member_test"]), fn(target, *x["nonmember_test"])
     m = attack_metrics(sm, sn)
     out = run.path / "attacks"
-    save_roc_plot(out / f"{name}.png", {name: {**m["roc"], "auc": m["auc"]}},
-                  title=f"{name} on {run.path.name}: {m['n_members']} members vs {m['n_nonmembers']} non-members")
-    result = {"attack": name, "description": ATTACKS[name], **{k: v for k, v in m.items() if k != "roc"},
-              "roc_png": f"{name}.png", "seed": seed,
-              "splits": {"file": "splits.json", "scored": scored,
-                         "trained_attacker_on": ["member_aux", "nonmember_aux"] if learned else [],
-                         "model_trained_on": splits.trained_on},
-              "roc": m["roc"]}
+    save_roc_plot(
+        out / f"{name}.png",
+        {name: {**m["roc"], "auc": m["auc"]}},
+        title=f"{name} on {run.path.name}: {m['n_members']} members vs {m['n_nonmembers']} non-members",
+    )
+    result = {
+        "attack": name,
+        "description": ATTACKS[name],
+        **{k: v for k, v in m.items() if k != "roc"},
+        "roc_png": f"{name}.png",
+        "seed": seed,
+        "splits": {
+            "file": "splits.json",
+            "scored": scored,
+            "trained_attacker_on": ["member_aux", "nonmember_aux"] if learned else [],
+            "model_trained_on": splits.trained_on,
+        },
+        "roc": m["roc"],
+    }
     atomic_write_text(out / f"{name}.json", json.dumps(result, indent=1) + "\n")
     return result

@@ -29,15 +29,24 @@ from .target import Target
 
 __all__ = ["LOSS_TIMESTEPS", "ddpm_sigma", "loss_scores", "secmi_scores", "pia_scores"]
 
+
 def _batches(target: Target, x0: Tensor, cond: Tensor | None, desc: str, progress: bool):
     B = target.batch_size
     for i in tqdm(range(0, len(x0), B), desc=desc, unit="batch", disable=not progress, file=sys.stderr, leave=False):
-        yield x0[i:i + B], None if cond is None else cond[i:i + B]
+        yield x0[i : i + B], None if cond is None else cond[i : i + B]
 
 
 @torch.no_grad()
-def loss_scores(target: Target, x0: Tensor, cond: Tensor | None, *, timesteps: tuple[int, ...] = LOSS_TIMESTEPS,
-                draws: int = 4, seed: int = 0, progress: bool = False) -> np.ndarray:
+def loss_scores(
+    target: Target,
+    x0: Tensor,
+    cond: Tensor | None,
+    *,
+    timesteps: tuple[int, ...] = LOSS_TIMESTEPS,
+    draws: int = 4,
+    seed: int = 0,
+    progress: bool = False,
+) -> np.ndarray:
     """Loss attack: s(x₀) = −mean over t ∈ ``timesteps`` and ``draws`` noises of ‖ε − ε̂(x₀ + σ_t ε, σ_t)‖² / dim."""
     g = torch.Generator(device=target.device).manual_seed(seed)
     out = []
@@ -54,8 +63,9 @@ def loss_scores(target: Target, x0: Tensor, cond: Tensor | None, *, timesteps: t
 
 
 @torch.no_grad()
-def secmi_scores(target: Target, x0: Tensor, cond: Tensor | None, *, t_sec: int = 100, k: int = 10,
-                 progress: bool = False) -> np.ndarray:
+def secmi_scores(
+    target: Target, x0: Tensor, cond: Tensor | None, *, t_sec: int = 100, k: int = 10, progress: bool = False
+) -> np.ndarray:
     """SecMI_stat: the t-error after deterministic DDIM inversion to t_sec − k, one step up and one back.
 
     Official procedure (``jinhaoduan/SecMI``): invert x₀ over t = 0, k, …, t_sec − k to x̃; φ: one DDIM
@@ -81,8 +91,16 @@ def secmi_scores(target: Target, x0: Tensor, cond: Tensor | None, *, t_sec: int 
 
 
 @torch.no_grad()
-def pia_scores(target: Target, x0: Tensor, cond: Tensor | None, *, t: int = 200, p: int = 4, normalized: bool = False,
-               progress: bool = False) -> np.ndarray:
+def pia_scores(
+    target: Target,
+    x0: Tensor,
+    cond: Tensor | None,
+    *,
+    t: int = 200,
+    p: int = 4,
+    normalized: bool = False,
+    progress: bool = False,
+) -> np.ndarray:
     """PIA (``normalized=False``) or PIAN: proximal initialisation ε̂₀ = ε̂(x₀, σ_0), then
     s = −Σ|ε̂₀ − ε̂(x₀ + σ_t·ε̂₀, σ_t)|^p (the official code's sum without the root; t = 200, p = 4).
 
@@ -94,7 +112,11 @@ def pia_scores(target: Target, x0: Tensor, cond: Tensor | None, *, t: int = 200,
         # ε̂₀ = ε_θ(x₀, 0)
         eps0 = target.eps(x, s0, c)
         if normalized:
-            eps0 = eps0 * math.sqrt(2 / math.pi) / eps0.abs().flatten(1).mean(1).clamp_min(1e-12).view(-1, *([1] * (x.ndim - 1)))
+            eps0 = (
+                eps0
+                * math.sqrt(2 / math.pi)
+                / eps0.abs().flatten(1).mean(1).clamp_min(1e-12).view(-1, *([1] * (x.ndim - 1)))
+            )
         # x_t = x₀ + σ_t·ε̂₀ (the deterministic trajectory's point at t)
         eps_t = target.eps(x + st * eps0, st, c)
         out.append(-(eps0 - eps_t).abs().pow(p).flatten(1).sum(1).cpu())

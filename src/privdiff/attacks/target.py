@@ -57,7 +57,7 @@ class Target:
         """(x₀ in model space [N, ...], conditions [N] or [N, 1 + L]) of ``dataset`` on the target's device."""
         x = dataset.images.to(self.device)
         if self.encode is not None:
-            x = torch.cat([self.encode(x[i:i + self.batch_size]) for i in range(0, len(x), self.batch_size)])
+            x = torch.cat([self.encode(x[i : i + self.batch_size]) for i in range(0, len(x), self.batch_size)])
         cond = self.denoiser.net.conditions(labels=dataset.labels, n=len(dataset))
         return x, None if cond is None else cond.to(self.device)
 
@@ -76,8 +76,14 @@ def load_target(run: Run) -> Target:
 
         from ..models.autoencoder import encode_latents
 
-        ae = AutoencoderKL.from_pretrained(run.path / "autoencoder", local_files_only=True, use_safetensors=True,
-                                           low_cpu_mem_usage=False).to(default_device()).eval().requires_grad_(False)
+        ae = (
+            AutoencoderKL.from_pretrained(
+                run.path / "autoencoder", local_files_only=True, use_safetensors=True, low_cpu_mem_usage=False
+            )
+            .to(default_device())
+            .eval()
+            .requires_grad_(False)
+        )
         encode = lambda x: encode_latents(ae, x)  # noqa: E731  s·μ(x), as the run's training latents
     return Target(denoiser=denoiser, recipe=recipe, encode=encode)
 
@@ -96,8 +102,14 @@ def run_splits(run: Run, *, n_per_role: int | None = None, seed: int | None = No
     members = recipe_dataset(recipe, split="train")
     load_ledger(run, members)  # a ledger that names other private data is an error: members must be what was trained on
     nonmembers = recipe_dataset(recipe, split="test")
-    splits = split_held_out(members=members, nonmembers=nonmembers, seed=recipe.train.seed if seed is None else seed,
-                            n_per_role=n_per_role, root=d.root, resolution=d.resolution)
+    splits = split_held_out(
+        members=members,
+        nonmembers=nonmembers,
+        seed=recipe.train.seed if seed is None else seed,
+        n_per_role=n_per_role,
+        root=d.root,
+        resolution=d.resolution,
+    )
     splits.save(path)
     return splits
 
@@ -112,5 +124,7 @@ def role_datasets(splits: MembershipSplits, *, unused_nonmembers: int = 0) -> di
             sources[r["split"]] = splits.source(r["split"])
         out[role] = splits.dataset(role, sources[r["split"]])
     if unused_nonmembers:
-        out["nonmember_unused"] = splits.unused_nonmembers(sources[splits.roles["nonmember_test"]["split"]], limit=unused_nonmembers)
+        out["nonmember_unused"] = splits.unused_nonmembers(
+            sources[splits.roles["nonmember_test"]["split"]], limit=unused_nonmembers
+        )
     return out

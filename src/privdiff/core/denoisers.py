@@ -21,16 +21,22 @@ def default_device() -> torch.device:
     """CUDA when present, else CPU: privdiff never requires a GPU."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
+
 def make_denoiser(recipe: Recipe, net: torch.nn.Module) -> Denoiser:
     """Wrap a network (a ``UNet2DModel``, or a ``net(x, c_noise, cond)`` module) in the recipe's preconditioning (EDM or v)."""
     if isinstance(net, UNet2DModel):
         net = UNetNet(net)
     return Denoiser(net, sigma_data=recipe.diffusion.sigma_data, parameterization=recipe.diffusion.parameterization)
 
+
 def pixel_net(recipe: Recipe, dataset: ImageDataset) -> UNetNet:
     """A fresh pixel-space denoiser network for ``dataset`` from ``recipe.model`` (DPDM's, DPP's, LoRA's base)."""
-    return UNetNet(build_unet(recipe.model, resolution=dataset.resolution, in_channels=dataset.channels,
-                              num_classes=dataset.num_classes))
+    return UNetNet(
+        build_unet(
+            recipe.model, resolution=dataset.resolution, in_channels=dataset.channels, num_classes=dataset.num_classes
+        )
+    )
+
 
 def load_denoiser(run: Run, recipe: Recipe | None = None) -> Denoiser:
     """The EMA denoiser of a run's latest checkpoint, on the default device, in eval mode."""

@@ -43,13 +43,24 @@ def generate(
     g = torch.Generator(device=device).manual_seed(seed)
     out = []
     for start in tqdm(range(0, n, batch_size), desc="sampling", unit="batch", disable=not progress, file=sys.stderr):
-        c = None if cond is None else cond[start:start + batch_size].to(device)
+        c = None if cond is None else cond[start : start + batch_size].to(device)
         b = min(batch_size, n - start)
         fn = guided_denoiser(denoiser, c, guidance=s.guidance if c is not None else 0.0, null_label=null)
         x = sample(
-            fn, shape=(b, *net.sample_shape), sampler=s.name, steps=steps or s.steps, sigma_min=s.sigma_min,
-            sigma_max=s.sigma_max, rho=s.rho, generator=g, device=device,
-            **({"S_churn": s.S_churn, "S_min": s.S_min, "S_max": s.S_max, "S_noise": s.S_noise} if s.name in ("heun", "edm") else {}),
+            fn,
+            shape=(b, *net.sample_shape),
+            sampler=s.name,
+            steps=steps or s.steps,
+            sigma_min=s.sigma_min,
+            sigma_max=s.sigma_max,
+            rho=s.rho,
+            generator=g,
+            device=device,
+            **(
+                {"S_churn": s.S_churn, "S_min": s.S_min, "S_max": s.S_max, "S_noise": s.S_noise}
+                if s.name in ("heun", "edm")
+                else {}
+            ),
         )
         if decode is not None:
             x = decode(x)
@@ -62,24 +73,39 @@ def class_grid_labels(num_classes: int, per_class: int) -> torch.Tensor:
     return torch.arange(num_classes).repeat_interleave(per_class)
 
 
-def sample_class_grid(run: Run, recipe: Recipe, denoiser: Denoiser, *, num_classes: int, per_class: int,
-                      decode: Callable[[torch.Tensor], torch.Tensor] | None = None, progress: bool = True) -> Path:
+def sample_class_grid(
+    run: Run,
+    recipe: Recipe,
+    denoiser: Denoiser,
+    *,
+    num_classes: int,
+    per_class: int,
+    decode: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    progress: bool = True,
+) -> Path:
     """Draw ``per_class`` images of each class with the run's seed and save them as ``RUN/samples`` (grid.png, one row
     per class, and samples.npz); returns the grid's path. Every method's last stage."""
     labels = class_grid_labels(num_classes, per_class)
-    images = generate(denoiser, labels=labels, n=len(labels), recipe=recipe, decode=decode, seed=recipe.train.seed,
-                      progress=progress)
+    images = generate(
+        denoiser, labels=labels, n=len(labels), recipe=recipe, decode=decode, seed=recipe.train.seed, progress=progress
+    )
     grid, _ = save_samples(run.samples, images, labels.numpy(), nrow=per_class)
     return grid
 
 
-def sample_labels(*, n: int, num_classes: int | None, label: int | None = None, text: bool = False) -> tuple[torch.Tensor | None, int]:
+def sample_labels(
+    *, n: int, num_classes: int | None, label: int | None = None, text: bool = False
+) -> tuple[torch.Tensor | None, int]:
     """The labels of ``privdiff sample --n N`` and the images per grid row: ``label`` for all (a class of the run),
     none for a text prompt (``text``) or an unconditional run, one each of the first n classes when n is below
     their number, else a class grid (n rounded down to a multiple of the classes, one row per class)."""
     if label is not None:
         if num_classes is None or not 0 <= label < num_classes:
-            raise ValueError(f"--label must be in [0, {num_classes}) for this run" if num_classes else "this run is unconditional: no --label")
+            raise ValueError(
+                f"--label must be in [0, {num_classes}) for this run"
+                if num_classes
+                else "this run is unconditional: no --label"
+            )
         return torch.full((n,), label), min(n, 10)
     if text or num_classes is None:
         return None, min(n, 10)

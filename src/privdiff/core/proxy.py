@@ -32,7 +32,12 @@ from ..diffusion.discrete import ddpm_sigma
 
 __all__ = ["LOSS_TIMESTEPS", "ProxyAttacker", "error_map", "feature_dim", "member_gain", "proxy_features"]
 
-LOSS_TIMESTEPS: tuple[int, ...] = (50, 100, 200, 300)  # the loss attack's t, Carlini's "Goldilocks zone" of DDPM's T = 1000
+LOSS_TIMESTEPS: tuple[int, ...] = (
+    50,
+    100,
+    200,
+    300,
+)  # the loss attack's t, Carlini's "Goldilocks zone" of DDPM's T = 1000
 
 
 class ProxyAttacker(nn.Module):
@@ -41,8 +46,12 @@ class ProxyAttacker(nn.Module):
     def __init__(self, in_features: int, *, hidden: tuple[int, int] = (512, 256), dropout: float = 0.5):
         super().__init__()
         self.mlp = nn.Sequential(
-            nn.Linear(in_features, hidden[0]), nn.ReLU(), nn.Dropout(dropout),
-            nn.Linear(hidden[0], hidden[1]), nn.ReLU(), nn.Dropout(dropout),
+            nn.Linear(in_features, hidden[0]),
+            nn.ReLU(),
+            nn.Dropout(dropout),
+            nn.Linear(hidden[0], hidden[1]),
+            nn.ReLU(),
+            nn.Dropout(dropout),
             nn.Linear(hidden[1], 2),
         )
 
@@ -50,8 +59,14 @@ class ProxyAttacker(nn.Module):
         return self.mlp(e.flatten(1))
 
 
-def error_map(eps_fn: Callable[[Tensor, Tensor, Tensor | None], Tensor], x0: Tensor, cond: Tensor | None, *,
-              sigma: Tensor, noise: Tensor) -> Tensor:
+def error_map(
+    eps_fn: Callable[[Tensor, Tensor, Tensor | None], Tensor],
+    x0: Tensor,
+    cond: Tensor | None,
+    *,
+    sigma: Tensor,
+    noise: Tensor,
+) -> Tensor:
     """e = (ε̂(x₀ + σ·ε, σ, c) − ε)², element-wise, [B, C, H, W]; differentiable in ``eps_fn``'s parameters."""
     view = (-1,) + (1,) * (x0.ndim - 1)
     # x_σ = x₀ + σ·ε
@@ -70,8 +85,15 @@ def feature_dim(kind: str, shape: tuple[int, ...]) -> int:
     return int(np.prod(shape)) if kind == "map" else 1 + len(LOSS_TIMESTEPS)
 
 
-def proxy_features(eps_fn: Callable[[Tensor, Tensor, Tensor | None], Tensor], x0: Tensor, cond: Tensor | None, *,
-                   kind: str, sigma_dist: SigmaDistribution, generator: torch.Generator) -> Tensor:
+def proxy_features(
+    eps_fn: Callable[[Tensor, Tensor, Tensor | None], Tensor],
+    x0: Tensor,
+    cond: Tensor | None,
+    *,
+    kind: str,
+    sigma_dist: SigmaDistribution,
+    generator: torch.Generator,
+) -> Tensor:
     """h_ω's input [B, D] for each example: one fresh (σ, ε) each; differentiable in ``eps_fn``'s parameters.
 
     ``map``: e = (ε̂(x₀ + σε, σ, c) − ε)² flattened, σ ~ ``sigma_dist``. ``loss``: [log mean(e), onehot(t)]

@@ -28,8 +28,16 @@ from ..runs import Run
 from .denoisers import default_device
 from .training import Conditioner, Stage, TrainResult, train_denoiser
 
-__all__ = ["MethodResult", "pretrain", "private_dataset", "private_training_set", "public_data", "recipe_dataset",
-           "require_test_split", "train_autoencoder"]
+__all__ = [
+    "MethodResult",
+    "pretrain",
+    "private_dataset",
+    "private_training_set",
+    "public_data",
+    "recipe_dataset",
+    "require_test_split",
+    "train_autoencoder",
+]
 
 
 @dataclass
@@ -55,8 +63,15 @@ def recipe_dataset(recipe: Recipe, *, split: str = "train") -> ImageDataset:
             (the message names ``data.holdout`` and ``data.test_root``).
     """
     d = recipe.data
-    return load_dataset(d.name, root=d.root, split=split, resolution=d.resolution, holdout=d.holdout,
-                        holdout_seed=d.holdout_seed, test_root=d.test_root)
+    return load_dataset(
+        d.name,
+        root=d.root,
+        split=split,
+        resolution=d.resolution,
+        holdout=d.holdout,
+        holdout_seed=d.holdout_seed,
+        test_root=d.test_root,
+    )
 
 
 def private_dataset(recipe: Recipe) -> ImageDataset:
@@ -78,8 +93,10 @@ def require_test_split(recipe: Recipe) -> None:
     if d.test_root is None:
         raise no_test_split_error(d.root)
     if not Path(d.test_root).exists():
-        raise DatasetError(f"{d.test_root}: data.test_root is not there (a folder or .zip of test images; "
-                           "was it moved? the run's config.yaml names it)")
+        raise DatasetError(
+            f"{d.test_root}: data.test_root is not there (a folder or .zip of test images; "
+            "was it moved? the run's config.yaml names it)"
+        )
 
 
 def private_training_set(run: Run, recipe: Recipe) -> ImageDataset:
@@ -121,18 +138,31 @@ def public_data(recipe: Recipe, *, like: ImageDataset, section: str) -> ImageDat
         m = L.public_margin
         images = F.pad(images, (m, m, m, m), value=-1.0)
     if (public.channels, public.num_classes) != (like.channels, like.num_classes):
-        raise ValueError(f"{section}.public_data={public.name} has {public.channels} channels and {public.num_classes} classes, "
-                         f"private {like.name} {like.channels} and {like.num_classes}: they must match")
+        raise ValueError(
+            f"{section}.public_data={public.name} has {public.channels} channels and {public.num_classes} classes, "
+            f"private {like.name} {like.channels} and {like.num_classes}: they must match"
+        )
     return dataclasses.replace(public, images=images)
 
 
-def pretrain(run: Run, recipe: Recipe, data: ImageDataset, *, train: TrainConfig, ledger: Ledger | None,
-             init=None, condition: Conditioner | None = None, progress: bool = True) -> TrainResult:
+def pretrain(
+    run: Run,
+    recipe: Recipe,
+    data: ImageDataset,
+    *,
+    train: TrainConfig,
+    ledger: Ledger | None,
+    init=None,
+    condition: Conditioner | None = None,
+    progress: bool = True,
+) -> TrainResult:
     """The public pretraining stage ``pretrain`` (``RUN/pretrain``): the one training loop without DP on ``data``,
     K = 1 (a public stage needs no variance reduction). ``ledger``: the run's ledger, which names ``data``
     as the stage's public data (None: ``data`` was derived from a release the ledger already counts)."""
     stage = Stage(name="pretrain", train=train, noise_multiplicity=1, init=init, condition=condition)
-    result = train_denoiser(run=run.stage("pretrain"), recipe=recipe, dataset=data, ledger=None, stage=stage, progress=progress)
+    result = train_denoiser(
+        run=run.stage("pretrain"), recipe=recipe, dataset=data, ledger=None, stage=stage, progress=progress
+    )
     if ledger is not None:
         ledger.record_public(stage="pretrain", data=data_identity(data), steps=result.steps)
         ledger.save(run.ledger_path)
@@ -149,7 +179,11 @@ def train_autoencoder(*, run: Run, recipe: Recipe, public: ImageDataset, ledger:
     """
     path, cfg, device = run.path / "autoencoder", recipe.ldm.autoencoder, default_device()
     if (path / "config.json").is_file():
-        return AutoencoderKL.from_pretrained(path, local_files_only=True, use_safetensors=True, low_cpu_mem_usage=False).to(device).eval()
+        return (
+            AutoencoderKL.from_pretrained(path, local_files_only=True, use_safetensors=True, low_cpu_mem_usage=False)
+            .to(device)
+            .eval()
+        )
     torch.manual_seed(recipe.train.seed)
     g = torch.Generator(device=device).manual_seed(recipe.train.seed * 1000 + 7)
     ae = build_autoencoder(cfg, in_channels=public.channels, resolution=public.resolution).to(device).train()
@@ -166,8 +200,16 @@ def train_autoencoder(*, run: Run, recipe: Recipe, public: ImageDataset, ledger:
         loss.backward()
         opt.step()
         bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
-        run.append_train_log({"stage": "autoencoder", "step": step + 1, "loss": loss.item(), "epsilon": None,
-                              "lr": cfg.lr, "time_s": round(clock + time.perf_counter(), 3)})
+        run.append_train_log(
+            {
+                "stage": "autoencoder",
+                "step": step + 1,
+                "loss": loss.item(),
+                "epsilon": None,
+                "lr": cfg.lr,
+                "time_s": round(clock + time.perf_counter(), 3),
+            }
+        )
     ae.eval()
     z = encode_latents(ae, images)
     ae.register_to_config(scaling_factor=float(1.0 / z.std()))  # s: unit-variance latents

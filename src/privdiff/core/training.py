@@ -36,8 +36,19 @@ from .denoisers import default_device, make_denoiser, pixel_net
 if TYPE_CHECKING:
     from ..privacy.audit import GradientCanaries
 
-__all__ = ["Conditioner", "ExtraTerm", "Stage", "TrainResult", "check_stage", "fresh_draws", "label_conditioner",
-           "learning_rate", "make_engine", "train_denoiser", "training_sigma_distribution"]
+__all__ = [
+    "Conditioner",
+    "ExtraTerm",
+    "Stage",
+    "TrainResult",
+    "check_stage",
+    "fresh_draws",
+    "label_conditioner",
+    "learning_rate",
+    "make_engine",
+    "train_denoiser",
+    "training_sigma_distribution",
+]
 
 
 def learning_rate(train: TrainConfig, step: int, total: int) -> float:
@@ -47,11 +58,13 @@ def learning_rate(train: TrainConfig, step: int, total: int) -> float:
         return lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(step, total) / total)))
     return lr
 
+
 @torch.no_grad()
 def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
     pairs = [(e, p) for e, p in zip(ema.parameters(), model.parameters()) if p.requires_grad]  # frozen ones stay equal
     if pairs:
         torch._foreach_lerp_([e for e, _ in pairs], [p for _, p in pairs], 1 - decay)
+
 
 def training_sigma_distribution(recipe: Recipe):
     """The recipe's training noise-level distribution p(σ)."""
@@ -59,6 +72,7 @@ def training_sigma_distribution(recipe: Recipe):
     if d.sigma_distribution == "lognormal":
         return make_sigma_distribution("lognormal", P_mean=d.P_mean, P_std=d.P_std)
     return make_sigma_distribution("cosine", logsnr_min=d.logsnr_min, logsnr_max=d.logsnr_max)
+
 
 def make_engine(
     recipe: Recipe,
@@ -76,19 +90,33 @@ def make_engine(
     ``privacy.enabled=false``) the same step without privacy, batched by ``train`` (default: the recipe's)."""
     r, t = recipe, train or recipe.train
     common = dict(
-        num_examples=num_examples, batch_size=t.batch_size, noise_multiplicity=noise_multiplicity or r.privacy.noise_multiplicity,
-        max_physical_batch_size=t.max_physical_batch_size, generator=generators["batches"],
+        num_examples=num_examples,
+        batch_size=t.batch_size,
+        noise_multiplicity=noise_multiplicity or r.privacy.noise_multiplicity,
+        max_physical_batch_size=t.max_physical_batch_size,
+        generator=generators["batches"],
     )
     if ledger is None or not r.privacy.enabled:
         return NonPrivateSGD(model, optimizer, **common)
     return DPSGD(
-        model, optimizer, noise_multiplier=noise_for(r, ledger, stage=stage, num_examples=num_examples),
-        max_grad_norm=r.privacy.max_grad_norm, noise_generator=generators["dp_noise"],
-        grad_sample_mode=r.privacy.grad_sample_mode, **common,
+        model,
+        optimizer,
+        noise_multiplier=noise_for(r, ledger, stage=stage, num_examples=num_examples),
+        max_grad_norm=r.privacy.max_grad_norm,
+        noise_generator=generators["dp_noise"],
+        grad_sample_mode=r.privacy.grad_sample_mode,
+        **common,
     )
 
-def check_stage(*, stage: str, num_examples: int, train: TrainConfig, build: Callable[[], torch.nn.Module] | None = None,
-                select: Callable[[torch.nn.Module], object] | None = None) -> torch.nn.Module | None:
+
+def check_stage(
+    *,
+    stage: str,
+    num_examples: int,
+    train: TrainConfig,
+    build: Callable[[], torch.nn.Module] | None = None,
+    select: Callable[[torch.nn.Module], object] | None = None,
+) -> torch.nn.Module | None:
     """Raise now what :func:`train_denoiser` would raise when stage ``stage`` starts: a batch larger than its
     data, a network the model constructor rejects (``build()``), trainable groups that match nothing
     (``select``). A method calls this for each of its stages before its run writes anything.
@@ -96,7 +124,9 @@ def check_stage(*, stage: str, num_examples: int, train: TrainConfig, build: Cal
     The network is built on the meta device (no memory, no weights) with the global generator left as
     it was, so the real training draws exactly what it would have. Returns that (meta) network."""
     if train.batch_size > num_examples:
-        raise ValueError(f"batch_size={train.batch_size} of stage {stage} is larger than its data set ({num_examples} examples)")
+        raise ValueError(
+            f"batch_size={train.batch_size} of stage {stage} is larger than its data set ({num_examples} examples)"
+        )
     if build is None:
         return None
     with torch.random.fork_rng(devices=[]), torch.device("meta"):
@@ -104,6 +134,7 @@ def check_stage(*, stage: str, num_examples: int, train: TrainConfig, build: Cal
         if select is not None:
             select(net)
     return net
+
 
 @dataclass
 class TrainResult:
@@ -113,7 +144,9 @@ class TrainResult:
 
 
 STATE_KEY = "state"  # train_denoiser's ``state`` in a checkpoint's ``extra``
-OFFSET_KEY = "ledger_offset"  # steps the ledger counts beyond the checkpoint's step index (re-taken steps), in ``extra``
+OFFSET_KEY = (
+    "ledger_offset"  # steps the ledger counts beyond the checkpoint's step index (re-taken steps), in ``extra``
+)
 
 
 def _global_rng(device: torch.device) -> dict[str, tuple[Callable[[], torch.Tensor], Callable[[torch.Tensor], None]]]:
@@ -141,7 +174,10 @@ def fresh_draws(gens: dict[str, torch.Generator]) -> None:
 def _generators(seed: int, device: torch.device) -> dict[str, torch.Generator]:
     # Separate streams: which examples are sampled, the DP noise, and the diffusion noise/labels.
     names = ("batches", "dp_noise", "diffusion")
-    return {n: torch.Generator(device="cpu" if n == "batches" else device).manual_seed(seed * 1000 + i) for i, n in enumerate(names)}
+    return {
+        n: torch.Generator(device="cpu" if n == "batches" else device).manual_seed(seed * 1000 + i)
+        for i, n in enumerate(names)
+    }
 
 
 Conditioner = Callable[[torch.Tensor, int, torch.Generator], torch.Tensor]
@@ -154,7 +190,13 @@ def label_conditioner(dataset: ImageDataset, recipe: Recipe, device: torch.devic
 
     def condition(idx: torch.Tensor, K: int, generator: torch.Generator) -> torch.Tensor:
         y = labels[idx.to(device)]
-        return drop_labels(y[:, None].expand(-1, K), p=recipe.diffusion.label_dropout, null_label=dataset.num_classes, generator=generator)
+        return drop_labels(
+            y[:, None].expand(-1, K),
+            p=recipe.diffusion.label_dropout,
+            null_label=dataset.num_classes,
+            generator=generator,
+        )
+
     return condition
 
 
@@ -229,7 +271,9 @@ def train_denoiser(
     if t.batch_size > N:
         raise ValueError(f"batch_size={t.batch_size} of stage {stage.name} is larger than its data set ({N} examples)")
 
-    restore = run.resume_checkpoint(what=stage.name)  # the newest intact checkpoint (damaged ones are set aside, said on stderr)
+    restore = run.resume_checkpoint(
+        what=stage.name
+    )  # the newest intact checkpoint (damaged ones are set aside, said on stderr)
     resume = restore is not None
     run.discard_orphans()
     if resume:
@@ -238,8 +282,10 @@ def train_denoiser(
         _restore_rng(saved, gens, device)
         if term is not None:
             if STATE_KEY not in saved.extra:
-                raise RunError(f"{restore}: holds no state for stage {stage.name}'s {type(term).__name__} "
-                               "(written before it was checkpointed); use a new --out")
+                raise RunError(
+                    f"{restore}: holds no state for stage {stage.name}'s {type(term).__name__} "
+                    "(written before it was checkpointed); use a new --out"
+                )
             term.load_state_dict(saved.extra[STATE_KEY])
     else:
         net = stage.init() if stage.init is not None else pixel_net(r, dataset)
@@ -248,7 +294,14 @@ def train_denoiser(
     if retake:
         fresh_draws(gens)
     if world.distributed:
-        _join_world(world, gens, ledger, seed=t.seed, start=start, what=(stage.name, start, N, dataset.fingerprint, planned_steps(t, N)))
+        _join_world(
+            world,
+            gens,
+            ledger,
+            seed=t.seed,
+            start=start,
+            what=(stage.name, start, N, dataset.fingerprint, planned_steps(t, N)),
+        )
     if stage.select is not None:
         stage.select(net)
     net.to(device).train()
@@ -264,8 +317,17 @@ def train_denoiser(
     total = planned_steps(t, N)
     if t.max_steps is not None:
         total = min(total, t.max_steps)
-    engine = make_engine(r, denoiser, optimizer, ledger=ledger, stage=stage.name, num_examples=N, generators=gens, train=t,
-                         noise_multiplicity=K)
+    engine = make_engine(
+        r,
+        denoiser,
+        optimizer,
+        ledger=ledger,
+        stage=stage.name,
+        num_examples=N,
+        generators=gens,
+        train=t,
+        noise_multiplicity=K,
+    )
     if audit is not None:
         engine = audit.wrap(engine, noise_multiplicity=K)  # batches gain the included canaries; the loss their terms
     guard = StepGuard(ledger, engine=engine, stage=stage.name, path=run.ledger_path, target_epsilon=r.privacy.epsilon)
@@ -274,9 +336,12 @@ def train_denoiser(
     # (batch B_t, noise z_t): one execution of the mechanism, counted once (privacy.budget.replayed_steps).
     again = guard.resume(start=start, offset=int(saved.extra.get(OFFSET_KEY, 0)) if resume else 0, retake=retake)
     if again:
-        tqdm.write(f"{stage.name}: steps {start + 1}..{run.set_aside_step} were written in a checkpoint that is now unusable, so "
-                   f"they are taken again with fresh batches and noise; the ledger keeps the {guard.offset} steps it counted "
-                   f"after step {start} and counts the new ones too", file=sys.stderr)
+        tqdm.write(
+            f"{stage.name}: steps {start + 1}..{run.set_aside_step} were written in a checkpoint that is now unusable, so "
+            f"they are taken again with fresh batches and noise; the ledger keeps the {guard.offset} steps it counted "
+            f"after step {start} and counts the new ones too",
+            file=sys.stderr,
+        )
     images = dataset.images.to(device)
     sigma_dist = training_sigma_distribution(r)
     condition = stage.condition or label_conditioner(dataset, r, device)
@@ -290,20 +355,33 @@ def train_denoiser(
 
     def checkpoint(step: int) -> None:
         rng = {n: g.get_state() for n, g in gens.items()} | {n: get() for n, (get, _) in _global_rng(device).items()}
-        extra = ({} if term is None else {STATE_KEY: term.state_dict()}) | ({OFFSET_KEY: guard.offset} if guard.offset else {})
-        run.save_checkpoint(TrainingState(step=step, unet=net, unet_ema=net_ema, optimizer=optimizer.state_dict(), rng=rng,
-                                          extra=extra))
+        extra = ({} if term is None else {STATE_KEY: term.state_dict()}) | (
+            {OFFSET_KEY: guard.offset} if guard.offset else {}
+        )
+        run.save_checkpoint(
+            TrainingState(step=step, unet=net, unet_ema=net_ema, optimizer=optimizer.state_dict(), rng=rng, extra=extra)
+        )
 
     if start == 0 and progress:
         _start_line(stage.name, net, N=N, q=q, total=total, K=K, engine=engine)
-    bar = tqdm(total=total, initial=start, desc=stage.name, unit="step", disable=not progress, dynamic_ncols=True, file=sys.stderr)
+    bar = tqdm(
+        total=total,
+        initial=start,
+        desc=stage.name,
+        unit="step",
+        disable=not progress,
+        dynamic_ncols=True,
+        file=sys.stderr,
+    )
     step, stopped = start, False
     run.commit_start()  # the run's work begins: from here on a failure keeps what is on disk, to resume
     clock = run.rewind_train_log(stage=stage.name, step=start) - time.perf_counter()
     for step in range(start, total):
         if not guard.allows(step):
             stopped = True
-            tqdm.write(f"stopping at step {step}: one more step would exceed epsilon={r.privacy.epsilon}", file=sys.stderr)
+            tqdm.write(
+                f"stopping at step {step}: one more step would exceed epsilon={r.privacy.epsilon}", file=sys.stderr
+            )
             break
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(t, step, planned_steps(t, N))
@@ -315,10 +393,22 @@ def train_denoiser(
             term.after_step(step)
         _ema_update(net_ema, net, min(t.ema_decay, (1 + step) / (10 + step)))
         eps = guard.epsilon()
-        run.append_train_log({"stage": stage.name, "step": step + 1, "loss": loss, "epsilon": eps,
-                              "lr": optimizer.param_groups[0]["lr"], "time_s": round(clock + time.perf_counter(), 3)})
+        run.append_train_log(
+            {
+                "stage": stage.name,
+                "step": step + 1,
+                "loss": loss,
+                "epsilon": eps,
+                "lr": optimizer.param_groups[0]["lr"],
+                "time_s": round(clock + time.perf_counter(), 3),
+            }
+        )
         bar.update(1)
-        bar.set_postfix(loss=f"{loss:.4f}", **({} if ledger is None else {"eps": f"{eps:.3f}" if eps is not None else "inf"}), refresh=False)
+        bar.set_postfix(
+            loss=f"{loss:.4f}",
+            **({} if ledger is None else {"eps": f"{eps:.3f}" if eps is not None else "inf"}),
+            refresh=False,
+        )
         if (step + 1) % t.checkpoint_every == 0 and step + 1 < total:
             checkpoint(step + 1)
     else:
@@ -344,7 +434,11 @@ def _restore_rng(saved: TrainingState, gens: dict[str, torch.Generator], device:
 def _start_line(name: str, net: torch.nn.Module, *, N: int, q: float, total: int, K: int, engine) -> None:
     """The stage's one line on stderr: what trains, N, q, steps, K and the noise."""
     trainable, all_params = count_parameters(net), sum(p.numel() for p in net.parameters())
-    share = f"{trainable:,} parameters" if trainable == all_params else f"{trainable:,} of {all_params:,} parameters trainable ({trainable / all_params:.1%})"
+    share = (
+        f"{trainable:,} parameters"
+        if trainable == all_params
+        else f"{trainable:,} of {all_params:,} parameters trainable ({trainable / all_params:.1%})"
+    )
     tqdm.write(
         f"{name}: {share}, N={N}, q={q:.4f}, {total} steps, K={K}, "
         + (f"sigma={engine.noise_multiplier:.4f}, C={engine.max_grad_norm}" if engine.private else "non-private"),
@@ -352,7 +446,9 @@ def _start_line(name: str, net: torch.nn.Module, *, N: int, q: float, total: int
     )
 
 
-def _join_world(world, gens: dict[str, torch.Generator], ledger: Ledger | None, *, seed: int, start: int, what: tuple) -> None:
+def _join_world(
+    world, gens: dict[str, torch.Generator], ledger: Ledger | None, *, seed: int, start: int, what: tuple
+) -> None:
     """Make a distributed stage start from one state: every rank at the same step of the same stage
     (checked), rank 0's ledger in memory everywhere (a rank that read the file a moment later
     could count a step more), and rank-specific diffusion noise (rank 0 continues the checkpointed

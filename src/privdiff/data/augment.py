@@ -35,10 +35,13 @@ def sharpen(x: Tensor) -> Tensor:
 def _affine(x: Tensor, angle: Tensor, shear: Tensor, tx: Tensor, ty: Tensor, scale: Tensor) -> Tensor:
     """Per-image affine warp (radians, fractions of the image), zero (black) fill, bilinear."""
     cos, sin = torch.cos(angle), torch.sin(angle)
-    theta = torch.stack([
-        torch.stack([cos / scale, (-sin + shear) / scale, tx], dim=1),
-        torch.stack([sin / scale, cos / scale, ty], dim=1),
-    ], dim=1)  # [N, 2, 3]
+    theta = torch.stack(
+        [
+            torch.stack([cos / scale, (-sin + shear) / scale, tx], dim=1),
+            torch.stack([sin / scale, cos / scale, ty], dim=1),
+        ],
+        dim=1,
+    )  # [N, 2, 3]
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
@@ -73,8 +76,16 @@ def _op(x: Tensor, op: int, m: Tensor, sign: Tensor) -> Tensor:
 NUM_OPS = 9
 
 
-def augment_copies(images: Tensor, labels: Tensor, *, copies: int, num_ops: int = 2, magnitude: int = 9,
-                   generator: torch.Generator, denoise: bool = True) -> tuple[Tensor, Tensor]:
+def augment_copies(
+    images: Tensor,
+    labels: Tensor,
+    *,
+    copies: int,
+    num_ops: int = 2,
+    magnitude: int = 9,
+    generator: torch.Generator,
+    denoise: bool = True,
+) -> tuple[Tensor, Tensor]:
     """``copies`` augmented versions of every image (RandAugment-style, magnitude ~ U{1..magnitude} of 10 per copy).
 
     Returns ([copies·N, C, H, W] in [0, 1], their labels). ``denoise`` applies the median blur and

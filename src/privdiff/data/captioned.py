@@ -60,7 +60,11 @@ def _metadata(root: Path) -> list[tuple[Path, str]]:
             row = json.loads(line)
         except ValueError as e:
             raise DatasetError(f"{where}: not a JSON object ({e})") from None
-        if not isinstance(row, dict) or not isinstance(row.get("file_name"), str) or not isinstance(row.get("text"), str):
+        if (
+            not isinstance(row, dict)
+            or not isinstance(row.get("file_name"), str)
+            or not isinstance(row.get("text"), str)
+        ):
             raise DatasetError(f"{where}: each line needs a string file_name and a string text")
         name = row["file_name"]
         image = (root / name).resolve()
@@ -81,8 +85,11 @@ def _metadata(root: Path) -> list[tuple[Path, str]]:
 
 def _caption_files(root: Path) -> list[tuple[Path, str]]:
     """(image, caption) pairs from a caption file beside each image (any depth); every image needs one."""
-    images = sorted(p for p in root.rglob("*") if p.is_file() and _is_image_name(p.name)
-                    and not any(_is_hidden(part) for part in p.relative_to(root).parts))
+    images = sorted(
+        p
+        for p in root.rglob("*")
+        if p.is_file() and _is_image_name(p.name) and not any(_is_hidden(part) for part in p.relative_to(root).parts)
+    )
     if not images:
         raise DatasetError(f"{root}: no images ({'/'.join(IMAGE_EXTENSIONS)}) and no metadata.jsonl")
     pairs, missing = [], []
@@ -93,8 +100,10 @@ def _caption_files(root: Path) -> list[tuple[Path, str]]:
             continue
         pairs.append((image, caption.read_text(encoding="utf-8").strip()))
     if missing:
-        raise DatasetError(f"{missing[0]}: no caption ({' or '.join(CAPTION_EXTENSIONS)} beside it, or a metadata.jsonl); "
-                           f"{len(missing)} of {len(images)} images have none")
+        raise DatasetError(
+            f"{missing[0]}: no caption ({' or '.join(CAPTION_EXTENSIONS)} beside it, or a metadata.jsonl); "
+            f"{len(missing)} of {len(images)} images have none"
+        )
     return pairs
 
 
@@ -102,7 +111,9 @@ def _square(image: Image.Image, resolution: int) -> Image.Image:
     """Shorter side to ``resolution`` (bilinear), then the central ``resolution × resolution`` crop."""
     w, h = image.size
     scale = resolution / min(w, h)
-    image = image.resize((max(resolution, round(w * scale)), max(resolution, round(h * scale))), Image.Resampling.BILINEAR)
+    image = image.resize(
+        (max(resolution, round(w * scale)), max(resolution, round(h * scale))), Image.Resampling.BILINEAR
+    )
     w, h = image.size
     left, top = (w - resolution) // 2, (h - resolution) // 2
     return image.crop((left, top, left + resolution, top + resolution))
@@ -128,7 +139,9 @@ def load_captioned_folder(root: str | os.PathLike, *, resolution: int, channels:
     gray = [im.getbands() in _GRAY_BANDS for im in images]
     if any(gray) and not all(gray):
         g, c = gray.index(True), gray.index(False)
-        raise DatasetError(f"{path}: mixes grayscale ({pairs[g][0].name}) and colour ({pairs[c][0].name}) images; convert them to one mode")
+        raise DatasetError(
+            f"{path}: mixes grayscale ({pairs[g][0].name}) and colour ({pairs[c][0].name}) images; convert them to one mode"
+        )
     mode = "RGB" if channels == 3 else "L"
     arrays = []
     for image in images:
@@ -136,8 +149,14 @@ def load_captioned_folder(root: str | os.PathLike, *, resolution: int, channels:
         arrays.append(array[None] if mode == "L" else array.transpose(2, 0, 1))
     content = np.stack(arrays)
     captions = tuple(c for _, c in pairs)
-    digest = hashlib.sha256(content_fingerprint(content, np.zeros(len(captions), dtype=np.int64), name="captioned", split="all").encode())
+    digest = hashlib.sha256(
+        content_fingerprint(content, np.zeros(len(captions), dtype=np.int64), name="captioned", split="all").encode()
+    )
     digest.update(json.dumps(captions, ensure_ascii=False).encode("utf-8"))
-    return CaptionedImages(images=torch.from_numpy(content).float() / 127.5 - 1, captions=captions,
-                           files=tuple(str(p.relative_to(path)) for p, _ in pairs), fingerprint=f"sha256:{digest.hexdigest()}",
-                           source=str(path.resolve()))
+    return CaptionedImages(
+        images=torch.from_numpy(content).float() / 127.5 - 1,
+        captions=captions,
+        files=tuple(str(p.relative_to(path)) for p, _ in pairs),
+        fingerprint=f"sha256:{digest.hexdigest()}",
+        source=str(path.resolve()),
+    )

@@ -31,7 +31,9 @@ NUMBER_WORDS: tuple[str, ...] = ("zero", "one", "two", "three", "four", "five", 
 
 def class_words(class_name: str) -> tuple[str, ...]:
     """The names a caption may use for a class: a digit class "7" is also "seven"."""
-    return (NUMBER_WORDS[int(class_name)], class_name) if class_name.isdigit() and len(class_name) == 1 else (class_name,)
+    return (
+        (NUMBER_WORDS[int(class_name)], class_name) if class_name.isdigit() and len(class_name) == 1 else (class_name,)
+    )
 
 
 def caption_variants(class_name: str) -> list[str]:
@@ -50,7 +52,9 @@ def caption(class_name: str, variant: int = 0) -> str:
     return variants[variant % len(variants)]
 
 
-def random_captions(labels: torch.Tensor, class_names: tuple[str, ...], *, generator: torch.Generator | None = None) -> list[str]:
+def random_captions(
+    labels: torch.Tensor, class_names: tuple[str, ...], *, generator: torch.Generator | None = None
+) -> list[str]:
     """One caption per label (any shape, flattened in order), each variant drawn uniformly."""
     flat = labels.reshape(-1).tolist()
     u = torch.rand(len(flat), generator=generator).tolist()

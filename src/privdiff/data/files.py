@@ -401,9 +401,7 @@ def read_folder(root: str | os.PathLike | None, *, resolution: int | None = None
     path = _require_root(root, "folder", "a directory with one sub-folder per class, or a .zip of one").absolute()
     entries = _folder_entries(path)
     if not entries:
-        raise DatasetError(
-            f"{path}: no images (expected <class>/<image> with extensions {'/'.join(IMAGE_EXTENSIONS)})"
-        )
+        raise DatasetError(f"{path}: no images (expected <class>/<image> with extensions {'/'.join(IMAGE_EXTENSIONS)})")
     class_names = tuple(sorted({e[0] for e in entries}))
     label_of = {c: i for i, c in enumerate(class_names)}
     images = [_open_image(read, where) for _, where, read in entries]

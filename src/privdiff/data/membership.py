@@ -64,7 +64,9 @@ class MembershipSplits:
             for i in r["indices"]:
                 key = (r["fingerprint"], int(i))
                 if key in seen:
-                    raise DatasetError(f"membership splits overlap: example {i} of {r['split']} is in {seen[key]} and {role}")
+                    raise DatasetError(
+                        f"membership splits overlap: example {i} of {r['split']} is in {seen[key]} and {role}"
+                    )
                 seen[key] = role
 
     def source(self, split: str) -> ImageDataset:
@@ -73,8 +75,15 @@ class MembershipSplits:
         from . import load_dataset
 
         d = self.data
-        return load_dataset(d["name"], root=d["root"], split=split, resolution=d["resolution"], holdout=d.get("holdout"),
-                            holdout_seed=d.get("holdout_seed", 0), test_root=d.get("test_root"))
+        return load_dataset(
+            d["name"],
+            root=d["root"],
+            split=split,
+            resolution=d["resolution"],
+            holdout=d.get("holdout"),
+            holdout_seed=d.get("holdout_seed", 0),
+            test_root=d.get("test_root"),
+        )
 
     def size(self, role: str) -> int:
         return len(self.roles[role]["indices"])
@@ -83,8 +92,10 @@ class MembershipSplits:
         """The examples of ``role`` taken from ``source`` (the split it names; checked by fingerprint)."""
         r = self.roles[role]
         if source.fingerprint != r["fingerprint"] or source.split != r["split"]:
-            raise DatasetError(f"splits.json: role {role} refers to {self.data['name']} {r['split']} {r['fingerprint'][:19]}..., "
-                               f"got {source.name} {source.split} {source.fingerprint[:19]}...")
+            raise DatasetError(
+                f"splits.json: role {role} refers to {self.data['name']} {r['split']} {r['fingerprint'][:19]}..., "
+                f"got {source.name} {source.split} {source.fingerprint[:19]}..."
+            )
         return subset(source, np.asarray(r["indices"], dtype=np.int64), tag=role)
 
     def members(self, source: ImageDataset) -> ImageDataset:
@@ -108,8 +119,15 @@ class MembershipSplits:
         r = self.roles["nonmember_test"]
         self.dataset("nonmember_test", source)  # raises if source is not the split the role was drawn from
         if self.trained_on != TRAINED_ON_MEMBERS and r["split"] == self.roles["member_test"]["split"]:
-            raise DatasetError(f"the model trained on {self.trained_on}: unused examples of {r['split']} may be members")
-        used = {int(i) for role in ROLES if self.roles[role]["fingerprint"] == r["fingerprint"] for i in self.roles[role]["indices"]}
+            raise DatasetError(
+                f"the model trained on {self.trained_on}: unused examples of {r['split']} may be members"
+            )
+        used = {
+            int(i)
+            for role in ROLES
+            if self.roles[role]["fingerprint"] == r["fingerprint"]
+            for i in self.roles[role]["indices"]
+        }
         idx = np.asarray([i for i in range(len(source)) if i not in used], dtype=np.int64)
         if idx.size == 0:
             raise DatasetError(f"no unused examples left in {self.data['name']} {r['split']}: every one has a role")
@@ -118,8 +136,13 @@ class MembershipSplits:
         return subset(source, idx, tag="unused_nonmembers")
 
     def to_dict(self) -> dict:
-        return {"version": _VERSION, "data": self.data, "seed": self.seed, "trained_on": self.trained_on,
-                "roles": {k: {**v, "indices": [int(i) for i in v["indices"]]} for k, v in self.roles.items()}}
+        return {
+            "version": _VERSION,
+            "data": self.data,
+            "seed": self.seed,
+            "trained_on": self.trained_on,
+            "roles": {k: {**v, "indices": [int(i) for i in v["indices"]]} for k, v in self.roles.items()},
+        }
 
     def save(self, path: str | Path) -> None:
         atomic_write_text(path, json.dumps(self.to_dict(), indent=1))
@@ -158,8 +181,15 @@ def _role(dataset: ImageDataset, idx: np.ndarray) -> dict:
     return {"split": dataset.split, "fingerprint": dataset.fingerprint, "indices": sorted(int(i) for i in idx)}
 
 
-def split_held_out(*, members: ImageDataset, nonmembers: ImageDataset, seed: int, n_per_role: int | None = None,
-                   root: str | None = None, resolution: int | None = None) -> MembershipSplits:
+def split_held_out(
+    *,
+    members: ImageDataset,
+    nonmembers: ImageDataset,
+    seed: int,
+    n_per_role: int | None = None,
+    root: str | None = None,
+    resolution: int | None = None,
+) -> MembershipSplits:
     """Roles for a model trained on ALL of ``members`` (e.g. a DP-SGD run's training split) with
     ``nonmembers`` never seen (the held-out test split): each side is permuted with ``seed`` and
     cut into an aux half and a test half of ``n_per_role`` each (default: as many as balance allows).
@@ -169,21 +199,36 @@ def split_held_out(*, members: ImageDataset, nonmembers: ImageDataset, seed: int
     n_max = min(len(members), len(nonmembers)) // 2
     n = n_max if n_per_role is None else n_per_role
     if not 1 <= n <= n_max:
-        raise DatasetError(f"n_per_role must be in 1..{n_max} for {len(members)} members and {len(nonmembers)} non-members, got {n}")
+        raise DatasetError(
+            f"n_per_role must be in 1..{n_max} for {len(members)} members and {len(nonmembers)} non-members, got {n}"
+        )
     rng = np.random.default_rng(seed)
     pm, pn = rng.permutation(len(members)), rng.permutation(len(nonmembers))
-    roles = {"member_aux": _role(members, pm[:n]), "member_test": _role(members, pm[n:2 * n]),
-             "nonmember_aux": _role(nonmembers, pn[:n]), "nonmember_test": _role(nonmembers, pn[n:2 * n])}
-    return MembershipSplits(data=_data_key(members, root, resolution), seed=seed, roles=roles,
-                            trained_on=f"all of {members.name} {members.split} ({len(members)} examples)")
+    roles = {
+        "member_aux": _role(members, pm[:n]),
+        "member_test": _role(members, pm[n : 2 * n]),
+        "nonmember_aux": _role(nonmembers, pn[:n]),
+        "nonmember_test": _role(nonmembers, pn[n : 2 * n]),
+    }
+    return MembershipSplits(
+        data=_data_key(members, root, resolution),
+        seed=seed,
+        roles=roles,
+        trained_on=f"all of {members.name} {members.split} ({len(members)} examples)",
+    )
 
 
-def split_pool(pool: ImageDataset, *, n_per_role: int, seed: int, root: str | None = None,
-               resolution: int | None = None) -> MembershipSplits:
+def split_pool(
+    pool: ImageDataset, *, n_per_role: int, seed: int, root: str | None = None, resolution: int | None = None
+) -> MembershipSplits:
     """Four disjoint roles of ``n_per_role`` examples each, drawn from one ``pool`` with ``seed``
     (PrivateLoRA's setting: the model is then trained on member_aux ∪ member_test only)."""
     if not 1 <= 4 * n_per_role <= len(pool):
-        raise DatasetError(f"n_per_role={n_per_role}: 4 roles need {4 * n_per_role} examples, {pool.name} {pool.split} has {len(pool)}")
+        raise DatasetError(
+            f"n_per_role={n_per_role}: 4 roles need {4 * n_per_role} examples, {pool.name} {pool.split} has {len(pool)}"
+        )
     perm = np.random.default_rng(seed).permutation(len(pool))
-    roles = {role: _role(pool, perm[i * n_per_role:(i + 1) * n_per_role]) for i, role in enumerate(ROLES)}
-    return MembershipSplits(data=_data_key(pool, root, resolution), seed=seed, roles=roles, trained_on=TRAINED_ON_MEMBERS)
+    roles = {role: _role(pool, perm[i * n_per_role : (i + 1) * n_per_role]) for i, role in enumerate(ROLES)}
+    return MembershipSplits(
+        data=_data_key(pool, root, resolution), seed=seed, roles=roles, trained_on=TRAINED_ON_MEMBERS
+    )

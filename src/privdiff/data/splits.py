@@ -138,40 +138,67 @@ def load_folder_split(
     if split == "test":
         raise no_test_split_error(root)
     content = read_folder(root, resolution=resolution)
-    return _to_dataset(content.images, content.labels, name="folder", split=split, num_classes=len(content.class_names),
-                       class_names=content.class_names, source=str(content.path))
+    return _to_dataset(
+        content.images,
+        content.labels,
+        name="folder",
+        split=split,
+        num_classes=len(content.class_names),
+        class_names=content.class_names,
+        source=str(content.path),
+    )
 
 
-def _held_out(root: str | os.PathLike | None, *, split: str, resolution: int | None, fraction: float, seed: int) -> ImageDataset:
+def _held_out(
+    root: str | os.PathLike | None, *, split: str, resolution: int | None, fraction: float, seed: int
+) -> ImageDataset:
     """The ``split`` part of a folder with a seeded held-out fraction as its test split."""
     content = read_folder(root, resolution=resolution)
     train, test = holdout_indices(content.labels, fraction=fraction, seed=seed)
     idx = {"train": train, "test": test, "all": np.arange(len(content.labels))}[split]
     extra = None if split == "all" else {"holdout": fraction, "holdout_seed": seed}
-    return _to_dataset(content.images[idx], content.labels[idx], name="folder", split=split,
-                       num_classes=len(content.class_names), class_names=content.class_names, source=str(content.path),
-                       holdout=fraction, holdout_seed=seed, fingerprint_extra=extra)
+    return _to_dataset(
+        content.images[idx],
+        content.labels[idx],
+        name="folder",
+        split=split,
+        num_classes=len(content.class_names),
+        class_names=content.class_names,
+        source=str(content.path),
+        holdout=fraction,
+        holdout_seed=seed,
+        fingerprint_extra=extra,
+    )
 
 
-def _with_test_root(root: str | os.PathLike | None, *, split: str, resolution: int | None,
-                    test_root: str | os.PathLike) -> ImageDataset:
+def _with_test_root(
+    root: str | os.PathLike | None, *, split: str, resolution: int | None, test_root: str | os.PathLike
+) -> ImageDataset:
     """The ``split`` part of a folder whose test split is another folder or zip."""
     test_path = _require_root(test_root, "folder", f"data.test_root: {_FOLDER_EXPECTED}").absolute()
     train = read_folder(root, resolution=resolution)
     if test_path.resolve() == train.path.resolve():
         raise DatasetError(f"{test_path}: data.test_root is data.root; the test split must be other images")
-    common = dict(name="folder", num_classes=len(train.class_names), class_names=train.class_names,
-                  source=str(train.path), test_root=str(test_path))
+    common = dict(
+        name="folder",
+        num_classes=len(train.class_names),
+        class_names=train.class_names,
+        source=str(train.path),
+        test_root=str(test_path),
+    )
     if split == "train":  # the test folder is only checked to exist here: training never reads it
         return _to_dataset(train.images, train.labels, split="train", **common)
     test = read_folder(test_path, resolution=resolution)
     unknown = sorted(set(test.class_names) - set(train.class_names))
     if unknown:
-        raise DatasetError(f"{test_path}: class folder {unknown[0]!r} is not a class of {train.path} "
-                           f"({', '.join(train.class_names)})")
+        raise DatasetError(
+            f"{test_path}: class folder {unknown[0]!r} is not a class of {train.path} ({', '.join(train.class_names)})"
+        )
     if test.images.shape[2:] != train.images.shape[2:]:
-        raise DatasetError(f"{test_path}: images are {test.images.shape[2]}x{test.images.shape[3]}, those of {train.path} "
-                           f"{train.images.shape[2]}x{train.images.shape[3]}; set data.resolution to resize both")
+        raise DatasetError(
+            f"{test_path}: images are {test.images.shape[2]}x{test.images.shape[3]}, those of {train.path} "
+            f"{train.images.shape[2]}x{train.images.shape[3]}; set data.resolution to resize both"
+        )
     images = test.images
     if images.shape[1] != train.images.shape[1]:
         if images.shape[1] == 3:
@@ -181,5 +208,6 @@ def _with_test_root(root: str | os.PathLike | None, *, split: str, resolution: i
     labels = relabel[test.labels]
     if split == "test":
         return _to_dataset(images, labels, split="test", **{**common, "source": str(test_path)})
-    return _to_dataset(np.concatenate([train.images, images]), np.concatenate([train.labels, labels]), split="all", **common)
-
+    return _to_dataset(
+        np.concatenate([train.images, images]), np.concatenate([train.labels, labels]), split="all", **common
+    )

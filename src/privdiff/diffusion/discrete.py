@@ -58,13 +58,24 @@ class DiscreteSchedule:
     prediction_type: Prediction = "epsilon"
 
     def __post_init__(self) -> None:
-        if isinstance(self.num_train_timesteps, bool) or not isinstance(self.num_train_timesteps, int) or self.num_train_timesteps < 2:
+        if (
+            isinstance(self.num_train_timesteps, bool)
+            or not isinstance(self.num_train_timesteps, int)
+            or self.num_train_timesteps < 2
+        ):
             raise ValueError(f"num_train_timesteps must be an integer >= 2, got {self.num_train_timesteps!r}")
         if self.beta_schedule not in BETA_SCHEDULES:
-            raise ValueError(f"beta_schedule {self.beta_schedule!r} is not supported (supported: {', '.join(BETA_SCHEDULES)})")
+            raise ValueError(
+                f"beta_schedule {self.beta_schedule!r} is not supported (supported: {', '.join(BETA_SCHEDULES)})"
+            )
         if self.prediction_type not in ("epsilon", "v_prediction"):
             raise ValueError(f"prediction_type must be 'epsilon' or 'v_prediction', got {self.prediction_type!r}")
-        if not (0 < self.beta_start < 1 and 0 < self.beta_end < 1 and math.isfinite(self.beta_start) and math.isfinite(self.beta_end)):
+        if not (
+            0 < self.beta_start < 1
+            and 0 < self.beta_end < 1
+            and math.isfinite(self.beta_start)
+            and math.isfinite(self.beta_end)
+        ):
             raise ValueError(f"beta_start and beta_end must be in (0, 1), got {self.beta_start!r}, {self.beta_end!r}")
 
     @classmethod
@@ -78,9 +89,13 @@ class DiscreteSchedule:
             raise ValueError("scheduler config gives trained_betas: not supported (use a named beta_schedule)")
         if config.get("rescale_betas_zero_snr"):
             raise ValueError("scheduler config asks for rescale_betas_zero_snr: not supported")
-        return cls(num_train_timesteps=int(config.get("num_train_timesteps", 1000)), beta_start=float(config.get("beta_start", 0.0001)),
-                   beta_end=float(config.get("beta_end", 0.02)), beta_schedule=str(config.get("beta_schedule", "linear")),
-                   prediction_type=config.get("prediction_type", "epsilon"))
+        return cls(
+            num_train_timesteps=int(config.get("num_train_timesteps", 1000)),
+            beta_start=float(config.get("beta_start", 0.0001)),
+            beta_end=float(config.get("beta_end", 0.02)),
+            beta_schedule=str(config.get("beta_schedule", "linear")),
+            prediction_type=config.get("prediction_type", "epsilon"),
+        )
 
     def betas(self) -> Tensor:
         """β_1..β_T, float64 [T]."""
@@ -88,7 +103,7 @@ class DiscreteSchedule:
         if self.beta_schedule == "linear":
             return torch.linspace(self.beta_start, self.beta_end, T, dtype=torch.float64)
         if self.beta_schedule == "scaled_linear":  # linear in √β
-            return torch.linspace(self.beta_start ** 0.5, self.beta_end ** 0.5, T, dtype=torch.float64) ** 2
+            return torch.linspace(self.beta_start**0.5, self.beta_end**0.5, T, dtype=torch.float64) ** 2
         # ᾱ(s) = cos²((s + 0.008)/1.008 · π/2), β_t = min(1 − ᾱ(t/T)/ᾱ((t−1)/T), 0.999)  (Nichol & Dhariwal 2021, eq. 17)
         s = torch.arange(T + 1, dtype=torch.float64) / T
         alpha_bar = torch.cos((s + 0.008) / 1.008 * math.pi / 2) ** 2
@@ -119,8 +134,13 @@ class DiscreteSigma:
 
     schedule: DiscreteSchedule
 
-    def __call__(self, shape: tuple[int, ...], *, generator: torch.Generator | None = None,
-                 device: torch.device | str | None = None) -> Tensor:
+    def __call__(
+        self,
+        shape: tuple[int, ...],
+        *,
+        generator: torch.Generator | None = None,
+        device: torch.device | str | None = None,
+    ) -> Tensor:
         t = torch.randint(0, self.schedule.num_train_timesteps, tuple(shape), generator=generator, device=device)
         return self.schedule.sigmas().to(device)[t]
 

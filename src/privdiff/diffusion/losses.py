@@ -48,15 +48,11 @@ def draw_training_noise(
     # σ_bk ~ p_train(σ)
     sigma = sigma_dist((batch, K), generator=generator, device=x0.device)
     # n_bk ~ N(0, I)
-    noise = torch.randn(
-        (batch, K, *x0.shape[1:]), generator=generator, device=x0.device, dtype=x0.dtype
-    )
+    noise = torch.randn((batch, K, *x0.shape[1:]), generator=generator, device=x0.device, dtype=x0.dtype)
     return sigma, noise
 
 
-def drop_labels(
-    labels: Tensor, *, p: float, null_label: int, generator: torch.Generator | None = None
-) -> Tensor:
+def drop_labels(labels: Tensor, *, p: float, null_label: int, generator: torch.Generator | None = None) -> Tensor:
     """Replace each label by ``null_label`` with probability ``p``.
 
     Classifier-free guidance training (Ho & Salimans 2022): the same network learns
@@ -117,9 +113,7 @@ def denoising_loss(
         raise ValueError(f"sigma must be [B, K] with B={x0.shape[0]}, got {tuple(sigma.shape)}")
     batch, K = sigma.shape
     if tuple(noise.shape) != (batch, K, *x0.shape[1:]):
-        raise ValueError(
-            f"noise must be {(batch, K, *x0.shape[1:])}, got {tuple(noise.shape)}"
-        )
+        raise ValueError(f"noise must be {(batch, K, *x0.shape[1:])}, got {tuple(noise.shape)}")
     if loss_weight is None:
         loss_weight = denoiser.loss_weight  # type: ignore[attr-defined]
 

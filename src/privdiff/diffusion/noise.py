@@ -118,7 +118,5 @@ def make_sigma_distribution(name: str, **kwargs: Any) -> LogNormalSigma | Cosine
     try:
         cls = SIGMA_DISTRIBUTIONS[name]
     except KeyError:
-        raise ValueError(
-            f"unknown sigma distribution {name!r}; choose from {sorted(SIGMA_DISTRIBUTIONS)}"
-        ) from None
+        raise ValueError(f"unknown sigma distribution {name!r}; choose from {sorted(SIGMA_DISTRIBUTIONS)}") from None
     return cls(**kwargs)

@@ -170,18 +170,14 @@ def sample_heun(
         t_hat = t_cur * (1.0 + gamma)
         if gamma > 0:
             # ε ~ N(0, S_noise² I);  x̂_i = x_i + √(σ̂_i² − σ_i²)·ε
-            eps = S_noise * torch.randn(
-                x.shape, generator=generator, device=x.device, dtype=x.dtype
-            )
+            eps = S_noise * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
             x_hat = x + math.sqrt(t_hat**2 - t_cur**2) * eps
         else:
             x_hat = x
         # D(x̂_i; σ̂_i)
         denoised = denoise(x_hat, _sigma_batch(t_hat, x_hat))
         if callback is not None:
-            callback(
-                {"i": i, "x": x_hat, "sigma": sigmas[i], "sigma_hat": t_hat, "denoised": denoised}
-            )
+            callback({"i": i, "x": x_hat, "sigma": sigmas[i], "sigma_hat": t_hat, "denoised": denoised})
         if t_next == 0:
             # Euler step to σ = 0: x̂_i + (0 − σ̂_i)·d_cur = D exactly; no correction
             x = denoised
@@ -251,9 +247,7 @@ def sample(
     # x_0 ~ N(0, σ_0² I)
     x = torch.randn(tuple(shape), generator=generator, device=device, dtype=torch.float32)
     x = x * sigmas[0].item()
-    return sampler_fn(
-        denoise, x, sigmas, generator=generator, progress=progress, **sampler_kwargs
-    )
+    return sampler_fn(denoise, x, sigmas, generator=generator, progress=progress, **sampler_kwargs)
 
 
 def guided_denoiser(
@@ -287,8 +281,11 @@ def guided_denoiser(
         raise ValueError("classifier-free guidance (guidance != 0) needs null_label")
     w = float(guidance)
     # ∅ per row: the null label, or a null condition row (e.g. [no class, empty text])
-    null_of = (lambda y: torch.full_like(y, null_label)) if isinstance(null_label, int) else (
-        lambda y: torch.as_tensor(null_label, device=y.device, dtype=y.dtype).expand_as(y))
+    null_of = (
+        (lambda y: torch.full_like(y, null_label))
+        if isinstance(null_label, int)
+        else (lambda y: torch.as_tensor(null_label, device=y.device, dtype=y.dtype).expand_as(y))
+    )
 
     def denoise(x: Tensor, sigma: Tensor) -> Tensor:
         batch = x.shape[0]
@@ -296,9 +293,7 @@ def guided_denoiser(
         sigma = torch.as_tensor(sigma, device=x.device)
         sigma = sigma.expand(batch) if sigma.ndim == 0 else sigma.reshape(-1)
         # one forward over [x; x] with labels [y; ∅]
-        both = denoiser(
-            torch.cat([x, x]), torch.cat([sigma, sigma]), torch.cat([y, null_of(y)])
-        )
+        both = denoiser(torch.cat([x, x]), torch.cat([sigma, sigma]), torch.cat([y, null_of(y)]))
         D_cond, D_uncond = both[:batch], both[batch:]
         # D̃ = (1 + w)·D(x; σ, y) − w·D(x; σ, ∅)
         return (1.0 + w) * D_cond - w * D_uncond

@@ -35,15 +35,25 @@ class AuditRun:
         return self.run.path / "audit.json"
 
 
-def audit(recipe: Recipe, *, out: str | Path, canaries: int = 1000, k_in: int | None = None, k_out: int | None = None,
-          confidence: float = 0.95, progress: bool = True) -> AuditRun:
+def audit(
+    recipe: Recipe,
+    *,
+    out: str | Path,
+    canaries: int = 1000,
+    k_in: int | None = None,
+    k_out: int | None = None,
+    confidence: float = 0.95,
+    progress: bool = True,
+) -> AuditRun:
     """Train ``recipe`` (DPDM, DP-LDM or DPP) with ``canaries`` gradient canaries in its DP-SGD stage into a
     fresh run ``out``; write ``RUN/audit.json`` with the claimed ε (the ledger's total), the DP-SGD stage's
     own ε, the audited lower bound, the canary count and the attack."""
     method = get_method(recipe.method)
     if not method.auditable:
-        raise ValueError(f"privdiff audit supports recipes whose private training is one DP-SGD stage "
-                         f"({', '.join(m.name for m in METHODS.values() if m.auditable)}); {recipe.method} is not one")
+        raise ValueError(
+            f"privdiff audit supports recipes whose private training is one DP-SGD stage "
+            f"({', '.join(m.name for m in METHODS.values() if m.auditable)}); {recipe.method} is not one"
+        )
     if not recipe.privacy.enabled:
         raise ValueError("privacy.enabled=false: a non-private run claims no epsilon to audit")
     run = Run(out)
@@ -53,8 +63,16 @@ def audit(recipe: Recipe, *, out: str | Path, canaries: int = 1000, k_in: int | 
     c = GradientCanaries(m=canaries, num_examples=n, seed=recipe.train.seed)
     trained = method.train(recipe, out=out, progress=progress, grid_per_class=1, audit=c)
     ledger = trained.ledger
-    result = c.result(claimed_epsilon=ledger.epsilon(), stage=method.private_stage, stage_epsilon=ledger.epsilon(stage=method.private_stage), delta=ledger.delta,
-                      k_in=k_in, k_out=k_out, beta=1 - confidence, seed=recipe.train.seed)
+    result = c.result(
+        claimed_epsilon=ledger.epsilon(),
+        stage=method.private_stage,
+        stage_epsilon=ledger.epsilon(stage=method.private_stage),
+        delta=ledger.delta,
+        k_in=k_in,
+        k_out=k_out,
+        beta=1 - confidence,
+        seed=recipe.train.seed,
+    )
     if result.steps != trained.steps or result.steps != ledger.steps(method.private_stage):
         raise RuntimeError("internal error: the canaries did not see every private step")
     atomic_write_text(trained.run.path / "audit.json", json.dumps(result.to_dict(), indent=2) + "\n")

@@ -94,7 +94,10 @@ class FitResult:
 def accuracy(model: nn.Module, x: Tensor, y: Tensor, *, batch_size: int = 1000) -> float:
     """Fraction of ``x`` that ``model`` labels as ``y``."""
     model.eval()
-    correct = sum(int((model(x[i:i + batch_size]).argmax(1) == y[i:i + batch_size]).sum()) for i in range(0, len(x), batch_size))
+    correct = sum(
+        int((model(x[i : i + batch_size]).argmax(1) == y[i : i + batch_size]).sum())
+        for i in range(0, len(x), batch_size)
+    )
     return correct / max(len(x), 1)
 
 
@@ -127,19 +130,23 @@ def fit_classifier(
     if kind not in CLASSIFIERS:
         raise ValueError(f"unknown classifier '{kind}' (known: {', '.join(CLASSIFIERS)})")
     if x.ndim != 4 or len(x) != len(y) or len(x) < 2:
-        raise ValueError(f"fit_classifier needs images [N, C, H, W] with N >= 2 and one label each, got {tuple(x.shape)} and {tuple(y.shape)}")
+        raise ValueError(
+            f"fit_classifier needs images [N, C, H, W] with N >= 2 and one label each, got {tuple(x.shape)} and {tuple(y.shape)}"
+        )
     torch.manual_seed(seed)
     fit, held = holdout_split(len(x), fraction=holdout, seed=seed)
     model = CLASSIFIERS[kind](in_channels=x.shape[1], num_classes=num_classes, resolution=x.shape[-1])
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     g = torch.Generator().manual_seed(seed + 1)
     best, best_acc, best_epoch, history = None, -1.0, 0, []
-    bar = tqdm(range(1, epochs + 1), desc=desc or kind, unit="epoch", disable=not progress, file=sys.stderr, dynamic_ncols=True)
+    bar = tqdm(
+        range(1, epochs + 1), desc=desc or kind, unit="epoch", disable=not progress, file=sys.stderr, dynamic_ncols=True
+    )
     for epoch in bar:
         model.train()
         order = fit[torch.randperm(len(fit), generator=g)]
         for i in range(0, len(order), batch_size):
-            idx = order[i:i + batch_size]
+            idx = order[i : i + batch_size]
             loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -150,4 +157,6 @@ def fit_classifier(
             best, best_acc, best_epoch = copy.deepcopy(model.state_dict()), acc, epoch
         bar.set_postfix(held_out=f"{acc:.3f}", best=f"{best_acc:.3f}@{best_epoch}", refresh=False)
     model.load_state_dict(best)
-    return FitResult(model=model.eval(), selected_epoch=best_epoch, epochs=epochs, val_accuracy=best_acc, history=history)
+    return FitResult(
+        model=model.eval(), selected_epoch=best_epoch, epochs=epochs, val_accuracy=best_acc, history=history
+    )

@@ -15,8 +15,21 @@ from typing import Any
 from ..atomic import atomic_write_text
 from ..runs import RunError
 
-COLUMNS = ("run", "method", "epsilon", "delta", "fid", "kid", "precision", "recall", "acc_cnn", "acc_logreg",
-           "train_time_s", "n_samples", "features")
+COLUMNS = (
+    "run",
+    "method",
+    "epsilon",
+    "delta",
+    "fid",
+    "kid",
+    "precision",
+    "recall",
+    "acc_cnn",
+    "acc_logreg",
+    "train_time_s",
+    "n_samples",
+    "features",
+)
 
 
 def comparison_row(run_dir: str | Path) -> dict[str, Any]:
@@ -29,11 +42,18 @@ def comparison_row(run_dir: str | Path) -> dict[str, Any]:
         metrics, privacy = m["metrics"], m["privacy"]
         value = lambda key: metrics.get(key, {}).get("value")  # noqa: E731
         return {
-            "run": str(run_dir), "method": m["method"],
-            "epsilon": privacy["epsilon"] if privacy["private"] else float("inf"), "delta": privacy["delta"],
-            "fid": value("fid"), "kid": value("kid"), "precision": value("precision"), "recall": value("recall"),
-            "acc_cnn": value("accuracy_cnn"), "acc_logreg": value("accuracy_logreg"),
-            "train_time_s": m.get("train_time_s"), "n_samples": m["samples"]["n"],
+            "run": str(run_dir),
+            "method": m["method"],
+            "epsilon": privacy["epsilon"] if privacy["private"] else float("inf"),
+            "delta": privacy["delta"],
+            "fid": value("fid"),
+            "kid": value("kid"),
+            "precision": value("precision"),
+            "recall": value("recall"),
+            "acc_cnn": value("accuracy_cnn"),
+            "acc_logreg": value("accuracy_logreg"),
+            "train_time_s": m.get("train_time_s"),
+            "n_samples": m["samples"]["n"],
             "features": f"{m['features']['name']}:{m['features']['sha256'].split(':')[-1][:8]}",
         }
     except (ValueError, KeyError, TypeError) as e:
@@ -55,7 +75,9 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(_fmt(r[c]) for c in COLUMNS) + " |" for r in rows]
     if len({r["features"] for r in rows}) > 1:
-        lines.append("\nFID/KID/precision/recall were computed on different feature networks: compare them only within one.")
+        lines.append(
+            "\nFID/KID/precision/recall were computed on different feature networks: compare them only within one."
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -66,7 +88,9 @@ def text_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join("  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells)
 
 
-def compare_runs(runs: list[str | Path], *, out: str | Path | None = None) -> tuple[list[dict[str, Any]], dict[str, Path]]:
+def compare_runs(
+    runs: list[str | Path], *, out: str | Path | None = None
+) -> tuple[list[dict[str, Any]], dict[str, Path]]:
     """Rows for ``runs``; with ``out``, writes ``out.csv`` and ``out.md`` (atomically) and returns their paths."""
     rows = [comparison_row(r) for r in runs]
     written: dict[str, Path] = {}

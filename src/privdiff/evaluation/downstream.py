@@ -34,8 +34,18 @@ def train_classifiers(
 ) -> dict[str, FitResult]:
     """One classifier of each ``kind`` trained on ``(x, y)``, its epoch selected on a held-out ``holdout`` of them."""
     return {
-        kind: fit_classifier(kind, x, y, num_classes=num_classes, holdout=holdout, epochs=epochs, lr=lr,
-                             seed=seed, progress=progress, desc=f"{kind} on {source}")
+        kind: fit_classifier(
+            kind,
+            x,
+            y,
+            num_classes=num_classes,
+            holdout=holdout,
+            epochs=epochs,
+            lr=lr,
+            seed=seed,
+            progress=progress,
+            desc=f"{kind} on {source}",
+        )
         for kind in kinds
     }
 

@@ -64,11 +64,18 @@ def eval_dir(run: Run) -> Path:
 
 
 def _samples_meta(run: Run, recipe: Recipe, *, n: int, seed: int) -> dict[str, Any]:
-    return {"checkpoint": run.latest_checkpoint().name, "n": n, "seed": seed,
-            "sampler": recipe_to_dict(recipe)["sampler"], "labels": "balanced"}
+    return {
+        "checkpoint": run.latest_checkpoint().name,
+        "n": n,
+        "seed": seed,
+        "sampler": recipe_to_dict(recipe)["sampler"],
+        "labels": "balanced",
+    }
 
 
-def load_or_draw_samples(run: Run, recipe: Recipe, data: ImageDataset, *, n: int, seed: int, progress: bool) -> tuple[np.ndarray, np.ndarray]:
+def load_or_draw_samples(
+    run: Run, recipe: Recipe, data: ImageDataset, *, n: int, seed: int, progress: bool
+) -> tuple[np.ndarray, np.ndarray]:
     """N class-balanced samples of the run's latest EMA checkpoint; reused from ``RUN/eval/samples.npz`` if drawn alike."""
     from ..core.denoisers import load_decoder, load_denoiser
     from ..core.generation import generate
@@ -89,7 +96,9 @@ def load_or_draw_samples(run: Run, recipe: Recipe, data: ImageDataset, *, n: int
     if denoiser.net.num_classes != data.num_classes:
         raise RunError(f"{run.path}: the model has {denoiser.net.num_classes} classes, the data {data.num_classes}")
     labels_t = torch.arange(n) % data.num_classes
-    images = generate(denoiser, labels=labels_t, n=n, recipe=recipe, decode=load_decoder(run), seed=seed, progress=progress)
+    images = generate(
+        denoiser, labels=labels_t, n=n, recipe=recipe, decode=load_decoder(run), seed=seed, progress=progress
+    )
     labels = labels_t.numpy().astype(np.int64)
     _check_samples(path, images, labels, expected, n=n, num_classes=data.num_classes)
     buf = io.BytesIO()
@@ -98,17 +107,25 @@ def load_or_draw_samples(run: Run, recipe: Recipe, data: ImageDataset, *, n: int
     return images, labels
 
 
-def _check_samples(path: Path, images: np.ndarray, labels: np.ndarray, expected: tuple[int, int, int], *, n: int, num_classes: int) -> None:
+def _check_samples(
+    path: Path, images: np.ndarray, labels: np.ndarray, expected: tuple[int, int, int], *, n: int, num_classes: int
+) -> None:
     if images.ndim != 4 or tuple(images.shape[1:]) != expected or len(images) != n:
-        raise RunError(f"{path}: samples have shape {tuple(images.shape)}, expected ({n}, {', '.join(map(str, expected))}) "
-                       "(does the checkpoint match the recipe's data?)")
+        raise RunError(
+            f"{path}: samples have shape {tuple(images.shape)}, expected ({n}, {', '.join(map(str, expected))}) "
+            "(does the checkpoint match the recipe's data?)"
+        )
     if labels.shape != (n,) or labels.min() < 0 or labels.max() >= num_classes:
         raise RunError(f"{path}: labels must be {n} class indices in [0, {num_classes})")
     if not np.isfinite(images).all():
         raise RunError(f"{path}: samples contain NaN or inf (the model diverged)")
 
 
-FEATURE_EPOCHS = {"public": 30, "train": 30, "photos": 10}  # the feature CNN's epochs unless evaluate.feature_epochs says
+FEATURE_EPOCHS = {
+    "public": 30,
+    "train": 30,
+    "photos": 10,
+}  # the feature CNN's epochs unless evaluate.feature_epochs says
 FEATURE_LR = 1e-3  # Adam lr of the feature CNN: fixed, so the FID network never follows the classifier settings
 
 
@@ -129,9 +146,17 @@ class FeatureChoice:
         if self.kind == "inception":
             return inception_network(self.inception_weights)
         if self.kind == "photos":
-            return photo_feature_cnn(channels=self.channels, resolution=self.resolution, n=self.patches,
-                                     epochs=self.epochs, lr=FEATURE_LR, progress=progress)
-        return train_feature_cnn(self.data, public=self.kind == "public", epochs=self.epochs, lr=FEATURE_LR, progress=progress)
+            return photo_feature_cnn(
+                channels=self.channels,
+                resolution=self.resolution,
+                n=self.patches,
+                epochs=self.epochs,
+                lr=FEATURE_LR,
+                progress=progress,
+            )
+        return train_feature_cnn(
+            self.data, public=self.kind == "public", epochs=self.epochs, lr=FEATURE_LR, progress=progress
+        )
 
 
 def choose_features(recipe: Recipe, train: ImageDataset, *, inception_weights: str | Path | None) -> FeatureChoice:
@@ -166,12 +191,16 @@ def choose_features(recipe: Recipe, train: ImageDataset, *, inception_weights: s
         try:
             check_photo_options(channels=channels, resolution=resolution, n=e.feature_patches)
         except ValueError as err:
-            raise ValueError(f"{err}: no public feature network fits {channels}-channel {resolution}x{resolution} data; "
-                             "set evaluate.features=train or give --inception-weights FILE") from None
+            raise ValueError(
+                f"{err}: no public feature network fits {channels}-channel {resolution}x{resolution} data; "
+                "set evaluate.features=train or give --inception-weights FILE"
+            ) from None
     return FeatureChoice(kind, data, channels, resolution, e.feature_epochs or FEATURE_EPOCHS[kind], e.feature_patches)
 
 
-def feature_network(recipe: Recipe, train: ImageDataset, *, inception_weights: str | Path | None, progress: bool) -> FeatureNetwork:
+def feature_network(
+    recipe: Recipe, train: ImageDataset, *, inception_weights: str | Path | None, progress: bool
+) -> FeatureNetwork:
     """The feature network :func:`choose_features` picks, built."""
     return choose_features(recipe, train, inception_weights=inception_weights).build(progress=progress)
 
@@ -198,7 +227,9 @@ def evaluate_run(
         raise ValueError(f"evaluate accepts only evaluate.* and sampler.* overrides, not {bad[0]!r}")
     recipe = resolve_recipe(recipe_to_dict(recipe), list(overrides))
     if run.latest_checkpoint() is None:
-        raise RunError(f"{run.path}: no checkpoint to evaluate (train it first: privdiff train RECIPE --out {run.path})")
+        raise RunError(
+            f"{run.path}: no checkpoint to evaluate (train it first: privdiff train RECIPE --out {run.path})"
+        )
     e, n = recipe.evaluate, n or recipe.evaluate.n_samples
     if n < max(2, e.pr_k + 1):
         raise ValueError(f"--n must be at least {max(2, e.pr_k + 1)}")
@@ -208,7 +239,9 @@ def evaluate_run(
     require_test_split(recipe)  # step 4 needs one: refused now, not after the samples and classifiers
     train = private_training_set(run, recipe)  # the training split, or a LoRA run's members: what the ledger describes
     ledger = load_ledger(run, train)
-    features = choose_features(recipe, train, inception_weights=inception_weights)  # a network for these channels exists
+    features = choose_features(
+        recipe, train, inception_weights=inception_weights
+    )  # a network for these channels exists
 
     # 1. samples
     images, labels = load_or_draw_samples(run, recipe, train, n=n, seed=seed, progress=progress)
@@ -223,34 +256,62 @@ def evaluate_run(
     metric_kw = dict(kid_subset_size=e.kid_subset_size, kid_subsets=e.kid_subsets, pr_k=e.pr_k, seed=seed)
     metrics = image_metrics(real_train, fake, **metric_kw)
     # 3. classifiers: on the samples, and on the real training split (ceiling, cached by content)
-    cls_kw = dict(num_classes=train.num_classes, epochs=e.classifier_epochs, lr=e.classifier_lr, holdout=e.holdout, seed=seed)
+    cls_kw = dict(
+        num_classes=train.num_classes, epochs=e.classifier_epochs, lr=e.classifier_lr, holdout=e.holdout, seed=seed
+    )
     synthetic_fits = train_classifiers(torch.from_numpy(images), torch.from_numpy(labels), progress=progress, **cls_kw)
     ceiling_key = content_key(kind="ceiling", data=train.fingerprint, resolution=train.resolution, **cls_kw)
     ceiling_fits = None
     if not is_cached("ceiling", ceiling_key):
-        ceiling_fits = train_classifiers((train.images + 1) / 2, train.labels, progress=progress, source="real training split", **cls_kw)
+        ceiling_fits = train_classifiers(
+            (train.images + 1) / 2, train.labels, progress=progress, source="real training split", **cls_kw
+        )
 
     # 4. the real test split, read for the first time
     test = recipe_dataset(recipe, split="test")
     test_x = (test.images + 1) / 2
     selection = f"epoch with the best accuracy on {e.holdout:.0%} held-out synthetic samples"
     synthetic = score(synthetic_fits, lambda: (test_x, test.labels), selection=selection)
-    ceiling = cached_json("ceiling", ceiling_key, lambda: score(
-        ceiling_fits, lambda: (test_x, test.labels), selection=f"epoch with the best accuracy on {e.holdout:.0%} held-out training images"))
-    floor_key = content_key(kind="floor", network=net.key, train=train.fingerprint, test=test.fingerprint,
-                            resolution=train.resolution, max_real=e.max_real, **metric_kw)
-    floor = cached_json("floor", floor_key, lambda: image_metrics(real_train, cached_features(net, test, limit=e.max_real, seed=seed, progress=progress), **metric_kw))
+    ceiling = cached_json(
+        "ceiling",
+        ceiling_key,
+        lambda: score(
+            ceiling_fits,
+            lambda: (test_x, test.labels),
+            selection=f"epoch with the best accuracy on {e.holdout:.0%} held-out training images",
+        ),
+    )
+    floor_key = content_key(
+        kind="floor",
+        network=net.key,
+        train=train.fingerprint,
+        test=test.fingerprint,
+        resolution=train.resolution,
+        max_real=e.max_real,
+        **metric_kw,
+    )
+    floor = cached_json(
+        "floor",
+        floor_key,
+        lambda: image_metrics(
+            real_train, cached_features(net, test, limit=e.max_real, seed=seed, progress=progress), **metric_kw
+        ),
+    )
 
     n_ref, n_test_ref = len(real_train), min(len(test), e.max_real or len(test))
     desc_floor = f"{train.name} train ({n_ref}) vs test ({n_test_ref})"
     for name, entry in metrics.items():
-        entry.update(real=floor[name]["value"], real_desc=desc_floor, better="lower" if name in ("fid", "kid") else "higher")
+        entry.update(
+            real=floor[name]["value"], real_desc=desc_floor, better="lower" if name in ("fid", "kid") else "higher"
+        )
         if "std" in floor[name]:
             entry["real_std"] = floor[name]["std"]
     for kind in ("cnn", "logreg"):
         s = synthetic[kind]
         metrics[f"accuracy_{kind}"] = {
-            "value": s["accuracy"], "real": ceiling[kind]["accuracy"], "better": "higher",
+            "value": s["accuracy"],
+            "real": ceiling[kind]["accuracy"],
+            "better": "higher",
             "real_desc": f"the same classifier trained on {train.name} train ({len(train)})",
             "note": f"epoch {s['selected_epoch']} of {s['epochs']}, selected on {e.holdout:.0%} held-out synthetic samples",
         }
@@ -264,15 +325,29 @@ def evaluate_run(
         "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "privacy": _privacy(ledger),
         "train_time_s": max((float(x.get("time_s", 0)) for x in log), default=None),
-        "data": {"name": train.name, "class_names": list(train.class_names or []), "n_train": len(train),
-                 "n_test": len(test), "resolution": train.resolution, "fingerprint": train.fingerprint},
+        "data": {
+            "name": train.name,
+            "class_names": list(train.class_names or []),
+            "n_train": len(train),
+            "n_test": len(test),
+            "resolution": train.resolution,
+            "fingerprint": train.fingerprint,
+        },
         "samples": {"n": n, "seed": seed, "sampler": recipe_to_dict(recipe)["sampler"], "labels": "balanced"},
         "features": net.info,
         "reference": f"{train.name} train ({n_ref} images)",
         "metrics": metrics,
-        "protocol": {"fid_reference": "real training split", "selection": selection, "test_split_reads": 1,
-                     "classifier_epochs": e.classifier_epochs, "classifier_lr": e.classifier_lr, "holdout": e.holdout,
-                     "kid_subset_size": min(e.kid_subset_size, n, n_ref), "kid_subsets": e.kid_subsets, "pr_k": e.pr_k},
+        "protocol": {
+            "fid_reference": "real training split",
+            "selection": selection,
+            "test_split_reads": 1,
+            "classifier_epochs": e.classifier_epochs,
+            "classifier_lr": e.classifier_lr,
+            "holdout": e.holdout,
+            "kid_subset_size": min(e.kid_subset_size, n, n_ref),
+            "kid_subsets": e.kid_subsets,
+            "pr_k": e.pr_k,
+        },
         "privacy_note": PRIVACY_NOTE,
         "eval_time_s": round(time.perf_counter() - t0, 1),
     }
@@ -293,8 +368,14 @@ def _privacy(ledger: Ledger | None) -> dict[str, Any]:
 
 def format_metrics(result: dict[str, Any]) -> str:
     """The metrics table as text, each value beside its real-data floor or ceiling."""
-    names = {"fid": "FID", "kid": "KID", "precision": "precision", "recall": "recall",
-             "accuracy_cnn": "accuracy (CNN)", "accuracy_logreg": "accuracy (LogReg)"}
+    names = {
+        "fid": "FID",
+        "kid": "KID",
+        "precision": "precision",
+        "recall": "recall",
+        "accuracy_cnn": "accuracy (CNN)",
+        "accuracy_logreg": "accuracy (LogReg)",
+    }
     rows = [f"{'metric':<18} {'value':>18}   {'real data':>10}"]
     for key, m in result["metrics"].items():
         kind = "floor" if m.get("better") == "lower" else "ceiling"
@@ -302,10 +383,19 @@ def format_metrics(result: dict[str, Any]) -> str:
         rows.append(f"{names.get(key, key):<18} {value:>18}   {m.get('real', float('nan')):>10.4f} ({kind})")
     p = result["privacy"]
     eps = "non-private" if not p["private"] else f"epsilon={p['epsilon']:.4f}, delta={p['delta']}"
-    rows.append(f"features: {result['features']['name']} ({result['features'].get('trained_on') or result['features'].get('weights')}); "
-                f"{result['samples']['n']} samples vs {result['reference']}; {eps}")
+    rows.append(
+        f"features: {result['features']['name']} ({result['features'].get('trained_on') or result['features'].get('weights')}); "
+        f"{result['samples']['n']} samples vs {result['reference']}; {eps}"
+    )
     return "\n".join(rows)
 
 
-__all__ = ["FeatureChoice", "choose_features", "evaluate_run", "format_metrics", "load_or_draw_samples", "feature_network",
-           "PRIVACY_NOTE"]
+__all__ = [
+    "FeatureChoice",
+    "choose_features",
+    "evaluate_run",
+    "format_metrics",
+    "load_or_draw_samples",
+    "feature_network",
+    "PRIVACY_NOTE",
+]

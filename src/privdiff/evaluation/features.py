@@ -110,28 +110,60 @@ def train_feature_cnn(
 
     Cached by the content of ``data`` and the training settings.
     """
-    settings = dict(version=FEATURE_CNN_VERSION, data=data.fingerprint, resolution=data.resolution,
-                    channels=data.channels, epochs=epochs, lr=lr, seed=seed)
+    settings = dict(
+        version=FEATURE_CNN_VERSION,
+        data=data.fingerprint,
+        resolution=data.resolution,
+        channels=data.channels,
+        epochs=epochs,
+        lr=lr,
+        seed=seed,
+    )
     key = content_key(**settings)
+
     def make() -> dict[str, torch.Tensor]:
         images = (data.images + 1) / 2
-        fit = fit_classifier("cnn", images, data.labels, num_classes=data.num_classes, epochs=epochs, lr=lr,
-                             seed=seed, progress=progress, desc=f"feature CNN on {data.name}/{data.split}")
+        fit = fit_classifier(
+            "cnn",
+            images,
+            data.labels,
+            num_classes=data.num_classes,
+            epochs=epochs,
+            lr=lr,
+            seed=seed,
+            progress=progress,
+            desc=f"feature CNN on {data.name}/{data.split}",
+        )
         with torch.no_grad():  # RMS of the features on the network's own training data
-            rms = torch.cat([fit.model.eval().embed(images[i:i + 500]) for i in range(0, len(images), 500)]).square().mean().sqrt()
+            rms = (
+                torch.cat([fit.model.eval().embed(images[i : i + 500]) for i in range(0, len(images), 500)])
+                .square()
+                .mean()
+                .sqrt()
+            )
         return {**fit.model.state_dict(), "held_out_accuracy": torch.tensor(fit.val_accuracy), "feature_scale": rms}
 
     state = cached_tensors("feature-cnn", key, make)
     held_out, scale = float(state.pop("held_out_accuracy")), float(state.pop("feature_scale"))
     cnn = SmallCNN(in_channels=data.channels, num_classes=data.num_classes, resolution=data.resolution)
     cnn.load_state_dict(state)
-    trained_on = f"{data.name}/{data.split} (public)" if public else \
-        f"{data.name}/{data.split} (the private training split; the feature network is not covered by epsilon)"
-    return FeatureNetwork(Embedding(cnn, scale=scale), {
-        "name": "privdiff-cnn", "trained_on": trained_on, "dim": SmallCNN.num_features, "feature_scale": round(scale, 6),
-        "held_out_accuracy": round(held_out, 4), "sha256": "sha256:" + key,
-        "note": "FID/KID on these features are not Inception-FID and not comparable with published numbers",
-    })
+    trained_on = (
+        f"{data.name}/{data.split} (public)"
+        if public
+        else f"{data.name}/{data.split} (the private training split; the feature network is not covered by epsilon)"
+    )
+    return FeatureNetwork(
+        Embedding(cnn, scale=scale),
+        {
+            "name": "privdiff-cnn",
+            "trained_on": trained_on,
+            "dim": SmallCNN.num_features,
+            "feature_scale": round(scale, 6),
+            "held_out_accuracy": round(held_out, 4),
+            "sha256": "sha256:" + key,
+            "note": "FID/KID on these features are not Inception-FID and not comparable with published numbers",
+        },
+    )
 
 
 def inception_network(path: str | Path) -> FeatureNetwork:
@@ -139,13 +171,21 @@ def inception_network(path: str | Path) -> FeatureNetwork:
     from .inception import load_fid_inception, weights_sha256
 
     model = load_fid_inception(path)
-    return FeatureNetwork(model, {
-        "name": "inception-v3-compat", "weights": str(path), "dim": model.num_features,
-        "sha256": weights_sha256(path), "note": "pool3 features of the FID Inception (torch-fidelity layout, TF1 resize)",
-    })
+    return FeatureNetwork(
+        model,
+        {
+            "name": "inception-v3-compat",
+            "weights": str(path),
+            "dim": model.num_features,
+            "sha256": weights_sha256(path),
+            "note": "pool3 features of the FID Inception (torch-fidelity layout, TF1 resize)",
+        },
+    )
 
 
-def cached_features(net: FeatureNetwork, data: ImageDataset, *, limit: int | None = None, seed: int = 0, progress: bool = True) -> torch.Tensor:
+def cached_features(
+    net: FeatureNetwork, data: ImageDataset, *, limit: int | None = None, seed: int = 0, progress: bool = True
+) -> torch.Tensor:
     """Features of a real data set (or of a seeded random ``limit`` of its images) under ``net``, cached by content."""
     from .metrics import extract_features
 
@@ -153,8 +193,15 @@ def cached_features(net: FeatureNetwork, data: ImageDataset, *, limit: int | Non
     if limit is not None and limit < len(images):
         images = images[torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:limit]]
     key = content_key(network=net.key, data=data.fingerprint, resolution=data.resolution, limit=limit, seed=seed)
-    return cached_tensors("features", key, lambda: {"features": extract_features(
-        net.module, images, progress=progress, desc=f"features of {data.name}/{data.split}")})["features"]
+    return cached_tensors(
+        "features",
+        key,
+        lambda: {
+            "features": extract_features(
+                net.module, images, progress=progress, desc=f"features of {data.name}/{data.split}"
+            )
+        },
+    )["features"]
 
 
 def public_photos() -> list[tuple[str, np.ndarray]]:
@@ -181,7 +228,9 @@ def check_photo_options(*, channels: int, resolution: int, n: int) -> None:
     if channels not in (1, 3):
         raise ValueError(f"the public-photo feature network is built for 1 or 3 channels, got {channels!r}")
     if isinstance(resolution, bool) or not isinstance(resolution, int) or resolution < 8:
-        raise ValueError(f"the public-photo feature network needs a resolution of at least 8 pixels, got {resolution!r}")
+        raise ValueError(
+            f"the public-photo feature network needs a resolution of at least 8 pixels, got {resolution!r}"
+        )
     if isinstance(n, bool) or not isinstance(n, int) or n < 2 * PHOTO_ROTATIONS:
         raise ValueError(f"the public-photo feature network needs at least {2 * PHOTO_ROTATIONS} patches, got {n!r}")
 
@@ -213,8 +262,14 @@ def photo_patches(*, channels: int, resolution: int, n: int = 6000, seed: int = 
     source = hashlib.sha256()
     for name, pixels in photos:
         source.update(name.encode() + str(pixels.shape).encode() + pixels.tobytes())
-    key = content_key(version=PHOTO_PATCHES_VERSION, photos=source.hexdigest(), channels=channels,
-                      resolution=resolution, n=n, seed=seed)
+    key = content_key(
+        version=PHOTO_PATCHES_VERSION,
+        photos=source.hexdigest(),
+        channels=channels,
+        resolution=resolution,
+        n=n,
+        seed=seed,
+    )
 
     def make() -> dict[str, torch.Tensor]:
         rng = np.random.default_rng(seed)
@@ -278,6 +333,8 @@ def photo_feature_cnn(
     data = photo_patches(channels=channels, resolution=resolution, n=n, seed=seed)
     net = train_feature_cnn(data, public=True, epochs=epochs, lr=lr, seed=seed, progress=progress)
     photos = ", ".join(sorted({name.rsplit(" ", 1)[0] for name in data.class_names or ()}))
-    net.info["trained_on"] = (f"public-photos: {n} {resolution}x{resolution} crops of {photos} (photographs shipped "
-                              "by scikit-learn and matplotlib; public), self-supervised: which photo and which rotation")
+    net.info["trained_on"] = (
+        f"public-photos: {n} {resolution}x{resolution} crops of {photos} (photographs shipped "
+        "by scikit-learn and matplotlib; public), self-supervised: which photo and which rotation"
+    )
     return net

@@ -44,8 +44,7 @@ __all__ = [
 ]
 
 INCEPTION_WEIGHTS_URL = (
-    "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
-    "weights-inception-2015-12-05-6726825d.pth"
+    "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth"
 )
 _INPUT_SIZE = 299
 
@@ -297,15 +296,12 @@ def load_fid_inception(path: str | Path) -> FIDInceptionV3:
         loaded = torch.load(path, weights_only=True, map_location="cpu")
     except Exception as e:  # noqa: BLE001 - any load failure means an unusable file
         reason = (str(e).strip().splitlines() or [""])[0]
-        raise InceptionWeightsError(
-            f"cannot read Inception weights file {path}: {type(e).__name__}: {reason}"
-        ) from e
+        raise InceptionWeightsError(f"cannot read Inception weights file {path}: {type(e).__name__}: {reason}") from e
     if not isinstance(loaded, Mapping) or not all(
         isinstance(k, str) and isinstance(v, Tensor) for k, v in loaded.items()
     ):
         raise InceptionWeightsError(
-            f"Inception weights file {path} is not a state dict of tensors "
-            f"(got {type(loaded).__name__})"
+            f"Inception weights file {path} is not a state dict of tensors (got {type(loaded).__name__})"
         )
     state = dict(loaded)
     # Shapes only: every tensor is overwritten by the strict load below, so skip random init.
@@ -317,18 +313,14 @@ def load_fid_inception(path: str | Path) -> FIDInceptionV3:
     if missing or unexpected:
         parts = [f"missing {_first(missing)}"] if missing else []
         parts += [f"unexpected {_first(unexpected)}"] if unexpected else []
-        raise InceptionWeightsError(
-            f"Inception weights file {path} does not match FIDInceptionV3: {'; '.join(parts)}"
-        )
+        raise InceptionWeightsError(f"Inception weights file {path} does not match FIDInceptionV3: {'; '.join(parts)}")
     wrong = [
         f"{k} {list(state[k].shape)} (expected {list(v.shape)})"
         for k, v in expected.items()
         if k in state and state[k].shape != v.shape
     ]
     if wrong:
-        raise InceptionWeightsError(
-            f"Inception weights file {path} has wrong shapes: {_first(wrong)}"
-        )
+        raise InceptionWeightsError(f"Inception weights file {path} has wrong shapes: {_first(wrong)}")
     for key in expected:
         if key.endswith(".num_batches_tracked"):
             state.setdefault(key, torch.zeros((), dtype=torch.long))

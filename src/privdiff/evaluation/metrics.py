@@ -36,7 +36,7 @@ def extract_features(
     extractor.eval()
     device = next(extractor.parameters(), torch.empty(0)).device
     out = [
-        extractor(x[i:i + batch_size].to(device)).double().cpu()
+        extractor(x[i : i + batch_size].to(device)).double().cpu()
         for i in tqdm(range(0, len(x), batch_size), desc=desc, unit="batch", disable=not progress, file=sys.stderr)
     ]
     return torch.cat(out)
@@ -64,7 +64,9 @@ def fid(real: Tensor, fake: Tensor) -> float:
     return max(0.0, float(metric.compute()))
 
 
-def kid(real: Tensor, fake: Tensor, *, subset_size: int = 1000, subsets: int = 100, seed: int = 0) -> tuple[float, float]:
+def kid(
+    real: Tensor, fake: Tensor, *, subset_size: int = 1000, subsets: int = 100, seed: int = 0
+) -> tuple[float, float]:
     """Kernel distance: unbiased MMD² with the cubic polynomial kernel, mean and std over random subsets (torchmetrics).
 
     ``subset_size`` is capped at the smaller set's size. Deterministic under ``seed``.
@@ -86,7 +88,7 @@ def _kth_neighbour_radii(x: Tensor, k: int, *, chunk: int = 2048) -> Tensor:
     """Distance from each row of ``x`` to its k-th nearest other row."""
     radii = []
     for i in range(0, len(x), chunk):
-        d = torch.cdist(x[i:i + chunk], x)
+        d = torch.cdist(x[i : i + chunk], x)
         radii.append(d.kthvalue(k + 1, dim=1).values)  # the 1st is the point itself (distance 0)
     return torch.cat(radii)
 
@@ -95,7 +97,7 @@ def _covered(points: Tensor, centres: Tensor, radii: Tensor, *, chunk: int = 204
     """Whether each point lies in at least one ball B(centre, radius)."""
     hit = []
     for i in range(0, len(points), chunk):
-        d = torch.cdist(points[i:i + chunk], centres)
+        d = torch.cdist(points[i : i + chunk], centres)
         hit.append((d <= radii[None, :]).any(dim=1))
     return torch.cat(hit)
 
@@ -115,7 +117,9 @@ def precision_recall(real: Tensor, fake: Tensor, *, k: int = 3) -> tuple[float, 
     return float(precision), float(recall)
 
 
-def image_metrics(real: Tensor, fake: Tensor, *, kid_subset_size: int = 1000, kid_subsets: int = 100, pr_k: int = 3, seed: int = 0) -> dict[str, dict[str, float]]:
+def image_metrics(
+    real: Tensor, fake: Tensor, *, kid_subset_size: int = 1000, kid_subsets: int = 100, pr_k: int = 3, seed: int = 0
+) -> dict[str, dict[str, float]]:
     """FID, KID (± std), precision and recall of ``fake`` against ``real`` features."""
     kid_mean, kid_std = kid(real, fake, subset_size=kid_subset_size, subsets=kid_subsets, seed=seed)
     precision, recall = precision_recall(real, fake, k=pr_k)
@@ -129,7 +133,9 @@ def image_metrics(real: Tensor, fake: Tensor, *, kid_subset_size: int = 1000, ki
 
 def _check_pair(real: Tensor, fake: Tensor, *, minimum: int) -> None:
     if real.ndim != 2 or fake.ndim != 2 or real.shape[1] != fake.shape[1]:
-        raise ValueError(f"feature sets must be [N, d] with the same d, got {tuple(real.shape)} and {tuple(fake.shape)}")
+        raise ValueError(
+            f"feature sets must be [N, d] with the same d, got {tuple(real.shape)} and {tuple(fake.shape)}"
+        )
     if min(len(real), len(fake)) < minimum:
         raise ValueError(f"need at least {minimum} feature vectors per set, got {len(real)} real and {len(fake)} fake")
     if not (torch.isfinite(real).all() and torch.isfinite(fake).all()):

@@ -200,8 +200,14 @@ def _privacy_line(recipe: Recipe, metrics: dict[str, Any] | None, ledger: Ledger
     return f"ε target {_num(recipe.privacy.epsilon)} (δ = {_num(recipe.privacy.delta)}; no ledger yet)"
 
 
-def _header(run: Run, recipe: Recipe, metrics: dict[str, Any] | None, ledger: Ledger | None,
-            eps: float | None, log: list[dict[str, Any]]) -> str:
+def _header(
+    run: Run,
+    recipe: Recipe,
+    metrics: dict[str, Any] | None,
+    ledger: Ledger | None,
+    eps: float | None,
+    log: list[dict[str, Any]],
+) -> str:
     step = _checkpoint_step(run, metrics)
     train_time = (metrics or {}).get("train_time_s")
     if train_time is None and log:
@@ -216,11 +222,20 @@ def _header(run: Run, recipe: Recipe, metrics: dict[str, Any] | None, ledger: Le
     ]
     written = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
     dl = "".join(f"<div><dt>{k}</dt><dd>{v}</dd></div>" for k, v in facts)
-    nav = "".join(f'<a href="#{a}">{t}</a>' for a, t in
-                  [("metrics", "Metrics"), ("samples", "Samples"), ("curves", "Training"),
-                   ("ledger", "Privacy ledger"), ("attacks", "Attacks")])
-    return (f'<header><p class="kicker">privdiff run report</p><h1>{_esc(run.path.resolve().name)}</h1>'
-            f'<p class="path">{_esc(run.path)} · report written {written}</p><dl class="facts">{dl}</dl><nav>{nav}</nav></header>')
+    nav = "".join(
+        f'<a href="#{a}">{t}</a>'
+        for a, t in [
+            ("metrics", "Metrics"),
+            ("samples", "Samples"),
+            ("curves", "Training"),
+            ("ledger", "Privacy ledger"),
+            ("attacks", "Attacks"),
+        ]
+    )
+    return (
+        f'<header><p class="kicker">privdiff run report</p><h1>{_esc(run.path.resolve().name)}</h1>'
+        f'<p class="path">{_esc(run.path)} · report written {written}</p><dl class="facts">{dl}</dl><nav>{nav}</nav></header>'
+    )
 
 
 # -- metrics --------------------------------------------------------------------------------------
@@ -251,8 +266,10 @@ def _metrics_section(metrics: dict[str, Any] | None, problem: str | None) -> str
             real = '<span class="muted">—</span>'
         rows.append([name, value, real, _esc(m.get("note", ""))])
     body = _table(["metric", "value", "real-data reference", "notes"], rows, numeric=(1,))
-    body += ('<p class="sub">↓ lower is better (the real-data value is a <i>floor</i>), ↑ higher is better '
-             '(it is a <i>ceiling</i>): both are measured between real train and test data.</p>')
+    body += (
+        '<p class="sub">↓ lower is better (the real-data value is a <i>floor</i>), ↑ higher is better '
+        "(it is a <i>ceiling</i>): both are measured between real train and test data.</p>"
+    )
     if metrics.get("privacy_note"):  # what ε does not cover (statistics of the private data shown here)
         body += f'<p class="sub"><b>Privacy:</b> {_esc(metrics["privacy_note"])}</p>'
     return _section("metrics", "Metrics", body + _features_line(metrics, entries))
@@ -265,28 +282,35 @@ def _features_line(metrics: dict[str, Any], entries: dict[str, Any]) -> str:
         return ""
     f = metrics.get("features") or {}
     what = f"<b>{_esc(f.get('name', 'unknown network'))}</b>"
-    details = [f"trained on {_esc(f['trained_on'])}" if f.get("trained_on") else "",
-               f"{_esc(f['dim'])}-d features" if f.get("dim") else "",
-               f"<code>{_esc(str(f['sha256'])[:19])}…</code>" if f.get("sha256") else ""]
+    details = [
+        f"trained on {_esc(f['trained_on'])}" if f.get("trained_on") else "",
+        f"{_esc(f['dim'])}-d features" if f.get("dim") else "",
+        f"<code>{_esc(str(f['sha256'])[:19])}…</code>" if f.get("sha256") else "",
+    ]
     details = [d for d in details if d]
     s, d = metrics.get("samples") or {}, metrics.get("data") or {}
     sampler = s.get("sampler") or {}
     gen = f"{_num(s.get('n'))} generated samples"
-    how = [f"seed {_esc(s['seed'])}" if "seed" in s else "",
-           f"{_esc(sampler.get('name'))} {_esc(sampler.get('steps', '?'))} steps" if sampler.get("name") else "",
-           f"guidance {_num(sampler['guidance'])}" if "guidance" in sampler else "",
-           f"{_esc(s['labels'])} labels" if s.get("labels") else ""]
+    how = [
+        f"seed {_esc(s['seed'])}" if "seed" in s else "",
+        f"{_esc(sampler.get('name'))} {_esc(sampler.get('steps', '?'))} steps" if sampler.get("name") else "",
+        f"guidance {_num(sampler['guidance'])}" if "guidance" in sampler else "",
+        f"{_esc(s['labels'])} labels" if s.get("labels") else "",
+    ]
     how = [h for h in how if h]
     gen += f" ({', '.join(how)})" if how else ""
     real = f"{_num(d.get('n_train'))} real training and {_num(d.get('n_test'))} real test images of {_esc(d.get('name', 'the data set'))}"
-    details = f' ({", ".join(details)})' if details else ""
+    details = f" ({', '.join(details)})" if details else ""
     if "inception" in str(f.get("name", "")).lower():
         caveat = "; compare with published Inception-FID only at equal sample counts"
     else:
-        caveat = (", <b>not Inception-v3</b>: do not compare them with published (Inception) FID, KID, "
-                  "precision or recall")
-    return (f'<p class="features">{", ".join(shown)} are measured in the feature space of {what}{details}'
-            f"{caveat}. Computed on {gen} against {real}.</p>")
+        caveat = (
+            ", <b>not Inception-v3</b>: do not compare them with published (Inception) FID, KID, precision or recall"
+        )
+    return (
+        f'<p class="features">{", ".join(shown)} are measured in the feature space of {what}{details}'
+        f"{caveat}. Computed on {gen} against {real}.</p>"
+    )
 
 
 # -- samples --------------------------------------------------------------------------------------
@@ -317,8 +341,9 @@ def _samples_section(run: Run, metrics: dict[str, Any] | None) -> str:
                 row = row.crop((0, 0, row.width, row.height - PAD * scale))
             label = names[c] if 0 <= c < len(names) else str(int(c))
             rows.append((label, _png(row)))
-        grid = "".join(f'<tr><th>{_esc(label)}</th><td>{_img(png, f"samples of class {label}")}</td></tr>'
-                       for label, png in rows)
+        grid = "".join(
+            f"<tr><th>{_esc(label)}</th><td>{_img(png, f'samples of class {label}')}</td></tr>" for label, png in rows
+        )
         grid = f'<div class="scroll"><table class="grid">{grid}</table></div>'
         shown = f"the first {PER_CLASS} samples of each class (one row per class)"
         if len(classes) > MAX_ROWS:
@@ -327,8 +352,10 @@ def _samples_section(run: Run, metrics: dict[str, Any] | None) -> str:
         picked = images[: PER_CLASS * PER_CLASS]
         grid = f'<div class="grid scroll">{_img(_png(image_grid(picked, nrow=PER_CLASS, scale=scale, pad=PAD)), "unconditional samples")}</div>'
         shown = f"the first {len(picked)} samples (unconditional)"
-    caption = (f'<p class="sub">From eval/samples.npz ({_num(n)} images, {h}×{w} px): {shown}; '
-               f"pixels enlarged ×{scale} without smoothing.</p>")
+    caption = (
+        f'<p class="sub">From eval/samples.npz ({_num(n)} images, {h}×{w} px): {shown}; '
+        f"pixels enlarged ×{scale} without smoothing.</p>"
+    )
     return _section("samples", "Samples", grid + caption)
 
 
@@ -351,7 +378,11 @@ def _curves_section(run: Run, log: list[dict[str, Any]], ledger: Ledger | None, 
         parts.append(_unavailable("train_log.jsonl has no loss values"))
     eps, _ = stage_series(log, "epsilon")
     if eps:
-        target = ledger.target_epsilon if ledger is not None else (recipe.privacy.epsilon if recipe.privacy.enabled else None)
+        target = (
+            ledger.target_epsilon
+            if ledger is not None
+            else (recipe.privacy.epsilon if recipe.privacy.enabled else None)
+        )
         png = epsilon_plot(eps, target, last_step=last_step)
         atomic_write_bytes(run.path / "eval" / "epsilon.png", png)
         parts.append(f"<figure>{_img(png, 'epsilon versus step', cls='curve')}</figure>")
@@ -359,8 +390,7 @@ def _curves_section(run: Run, log: list[dict[str, Any]], ledger: Ledger | None, 
         parts.append(_unavailable("no ε in train_log.jsonl: the run is non-private"))
     stages = list(dict.fromkeys(str(e.get("stage", "train")) for e in log))
     order = f", laid end to end: {_esc(' → '.join(stages))}" if len(stages) > 1 else f" of {_esc(stages[0])}"
-    note = (f'<p class="sub">{_num(len(log))} logged steps{order}; '
-            "also saved as eval/loss.png and eval/epsilon.png.</p>")
+    note = f'<p class="sub">{_num(len(log))} logged steps{order}; also saved as eval/loss.png and eval/epsilon.png.</p>'
     return _section("curves", "Training curves", f'<div class="plots">{"".join(parts)}</div>{note}')
 
 
@@ -369,30 +399,56 @@ def _ledger_section(ledger: Ledger | None, eps: float | None, problem: str | Non
     if ledger is None or eps is None:
         return _section("ledger", "Privacy ledger", _unavailable(problem or "no ledger"))
     ds = ledger.dataset or {}
-    rows = [[_esc(e.stage), _esc(e.mechanism), _num(e.noise_multiplier), _num(e.sample_rate), _num(e.max_grad_norm),
-             _num(e.sensitivity), _num(e.steps), _esc(ds.get("name", "—"))] for e in ledger.events]
+    rows = [
+        [
+            _esc(e.stage),
+            _esc(e.mechanism),
+            _num(e.noise_multiplier),
+            _num(e.sample_rate),
+            _num(e.max_grad_norm),
+            _num(e.sensitivity),
+            _num(e.steps),
+            _esc(ds.get("name", "—")),
+        ]
+        for e in ledger.events
+    ]
     if rows:
-        table = _table(["stage", "mechanism", "σ (noise)", "q (sample rate)", "C (clip norm)", "sensitivity",
-                        "steps", "data set"], rows, numeric=(2, 3, 4, 5, 6))
+        table = _table(
+            ["stage", "mechanism", "σ (noise)", "q (sample rate)", "C (clip norm)", "sensitivity", "steps", "data set"],
+            rows,
+            numeric=(2, 3, 4, 5, 6),
+        )
     else:
         table = _unavailable("the ledger has no events yet: no private data was touched")
     if math.isinf(eps):
-        composed = ("<b>non-private</b>: at least one event ran without noise, so there is no finite ε "
-                    "for this run.")
+        composed = "<b>non-private</b>: at least one event ran without noise, so there is no finite ε for this run."
     else:
         target = f" — target ε = {_num(ledger.target_epsilon)}" if ledger.target_epsilon is not None else ""
-        composed = (f"Composed: <b>ε = {_num(eps)}</b> at δ = {_num(ledger.delta)} ({_esc(ledger.accountant)} "
-                    f"accountant){target}.")
-    data = (f'<p class="sub">Private data: {_esc(ds.get("name", "?"))}, N = {_num(ds.get("size"))}'
-            + (f', fingerprint <code>{_esc(str(ds["fingerprint"])[:23])}</code>' if ds.get("fingerprint") else "")
-            + ". Recompute ε from these events alone with <code>privdiff budget show RUN</code>.</p>")
+        composed = (
+            f"Composed: <b>ε = {_num(eps)}</b> at δ = {_num(ledger.delta)} ({_esc(ledger.accountant)} "
+            f"accountant){target}."
+        )
+    data = (
+        f'<p class="sub">Private data: {_esc(ds.get("name", "?"))}, N = {_num(ds.get("size"))}'
+        + (f", fingerprint <code>{_esc(str(ds['fingerprint'])[:23])}</code>" if ds.get("fingerprint") else "")
+        + ". Recompute ε from these events alone with <code>privdiff budget show RUN</code>.</p>"
+    )
     public = ""
     if ledger.public_stages:
-        prow = [[_esc(p["stage"]), _esc(p["data"].get("name")), _esc(p["data"].get("split")), _num(p["data"].get("size")),
-                 f'<code>{_esc(str(p["data"].get("fingerprint", ""))[:23])}</code>', _num(p.get("steps"))]
-                for p in ledger.public_stages]
-        public = ('<p class="sub">Stages on public data only (not part of ε):</p>'
-                  + _table(["stage", "public data", "split", "N", "fingerprint", "steps"], prow, numeric=(3, 5)))
+        prow = [
+            [
+                _esc(p["stage"]),
+                _esc(p["data"].get("name")),
+                _esc(p["data"].get("split")),
+                _num(p["data"].get("size")),
+                f"<code>{_esc(str(p['data'].get('fingerprint', ''))[:23])}</code>",
+                _num(p.get("steps")),
+            ]
+            for p in ledger.public_stages
+        ]
+        public = '<p class="sub">Stages on public data only (not part of ε):</p>' + _table(
+            ["stage", "public data", "split", "N", "fingerprint", "steps"], prow, numeric=(3, 5)
+        )
     return _section("ledger", "Privacy ledger", f'<p class="composed">{composed}</p>{table}{data}{public}')
 
 
@@ -414,8 +470,9 @@ def _attacks_section(run: Run) -> str:
     folder = run.path / "attacks"
     files = sorted(folder.glob("*.json")) if folder.is_dir() else []
     if not files:
-        return _section("attacks", "Membership-inference attacks",
-                        _unavailable(f"no attacks/*.json (made by {ATTACK_CMD})"))
+        return _section(
+            "attacks", "Membership-inference attacks", _unavailable(f"no attacks/*.json (made by {ATTACK_CMD})")
+        )
     rows, plots, problems = [], [], []
     for f in files:
         result, problem = _read_json(f)
@@ -423,9 +480,17 @@ def _attacks_section(run: Run) -> str:
             problems.append(f"attacks/{problem}")
             continue
         name = str(result.get("attack", f.stem))
-        rows.append([_esc(name), _num(result.get("auc"), 3), _num(result.get("asr"), 3),
-                     _num(_tpr(result, 0.01), 3), _num(_tpr(result, 0.001), 3),
-                     _num(result.get("n_members")), _num(result.get("n_nonmembers"))])
+        rows.append(
+            [
+                _esc(name),
+                _num(result.get("auc"), 3),
+                _num(result.get("asr"), 3),
+                _num(_tpr(result, 0.01), 3),
+                _num(_tpr(result, 0.001), 3),
+                _num(result.get("n_members")),
+                _num(result.get("n_nonmembers")),
+            ]
+        )
         roc = result.get("roc_png")
         if roc:
             png_path = folder / str(roc)
@@ -437,10 +502,15 @@ def _attacks_section(run: Run) -> str:
                 problems.append(f"attacks/{roc} ({name} ROC plot) is missing or not a PNG")
     body = ""
     if rows:
-        body += _table(["attack", "AUC", "ASR", "TPR @ 1% FPR", "TPR @ 0.1% FPR", "# members", "# non-members"],
-                       rows, numeric=(1, 2, 3, 4, 5, 6))
-        body += ('<p class="sub">AUC 0.5, ASR 0.5 and TPR equal to the FPR mean the attack does no better than '
-                 "guessing which images were in the training data.</p>")
+        body += _table(
+            ["attack", "AUC", "ASR", "TPR @ 1% FPR", "TPR @ 0.1% FPR", "# members", "# non-members"],
+            rows,
+            numeric=(1, 2, 3, 4, 5, 6),
+        )
+        body += (
+            '<p class="sub">AUC 0.5, ASR 0.5 and TPR equal to the FPR mean the attack does no better than '
+            "guessing which images were in the training data.</p>"
+        )
     body += "".join(_unavailable(p) for p in problems)
     if plots:
         body += f'<div class="plots">{"".join(plots)}</div>'
@@ -506,7 +576,9 @@ window.addEventListener("load", function () {
 
 
 def _page(title: str, header: str, sections: list[str]) -> str:
-    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
-            f'<meta name="viewport" content="width=device-width, initial-scale=1">'
-            f"<title>{_esc(title)}</title><style>{CSS}</style></head>\n"
-            f"<body><main>{header}\n" + "\n".join(sections) + f"\n</main><script>{SCRIPT}</script></body></html>\n")
+    return (
+        f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        f'<meta name="viewport" content="width=device-width, initial-scale=1">'
+        f"<title>{_esc(title)}</title><style>{CSS}</style></head>\n"
+        f"<body><main>{header}\n" + "\n".join(sections) + f"\n</main><script>{SCRIPT}</script></body></html>\n"
+    )

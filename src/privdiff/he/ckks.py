@@ -43,8 +43,12 @@ class CKKSParams:
         return self.poly_modulus_degree // 2
 
     def to_dict(self) -> dict[str, Any]:
-        return {"poly_modulus_degree": self.poly_modulus_degree, "coeff_mod_bit_sizes": list(self.coeff_mod_bit_sizes),
-                "scale_bits": self.scale_bits, "galois_keys": self.galois_keys}
+        return {
+            "poly_modulus_degree": self.poly_modulus_degree,
+            "coeff_mod_bit_sizes": list(self.coeff_mod_bit_sizes),
+            "scale_bits": self.scale_bits,
+            "galois_keys": self.galois_keys,
+        }
 
 
 PRESETS: dict[str, CKKSParams] = {
@@ -85,9 +89,12 @@ class TenSEALContext:
         """A fresh client context: new secret, public (and optionally Galois) keys."""
         import tenseal as ts
 
-        ctx = ts.context(ts.SCHEME_TYPE.CKKS, poly_modulus_degree=params.poly_modulus_degree,
-                         coeff_mod_bit_sizes=list(params.coeff_mod_bit_sizes))
-        ctx.global_scale = 2.0 ** params.scale_bits
+        ctx = ts.context(
+            ts.SCHEME_TYPE.CKKS,
+            poly_modulus_degree=params.poly_modulus_degree,
+            coeff_mod_bit_sizes=list(params.coeff_mod_bit_sizes),
+        )
+        ctx.global_scale = 2.0**params.scale_bits
         if params.galois_keys:
             ctx.generate_galois_keys()
         return cls(ctx, params)
@@ -101,7 +108,9 @@ class TenSEALContext:
         keys: the parameters, the scale and the public key, all a server needs to compute ct ⊙ pt,
         ct + ct and ct + pt on ciphertexts under it (the public key only to stand in an encryption
         of zero where a product is exactly zero). The reference preset's Galois keys alone are 97 MB."""
-        return self._ctx.serialize(save_public_key=True, save_secret_key=False, save_galois_keys=False, save_relin_keys=False)
+        return self._ctx.serialize(
+            save_public_key=True, save_secret_key=False, save_galois_keys=False, save_relin_keys=False
+        )
 
     @classmethod
     def from_public_bytes(cls, data: bytes, *, allowed: tuple[CKKSParams, ...] | None = None) -> "TenSEALContext":
@@ -115,7 +124,11 @@ class TenSEALContext:
 
         from .serialization import EnvelopeError, check_context, public_key_bytes
 
-        biggest = max(((p.poly_modulus_degree, len(p.coeff_mod_bit_sizes)) for p in allowed), default=(8192, 8)) if allowed else (32768, 16)
+        biggest = (
+            max(((p.poly_modulus_degree, len(p.coeff_mod_bit_sizes)) for p in allowed), default=(8192, 8))
+            if allowed
+            else (32768, 16)
+        )
         try:
             env = check_context(data, max_public_key=public_key_bytes(*biggest))
         except EnvelopeError as e:
@@ -123,8 +136,10 @@ class TenSEALContext:
         if env.has_secret_key:
             raise CKKSError("the context holds a secret key: send only the public context")
         if env.has_galois_keys or env.has_relin_keys:
-            raise CKKSError("the context carries Galois or relinearisation keys, which this server never uses: "
-                            "send it without them (TenSEALContext.public_bytes())")
+            raise CKKSError(
+                "the context carries Galois or relinearisation keys, which this server never uses: "
+                "send it without them (TenSEALContext.public_bytes())"
+            )
         try:
             ctx = ts.context_from(bytes(data), n_threads=1)
         except Exception as e:
@@ -141,8 +156,10 @@ class TenSEALContext:
         for p in allowed:
             if shape == (p.poly_modulus_degree, sum(p.coeff_mod_bit_sizes), len(p.coeff_mod_bit_sizes), p.scale_bits):
                 return cls(ctx, CKKSParams(p.poly_modulus_degree, p.coeff_mod_bit_sizes, p.scale_bits, galois))
-        raise CKKSError(f"CKKS parameters (N={shape[0]}, {shape[2]} primes of {shape[1]} bits, scale 2^{shape[3]}) "
-                        f"are not accepted here (accepted: {', '.join(str(q.to_dict()) for q in allowed)})")
+        raise CKKSError(
+            f"CKKS parameters (N={shape[0]}, {shape[2]} primes of {shape[1]} bits, scale 2^{shape[3]}) "
+            f"are not accepted here (accepted: {', '.join(str(q.to_dict()) for q in allowed)})"
+        )
 
     # -- encryption ---------------------------------------------------------------------------
     def encrypt(self, values: np.ndarray) -> Ciphertext:
@@ -193,8 +210,13 @@ class TenSEALContext:
 
         primes = self._ctx.seal_context().data.first_context_data().chain_index() + 1
         try:
-            check_ciphertext(data, max_inflated=ciphertext_bytes(self.params.poly_modulus_degree, primes), size=size,
-                             max_size=self.params.slots, scale=self._ctx.global_scale if fresh else None)
+            check_ciphertext(
+                data,
+                max_inflated=ciphertext_bytes(self.params.poly_modulus_degree, primes),
+                size=size,
+                max_size=self.params.slots,
+                scale=self._ctx.global_scale if fresh else None,
+            )
         except EnvelopeError as e:
             raise CKKSError(str(e)) from None
 
@@ -220,10 +242,14 @@ class TenSEALContext:
         except Exception as e:
             raise CKKSError(f"malformed ciphertext ({str(e)[:120]})") from None
         if shape != (2, N, True):
-            raise CKKSError(f"not a 2-polynomial CKKS ciphertext of degree {N} ({shape[0]} polynomials of degree {shape[1]}, NTT form {shape[2]})")
+            raise CKKSError(
+                f"not a 2-polynomial CKKS ciphertext of degree {N} ({shape[0]} polynomials of degree {shape[1]}, NTT form {shape[2]})"
+            )
         if fresh and not top:
-            raise CKKSError("the ciphertext is not at the first level and scale of the session's context "
-                            "(a server's output cannot be computed on again)")
+            raise CKKSError(
+                "the ciphertext is not at the first level and scale of the session's context "
+                "(a server's output cannot be computed on again)"
+            )
         if n <= 0 or (size is not None and n != size):
             raise CKKSError(f"ciphertext holds {n} values, expected {size if size is not None else '> 0'}")
         return ct
@@ -242,5 +268,9 @@ def _shape_of(ctx: Any) -> tuple[int, int, int, int]:
     import math
 
     key = ctx.seal_context().data.key_context_data()
-    return (int(key.parms().poly_modulus_degree()), int(key.total_coeff_modulus_bit_count()), int(key.chain_index()) + 1,
-            int(round(math.log2(ctx.global_scale))))
+    return (
+        int(key.parms().poly_modulus_degree()),
+        int(key.total_coeff_modulus_bit_count()),
+        int(key.chain_index()) + 1,
+        int(round(math.log2(ctx.global_scale))),
+    )

@@ -69,14 +69,20 @@ class HTTPClient:
             except _Retry as r:
                 pause = r.after + random.uniform(0.0, 0.5)
                 if waited + pause > self.timeout:
-                    raise ServiceError(f"server answered {r.code}: {r.detail} (still after {waited:.0f} s of retries)") from None
+                    raise ServiceError(
+                        f"server answered {r.code}: {r.detail} (still after {waited:.0f} s of retries)"
+                    ) from None
                 time.sleep(pause)
                 waited += pause
                 self.retries += 1
 
     def _once(self, method: str, path: str, body: bytes | None) -> bytes:
-        req = urllib.request.Request(self.url + path, data=body, method=method,
-                                     headers={"Content-Type": "application/octet-stream"} if body is not None else {})
+        req = urllib.request.Request(
+            self.url + path,
+            data=body,
+            method=method,
+            headers={"Content-Type": "application/octet-stream"} if body is not None else {},
+        )
         try:
             with urllib.request.urlopen(req, timeout=self.timeout) as r:
                 data = r.read()
@@ -120,8 +126,12 @@ def _client_parts(blob: bytes):
     text = TextConfig(**json.loads(meta["text"]))
     encoder = TextEncoder(WordTokenizer.from_dict(json.loads(meta["tokenizer"])), text)
     shell = HENet(torch.nn.Identity(), torch.nn.Embedding(int(meta["num_classes"]) + 1, text.width), encoder)
-    shell.class_embedder.load_state_dict({k.split(".", 1)[1]: v for k, v in state.items() if k.startswith("class_embedder.")})
-    shell.text_encoder.load_state_dict({k.split(".", 1)[1]: v for k, v in state.items() if k.startswith("text_encoder.")})
+    shell.class_embedder.load_state_dict(
+        {k.split(".", 1)[1]: v for k, v in state.items() if k.startswith("class_embedder.")}
+    )
+    shell.text_encoder.load_state_dict(
+        {k.split(".", 1)[1]: v for k, v in state.items() if k.startswith("text_encoder.")}
+    )
     cfg = {k: v for k, v in json.loads(meta["autoencoder"]).items() if not k.startswith("_")}
     ae = AutoencoderKL(**cfg)
     ae.load_state_dict({k.split(".", 1)[1]: v for k, v in state.items() if k.startswith("autoencoder.")})
@@ -129,9 +139,19 @@ def _client_parts(blob: bytes):
     return shell.eval(), (lambda z: ae.decode(z / ae.config.scaling_factor).sample)
 
 
-def generate(url: str, prompt: str, *, mode: str = "private", seed: int = 0, steps: int | None = None,
-             guidance: float | None = None, params: str = "precise", progress: bool = True, timeout: float = 300.0,
-             context: TenSEALContext | None = None) -> GenerateResult:
+def generate(
+    url: str,
+    prompt: str,
+    *,
+    mode: str = "private",
+    seed: int = 0,
+    steps: int | None = None,
+    guidance: float | None = None,
+    params: str = "precise",
+    progress: bool = True,
+    timeout: float = 300.0,
+    context: TenSEALContext | None = None,
+) -> GenerateResult:
     """One image for ``prompt`` from the server at ``url``: the same image as plaintext sampling of the
     served run with the same seed, steps and guidance (up to CKKS rounding)."""
     from ..config import resolve_recipe
@@ -149,7 +169,9 @@ def generate(url: str, prompt: str, *, mode: str = "private", seed: int = 0, ste
     ctx = context or TenSEALContext.generate(PRESETS[params])
     s = recipe.sampler
     evals = s.steps if s.name in ("euler", "ddim") or mode == "compat" else 2 * s.steps - 1
-    bar = tqdm(total=evals, desc=f"{mode} denoising", unit="eval", disable=not progress, file=sys.stderr, dynamic_ncols=True)
+    bar = tqdm(
+        total=evals, desc=f"{mode} denoising", unit="eval", disable=not progress, file=sys.stderr, dynamic_ncols=True
+    )
     t0 = time.perf_counter()
     if mode == "compat":
         result = _generate_compat(http, ctx, recipe, shell, decode, prompt, seed=seed, bar=bar)
@@ -159,8 +181,13 @@ def generate(url: str, prompt: str, *, mode: str = "private", seed: int = 0, ste
 
         def send(names, positions, cts):
             rounds[0] += 1
-            return decode_frames(http.request("POST", f"/v1/sessions/{sid}/linear?layers={','.join(names)}&positions={positions}",
-                                              encode_frames(cts)))
+            return decode_frames(
+                http.request(
+                    "POST",
+                    f"/v1/sessions/{sid}/linear?layers={','.join(names)}&positions={positions}",
+                    encode_frames(cts),
+                )
+            )
 
         net = client_net(info["model"], shell, ctx, send)
         times, last = [], [time.perf_counter()]
@@ -173,10 +200,15 @@ def generate(url: str, prompt: str, *, mode: str = "private", seed: int = 0, ste
             last[0] = now
             bar.update(1)
             return out
+
         net.unet.forward = counted
         try:
-            den = Denoiser(net, sigma_data=recipe.diffusion.sigma_data, parameterization=recipe.diffusion.parameterization)
-            image = sample_images(den, labels=None, n=1, recipe=recipe, prompts=[prompt], decode=decode, seed=seed, progress=False)
+            den = Denoiser(
+                net, sigma_data=recipe.diffusion.sigma_data, parameterization=recipe.diffusion.parameterization
+            )
+            image = sample_images(
+                den, labels=None, n=1, recipe=recipe, prompts=[prompt], decode=decode, seed=seed, progress=False
+            )
         finally:
             try:
                 http.request("DELETE", f"/v1/sessions/{sid}")
@@ -190,7 +222,9 @@ def generate(url: str, prompt: str, *, mode: str = "private", seed: int = 0, ste
 
 
 @torch.no_grad()
-def _generate_compat(http: HTTPClient, ctx: TenSEALContext, recipe, shell, decode, prompt: str, *, seed: int, bar) -> GenerateResult:
+def _generate_compat(
+    http: HTTPClient, ctx: TenSEALContext, recipe, shell, decode, prompt: str, *, seed: int, bar
+) -> GenerateResult:
     """HE-Diffusion's loop with the served model: DDIM (Euler) steps, select → pack → encrypt → server
     update → decrypt → merge. The latent, the prompt and the remainder go to the server in plaintext."""
     import urllib.parse
@@ -214,11 +248,20 @@ def _generate_compat(http: HTTPClient, ctx: TenSEALContext, recipe, shell, decod
             idx, values, rem = coo_pack(x, mask)
             cts = [c.serialize() for c in encrypt_packed(ctx, values)]
             frames = [x.float().numpy().tobytes(), idx.astype(np.int64).tobytes(), rem.tobytes()] + cts
-            out = decode_frames(http.request("POST", f"/v1/sessions/{sid}/compat-step?sigma={sigmas[i]!r}&sigma_next={sigmas[i + 1]!r}",
-                                             encode_frames(frames)))
+            out = decode_frames(
+                http.request(
+                    "POST",
+                    f"/v1/sessions/{sid}/compat-step?sigma={sigmas[i]!r}&sigma_next={sigmas[i + 1]!r}",
+                    encode_frames(frames),
+                )
+            )
             rounds += 1
             r_new = np.frombuffer(out[0], dtype=np.float64)
-            dec = np.concatenate([ctx.decrypt(ctx.ciphertext_from_bytes(c)) for c in out[1:]]) if len(out) > 1 else np.zeros(0)
+            dec = (
+                np.concatenate([ctx.decrypt(ctx.ciphertext_from_bytes(c)) for c in out[1:]])
+                if len(out) > 1
+                else np.zeros(0)
+            )
             x = torch.from_numpy(merge(r_new, idx, dec)).float().view(shape)
             times.append(time.perf_counter() - t)
             bar.update(1)

@@ -30,8 +30,16 @@ from torch import Tensor
 from .ckks import PRESETS, Ciphertext, TenSEALContext
 from .protocol import Deadline, ProtocolError, SessionTable
 
-__all__ = ["hill_cost", "select_encrypted", "coo_pack", "encrypt_packed", "update_encrypted", "merge", "CompatServer",
-           "euler_coefficients"]
+__all__ = [
+    "hill_cost",
+    "select_encrypted",
+    "coo_pack",
+    "encrypt_packed",
+    "update_encrypted",
+    "merge",
+    "CompatServer",
+    "euler_coefficients",
+]
 
 KB = torch.tensor([[-1.0, 2.0, -1.0], [2.0, -4.0, 2.0], [-1.0, 2.0, -1.0]])  # Ker–Böhme high-pass H
 
@@ -72,7 +80,7 @@ def coo_pack(x: Tensor, mask: Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarra
 def encrypt_packed(ctx: TenSEALContext, values: np.ndarray) -> list[Ciphertext]:
     """values packed into ⌈n/slots⌉ ciphertexts (slot packing: HE-Diffusion's ``ckks_vector`` path)."""
     S = ctx.params.slots
-    return [ctx.encrypt(values[i:i + S]) for i in range(0, len(values), S)]
+    return [ctx.encrypt(values[i : i + S]) for i in range(0, len(values), S)]
 
 
 def update_encrypted(ctx: TenSEALContext, cts: list[Ciphertext], factor: float, add: np.ndarray) -> list[Ciphertext]:
@@ -80,7 +88,7 @@ def update_encrypted(ctx: TenSEALContext, cts: list[Ciphertext], factor: float, 
     out, off = [], 0
     for ct in cts:
         n = ct.size
-        out.append(ctx.add_plain(ctx.mul_plain(ct, np.full(n, factor)), add[off:off + n]))
+        out.append(ctx.add_plain(ctx.mul_plain(ct, np.full(n, factor)), add[off : off + n]))
         off += n
     return out
 
@@ -119,10 +127,20 @@ class CompatServer:
     GUIDANCE_RANGE = (-1.0, 100.0)
     VALUE_MAX = 1e4  # far beyond a latent (|x_t| ≲ 6σ_max); |v|·Δ stays far below every accepted chain's modulus
 
-    def __init__(self, denoiser, *, max_sessions: int = 16, session_ttl: float = 600.0,
-                 params=(PRESETS["precise"], PRESETS["reference"]), sigma_max: float = 80.0, sessions: SessionTable | None = None):
+    def __init__(
+        self,
+        denoiser,
+        *,
+        max_sessions: int = 16,
+        session_ttl: float = 600.0,
+        params=(PRESETS["precise"], PRESETS["reference"]),
+        sigma_max: float = 80.0,
+        sessions: SessionTable | None = None,
+    ):
         self.denoiser, self.params, self.sigma_max = denoiser.eval(), tuple(params), float(sigma_max)
-        self.sessions: SessionTable[_CompatSession] = sessions if sessions is not None else SessionTable(max_sessions=max_sessions, ttl=session_ttl)
+        self.sessions: SessionTable[_CompatSession] = (
+            sessions if sessions is not None else SessionTable(max_sessions=max_sessions, ttl=session_ttl)
+        )
         self.n = int(np.prod(self.denoiser.net.sample_shape))
 
     def max_ciphertexts(self) -> int:
@@ -146,7 +164,9 @@ class CompatServer:
     def check_sigmas(self, query: dict) -> tuple[float, float]:
         """(σ_t, σ_{t−1}) of a step's query, or :class:`ProtocolError`."""
         if set(query) != {"sigma", "sigma_next"}:
-            raise ProtocolError(f"a compat step takes the query parameters sigma and sigma_next only, got {sorted(query)}")
+            raise ProtocolError(
+                f"a compat step takes the query parameters sigma and sigma_next only, got {sorted(query)}"
+            )
         try:
             sigma, sigma_next = float(query["sigma"]), float(query["sigma_next"])
         except (TypeError, ValueError):
@@ -158,29 +178,34 @@ class CompatServer:
             raise ProtocolError(f"sigma_next must be in [0, sigma] = [0, {sigma:g}], got {sigma_next!r}")
         return sigma, sigma_next
 
-    def new_session(self, public_context: bytes, prompt: str = "", guidance: float = 0.0,
-                    deadline: Deadline | None = None) -> _CompatSession:
+    def new_session(
+        self, public_context: bytes, prompt: str = "", guidance: float = 0.0, deadline: Deadline | None = None
+    ) -> _CompatSession:
         prompt, guidance = self.check_open(prompt, guidance)
         ctx = TenSEALContext.from_public_bytes(public_context, allowed=self.params)
         net = self.denoiser.net
         return _CompatSession(ctx, net.conditions(prompts=[prompt] if prompt else None, n=1), guidance)
 
-    def open_session(self, public_context: bytes, prompt: str = "", guidance: float = 0.0, *, owner: str | None = None) -> str:
+    def open_session(
+        self, public_context: bytes, prompt: str = "", guidance: float = 0.0, *, owner: str | None = None
+    ) -> str:
         return self.sessions.open_with(lambda: self.new_session(public_context, prompt, guidance), owner=owner)
 
     def close_session(self, sid: str, *, owner: str | None = None) -> None:
         self.sessions.close(sid, owner=owner)
 
-    def step(self, sid: str, query: dict, frames: list[bytes], *, owner: str | None = None,
-             deadline: Deadline | None = None) -> list[bytes]:
+    def step(
+        self, sid: str, query: dict, frames: list[bytes], *, owner: str | None = None, deadline: Deadline | None = None
+    ) -> list[bytes]:
         """frames = [x_t (float32, plaintext), COO indices (int64), remainder (float64), ciphertexts...];
         returns [r' (float64), updated ciphertexts...]."""
         with self.sessions.use(sid, owner=owner) as s:
             return self.compute(s, self.check_sigmas(query), frames, deadline)
 
     @torch.no_grad()
-    def compute(self, s: _CompatSession, sigmas: tuple[float, float], frames: list[bytes],
-                deadline: Deadline | None = None) -> list[bytes]:
+    def compute(
+        self, s: _CompatSession, sigmas: tuple[float, float], frames: list[bytes], deadline: Deadline | None = None
+    ) -> list[bytes]:
         """:meth:`step` on a session's state with checked (σ_t, σ_{t−1})."""
         from ..diffusion import guided_denoiser
 
@@ -222,6 +247,6 @@ class CompatServer:
         out, off, a = [], 0, add[idx]
         for ct in cts:
             check()
-            out += update_encrypted(ctx, [ct], f, a[off:off + ct.size])
+            out += update_encrypted(ctx, [ct], f, a[off : off + ct.size])
             off += ct.size
         return [(f * rem + add).tobytes()] + [c.serialize() for c in out]

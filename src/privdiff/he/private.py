@@ -40,8 +40,18 @@ from .ckks import PRESETS, CKKSParams, TenSEALContext
 from .protocol import Deadline, ProtocolError, SessionTable
 from ..models.he_net import HECore, HENet, HENetConfig, core_forward, keys_values
 
-__all__ = ["Block", "layout", "pack_inputs", "pack_weights", "unpack_outputs", "permute_layers", "PrivateServer",
-           "RemoteCore", "client_net", "ProtocolError"]
+__all__ = [
+    "Block",
+    "layout",
+    "pack_inputs",
+    "pack_weights",
+    "unpack_outputs",
+    "permute_layers",
+    "PrivateServer",
+    "RemoteCore",
+    "client_net",
+    "ProtocolError",
+]
 
 
 # -- packing ------------------------------------------------------------------------------------
@@ -76,13 +86,15 @@ def pack_inputs(X: np.ndarray, n_out: int, slots: int) -> list[np.ndarray]:
     out = []
     for blk in layout(P, n_in, n_out, slots):
         Xb = np.zeros((blk.stop - blk.start, blk.K * blk.G))
-        Xb[:, :n_in] = X[blk.start:blk.stop]
+        Xb[:, :n_in] = X[blk.start : blk.stop]
         Xb = Xb.reshape(-1, blk.K, blk.G).transpose(1, 2, 0)  # [K, G, P_b]
         out += list(np.broadcast_to(Xb[..., None], Xb.shape + (n_out,)).reshape(blk.K, -1))
     return out
 
 
-def pack_weights(W: np.ndarray, b: np.ndarray | None, positions: int, slots: int) -> list[tuple[list[np.ndarray], np.ndarray | None]]:
+def pack_weights(
+    W: np.ndarray, b: np.ndarray | None, positions: int, slots: int
+) -> list[tuple[list[np.ndarray], np.ndarray | None]]:
     """Server: W [n_out, n_in], b [n_out] → per block, the K plaintext weight vectors and the bias vector."""
     n_out, n_in = W.shape
     out = []
@@ -105,7 +117,7 @@ def unpack_outputs(vectors: list[np.ndarray], positions: int, n_in: int, n_out: 
     """Client: the decrypted output vectors → Y [P, n_out] (sum of the G partial-sum copies)."""
     Y = np.zeros((positions, n_out))
     for blk, v in zip(layout(positions, n_in, n_out, slots), vectors):
-        Y[blk.start:blk.stop] = v[: blk.G * blk.M].reshape(blk.G, blk.stop - blk.start, n_out).sum(0)
+        Y[blk.start : blk.stop] = v[: blk.G * blk.M].reshape(blk.G, blk.stop - blk.start, n_out).sum(0)
     return Y
 
 
@@ -119,8 +131,13 @@ def permute_layers(core: HECore, rng: np.random.Generator | None) -> dict[str, t
     ident = lambda n: np.arange(n)  # noqa: E731
     perm = ident if rng is None else rng.permutation
 
-    W = {n: (m.weight.detach().double().cpu().numpy(), None if m.bias is None else m.bias.detach().double().cpu().numpy())
-         for n, m in core.layers().items()}
+    W = {
+        n: (
+            m.weight.detach().double().cpu().numpy(),
+            None if m.bias is None else m.bias.detach().double().cpu().numpy(),
+        )
+        for n, m in core.layers().items()
+    }
     pi_h = perm(H)
     out = {"in": (W["in"][0][pi_h], W["in"][1][pi_h]), "out": (W["out"][0][:, pi_h], W["out"][1])}
     for b in range(cfg.blocks):
@@ -156,9 +173,18 @@ class PrivateServer:
     ``sessions``: the session table (default: ``max_sessions``/``session_ttl``, no per-client limit).
     Thread-safe."""
 
-    def __init__(self, core: HECore, *, params: tuple[CKKSParams, ...] = (PRESETS["precise"],), permute: bool = True,
-                 max_sessions: int = 16, session_ttl: float = 600.0, max_rows: int = 2, context_tokens: int | None = None,
-                 sessions: SessionTable | None = None):
+    def __init__(
+        self,
+        core: HECore,
+        *,
+        params: tuple[CKKSParams, ...] = (PRESETS["precise"],),
+        permute: bool = True,
+        max_sessions: int = 16,
+        session_ttl: float = 600.0,
+        max_rows: int = 2,
+        context_tokens: int | None = None,
+        sessions: SessionTable | None = None,
+    ):
         if max_rows < 1 or (context_tokens is not None and context_tokens < 1):
             raise ValueError(f"max_rows and context_tokens must be >= 1, got {max_rows} and {context_tokens}")
         self.core, self.params, self.permute = core.eval(), tuple(params), permute
@@ -166,15 +192,21 @@ class PrivateServer:
         self.max_positions = self.max_rows * (context_tokens or 64)
         self.shapes = {n: (m.out_features, m.in_features) for n, m in core.layers().items()}
         self.kv_names = tuple(n for b in range(core.config.blocks) for n in (f"k{b}", f"v{b}"))
-        self.sessions: SessionTable[_Session] = sessions if sessions is not None else SessionTable(max_sessions=max_sessions, ttl=session_ttl)
+        self.sessions: SessionTable[_Session] = (
+            sessions if sessions is not None else SessionTable(max_sessions=max_sessions, ttl=session_ttl)
+        )
 
     def spec(self) -> dict:
         """What a client needs to run its part: sizes of the network and of every layer (no weights)."""
         from dataclasses import asdict
 
-        return {"config": asdict(self.core.config), "latent_shape": list(self.core.latent_shape),
-                "context_width": self.core.context_width, "layers": {n: list(s) for n, s in self.shapes.items()},
-                "ckks": [p.to_dict() for p in self.params]}
+        return {
+            "config": asdict(self.core.config),
+            "latent_shape": list(self.core.latent_shape),
+            "context_width": self.core.context_width,
+            "layers": {n: list(s) for n, s in self.shapes.items()},
+            "ckks": [p.to_dict() for p in self.params],
+        }
 
     def new_session(self, public_context: bytes, deadline: Deadline | None = None) -> _Session:
         """A session's state: the client's public context (no secret key; checked before it is loaded)
@@ -204,27 +236,45 @@ class PrivateServer:
         elif len(names) == 1 and names[0] in self.shapes:
             ok, allowed = 1 <= positions <= self.max_rows, f"1 to {self.max_rows}"
         else:
-            raise ProtocolError(f"layers must be one of {', '.join(self.shapes)} or the stack {','.join(self.kv_names)}; "
-                                f"got {','.join(names)[:200]!r}")
+            raise ProtocolError(
+                f"layers must be one of {', '.join(self.shapes)} or the stack {','.join(self.kv_names)}; "
+                f"got {','.join(names)[:200]!r}"
+            )
         if not ok:
             raise ProtocolError(f"positions for layer(s) {','.join(names)} must be {allowed}, got {positions}")
         n_out, n_in = sum(self.shapes[n][0] for n in names), self.shapes[names[0]][1]
         return [blk.G * blk.M for blk in layout(positions, n_in, n_out, slots) for _ in range(blk.K)]
 
-    def linear(self, sid: str, names: tuple[str, ...], positions: int, ciphertexts: list[bytes], *,
-               owner: str | None = None, deadline: Deadline | None = None) -> list[bytes]:
+    def linear(
+        self,
+        sid: str,
+        names: tuple[str, ...],
+        positions: int,
+        ciphertexts: list[bytes],
+        *,
+        owner: str | None = None,
+        deadline: Deadline | None = None,
+    ) -> list[bytes]:
         """Y = X Wᵀ + b for the stacked layers ``names`` on the packed ciphertexts of X (see module docstring)."""
         with self.sessions.use(sid, owner=owner) as s:
             return self.compute(s, names, positions, ciphertexts, deadline)
 
-    def compute(self, s: _Session, names: tuple[str, ...], positions: int, ciphertexts: list[bytes],
-                deadline: Deadline | None = None) -> list[bytes]:
+    def compute(
+        self,
+        s: _Session,
+        names: tuple[str, ...],
+        positions: int,
+        ciphertexts: list[bytes],
+        deadline: Deadline | None = None,
+    ) -> list[bytes]:
         """:meth:`linear` on a session's state; ``deadline`` is checked between homomorphic operations."""
         check = deadline.check if deadline is not None else (lambda: None)
         ctx, slots = s.context, s.context.params.slots
         sizes = self.expected(names, positions, slots=slots)
         if len(ciphertexts) != len(sizes):
-            raise ProtocolError(f"{len(ciphertexts)} ciphertexts for layer(s) {','.join(names)} over {positions} positions; expected {len(sizes)}")
+            raise ProtocolError(
+                f"{len(ciphertexts)} ciphertexts for layer(s) {','.join(names)} over {positions} positions; expected {len(sizes)}"
+            )
         for c, n in zip(ciphertexts, sizes):  # every envelope before any work; each is loaded when it is used,
             ctx.check_ciphertext_bytes(c, size=n, fresh=True)  # so a request holds a few ciphertexts at a time
         key = (names, positions)
@@ -232,7 +282,11 @@ class PrivateServer:
         if packed is None:
             W = np.concatenate([s.weights[n][0] for n in names])
             bs = [s.weights[n][1] for n in names]
-            b = None if all(x is None for x in bs) else np.concatenate([np.zeros(self.shapes[n][0]) if x is None else x for n, x in zip(names, bs)])
+            b = (
+                None
+                if all(x is None for x in bs)
+                else np.concatenate([np.zeros(self.shapes[n][0]) if x is None else x for n, x in zip(names, bs)])
+            )
             packed = s.packed[key] = pack_weights(W, b, positions, slots)
         out, i = [], 0
         for weights, bias in packed:

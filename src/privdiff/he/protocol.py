@@ -43,8 +43,20 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Generic, Iterator, TypeVar
 
-__all__ = ["ProtocolError", "SessionNotFound", "TooManyRequests", "ServerBusy", "PayloadTooLarge", "Cancelled",
-           "SessionTable", "Deadline", "FairScheduler", "MemoryTrimmer", "trim_memory", "server_allocator"]
+__all__ = [
+    "ProtocolError",
+    "SessionNotFound",
+    "TooManyRequests",
+    "ServerBusy",
+    "PayloadTooLarge",
+    "Cancelled",
+    "SessionTable",
+    "Deadline",
+    "FairScheduler",
+    "MemoryTrimmer",
+    "trim_memory",
+    "server_allocator",
+]
 
 T = TypeVar("T")
 
@@ -109,18 +121,37 @@ class SessionTable(Generic[T]):
     may have in progress at once (429 beyond). ``on_drop`` is called (outside the lock) after
     sessions were dropped. ``clock`` is injectable for tests (monotonic seconds)."""
 
-    def __init__(self, *, max_sessions: int, ttl: float, max_per_owner: int | None = None, idle_evict: float | None = None,
-                 unused_grace: float = 10.0, max_inflight: int = 2, clock: Callable[[], float] = time.monotonic,
-                 on_drop: Callable[[], None] | None = None):
+    def __init__(
+        self,
+        *,
+        max_sessions: int,
+        ttl: float,
+        max_per_owner: int | None = None,
+        idle_evict: float | None = None,
+        unused_grace: float = 10.0,
+        max_inflight: int = 2,
+        clock: Callable[[], float] = time.monotonic,
+        on_drop: Callable[[], None] | None = None,
+    ):
         if max_sessions < 1 or not ttl > 0 or (max_per_owner is not None and max_per_owner < 1):
-            raise ValueError(f"max_sessions (and max_per_owner) must be >= 1 and ttl > 0, got {max_sessions}, {max_per_owner} and {ttl}")
+            raise ValueError(
+                f"max_sessions (and max_per_owner) must be >= 1 and ttl > 0, got {max_sessions}, {max_per_owner} and {ttl}"
+            )
         idle_evict = ttl if idle_evict is None else idle_evict
         if not (0 < idle_evict <= ttl and 0 < unused_grace and max_inflight >= 1):
-            raise ValueError(f"need 0 < idle_evict <= ttl, unused_grace > 0, max_inflight >= 1; got {idle_evict}, {unused_grace}, {max_inflight}")
+            raise ValueError(
+                f"need 0 < idle_evict <= ttl, unused_grace > 0, max_inflight >= 1; got {idle_evict}, {unused_grace}, {max_inflight}"
+            )
         self.max_sessions, self.ttl, self.max_per_owner = int(max_sessions), float(ttl), max_per_owner
-        self.idle_evict, self.unused_grace, self.max_inflight = float(idle_evict), float(unused_grace), int(max_inflight)
+        self.idle_evict, self.unused_grace, self.max_inflight = (
+            float(idle_evict),
+            float(unused_grace),
+            int(max_inflight),
+        )
         self._clock, self._on_drop = clock, on_drop
-        self._entries: collections.OrderedDict[str, _Entry] = collections.OrderedDict()  # index -> entry, least recently used first
+        self._entries: collections.OrderedDict[str, _Entry] = (
+            collections.OrderedDict()
+        )  # index -> entry, least recently used first
         self._lock = threading.Lock()
 
     # -- opening ---------------------------------------------------------------------------------
@@ -136,11 +167,19 @@ class SessionTable(Generic[T]):
                 if self.max_per_owner is not None:
                     own = [i for i, e in self._entries.items() if e.owner == owner]
                     if len(own) >= self.max_per_owner:
-                        dropped += self._evict(own, now, TooManyRequests,
-                                               f"this client already has {len(own)} sessions (at most {self.max_per_owner}), all active: close one or retry later")
+                        dropped += self._evict(
+                            own,
+                            now,
+                            TooManyRequests,
+                            f"this client already has {len(own)} sessions (at most {self.max_per_owner}), all active: close one or retry later",
+                        )
                 if len(self._entries) >= self.max_sessions:
-                    dropped += self._evict(list(self._entries), now, ServerBusy,
-                                           f"all {self.max_sessions} sessions are active: retry later")
+                    dropped += self._evict(
+                        list(self._entries),
+                        now,
+                        ServerBusy,
+                        f"all {self.max_sessions} sessions are active: retry later",
+                    )
                 index = secrets.token_hex(8)
                 while index in self._entries:
                     index = secrets.token_hex(8)
@@ -194,8 +233,10 @@ class SessionTable(Generic[T]):
         with self._lock:
             index, e = self._find(token, owner)
             if e.inflight >= self.max_inflight:
-                raise TooManyRequests(f"this session already has {e.inflight} requests in progress (at most {self.max_inflight})",
-                                      retry_after=1)
+                raise TooManyRequests(
+                    f"this session already has {e.inflight} requests in progress (at most {self.max_inflight})",
+                    retry_after=1,
+                )
             e.inflight += 1
             self._touch(index, e)
         try:
@@ -306,15 +347,28 @@ class FairScheduler:
     the queue; a job that waited ``queue_timeout`` seconds is dropped (503); a running job gets a
     :class:`Deadline` of ``timeout`` seconds. ``on_idle`` is called when the last job finishes."""
 
-    def __init__(self, workers: int, *, timeout: float, queue_timeout: float = 60.0, max_running_per_group: int | None = None,
-                 max_pending_per_key: int = 2, max_pending: int = 64, on_idle: Callable[[], None] | None = None,
-                 name: str = "privdiff-he"):
+    def __init__(
+        self,
+        workers: int,
+        *,
+        timeout: float,
+        queue_timeout: float = 60.0,
+        max_running_per_group: int | None = None,
+        max_pending_per_key: int = 2,
+        max_pending: int = 64,
+        on_idle: Callable[[], None] | None = None,
+        name: str = "privdiff-he",
+    ):
         if workers < 1 or not timeout > 0 or not queue_timeout > 0:
-            raise ValueError(f"need workers >= 1, timeout > 0, queue_timeout > 0; got {workers}, {timeout}, {queue_timeout}")
+            raise ValueError(
+                f"need workers >= 1, timeout > 0, queue_timeout > 0; got {workers}, {timeout}, {queue_timeout}"
+            )
         self.timeout, self.queue_timeout = float(timeout), float(queue_timeout)
         self.max_running_per_group = max_running_per_group or workers
         self.max_pending_per_key, self.max_pending, self._on_idle = max_pending_per_key, max_pending, on_idle
-        self._queues: collections.OrderedDict[Any, collections.OrderedDict[Any, collections.deque]] = collections.OrderedDict()
+        self._queues: collections.OrderedDict[Any, collections.OrderedDict[Any, collections.deque]] = (
+            collections.OrderedDict()
+        )
         self._running_key: collections.Counter = collections.Counter()
         self._running_group: collections.Counter = collections.Counter()
         self._queued = 0
@@ -334,7 +388,9 @@ class FairScheduler:
             keys = self._queues.setdefault(group, collections.OrderedDict())
             q = keys.setdefault(key, collections.deque())
             if len(q) + self._running_key[(group, key)] >= self.max_pending_per_key:
-                raise TooManyRequests(f"this session already has {self.max_pending_per_key} requests waiting or running", retry_after=1)
+                raise TooManyRequests(
+                    f"this session already has {self.max_pending_per_key} requests waiting or running", retry_after=1
+                )
             if self._queued >= self.max_pending:
                 raise ServerBusy(f"{self._queued} requests are waiting: retry later", retry_after=1)
             job = _Job(group, key, fn, Deadline(self.timeout), time.monotonic())
@@ -366,12 +422,20 @@ class FairScheduler:
             keys = self._queues[group]
             for key in list(keys):  # drop what waited too long or was given up by its request
                 q = keys[key]
-                while q and (now - q[0].queued > self.queue_timeout or q[0].deadline.reason is not None or q[0].future.cancelled()):
+                while q and (
+                    now - q[0].queued > self.queue_timeout
+                    or q[0].deadline.reason is not None
+                    or q[0].future.cancelled()
+                ):
                     job = q.popleft()
                     self._queued -= 1
                     self._idle_pending = True
                     if job.future.set_running_or_notify_cancel():
-                        job.future.set_exception(ServerBusy(f"the request waited {self.queue_timeout:g} s in the queue: retry later", retry_after=1))
+                        job.future.set_exception(
+                            ServerBusy(
+                                f"the request waited {self.queue_timeout:g} s in the queue: retry later", retry_after=1
+                            )
+                        )
                 if not q and not self._running_key[(group, key)]:
                     del keys[key]
             if not keys and not self._running_group[group]:
@@ -460,7 +524,11 @@ def server_allocator() -> bool:
         mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
     except (OSError, AttributeError):
         return False
-    return bool(mallopt(_M_MMAP_THRESHOLD, 128 << 10) and mallopt(_M_TRIM_THRESHOLD, 128 << 10) and mallopt(_M_TOP_PAD, 128 << 10))
+    return bool(
+        mallopt(_M_MMAP_THRESHOLD, 128 << 10)
+        and mallopt(_M_TRIM_THRESHOLD, 128 << 10)
+        and mallopt(_M_TOP_PAD, 128 << 10)
+    )
 
 
 class MemoryTrimmer:

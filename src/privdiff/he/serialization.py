@@ -24,15 +24,28 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
-__all__ = ["EnvelopeError", "VectorEnvelope", "ContextEnvelope", "check_ciphertext", "check_context",
-           "ciphertext_bytes", "ciphertext_wire_max", "public_key_bytes", "inflated_bound"]
+__all__ = [
+    "EnvelopeError",
+    "VectorEnvelope",
+    "ContextEnvelope",
+    "check_ciphertext",
+    "check_context",
+    "ciphertext_bytes",
+    "ciphertext_wire_max",
+    "public_key_bytes",
+    "inflated_bound",
+]
 
 SEAL_MAGIC = 0xA15E
-SEAL_HEADER = struct.Struct("<HBBBBHQ")  # magic, header size, version major, minor, compression mode, reserved, total size
+SEAL_HEADER = struct.Struct(
+    "<HBBBBHQ"
+)  # magic, header size, version major, minor, compression mode, reserved, total size
 COMPR_NONE, COMPR_ZLIB, COMPR_ZSTD = 0, 1, 2
 ZSTD_MAGIC = 0xFD2FB528
 ZSTD_BLOCK_MAX = 128 * 1024
-SEAL_CT_METADATA = 97  # parms_id 32, NTT flag 1, size 8, N 8, primes 8, scale 8, correction 8, DynArray header 16 + count 8
+SEAL_CT_METADATA = (
+    97  # parms_id 32, NTT flag 1, size 8, N 8, primes 8, scale 8, correction 8, DynArray header 16 + count 8
+)
 PARAMS_MAX = 16 * 1024  # serialised EncryptionParameters: a few hundred bytes
 
 
@@ -82,12 +95,12 @@ def _fields(data: bytes, what: str) -> list[tuple[int, int, object]]:
         elif wire == 1:
             if off + 8 > len(data):
                 raise EnvelopeError(f"{what}: truncated fixed64 field")
-            value, off = data[off:off + 8], off + 8
+            value, off = data[off : off + 8], off + 8
         elif wire == 2:
             n, off = _varint(data, off)
             if off + n > len(data):
                 raise EnvelopeError(f"{what}: field {number} runs past the end ({n} bytes)")
-            value, off = data[off:off + n], off + n
+            value, off = data[off : off + n], off + n
         else:
             raise EnvelopeError(f"{what}: unexpected wire type {wire} (field {number})")
         out.append((number, wire, value))
@@ -118,7 +131,7 @@ def inflated_bound(blob: bytes, what: str) -> int:
         raise EnvelopeError(f"{what}: not a SEAL object (bad header)")
     if total != len(blob):
         raise EnvelopeError(f"{what}: SEAL header says {total} bytes, got {len(blob)}")
-    payload = memoryview(blob)[SEAL_HEADER.size:]
+    payload = memoryview(blob)[SEAL_HEADER.size :]
     if mode == COMPR_NONE:
         return len(payload)
     if mode == COMPR_ZSTD:
@@ -147,7 +160,7 @@ def _zstd_bound(data: memoryview, what: str) -> int:
     if fcs_size:
         if off + fcs_size > n:
             raise EnvelopeError(f"{what}: truncated zstd frame header")
-        fcs = int.from_bytes(data[off:off + fcs_size], "little") + (256 if fcs_size == 2 else 0)
+        fcs = int.from_bytes(data[off : off + fcs_size], "little") + (256 if fcs_size == 2 else 0)
         off += fcs_size
     if single:
         window = fcs
@@ -156,7 +169,7 @@ def _zstd_bound(data: memoryview, what: str) -> int:
     while True:
         if off + 3 > n:
             raise EnvelopeError(f"{what}: truncated zstd block header")
-        hdr = int.from_bytes(data[off:off + 3], "little")
+        hdr = int.from_bytes(data[off : off + 3], "little")
         off += 3
         last, btype, size = hdr & 1, (hdr >> 1) & 3, hdr >> 3
         if btype == 3 or size > block_max:
@@ -170,7 +183,9 @@ def _zstd_bound(data: memoryview, what: str) -> int:
             break
     off += 4 * checksum
     if off != n:
-        raise EnvelopeError(f"{what}: {n - off} bytes after the zstd frame" if off < n else f"{what}: truncated zstd checksum")
+        raise EnvelopeError(
+            f"{what}: {n - off} bytes after the zstd frame" if off < n else f"{what}: truncated zstd checksum"
+        )
     return bound if fcs is None else min(bound, fcs)
 
 
@@ -188,8 +203,9 @@ class VectorEnvelope:
     ciphertexts: int
 
 
-def check_ciphertext(data: bytes, *, max_inflated: int, size: int | None = None, max_size: int | None = None,
-                     scale: float | None = None) -> VectorEnvelope:
+def check_ciphertext(
+    data: bytes, *, max_inflated: int, size: int | None = None, max_size: int | None = None, scale: float | None = None
+) -> VectorEnvelope:
     """Read a serialised TenSEAL ``CKKSVector``: it must hold exactly one SEAL ciphertext that inflates to
     at most ``max_inflated`` bytes, packing ``size`` values (or 1 to ``max_size``), at ``scale`` if given."""
     what = "ciphertext"
@@ -205,7 +221,9 @@ def check_ciphertext(data: bytes, *, max_inflated: int, size: int | None = None,
                 sizes.append(v)
     cts = [v for _, v in got.get(2, [])]
     if len(cts) != 1 or len(sizes) != 1:
-        raise EnvelopeError(f"{what}: a CKKS vector must hold exactly one ciphertext (got {len(cts)}, with {len(sizes)} sizes)")
+        raise EnvelopeError(
+            f"{what}: a CKKS vector must hold exactly one ciphertext (got {len(cts)}, with {len(sizes)} sizes)"
+        )
     if size is not None and sizes[0] != size:
         raise EnvelopeError(f"{what} holds {sizes[0]} values, expected {size}")
     if not 1 <= sizes[0] <= (max_size if max_size is not None else sizes[0]):
@@ -237,7 +255,9 @@ def check_context(data: bytes, *, max_public_key: int) -> ContextEnvelope:
     secret = 3 in got and bool(got[3][0][1])
     pub = {}
     if 2 in got:
-        pub = _single(_fields(got[2][0][1], "public context"), "public context", {1: (2,), 2: (0,), 3: (1,), 4: (2,), 5: (2,)})
+        pub = _single(
+            _fields(got[2][0][1], "public context"), "public context", {1: (2,), 2: (0,), 3: (1,), 4: (2,), 5: (2,)}
+        )
     nonempty = lambda k: k in pub and bool(pub[k][0][1])  # noqa: E731
     env = ContextEnvelope(secret, nonempty(1), nonempty(4), nonempty(5))
     if env.has_public_key and not secret:

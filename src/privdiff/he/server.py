@@ -41,14 +41,33 @@ from pathlib import Path
 
 from .ckks import CKKSError, CKKSParams
 from .private import PrivateServer
-from .protocol import (FairScheduler, MemoryTrimmer, PayloadTooLarge, ProtocolError, ServerBusy, SessionNotFound,
-                       SessionTable, server_allocator, trim_memory)
+from .protocol import (
+    FairScheduler,
+    MemoryTrimmer,
+    PayloadTooLarge,
+    ProtocolError,
+    ServerBusy,
+    SessionNotFound,
+    SessionTable,
+    server_allocator,
+    trim_memory,
+)
 from .serialization import PARAMS_MAX, EnvelopeError, ciphertext_bytes, ciphertext_wire_max, public_key_bytes
 
-__all__ = ["ServiceConfig", "build_app", "encode_frames", "decode_frames", "client_model_bytes", "load_service", "serve"]
+__all__ = [
+    "ServiceConfig",
+    "build_app",
+    "encode_frames",
+    "decode_frames",
+    "client_model_bytes",
+    "load_service",
+    "serve",
+]
 
 MAGIC = b"PDCT"
-SCHEDULER = None  # the app key of the FairScheduler of an app from build_app (an aiohttp AppKey once aiohttp is imported)
+SCHEDULER = (
+    None  # the app key of the FairScheduler of an app from build_app (an aiohttp AppKey once aiohttp is imported)
+)
 
 
 class LengthRequired(ProtocolError):
@@ -63,14 +82,18 @@ class RequestTimeout(ProtocolError):
 class ServiceConfig:
     """Limits of the service (``privdiff he serve`` flags in parentheses; docs/he.md, "Service limits")."""
 
-    max_body_mb: float = 64.0  # (--max-body-mb) no request body may be larger (413); each route allows only what it needs
+    max_body_mb: float = (
+        64.0  # (--max-body-mb) no request body may be larger (413); each route allows only what it needs
+    )
     timeout_s: float = 120.0  # (--timeout) a request that computes longer is stopped (503)
     workers: int = 2  # (--workers) threads doing HE work
     max_sessions: int = 16  # (--max-sessions) per mode
     max_client_sessions: int = 4  # (--max-client-sessions) per mode and remote address
     max_client_jobs: int | None = None  # (--max-client-jobs) running requests per remote address (None: workers)
     session_ttl_s: float = 600.0  # (--session-ttl) an idle session is dropped after it
-    session_idle_s: float | None = None  # a session idle this long (or opened and unused for 10 s) may be evicted when a limit is reached (None: 60 s, at most the TTL)
+    session_idle_s: float | None = (
+        None  # a session idle this long (or opened and unused for 10 s) may be evicted when a limit is reached (None: 60 s, at most the TTL)
+    )
     queue_timeout_s: float = 60.0  # a request waiting longer for a worker gets 503
     body_timeout_s: float = 30.0  # a body that has not arrived within it gets 408
     max_inflight_mb: float = 256.0  # bodies and decoded ciphertexts of the requests being handled (503 beyond)
@@ -78,22 +101,41 @@ class ServiceConfig:
     def __post_init__(self):
         if self.session_idle_s is None:
             ttl = self.session_ttl_s
-            object.__setattr__(self, "session_idle_s", min(60.0, ttl) if isinstance(ttl, (int, float)) and ttl > 0 else 60.0)
-        for name in ("max_body_mb", "timeout_s", "session_ttl_s", "session_idle_s", "queue_timeout_s", "body_timeout_s", "max_inflight_mb"):
+            object.__setattr__(
+                self, "session_idle_s", min(60.0, ttl) if isinstance(ttl, (int, float)) and ttl > 0 else 60.0
+            )
+        for name in (
+            "max_body_mb",
+            "timeout_s",
+            "session_ttl_s",
+            "session_idle_s",
+            "queue_timeout_s",
+            "body_timeout_s",
+            "max_inflight_mb",
+        ):
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
                 raise ValueError(f"{name} must be a positive finite number, got {v!r}")
         for name in ("workers", "max_sessions", "max_client_sessions"):
             if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 1):
                 raise ValueError(f"{name} must be an integer >= 1, got {getattr(self, name)!r}")
-        if self.max_client_jobs is not None and not (isinstance(self.max_client_jobs, int) and self.max_client_jobs >= 1):
+        if self.max_client_jobs is not None and not (
+            isinstance(self.max_client_jobs, int) and self.max_client_jobs >= 1
+        ):
             raise ValueError(f"max_client_jobs must be an integer >= 1, got {self.max_client_jobs!r}")
         if self.session_idle_s > self.session_ttl_s:
-            raise ValueError(f"session_idle_s ({self.session_idle_s:g}) must not exceed session_ttl_s ({self.session_ttl_s:g})")
+            raise ValueError(
+                f"session_idle_s ({self.session_idle_s:g}) must not exceed session_ttl_s ({self.session_ttl_s:g})"
+            )
 
     def session_table(self, on_drop=None) -> SessionTable:
-        return SessionTable(max_sessions=self.max_sessions, ttl=self.session_ttl_s, max_per_owner=self.max_client_sessions,
-                            idle_evict=self.session_idle_s, on_drop=on_drop)
+        return SessionTable(
+            max_sessions=self.max_sessions,
+            ttl=self.session_ttl_s,
+            max_per_owner=self.max_client_sessions,
+            idle_evict=self.session_idle_s,
+            on_drop=on_drop,
+        )
 
 
 def encode_frames(items: list[bytes]) -> bytes:
@@ -104,7 +146,9 @@ def encode_frames(items: list[bytes]) -> bytes:
     return b"".join(out)
 
 
-def decode_frames(data: bytes, *, max_items: int = 100_000, count: int | None = None, max_item: int | None = None) -> list[bytes]:
+def decode_frames(
+    data: bytes, *, max_items: int = 100_000, count: int | None = None, max_item: int | None = None
+) -> list[bytes]:
     """Inverse of :func:`encode_frames`; :class:`ProtocolError` for anything malformed or truncated,
     for other than ``count`` items (when given) or more than ``max_items``, and for an item longer
     than ``max_item`` bytes."""
@@ -126,7 +170,7 @@ def decode_frames(data: bytes, *, max_items: int = 100_000, count: int | None = 
             raise ProtocolError(f"item {i} is {m} bytes, at most {max_item} here")
         if off + m > len(data):
             raise ProtocolError(f"frame truncated inside item {i} of {n}")
-        items.append(bytes(view[off:off + m]))
+        items.append(bytes(view[off : off + m]))
         off += m
     if off != len(data):
         raise ProtocolError(f"{len(data) - off} trailing bytes after {n} items")
@@ -143,8 +187,12 @@ def client_model_bytes(net, autoencoder) -> bytes:
     state = {f"class_embedder.{k}": v for k, v in net.class_embedder.state_dict().items()}
     state |= {f"text_encoder.{k}": v for k, v in net.text_encoder.state_dict().items()}
     state |= {f"autoencoder.{k}": v for k, v in autoencoder.state_dict().items()}
-    meta = {"num_classes": str(net.num_classes), "text": json.dumps(dataclasses.asdict(net.text_encoder.config)),
-            "tokenizer": json.dumps(net.text_encoder.tokenizer.to_dict()), "autoencoder": json.dumps({k: v for k, v in dict(autoencoder.config).items() if not k.startswith("_")})}
+    meta = {
+        "num_classes": str(net.num_classes),
+        "text": json.dumps(dataclasses.asdict(net.text_encoder.config)),
+        "tokenizer": json.dumps(net.text_encoder.tokenizer.to_dict()),
+        "autoencoder": json.dumps({k: v for k, v in dict(autoencoder.config).items() if not k.startswith("_")}),
+    }
     return save({k: v.detach().contiguous().cpu() for k, v in state.items()}, metadata=meta)
 
 
@@ -172,24 +220,48 @@ def load_service(run: str | Path, *, config: ServiceConfig = ServiceConfig(), pe
     recipe = r.load_config()
     net = r.load_net(ema=True).eval()
     if not isinstance(net, HENet):
-        raise RunError(f"{r.path}: its denoiser is not the HE-friendly one (train with ldm.net=he, e.g. the he-ldm-mnist5k recipe)")
+        raise RunError(
+            f"{r.path}: its denoiser is not the HE-friendly one (train with ldm.net=he, e.g. the he-ldm-mnist5k recipe)"
+        )
     ae_dir = r.path / "autoencoder"
     if not (ae_dir / "config.json").is_file():
         raise RunError(f"{r.path}: no autoencoder/ (not a latent-diffusion run)")
     from diffusers import AutoencoderKL
 
-    ae = AutoencoderKL.from_pretrained(ae_dir, local_files_only=True, use_safetensors=True, low_cpu_mem_usage=False).eval()
+    ae = AutoencoderKL.from_pretrained(
+        ae_dir, local_files_only=True, use_safetensors=True, low_cpu_mem_usage=False
+    ).eval()
     trimmer = MemoryTrimmer()
     with torch.no_grad():  # T, the length of the conditioning the keys and values are computed on
         tokens = int(net.context(net.conditions(n=1)).shape[1])
-    private = PrivateServer(net.unet, permute=permute, max_rows=2, context_tokens=tokens,
-                            sessions=config.session_table(on_drop=trimmer.request))
-    compat = CompatServer(make_denoiser(recipe, net), sigma_max=recipe.sampler.sigma_max, sessions=config.session_table(on_drop=trimmer.request))
+    private = PrivateServer(
+        net.unet,
+        permute=permute,
+        max_rows=2,
+        context_tokens=tokens,
+        sessions=config.session_table(on_drop=trimmer.request),
+    )
+    compat = CompatServer(
+        make_denoiser(recipe, net),
+        sigma_max=recipe.sampler.sigma_max,
+        sessions=config.session_table(on_drop=trimmer.request),
+    )
     d = recipe_to_dict(recipe)
     limits = {k: v for k, v in asdict(config).items()}
-    limits |= {"max_body_bytes": int(config.max_body_mb * 2**20), "max_positions": private.max_positions, "max_rows": private.max_rows,
-               "context_tokens": tokens, "compat_ckks": [dict(p.to_dict(), galois_keys=False) for p in compat.params]}
-    info = {"modes": ["private", "compat"], "model": private.spec(), "sampler": d["sampler"], "diffusion": d["diffusion"], "limits": limits}
+    limits |= {
+        "max_body_bytes": int(config.max_body_mb * 2**20),
+        "max_positions": private.max_positions,
+        "max_rows": private.max_rows,
+        "context_tokens": tokens,
+        "compat_ckks": [dict(p.to_dict(), galois_keys=False) for p in compat.params],
+    }
+    info = {
+        "modes": ["private", "compat"],
+        "model": private.spec(),
+        "sampler": d["sampler"],
+        "diffusion": d["diffusion"],
+        "limits": limits,
+    }
     return Service(private, info, client_model_bytes(net, ae), config, compat, trimmer)
 
 
@@ -206,8 +278,10 @@ class _Budget:
     @asynccontextmanager
     async def hold(self, n: int):
         if self.used + n > self.total:
-            raise ServerBusy(f"the server is handling {self.used >> 20} MB of requests (at most {self.total >> 20} MB): retry later",
-                             retry_after=1)
+            raise ServerBusy(
+                f"the server is handling {self.used >> 20} MB of requests (at most {self.total >> 20} MB): retry later",
+                retry_after=1,
+            )
         self.used += n
         try:
             yield
@@ -228,15 +302,25 @@ def build_app(service: Service):
         SCHEDULER = web.AppKey("scheduler", FairScheduler)
     cfg = service.config
     trimmer = service.trimmer or MemoryTrimmer()
-    sched = FairScheduler(cfg.workers, timeout=cfg.timeout_s, queue_timeout=cfg.queue_timeout_s,
-                          max_running_per_group=cfg.max_client_jobs, max_pending_per_key=2,
-                          max_pending=8 * cfg.max_sessions, on_idle=trimmer.request)
+    sched = FairScheduler(
+        cfg.workers,
+        timeout=cfg.timeout_s,
+        queue_timeout=cfg.queue_timeout_s,
+        max_running_per_group=cfg.max_client_jobs,
+        max_pending_per_key=2,
+        max_pending=8 * cfg.max_sessions,
+        on_idle=trimmer.request,
+    )
     budget = _Budget(int(cfg.max_inflight_mb * 2**20), on_release=trimmer.request)
     max_body = int(cfg.max_body_mb * 2**20)
     compat = service.compat
     open_params = service.private.params + (compat.params if compat is not None else ())
     # a public context: parameters, and at most a public key (no relinearisation or Galois keys)
-    open_limit = PARAMS_MAX + max(public_key_bytes(p.poly_modulus_degree, len(p.coeff_mod_bit_sizes)) for p in open_params) + 4096
+    open_limit = (
+        PARAMS_MAX
+        + max(public_key_bytes(p.poly_modulus_degree, len(p.coeff_mod_bit_sizes)) for p in open_params)
+        + 4096
+    )
 
     def error(status: int, message: str, retry_after: float | None = None, headers: dict | None = None):
         h = dict(headers or {})
@@ -258,7 +342,11 @@ def build_app(service: Service):
             if e.status == 413:
                 return error(413, f"request body larger than {cfg.max_body_mb:g} MB")
             if e.status == 405:
-                return error(405, f"method {request.method} is not allowed on {request.path[:100]}", headers={"Allow": e.headers.get("Allow", "")})
+                return error(
+                    405,
+                    f"method {request.method} is not allowed on {request.path[:100]}",
+                    headers={"Allow": e.headers.get("Allow", "")},
+                )
             if e.status == 404:
                 return error(404, f"no route {request.path[:100]!r} (see GET /v1/info)")
             return error(e.status, e.reason or e.text or "refused")
@@ -273,7 +361,9 @@ def build_app(service: Service):
         keys = [k for k, _ in request.query.items()]  # .keys() would fold repeats
         unknown = sorted({k for k in keys if k not in allowed})
         if unknown:
-            raise ProtocolError(f"unknown query parameter(s) {', '.join(repr(k[:40]) for k in unknown[:5])} (allowed: {', '.join(allowed)})")
+            raise ProtocolError(
+                f"unknown query parameter(s) {', '.join(repr(k[:40]) for k in unknown[:5])} (allowed: {', '.join(allowed)})"
+            )
         repeated = sorted({k for k in keys if keys.count(k) > 1})
         if repeated:
             raise ProtocolError(f"query parameter(s) {', '.join(repeated)} given more than once")
@@ -344,7 +434,11 @@ def build_app(service: Service):
             build = lambda body, d: compat.new_session(body, prompt, guidance, d)  # noqa: E731
         else:
             raise ProtocolError(f"mode must be one of {service.info['modes']}, got {mode[:40]!r}")
-        n = body_length(request, open_limit, "a public context (parameters and at most a public key: no relinearisation or Galois keys)")
+        n = body_length(
+            request,
+            open_limit,
+            "a public context (parameters and at most a public key: no relinearisation or Galois keys)",
+        )
         reservation = table.reserve(request.remote)
         try:
             async with budget.hold(2 * n + open_limit):
@@ -368,7 +462,11 @@ def build_app(service: Service):
             n = body_length(request, 8 + len(sizes) * (4 + item), f"{len(sizes)} ciphertexts")
             async with budget.hold(2 * n + 2 * len(sizes) * inflated):
                 frames = decode_frames(await read_exactly(request, n), count=len(sizes), max_item=item)
-                out = await run(request, request.match_info["sid"], lambda d: service.private.compute(s, names, positions, frames, d))
+                out = await run(
+                    request,
+                    request.match_info["sid"],
+                    lambda d: service.private.compute(s, names, positions, frames, d),
+                )
         return web.Response(body=encode_frames(out), content_type="application/octet-stream")
 
     async def compat_step(request):
@@ -413,7 +511,9 @@ def build_app(service: Service):
     return app
 
 
-def serve(run: str | Path, *, host: str = "127.0.0.1", port: int = 8750, config: ServiceConfig = ServiceConfig()) -> None:
+def serve(
+    run: str | Path, *, host: str = "127.0.0.1", port: int = 8750, config: ServiceConfig = ServiceConfig()
+) -> None:
     """Run the service of ``run`` until interrupted (``port`` 0: a free port, printed)."""
     from aiohttp import web
 
@@ -427,7 +527,10 @@ def serve(run: str | Path, *, host: str = "127.0.0.1", port: int = 8750, config:
         site = web.TCPSite(runner, host, port)
         await site.start()
         bound = runner.addresses[0][1] if runner.addresses else port
-        print(f"privdiff he: serving {run} on http://{host}:{bound} (modes: {', '.join(service.info['modes'])})", flush=True)
+        print(
+            f"privdiff he: serving {run} on http://{host}:{bound} (modes: {', '.join(service.info['modes'])})",
+            flush=True,
+        )
         try:
             await asyncio.Event().wait()
         finally:

@@ -44,17 +44,29 @@ def load_public(recipe: Recipe, *, like: ImageDataset) -> ImageDataset:
     return public_data(recipe, like=like, section="ldm")
 
 
-def latent_net(recipe: Recipe, text_encoder: torch.nn.Module, *, latent_channels: int, latent_size: int, num_classes: int):
+def latent_net(
+    recipe: Recipe, text_encoder: torch.nn.Module, *, latent_channels: int, latent_size: int, num_classes: int
+):
     """A fresh latent denoiser (``ldm.net``: the cross-attention UNet, or the HE-friendly network of encrypted
     inference) around a copy of ``text_encoder``."""
     L = recipe.ldm
     if L.net == "he":  # the HE-friendly denoiser of encrypted inference (privdiff.models.he_net)
         from ..models.he_net import build_he_net
 
-        return build_he_net(L.he, copy.deepcopy(text_encoder), latent_channels=latent_channels, latent_size=latent_size,
-                            num_classes=num_classes)
-    return build_latent_net(L.unet, copy.deepcopy(text_encoder), latent_channels=latent_channels, latent_size=latent_size,
-                            num_classes=num_classes)
+        return build_he_net(
+            L.he,
+            copy.deepcopy(text_encoder),
+            latent_channels=latent_channels,
+            latent_size=latent_size,
+            num_classes=num_classes,
+        )
+    return build_latent_net(
+        L.unet,
+        copy.deepcopy(text_encoder),
+        latent_channels=latent_channels,
+        latent_size=latent_size,
+        num_classes=num_classes,
+    )
 
 
 def caption_conditioner(dataset: ImageDataset, recipe: Recipe, tokenizer, device: torch.device) -> Conditioner:
@@ -65,7 +77,11 @@ def caption_conditioner(dataset: ImageDataset, recipe: Recipe, tokenizer, device
     variants = [caption_variants(n) for n in names]
     V = min(len(v) for v in variants)
     table = torch.stack([tokenizer.encode(v[:V]) for v in variants]).to(device)  # [classes, variants, L]
-    labels, p_text, no_text = dataset.labels.to(device), recipe.ldm.text.caption_dropout, tokenizer.null_ids().to(device)
+    labels, p_text, no_text = (
+        dataset.labels.to(device),
+        recipe.ldm.text.caption_dropout,
+        tokenizer.null_ids().to(device),
+    )
 
     def condition(idx: torch.Tensor, K: int, generator: torch.Generator) -> torch.Tensor:
         y = labels[idx.to(device)][:, None].expand(-1, K)  # [B, K]
@@ -75,11 +91,18 @@ def caption_conditioner(dataset: ImageDataset, recipe: Recipe, tokenizer, device
         tokens = torch.where(keep[..., None], table[y, v], no_text)
         y = drop_labels(y, p=recipe.diffusion.label_dropout, null_label=dataset.num_classes, generator=generator)
         return torch.cat([y[..., None], tokens], dim=-1)  # [B, K, 1 + L]
+
     return condition
 
 
-def train(recipe: Recipe, *, out: str | Path, progress: bool = True, grid_per_class: int = 10,
-          audit: GradientCanaries | None = None) -> MethodResult:
+def train(
+    recipe: Recipe,
+    *,
+    out: str | Path,
+    progress: bool = True,
+    grid_per_class: int = 10,
+    audit: GradientCanaries | None = None,
+) -> MethodResult:
     """Run DP-LDM's three stages into run directory ``out`` (resuming any that is done) and sample a class grid.
 
     ``audit``: the canaries of ``privdiff audit`` (:mod:`privdiff.evaluation.audit`), put into the DP-SGD stage only."""
@@ -98,11 +121,24 @@ def train(recipe: Recipe, *, out: str | Path, progress: bool = True, grid_per_cl
         text_encoder = text()
         with torch.device("meta"):
             build_autoencoder(L.autoencoder, in_channels=public.channels, resolution=public.resolution)
-    latent = dict(latent_channels=L.autoencoder.latent_channels, num_classes=private.num_classes,
-                  latent_size=private.resolution // 2 ** (len(L.autoencoder.channels) - 1))
-    check_stage(stage="pretrain", num_examples=len(public), train=L.pretrain, build=lambda: latent_net(recipe, text_encoder, **latent))
-    check_stage(stage="dp_sgd", num_examples=len(private), train=recipe.train, build=lambda: latent_net(recipe, text_encoder, **latent),
-                select=lambda net: select_trainable(net, L.trainable))
+    latent = dict(
+        latent_channels=L.autoencoder.latent_channels,
+        num_classes=private.num_classes,
+        latent_size=private.resolution // 2 ** (len(L.autoencoder.channels) - 1),
+    )
+    check_stage(
+        stage="pretrain",
+        num_examples=len(public),
+        train=L.pretrain,
+        build=lambda: latent_net(recipe, text_encoder, **latent),
+    )
+    check_stage(
+        stage="dp_sgd",
+        num_examples=len(private),
+        train=recipe.train,
+        build=lambda: latent_net(recipe, text_encoder, **latent),
+        select=lambda net: select_trainable(net, L.trainable),
+    )
     check_plan(out, recipe, private)
     run = open_run(out, recipe)
     with run.starting():  # a start that still fails removes what it created
@@ -114,18 +150,44 @@ def train(recipe: Recipe, *, out: str | Path, progress: bool = True, grid_per_cl
     tokenizer = text_encoder.tokenizer
 
     def fresh():
-        return latent_net(recipe, text_encoder, latent_channels=z_private.channels, latent_size=z_private.resolution,
-                          num_classes=private.num_classes)
+        return latent_net(
+            recipe,
+            text_encoder,
+            latent_channels=z_private.channels,
+            latent_size=z_private.resolution,
+            num_classes=private.num_classes,
+        )
 
-    pre = pretrain(run, recipe, z_public, train=L.pretrain, ledger=ledger, init=fresh,
-                   condition=caption_conditioner(z_public, recipe, tokenizer, device), progress=progress)
+    pre = pretrain(
+        run,
+        recipe,
+        z_public,
+        train=L.pretrain,
+        ledger=ledger,
+        init=fresh,
+        condition=caption_conditioner(z_public, recipe, tokenizer, device),
+        progress=progress,
+    )
 
     def pretrained():
         return copy.deepcopy(pre.denoiser.net).requires_grad_(True)
 
-    stage = Stage(name="dp_sgd", init=pretrained, select=lambda net: select_trainable(net, L.trainable),
-                  condition=caption_conditioner(z_private, recipe, tokenizer, device))
-    result = train_denoiser(run=run, recipe=recipe, dataset=z_private, ledger=ledger, stage=stage, audit=audit, progress=progress)
-    grid = sample_class_grid(run, recipe, result.denoiser, num_classes=private.num_classes, per_class=grid_per_class,
-                             decode=load_decoder(run), progress=progress)
+    stage = Stage(
+        name="dp_sgd",
+        init=pretrained,
+        select=lambda net: select_trainable(net, L.trainable),
+        condition=caption_conditioner(z_private, recipe, tokenizer, device),
+    )
+    result = train_denoiser(
+        run=run, recipe=recipe, dataset=z_private, ledger=ledger, stage=stage, audit=audit, progress=progress
+    )
+    grid = sample_class_grid(
+        run,
+        recipe,
+        result.denoiser,
+        num_classes=private.num_classes,
+        per_class=grid_per_class,
+        decode=load_decoder(run),
+        progress=progress,
+    )
     return MethodResult(run=run, grid=grid, ledger=ledger, steps=result.steps)

@@ -18,8 +18,14 @@ from ..privacy.budget import check_plan, open_ledger
 from ..runs import open_run
 
 
-def train(recipe: Recipe, *, out: str | Path, progress: bool = True, grid_per_class: int = 10,
-          audit: GradientCanaries | None = None) -> MethodResult:
+def train(
+    recipe: Recipe,
+    *,
+    out: str | Path,
+    progress: bool = True,
+    grid_per_class: int = 10,
+    audit: GradientCanaries | None = None,
+) -> MethodResult:
     """Train DPDM on the recipe's private data into run directory ``out`` and sample a class grid.
 
     ``audit``: the canaries of ``privdiff audit`` (:mod:`privdiff.evaluation.audit`), put into the DP-SGD stage."""
@@ -31,5 +37,7 @@ def train(recipe: Recipe, *, out: str | Path, progress: bool = True, grid_per_cl
     with run.starting():  # a start that still fails removes what it created
         ledger = open_ledger(run, recipe, dataset)
         result = train_denoiser(run=run, recipe=recipe, dataset=dataset, ledger=ledger, progress=progress, audit=audit)
-    grid = sample_class_grid(run, recipe, result.denoiser, num_classes=dataset.num_classes, per_class=grid_per_class, progress=progress)
+    grid = sample_class_grid(
+        run, recipe, result.denoiser, num_classes=dataset.num_classes, per_class=grid_per_class, progress=progress
+    )
     return MethodResult(run=run, grid=grid, ledger=ledger, steps=result.steps)

@@ -47,14 +47,28 @@ def release_event(recipe: Recipe, private: ImageDataset) -> Release:
     """The ledger event of the central-image release (computed from the recipe and the data's shape only)."""
     c = recipe.dpp
     q = min(1.0, c.batch_size / len(private))
-    _, sensitivity = release_parameters(num_examples=len(private), num_classes=private.num_classes, sample_rate=q,
-                                        channels=private.channels, height=private.resolution, width=private.resolution,
-                                        downsample=c.downsample)
-    return Release(stage=STAGE, mechanism=SUBSAMPLED_GAUSSIAN, noise_multiplier=c.noise_multiplier, sample_rate=q,
-                   steps=c.rounds, sensitivity=sensitivity)
+    _, sensitivity = release_parameters(
+        num_examples=len(private),
+        num_classes=private.num_classes,
+        sample_rate=q,
+        channels=private.channels,
+        height=private.resolution,
+        width=private.resolution,
+        downsample=c.downsample,
+    )
+    return Release(
+        stage=STAGE,
+        mechanism=SUBSAMPLED_GAUSSIAN,
+        noise_multiplier=c.noise_multiplier,
+        sample_rate=q,
+        steps=c.rounds,
+        sensitivity=sensitivity,
+    )
 
 
-def central_images(run: Run, recipe: Recipe, private: ImageDataset, ledger: Ledger) -> tuple[torch.Tensor, torch.Tensor]:
+def central_images(
+    run: Run, recipe: Recipe, private: ImageDataset, ledger: Ledger
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The released central images in [0, 1] at full resolution, and their labels: read back if the
     release already ran, else released now (ledger first, then the data)."""
     path = run.path / "central" / "central.npz"
@@ -68,10 +82,20 @@ def central_images(run: Run, recipe: Recipe, private: ImageDataset, ledger: Ledg
     ledger.record(event)  # write-ahead: counted before the data is touched
     ledger.save(run.ledger_path)
     g = torch.Generator().manual_seed(recipe.train.seed * 1000 + 11)
-    rel = release_central_images((private.images + 1) / 2, private.labels, num_classes=private.num_classes, sample_rate=q,
-                                 noise_multiplier=c.noise_multiplier, rounds=c.rounds, downsample=c.downsample, generator=g)
+    rel = release_central_images(
+        (private.images + 1) / 2,
+        private.labels,
+        num_classes=private.num_classes,
+        sample_rate=q,
+        noise_multiplier=c.noise_multiplier,
+        rounds=c.rounds,
+        downsample=c.downsample,
+        generator=g,
+    )
     if abs(rel.sensitivity - sensitivity) > 1e-9 * sensitivity:
-        raise RuntimeError("internal error: the ledger's sensitivity is not the release's")  # never report an unbacked epsilon
+        raise RuntimeError(
+            "internal error: the ledger's sensitivity is not the release's"
+        )  # never report an unbacked epsilon
     images = F.interpolate(rel.images, size=private.resolution, mode="bilinear", align_corners=False).clamp(0, 1)
     buf = io.BytesIO()
     np.savez_compressed(buf, images=images.numpy().astype(np.float32), labels=rel.labels.numpy().astype(np.int64))
@@ -81,8 +105,14 @@ def central_images(run: Run, recipe: Recipe, private: ImageDataset, ledger: Ledg
     return images, rel.labels
 
 
-def train(recipe: Recipe, *, out: str | Path, progress: bool = True, grid_per_class: int = 10,
-          audit: GradientCanaries | None = None) -> MethodResult:
+def train(
+    recipe: Recipe,
+    *,
+    out: str | Path,
+    progress: bool = True,
+    grid_per_class: int = 10,
+    audit: GradientCanaries | None = None,
+) -> MethodResult:
     """Release central images, pretrain on their augmentations, fine-tune with DP-SGD; sample a class grid.
 
     ``audit``: the canaries of ``privdiff audit`` (:mod:`privdiff.evaluation.audit`), put into the DP-SGD stage only."""
@@ -91,18 +121,32 @@ def train(recipe: Recipe, *, out: str | Path, progress: bool = True, grid_per_cl
     # everything that can fail is checked before the run writes anything, reserves budget or releases anything
     event = release_event(recipe, private)
     released_size = c.copies * c.rounds * private.num_classes  # augmented copies of R images per class
-    check_stage(stage="pretrain", num_examples=released_size, train=c.pretrain, build=lambda: pixel_net(recipe, private))
+    check_stage(
+        stage="pretrain", num_examples=released_size, train=c.pretrain, build=lambda: pixel_net(recipe, private)
+    )
     check_stage(stage="dp_sgd", num_examples=len(private), train=recipe.train)
     check_plan(out, recipe, private, plan=[event])
     run = open_run(out, recipe)
     with run.starting():  # a start that still fails removes what it created
         ledger = open_ledger(run, recipe, private, plan=[event])
         images, labels = central_images(run, recipe, private, ledger)
-    aug, aug_labels = augment_copies(images, labels, copies=c.copies, num_ops=c.num_ops, magnitude=c.magnitude,
-                                     generator=torch.Generator().manual_seed(recipe.train.seed * 1000 + 12))
+    aug, aug_labels = augment_copies(
+        images,
+        labels,
+        copies=c.copies,
+        num_ops=c.num_ops,
+        magnitude=c.magnitude,
+        generator=torch.Generator().manual_seed(recipe.train.seed * 1000 + 12),
+    )
     released = dataclasses.replace(private, images=aug * 2 - 1, labels=aug_labels)  # derived from the release only
-    pre = pretrain(run, recipe, released, train=c.pretrain, ledger=None, progress=progress)  # post-processing: no ledger event
+    pre = pretrain(
+        run, recipe, released, train=c.pretrain, ledger=None, progress=progress
+    )  # post-processing: no ledger event
     stage = Stage(name="dp_sgd", init=lambda: copy.deepcopy(pre.denoiser.net).requires_grad_(True))
-    result = train_denoiser(run=run, recipe=recipe, dataset=private, ledger=ledger, stage=stage, audit=audit, progress=progress)
-    grid = sample_class_grid(run, recipe, result.denoiser, num_classes=private.num_classes, per_class=grid_per_class, progress=progress)
+    result = train_denoiser(
+        run=run, recipe=recipe, dataset=private, ledger=ledger, stage=stage, audit=audit, progress=progress
+    )
+    grid = sample_class_grid(
+        run, recipe, result.denoiser, num_classes=private.num_classes, per_class=grid_per_class, progress=progress
+    )
     return MethodResult(run=run, grid=grid, ledger=ledger, steps=result.steps)

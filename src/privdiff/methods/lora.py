@@ -58,8 +58,10 @@ STAGE = "lora"  # the ledger stage of the adaptation on the members
 
 def _eps_fn(denoiser: torch.nn.Module):
     """ε̂(x, σ, c) = (x − D(x; σ, c)) / σ of a (possibly wrapped) denoiser, differentiable."""
+
     def eps(x, sigma, cond):
         return (x - denoiser(x, sigma, cond)) / sigma.view(-1, *([1] * (x.ndim - 1)))
+
     return eps
 
 
@@ -72,19 +74,31 @@ class PrivacyTerm:
     resumed run continues the attacker where the checkpoint left it instead of starting a fresh one.
     """
 
-    def __init__(self, recipe: Recipe, *, members: ImageDataset, member_aux: ImageDataset, nonmember_aux: ImageDataset,
-                 device: torch.device, log: Path | None = None):
+    def __init__(
+        self,
+        recipe: Recipe,
+        *,
+        members: ImageDataset,
+        member_aux: ImageDataset,
+        nonmember_aux: ImageDataset,
+        device: torch.device,
+        log: Path | None = None,
+    ):
         L = recipe.lora
         self.kind, self.lam, self.delta, self.feature = L.objective, L.lam, L.stabilizer, L.attacker_feature
         self.device = device
         self.x_m, self.c_m = members.images.to(device), members.labels.to(device)
-        self.aux = {True: (member_aux.images.to(device), member_aux.labels.to(device)),
-                    False: (nonmember_aux.images.to(device), nonmember_aux.labels.to(device))}
+        self.aux = {
+            True: (member_aux.images.to(device), member_aux.labels.to(device)),
+            False: (nonmember_aux.images.to(device), nonmember_aux.labels.to(device)),
+        }
         self.sigma_dist = training_sigma_distribution(recipe)
         self.g = torch.Generator(device=device).manual_seed(recipe.train.seed * 1000 + 11)
         with torch.random.fork_rng(devices=[]):  # h_ω's initial weights: a function of the seed, not of what ran before
             torch.manual_seed(recipe.train.seed * 1000 + 12)
-            self.attacker = ProxyAttacker(feature_dim(L.attacker_feature, tuple(members.images.shape[1:]))).to(device).train()
+            self.attacker = (
+                ProxyAttacker(feature_dim(L.attacker_feature, tuple(members.images.shape[1:]))).to(device).train()
+            )
         self.opt = torch.optim.Adam(self.attacker.parameters(), lr=L.attacker_lr, weight_decay=L.attacker_weight_decay)
         self.batch, self.k = L.attacker_batch, L.attacker_steps
         self.module: torch.nn.Module | None = None  # the denoiser being trained, as the training loop passes it
@@ -93,8 +107,12 @@ class PrivacyTerm:
 
     def state_dict(self) -> dict:
         """h_ω's weights, its Adam state, the generator of (σ', ε') and of the attacker batches, and the log length."""
-        return {"attacker": self.attacker.state_dict(), "optimizer": self.opt.state_dict(), "generator": self.g.get_state(),
-                "logged": self.logged}
+        return {
+            "attacker": self.attacker.state_dict(),
+            "optimizer": self.opt.state_dict(),
+            "generator": self.g.get_state(),
+            "logged": self.logged,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         """Continue from :meth:`state_dict`; ``log`` loses the lines written after it (replayed steps log again)."""
@@ -103,7 +121,7 @@ class PrivacyTerm:
         self.g.set_state(state["generator"].to(torch.uint8))
         self.logged = int(state["logged"])
         if self.log is not None and self.log.is_file():
-            kept = self.log.read_text().splitlines(keepends=True)[:self.logged]
+            kept = self.log.read_text().splitlines(keepends=True)[: self.logged]
             atomic_write_text(self.log, "".join(kept))
 
     def _map(self, module: torch.nn.Module, x0: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
@@ -174,8 +192,12 @@ def train(recipe: Recipe, *, out: str | Path, progress: bool = True, grid_per_cl
     spec = LoRASpec(rank=L.rank, alpha=L.alpha, targets=tuple(L.targets))
     # everything that can fail is checked before the run writes anything or reserves budget
     check_stage(stage="pretrain", num_examples=len(public), train=L.pretrain, build=lambda: pixel_net(recipe, public))
-    check_stage(stage=STAGE, num_examples=len(members), train=recipe.train,
-                build=lambda: LoRAUNetNet.from_base(pixel_net(recipe, public), spec))
+    check_stage(
+        stage=STAGE,
+        num_examples=len(members),
+        train=recipe.train,
+        build=lambda: LoRAUNetNet.from_base(pixel_net(recipe, public), spec),
+    )
     check_plan(out, recipe, members, stage=STAGE)
     run = open_run(out, recipe)
     with run.starting():  # a start that still fails removes what it created
@@ -192,12 +214,23 @@ def train(recipe: Recipe, *, out: str | Path, progress: bool = True, grid_per_cl
 
     term = None
     if L.objective != "lora":
-        if run.resume_checkpoint(what=STAGE) is None:  # a fresh LoRA stage: lines of an attempt killed before its first checkpoint go
+        if (
+            run.resume_checkpoint(what=STAGE) is None
+        ):  # a fresh LoRA stage: lines of an attempt killed before its first checkpoint go
             (run.path / "attacker_log.jsonl").unlink(missing_ok=True)
-        term = PrivacyTerm(recipe, members=members, member_aux=splits.dataset("member_aux", pool),
-                           nonmember_aux=splits.dataset("nonmember_aux", pool), device=device,
-                           log=run.path / "attacker_log.jsonl")
+        term = PrivacyTerm(
+            recipe,
+            members=members,
+            member_aux=splits.dataset("member_aux", pool),
+            nonmember_aux=splits.dataset("nonmember_aux", pool),
+            device=device,
+            log=run.path / "attacker_log.jsonl",
+        )
     stage = Stage(name=STAGE, init=lambda: LoRAUNetNet.from_base(pre.denoiser.net, spec), select=select)
-    result = train_denoiser(run=run, recipe=recipe, dataset=members, ledger=ledger, stage=stage, term=term, progress=progress)
-    grid = sample_class_grid(run, recipe, result.denoiser, num_classes=pool.num_classes, per_class=grid_per_class, progress=progress)
+    result = train_denoiser(
+        run=run, recipe=recipe, dataset=members, ledger=ledger, stage=stage, term=term, progress=progress
+    )
+    grid = sample_class_grid(
+        run, recipe, result.denoiser, num_classes=pool.num_classes, per_class=grid_per_class, progress=progress
+    )
     return MethodResult(run=run, grid=grid, ledger=ledger, steps=result.steps)

@@ -34,17 +34,27 @@ def build_autoencoder(config: AutoencoderConfig, *, in_channels: int, resolution
     """A fresh ``AutoencoderKL`` (no mid-block attention: at 7×7 it buys nothing)."""
     n = len(config.channels)
     if resolution % 2 ** (n - 1):
-        raise ValueError(f"resolution {resolution} is not divisible by 2^{n - 1} (ldm.autoencoder.channels has {n} levels)")
+        raise ValueError(
+            f"resolution {resolution} is not divisible by 2^{n - 1} (ldm.autoencoder.channels has {n} levels)"
+        )
     return AutoencoderKL(
-        in_channels=in_channels, out_channels=in_channels,
-        down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
-        block_out_channels=tuple(config.channels), layers_per_block=config.layers_per_block,
-        latent_channels=config.latent_channels, norm_num_groups=config.norm_num_groups,
-        sample_size=resolution, mid_block_add_attention=False, scaling_factor=1.0,
+        in_channels=in_channels,
+        out_channels=in_channels,
+        down_block_types=("DownEncoderBlock2D",) * n,
+        up_block_types=("UpDecoderBlock2D",) * n,
+        block_out_channels=tuple(config.channels),
+        layers_per_block=config.layers_per_block,
+        latent_channels=config.latent_channels,
+        norm_num_groups=config.norm_num_groups,
+        sample_size=resolution,
+        mid_block_add_attention=False,
+        scaling_factor=1.0,
     )
 
 
-def autoencoder_loss(ae: AutoencoderKL, x: Tensor, *, kl_weight: float, generator: torch.Generator | None = None) -> Tensor:
+def autoencoder_loss(
+    ae: AutoencoderKL, x: Tensor, *, kl_weight: float, generator: torch.Generator | None = None
+) -> Tensor:
     """Per-example loss ‖Dec(z) − x‖² (mean over pixels) + β·KL(q(z|x) ‖ N(0, I)) (mean over latent values), z ~ q(z|x)."""
     posterior = ae.encode(x).latent_dist
     # z = μ + σ·ε (reparameterised)
@@ -59,5 +69,5 @@ def autoencoder_loss(ae: AutoencoderKL, x: Tensor, *, kl_weight: float, generato
 @torch.no_grad()
 def encode_latents(ae: AutoencoderKL, images: Tensor, *, batch_size: int = 500) -> Tensor:
     """Scaled posterior means s·μ(x) of ``images`` [N, C, H, W] in [-1, 1] (s = ``ae.config.scaling_factor``)."""
-    out = [ae.encode(images[i:i + batch_size]).latent_dist.mean for i in range(0, len(images), batch_size)]
+    out = [ae.encode(images[i : i + batch_size]).latent_dist.mean for i in range(0, len(images), batch_size)]
     return torch.cat(out) * ae.config.scaling_factor

@@ -35,7 +35,16 @@ from torch import Tensor, nn
 from .latent import LatentNet
 from .text import HFTextEncoder, TextConfig, TextEncoder, WordTokenizer
 
-__all__ = ["HENetConfig", "HECore", "HENet", "attend", "build_he_net", "core_forward", "fourier_features", "keys_values"]
+__all__ = [
+    "HENetConfig",
+    "HECore",
+    "HENet",
+    "attend",
+    "build_he_net",
+    "core_forward",
+    "fourier_features",
+    "keys_values",
+]
 
 
 @dataclass(frozen=True)
@@ -79,7 +88,9 @@ class HECore(nn.Module):
         self.config, self.latent_shape, self.context_width = config, tuple(latent_shape), int(context_width)
         D, H = math.prod(latent_shape), config.width
         self.proj_in = nn.Linear(D + 2 * config.fourier, H)
-        self.attentions = nn.ModuleList(_CrossAttention(H, context_width, config.heads, config.head_dim) for _ in range(config.blocks))
+        self.attentions = nn.ModuleList(
+            _CrossAttention(H, context_width, config.heads, config.head_dim) for _ in range(config.blocks)
+        )
         self.mlps = nn.ModuleList(_MLP(H, config.mlp_ratio * H) for _ in range(config.blocks))
         self.proj_out = nn.Linear(H, D)
 
@@ -87,8 +98,14 @@ class HECore(nn.Module):
         """The weighted layers by name: ``in``, ``q{b}``, ``k{b}``, ``v{b}``, ``o{b}``, ``fc1_{b}``, ``fc2_{b}``, ``out``."""
         out = {"in": self.proj_in}
         for b, (attn, mlp) in enumerate(zip(self.attentions, self.mlps)):
-            out |= {f"q{b}": attn.to_q, f"k{b}": attn.to_k, f"v{b}": attn.to_v, f"o{b}": attn.to_out,
-                    f"fc1_{b}": mlp.fc1, f"fc2_{b}": mlp.fc2}
+            out |= {
+                f"q{b}": attn.to_q,
+                f"k{b}": attn.to_k,
+                f"v{b}": attn.to_v,
+                f"o{b}": attn.to_out,
+                f"fc1_{b}": mlp.fc1,
+                f"fc2_{b}": mlp.fc2,
+            }
         return out | {"out": self.proj_out}
 
     def linear(self, names: tuple[str, ...], a: Tensor) -> Tensor:
@@ -104,7 +121,11 @@ class HECore(nn.Module):
         """``he_net.json`` (sizes) and ``he_net.safetensors`` (weights) in directory ``path``."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        meta = {"config": asdict(self.config), "latent_shape": list(self.latent_shape), "context_width": self.context_width}
+        meta = {
+            "config": asdict(self.config),
+            "latent_shape": list(self.latent_shape),
+            "context_width": self.context_width,
+        }
         (path / "he_net.json").write_text(json.dumps(meta, indent=2))
         save_file({k: v.contiguous() for k, v in self.state_dict().items()}, path / "he_net.safetensors")
 
@@ -112,7 +133,9 @@ class HECore(nn.Module):
     def from_pretrained(cls, path: str | Path) -> "HECore":
         path = Path(path)
         meta = json.loads((path / "he_net.json").read_text())
-        core = cls(HENetConfig(**meta["config"]), latent_shape=tuple(meta["latent_shape"]), context_width=meta["context_width"])
+        core = cls(
+            HENetConfig(**meta["config"]), latent_shape=tuple(meta["latent_shape"]), context_width=meta["context_width"]
+        )
         core.load_state_dict(load_file(path / "he_net.safetensors"))
         return core
 
@@ -135,11 +158,19 @@ def keys_values(config: HENetConfig, context: Tensor, linear: Linear) -> list[tu
     A = config.heads * config.head_dim
     names = tuple(n for b in range(config.blocks) for n in (f"k{b}", f"v{b}"))
     kv = linear(names, context)  # [R, T, 2·blocks·A]
-    return [(kv[..., 2 * b * A:(2 * b + 1) * A], kv[..., (2 * b + 1) * A:(2 * b + 2) * A]) for b in range(config.blocks)]
+    return [
+        (kv[..., 2 * b * A : (2 * b + 1) * A], kv[..., (2 * b + 1) * A : (2 * b + 2) * A]) for b in range(config.blocks)
+    ]
 
 
-def core_forward(config: HENetConfig, latent_shape: tuple[int, ...], x: Tensor, c_noise: Tensor,
-                 kv: list[tuple[Tensor, Tensor]], linear: Linear) -> Tensor:
+def core_forward(
+    config: HENetConfig,
+    latent_shape: tuple[int, ...],
+    x: Tensor,
+    c_noise: Tensor,
+    kv: list[tuple[Tensor, Tensor]],
+    linear: Linear,
+) -> Tensor:
     """F(x, c_noise; K, V) of the module docstring with the weighted layers behind ``linear``: the
     plaintext network and the private-mode client run this same code (the client's ``linear`` is a
     round trip to the server on ciphertexts)."""
@@ -175,15 +206,25 @@ class HENet(LatentNet):
         path = Path(path)
         meta = json.loads((path / "conditioner.json").read_text())
         text = TextConfig(**meta["text"])
-        encoder = TextEncoder(WordTokenizer.from_dict(meta["tokenizer"]), text) if text.encoder == "builtin" else HFTextEncoder(text)
+        encoder = (
+            TextEncoder(WordTokenizer.from_dict(meta["tokenizer"]), text)
+            if text.encoder == "builtin"
+            else HFTextEncoder(text)
+        )
         net = cls(HECore.from_pretrained(path), nn.Embedding(meta["num_classes"] + 1, text.width), encoder)
         state = load_file(path / "conditioner.safetensors")
-        net.class_embedder.load_state_dict({k.split(".", 1)[1]: v for k, v in state.items() if k.startswith("class_embedder.")})
-        net.text_encoder.load_state_dict({k.split(".", 1)[1]: v for k, v in state.items() if k.startswith("text_encoder.")})
+        net.class_embedder.load_state_dict(
+            {k.split(".", 1)[1]: v for k, v in state.items() if k.startswith("class_embedder.")}
+        )
+        net.text_encoder.load_state_dict(
+            {k.split(".", 1)[1]: v for k, v in state.items() if k.startswith("text_encoder.")}
+        )
         return net
 
 
-def build_he_net(config: HENetConfig, text_encoder: nn.Module, *, latent_channels: int, latent_size: int, num_classes: int) -> HENet:
+def build_he_net(
+    config: HENetConfig, text_encoder: nn.Module, *, latent_channels: int, latent_size: int, num_classes: int
+) -> HENet:
     """A fresh :class:`HENet` on latents [latent_channels, latent_size, latent_size] (as ``build_latent_net``)."""
     core = HECore(config, latent_shape=(latent_channels, latent_size, latent_size), context_width=text_encoder.width)
     return HENet(core, nn.Embedding(num_classes + 1, text_encoder.width), text_encoder)

@@ -29,22 +29,33 @@ __all__ = ["LatentUNetConfig", "LatentNet", "TRAINABLE_GROUPS", "build_latent_ne
 class LatentUNetConfig:
     """Size of the latent UNet; recipe keys under ``ldm.unet.``."""
 
-    channels: tuple[int, ...] = (32,)  # block_out_channels; every level has cross-attention (one level: no downsampling at 7×7)
+    channels: tuple[int, ...] = (
+        32,
+    )  # block_out_channels; every level has cross-attention (one level: no downsampling at 7×7)
     layers_per_block: int = 1
-    attention_heads: int = 1  # heads per attention layer (diffusers' UNet2DConditionModel calls this attention_head_dim)
+    attention_heads: int = (
+        1  # heads per attention layer (diffusers' UNet2DConditionModel calls this attention_head_dim)
+    )
     norm_num_groups: int = 8
 
 
-def build_latent_net(config: LatentUNetConfig, text_encoder: nn.Module, *, latent_channels: int, latent_size: int,
-                     num_classes: int) -> "LatentNet":
+def build_latent_net(
+    config: LatentUNetConfig, text_encoder: nn.Module, *, latent_channels: int, latent_size: int, num_classes: int
+) -> "LatentNet":
     """A fresh :class:`LatentNet`: UNet with cross-attention to ``text_encoder.width``-wide tokens, class embedder with a null class."""
     n = len(config.channels)
     unet = UNet2DConditionModel(
-        sample_size=latent_size, in_channels=latent_channels, out_channels=latent_channels,
-        block_out_channels=tuple(config.channels), layers_per_block=config.layers_per_block,
-        down_block_types=("CrossAttnDownBlock2D",) * n, up_block_types=("CrossAttnUpBlock2D",) * n,
-        cross_attention_dim=text_encoder.width, attention_head_dim=config.attention_heads,
-        norm_num_groups=config.norm_num_groups, use_linear_projection=True,
+        sample_size=latent_size,
+        in_channels=latent_channels,
+        out_channels=latent_channels,
+        block_out_channels=tuple(config.channels),
+        layers_per_block=config.layers_per_block,
+        down_block_types=("CrossAttnDownBlock2D",) * n,
+        up_block_types=("CrossAttnUpBlock2D",) * n,
+        cross_attention_dim=text_encoder.width,
+        attention_head_dim=config.attention_heads,
+        norm_num_groups=config.norm_num_groups,
+        use_linear_projection=True,
     )
     return LatentNet(unet, nn.Embedding(num_classes + 1, text_encoder.width), text_encoder)
 
@@ -95,8 +106,11 @@ class LatentNet(nn.Module):
         state = {f"class_embedder.{k}": v for k, v in self.class_embedder.state_dict().items()}
         state |= {f"text_encoder.{k}": v for k, v in self.text_encoder.state_dict().items()}
         save_file({k: v.contiguous() for k, v in state.items()}, path / "conditioner.safetensors")
-        meta = {"num_classes": self.num_classes, "text": dataclasses.asdict(self.text_encoder.config),
-                "tokenizer": self.text_encoder.tokenizer.to_dict()}
+        meta = {
+            "num_classes": self.num_classes,
+            "text": dataclasses.asdict(self.text_encoder.config),
+            "tokenizer": self.text_encoder.tokenizer.to_dict(),
+        }
         (path / "conditioner.json").write_text(json.dumps(meta, indent=2))
 
     @classmethod
@@ -104,12 +118,22 @@ class LatentNet(nn.Module):
         path = Path(path)
         meta = json.loads((path / "conditioner.json").read_text())
         text = TextConfig(**meta["text"])
-        unet = UNet2DConditionModel.from_pretrained(path, local_files_only=True, use_safetensors=True, low_cpu_mem_usage=False)
-        encoder = TextEncoder(WordTokenizer.from_dict(meta["tokenizer"]), text) if text.encoder == "builtin" else HFTextEncoder(text)
+        unet = UNet2DConditionModel.from_pretrained(
+            path, local_files_only=True, use_safetensors=True, low_cpu_mem_usage=False
+        )
+        encoder = (
+            TextEncoder(WordTokenizer.from_dict(meta["tokenizer"]), text)
+            if text.encoder == "builtin"
+            else HFTextEncoder(text)
+        )
         net = cls(unet, nn.Embedding(meta["num_classes"] + 1, text.width), encoder)
         state = load_file(path / "conditioner.safetensors")
-        net.class_embedder.load_state_dict({k.split(".", 1)[1]: v for k, v in state.items() if k.startswith("class_embedder.")})
-        net.text_encoder.load_state_dict({k.split(".", 1)[1]: v for k, v in state.items() if k.startswith("text_encoder.")})
+        net.class_embedder.load_state_dict(
+            {k.split(".", 1)[1]: v for k, v in state.items() if k.startswith("class_embedder.")}
+        )
+        net.text_encoder.load_state_dict(
+            {k.split(".", 1)[1]: v for k, v in state.items() if k.startswith("text_encoder.")}
+        )
         return net
 
 
@@ -143,7 +167,9 @@ def select_trainable(net: nn.Module, groups: tuple[str, ...]) -> tuple[int, int]
     for group in groups:
         if not any(_in_group(n, group) for n in names):
             known = ", ".join(TRAINABLE_GROUPS)
-            raise ValueError(f"ldm.trainable: '{group}' matches no parameter (groups: {known}; or a pattern like 'unet.conv_in.*')")
+            raise ValueError(
+                f"ldm.trainable: '{group}' matches no parameter (groups: {known}; or a pattern like 'unet.conv_in.*')"
+            )
     for n, p in names.items():
         p.requires_grad_(any(_in_group(n, g) for g in groups))
     return sum(p.numel() for p in names.values() if p.requires_grad), sum(p.numel() for p in names.values())

@@ -84,8 +84,15 @@ class LoRAUNetNet(UNetNet):
     @classmethod
     def from_pretrained(cls, path) -> "LoRAUNetNet":
         path = Path(path)
-        spec = LoRASpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in json.loads((path / "lora" / "adapter.json").read_text()).items()})
-        base = UNet2DModel.from_pretrained(path / "lora" / "base", local_files_only=True, use_safetensors=True, low_cpu_mem_usage=False)
+        spec = LoRASpec(
+            **{
+                k: tuple(v) if isinstance(v, list) else v
+                for k, v in json.loads((path / "lora" / "adapter.json").read_text()).items()
+            }
+        )
+        base = UNet2DModel.from_pretrained(
+            path / "lora" / "base", local_files_only=True, use_safetensors=True, low_cpu_mem_usage=False
+        )
         net = cls(base, spec)
         result = set_peft_model_state_dict(net.unet, load_file(path / "lora" / "adapter.safetensors"))
         if getattr(result, "unexpected_keys", None):

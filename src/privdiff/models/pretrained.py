@@ -26,7 +26,15 @@ from torch import Tensor, nn
 
 from ..diffusion.discrete import DiscreteSchedule
 
-__all__ = ["DiffusersUNetNet", "TRAINABLE_GROUPS", "add_lora", "export_lora", "export_pipeline", "load_pretrained_unet", "select_trainable"]
+__all__ = [
+    "DiffusersUNetNet",
+    "TRAINABLE_GROUPS",
+    "add_lora",
+    "export_lora",
+    "export_pipeline",
+    "load_pretrained_unet",
+    "select_trainable",
+]
 
 
 class DiffusersUNetNet(nn.Module):
@@ -46,13 +54,19 @@ class DiffusersUNetNet(nn.Module):
 
 
 def _scheduler_config(root: Path) -> dict:
-    for path in (root / "scheduler_config.json", root.parent / "scheduler" / "scheduler_config.json", root / "scheduler" / "scheduler_config.json"):
+    for path in (
+        root / "scheduler_config.json",
+        root.parent / "scheduler" / "scheduler_config.json",
+        root / "scheduler" / "scheduler_config.json",
+    ):
         if path.is_file():
             try:
                 return json.loads(path.read_text())
             except (OSError, ValueError) as e:
                 raise ValueError(f"{path}: not a readable scheduler config ({e})") from None
-    raise ValueError(f"{root}: no scheduler_config.json beside the UNet (or in scheduler/): the net's own noise schedule is needed")
+    raise ValueError(
+        f"{root}: no scheduler_config.json beside the UNet (or in scheduler/): the net's own noise schedule is needed"
+    )
 
 
 def load_pretrained_unet(path: str | Path) -> tuple[DiffusersUNetNet, DiscreteSchedule]:
@@ -89,7 +103,9 @@ def load_pretrained_unet(path: str | Path) -> tuple[DiffusersUNetNet, DiscreteSc
 # Module-name patterns of each trainable group (fnmatch over the UNet's parameter names).
 TRAINABLE_GROUPS: dict[str, tuple[str, ...]] = {
     "all": ("*",),
-    "attentions": ("*attentions.*",),  # self- and cross-attention blocks (Transformer2DModel / Attention), DP-LDM's choice
+    "attentions": (
+        "*attentions.*",
+    ),  # self- and cross-attention blocks (Transformer2DModel / Attention), DP-LDM's choice
     "cross_attention": ("*attn2.*",),  # the cross-attention layers only
     "norms": ("*norm*",),
     "time_embedding": ("time_embedding.*",),
@@ -122,7 +138,10 @@ def select_trainable(net: nn.Module, trainable: list[str] | tuple[str, ...]) -> 
 
 # -- back to plain diffusers ------------------------------------------------------------------------
 
-def add_lora(net: DiffusersUNetNet, *, rank: int, alpha: float, target_modules: list[str] | tuple[str, ...]) -> list[str]:
+
+def add_lora(
+    net: DiffusersUNetNet, *, rank: int, alpha: float, target_modules: list[str] | tuple[str, ...]
+) -> list[str]:
     """Freeze the UNet and add LoRA adapters (peft, through diffusers' ``add_adapter``) on ``target_modules``.
 
     The adapters' B factors start at zero (the base model's output is unchanged); only they train.
@@ -134,7 +153,9 @@ def add_lora(net: DiffusersUNetNet, *, rank: int, alpha: float, target_modules: 
         raise ValueError(f"LoRA rank must be a positive integer, got {rank!r}")
     net.unet.requires_grad_(False)
     try:
-        net.unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(target_modules), init_lora_weights=True))
+        net.unet.add_adapter(
+            LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(target_modules), init_lora_weights=True)
+        )
     except ValueError as e:
         raise ValueError(f"LoRA target modules {list(target_modules)}: {str(e).splitlines()[0]}") from None
     return [n for n, p in net.named_parameters() if p.requires_grad]

@@ -49,7 +49,10 @@ class WordTokenizer:
             ids = [self.ids.get(w, 1) for w in toks][: self.max_length]
             out[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
         if warn and unknown:
-            print(f"privdiff: words the text encoder never saw (read as <unk>): {', '.join(sorted(unknown))}", file=sys.stderr)
+            print(
+                f"privdiff: words the text encoder never saw (read as <unk>): {', '.join(sorted(unknown))}",
+                file=sys.stderr,
+            )
         return out
 
     def null_ids(self) -> Tensor:
@@ -68,8 +71,12 @@ class WordTokenizer:
 class TextConfig:
     """Size of privdiff's text encoder; recipe keys under ``ldm.text.``."""
 
-    encoder: str = "builtin"  # builtin: privdiff's own, trained on captions; or a local Hugging Face text model directory
-    width: int = 64  # token feature width = the UNet's cross-attention dimension (a Hugging Face encoder is projected to it)
+    encoder: str = (
+        "builtin"  # builtin: privdiff's own, trained on captions; or a local Hugging Face text model directory
+    )
+    width: int = (
+        64  # token feature width = the UNet's cross-attention dimension (a Hugging Face encoder is projected to it)
+    )
     layers: int = 2  # builtin only
     heads: int = 4  # builtin only
     max_length: int = 16  # tokens per prompt for a Hugging Face tokenizer (builtin: the longest caption)
@@ -112,7 +119,9 @@ class TextEncoder(nn.Module):
         self.norm = nn.LayerNorm(config.width)
 
     def forward(self, ids: Tensor) -> Tensor:
-        positions = torch.arange(ids.shape[1], device=ids.device).expand(ids.shape[0], -1)  # per row, for per-example clipping
+        positions = torch.arange(ids.shape[1], device=ids.device).expand(
+            ids.shape[0], -1
+        )  # per row, for per-example clipping
         x = self.token(ids) + self.position(positions)
         for block in self.blocks:
             x = block(x)
@@ -129,8 +138,9 @@ class HFTokenizer:
         self.tokenizer = AutoTokenizer.from_pretrained(_tokenizer_dir(path), local_files_only=True)
 
     def encode(self, texts: list[str], *, warn: bool = False) -> Tensor:
-        return self.tokenizer(list(texts), padding="max_length", truncation=True, max_length=self.max_length,
-                              return_tensors="pt").input_ids.to(torch.long)
+        return self.tokenizer(
+            list(texts), padding="max_length", truncation=True, max_length=self.max_length, return_tensors="pt"
+        ).input_ids.to(torch.long)
 
     def null_ids(self) -> Tensor:
         """The ids of the empty prompt (special tokens and padding)."""
@@ -154,7 +164,9 @@ class HFTextEncoder(nn.Module):
         try:
             self.model = AutoModel.from_pretrained(config.encoder, local_files_only=True).requires_grad_(False)
         except (OSError, ValueError) as e:
-            raise ValueError(f"ldm.text.encoder={config.encoder}: not a local Hugging Face text model ({str(e).splitlines()[0][:160]})") from None
+            raise ValueError(
+                f"ldm.text.encoder={config.encoder}: not a local Hugging Face text model ({str(e).splitlines()[0][:160]})"
+            ) from None
         hidden = self.model.config.hidden_size
         self.proj = nn.Linear(hidden, config.width)
         self.pad_id = self.tokenizer.tokenizer.pad_token_id
@@ -170,7 +182,9 @@ def _tokenizer_dir(path: str) -> str:
 
     p = Path(path).expanduser()
     if not p.is_dir():
-        raise ValueError(f"ldm.text.encoder={path}: no such directory (Hugging Face text models are read from disk, never downloaded)")
+        raise ValueError(
+            f"ldm.text.encoder={path}: no such directory (Hugging Face text models are read from disk, never downloaded)"
+        )
     sibling = p.parent / "tokenizer"
     has_own = any((p / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json"))
     return str(p if has_own or not sibling.is_dir() else sibling)

@@ -72,7 +72,9 @@ class UNetNet(nn.Module):
             labels = None
         return self.unet(x, c_noise.reshape(-1).to(x.dtype), class_labels=labels).sample
 
-    def conditions(self, *, labels: torch.Tensor | None = None, prompts: list[str] | None = None, n: int) -> torch.Tensor | None:
+    def conditions(
+        self, *, labels: torch.Tensor | None = None, prompts: list[str] | None = None, n: int
+    ) -> torch.Tensor | None:
         """The condition of ``n`` rows: the class labels themselves (this model reads no text)."""
         if prompts is not None:
             raise ValueError("this model has no text encoder: use --label (text prompts need a DP-LDM run)")
@@ -87,7 +89,9 @@ class UNetNet(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path) -> "UNetNet":
-        return cls(UNet2DModel.from_pretrained(path, local_files_only=True, use_safetensors=True, low_cpu_mem_usage=False))
+        return cls(
+            UNet2DModel.from_pretrained(path, local_files_only=True, use_safetensors=True, low_cpu_mem_usage=False)
+        )
 
 
 def count_parameters(module: nn.Module) -> int:

@@ -7,6 +7,15 @@ from .grad_sample import install_contiguous_conv_grad_samplers, make_grad_sample
 from .ledger import Ledger
 
 __all__ = [
-    "CentralRelease", "DPSGD", "Ledger", "NonPrivateSGD", "PoissonBatches", "calibrate_noise", "epsilon",
-    "fold_noise_multiplicity", "install_contiguous_conv_grad_samplers", "make_grad_sample_module", "release_central_images",
+    "CentralRelease",
+    "DPSGD",
+    "Ledger",
+    "NonPrivateSGD",
+    "PoissonBatches",
+    "calibrate_noise",
+    "epsilon",
+    "fold_noise_multiplicity",
+    "install_contiguous_conv_grad_samplers",
+    "make_grad_sample_module",
+    "release_central_images",
 ]

@@ -19,7 +19,9 @@ from opacus.accountants.analysis import rdp as rdp_analysis
 
 ACCOUNTANTS = ("rdp", "prv")
 # Opacus' default RDP orders stop at 63; small-σ / large-ε runs need higher ones to be tight.
-RDP_ORDERS = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64)) + [80, 96, 128, 160, 192, 256, 384, 512, 768, 1024]
+RDP_ORDERS = (
+    [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64)) + [80, 96, 128, 160, 192, 256, 384, 512, 768, 1024]
+)
 
 History = list[tuple[float, float, int]]
 
@@ -27,7 +29,9 @@ History = list[tuple[float, float, int]]
 @functools.lru_cache(maxsize=256)
 def _rdp_one_step(noise_multiplier: float, sample_rate: float) -> np.ndarray:
     """RDP curve (over ``RDP_ORDERS``) of one Poisson-subsampled Gaussian step; T steps compose to T times it."""
-    return np.asarray(rdp_analysis.compute_rdp(q=sample_rate, noise_multiplier=noise_multiplier, steps=1, orders=RDP_ORDERS))
+    return np.asarray(
+        rdp_analysis.compute_rdp(q=sample_rate, noise_multiplier=noise_multiplier, steps=1, orders=RDP_ORDERS)
+    )
 
 
 def _is_number(x) -> bool:
@@ -46,10 +50,19 @@ def _check_delta(delta) -> None:
 def _mechanism(m) -> tuple[float, float, int]:
     """One ``(noise_multiplier, sample_rate, steps)``, checked: σ >= 0 finite, q in [0, 1], steps an integer >= 0."""
     s, q, t = m
-    if not (_is_number(s) and math.isfinite(s) and s >= 0 and _is_number(q) and 0 <= q <= 1
-            and (_is_integer(t) or (_is_number(t) and float(t).is_integer())) and t >= 0):
-        raise ValueError(f"not a mechanism (noise_multiplier >= 0 finite, sample_rate in [0, 1], steps an integer >= 0): "
-                         f"{(s, q, t)!r}")
+    if not (
+        _is_number(s)
+        and math.isfinite(s)
+        and s >= 0
+        and _is_number(q)
+        and 0 <= q <= 1
+        and (_is_integer(t) or (_is_number(t) and float(t).is_integer()))
+        and t >= 0
+    ):
+        raise ValueError(
+            f"not a mechanism (noise_multiplier >= 0 finite, sample_rate in [0, 1], steps an integer >= 0): "
+            f"{(s, q, t)!r}"
+        )
     return float(s), float(q), int(t)
 
 

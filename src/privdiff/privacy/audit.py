@@ -140,6 +140,7 @@ class GradientCanaries:
             g = self.layer.weight.grad[: self.m, 0].detach().double().cpu()  # (Σ clipped + σC·Z) / B
             self.scores += g * o.expected_batch_size / o.max_grad_norm
             self.steps += 1
+
         opt.step_hook = hook
 
     def extend(self, indices: torch.Tensor) -> torch.Tensor:
@@ -161,6 +162,7 @@ class GradientCanaries:
             rows = torch.where(is_canary, idx - N, torch.full_like(idx, m)).repeat_interleave(K)
             canary = self.layer(rows.to(self.layer.weight.device)).view(-1, K).mean(1) * M  # [B]
             return torch.where(is_canary.to(real.device), canary, real)
+
         return loss
 
     def wrap(self, engine, *, noise_multiplicity: int) -> "CanaryEngine":
@@ -168,8 +170,18 @@ class GradientCanaries:
         canaries Poisson-sampled at q, its loss their terms, and every noisy gradient is observed."""
         return CanaryEngine(engine, self, noise_multiplicity=noise_multiplicity)
 
-    def result(self, *, claimed_epsilon: float, stage: str, stage_epsilon: float, delta: float, k_in: int | None = None,
-               k_out: int | None = None, beta: float = 0.05, seed: int = 0) -> AuditResult:
+    def result(
+        self,
+        *,
+        claimed_epsilon: float,
+        stage: str,
+        stage_epsilon: float,
+        delta: float,
+        k_in: int | None = None,
+        k_out: int | None = None,
+        beta: float = 0.05,
+        seed: int = 0,
+    ) -> AuditResult:
         """Guess top-k₊ IN and bottom-k₋ OUT (defaults m/5 each, fixed before looking), count, bound.
 
         ``claimed_epsilon`` is the run's composed ε, ``stage_epsilon`` that of the canaries' ``stage`` alone."""
@@ -180,11 +192,22 @@ class GradientCanaries:
         order = np.random.default_rng(seed).permutation(self.m)  # ties broken at random, not by index
         ranked = order[np.argsort(-self.scores.numpy()[order], kind="stable")]
         S = self.included.numpy()
-        correct = int(S[ranked[:k_in]].sum() + (~S[ranked[self.m - k_out:]]).sum())
+        correct = int(S[ranked[:k_in]].sum() + (~S[ranked[self.m - k_out :]]).sum())
         bound = epsilon_lower_bound(correct=correct, guesses=k_in + k_out, canaries=self.m, delta=delta, beta=beta)
-        return AuditResult(claimed_epsilon=claimed_epsilon, stage=stage, stage_epsilon=stage_epsilon, delta=delta, epsilon_lower_bound=bound, confidence=1 - beta,
-                           canaries=self.m, included=int(S.sum()), guesses_in=k_in, guesses_out=k_out, correct=correct,
-                           steps=self.steps)
+        return AuditResult(
+            claimed_epsilon=claimed_epsilon,
+            stage=stage,
+            stage_epsilon=stage_epsilon,
+            delta=delta,
+            epsilon_lower_bound=bound,
+            confidence=1 - beta,
+            canaries=self.m,
+            included=int(S.sum()),
+            guesses_in=k_in,
+            guesses_out=k_out,
+            correct=correct,
+            steps=self.steps,
+        )
 
 
 class _CanaryBatches:

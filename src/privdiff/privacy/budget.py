@@ -22,8 +22,19 @@ from .events import NON_PRIVATE, SUBSAMPLED_GAUSSIAN, Release
 from .ledger import Ledger
 from .registry import Registry
 
-__all__ = ["StepGuard", "check_plan", "data_identity", "load_ledger", "noise_for", "open_ledger", "planned_event",
-           "planned_steps", "release_run", "replayed_steps", "steps_for"]
+__all__ = [
+    "StepGuard",
+    "check_plan",
+    "data_identity",
+    "load_ledger",
+    "noise_for",
+    "open_ledger",
+    "planned_event",
+    "planned_steps",
+    "release_run",
+    "replayed_steps",
+    "steps_for",
+]
 
 
 def steps_for(*, epochs: float, num_examples: int, batch_size: int) -> int:
@@ -43,16 +54,27 @@ def load_ledger(run: Run, dataset: ImageDataset) -> Ledger | None:
     try:
         ledger = Ledger.load(run.ledger_path)
     except (OSError, ValueError) as e:  # damaged: never replaced by a fresh one, which would restart the count
-        raise RunError(f"{(str(e).splitlines() or [type(e).__name__])[0]}; the ledger is the run's privacy record: "
-                       "restore it from a backup (the run cannot continue without it)") from None
+        raise RunError(
+            f"{(str(e).splitlines() or [type(e).__name__])[0]}; the ledger is the run's privacy record: "
+            "restore it from a backup (the run cannot continue without it)"
+        ) from None
     if ledger.dataset.get("fingerprint") != dataset.fingerprint:
-        raise RunError(f"{run.ledger_path}: recorded for data {ledger.dataset.get('fingerprint')}, "
-                       f"but {dataset.name} now has {dataset.fingerprint}")
+        raise RunError(
+            f"{run.ledger_path}: recorded for data {ledger.dataset.get('fingerprint')}, "
+            f"but {dataset.name} now has {dataset.fingerprint}"
+        )
     return ledger
 
 
-def open_ledger(run: Run, recipe: Recipe, dataset: ImageDataset, *, plan: list[Release] = (), stage: str = "dp_sgd",
-                registry: Registry | None = None) -> Ledger:
+def open_ledger(
+    run: Run,
+    recipe: Recipe,
+    dataset: ImageDataset,
+    *,
+    plan: list[Release] = (),
+    stage: str = "dp_sgd",
+    registry: Registry | None = None,
+) -> Ledger:
     """The run's ledger (continued on resume), or a new one for ``dataset``, admitted to the budget registry.
 
     Before any data is read, the run's planned events (``plan``: releases of earlier stages, e.g.
@@ -74,7 +96,11 @@ def open_ledger(run: Run, recipe: Recipe, dataset: ImageDataset, *, plan: list[R
             ledger = _open_ledger(run, recipe, dataset, plan=plan, stage=stage, registry=registry)
         except Exception as e:  # every rank must hear the outcome, or the others would wait for rank 0 forever
             refusal = e
-    mine = (None, f"{type(refusal).__name__}: {refusal}") if refusal is not None else (ledger.run_id if ledger else None, None)
+    mine = (
+        (None, f"{type(refusal).__name__}: {refusal}")
+        if refusal is not None
+        else (ledger.run_id if ledger else None, None)
+    )
     outcome = broadcast_object(mine)  # rank 0's (run id, error)
     if refusal is not None:
         raise refusal
@@ -83,26 +109,41 @@ def open_ledger(run: Run, recipe: Recipe, dataset: ImageDataset, *, plan: list[R
     if world.is_main:
         return ledger
     copy_ = load_ledger(run, dataset) or Ledger(
-        delta=recipe.privacy.delta, accountant=recipe.privacy.accountant, dataset=data_identity(dataset),
-        target_epsilon=recipe.privacy.epsilon if recipe.privacy.enabled else None)
+        delta=recipe.privacy.delta,
+        accountant=recipe.privacy.accountant,
+        dataset=data_identity(dataset),
+        target_epsilon=recipe.privacy.epsilon if recipe.privacy.enabled else None,
+    )
     copy_.run_id = outcome[0]  # its saves write nothing (rank 0 writes) and reach no registry (no sink)
     return copy_
 
 
-def _open_ledger(run: Run, recipe: Recipe, dataset: ImageDataset, *, plan: list[Release], stage: str, registry: Registry | None) -> Ledger:
+def _open_ledger(
+    run: Run, recipe: Recipe, dataset: ImageDataset, *, plan: list[Release], stage: str, registry: Registry | None
+) -> Ledger:
     ledger = load_ledger(run, dataset)
     fresh = ledger is None
-    planned = list(plan) + [planned_event(recipe, ledger or _fresh_ledger(recipe, dataset), num_examples=len(dataset),
-                                          stage=stage, prior=plan)]  # calibrated before anything is written
+    planned = list(plan) + [
+        planned_event(
+            recipe, ledger or _fresh_ledger(recipe, dataset), num_examples=len(dataset), stage=stage, prior=plan
+        )
+    ]  # calibrated before anything is written
     registry = registry or Registry()
     if fresh:
         ledger = _fresh_ledger(recipe, dataset)
         run.created(run.ledger_path)  # a start that fails leaves no ledger behind
         ledger.save(run.ledger_path)  # its run_id is the registry's key: on disk before it is registered
     try:
-        registry.admit(run_id=ledger.run_id, dataset=ledger.dataset, planned=planned, recorded=ledger.events,
-                       path=str(run.path.resolve()), target_epsilon=ledger.target_epsilon, delta=ledger.delta,
-                       accountant=ledger.accountant)
+        registry.admit(
+            run_id=ledger.run_id,
+            dataset=ledger.dataset,
+            planned=planned,
+            recorded=ledger.events,
+            path=str(run.path.resolve()),
+            target_epsilon=ledger.target_epsilon,
+            delta=ledger.delta,
+            accountant=ledger.accountant,
+        )
     except BaseException:
         if fresh:
             run.ledger_path.unlink(missing_ok=True)  # a refused run leaves no ledger behind
@@ -114,36 +155,60 @@ def _open_ledger(run: Run, recipe: Recipe, dataset: ImageDataset, *, plan: list[
 
 
 def _fresh_ledger(recipe: Recipe, dataset: ImageDataset) -> Ledger:
-    return Ledger(delta=recipe.privacy.delta, accountant=recipe.privacy.accountant, dataset=data_identity(dataset),
-                  target_epsilon=recipe.privacy.epsilon if recipe.privacy.enabled else None)
+    return Ledger(
+        delta=recipe.privacy.delta,
+        accountant=recipe.privacy.accountant,
+        dataset=data_identity(dataset),
+        target_epsilon=recipe.privacy.epsilon if recipe.privacy.enabled else None,
+    )
 
 
-def check_plan(out, recipe: Recipe, dataset: ImageDataset, *, plan: list[Release] = (), stage: str = "dp_sgd") -> list[Release]:
+def check_plan(
+    out, recipe: Recipe, dataset: ImageDataset, *, plan: list[Release] = (), stage: str = "dp_sgd"
+) -> list[Release]:
     """Before a run writes anything: the events :func:`open_ledger` will reserve, with the noise calibrated
     now (an unreachable target is an error here), against the run's ledger if ``out`` holds one (it must
     load and describe ``dataset``: a damaged ledger is an error before anything is touched)."""
     run = Run(out)
     ledger = load_ledger(run, dataset) if run.path.is_dir() else None
-    return list(plan) + [planned_event(recipe, ledger or _fresh_ledger(recipe, dataset), num_examples=len(dataset),
-                                       stage=stage, prior=plan)]
+    return list(plan) + [
+        planned_event(
+            recipe, ledger or _fresh_ledger(recipe, dataset), num_examples=len(dataset), stage=stage, prior=plan
+        )
+    ]
 
 
-def planned_event(recipe: Recipe, ledger: Ledger, *, num_examples: int, stage: str = "dp_sgd", prior: list[Release] = ()) -> Release:
+def planned_event(
+    recipe: Recipe, ledger: Ledger, *, num_examples: int, stage: str = "dp_sgd", prior: list[Release] = ()
+) -> Release:
     """The event a recipe's private training stage will record: σ calibrated after the ledger's other
     stages and the ``prior`` planned ones (as :func:`noise_for` will), q, and its steps (``max_steps`` if fewer)."""
     t = recipe.train
     if not 1 <= t.batch_size <= num_examples:
-        raise ValueError(f"train.batch_size={t.batch_size} must be in [1, {num_examples}], the size of the private data set")
+        raise ValueError(
+            f"train.batch_size={t.batch_size} must be in [1, {num_examples}], the size of the private data set"
+        )
     steps = planned_steps(t, num_examples) if t.max_steps is None else min(planned_steps(t, num_examples), t.max_steps)
     q = t.batch_size / num_examples
     sigma = 0.0
     if recipe.privacy.enabled:
         recorded = {e.stage for e in ledger.events}
         others = ledger.history(exclude_stage=stage) + [e.triple for e in prior if e.stage not in recorded]
-        sigma = _calibrate(recipe.privacy.epsilon, recipe.privacy.delta, q, planned_steps(t, num_examples),
-                           recipe.privacy.accountant, tuple(tuple(x) for x in others))
-    return Release(stage=stage, mechanism=SUBSAMPLED_GAUSSIAN if recipe.privacy.enabled else NON_PRIVATE,
-                   noise_multiplier=sigma, sample_rate=q, steps=steps)
+        sigma = _calibrate(
+            recipe.privacy.epsilon,
+            recipe.privacy.delta,
+            q,
+            planned_steps(t, num_examples),
+            recipe.privacy.accountant,
+            tuple(tuple(x) for x in others),
+        )
+    return Release(
+        stage=stage,
+        mechanism=SUBSAMPLED_GAUSSIAN if recipe.privacy.enabled else NON_PRIVATE,
+        noise_multiplier=sigma,
+        sample_rate=q,
+        steps=steps,
+    )
 
 
 def noise_for(recipe: Recipe, ledger: Ledger, *, stage: str, num_examples: int) -> float:
@@ -152,17 +217,35 @@ def noise_for(recipe: Recipe, ledger: Ledger, *, stage: str, num_examples: int) 
     Deterministic in (recipe, earlier stages), so a resumed run recomputes the same σ.
     """
     prior = ledger.history(exclude_stage=stage)
-    return _calibrate(recipe.privacy.epsilon, recipe.privacy.delta, recipe.train.batch_size / num_examples,
-                      planned_steps(recipe.train, num_examples), recipe.privacy.accountant, tuple(tuple(x) for x in prior))
+    return _calibrate(
+        recipe.privacy.epsilon,
+        recipe.privacy.delta,
+        recipe.train.batch_size / num_examples,
+        planned_steps(recipe.train, num_examples),
+        recipe.privacy.accountant,
+        tuple(tuple(x) for x in prior),
+    )
 
 
 @functools.lru_cache(maxsize=64)
-def _calibrate(epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str,
-               prior: tuple[tuple[float, float, int], ...]) -> float:
+def _calibrate(
+    epsilon: float,
+    delta: float,
+    sample_rate: float,
+    steps: int,
+    accountant: str,
+    prior: tuple[tuple[float, float, int], ...],
+) -> float:
     """:func:`calibrate_noise`, once per process for the same arguments (a start checks the plan, reserves it
     and then trains with it: three calls, one search). Deterministic, so the cache changes no value."""
-    return calibrate_noise(epsilon_target=epsilon, delta=delta, sample_rate=sample_rate, steps=steps, accountant=accountant,
-                           prior=list(prior))
+    return calibrate_noise(
+        epsilon_target=epsilon,
+        delta=delta,
+        sample_rate=sample_rate,
+        steps=steps,
+        accountant=accountant,
+        prior=list(prior),
+    )
 
 
 def replayed_steps(ledger: Ledger | None, *, stage: str, start: int, mech: Release, offset: int = 0) -> int:
@@ -187,13 +270,17 @@ def replayed_steps(ledger: Ledger | None, *, stage: str, start: int, mech: Relea
         return start
     counted = ledger.steps(stage) - offset
     if counted < start:  # a checkpoint is written after its steps were counted: never fewer
-        raise RunError(f"the ledger counts {counted} steps of {stage}, but its checkpoint is at step {start}: "
-                       "the ledger is not this run's (or was edited)")
+        raise RunError(
+            f"the ledger counts {counted} steps of {stage}, but its checkpoint is at step {start}: "
+            "the ledger is not this run's (or was edited)"
+        )
     if counted > start:
         last = next(e for e in reversed(ledger.events) if e.stage == stage)
         if not last.same_mechanism(mech):
-            raise RunError(f"resuming {stage}: the mechanism differs from the one counted before the crash "
-                           f"({last.with_steps(1)} vs {mech.with_steps(1)}); use a new --out")
+            raise RunError(
+                f"resuming {stage}: the mechanism differs from the one counted before the crash "
+                f"({last.with_steps(1)} vs {mech.with_steps(1)}); use a new --out"
+            )
     return counted
 
 
@@ -255,7 +342,9 @@ class StepGuard:
 
     def verify(self, step: int, *, noised_steps: int) -> None:
         """After step ``step``: the engine has noised exactly the steps the ledger counts (else stop)."""
-        if self.private and (self.start + noised_steps != step + 1 or self.ledger.steps(self.stage) != self.counted + self.offset):
+        if self.private and (
+            self.start + noised_steps != step + 1 or self.ledger.steps(self.stage) != self.counted + self.offset
+        ):
             raise RuntimeError("internal error: noised steps and ledger disagree")  # never report an unbacked epsilon
 
     def epsilon(self) -> float | None:
@@ -291,8 +380,10 @@ def release_run(target: str | Path, *, registry=None, missing_ok: bool = False):
         path = Path(registered) if registered else None
         if path is None or not path.is_dir():
             if not missing_ok:
-                raise RunError(f"run {run_id[:12]}: its directory {registered} is not on this machine, so nothing shows that it is "
-                               "not running elsewhere; release it from the machine that holds it, or pass --missing-ok if it is gone")
+                raise RunError(
+                    f"run {run_id[:12]}: its directory {registered} is not on this machine, so nothing shows that it is "
+                    "not running elsewhere; release it from the machine that holds it, or pass --missing-ok if it is gone"
+                )
             entry, freed = registry.release(run_id=run_id)
             return run_id, entry, freed
     with held_lock(path):

@@ -57,15 +57,26 @@ def central_sensitivity(*, channels: int, height: int, width: int, expected_per_
     return math.sqrt(channels * height * width) / expected_per_class
 
 
-def release_parameters(*, num_examples: int, num_classes: int, sample_rate: float, channels: int, height: int, width: int,
-                       downsample: int = 1) -> tuple[int, float]:
+def release_parameters(
+    *,
+    num_examples: int,
+    num_classes: int,
+    sample_rate: float,
+    channels: int,
+    height: int,
+    width: int,
+    downsample: int = 1,
+) -> tuple[int, float]:
     """(m, Δ) of a release: expected examples per class ⌊q·N / classes⌋ and the L2 sensitivity for images of that size."""
     m = math.floor(sample_rate * num_examples / num_classes)
-    return m, central_sensitivity(channels=channels, height=height // downsample, width=width // downsample, expected_per_class=m)
+    return m, central_sensitivity(
+        channels=channels, height=height // downsample, width=width // downsample, expected_per_class=m
+    )
 
 
-def class_means(images01: Tensor, labels: Tensor, mask: Tensor, *, num_classes: int, expected_per_class: int,
-                downsample: int = 1) -> Tensor:
+def class_means(
+    images01: Tensor, labels: Tensor, mask: Tensor, *, num_classes: int, expected_per_class: int, downsample: int = 1
+) -> Tensor:
     """The pre-noise query: μ̂_c = Σ_{i: mask_i, y_i = c} d(x_i) / m for every class, [num_classes, C, H', W']."""
     x = F.avg_pool2d(images01, downsample) if downsample > 1 else images01
     sums = torch.zeros(num_classes, *x.shape[1:], dtype=x.dtype, device=x.device)
@@ -95,8 +106,15 @@ def release_central_images(
     if noise_multiplier <= 0:
         raise ValueError("noise_multiplier must be > 0 (the release is private only with noise)")
     N, C, H, W = images01.shape
-    m, delta = release_parameters(num_examples=N, num_classes=num_classes, sample_rate=sample_rate, channels=C,
-                                  height=H, width=W, downsample=downsample)
+    m, delta = release_parameters(
+        num_examples=N,
+        num_classes=num_classes,
+        sample_rate=sample_rate,
+        channels=C,
+        height=H,
+        width=W,
+        downsample=downsample,
+    )
     out = []
     for _ in range(rounds):
         # Poisson sampling: each example in with probability q
@@ -106,7 +124,11 @@ def release_central_images(
         noise = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
         out.append((mu + noise_multiplier * delta * noise).clamp(0, 1))  # clamping: post-processing
     return CentralRelease(
-        images=torch.cat(out), labels=torch.arange(num_classes, device=images01.device).repeat(rounds),
-        noise_multiplier=float(noise_multiplier), sample_rate=float(sample_rate), rounds=int(rounds),
-        sensitivity=float(delta), expected_per_class=int(m),
+        images=torch.cat(out),
+        labels=torch.arange(num_classes, device=images01.device).repeat(rounds),
+        noise_multiplier=float(noise_multiplier),
+        sample_rate=float(sample_rate),
+        rounds=int(rounds),
+        sensitivity=float(delta),
+        expected_per_class=int(m),
     )

@@ -70,9 +70,13 @@ class _Layer:
     processed: int = 0  # output gradients processed in the current chunk
     # what the clipped sum needs once the clip factors are known
     direct: dict[str, Tensor] = field(default_factory=dict)  # per-example gradients [B, *shape]
-    small: dict[str, Tensor] = field(default_factory=dict)  # per-example biases and affines [B, n], normed and summed together
+    small: dict[str, Tensor] = field(
+        default_factory=dict
+    )  # per-example biases and affines [B, n], normed and summed together
     saved: tuple | None = None  # (a, g) of a ghost layer; (index slots, row sums) of an Embedding
-    exact: dict = field(default_factory=dict)  # ghost layer: example b -> its float64 per-example gradient, where Grams cancel
+    exact: dict = field(
+        default_factory=dict
+    )  # ghost layer: example b -> its float64 per-example gradient, where Grams cancel
     stats: tuple | None = None  # GroupNorm: the forward's own (μ, rstd), when autograd kept them
 
 
@@ -99,17 +103,29 @@ class BookKeeping:
             rule = layer_rule(module)
             if rule is None or any(n not in ("weight", "bias") for n, _ in params):
                 kind = type(module).__name__
-                raise ValueError(f"book-keeping clipping does not support trainable {kind} '{name}' "
-                                 f"(supported: {', '.join(t.__name__ for t in SUPPORTED)}); use grad_sample_mode=hooks")
-            if isinstance(module, nn.Embedding) and (module.max_norm is not None or module.scale_grad_by_freq or module.sparse):
-                raise ValueError(f"book-keeping clipping does not support Embedding '{name}' with max_norm, scale_grad_by_freq or sparse")
+                raise ValueError(
+                    f"book-keeping clipping does not support trainable {kind} '{name}' "
+                    f"(supported: {', '.join(t.__name__ for t in SUPPORTED)}); use grad_sample_mode=hooks"
+                )
+            if isinstance(module, nn.Embedding) and (
+                module.max_norm is not None or module.scale_grad_by_freq or module.sparse
+            ):
+                raise ValueError(
+                    f"book-keeping clipping does not support Embedding '{name}' with max_norm, scale_grad_by_freq or sparse"
+                )
             if getattr(module, "padding_mode", "zeros") != "zeros" or isinstance(getattr(module, "padding", 0), str):
-                raise ValueError(f"book-keeping clipping supports convolutions with explicit zero padding only ('{name}')")
+                raise ValueError(
+                    f"book-keeping clipping supports convolutions with explicit zero padding only ('{name}')"
+                )
             if any(p.dtype not in (torch.float32, torch.float64) for _, p in params):
-                raise ValueError(f"book-keeping clipping needs float32 or float64 parameters ('{name}'): norms in half precision are too coarse for clipping")
+                raise ValueError(
+                    f"book-keeping clipping needs float32 or float64 parameters ('{name}'): norms in half precision are too coarse for clipping"
+                )
             for n, p in params:
                 if id(p) in owner:
-                    raise ValueError(f"parameter shared by '{owner[id(p)]}' and '{name}': not supported by book-keeping clipping")
+                    raise ValueError(
+                        f"parameter shared by '{owner[id(p)]}' and '{name}': not supported by book-keeping clipping"
+                    )
                 owner[id(p)] = name
             self.layers.append(_Layer(name, module, params, rule))
         self.params = [p for layer in self.layers for _, p in layer.params]
@@ -128,8 +144,10 @@ class BookKeeping:
                 return
             layer.calls += 1
             if layer.calls > 1:
-                raise RuntimeError(f"'{layer.name}' was called twice in one forward: book-keeping clipping "
-                                   "needs each layer once per forward (use grad_sample_mode=hooks)")
+                raise RuntimeError(
+                    f"'{layer.name}' was called twice in one forward: book-keeping clipping "
+                    "needs each layer once per forward (use grad_sample_mode=hooks)"
+                )
             a = inputs[0]
             if not layer.checked:
                 _check_subclass_forward(layer, a, out)
@@ -142,6 +160,7 @@ class BookKeeping:
             if not self._axis_checked:
                 self._outputs[layer.name] = out
             out.register_hook(lambda g, layer=layer, a=a_saved, version=version: self._backward(layer, a, version, g))
+
         return hook
 
     @contextlib.contextmanager
@@ -209,8 +228,10 @@ class BookKeeping:
         norms = (sq if S is None else sq + torch.linalg.vector_norm(S.double(), dim=1).square()).sqrt()
         if not bool(torch.isfinite(norms).all()):  # no clip factor can bound an infinite or undefined gradient
             bad = torch.nonzero(~torch.isfinite(norms)).flatten().tolist()
-            raise FloatingPointError(f"non-finite per-example gradient norm for example(s) {bad[:5]} of this batch: "
-                                     "the step cannot be clipped (lower the learning rate, or check the inputs)")
+            raise FloatingPointError(
+                f"non-finite per-example gradient norm for example(s) {bad[:5]} of this batch: "
+                "the step cannot be clipped (lower the learning rate, or check the inputs)"
+            )
         c = (self.C / (norms + 1e-6)).clamp(max=1.0)  # Opacus' clip factor (float64; each use casts it once)
         sums = self._weighted_sums(c, small, S)
         for layer in self.layers:
@@ -240,6 +261,7 @@ class BookKeeping:
 
 # -- per-layer rules: squared per-example norm, and what the clipped sum will need -----------------
 
+
 def refuse_row_mixing(model: nn.Module) -> None:
     """Per-example clipping assumes example b's loss depends on example b alone: refuse layers that mix rows.
 
@@ -247,9 +269,13 @@ def refuse_row_mixing(model: nn.Module) -> None:
     saved with the model, are an unnoised function of the private batch), trainable or not.
     """
     for name, m in model.named_modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) or (isinstance(m, nn.modules.instancenorm._InstanceNorm) and m.track_running_stats):
-            raise ValueError(f"'{name}' ({type(m).__name__}) mixes examples or keeps unnoised running statistics: "
-                             "not allowed in DP-SGD (use GroupNorm)")
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) or (
+            isinstance(m, nn.modules.instancenorm._InstanceNorm) and m.track_running_stats
+        ):
+            raise ValueError(
+                f"'{name}' ({type(m).__name__}) mixes examples or keeps unnoised running statistics: "
+                "not allowed in DP-SGD (use GroupNorm)"
+            )
 
 
 def check_example_axis(loss: Tensor, outputs: dict[str, Tensor], *, K: int) -> None:
@@ -277,9 +303,11 @@ def check_example_axis(loss: Tensor, outputs: dict[str, Tensor], *, K: int) -> N
         if g is None or g.shape[0] != B * K:  # no path to the loss, or a row count the engine refuses by itself
             continue
         if bool((g.reshape(B, -1)[1::2].abs() > 0).any()):
-            raise ValueError(f"'{name}': the loss of one example reaches rows of another at this layer: its input's first "
-                             "axis is not the example axis (a sequence-first layer, or one that mixes examples), so "
-                             "per-example clipping would clip the wrong rows; make the layer batch-first (batch_first=True)")
+            raise ValueError(
+                f"'{name}': the loss of one example reaches rows of another at this layer: its input's first "
+                "axis is not the example axis (a sequence-first layer, or one that mixes examples), so "
+                "per-example clipping would clip the wrong rows; make the layer batch-first (batch_first=True)"
+            )
 
 
 @contextlib.contextmanager
@@ -289,8 +317,11 @@ def layer_outputs(model: nn.Module) -> Iterator[dict[str, Tensor]]:
     handles = []
     for name, module in model.named_modules():
         if any(p.requires_grad for p in module.parameters(recurse=False)):
-            handles.append(module.register_forward_hook(
-                lambda m, i, out, name=name: outputs.__setitem__(name, out) if isinstance(out, Tensor) else None))
+            handles.append(
+                module.register_forward_hook(
+                    lambda m, i, out, name=name: outputs.__setitem__(name, out) if isinstance(out, Tensor) else None
+                )
+            )
     try:
         yield outputs
     finally:
@@ -317,9 +348,11 @@ def _check_subclass_forward(layer: _Layer, a: Tensor, out: Tensor) -> None:
         ref, got = ref.detach().double(), out.detach().double()
         ok = bool(((got - ref).abs() <= tol * (ref.abs() + ref.abs().max())).all())
     if not ok:
-        raise ValueError(f"'{layer.name}' ({type(layer.module).__name__}, a subclass of {base.__name__}) computes something "
-                         f"other than {base.__name__}: its per-example gradients cannot be derived by {base.__name__}'s "
-                         "rule (use grad_sample_mode=hooks)")
+        raise ValueError(
+            f"'{layer.name}' ({type(layer.module).__name__}, a subclass of {base.__name__}) computes something "
+            f"other than {base.__name__}: its per-example gradients cannot be derived by {base.__name__}'s "
+            "rule (use grad_sample_mode=hooks)"
+        )
 
 
 def _rows(t: Tensor, B: int) -> Tensor:
@@ -334,7 +367,7 @@ def _batch_major(per_example: Tensor) -> tuple[Tensor, list[int]]:
     if not x.is_contiguous():  # overlapping or gapped storage: a copy
         x = x.contiguous()
     j = order.index(0)
-    return x.reshape(math.prod(x.shape[:j]), x.shape[j], math.prod(x.shape[j + 1:])), order
+    return x.reshape(math.prod(x.shape[:j]), x.shape[j], math.prod(x.shape[j + 1 :])), order
 
 
 def _sq_norms(per_example: Tensor) -> Tensor:
@@ -385,7 +418,7 @@ def _use_ghost(positions: int, p: int, d: int) -> bool:
 # whose error is at most γ_n·S in Frobenius norm (n terms per entry), and the smaller of the two
 # bounds is used. Either way min(1, C/‖g_b‖) never lets a contribution exceed C.
 
-_U64 = 2.0 ** -53  # unit round-off of float64
+_U64 = 2.0**-53  # unit round-off of float64
 _CANCELLING = 1e-4  # bound / s̃ above which an example's ghost norm is recomputed directly
 
 
@@ -408,7 +441,9 @@ def _ghost_sq(layer: _Layer, A: Tensor, G: Tensor, B: int, direct) -> Tensor:
     much is added to their norm bound and c_b·(their share as computed) stays ≤ C.
     """
     u_fused = torch.finfo(A.dtype).eps / 2
-    n_fused = A.shape[0] * A.shape[1]  # the fused product's reduction length, B·K·T (times γ for grouped convs: an over-count)
+    n_fused = (
+        A.shape[0] * A.shape[1]
+    )  # the fused product's reduction length, B·K·T (times γ for grouped convs: an over-count)
     A, G = A.double(), G.double()
     n, d, p = A.shape[1], A.shape[2], G.shape[2]
     sq = (torch.bmm(A, A.transpose(1, 2)) * torch.bmm(G, G.transpose(1, 2))).sum((1, 2)).reshape(B, -1).sum(1)
@@ -444,7 +479,11 @@ def _as_computed(module: nn.Module, a: Tensor) -> Tensor:
     """The input as the layer's op actually used it: under autocast, Linear and convolutions run on
     inputs cast to the autocast dtype, so their exact per-example gradient is g_bᵀ·cast(a_b), not
     g_bᵀ·a_b. (Normalisations run in float32 under autocast; embeddings read indices.)"""
-    if isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)) and a.is_floating_point() and torch.is_autocast_enabled(a.device.type):
+    if (
+        isinstance(module, (nn.Linear, nn.modules.conv._ConvNd))
+        and a.is_floating_point()
+        and torch.is_autocast_enabled(a.device.type)
+    ):
         return a.to(torch.get_autocast_dtype(a.device.type))
     return a
 
@@ -493,8 +532,15 @@ def _conv(bk: BookKeeping, layer: _Layer, a: Tensor, g: Tensor, B: int) -> Tenso
             Ug = U.permute(0, 2, 1, 4, 3).reshape(B * groups, -1, d)  # [B·γ, K·T, d]
             Gg = G.permute(0, 2, 1, 4, 3).reshape(B * groups, -1, p // groups)
             rows = a.shape[0] // B
-            sq = _ghost_sq(layer, Ug, Gg, B, lambda b: _per_example_conv_grouped(
-                m, a[b * rows:(b + 1) * rows].double(), g[b * rows:(b + 1) * rows].double(), 1, dims)[0])
+            sq = _ghost_sq(
+                layer,
+                Ug,
+                Gg,
+                B,
+                lambda b: _per_example_conv_grouped(
+                    m, a[b * rows : (b + 1) * rows].double(), g[b * rows : (b + 1) * rows].double(), 1, dims
+                )[0],
+            )
             layer.saved = (a, g)
         else:
             W, sq = _per_example_conv_weight(m, a, g, B, dims)  # [B, *weight.shape], ‖W_b‖²
@@ -509,12 +555,17 @@ def _unfold(m: nn.Module, a: Tensor, dims: int) -> Tensor:
     if dims == 2:
         return F.unfold(a, m.kernel_size, dilation=m.dilation, padding=m.padding, stride=m.stride)
     if dims == 1:  # as a 2-D convolution of height 1
-        return F.unfold(a.unsqueeze(2), (1, m.kernel_size[0]), dilation=(1, m.dilation[0]),
-                        padding=(0, m.padding[0]), stride=(1, m.stride[0]))
+        return F.unfold(
+            a.unsqueeze(2),
+            (1, m.kernel_size[0]),
+            dilation=(1, m.dilation[0]),
+            padding=(0, m.padding[0]),
+            stride=(1, m.stride[0]),
+        )
     k, s, pd, dl = m.kernel_size, m.stride, m.padding, m.dilation  # 3-D: pad, then strided windows
     x = F.pad(a, [q for pp in reversed(pd) for q in (pp, pp)])
     for i in range(3):
-        x = x.unfold(2 + i, dl[i] * (k[i] - 1) + 1, s[i])[..., ::dl[i]]
+        x = x.unfold(2 + i, dl[i] * (k[i] - 1) + 1, s[i])[..., :: dl[i]]
     # x: [R, C, To1, To2, To3, k1, k2, k3] -> [R, C·k1·k2·k3, T]
     R, C = x.shape[:2]
     return x.permute(0, 1, 5, 6, 7, 2, 3, 4).reshape(R, C * k[0] * k[1] * k[2], -1)
@@ -536,8 +587,21 @@ def _per_example_conv_weight(m: nn.Module, a: Tensor, g: Tensor, B: int, dims: i
         return kernels[0](m, a, g, B, dims)
     # Poisson batches change size every step: key on the batch's power-of-two bucket, not its exact size,
     # so the kernels are timed once per bucket (≈ 2 per run), not once per batch size seen (≈ 100).
-    key = (m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding, m.dilation, m.groups,
-           tuple(a.shape[1:]), a.shape[0] // B, B.bit_length(), a.dtype, a.device, torch.get_num_threads())
+    key = (
+        m.in_channels,
+        m.out_channels,
+        m.kernel_size,
+        m.stride,
+        m.padding,
+        m.dilation,
+        m.groups,
+        tuple(a.shape[1:]),
+        a.shape[0] // B,
+        B.bit_length(),
+        a.dtype,
+        a.device,
+        torch.get_num_threads(),
+    )
     kernel = _KERNEL_CHOICE.get(key)
     if kernel is None:  # best of three timed calls each, after a warm-up
         kernel = _KERNEL_CHOICE[key] = min(kernels, key=lambda k: _seconds(k, m, a, g, B, dims))
@@ -574,8 +638,14 @@ def _per_example_conv_grouped(m: nn.Module, a: Tensor, g: Tensor, B: int, dims: 
 def _taps_apply(m: nn.Module) -> bool:
     """A stride-1, "same"-padded 2-D convolution with odd kernel (3×3, 1×1, ...): the tap kernel applies."""
     kh, kw = m.kernel_size
-    return (m.groups == 1 and m.stride == (1, 1) and m.dilation == (1, 1) and kh % 2 == 1 and kw % 2 == 1
-            and m.padding == (kh // 2, kw // 2))
+    return (
+        m.groups == 1
+        and m.stride == (1, 1)
+        and m.dilation == (1, 1)
+        and kh % 2 == 1
+        and kw % 2 == 1
+        and m.padding == (kh // 2, kw // 2)
+    )
 
 
 def _per_example_conv2d_taps(m: nn.Module, a: Tensor, g: Tensor, B: int, dims: int) -> tuple[Tensor, Tensor]:
@@ -600,7 +670,7 @@ def _per_example_conv2d_taps(m: nn.Module, a: Tensor, g: Tensor, B: int, dims: i
         dx = j - Q  # input column = output column + dx
         g_j = g.contiguous() if dx == 0 else g.clone(memory_format=torch.contiguous_format)
         if dx > 0:  # output columns w ≥ W − dx would read input columns past the right edge
-            g_j[..., W - dx:] = 0
+            g_j[..., W - dx :] = 0
         elif dx < 0:  # and columns w < −dx past the left edge
             g_j[..., :-dx] = 0
         for i in range(kh):
@@ -635,8 +705,17 @@ def _group_norm(bk: BookKeeping, layer: _Layer, a: Tensor, g: Tensor, B: int) ->
     G = m.num_groups
     # the kernel reads both as contiguous [N, C, T] (a strided view gives wrong sums, not an error)
     _, w_rows, b_rows = torch.ops.aten.native_group_norm_backward(
-        g.contiguous().view(1, R * C, T), a.contiguous().view(1, R * C, T), mean.reshape(1, R * G), rstd.reshape(1, R * G),
-        torch.ones(R * C, dtype=a.dtype, device=a.device), 1, R * C, T, R * G, [False, True, True])
+        g.contiguous().view(1, R * C, T),
+        a.contiguous().view(1, R * C, T),
+        mean.reshape(1, R * G),
+        rstd.reshape(1, R * G),
+        torch.ones(R * C, dtype=a.dtype, device=a.device),
+        1,
+        R * C,
+        T,
+        R * G,
+        [False, True, True],
+    )
     return _affine_grads(layer, lambda: w_rows.view(R, C), b_rows.view(R, C), B)
 
 
@@ -692,7 +771,9 @@ def _embedding(bk: BookKeeping, layer: _Layer, a: Tensor, g: Tensor, B: int) -> 
 # MRO, so subclasses of these (e.g. a pretrained UNet's ``GroupNorm32(nn.GroupNorm)``) use their base's rule.
 _LAYER_RULES = {
     nn.Linear: _linear,
-    nn.Conv1d: _conv, nn.Conv2d: _conv, nn.Conv3d: _conv,
+    nn.Conv1d: _conv,
+    nn.Conv2d: _conv,
+    nn.Conv3d: _conv,
     nn.GroupNorm: _group_norm,
     nn.LayerNorm: _layer_norm,
     nn.Embedding: _embedding,
@@ -713,7 +794,9 @@ def _clipped_sum(layer: _Layer, c: Tensor) -> dict[str, Tensor]:
     if layer.saved is not None and isinstance(m, nn.Embedding):
         slots, rows = layer.saved  # Σ_b c_b ∇E_b: each example's row sums, scaled, added at their indices
         rows_c = rows * c.to(rows.dtype).view(-1, 1, 1)
-        grad = torch.zeros(m.weight.shape, dtype=torch.float64, device=rows.device).index_add_(0, slots.reshape(-1), rows_c.reshape(-1, rows.shape[-1]))
+        grad = torch.zeros(m.weight.shape, dtype=torch.float64, device=rows.device).index_add_(
+            0, slots.reshape(-1), rows_c.reshape(-1, rows.shape[-1])
+        )
         if m.padding_idx is not None:
             grad[m.padding_idx] = 0
         out["weight"] = grad

@@ -65,7 +65,9 @@ class PoissonBatches:
     step; it is not used here.)
     """
 
-    def __init__(self, *, num_examples: int, sample_rate: float, generator: torch.Generator, world: World | None = None):
+    def __init__(
+        self, *, num_examples: int, sample_rate: float, generator: torch.Generator, world: World | None = None
+    ):
         if not 0 < sample_rate <= 1:
             raise ValueError(f"sample rate must be in (0, 1], got {sample_rate} (batch size larger than the data set?)")
         self.world = world or current_world()
@@ -85,7 +87,7 @@ class PoissonBatches:
 
     def shard(self, indices: torch.Tensor) -> torch.Tensor:
         """This rank's part B_r = B[r::W] of a global batch (all of it on a world of one)."""
-        return indices[self.world.rank::self.world.size]
+        return indices[self.world.rank :: self.world.size]
 
 
 def fold_noise_multiplicity(module: nn.Module, K: int) -> None:
@@ -156,14 +158,26 @@ class DPSGD:
         if grad_sample_mode == "bk":
             # clipping happens in the backward (BookKeeping); the optimizer adds noise σC to the
             # clipped sum and divides by the expected batch size, exactly as DPOptimizer does
-            self.module, self.bk = model, BookKeeping(model, noise_multiplicity=noise_multiplicity, max_grad_norm=max_grad_norm)
+            self.module, self.bk = (
+                model,
+                BookKeeping(model, noise_multiplicity=noise_multiplicity, max_grad_norm=max_grad_norm),
+            )
             optimizer_cls = _DistributedClippedSumOptimizer if world.distributed else _ClippedSumOptimizer
         else:
             self.module, self.bk = make_grad_sample_module(model, grad_sample_mode=grad_sample_mode), None
             optimizer_cls = _DistributedDPOptimizer if world.distributed else DPOptimizer
         if world.distributed:
-            agree((num_examples, batch_size, float(noise_multiplier), float(max_grad_norm), noise_multiplicity, grad_sample_mode),
-                  what="the mechanism (N, expected batch size, sigma, C, K, clipping mode)")
+            agree(
+                (
+                    num_examples,
+                    batch_size,
+                    float(noise_multiplier),
+                    float(max_grad_norm),
+                    noise_multiplicity,
+                    grad_sample_mode,
+                ),
+                what="the mechanism (N, expected batch size, sigma, C, K, clipping mode)",
+            )
             self.module = _replicate(self.module)
         self.optimizer = optimizer_cls(
             optimizer,
@@ -174,7 +188,9 @@ class DPSGD:
             generator=noise_generator,
             **({"world": world} if world.distributed else {}),
         )
-        self.batches = PoissonBatches(num_examples=num_examples, sample_rate=batch_size / num_examples, generator=generator, world=world)
+        self.batches = PoissonBatches(
+            num_examples=num_examples, sample_rate=batch_size / num_examples, generator=generator, world=world
+        )
         self.K = noise_multiplicity
         self._axis_checked = self.bk is not None  # book-keeping probes the example axis itself
         self.examples_per_chunk = max(1, max_physical_batch_size // noise_multiplicity)
@@ -214,8 +230,10 @@ class DPSGD:
             for p in group["params"]:
                 p.grad, p.grad_sample, p.summed_grad = None, None, None
         if self.bk is not None and {id(p) for p in opt.params} != {id(p) for p in self.bk.params}:
-            raise RuntimeError("the optimizer's trainable parameters are not the ones the engine clips "
-                               "(was a parameter frozen or unfrozen after the engine was built?)")
+            raise RuntimeError(
+                "the optimizer's trainable parameters are not the ones the engine clips "
+                "(was a parameter frozen or unfrozen after the engine was built?)"
+            )
 
     def step(self, indices: torch.Tensor, loss_fn: LossFn) -> float:
         """One logical DP-SGD step on the examples ``indices`` (the global batch; this rank computes
@@ -324,7 +342,9 @@ def _replicate(module: nn.Module) -> DistributedDataParallel:
     """``DistributedDataParallel`` over ``module``: rank 0's parameters and buffers on every rank (its
     construction broadcasts them); its gradient averaging is never used (see :class:`DPSGD`)."""
     device = next(module.parameters()).device
-    return DistributedDataParallel(module, device_ids=[device] if device.type == "cuda" else None, forward_sync_buffers=False)
+    return DistributedDataParallel(
+        module, device_ids=[device] if device.type == "cuda" else None, forward_sync_buffers=False
+    )
 
 
 def _no_sync(module: nn.Module):
@@ -368,7 +388,9 @@ class NonPrivateSGD:
         self.module = _replicate(model) if world.distributed else model
         self.optimizer = optimizer
         self.batch_size = batch_size
-        self.batches = PoissonBatches(num_examples=num_examples, sample_rate=batch_size / num_examples, generator=generator, world=world)
+        self.batches = PoissonBatches(
+            num_examples=num_examples, sample_rate=batch_size / num_examples, generator=generator, world=world
+        )
         self.examples_per_chunk = max(1, max_physical_batch_size // noise_multiplicity)
         self.noised_steps = 0
 

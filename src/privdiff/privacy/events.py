@@ -24,7 +24,12 @@ MECHANISMS = (SUBSAMPLED_GAUSSIAN, NON_PRIVATE)
 
 
 def _number(x: Any, what: str, *, low: float = 0.0, high: float = math.inf, integer: bool = False) -> None:
-    ok = isinstance(x, int if integer else (int, float)) and not isinstance(x, bool) and math.isfinite(x) and low <= x <= high
+    ok = (
+        isinstance(x, int if integer else (int, float))
+        and not isinstance(x, bool)
+        and math.isfinite(x)
+        and low <= x <= high
+    )
     if not ok:
         raise ValueError(f"{what} is {x!r}")
 
@@ -55,7 +60,9 @@ class Release:
         if not isinstance(self.stage, str) or not self.stage:
             raise ValueError(f"a release's stage is {self.stage!r}")
         if self.mechanism not in MECHANISMS:
-            raise ValueError(f"stage {self.stage}: unknown mechanism {self.mechanism!r} (known: {', '.join(MECHANISMS)})")
+            raise ValueError(
+                f"stage {self.stage}: unknown mechanism {self.mechanism!r} (known: {', '.join(MECHANISMS)})"
+            )
         _number(self.noise_multiplier, f"stage {self.stage}'s noise_multiplier")
         _number(self.sample_rate, f"stage {self.stage}'s sample_rate", high=1.0)
         _number(self.steps, f"stage {self.stage}'s steps", integer=True)
@@ -87,9 +94,15 @@ class Release:
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON object of ``ledger.json`` (keys as always)."""
-        return {"stage": self.stage, "mechanism": self.mechanism, "noise_multiplier": self.noise_multiplier,
-                "sample_rate": self.sample_rate, "max_grad_norm": self.max_grad_norm, "sensitivity": self.sensitivity,
-                "steps": self.steps}
+        return {
+            "stage": self.stage,
+            "mechanism": self.mechanism,
+            "noise_multiplier": self.noise_multiplier,
+            "sample_rate": self.sample_rate,
+            "max_grad_norm": self.max_grad_norm,
+            "sensitivity": self.sensitivity,
+            "steps": self.steps,
+        }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Release:

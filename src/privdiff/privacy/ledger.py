@@ -139,7 +139,12 @@ class Ledger:
 
 
 def _number(x: Any, what: str, *, low: float = 0.0, high: float = math.inf, integer: bool = False) -> None:
-    ok = isinstance(x, int if integer else (int, float)) and not isinstance(x, bool) and math.isfinite(x) and low <= x <= high
+    ok = (
+        isinstance(x, int if integer else (int, float))
+        and not isinstance(x, bool)
+        and math.isfinite(x)
+        and low <= x <= high
+    )
     if not ok:
         raise ValueError(f"{what} is {x!r}")
 
@@ -147,7 +152,11 @@ def _number(x: Any, what: str, *, low: float = 0.0, high: float = math.inf, inte
 def _check_loaded(ledger: "Ledger") -> None:
     """What :meth:`Ledger.load` read has the shape and ranges a ledger's fields have (ValueError otherwise)."""
     _number(ledger.delta, "delta", high=1.0)
-    if not isinstance(ledger.accountant, str) or not isinstance(ledger.dataset, dict) or not isinstance(ledger.run_id, str):
+    if (
+        not isinstance(ledger.accountant, str)
+        or not isinstance(ledger.dataset, dict)
+        or not isinstance(ledger.run_id, str)
+    ):
         raise ValueError("accountant, dataset or run_id of the wrong kind")
     if ledger.target_epsilon is not None:
         _number(ledger.target_epsilon, "target_epsilon")
@@ -164,15 +173,22 @@ def format_ledger(ledger: Ledger, *, accountant: str | None = None) -> str:
     d = ledger.dataset
     lines = [f"dataset:  {d.get('name')} ({d.get('size')} examples, {d.get('fingerprint')})"]
     for e in ledger.events:
-        lines.append(f"  {e.stage:<10} {e.mechanism:<20} sigma={e.noise_multiplier:.4f}  q={e.sample_rate:.5f}  "
-                     f"steps={e.steps}" + (f"  C={e.max_grad_norm}" if e.max_grad_norm else "")
-                     + (f"  sensitivity={e.sensitivity}" if e.sensitivity else ""))
+        lines.append(
+            f"  {e.stage:<10} {e.mechanism:<20} sigma={e.noise_multiplier:.4f}  q={e.sample_rate:.5f}  "
+            f"steps={e.steps}"
+            + (f"  C={e.max_grad_norm}" if e.max_grad_norm else "")
+            + (f"  sensitivity={e.sensitivity}" if e.sensitivity else "")
+        )
     for p in ledger.public_stages:
         pd = p["data"]
-        lines.append(f"  {p['stage']:<10} {'public data':<20} {pd.get('name')} ({pd.get('split')}, {pd.get('size')} examples)  "
-                     f"steps={p['steps']}  (not part of epsilon)")
-    lines.append(f"epsilon:  {'inf (non-private steps ran)' if math.isinf(eps) else f'{eps:.4f}'} at delta={ledger.delta} "
-                 f"({ledger.accountant}); target {ledger.target_epsilon}")
+        lines.append(
+            f"  {p['stage']:<10} {'public data':<20} {pd.get('name')} ({pd.get('split')}, {pd.get('size')} examples)  "
+            f"steps={p['steps']}  (not part of epsilon)"
+        )
+    lines.append(
+        f"epsilon:  {'inf (non-private steps ran)' if math.isinf(eps) else f'{eps:.4f}'} at delta={ledger.delta} "
+        f"({ledger.accountant}); target {ledger.target_epsilon}"
+    )
     if accountant and not math.isinf(eps):
         other = compose_epsilon(ledger.history(), delta=ledger.delta, accountant=accountant)
         lines.append(f"          {other:.4f} with the {accountant} accountant")

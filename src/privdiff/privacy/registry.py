@@ -121,7 +121,9 @@ class RunEntry:
 
     def epsilon(self, *, delta: float | None = None, accountant: str | None = None) -> float:
         """ε of this run's recorded events alone."""
-        return compose_epsilon(_triples(self.events), delta=delta or self.delta, accountant=accountant or self.accountant)
+        return compose_epsilon(
+            _triples(self.events), delta=delta or self.delta, accountant=accountant or self.accountant
+        )
 
     @property
     def steps(self) -> int:
@@ -135,11 +137,11 @@ class RunEntry:
     @property
     def reserved(self) -> list[Release]:
         """The planned steps it has not executed and still holds."""
-        return self.charged[len(self.events):]
+        return self.charged[len(self.events) :]
 
     @property
     def complete(self) -> bool:
-        return not charge(self.planned, self.events)[len(self.events):]
+        return not charge(self.planned, self.events)[len(self.events) :]
 
     @property
     def state(self) -> str:
@@ -159,13 +161,16 @@ class DatasetStatus:
     @property
     def spent(self) -> float:
         """ε of every run's recorded events, composed by the accountant."""
-        return compose_epsilon([t for r in self.runs for t in _triples(r.events)], delta=self.delta, accountant=self.accountant)
+        return compose_epsilon(
+            [t for r in self.runs for t in _triples(r.events)], delta=self.delta, accountant=self.accountant
+        )
 
     @property
     def committed(self) -> float:
         """ε of every run's charge (recorded + still reserved): what the cap is checked against."""
-        return compose_epsilon([t for r in self.runs for t in _triples(r.charged)],
-                               delta=self.delta, accountant=self.accountant)
+        return compose_epsilon(
+            [t for r in self.runs for t in _triples(r.charged)], delta=self.delta, accountant=self.accountant
+        )
 
 
 def _check_delta_accountant(delta: Any, accountant: Any) -> None:
@@ -213,12 +218,16 @@ def resolve_location(url: str | os.PathLike | None = None) -> tuple[str, bool]:
     if m:
         scheme = m.group(1).lower()
         if scheme not in SCHEMES:
-            raise RegistryError(f"unknown budget registry scheme '{m.group(1)}://' ({source}): give a SQLite file path, "
-                                "sqlite:///PATH, or postgresql://...")
+            raise RegistryError(
+                f"unknown budget registry scheme '{m.group(1)}://' ({source}): give a SQLite file path, "
+                "sqlite:///PATH, or postgresql://..."
+            )
         if SCHEMES[scheme] == "postgresql":
-            return "postgresql://" + url[m.end():], True
-        if not url[m.end():].startswith("/"):
-            raise RegistryError(f"a SQLite registry URL is sqlite:///PATH (three slashes), got {_redact(url)!r} ({source})")
+            return "postgresql://" + url[m.end() :], True
+        if not url[m.end() :].startswith("/"):
+            raise RegistryError(
+                f"a SQLite registry URL is sqlite:///PATH (three slashes), got {_redact(url)!r} ({source})"
+            )
     return url, True
 
 
@@ -226,7 +235,7 @@ def _redact(url: str) -> str:
     """A PostgreSQL URL without user and password; a path as it is."""
     if not url.startswith("postgresql://"):
         return url
-    return "postgresql://" + url[len("postgresql://"):].rsplit("@", 1)[-1]
+    return "postgresql://" + url[len("postgresql://") :].rsplit("@", 1)[-1]
 
 
 def _scrub(message: str, url: str) -> str:
@@ -241,19 +250,23 @@ def _scrub(message: str, url: str) -> str:
 
 
 def _sqlite_path(url: str) -> Path:
-    return Path(url[len("sqlite:///"):] if url.lower().startswith("sqlite:///") else url).expanduser()
+    return Path(url[len("sqlite:///") :] if url.lower().startswith("sqlite:///") else url).expanduser()
 
 
 def _connect_sqlite(path: Path, *, create: bool) -> sqlite3.Connection:
     """A connection to the SQLite registry file ``path``; it must exist unless ``create``."""
     if path.is_dir():
-        raise RegistryError(f"{path} is a directory, not a budget registry (a registry is a SQLite file, "
-                            f"e.g. {path / 'registry.sqlite'})")
+        raise RegistryError(
+            f"{path} is a directory, not a budget registry (a registry is a SQLite file, "
+            f"e.g. {path / 'registry.sqlite'})"
+        )
     if not path.exists():
         if not create:
             missing_dir = "" if path.parent.is_dir() else f" (the directory {path.parent} does not exist either)"
-            raise RegistryError(f"no budget registry at {path}{missing_dir}: check the path (a misspelt registry would "
-                                f"have no caps), or create one with: privdiff budget init --registry {path}")
+            raise RegistryError(
+                f"no budget registry at {path}{missing_dir}: check the path (a misspelt registry would "
+                f"have no caps), or create one with: privdiff budget init --registry {path}"
+            )
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as e:
@@ -261,24 +274,36 @@ def _connect_sqlite(path: Path, *, create: bool) -> sqlite3.Connection:
     try:
         # autocommit mode: transactions are the explicit BEGIN IMMEDIATE ... COMMIT of Registry._transaction;
         # mode=rw never creates the file (an existing registry is opened, nothing else)
-        conn = sqlite3.connect(f"{path.absolute().as_uri()}?mode={'rwc' if create else 'rw'}", uri=True, timeout=60,
-                               isolation_level=None, check_same_thread=False)
+        conn = sqlite3.connect(
+            f"{path.absolute().as_uri()}?mode={'rwc' if create else 'rw'}",
+            uri=True,
+            timeout=60,
+            isolation_level=None,
+            check_same_thread=False,
+        )
     except sqlite3.Error as e:
         raise RegistryError(f"cannot open the budget registry {path}: {e}") from None
     try:
         # read before anything is written: a file that is not a registry is left exactly as it was
-        is_registry = bool(conn.execute("SELECT name FROM sqlite_master WHERE type = 'table' AND name = 'meta'").fetchall())
+        is_registry = bool(
+            conn.execute("SELECT name FROM sqlite_master WHERE type = 'table' AND name = 'meta'").fetchall()
+        )
         if not is_registry and not create:
             conn.close()
-            raise RegistryError(f"{path} is not a privdiff budget registry (it holds no registry tables): check the "
-                                f"location, or make it one with: privdiff budget init --registry {path}")
+            raise RegistryError(
+                f"{path} is not a privdiff budget registry (it holds no registry tables): check the "
+                f"location, or make it one with: privdiff budget init --registry {path}"
+            )
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=FULL")
         conn.execute("PRAGMA foreign_keys=ON")
     except sqlite3.Error as e:
         conn.close()
-        what = "not a budget registry (not a SQLite database)" if isinstance(e, sqlite3.DatabaseError) and \
-            "not a database" in str(e) else f"cannot be opened ({e})"
+        what = (
+            "not a budget registry (not a SQLite database)"
+            if isinstance(e, sqlite3.DatabaseError) and "not a database" in str(e)
+            else f"cannot be opened ({e})"
+        )
         raise RegistryError(f"{path}: {what}") from None
     return conn
 
@@ -339,12 +364,17 @@ class Registry:
             with self._transaction() as db:
                 exists = self._has_schema(db)
                 if not exists and not create:
-                    raise RegistryError(f"{where} is not a privdiff budget registry (it holds no registry tables): check "
-                                        f"the location, or make it one with: privdiff budget init --registry {where}")
+                    raise RegistryError(
+                        f"{where} is not a privdiff budget registry (it holds no registry tables): check "
+                        f"the location, or make it one with: privdiff budget init --registry {where}"
+                    )
                 for stmt in SCHEMA:
                     db(stmt)
                 self._migrate(db)
-                db("INSERT INTO meta (name, value) VALUES (?, ?) ON CONFLICT (name) DO NOTHING", ("hmac_key", secrets.token_hex(32)))
+                db(
+                    "INSERT INTO meta (name, value) VALUES (?, ?) ON CONFLICT (name) DO NOTHING",
+                    ("hmac_key", secrets.token_hex(32)),
+                )
                 self._key = bytes.fromhex(db("SELECT value FROM meta WHERE name = ?", ("hmac_key",))[0][0])
                 self.created = not exists
         except BaseException:
@@ -360,8 +390,10 @@ class Registry:
         if self.backend == "sqlite":
             tables = db("SELECT name FROM sqlite_master WHERE type = 'table' AND name = 'meta'")
         else:
-            tables = db("SELECT table_name FROM information_schema.tables WHERE table_schema = current_schema() "
-                        "AND table_name = 'meta'")
+            tables = db(
+                "SELECT table_name FROM information_schema.tables WHERE table_schema = current_schema() "
+                "AND table_name = 'meta'"
+            )
         return bool(tables) and bool(db("SELECT value FROM meta WHERE name = ?", ("hmac_key",)))
 
     def close(self) -> None:
@@ -375,8 +407,13 @@ class Registry:
         if self.backend == "sqlite":
             columns = {row[1] for row in db("PRAGMA table_info(runs)")}
         else:
-            columns = {row[0] for row in db("SELECT column_name FROM information_schema.columns "
-                                            "WHERE table_schema = current_schema() AND table_name = 'runs'")}
+            columns = {
+                row[0]
+                for row in db(
+                    "SELECT column_name FROM information_schema.columns "
+                    "WHERE table_schema = current_schema() AND table_name = 'runs'"
+                )
+            }
         if "released" not in columns:
             db("ALTER TABLE runs ADD COLUMN released TEXT")
 
@@ -393,6 +430,7 @@ class Registry:
 
                 def db(sql: str, params: tuple = ()) -> list[tuple]:
                     return conn.execute(sql, params).fetchall()
+
                 try:
                     yield db
                 except BaseException:
@@ -401,9 +439,11 @@ class Registry:
                 conn.execute("COMMIT")
             else:
                 with self._conn.transaction(), self._conn.cursor() as cur:
+
                     def db(sql: str, params: tuple = ()) -> list[tuple]:
                         cur.execute(sql.replace("?", "%s"), params)
                         return cur.fetchall() if cur.description else []
+
                     yield db
 
     def _lock_dataset(self, db, key: str) -> None:
@@ -418,8 +458,11 @@ class Registry:
 
     def _ensure_dataset(self, db, dataset: dict[str, Any], *, delta: float, accountant: str) -> str:
         key = self.dataset_key(dataset["fingerprint"])
-        db("INSERT INTO datasets (key, name, size, cap_epsilon, delta, accountant) VALUES (?, ?, ?, NULL, ?, ?) "
-           "ON CONFLICT (key) DO NOTHING", (key, dataset.get("name") or "?", dataset.get("size"), float(delta), accountant))
+        db(
+            "INSERT INTO datasets (key, name, size, cap_epsilon, delta, accountant) VALUES (?, ?, ?, NULL, ?, ?) "
+            "ON CONFLICT (key) DO NOTHING",
+            (key, dataset.get("name") or "?", dataset.get("size"), float(delta), accountant),
+        )
         self._lock_dataset(db, key)
         return key
 
@@ -430,21 +473,40 @@ class Registry:
         A cap below what is already committed is refused (it could never be honoured). ``epsilon`` must be
         finite and > 0 (None removes the cap: never a NaN), ``delta`` in (0, 1).
         """
-        if epsilon is not None and (isinstance(epsilon, bool) or not isinstance(epsilon, (int, float))
-                                    or not math.isfinite(epsilon) or epsilon <= 0):
-            raise ValueError(f"a cap's epsilon must be a finite number > 0, got {epsilon!r} (epsilon=None removes the cap)")
+        if epsilon is not None and (
+            isinstance(epsilon, bool)
+            or not isinstance(epsilon, (int, float))
+            or not math.isfinite(epsilon)
+            or epsilon <= 0
+        ):
+            raise ValueError(
+                f"a cap's epsilon must be a finite number > 0, got {epsilon!r} (epsilon=None removes the cap)"
+            )
         _check_delta_accountant(delta, accountant)
         with self._transaction() as db:
             key = self._ensure_dataset(db, dataset, delta=delta, accountant=accountant)
-            db("UPDATE datasets SET cap_epsilon = ?, delta = ?, accountant = ? WHERE key = ?",
-               (None if epsilon is None else float(epsilon), float(delta), accountant, key))
+            db(
+                "UPDATE datasets SET cap_epsilon = ?, delta = ?, accountant = ? WHERE key = ?",
+                (None if epsilon is None else float(epsilon), float(delta), accountant, key),
+            )
             status = self._status(db, key)
             if epsilon is not None and status.committed > epsilon:
-                raise BudgetExceeded(f"{status.name}: epsilon={status.committed:.4g} is already committed, "
-                                     f"more than the cap {epsilon:g}")
+                raise BudgetExceeded(
+                    f"{status.name}: epsilon={status.committed:.4g} is already committed, more than the cap {epsilon:g}"
+                )
 
-    def admit(self, *, run_id: str, dataset: dict[str, Any], planned: list[Release], recorded: list[Release] = (),
-              path: str | None = None, target_epsilon: float | None = None, delta: float, accountant: str) -> float:
+    def admit(
+        self,
+        *,
+        run_id: str,
+        dataset: dict[str, Any],
+        planned: list[Release],
+        recorded: list[Release] = (),
+        path: str | None = None,
+        target_epsilon: float | None = None,
+        delta: float,
+        accountant: str,
+    ) -> float:
         """Reserve a run's planned events on its data set, or refuse it (:class:`BudgetExceeded`).
 
         Called before the run reads any data (and again on every resume, with its current plan).
@@ -456,10 +518,22 @@ class Registry:
         with self._transaction() as db:
             key = self._ensure_dataset(db, dataset, delta=delta, accountant=accountant)
             now = _now()
-            db("INSERT INTO runs (run_id, dataset_key, path, planned, target_epsilon, delta, accountant, created, updated) "
-               "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (run_id) DO UPDATE SET planned = excluded.planned, "
-               "path = excluded.path, updated = excluded.updated, released = NULL",  # a resumed run reserves again
-               (run_id, key, path, json.dumps([p.to_dict() for p in planned]), target_epsilon, float(delta), accountant, now, now))
+            db(
+                "INSERT INTO runs (run_id, dataset_key, path, planned, target_epsilon, delta, accountant, created, updated) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (run_id) DO UPDATE SET planned = excluded.planned, "
+                "path = excluded.path, updated = excluded.updated, released = NULL",  # a resumed run reserves again
+                (
+                    run_id,
+                    key,
+                    path,
+                    json.dumps([p.to_dict() for p in planned]),
+                    target_epsilon,
+                    float(delta),
+                    accountant,
+                    now,
+                    now,
+                ),
+            )
             if db("SELECT dataset_key FROM runs WHERE run_id = ?", (run_id,))[0][0] != key:
                 raise ValueError(f"run {run_id} is registered on another data set")
             self._write_events(db, run_id, list(recorded))
@@ -497,8 +571,10 @@ class Registry:
             events = entry.events
             if executed is not None and not _covers(events, executed):
                 if not _covers(executed, events):
-                    raise ValueError(f"run {run_id}: its ledger ({_steps_by_stage(executed)} steps) and the registry "
-                                     f"({_steps_by_stage(events)}) disagree; resume the run to reconcile them")
+                    raise ValueError(
+                        f"run {run_id}: its ledger ({_steps_by_stage(executed)} steps) and the registry "
+                        f"({_steps_by_stage(events)}) disagree; resume the run to reconcile them"
+                    )
                 events = list(executed)
             freed = entry.reserved
             if freed or events != entry.events:
@@ -534,8 +610,10 @@ class Registry:
     def _write_events(self, db, run_id: str, events: list[Release]) -> None:
         db("DELETE FROM events WHERE run_id = ?", (run_id,))
         for seq, e in enumerate(events):
-            db("INSERT INTO events (run_id, seq, stage, mechanism, noise_multiplier, sample_rate, steps) VALUES (?, ?, ?, ?, ?, ?, ?)",
-               (run_id, seq, e.stage, e.mechanism, e.noise_multiplier, e.sample_rate, e.steps))
+            db(
+                "INSERT INTO events (run_id, seq, stage, mechanism, noise_multiplier, sample_rate, steps) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (run_id, seq, e.stage, e.mechanism, e.noise_multiplier, e.sample_rate, e.steps),
+            )
 
     def _check(self, db, key: str, *, what: str) -> float:
         status = self._status(db, key)
@@ -543,34 +621,58 @@ class Registry:
         if status.cap_epsilon is not None and committed > status.cap_epsilon * (1 + 1e-9):
             raise BudgetExceeded(
                 f"{what} refused: data set {status.name} would reach epsilon={committed:.4g} (delta={status.delta:g}, "
-                f"{len(status.runs)} runs composed), over its cap {status.cap_epsilon:g}")
+                f"{len(status.runs)} runs composed), over its cap {status.cap_epsilon:g}"
+            )
         return committed
 
     # -- reads ----------------------------------------------------------------------------------
     def _status(self, db, key: str) -> DatasetStatus:
-        name, size, cap, delta, accountant = db("SELECT name, size, cap_epsilon, delta, accountant FROM datasets WHERE key = ?", (key,))[0]
+        name, size, cap, delta, accountant = db(
+            "SELECT name, size, cap_epsilon, delta, accountant FROM datasets WHERE key = ?", (key,)
+        )[0]
         status = DatasetStatus(key=key, name=name, size=size, cap_epsilon=cap, delta=delta, accountant=accountant)
-        runs = db("SELECT run_id, path, planned, delta, accountant, created, released FROM runs WHERE dataset_key = ? "
-                  "ORDER BY created, run_id", (key,))
+        runs = db(
+            "SELECT run_id, path, planned, delta, accountant, created, released FROM runs WHERE dataset_key = ? "
+            "ORDER BY created, run_id",
+            (key,),
+        )
         for run_id, path, planned, r_delta, r_acc, created, released in runs:
             events = self._events(db, run_id)
-            status.runs.append(RunEntry(run_id=run_id, path=path, planned=[Release.from_dict(p) for p in json.loads(planned)], events=events,
-                                        delta=r_delta, accountant=r_acc, created=created, released=released))
+            status.runs.append(
+                RunEntry(
+                    run_id=run_id,
+                    path=path,
+                    planned=[Release.from_dict(p) for p in json.loads(planned)],
+                    events=events,
+                    delta=r_delta,
+                    accountant=r_acc,
+                    created=created,
+                    released=released,
+                )
+            )
         return status
 
     def status(self, dataset: str | None = None) -> list[DatasetStatus]:
         """Every data set (or those whose name, or key prefix, is ``dataset``) with its runs."""
         with self._transaction() as db:
-            keys = [k for k, n in db("SELECT key, name FROM datasets ORDER BY name, key")
-                    if dataset is None or dataset in (n, k) or (len(dataset) >= 8 and k.split(":")[-1].startswith(dataset))]
+            keys = [
+                k
+                for k, n in db("SELECT key, name FROM datasets ORDER BY name, key")
+                if dataset is None or dataset in (n, k) or (len(dataset) >= 8 and k.split(":")[-1].startswith(dataset))
+            ]
             return [self._status(db, k) for k in keys]
 
     @staticmethod
     def _events(db, run_id: str) -> list[Release]:
         """A run's recorded events, in order (the registry keeps each one's stage, mechanism, σ, q and steps)."""
-        rows = db("SELECT stage, mechanism, noise_multiplier, sample_rate, steps FROM events WHERE run_id = ? ORDER BY seq", (run_id,))
-        return [Release(stage=stage, mechanism=mech, noise_multiplier=sigma, sample_rate=q, steps=int(steps))
-                for stage, mech, sigma, q, steps in rows]
+        rows = db(
+            "SELECT stage, mechanism, noise_multiplier, sample_rate, steps FROM events WHERE run_id = ? ORDER BY seq",
+            (run_id,),
+        )
+        return [
+            Release(stage=stage, mechanism=mech, noise_multiplier=sigma, sample_rate=q, steps=int(steps))
+            for stage, mech, sigma, q, steps in rows
+        ]
 
     def run_events(self, run_id: str) -> list[Release]:
         with self._transaction() as db:
@@ -583,11 +685,17 @@ def format_status(statuses: list[DatasetStatus]) -> str:
     fmt = lambda e: "inf" if math.isinf(e) else f"{e:.4f}"  # noqa: E731
     for s in statuses:
         cap = "no cap" if s.cap_epsilon is None else f"cap epsilon={s.cap_epsilon:g}"
-        lines.append(f"dataset {s.name} ({s.size} examples, {s.key[:24]}...): {len(s.runs)} runs, delta={s.delta:g} ({s.accountant}), {cap}")
+        lines.append(
+            f"dataset {s.name} ({s.size} examples, {s.key[:24]}...): {len(s.runs)} runs, delta={s.delta:g} ({s.accountant}), {cap}"
+        )
         for r in s.runs:
             state = r.state
-            lines.append(f"  {r.created}  {r.run_id[:12]}  epsilon={fmt(r.epsilon(delta=s.delta, accountant=s.accountant))}  "
-                         f"steps={r.steps:<6} {state:<8}  {r.path or ''}")
-        lines.append(f"  composed: spent epsilon={fmt(s.spent)}, committed (with reservations) epsilon={fmt(s.committed)}"
-                     + ("" if s.cap_epsilon is None else f", left {fmt(max(0.0, s.cap_epsilon - s.committed))}"))
+            lines.append(
+                f"  {r.created}  {r.run_id[:12]}  epsilon={fmt(r.epsilon(delta=s.delta, accountant=s.accountant))}  "
+                f"steps={r.steps:<6} {state:<8}  {r.path or ''}"
+            )
+        lines.append(
+            f"  composed: spent epsilon={fmt(s.spent)}, committed (with reservations) epsilon={fmt(s.committed)}"
+            + ("" if s.cap_epsilon is None else f", left {fmt(max(0.0, s.cap_epsilon - s.committed))}")
+        )
     return "\n".join(lines) if lines else "no data sets registered"
