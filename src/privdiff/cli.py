@@ -33,6 +33,8 @@ EPILOG = """examples:
   privdiff train he-ldm-mnist5k --out runs/he          DP-LDM with the HE-friendly denoiser, then:
   privdiff he serve runs/he --port 8750                 encrypted inference server
   privdiff he generate --server http://127.0.0.1:8750 --prompt "a handwritten digit three" --out three.png
+  privdiff train pretrained-unet-dp model.pretrained=~/ddpm data.root=~/images --out runs/ft   your UNet, DP fine-tuned
+  privdiff export runs/ft --out ~/ddpm-dp              back to plain diffusers
   privdiff attack runs/eps1 --attack loss              membership inference -> RUN/attacks/loss.json, loss.png
 
 key=value overrides may come before or after the options. An error is one line on stderr: exit 2 (a bad
@@ -408,6 +410,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from .core.export import export_run
+
+    print(export_run(args.run, out=args.out))
+    return 0
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
     from .evaluation.compare import compare_runs, text_table
 
@@ -590,6 +599,17 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--no-report", action="store_true", help="skip RUN/report.html")
     ev.add_argument("--quiet", action="store_true", help="no progress bars")
     ev.set_defaults(func=cmd_evaluate)
+
+    ex = sub.add_parser(
+        "export",
+        help="a run that fine-tuned your diffusers model, back in plain diffusers (pipeline or UNet directory)",
+        description="Write RUN's EMA UNet in the layout model.pretrained came in: a pipeline directory "
+        "(DiffusionPipeline.from_pretrained) or a UNet directory with its scheduler config (UNet2DModel.from_pretrained). "
+        "OUT must not exist; it is written complete or not at all.",
+    )
+    ex.add_argument("run", help="run directory (method dp-finetune)")
+    ex.add_argument("--out", required=True, help="a new directory")
+    ex.set_defaults(func=cmd_export)
 
     cp = sub.add_parser(
         "compare", help="one table of several evaluated runs (method, epsilon, FID, KID, accuracy, time)"

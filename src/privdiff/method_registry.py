@@ -38,29 +38,14 @@ class Method:
         return self.load().train(recipe, **options)
 
 
-METHODS: dict[str, Method] = {
-    m.name: m
-    for m in (
-        Method(
-            "dpdm", "privdiff.methods.dpdm", "DP-SGD training from scratch (Dockhorn et al., TMLR 2023)", auditable=True
-        ),
-        Method(
-            "dp-ldm",
-            "privdiff.methods.dp_ldm",
-            "public latent diffusion, DP-SGD on a part of it (Liu et al., TMLR 2024)",
-            auditable=True,
-        ),
-        Method(
-            "dpp", "privdiff.methods.dpp", "noisy central images, then DP-SGD, one budget (Li et al.)", auditable=True
-        ),
-        Method(
-            "lora",
-            "privdiff.methods.lora",
-            "LoRA on a member set: plain, PrivateLoRA, Stable PrivateLoRA or DP-SGD (Luo et al., AAAI 2025)",
-            private_stage="lora",
-        ),
-    )
-}
+_ALL = (  # one line per method: name, module, summary, its private stage, whether privdiff audit can check it
+    Method("dpdm", "privdiff.methods.dpdm", "DP-SGD from scratch (Dockhorn et al. 2023)", auditable=True),
+    Method("dp-ldm", "privdiff.methods.dp_ldm", "public LDM, DP-SGD on a part (Liu et al. 2024)", auditable=True),
+    Method("dpp", "privdiff.methods.dpp", "central images, then DP-SGD (Li et al.)", auditable=True),
+    Method("lora", "privdiff.methods.lora", "LoRA: plain, PrivateLoRA, Stable, DP-SGD", private_stage="lora"),
+    Method("dp-finetune", "privdiff.methods.finetune", "DP-SGD fine-tuning of your diffusers UNet", auditable=True),
+)
+METHODS: dict[str, Method] = {m.name: m for m in _ALL}
 
 
 def get_method(name: str) -> Method:

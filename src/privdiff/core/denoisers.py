@@ -11,7 +11,9 @@ from diffusers import AutoencoderKL, UNet2DModel
 from ..config import Recipe
 from ..data import ImageDataset
 from ..diffusion import Denoiser
+from ..diffusion.discrete import VPDenoiser
 from ..models import UNetNet, build_unet
+from ..models.pretrained import DiffusersUNetNet
 from ..runs import Run
 
 __all__ = ["default_device", "load_decoder", "load_denoiser", "make_denoiser", "pixel_net"]
@@ -22,8 +24,12 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def make_denoiser(recipe: Recipe, net: torch.nn.Module) -> Denoiser:
-    """Wrap a network (a ``UNet2DModel``, or a ``net(x, c_noise, cond)`` module) in the recipe's preconditioning (EDM or v)."""
+def make_denoiser(recipe: Recipe, net: torch.nn.Module) -> Denoiser | VPDenoiser:
+    """Wrap a network in its preconditioning: a user's pretrained diffusers UNet keeps the objective it was
+    trained with (:class:`~privdiff.diffusion.discrete.VPDenoiser` on its own β schedule and prediction type);
+    privdiff's own nets (a ``UNet2DModel``, or a ``net(x, c_noise, cond)`` module) take the recipe's (EDM or v)."""
+    if isinstance(net, DiffusersUNetNet):
+        return VPDenoiser(net, schedule=net.schedule)
     if isinstance(net, UNet2DModel):
         net = UNetNet(net)
     return Denoiser(net, sigma_data=recipe.diffusion.sigma_data, parameterization=recipe.diffusion.parameterization)

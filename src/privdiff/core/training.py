@@ -24,7 +24,14 @@ from tqdm.auto import tqdm
 
 from ..config import Recipe, TrainConfig
 from ..data import ImageDataset
-from ..diffusion import Denoiser, denoising_loss, draw_training_noise, drop_labels, make_sigma_distribution
+from ..diffusion import (
+    Denoiser,
+    SigmaDistribution,
+    denoising_loss,
+    draw_training_noise,
+    drop_labels,
+    make_sigma_distribution,
+)
 from ..distributed import agree, barrier, broadcast_object, current_world
 from ..models import count_parameters
 from ..privacy.budget import StepGuard, noise_for, planned_steps
@@ -228,7 +235,8 @@ class Stage:
     ``privacy.noise_multiplicity``; a public stage needs no variance reduction: 1); ``init()`` builds
     the network when no checkpoint exists (None: the recipe's pixel UNet); ``select(net)`` freezes
     what must not train (applied after a resume too); ``condition`` draws the per-draw conditions
-    (None: labels with CFG dropout).
+    (None: labels with CFG dropout); ``sigmas`` is p_train(σ) (None: the recipe's; a pretrained
+    discrete-time net keeps its own, :class:`~privdiff.diffusion.discrete.DiscreteSigma`).
     """
 
     name: str = "dp_sgd"
@@ -237,6 +245,7 @@ class Stage:
     init: Callable[[], torch.nn.Module] | None = None
     select: Callable[[torch.nn.Module], object] | None = None
     condition: Conditioner | None = None
+    sigmas: SigmaDistribution | None = None
 
 
 def train_denoiser(
@@ -343,7 +352,7 @@ def train_denoiser(
             file=sys.stderr,
         )
     images = dataset.images.to(device)
-    sigma_dist = training_sigma_distribution(r)
+    sigma_dist = stage.sigmas or training_sigma_distribution(r)
     condition = stage.condition or label_conditioner(dataset, r, device)
 
     def loss_fn(module: torch.nn.Module, idx: torch.Tensor) -> torch.Tensor:

@@ -17,6 +17,7 @@ else is frozen, and the privacy engine clips exactly the trainable parameters.
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import json
 from pathlib import Path
@@ -32,6 +33,7 @@ __all__ = [
     "add_lora",
     "export_lora",
     "export_pipeline",
+    "export_unet",
     "load_pretrained_unet",
     "select_trainable",
 ]
@@ -39,18 +41,69 @@ __all__ = [
 
 class DiffusersUNetNet(nn.Module):
     """``net(x_t, t, cond)`` over a diffusers UNet: ``cond`` is the text encoder's hidden states
-    [B, L, D] for a ``UNet2DConditionModel``, class labels [B] (or None) for a ``UNet2DModel``."""
+    [B, L, D] for a ``UNet2DConditionModel``, class labels [B] (or None) for a ``UNet2DModel``.
 
-    def __init__(self, unet: UNet2DModel | UNet2DConditionModel):
+    It carries the net's own training schedule (``schedule``), so that
+    :class:`~privdiff.diffusion.discrete.VPDenoiser` makes it a D(x; σ) with the objective it was
+    trained with, and it is saved and loaded as a run's checkpoint like privdiff's own nets
+    (:meth:`save_pretrained`: the diffusers UNet directory plus ``privdiff_pretrained.json``).
+    """
+
+    MARKER = "privdiff_pretrained.json"  # beside the UNet's config.json in a checkpoint: the schedule
+
+    def __init__(self, unet: UNet2DModel | UNet2DConditionModel, schedule: DiscreteSchedule | None = None):
         super().__init__()
         self.unet = unet
+        self.schedule = schedule or DiscreteSchedule()
 
     def forward(self, x: Tensor, t: Tensor, cond: Tensor | None = None) -> Tensor:
         if isinstance(self.unet, UNet2DConditionModel):
             if cond is None:
                 raise ValueError("a UNet2DConditionModel needs a condition (the text encoder's hidden states)")
             return self.unet(x, t, encoder_hidden_states=cond).sample
-        return self.unet(x, t, class_labels=cond).sample
+        return self.unet(x, t, class_labels=cond if self.num_classes is not None else None).sample
+
+    @property
+    def num_classes(self) -> int | None:
+        """The class count of a class-conditional ``UNet2DModel`` (its ``num_class_embeds``), else None."""
+        if isinstance(self.unet, UNet2DConditionModel):
+            return None
+        return self.unet.config.num_class_embeds
+
+    @property
+    def sample_shape(self) -> tuple[int, int, int]:
+        c = self.unet.config
+        size = c.sample_size if isinstance(c.sample_size, int) else c.sample_size[0]
+        return (c.in_channels, size, size)
+
+    def conditions(self, *, labels: Tensor | None = None, prompts: list[str] | None = None, n: int) -> Tensor | None:
+        """The condition of ``n`` rows: class labels for a class-conditional UNet, none for an unconditional one."""
+        if prompts is not None:
+            raise ValueError("this pretrained UNet reads no text: a text prompt needs a pipeline's text encoder")
+        if self.num_classes is None:
+            if labels is not None:
+                raise ValueError("this pretrained UNet is unconditional: no --label")
+            return None
+        return labels
+
+    def null_condition(self) -> None:
+        """None: a pretrained UNet has no null class unless it was trained with one, so no guidance."""
+        return None
+
+    def save_pretrained(self, path: str | Path) -> None:
+        """The diffusers UNet (``config.json`` + safetensors) and the schedule in ``privdiff_pretrained.json``."""
+        path = Path(path)
+        self.unet.save_pretrained(path, safe_serialization=True)
+        (path / self.MARKER).write_text(json.dumps(dataclasses.asdict(self.schedule), indent=2) + "\n")
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path) -> DiffusersUNetNet:
+        """What :meth:`save_pretrained` wrote (a run's checkpoint), offline."""
+        path = Path(path)
+        schedule = DiscreteSchedule(**json.loads((path / cls.MARKER).read_text()))
+        kind = json.loads((path / "config.json").read_text()).get("_class_name")
+        unet_cls = UNet2DConditionModel if kind == "UNet2DConditionModel" else UNet2DModel
+        return cls(unet_cls.from_pretrained(path, local_files_only=True, low_cpu_mem_usage=False), schedule)
 
 
 def _scheduler_config(root: Path) -> dict:
@@ -97,7 +150,7 @@ def load_pretrained_unet(path: str | Path) -> tuple[DiffusersUNetNet, DiscreteSc
         unet = classes[kind].from_pretrained(root, local_files_only=True, low_cpu_mem_usage=False)
     except (OSError, ValueError, EnvironmentError) as e:
         raise ValueError(f"{root}: the UNet's weights could not be read ({str(e).splitlines()[0]})") from None
-    return DiffusersUNetNet(unet), schedule
+    return DiffusersUNetNet(unet, schedule), schedule
 
 
 # Module-name patterns of each trainable group (fnmatch over the UNet's parameter names).
@@ -193,6 +246,30 @@ def export_pipeline(net: DiffusersUNetNet, *, base: str | Path, out: str | Path)
             del unet.peft_config
             unet._hf_peft_config_loaded = False
         unet.save_pretrained(tmp / "unet", safe_serialization=True)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def export_unet(net: DiffusersUNetNet, *, base: str | Path, out: str | Path) -> Path:
+    """Write a diffusers UNet directory: ``net``'s UNet (``UNet2DModel.from_pretrained(out)``) with the scheduler
+    config of the UNet at ``base`` beside it (the layout :func:`load_pretrained_unet` reads), so the fine-tuned
+    net is sampled with the schedule it was trained with. ``out`` is written complete or not at all, never over
+    an existing directory."""
+    import shutil
+    import tempfile
+
+    base, out = Path(base).expanduser(), Path(out).expanduser()
+    if out.exists():
+        raise ValueError(f"{out}: already exists; choose a new directory")
+    config = _scheduler_config(base / "unet" if (base / "model_index.json").is_file() else base)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        net.unet.save_pretrained(tmp, safe_serialization=True)
+        (tmp / "scheduler_config.json").write_text(json.dumps(config, indent=2) + "\n")
         tmp.rename(out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

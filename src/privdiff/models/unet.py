@@ -19,6 +19,11 @@ class UNetConfig:
     attention_head_dim: int = 8
     norm_num_groups: int = 8
     dropout: float = 0.0
+    # a user's own diffusers UNet2DModel directory (with its scheduler config) or pipeline directory, fine-tuned
+    # instead of a UNet built from the sizes above (method: dp-finetune; privdiff.models.pretrained)
+    pretrained: str | None = None
+    # what of a pretrained UNet trains: groups of privdiff.models.pretrained.TRAINABLE_GROUPS or parameter-name patterns
+    trainable: tuple[str, ...] = ("all",)
 
 
 def build_unet(config: UNetConfig, *, resolution: int, in_channels: int, num_classes: int | None) -> UNet2DModel:
