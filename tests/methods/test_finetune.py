@@ -106,6 +106,13 @@ def test_a_users_unet_is_dp_fine_tuned_and_keeps_its_objective(
     )
     with np.load(tmp_path / "s.npz") as f:
         assert f["images"].shape == (3, 1, 8, 8) and np.isfinite(f["images"]).all()
+    if classes is None:  # an unconditional model evaluates on image metrics alone (no class: no downstream accuracy)
+        assert main(["evaluate", str(run), "--n", "20", "evaluate.feature_epochs=1", "--no-report", "--quiet"]) == 0
+        metrics = json.loads((run / "metrics.json").read_text())
+        assert {"fid", "kid", "precision", "recall"} == set(metrics["metrics"]) and metrics["samples"][
+            "labels"
+        ].startswith("none")
+        assert np.isfinite(metrics["metrics"]["fid"]["value"])
     # export: a plain diffusers UNet directory (with its scheduler) that diffusers loads
     out = tmp_path / "exported"
     assert main(["export", str(run), "--out", str(out)]) == 0

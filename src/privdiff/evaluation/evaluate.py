@@ -63,24 +63,30 @@ def eval_dir(run: Run) -> Path:
     return run.path / "eval"
 
 
-def _samples_meta(run: Run, recipe: Recipe, *, n: int, seed: int) -> dict[str, Any]:
+def _samples_meta(run: Run, recipe: Recipe, *, n: int, seed: int, labels: str = "balanced") -> dict[str, Any]:
     return {
         "checkpoint": run.latest_checkpoint().name,
         "n": n,
         "seed": seed,
         "sampler": recipe_to_dict(recipe)["sampler"],
-        "labels": "balanced",
+        "labels": labels,
     }
 
 
 def load_or_draw_samples(
     run: Run, recipe: Recipe, data: ImageDataset, *, n: int, seed: int, progress: bool
 ) -> tuple[np.ndarray, np.ndarray]:
-    """N class-balanced samples of the run's latest EMA checkpoint; reused from ``RUN/eval/samples.npz`` if drawn alike."""
+    """N samples of the run's latest EMA checkpoint, class-balanced (or, from an unconditional model such as a
+    user's pretrained DDPM UNet, unlabelled: ``labels`` is empty); reused from ``RUN/eval/samples.npz`` if drawn alike."""
     from ..core.denoisers import load_decoder, load_denoiser
     from ..core.generation import generate
 
-    path, meta = eval_dir(run) / "samples.npz", _samples_meta(run, recipe, n=n, seed=seed)
+    denoiser = load_denoiser(run, recipe)
+    conditional = denoiser.net.num_classes is not None
+    if conditional and denoiser.net.num_classes != data.num_classes:
+        raise RunError(f"{run.path}: the model has {denoiser.net.num_classes} classes, the data {data.num_classes}")
+    kind = "balanced" if conditional else "none"
+    path, meta = eval_dir(run) / "samples.npz", _samples_meta(run, recipe, n=n, seed=seed, labels=kind)
     expected = (data.channels, data.resolution, data.resolution)
     if path.is_file():
         try:
@@ -90,17 +96,14 @@ def load_or_draw_samples(
         except Exception as e:  # a damaged .npz raises BadZipFile, EOFError, zlib.error, ValueError, KeyError...
             raise RunError(f"{path}: unreadable samples ({type(e).__name__}); delete it to draw new ones") from None
         if stored == meta:
-            _check_samples(path, images, labels, expected, n=n, num_classes=data.num_classes)
+            _check_samples(path, images, labels, expected, n=n, num_classes=data.num_classes if conditional else None)
             return images, labels
-    denoiser = load_denoiser(run, recipe)
-    if denoiser.net.num_classes != data.num_classes:
-        raise RunError(f"{run.path}: the model has {denoiser.net.num_classes} classes, the data {data.num_classes}")
-    labels_t = torch.arange(n) % data.num_classes
+    labels_t = torch.arange(n) % data.num_classes if conditional else None
     images = generate(
         denoiser, labels=labels_t, n=n, recipe=recipe, decode=load_decoder(run), seed=seed, progress=progress
     )
-    labels = labels_t.numpy().astype(np.int64)
-    _check_samples(path, images, labels, expected, n=n, num_classes=data.num_classes)
+    labels = labels_t.numpy().astype(np.int64) if conditional else np.zeros(0, dtype=np.int64)
+    _check_samples(path, images, labels, expected, n=n, num_classes=data.num_classes if conditional else None)
     buf = io.BytesIO()
     np.savez_compressed(buf, images=images.astype(np.float32), labels=labels, meta=np.array(json.dumps(meta)))
     atomic_write_bytes(path, buf.getvalue())
@@ -108,14 +111,23 @@ def load_or_draw_samples(
 
 
 def _check_samples(
-    path: Path, images: np.ndarray, labels: np.ndarray, expected: tuple[int, int, int], *, n: int, num_classes: int
+    path: Path,
+    images: np.ndarray,
+    labels: np.ndarray,
+    expected: tuple[int, int, int],
+    *,
+    n: int,
+    num_classes: int | None,
 ) -> None:
     if images.ndim != 4 or tuple(images.shape[1:]) != expected or len(images) != n:
         raise RunError(
             f"{path}: samples have shape {tuple(images.shape)}, expected ({n}, {', '.join(map(str, expected))}) "
             "(does the checkpoint match the recipe's data?)"
         )
-    if labels.shape != (n,) or labels.min() < 0 or labels.max() >= num_classes:
+    if num_classes is None:  # unlabelled samples of an unconditional model
+        if labels.size:
+            raise RunError(f"{path}: an unconditional model's samples carry no labels")
+    elif labels.shape != (n,) or labels.min() < 0 or labels.max() >= num_classes:
         raise RunError(f"{path}: labels must be {n} class indices in [0, {num_classes})")
     if not np.isfinite(images).all():
         raise RunError(f"{path}: samples contain NaN or inf (the model diverged)")
@@ -245,10 +257,13 @@ def evaluate_run(
 
     # 1. samples
     images, labels = load_or_draw_samples(run, recipe, train, n=n, seed=seed, progress=progress)
-    per_class = min(10, int(np.bincount(labels, minlength=train.num_classes).min()))
+    labelled = labels.size > 0  # an unconditional model's samples have no class: no downstream accuracy
+    per_class = min(10, int(np.bincount(labels, minlength=train.num_classes).min())) if labelled else 0
     if per_class:  # the picture next to the numbers: one row per class
         rows = np.concatenate([images[labels == c][:per_class] for c in range(train.num_classes)])
         save_grid(eval_dir(run) / "grid.png", rows, nrow=per_class)
+    elif not labelled:
+        save_grid(eval_dir(run) / "grid.png", images[:100], nrow=10)
     # 2. features and image metrics against the training split
     net = features.build(progress=progress)
     real_train = cached_features(net, train, limit=e.max_real, seed=seed, progress=progress)
@@ -259,10 +274,14 @@ def evaluate_run(
     cls_kw = dict(
         num_classes=train.num_classes, epochs=e.classifier_epochs, lr=e.classifier_lr, holdout=e.holdout, seed=seed
     )
-    synthetic_fits = train_classifiers(torch.from_numpy(images), torch.from_numpy(labels), progress=progress, **cls_kw)
+    synthetic_fits = (
+        train_classifiers(torch.from_numpy(images), torch.from_numpy(labels), progress=progress, **cls_kw)
+        if labelled
+        else None
+    )
     ceiling_key = content_key(kind="ceiling", data=train.fingerprint, resolution=train.resolution, **cls_kw)
     ceiling_fits = None
-    if not is_cached("ceiling", ceiling_key):
+    if labelled and not is_cached("ceiling", ceiling_key):
         ceiling_fits = train_classifiers(
             (train.images + 1) / 2, train.labels, progress=progress, source="real training split", **cls_kw
         )
@@ -271,15 +290,19 @@ def evaluate_run(
     test = recipe_dataset(recipe, split="test")
     test_x = (test.images + 1) / 2
     selection = f"epoch with the best accuracy on {e.holdout:.0%} held-out synthetic samples"
-    synthetic = score(synthetic_fits, lambda: (test_x, test.labels), selection=selection)
-    ceiling = cached_json(
-        "ceiling",
-        ceiling_key,
-        lambda: score(
-            ceiling_fits,
-            lambda: (test_x, test.labels),
-            selection=f"epoch with the best accuracy on {e.holdout:.0%} held-out training images",
-        ),
+    synthetic = score(synthetic_fits, lambda: (test_x, test.labels), selection=selection) if labelled else None
+    ceiling = (
+        cached_json(
+            "ceiling",
+            ceiling_key,
+            lambda: score(
+                ceiling_fits,
+                lambda: (test_x, test.labels),
+                selection=f"epoch with the best accuracy on {e.holdout:.0%} held-out training images",
+            ),
+        )
+        if labelled
+        else None
     )
     floor_key = content_key(
         kind="floor",
@@ -306,7 +329,7 @@ def evaluate_run(
         )
         if "std" in floor[name]:
             entry["real_std"] = floor[name]["std"]
-    for kind in ("cnn", "logreg"):
+    for kind in ("cnn", "logreg") if labelled else ():
         s = synthetic[kind]
         metrics[f"accuracy_{kind}"] = {
             "value": s["accuracy"],
@@ -333,7 +356,12 @@ def evaluate_run(
             "resolution": train.resolution,
             "fingerprint": train.fingerprint,
         },
-        "samples": {"n": n, "seed": seed, "sampler": recipe_to_dict(recipe)["sampler"], "labels": "balanced"},
+        "samples": {
+            "n": n,
+            "seed": seed,
+            "sampler": recipe_to_dict(recipe)["sampler"],
+            "labels": "balanced" if labelled else "none (an unconditional model: no downstream accuracy)",
+        },
         "features": net.info,
         "reference": f"{train.name} train ({n_ref} images)",
         "metrics": metrics,
