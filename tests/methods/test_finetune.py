@@ -113,6 +113,8 @@ def test_a_users_unet_is_dp_fine_tuned_and_keeps_its_objective(
             "labels"
         ].startswith("none")
         assert np.isfinite(metrics["metrics"]["fid"]["value"])
+        assert main(["attack", str(run), "--attack", "loss", "--quiet"]) == 0  # in the net's own discrete time
+        assert json.loads((run / "attacks" / "loss.json").read_text())["n_members"] > 0
     # export: a plain diffusers UNet directory (with its scheduler) that diffusers loads
     out = tmp_path / "exported"
     assert main(["export", str(run), "--out", str(out)]) == 0

@@ -77,14 +77,11 @@ class DiffusersUNetNet(nn.Module):
         return (c.in_channels, size, size)
 
     def conditions(self, *, labels: Tensor | None = None, prompts: list[str] | None = None, n: int) -> Tensor | None:
-        """The condition of ``n`` rows: class labels for a class-conditional UNet, none for an unconditional one."""
+        """The condition of ``n`` rows: class labels for a class-conditional UNet; none for an unconditional one
+        (which reads no labels: an attack's or evaluation's examples may carry them)."""
         if prompts is not None:
             raise ValueError("this pretrained UNet reads no text: a text prompt needs a pipeline's text encoder")
-        if self.num_classes is None:
-            if labels is not None:
-                raise ValueError("this pretrained UNet is unconditional: no --label")
-            return None
-        return labels
+        return None if self.num_classes is None else labels
 
     def null_condition(self) -> None:
         """None: a pretrained UNet has no null class unless it was trained with one, so no guidance."""
