@@ -26,6 +26,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from isolation import isolate
+
 RECIPES = {
     "DPDM": "recipes/dpdm-mnist5k.yaml",
     "DPP": "recipes/dpp-mnist5k.yaml",
@@ -68,6 +70,7 @@ def main() -> None:
         "--override", nargs="*", default=[], metavar="METHOD:key=value", help="a recipe override for one method only"
     )
     args = ap.parse_args()
+    isolate(args.out)  # never the user's budget registry or cache
     extra: dict[str, list[str]] = {m: [] for m in args.methods}
     for o in args.override:
         method, _, kv = o.partition(":")

@@ -27,6 +27,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from isolation import isolate
+
 
 def run(recipe: str, overrides: list[str], *, nproc: int, threads: int, steps: int, out: Path) -> dict:
     """Train ``steps`` steps with ``nproc`` processes of ``threads`` threads; the per-step wall times."""
@@ -74,6 +76,7 @@ def main() -> None:
     batch = resolve_recipe(recipe, args.overrides).train.batch_size
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
+        isolate(tmp)  # never the user's budget registry or cache
         half = max(1, args.cores // 2)
         for nproc, threads in ((1, args.cores), (1, half), (2, half)):
             r = run(

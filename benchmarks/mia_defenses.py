@@ -22,6 +22,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from isolation import isolate
+
 RECIPES = {
     "LoRA": "recipes/lora-mnist5k.yaml",
     "PrivateLoRA": "recipes/lora-mnist5k-privatelora.yaml",
@@ -57,6 +59,7 @@ def main() -> None:
     )
     ap.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides for every run")
     args = ap.parse_args()
+    isolate(args.out)  # never the user's budget registry or cache
     rows = []
     for name, recipe in RECIPES.items():
         if args.only and name not in args.only:

@@ -39,10 +39,25 @@ def _empty_registry(tmp_path_factory):
 
 @pytest.fixture(autouse=True)
 def _private_budget_registry(tmp_path_factory, monkeypatch, _empty_registry):
-    """Every test (and the commands it starts) registers its runs in its own budget registry, never ~/.privdiff."""
+    """Every test (and the commands it starts) registers its runs in its own budget registry, with its own
+    example key, never ~/.privdiff (a PostgreSQL registry's key would otherwise be ~/.privdiff/example.key)."""
     path = tmp_path_factory.mktemp("registry") / "registry.sqlite"
     shutil.copyfile(_empty_registry, path)
     monkeypatch.setenv("PRIVDIFF_REGISTRY", str(path))
+    monkeypatch.setenv("PRIVDIFF_EXAMPLE_KEY_FILE", str(path.parent / "example.key"))
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_cache(tmp_path_factory):
+    """Feature networks, real-data features and scores that tests cache go to a session directory, never the
+    user's ~/.cache/privdiff (tests/evaluation sets its own the same way)."""
+    old = os.environ.get("PRIVDIFF_CACHE")
+    os.environ["PRIVDIFF_CACHE"] = str(tmp_path_factory.mktemp("privdiff-cache"))
+    yield
+    if old is None:
+        os.environ.pop("PRIVDIFF_CACHE", None)
+    else:
+        os.environ["PRIVDIFF_CACHE"] = old
 
 
 @pytest.fixture

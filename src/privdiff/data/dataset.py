@@ -1,14 +1,15 @@
-"""The image data set container, its content fingerprint, and resizing.
+"""The image data set container, its content fingerprint, per-example digests, and resizing.
 
 Every source (built-in or a user's file) ends in :func:`_to_dataset`, which takes the
-canonical uint8 content, fingerprints it, scales it to [-1, 1] and resizes it, so those
-three steps are done the same way for all data sets.
+canonical uint8 content, fingerprints it, digests each example (:func:`example_digests`),
+scales it to [-1, 1] and resizes it, so those steps are done the same way for all data sets.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import struct
 from dataclasses import dataclass
 from typing import NoReturn
 
@@ -22,6 +23,7 @@ __all__ = [
     "ImageDataset",
     "SPLITS",
     "content_fingerprint",
+    "example_digests",
     "resize_images",
 ]
 
@@ -29,6 +31,7 @@ SPLITS: tuple[str, ...] = ("train", "test", "all")
 """The split names every loader understands."""
 
 _FINGERPRINT_VERSION = 1
+_EXAMPLE_DIGEST_TAG = b"privdiff-example-v1"
 
 
 class DatasetError(ValueError):
@@ -62,6 +65,11 @@ class ImageDataset:
             held out as its test split (``data.holdout``), or None.
         holdout_seed: The seed that drew that held-out fraction, or None without ``holdout``.
         test_root: The absolute folder or ``.zip`` read as the test split (``data.test_root``), or None.
+        example_digests: uint8 ``[N, 32]``: the SHA-256 of each example's canonical pixels
+            (:func:`example_digests`), from which the budget registry derives the keyed
+            per-example identity that follows the data across file formats and subsets; None
+            when unknown (a data set built by hand), then the ledger's fingerprint alone names it.
+            In memory only: never written to a run, a ledger or a cache.
     """
 
     images: Tensor
@@ -74,6 +82,7 @@ class ImageDataset:
     holdout: float | None = None
     holdout_seed: int | None = None
     test_root: str | None = None
+    example_digests: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         images, labels, n = self.images, self.labels, self.images.shape[0]
@@ -101,6 +110,11 @@ class ImageDataset:
             fail("a held-out split needs holdout_seed and no test_root")
         if self.holdout is None and self.holdout_seed is not None:
             fail("holdout_seed without holdout")
+        d = self.example_digests
+        if d is not None and (not isinstance(d, np.ndarray) or d.dtype != np.uint8 or d.shape != (n, 32)):
+            fail(
+                f"example_digests must be uint8 [{n}, 32], got {getattr(d, 'dtype', type(d))} {getattr(d, 'shape', '')}"
+            )
 
     @property
     def split_identity(self) -> dict[str, object]:
@@ -180,6 +194,46 @@ def content_fingerprint(
     return "sha256:" + digest.hexdigest()
 
 
+def example_digests(images: np.ndarray) -> np.ndarray:
+    """SHA-256 of each example's canonical pixels: the per-example identity, before any key.
+
+    What is hashed, per example, is exactly: the tag ``b"privdiff-example-v1"``, then
+    ``C, H, W`` as three little-endian uint32, then the pixels as uint8 ``C×H×W`` bytes in C
+    order, where the pixels are the decoded uint8 array *before any resizing* and a 3-channel
+    image whose three channels are equal is taken as its 1-channel gray image (``C = 1``). So an
+    image read from an IDX file, from a PNG (gray, or RGB with equal channels), from the same PNG
+    in a zip, or from the built-in array has one digest; its label, file name, class folder, order
+    and position in the set are not part of it (a re-labelled copy is the same example: composing
+    it is the conservative choice). Any change of a pixel, a lossy re-encode (JPEG), a crop or a
+    resize gives another digest: such a copy is *not* recognised as the same example.
+
+    Args:
+        images: uint8 ``[N, C, H, W]``.
+
+    Returns:
+        uint8 ``[N, 32]``, row i the digest of example i.
+    """
+    images = np.asarray(images)
+    if images.dtype != np.uint8 or images.ndim != 4:
+        raise DatasetError(f"example digests need uint8 [N, C, H, W] images, got {images.dtype} {images.shape}")
+    n, c, h, w = images.shape
+    gray = np.zeros(n, dtype=bool)
+    if c == 3:
+        flat = images.reshape(n, 3, -1)
+        gray = (flat[:, 0] == flat[:, 1]).all(axis=1) & (flat[:, 1] == flat[:, 2]).all(axis=1)
+    out = np.empty((n, 32), dtype=np.uint8)
+    header = {
+        False: _EXAMPLE_DIGEST_TAG + struct.pack("<III", c, h, w),
+        True: _EXAMPLE_DIGEST_TAG + struct.pack("<III", 1, h, w),
+    }
+    for i in range(n):
+        pixels = images[i, :1] if gray[i] else images[i]
+        digest = hashlib.sha256(header[bool(gray[i])])
+        digest.update(np.ascontiguousarray(pixels).tobytes(order="C"))
+        out[i] = np.frombuffer(digest.digest(), dtype=np.uint8)
+    return out
+
+
 def resize_images(images: Tensor, resolution: int, *, chunk: int = 4096) -> Tensor:
     """Resize square [-1, 1] images to ``resolution × resolution``.
 
@@ -233,6 +287,7 @@ def _to_dataset(
     holdout_seed: int | None = None,
     test_root: str | None = None,
     fingerprint_extra: dict[str, object] | None = None,
+    digests: np.ndarray | None = None,
 ) -> ImageDataset:
     """Build an :class:`ImageDataset` from canonical uint8 content.
 
@@ -250,6 +305,8 @@ def _to_dataset(
         source: What to name in error messages (a path); defaults to ``name``.
         holdout, holdout_seed, test_root: How the split was drawn (see :class:`ImageDataset`).
         fingerprint_extra: Passed to :func:`content_fingerprint` as ``extra``.
+        digests: The examples' :func:`example_digests` when ``images`` were already resized
+            (an image folder read at a resolution); by default they are taken of ``images``.
     """
     where = source or name
     if images.dtype != np.uint8 or images.ndim != 4:
@@ -261,6 +318,8 @@ def _to_dataset(
     _check_resolution(resolution)
     labels = np.asarray(labels, dtype=np.int64)
     fingerprint = content_fingerprint(images, labels, name=name, split=split, extra=fingerprint_extra)
+    if digests is None:
+        digests = example_digests(images)
     x = torch.from_numpy(np.array(images, dtype=np.float32, order="C")) / 127.5 - 1.0
     if resolution is not None:
         x = resize_images(x, resolution)
@@ -275,4 +334,5 @@ def _to_dataset(
         holdout=holdout,
         holdout_seed=holdout_seed,
         test_root=test_root,
+        example_digests=digests,
     )

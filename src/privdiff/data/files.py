@@ -27,7 +27,14 @@ import numpy as np
 from PIL import Image
 
 from privdiff.data.builtin import DIGIT_NAMES
-from privdiff.data.dataset import DatasetError, ImageDataset, _check_resolution, _check_split, _to_dataset
+from privdiff.data.dataset import (
+    DatasetError,
+    ImageDataset,
+    _check_resolution,
+    _check_split,
+    _to_dataset,
+    example_digests,
+)
 
 __all__ = [
     "load_idx",
@@ -368,12 +375,15 @@ class FolderContent:
         labels: int64 ``[N]``, the index of each image's class in ``class_names``.
         class_names: The sub-folder names, sorted.
         path: The directory or ``.zip`` read (absolute, ``~`` expanded).
+        digests: uint8 ``[N, 32]``: each image's :func:`~privdiff.data.dataset.example_digests` of its
+            decoded pixels *before* any resizing, so a folder read at any resolution names the same examples.
     """
 
     images: np.ndarray
     labels: np.ndarray
     class_names: tuple[str, ...]
     path: Path
+    digests: np.ndarray
 
 
 def no_test_split_error(root: str | os.PathLike | None) -> DatasetError:
@@ -409,22 +419,32 @@ def read_folder(root: str | os.PathLike | None, *, resolution: int | None = None
     first_size, first_where = images[0].size, entries[0][1]
     if resolution is None and first_size[0] != first_size[1]:
         raise DatasetError(
-            f"{first_where}: size {first_size[0]}x{first_size[1]} is not square; pass resolution= to resize all images"
+            f"{first_where}: size {first_size[0]}x{first_size[1]} is not square: give the data a resolution "
+            f"(data.resolution=N resizes every image to NxN)"
         )
-    arrays = []
+    arrays, digests = [], []
     for image, (_, where, _) in zip(images, entries):
         if resolution is None and image.size != first_size:
             raise DatasetError(
-                f"{where}: size {image.size[0]}x{image.size[1]} differs from {first_where} "
-                f"({first_size[0]}x{first_size[1]}); pass resolution= to resize all images"
+                f"{path}: images of mixed sizes ({where} is {image.size[0]}x{image.size[1]}, {first_where} "
+                f"{first_size[0]}x{first_size[1]}) need a resolution: data.resolution=N resizes every image to NxN"
             )
         image = image.convert(mode)
         if resolution is not None:
+            native = np.asarray(image, dtype=np.uint8)
+            digests.append(example_digests((native[None] if mode == "L" else native.transpose(2, 0, 1))[None])[0])
             image = image.resize((resolution, resolution), Image.Resampling.BILINEAR)
         array = np.asarray(image, dtype=np.uint8)
         arrays.append(array[None] if mode == "L" else array.transpose(2, 0, 1))
     labels = np.array([label_of[e[0]] for e in entries], dtype=np.int64)
-    return FolderContent(images=np.stack(arrays), labels=labels, class_names=class_names, path=path)
+    stacked = np.stack(arrays)
+    return FolderContent(
+        images=stacked,
+        labels=labels,
+        class_names=class_names,
+        path=path,
+        digests=np.stack(digests) if digests else example_digests(stacked),
+    )
 
 
 def load_folder(
@@ -457,4 +477,5 @@ def load_folder(
         num_classes=len(content.class_names),
         class_names=content.class_names,
         source=str(content.path),
+        digests=content.digests,
     )

@@ -163,7 +163,10 @@ def subset(dataset: ImageDataset, indices: np.ndarray, *, tag: str = "subset") -
         raise DatasetError(f"{dataset.name} ({dataset.split}): index out of range 0..{len(dataset) - 1}")
     h = hashlib.sha256(dataset.fingerprint.encode() + tag.encode() + idx.astype("<i8").tobytes()).hexdigest()
     t = torch.from_numpy(idx)
-    return dataclasses.replace(dataset, images=dataset.images[t], labels=dataset.labels[t], fingerprint="sha256:" + h)
+    digests = None if dataset.example_digests is None else dataset.example_digests[idx]
+    return dataclasses.replace(
+        dataset, images=dataset.images[t], labels=dataset.labels[t], fingerprint="sha256:" + h, example_digests=digests
+    )
 
 
 def _data_key(dataset: ImageDataset, root, resolution) -> dict:

@@ -146,6 +146,7 @@ def load_folder_split(
         num_classes=len(content.class_names),
         class_names=content.class_names,
         source=str(content.path),
+        digests=content.digests,
     )
 
 
@@ -168,6 +169,7 @@ def _held_out(
         holdout=fraction,
         holdout_seed=seed,
         fingerprint_extra=extra,
+        digests=content.digests[idx],
     )
 
 
@@ -187,7 +189,7 @@ def _with_test_root(
         test_root=str(test_path),
     )
     if split == "train":  # the test folder is only checked to exist here: training never reads it
-        return _to_dataset(train.images, train.labels, split="train", **common)
+        return _to_dataset(train.images, train.labels, split="train", digests=train.digests, **common)
     test = read_folder(test_path, resolution=resolution)
     unknown = sorted(set(test.class_names) - set(train.class_names))
     if unknown:
@@ -207,7 +209,11 @@ def _with_test_root(
     relabel = np.array([train.class_names.index(c) for c in test.class_names], dtype=np.int64)
     labels = relabel[test.labels]
     if split == "test":
-        return _to_dataset(images, labels, split="test", **{**common, "source": str(test_path)})
+        return _to_dataset(images, labels, split="test", digests=test.digests, **{**common, "source": str(test_path)})
     return _to_dataset(
-        np.concatenate([train.images, images]), np.concatenate([train.labels, labels]), split="all", **common
+        np.concatenate([train.images, images]),
+        np.concatenate([train.labels, labels]),
+        split="all",
+        digests=np.concatenate([train.digests, test.digests]),
+        **common,
     )

@@ -31,6 +31,7 @@ __all__ = [
     "open_ledger",
     "planned_event",
     "planned_steps",
+    "registry_examples",
     "release_run",
     "replayed_steps",
     "steps_for",
@@ -82,7 +83,9 @@ def open_ledger(
     will record it, so the registry matches the reservation to the recorded steps) are reserved in the registry (default:
     ``$PRIVDIFF_REGISTRY`` or ``~/.privdiff/registry.sqlite``), which refuses the run if the data
     set's composed ε would pass its cap; every later ledger save records the run's events there
-    first (:mod:`privdiff.privacy.registry`).
+    first (:mod:`privdiff.privacy.registry`). The run's examples are keyed with the registry's example
+    key and admitted with it, so runs on the same images in another file format, or on a subset or
+    superset of them, count against the same cap; the ledger records only a keyed digest of the set.
 
     Under ``torchrun`` rank 0 alone opens, admits and records the ledger; the other ranks hold a copy
     under rank 0's run id with no registry (one run in the registry whatever W), or raise rank 0's refusal.
@@ -129,8 +132,11 @@ def _open_ledger(
         )
     ]  # calibrated before anything is written
     registry = registry or Registry()
+    examples = registry_examples(registry, dataset)  # keyed here, on the data holder's machine
     if fresh:
         ledger = _fresh_ledger(recipe, dataset)
+        if examples is not None:  # a keyed digest of the set: never the per-example hashes
+            ledger.dataset["examples"] = registry.examples_digest(examples)
         run.created(run.ledger_path)  # a start that fails leaves no ledger behind
         ledger.save(run.ledger_path)  # its run_id is the registry's key: on disk before it is registered
     try:
@@ -143,6 +149,7 @@ def _open_ledger(
             target_epsilon=ledger.target_epsilon,
             delta=ledger.delta,
             accountant=ledger.accountant,
+            examples=examples,
         )
     except BaseException:
         if fresh:
@@ -350,6 +357,14 @@ class StepGuard:
     def epsilon(self) -> float | None:
         """The ledger's ε now; None for a public or non-private stage."""
         return self.ledger.epsilon() if self.private else None
+
+
+def registry_examples(registry: Registry, dataset) -> list[str] | None:
+    """The keyed identities of ``dataset``'s examples in ``registry`` (:meth:`Registry.key_examples`), by which
+    runs on the same images in any file format, or on a subset of them, compose; None for a data set whose
+    examples are unknown (built by hand, captioned images): then its fingerprint alone names it, as before."""
+    digests = getattr(dataset, "example_digests", None)
+    return None if digests is None else registry.key_examples(digests)
 
 
 def data_identity(dataset: ImageDataset) -> dict:

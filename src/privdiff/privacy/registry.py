@@ -34,6 +34,49 @@ never both see room for themselves under the cap.
 Data sets are keyed by ``HMAC-SHA256(registry key, content fingerprint)``, the key being a random
 secret created with the registry: its identifiers are not a content hash that anyone holding a
 candidate data set could test, and shown names stay the user's.
+
+**Identity that follows the data, not its file format.** A fingerprint names one file set, name and
+split: the same images as IDX files, a PNG folder, a zip of it or the built-in array, or a subset of
+them, have other fingerprints. So the registry also knows each run's *examples*:
+
+* What is hashed: each example's canonical pixels, as decoded to uint8 before any resizing, a
+  colour image with three equal channels taken as gray, and nothing else (not the label, file name,
+  class folder or position): :func:`privdiff.data.dataset.example_digests` gives their SHA-256,
+  and the registry stores ``HMAC-SHA256(example key, that digest)`` per example (``examples`` table).
+  So an IDX file, a PNG folder, a zip and the built-in copy of the same images have the same
+  examples; a lossy re-encode (JPEG), a crop, a resize or any changed pixel does not, and is not
+  recognised (a limit of exact identity). Pixels are decoded by Pillow; a lossy format may decode
+  differently under another Pillow/libjpeg.
+* The example key: 32 random bytes in a file on the data holder's machine, mode 0600, created on
+  first use: ``$PRIVDIFF_EXAMPLE_KEY_FILE``, else beside a SQLite registry (``registry.sqlite.key``),
+  else (PostgreSQL) ``~/.privdiff/example.key``. It is never in the database, a run directory or a
+  ledger. The registry keeps only ``HMAC(key, constant)`` (``meta.example_key_check``), so a
+  machine with another key, or none, is refused (:class:`RegistryError`) instead of silently seeing
+  every example as new: a team sharing a PostgreSQL registry shares one key file.
+* The composition rule: a data set is a union-find of overlapping example sets. When a run is
+  admitted (or a data set capped or named), every data set that holds one of its examples, or its
+  fingerprint, is *merged* into one (``datasets.merged_into`` points at the surviving root); the run
+  is charged to the merged data set, whose committed ε composes every run of every member and is
+  checked against its cap. A merge keeps the strictest terms: the smallest cap, the smallest δ (ε
+  only grows as δ shrinks), and ``rdp`` when the accountants differ. A refused run merges nothing
+  (the transaction is rolled back). Disjoint data stays separate. Composing all runs of a merged
+  data set over-counts for examples that only some runs touched; that is conservative (an example's
+  true ε is that of the runs containing it, never more), never weaker. Runs stay attached to their
+  fingerprint's row, so a registry used by an older privdiff keeps its per-fingerprint caps and runs.
+* What leaks. The ledger (published with a model) gets ``dataset.examples``, a keyed digest of the
+  run's example set: without the key it tells nothing of the content; two ledgers with the same value
+  used the same examples (as equal fingerprints already tell). The database (without the key file)
+  holds keyed per-example hashes: how many examples each data set has and which runs and data sets
+  share examples, nothing of any pixel. The database *with* the key file lets its holder test whether
+  a candidate image is in a registered data set (membership): the key is as sensitive as the data
+  and stays with it.
+* Migration: registries of an older privdiff gain the ``examples`` table and the ``merged_into`` and
+  ``label`` columns when opened; their data sets, caps and runs are unchanged. Their runs recorded no
+  examples: a run or ``privdiff budget cap``/``name`` on the same data (same fingerprint) attaches
+  them, after which re-exports and subsets of it compose with it.
+
+A data set can be given a name (``privdiff budget name RECIPE NAME``: :meth:`Registry.name_dataset`);
+``budget status`` shows it, and every source it merged.
 """
 
 from __future__ import annotations
@@ -47,6 +90,7 @@ import os
 import re
 import secrets
 import sqlite3
+import stat
 import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -54,17 +98,26 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from .accounting import ACCOUNTANTS
 from .accounting import epsilon as compose_epsilon
 from .events import Release
 
 DEFAULT_PATH = Path("~/.privdiff/registry.sqlite")
+KEY_ENV = "PRIVDIFF_EXAMPLE_KEY_FILE"
+DEFAULT_KEY_PATH = Path(
+    "~/.privdiff/example.key"
+)  # a PostgreSQL registry's example key, unless $PRIVDIFF_EXAMPLE_KEY_FILE
+_KEY_CHECK = b"privdiff example key check v1"
+_CHUNK = 500  # hashes per IN (...) query: under SQLite's limit on bound parameters
+_PG_LOCK = 7_243_301_550_102_231  # the advisory lock every PostgreSQL transaction of the registry takes
 
 SCHEMA = [
     "CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL)",
     """CREATE TABLE IF NOT EXISTS datasets (
         key TEXT PRIMARY KEY, name TEXT NOT NULL, size BIGINT, cap_epsilon DOUBLE PRECISION,
-        delta DOUBLE PRECISION NOT NULL, accountant TEXT NOT NULL)""",
+        delta DOUBLE PRECISION NOT NULL, accountant TEXT NOT NULL, merged_into TEXT, label TEXT)""",
     """CREATE TABLE IF NOT EXISTS runs (
         run_id TEXT PRIMARY KEY, dataset_key TEXT NOT NULL REFERENCES datasets(key), path TEXT,
         planned TEXT NOT NULL, target_epsilon DOUBLE PRECISION, delta DOUBLE PRECISION, accountant TEXT,
@@ -73,6 +126,8 @@ SCHEMA = [
         run_id TEXT NOT NULL REFERENCES runs(run_id), seq BIGINT NOT NULL, stage TEXT NOT NULL, mechanism TEXT NOT NULL,
         noise_multiplier DOUBLE PRECISION NOT NULL, sample_rate DOUBLE PRECISION NOT NULL, steps BIGINT NOT NULL,
         PRIMARY KEY (run_id, seq))""",
+    """CREATE TABLE IF NOT EXISTS examples (
+        hash TEXT PRIMARY KEY, dataset_key TEXT NOT NULL REFERENCES datasets(key))""",
 ]
 
 
@@ -157,6 +212,13 @@ class DatasetStatus:
     delta: float
     accountant: str
     runs: list[RunEntry] = field(default_factory=list)
+    label: str | None = None  # the name given with ``privdiff budget name``
+    sources: list[str] = field(default_factory=list)  # the names of every data set merged into this one
+
+    @property
+    def display_name(self) -> str:
+        """The given name, else the data set's own."""
+        return self.label or self.name
 
     @property
     def spent(self) -> float:
@@ -336,6 +398,45 @@ def _database_errors(where: str, url: str) -> Iterator[None]:
         raise RegistryError(f"budget registry {where}: {type(e).__name__}: {_scrub(str(e), url)}") from None
 
 
+def _read_key(path: Path) -> bytes:
+    """The example key in ``path`` (64 hex digits), which only its owner may read."""
+    try:
+        mode = path.stat().st_mode
+        text = path.read_text().strip()
+    except OSError as e:
+        raise RegistryError(f"cannot read the example key {path}: {e.strerror or e}") from None
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise RegistryError(
+            f"the example key {path} can be read by other users (mode {stat.S_IMODE(mode):o}): chmod 600 {path}"
+        )
+    if not re.fullmatch(r"[0-9a-f]{64}", text):
+        raise RegistryError(f"{path} is not a privdiff example key (64 hex digits)")
+    return bytes.fromhex(text)
+
+
+def _create_key(path: Path) -> bytes:
+    """A new random example key in ``path`` (mode 0600, written whole before it appears: another process
+    creating one at the same time gets the same key)."""
+    try:
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(secrets.token_hex(32) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+            try:
+                os.link(tmp, path)  # never replaces a key that is there
+            except FileExistsError:
+                pass
+        finally:
+            tmp.unlink(missing_ok=True)
+    except OSError as e:
+        raise RegistryError(f"cannot create the example key {path}: {e.strerror or e}") from None
+    return _read_key(path)
+
+
 class Registry:
     """A budget registry at ``url``: a file path (SQLite) or ``postgresql://...`` (PostgreSQL)."""
 
@@ -351,6 +452,7 @@ class Registry:
         url, given = resolve_location(url)
         create = create or not given
         self.url, self.created = url, False
+        self._xkey: bytes | None = None  # the example key, read on first use (:meth:`_example_key`)
         if url.startswith("postgresql://"):
             self.backend = "postgresql"
             self._conn = _connect_postgresql(url)
@@ -404,18 +506,23 @@ class Registry:
 
     def _migrate(self, db) -> None:
         """Bring a registry created by an older privdiff up to the current schema (columns added since)."""
-        if self.backend == "sqlite":
-            columns = {row[1] for row in db("PRAGMA table_info(runs)")}
-        else:
-            columns = {
-                row[0]
-                for row in db(
-                    "SELECT column_name FROM information_schema.columns "
-                    "WHERE table_schema = current_schema() AND table_name = 'runs'"
-                )
-            }
+        columns = self._columns(db, "runs")
         if "released" not in columns:
             db("ALTER TABLE runs ADD COLUMN released TEXT")
+        for column in {"merged_into", "label"} - self._columns(db, "datasets"):
+            db(f"ALTER TABLE datasets ADD COLUMN {column} TEXT")
+
+    def _columns(self, db, table: str) -> set[str]:
+        if self.backend == "sqlite":
+            return {row[1] for row in db(f"PRAGMA table_info({table})")}
+        return {
+            row[0]
+            for row in db(
+                "SELECT column_name FROM information_schema.columns "
+                "WHERE table_schema = current_schema() AND table_name = ?",
+                (table,),
+            )
+        }
 
     # -- transactions ---------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -431,6 +538,7 @@ class Registry:
                 def db(sql: str, params: tuple = ()) -> list[tuple]:
                     return conn.execute(sql, params).fetchall()
 
+                db.many = lambda sql, rows: conn.executemany(sql, rows)
                 try:
                     yield db
                 except BaseException:
@@ -444,6 +552,10 @@ class Registry:
                         cur.execute(sql.replace("?", "%s"), params)
                         return cur.fetchall() if cur.description else []
 
+                    db.many = lambda sql, rows: cur.executemany(sql.replace("?", "%s"), rows)
+                    # one writer at a time, as SQLite's BEGIN IMMEDIATE: two runs on overlapping new examples
+                    # could otherwise each found a data set of their own and never compose
+                    db("SELECT pg_advisory_xact_lock(?)", (_PG_LOCK,))
                     yield db
 
     def _lock_dataset(self, db, key: str) -> None:
@@ -456,22 +568,146 @@ class Registry:
         """HMAC-SHA256 of a data set's content fingerprint under this registry's secret key."""
         return "hmac-sha256:" + hmac.new(self._key, fingerprint.encode(), hashlib.sha256).hexdigest()
 
-    def _ensure_dataset(self, db, dataset: dict[str, Any], *, delta: float, accountant: str) -> str:
+    @property
+    def example_key_path(self) -> Path:
+        """Where this machine keeps the example key: ``$PRIVDIFF_EXAMPLE_KEY_FILE``, else beside a SQLite
+        registry (``registry.sqlite.key``), else ``~/.privdiff/example.key``."""
+        if os.environ.get(KEY_ENV):
+            return Path(os.environ[KEY_ENV]).expanduser()
+        if self.backend == "sqlite":
+            path = _sqlite_path(self.url)
+            return path.with_name(path.name + ".key")
+        return DEFAULT_KEY_PATH.expanduser()
+
+    def _example_key(self) -> bytes:
+        """The example key (read once), checked against the registry's ``example_key_check``; created (0600)
+        when neither the file nor the check exists yet. A missing or different key is a :class:`RegistryError`:
+        with a new key every example would look new and start a fresh budget."""
+        if self._xkey is not None:
+            return self._xkey
+        path = self.example_key_path
+        with self._transaction() as db:
+            rows = db("SELECT value FROM meta WHERE name = ?", ("example_key_check",))
+            if path.exists():
+                key = _read_key(path)
+            elif rows:
+                raise RegistryError(
+                    f"the example key of the budget registry {self.display} is not on this machine ({path} is "
+                    f"missing): copy its key file there, or point ${KEY_ENV} at it (a new key would make every "
+                    "example look new, with a fresh budget)"
+                )
+            else:
+                key = _create_key(path)
+            check = hmac.new(key, _KEY_CHECK, hashlib.sha256).hexdigest()
+            if rows and not hmac.compare_digest(rows[0][0], check):
+                raise RegistryError(
+                    f"{path} is not the example key of the budget registry {self.display}: use the key file it "
+                    f"was made with (${KEY_ENV}), or every example would look new"
+                )
+            if not rows:
+                db("INSERT INTO meta (name, value) VALUES (?, ?)", ("example_key_check", check))
+        self._xkey = key
+        return key
+
+    def key_examples(self, digests: np.ndarray) -> list[str]:
+        """The keyed identities (``HMAC-SHA256(example key, digest)``, hex; sorted, duplicates once) of a data
+        set's examples, from their :func:`~privdiff.data.dataset.example_digests` (uint8 ``[N, 32]``)."""
+        digests = np.asarray(digests)
+        if digests.dtype != np.uint8 or digests.ndim != 2 or digests.shape[1] != 32:
+            raise ValueError(f"example digests must be uint8 [N, 32], got {digests.dtype} {digests.shape}")
+        key = self._example_key()
+        return sorted({hmac.new(key, row.tobytes(), hashlib.sha256).hexdigest() for row in digests})
+
+    def examples_digest(self, examples: list[str]) -> str:
+        """One keyed digest of a set of keyed examples: what a ledger records of its examples (never the hashes)."""
+        body = b"privdiff example set v1\n" + "\n".join(sorted(set(examples))).encode()
+        return "hmac-sha256:" + hmac.new(self._example_key(), body, hashlib.sha256).hexdigest()
+
+    @staticmethod
+    def _roots(db) -> dict[str, str]:
+        """Every data set's key -> the key of the merged data set it belongs to (its union-find root)."""
+        parent = {k: m for k, m in db("SELECT key, merged_into FROM datasets")}
+
+        def find(k: str) -> str:
+            for _ in range(len(parent) + 1):
+                if not parent.get(k):
+                    return k
+                k = parent[k]
+            raise RegistryError("budget registry: a cycle of merged data sets (the database was edited)")
+
+        return {k: find(k) for k in parent}
+
+    def _resolve(
+        self, db, dataset: dict[str, Any], examples: list[str] | None, *, delta: float, accountant: str
+    ) -> tuple[str, str]:
+        """``(fingerprint key, merged data set)``: the data set row of ``dataset``'s fingerprint (made if new),
+        every data set holding its fingerprint or one of ``examples`` merged into one, its examples added."""
         key = self.dataset_key(dataset["fingerprint"])
         db(
             "INSERT INTO datasets (key, name, size, cap_epsilon, delta, accountant) VALUES (?, ?, ?, NULL, ?, ?) "
             "ON CONFLICT (key) DO NOTHING",
             (key, dataset.get("name") or "?", dataset.get("size"), float(delta), accountant),
         )
-        self._lock_dataset(db, key)
-        return key
+        roots = self._roots(db)
+        touched = {roots[key]}
+        examples = list(examples or [])
+        for i in range(0, len(examples), _CHUNK):
+            chunk = examples[i : i + _CHUNK]
+            sql = f"SELECT DISTINCT dataset_key FROM examples WHERE hash IN ({', '.join('?' * len(chunk))})"
+            touched.update(roots[k] for (k,) in db(sql, tuple(chunk)))
+        root = self._merge(db, touched) if len(touched) > 1 else roots[key]
+        if examples:
+            db.many(
+                "INSERT INTO examples (hash, dataset_key) VALUES (?, ?) ON CONFLICT (hash) DO NOTHING",
+                [(h, key) for h in examples],
+            )
+        self._lock_dataset(db, root)
+        return key, root
+
+    @staticmethod
+    def _merge(db, roots: set[str]) -> str:
+        """Merge the data sets ``roots`` into one, on the strictest terms: the smallest cap, the smallest δ,
+        ``rdp`` unless all use one accountant. Returns the surviving root (a named one if any)."""
+        rows = {
+            k: (cap, delta, acc, label)
+            for k, cap, delta, acc, label in db(
+                f"SELECT key, cap_epsilon, delta, accountant, label FROM datasets WHERE key IN "
+                f"({', '.join('?' * len(roots))})",
+                tuple(sorted(roots)),
+            )
+        }
+        survivor = min(rows, key=lambda k: (rows[k][3] is None, k))
+        caps = [r[0] for r in rows.values() if r[0] is not None]
+        accountants = {r[2] for r in rows.values()}
+        db(
+            "UPDATE datasets SET cap_epsilon = ?, delta = ?, accountant = ? WHERE key = ?",
+            (
+                min(caps) if caps else None,
+                min(r[1] for r in rows.values()),
+                accountants.pop() if len(accountants) == 1 else "rdp",
+                survivor,
+            ),
+        )
+        for k in sorted(rows):
+            if k != survivor:
+                db("UPDATE datasets SET merged_into = ? WHERE key = ?", (survivor, k))
+        return survivor
 
     # -- writes ---------------------------------------------------------------------------------
-    def set_cap(self, *, dataset: dict[str, Any], epsilon: float | None, delta: float, accountant: str = "rdp") -> None:
-        """Cap (ε at ``delta``) a data set (``{"name", "fingerprint", "size"}``); ``epsilon=None`` removes the cap.
+    def set_cap(
+        self,
+        *,
+        dataset: dict[str, Any],
+        epsilon: float | None,
+        delta: float,
+        accountant: str = "rdp",
+        examples: list[str] | None = None,
+    ) -> str:
+        """Cap (ε at ``delta``) a data set (``{"name", "fingerprint", "size"}``, and its keyed ``examples``:
+        the cap is on the merged data set they belong to); ``epsilon=None`` removes the cap.
 
         A cap below what is already committed is refused (it could never be honoured). ``epsilon`` must be
-        finite and > 0 (None removes the cap: never a NaN), ``delta`` in (0, 1).
+        finite and > 0 (None removes the cap: never a NaN), ``delta`` in (0, 1). Returns the data set's key.
         """
         if epsilon is not None and (
             isinstance(epsilon, bool)
@@ -484,7 +720,7 @@ class Registry:
             )
         _check_delta_accountant(delta, accountant)
         with self._transaction() as db:
-            key = self._ensure_dataset(db, dataset, delta=delta, accountant=accountant)
+            _, key = self._resolve(db, dataset, examples, delta=delta, accountant=accountant)
             db(
                 "UPDATE datasets SET cap_epsilon = ?, delta = ?, accountant = ? WHERE key = ?",
                 (None if epsilon is None else float(epsilon), float(delta), accountant, key),
@@ -492,8 +728,34 @@ class Registry:
             status = self._status(db, key)
             if epsilon is not None and status.committed > epsilon:
                 raise BudgetExceeded(
-                    f"{status.name}: epsilon={status.committed:.4g} is already committed, more than the cap {epsilon:g}"
+                    f"{status.display_name}: epsilon={status.committed:.4g} is already committed, more than the cap "
+                    f"{epsilon:g}"
                 )
+            return key
+
+    def name_dataset(
+        self,
+        *,
+        dataset: dict[str, Any],
+        name: str,
+        examples: list[str] | None = None,
+        delta: float,
+        accountant: str = "rdp",
+    ) -> str:
+        """Give the (merged) data set of ``dataset`` and its keyed ``examples`` a name, shown by ``budget status``
+        and accepted by ``budget status --dataset``; registering its examples on the way (how a data set of an
+        older registry learns its examples). A name another data set has is refused. Returns the data set's key."""
+        if not isinstance(name, str) or not name.strip() or name != name.strip() or "\n" in name:
+            raise ValueError(f"a data set name must be a non-empty line without surrounding spaces, got {name!r}")
+        _check_delta_accountant(delta, accountant)
+        with self._transaction() as db:
+            _, key = self._resolve(db, dataset, examples, delta=delta, accountant=accountant)
+            roots = self._roots(db)
+            taken = {roots[k] for (k,) in db("SELECT key FROM datasets WHERE label = ?", (name,))} - {key}
+            if taken:
+                raise ValueError(f"another data set of {self!r} is already named {name!r}")
+            db("UPDATE datasets SET label = ? WHERE key = ?", (name, key))
+            return key
 
     def admit(
         self,
@@ -506,17 +768,20 @@ class Registry:
         target_epsilon: float | None = None,
         delta: float,
         accountant: str,
+        examples: list[str] | None = None,
     ) -> float:
         """Reserve a run's planned events on its data set, or refuse it (:class:`BudgetExceeded`).
 
         Called before the run reads any data (and again on every resume, with its current plan).
-        Returns the data set's committed ε with this run admitted.
+        ``examples``: the run's keyed examples (:meth:`key_examples`): every data set that holds one of
+        them is merged with the run's (module docstring). Returns the data set's committed ε with this
+        run admitted.
         """
         _check_delta_accountant(delta, accountant)
         _check_events(planned, "planned")
         _check_events(recorded, "recorded")
         with self._transaction() as db:
-            key = self._ensure_dataset(db, dataset, delta=delta, accountant=accountant)
+            key, root = self._resolve(db, dataset, examples, delta=delta, accountant=accountant)
             now = _now()
             db(
                 "INSERT INTO runs (run_id, dataset_key, path, planned, target_epsilon, delta, accountant, created, updated) "
@@ -537,7 +802,7 @@ class Registry:
             if db("SELECT dataset_key FROM runs WHERE run_id = ?", (run_id,))[0][0] != key:
                 raise ValueError(f"run {run_id} is registered on another data set")
             self._write_events(db, run_id, list(recorded))
-            return self._check(db, key, what=f"run {path or run_id}")
+            return self._check(db, root, what=f"run {path or run_id}")
 
     def record(self, *, run_id: str, events: list[Release]) -> float:
         """Replace a run's recorded events with ``events`` (its ledger's, write-ahead); checked against the cap."""
@@ -547,6 +812,7 @@ class Registry:
             if not rows:
                 raise ValueError(f"run {run_id} was never admitted to {self!r}")
             key, path = rows[0]
+            key = self._roots(db)[key]
             self._lock_dataset(db, key)
             self._write_events(db, run_id, events)
             db("UPDATE runs SET updated = ? WHERE run_id = ?", (_now(), run_id))
@@ -565,7 +831,7 @@ class Registry:
             rows = db("SELECT dataset_key FROM runs WHERE run_id = ?", (run_id,))
             if not rows:
                 raise ValueError(f"run {run_id} is not in {self!r}")
-            key = rows[0][0]
+            key = self._roots(db)[rows[0][0]]
             self._lock_dataset(db, key)
             entry = next(r for r in self._status(db, key).runs if r.run_id == run_id)
             events = entry.events
@@ -620,21 +886,37 @@ class Registry:
         committed = status.committed
         if status.cap_epsilon is not None and committed > status.cap_epsilon * (1 + 1e-9):
             raise BudgetExceeded(
-                f"{what} refused: data set {status.name} would reach epsilon={committed:.4g} (delta={status.delta:g}, "
-                f"{len(status.runs)} runs composed), over its cap {status.cap_epsilon:g}"
+                f"{what} refused: data set {status.display_name} would reach epsilon={committed:.4g} "
+                f"(delta={status.delta:g}, {len(status.runs)} runs composed"
+                f"{', on examples it shares with ' + ', '.join(status.sources) if len(status.sources) > 1 else ''}), "
+                f"over its cap {status.cap_epsilon:g}"
             )
         return committed
 
     # -- reads ----------------------------------------------------------------------------------
     def _status(self, db, key: str) -> DatasetStatus:
-        name, size, cap, delta, accountant = db(
-            "SELECT name, size, cap_epsilon, delta, accountant FROM datasets WHERE key = ?", (key,)
+        """The merged data set ``key`` (a root): its terms, and the runs of every data set merged into it."""
+        name, size, cap, delta, accountant, label = db(
+            "SELECT name, size, cap_epsilon, delta, accountant, label FROM datasets WHERE key = ?", (key,)
         )[0]
-        status = DatasetStatus(key=key, name=name, size=size, cap_epsilon=cap, delta=delta, accountant=accountant)
+        members = sorted(k for k, root in self._roots(db).items() if root == key)
+        marks = ", ".join("?" * len(members))
+        names = db(f"SELECT DISTINCT name FROM datasets WHERE key IN ({marks})", tuple(members))
+        (n_examples,) = db(f"SELECT COUNT(*) FROM examples WHERE dataset_key IN ({marks})", tuple(members))[0]
+        status = DatasetStatus(
+            key=key,
+            name=name,
+            size=int(n_examples) or size,
+            cap_epsilon=cap,
+            delta=delta,
+            accountant=accountant,
+            label=label,
+            sources=sorted(n for (n,) in names),
+        )
         runs = db(
-            "SELECT run_id, path, planned, delta, accountant, created, released FROM runs WHERE dataset_key = ? "
-            "ORDER BY created, run_id",
-            (key,),
+            f"SELECT run_id, path, planned, delta, accountant, created, released FROM runs WHERE dataset_key IN "
+            f"({marks}) ORDER BY created, run_id",
+            tuple(members),
         )
         for run_id, path, planned, r_delta, r_acc, created, released in runs:
             events = self._events(db, run_id)
@@ -653,14 +935,19 @@ class Registry:
         return status
 
     def status(self, dataset: str | None = None) -> list[DatasetStatus]:
-        """Every data set (or those whose name, or key prefix, is ``dataset``) with its runs."""
+        """Every (merged) data set, or those with a source whose name, given name or key (or a prefix of at least
+        8 characters of it) is ``dataset``, with its runs."""
         with self._transaction() as db:
-            keys = [
-                k
-                for k, n in db("SELECT key, name FROM datasets ORDER BY name, key")
-                if dataset is None or dataset in (n, k) or (len(dataset) >= 8 and k.split(":")[-1].startswith(dataset))
-            ]
-            return [self._status(db, k) for k in keys]
+            roots = self._roots(db)
+            keys = {
+                roots[k]
+                for k, n, label in db("SELECT key, name, label FROM datasets")
+                if dataset is None
+                or dataset in (n, label, k)
+                or (len(dataset) >= 8 and k.split(":")[-1].startswith(dataset))
+            }
+            statuses = [self._status(db, k) for k in keys]
+            return sorted(statuses, key=lambda s: (s.display_name, s.key))
 
     @staticmethod
     def _events(db, run_id: str) -> list[Release]:
@@ -685,8 +972,11 @@ def format_status(statuses: list[DatasetStatus]) -> str:
     fmt = lambda e: "inf" if math.isinf(e) else f"{e:.4f}"  # noqa: E731
     for s in statuses:
         cap = "no cap" if s.cap_epsilon is None else f"cap epsilon={s.cap_epsilon:g}"
+        merged = f"; one data set across {', '.join(s.sources)}" if len(s.sources) > 1 else ""
+        named = f" [{s.name}]" if s.label and s.label != s.name else ""
         lines.append(
-            f"dataset {s.name} ({s.size} examples, {s.key[:24]}...): {len(s.runs)} runs, delta={s.delta:g} ({s.accountant}), {cap}"
+            f"dataset {s.display_name}{named} ({s.size} examples, {s.key[:24]}...{merged}): {len(s.runs)} runs, "
+            f"delta={s.delta:g} ({s.accountant}), {cap}"
         )
         for r in s.runs:
             state = r.state
