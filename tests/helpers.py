@@ -12,10 +12,12 @@ from pathlib import Path
 import dp_accounting
 import numpy as np
 import torch
+from diffusers import UNet2DModel
 from dp_accounting import rdp
 from PIL import Image
 from torch import nn
 
+from privdiff.data import ImageDataset
 from privdiff.diffusion import Denoiser, LogNormalSigma, denoising_loss, draw_training_noise
 from privdiff.models.he_net import HENetConfig, build_he_net
 from privdiff.models.text import TextConfig, build_text_encoder
@@ -243,3 +245,34 @@ def zip_folder(folder: Path, path: Path) -> Path:
         for file in sorted(folder.rglob("*.png")):
             zf.write(file, folder.name + "/" + file.relative_to(folder).as_posix())
     return path
+
+
+def tiny_pixel_unet(seed: int = 0, *, classes: int | None = 3) -> UNet2DModel:
+    """A DDPM-style pixel UNet (8x8, 1 channel) with attention and, unless ``classes=None``, a class embedding,
+    as diffusers' own tests build dummies."""
+    torch.manual_seed(seed)
+    return UNet2DModel(
+        sample_size=8,
+        in_channels=1,
+        out_channels=1,
+        layers_per_block=1,
+        block_out_channels=(8, 16),
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        norm_num_groups=4,
+        attention_head_dim=4,
+        num_class_embeds=classes,
+    )
+
+
+def toy_dataset(n: int, seed: int, *, num_classes: int = 10, size: int = 8) -> ImageDataset:
+    """``n`` fresh random 1-channel images in [-1, 1] with random labels, fingerprinted by ``seed``."""
+    g = torch.Generator().manual_seed(seed)
+    return ImageDataset(
+        images=torch.rand(n, 1, size, size, generator=g) * 2 - 1,
+        labels=torch.randint(0, num_classes, (n,), generator=g),
+        num_classes=num_classes,
+        name="toy",
+        split="train",
+        fingerprint=f"sha256:toy{seed}",
+    )

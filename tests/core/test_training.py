@@ -13,6 +13,7 @@ from privdiff.privacy.budget import data_identity, planned_steps
 from privdiff.privacy.dpsgd import PoissonBatches
 from privdiff.privacy.ledger import Ledger
 from privdiff.runs import Run
+from tests.helpers import toy_dataset
 
 
 def test_planned_steps_are_epochs_over_sample_rate():
@@ -51,18 +52,6 @@ TINY_LOOP = [
 ]
 
 
-def _data(n: int, seed: int) -> ImageDataset:
-    g = torch.Generator().manual_seed(seed)
-    return ImageDataset(
-        images=torch.rand(n, 1, 8, 8, generator=g) * 2 - 1,
-        labels=torch.randint(0, 10, (n,), generator=g),
-        num_classes=10,
-        name="toy",
-        split="train",
-        fingerprint=f"sha256:toy{seed}",
-    )
-
-
 def _ledger(recipe, dataset: ImageDataset, path=None) -> Ledger:
     """The run's ledger (continued from ``path`` if it exists), with no registry: the loop's own behaviour."""
     if path is not None and path.exists():
@@ -87,7 +76,7 @@ def _train(out, recipe, dataset, *, max_steps: int, private: bool = True, term=N
 @pytest.mark.usefixtures("deterministic_kernels")
 def test_a_resumed_stage_takes_the_steps_of_an_uninterrupted_one(tmp_path):
     r = resolve_recipe(None, [*TINY_LOOP, "train.epochs=2", "train.seed=3"])
-    data = _data(32, seed=int(torch.randint(0, 10**6, ())))
+    data = toy_dataset(32, seed=int(torch.randint(0, 10**6, ())))
     whole, ledger_whole, _ = _train(tmp_path / "whole", r, data, max_steps=5)
     _train(tmp_path / "split", r, data, max_steps=2)  # stops at step 2, checkpointed
     resumed, ledger_resumed, run = _train(tmp_path / "split", r, data, max_steps=5)  # a new process: ledger from disk
@@ -105,7 +94,7 @@ def test_the_stage_stops_before_the_step_that_would_pass_the_budget(tmp_path, mo
     import privdiff.core.training as training
 
     r = resolve_recipe(None, [*TINY_LOOP, "train.epochs=2", "privacy.epsilon=2"])
-    data = _data(32, seed=int(torch.randint(0, 10**6, ())))
+    data = toy_dataset(32, seed=int(torch.randint(0, 10**6, ())))
     monkeypatch.setattr(
         training, "noise_for", lambda *a, **k: 1.5
     )  # calibrated for the 8 planned steps: 2.05 (1.5 allows 2)
@@ -129,7 +118,7 @@ def test_an_empty_poisson_batch_is_a_counted_noised_step(tmp_path):
     counted in the ledger (Poisson sampling's accounting assumes it), and the weights move."""
     seed = int(torch.randint(0, 1000, ()))
     r = resolve_recipe(None, [*TINY_LOOP, "train.batch_size=1", "train.epochs=1", f"train.seed={seed}"])
-    data = _data(32, seed=seed)
+    data = toy_dataset(32, seed=seed)
     empty = _empty_batches(seed, num_examples=32, sample_rate=1 / 32, steps=12)
     assert empty, "no empty batch drawn: pick more steps"
     result, ledger, run = _train(tmp_path, r, data, max_steps=12)
@@ -167,7 +156,7 @@ class _Drift:
 @pytest.mark.usefixtures("deterministic_kernels")
 def test_an_extra_terms_state_is_checkpointed_and_resumed(tmp_path):
     r = resolve_recipe(None, [*TINY_LOOP, "train.epochs=2"])
-    data = _data(32, seed=int(torch.randint(0, 10**6, ())))
+    data = toy_dataset(32, seed=int(torch.randint(0, 10**6, ())))
     whole_term, split_term = _Drift(5), _Drift(5)
     whole, _, _ = _train(tmp_path / "whole", r, data, max_steps=5, private=False, term=whole_term)
     _train(tmp_path / "split", r, data, max_steps=2, private=False, term=_Drift(5))

@@ -16,7 +16,7 @@ from privdiff.core.denoisers import load_denoiser
 from privdiff.diffusion.discrete import DiscreteSchedule, VPDenoiser
 from privdiff.privacy.accounting import epsilon
 from privdiff.runs import Run
-from tests.helpers import image_folder
+from tests.helpers import image_folder, tiny_pixel_unet
 
 pytestmark = pytest.mark.slow
 
@@ -36,19 +36,7 @@ TINY = [
 
 def _unet_dir(path: Path, *, classes: int | None, prediction_type: str, seed: int) -> Path:
     """A saved pixel UNet2DModel directory with its scheduler config beside it (the DDPM layout)."""
-    torch.manual_seed(seed)
-    UNet2DModel(
-        sample_size=8,
-        in_channels=1,
-        out_channels=1,
-        layers_per_block=1,
-        block_out_channels=(8, 16),
-        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-        norm_num_groups=4,
-        attention_head_dim=4,
-        num_class_embeds=classes,
-    ).save_pretrained(path)
+    tiny_pixel_unet(seed, classes=classes).save_pretrained(path)
     DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", prediction_type=prediction_type).save_config(path)
     return path
 

@@ -8,12 +8,12 @@ import torch
 from diffusers import UNet2DModel
 
 from privdiff.config import resolve_recipe
-from privdiff.data import ImageDataset
 from privdiff.diffusion import Denoiser
 from privdiff.methods.lora import PrivacyTerm
 from privdiff.models import UNetNet, build_unet
 from privdiff.models.lora import LoRASpec, LoRAUNetNet, lora_parameters
 from tests.conftest import TINY
+from tests.helpers import toy_dataset
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -27,18 +27,6 @@ def _lora_net(recipe, seed=0):
     base = UNetNet(build_unet(recipe.model, resolution=8, in_channels=1, num_classes=10))
     net = LoRAUNetNet.from_base(base, LoRASpec(rank=4, alpha=2.0))
     return base, net
-
-
-def _data(n, seed):
-    g = torch.Generator().manual_seed(seed)
-    return ImageDataset(
-        images=torch.rand(n, 1, 8, 8, generator=g) * 2 - 1,
-        labels=torch.randint(0, 10, (n,), generator=g),
-        num_classes=10,
-        name="toy",
-        split="train",
-        fingerprint=f"sha256:{seed}",
-    )
 
 
 def test_only_adapters_train_and_the_start_is_the_base_model():
@@ -80,7 +68,7 @@ def test_privacy_term_has_a_lora_gradient_that_depends_on_lambda(objective, feat
                 if ".lora_B." in n:
                     p.normal_(0, 0.05)  # past the zero start, so A gets gradient too
         den = Denoiser(net)
-        members, m_aux, nm_aux = _data(8, 1), _data(4, 2), _data(4, 3)
+        members, m_aux, nm_aux = toy_dataset(8, 1), toy_dataset(4, 2), toy_dataset(4, 3)
         term = PrivacyTerm(r, members=members, member_aux=m_aux, nonmember_aux=nm_aux, device=torch.device("cpu"))
         idx = torch.arange(8)
         ce = term.ce_member(den, idx)
@@ -107,7 +95,11 @@ def test_attacker_step_trains_only_the_attacker():
     _, net = _lora_net(r)
     den = Denoiser(net)
     term = PrivacyTerm(
-        r, members=_data(8, 1), member_aux=_data(4, 2), nonmember_aux=_data(4, 3), device=torch.device("cpu")
+        r,
+        members=toy_dataset(8, 1),
+        member_aux=toy_dataset(4, 2),
+        nonmember_aux=toy_dataset(4, 3),
+        device=torch.device("cpu"),
     )
     before_h = [p.clone() for p in term.attacker.parameters()]
     before_lora = [p.clone() for p in lora_parameters(net)]
@@ -284,12 +276,12 @@ def _defended_run(out, r, *, max_steps: int) -> tuple[PrivacyTerm, list[torch.Te
     from privdiff.runs import Run
 
     r = replace(r, train=replace(r.train, max_steps=max_steps))
-    members = _data(8, 1)
+    members = toy_dataset(8, 1)
     term = PrivacyTerm(
         r,
         members=members,
-        member_aux=_data(4, 2),
-        nonmember_aux=_data(4, 3),
+        member_aux=toy_dataset(4, 2),
+        nonmember_aux=toy_dataset(4, 3),
         device=torch.device("cpu"),
         log=out / "attacker_log.jsonl",
     )
@@ -347,7 +339,7 @@ def test_resuming_a_defended_run_without_saved_attacker_state_is_refused(tmp_pat
         "train.max_steps=1",
         "model.attention_levels=[]",
     )
-    members = _data(8, 1)
+    members = toy_dataset(8, 1)
     run = Run(tmp_path)
     train_denoiser(
         run=run,
@@ -358,7 +350,7 @@ def test_resuming_a_defended_run_without_saved_attacker_state_is_refused(tmp_pat
         progress=False,
     )
     term = PrivacyTerm(
-        r, members=members, member_aux=_data(4, 2), nonmember_aux=_data(4, 3), device=torch.device("cpu")
+        r, members=members, member_aux=toy_dataset(4, 2), nonmember_aux=toy_dataset(4, 3), device=torch.device("cpu")
     )
     with pytest.raises(RunError, match="holds no state for stage lora's PrivacyTerm"):
         train_denoiser(

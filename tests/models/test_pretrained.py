@@ -23,24 +23,7 @@ from privdiff.models.pretrained import (
     select_trainable,
 )
 from privdiff.privacy.clipping import BookKeeping
-from tests.helpers import assert_same, jitter
-
-
-def tiny_pixel_unet(seed: int = 0) -> UNet2DModel:
-    """A DDPM-style pixel UNet with attention and a class embedding (as diffusers' own tests build dummies)."""
-    torch.manual_seed(seed)
-    return UNet2DModel(
-        sample_size=8,
-        in_channels=1,
-        out_channels=1,
-        layers_per_block=1,
-        block_out_channels=(8, 16),
-        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-        norm_num_groups=4,
-        attention_head_dim=4,
-        num_class_embeds=3,
-    )
+from tests.helpers import assert_same, jitter, tiny_pixel_unet
 
 
 def tiny_sd_unet(seed: int = 0) -> UNet2DConditionModel:

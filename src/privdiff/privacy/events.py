@@ -16,14 +16,15 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["MECHANISMS", "NON_PRIVATE", "SUBSAMPLED_GAUSSIAN", "Release"]
+__all__ = ["MECHANISMS", "NON_PRIVATE", "SUBSAMPLED_GAUSSIAN", "Release", "check_number"]
 
 SUBSAMPLED_GAUSSIAN = "subsampled_gaussian"
 NON_PRIVATE = "non_private"
 MECHANISMS = (SUBSAMPLED_GAUSSIAN, NON_PRIVATE)
 
 
-def _number(x: Any, what: str, *, low: float = 0.0, high: float = math.inf, integer: bool = False) -> None:
+def check_number(x: Any, what: str, *, low: float = 0.0, high: float = math.inf, integer: bool = False) -> None:
+    """``x`` is a finite number (an integer if ``integer``) in [low, high], not a bool; else ValueError('``what`` is x')."""
     ok = (
         isinstance(x, int if integer else (int, float))
         and not isinstance(x, bool)
@@ -63,12 +64,12 @@ class Release:
             raise ValueError(
                 f"stage {self.stage}: unknown mechanism {self.mechanism!r} (known: {', '.join(MECHANISMS)})"
             )
-        _number(self.noise_multiplier, f"stage {self.stage}'s noise_multiplier")
-        _number(self.sample_rate, f"stage {self.stage}'s sample_rate", high=1.0)
-        _number(self.steps, f"stage {self.stage}'s steps", integer=True)
+        check_number(self.noise_multiplier, f"stage {self.stage}'s noise_multiplier")
+        check_number(self.sample_rate, f"stage {self.stage}'s sample_rate", high=1.0)
+        check_number(self.steps, f"stage {self.stage}'s steps", integer=True)
         for name in ("max_grad_norm", "sensitivity"):
             if getattr(self, name) is not None:
-                _number(getattr(self, name), f"stage {self.stage}'s {name}")
+                check_number(getattr(self, name), f"stage {self.stage}'s {name}")
         # one representation on disk and in comparisons: floats as floats
         object.__setattr__(self, "noise_multiplier", float(self.noise_multiplier))
         object.__setattr__(self, "sample_rate", float(self.sample_rate))

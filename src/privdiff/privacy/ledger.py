@@ -17,7 +17,7 @@ from typing import Any
 
 from ..atomic import atomic_write_text
 from .accounting import epsilon as compose_epsilon
-from .events import NON_PRIVATE, SUBSAMPLED_GAUSSIAN, Release
+from .events import NON_PRIVATE, SUBSAMPLED_GAUSSIAN, Release, check_number
 
 __all__ = ["NON_PRIVATE", "SUBSAMPLED_GAUSSIAN", "Ledger", "Release", "format_ledger"]
 
@@ -138,20 +138,9 @@ class Ledger:
             raise ValueError(f"{path}: unreadable ({e.strerror or e})") from None
 
 
-def _number(x: Any, what: str, *, low: float = 0.0, high: float = math.inf, integer: bool = False) -> None:
-    ok = (
-        isinstance(x, int if integer else (int, float))
-        and not isinstance(x, bool)
-        and math.isfinite(x)
-        and low <= x <= high
-    )
-    if not ok:
-        raise ValueError(f"{what} is {x!r}")
-
-
 def _check_loaded(ledger: "Ledger") -> None:
     """What :meth:`Ledger.load` read has the shape and ranges a ledger's fields have (ValueError otherwise)."""
-    _number(ledger.delta, "delta", high=1.0)
+    check_number(ledger.delta, "delta", high=1.0)
     if (
         not isinstance(ledger.accountant, str)
         or not isinstance(ledger.dataset, dict)
@@ -159,11 +148,11 @@ def _check_loaded(ledger: "Ledger") -> None:
     ):
         raise ValueError("accountant, dataset or run_id of the wrong kind")
     if ledger.target_epsilon is not None:
-        _number(ledger.target_epsilon, "target_epsilon")
+        check_number(ledger.target_epsilon, "target_epsilon")
     for i, e in enumerate(ledger.public_stages):
         if not isinstance(e, dict) or not isinstance(e.get("stage"), str) or not isinstance(e.get("data"), dict):
             raise ValueError(f"public stage {i} has no stage or data")
-        _number(e.get("steps"), f"public stage {i}'s steps", integer=True)
+        check_number(e.get("steps"), f"public stage {i}'s steps", integer=True)
 
 
 def format_ledger(ledger: Ledger, *, accountant: str | None = None) -> str:
