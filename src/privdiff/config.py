@@ -49,7 +49,9 @@ class RecipeError(ValueError):
 class DataConfig:
     name: str = "mnist5k"  # mnist5k | digits | mnist | fashion-mnist | cifar10 | folder
     root: str | None = None  # where the files of mnist/fashion-mnist/cifar10/folder are
-    resolution: int | None = None  # resize to this (square); None keeps the native size
+    resolution: int | None = (
+        None  # resize to this (square); None: the data's own size (a recipe file's value is dropped when an override names other data)
+    )
     holdout: float | None = (
         None  # data without a test split (folder): this fraction, per class, is its test split, never trained on
     )
@@ -621,9 +623,28 @@ def resolve_recipe(source: str | os.PathLike | dict | None = None, overrides: li
             tree = {}
         if not isinstance(tree, dict):
             raise RecipeError(f"{path}: a recipe must be a mapping of sections, got a YAML {type(tree).__name__}")
-    recipe = _absolute_data_paths(_build(Recipe, _merge(tree, parse_overrides(list(overrides)))))
+    top = parse_overrides(list(overrides))
+    if not isinstance(source, dict):
+        tree = _data_owns_resolution(tree, top)
+    recipe = _absolute_data_paths(_build(Recipe, _merge(tree, top)))
     validate_recipe(recipe)
     return recipe
+
+
+def _data_owns_resolution(tree: Any, top: dict[str, Any]) -> Any:
+    """A recipe file's ``data.resolution`` belongs to the data that file names: when the overrides name
+    other data (``data.name`` or ``data.root``) without a ``data.resolution`` of their own, it is dropped,
+    so the new data trains at its own size (a 32×32 colour folder given to the 16×16 digit recipe is not
+    silently shrunk). A resolution given on the command line always wins; a dict source (a run's saved
+    ``config.yaml``) is taken as it is."""
+    data_top = top.get("data")
+    data = tree.get("data") if isinstance(tree, dict) else None
+    if not isinstance(data_top, dict) or not isinstance(data, dict) or "resolution" in data_top:
+        return tree
+    other = any(k in data_top and data_top[k] != data.get(k) for k in ("name", "root"))
+    if not other or data.get("resolution") is None:
+        return tree
+    return {**tree, "data": {k: v for k, v in data.items() if k != "resolution"}}
 
 
 def _absolute_data_paths(recipe: Recipe) -> Recipe:
