@@ -3,6 +3,7 @@
 ```
 RUN/
   config.yaml        the fully resolved recipe
+  classes.json       the names of the data's classes (e.g. an image folder's sub-folders), for sample --label NAME
   ledger.json        privacy ledger (privdiff.privacy.ledger), written ahead of every private step
   train_log.jsonl    one line per training step: stage, step, loss, epsilon, lr, time_s (cumulative)
   checkpoints/
@@ -66,7 +67,7 @@ CHECKPOINT_NAME = re.compile(r"step-\d{6}")
 # (a regular expression). A killed writer's temporaries are ``.NAME.XXXXXXXX.tmp`` beside them
 # (privdiff.atomic); only those are removed when the run is opened again.
 RUN_TEMPORARIES: dict[str, str] = {
-    ".": r"config\.yaml|ledger\.json|train_log\.jsonl|splits\.json|audit\.json|metrics\.json|report\.html"
+    ".": r"config\.yaml|classes\.json|ledger\.json|train_log\.jsonl|splits\.json|audit\.json|metrics\.json|report\.html"
     r"|attacker_log\.jsonl|autoencoder",
     "checkpoints": r"latest|step-\d{6}",
     "stages/*/checkpoints": r"latest|step-\d{6}",
@@ -133,6 +134,7 @@ class Run:
 
     config_path = property(lambda self: self.path / "config.yaml")
     ledger_path = property(lambda self: self.path / "ledger.json")
+    classes_path = property(lambda self: self.path / "classes.json")
     checkpoints = property(lambda self: self.path / "checkpoints")
     samples = property(lambda self: self.path / "samples")
     train_log_path = property(lambda self: self._train_log or self.path / "train_log.jsonl")
@@ -246,6 +248,23 @@ class Run:
             return resolve_recipe(data)
         except Exception as e:  # the recipe parser's own errors: ValueError, and TypeError/KeyError on odd shapes
             raise RunError(f"{self.config_path}: damaged (not a valid recipe: {_first_line(e)})") from None
+
+    def save_class_names(self, names: tuple[str, ...] | list[str]) -> None:
+        """Keep the names of the data's classes (label i is ``names[i]``) in ``RUN/classes.json``."""
+        atomic_write_text(self.classes_path, json.dumps({"class_names": [str(n) for n in names]}, indent=2) + "\n")
+
+    def class_names(self) -> tuple[str, ...] | None:
+        """The class names the run kept (:meth:`save_class_names`); None for a run that kept none (an older run,
+        or data without names). A damaged file is a RunError."""
+        if not self.classes_path.is_file():
+            return None
+        try:
+            names = json.loads(self.classes_path.read_text())["class_names"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise RunError(f"{self.classes_path}: damaged ({_first_line(e)})") from None
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise RunError(f"{self.classes_path}: damaged (class_names must be a list of strings)")
+        return tuple(names)
 
     # -- checkpoints --------------------------------------------------------------------------
     def _pointer(self) -> str | None:
@@ -515,11 +534,13 @@ def check_run(out: str | Path, recipe: Recipe) -> bool:
     return True
 
 
-def open_run(out: str | Path, recipe: Recipe) -> Run:
+def open_run(out: str | Path, recipe: Recipe, *, class_names: tuple[str, ...] | None = None) -> Run:
     """Create ``out`` for ``recipe``, or reopen it to resume if it holds the same recipe (:func:`check_run`).
 
     Call it once the recipe, data, networks and noise calibration are known to work: it is the first
     write of a run. What it creates is noted, so :meth:`Run.starting` can undo it if the start fails.
+    ``class_names``: the names of the private data's classes, kept in ``RUN/classes.json`` so that later
+    commands (``privdiff sample --label NAME``) know them without reading the data again.
     """
     check_run(out, recipe)
     run = Run(out)
@@ -540,6 +561,10 @@ def open_run(out: str | Path, recipe: Recipe) -> Run:
         if not run.config_path.exists():
             run.created(run.config_path)
         run.save_config(recipe)
+        if class_names and is_main():
+            if not run.classes_path.exists():
+                run.created(run.classes_path)
+            run.save_class_names(class_names)
     except BaseException:
         run.undo_start()
         raise

@@ -4,7 +4,7 @@ and the class grid every method ends with."""
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +15,7 @@ from ..config import Recipe
 from ..diffusion import Denoiser, guided_denoiser, sample
 from ..runs import Run, save_samples
 
-__all__ = ["class_grid_labels", "generate", "sample_class_grid", "sample_labels"]
+__all__ = ["class_grid_labels", "class_index", "generate", "sample_class_grid", "sample_labels"]
 
 
 @torch.no_grad()
@@ -34,15 +34,28 @@ def generate(
 ) -> np.ndarray:
     """Draw ``n`` images with the recipe's sampler, conditioned on ``labels`` [n] and/or ``prompts``
     (one for all, or n; text needs a DP-LDM run); latents are decoded with ``decode``.
-    Returns float32 [n, C, H, W] in [0, 1]."""
+    Returns float32 [n, C, H, W] in [0, 1].
+
+    ``progress``: one bar on stderr that moves with every sampler step of every batch (a batch of
+    250 images at 64 steps is 64 ticks, not one); it only counts, so the images are the same without it."""
     s = recipe.sampler
     net = denoiser.net
     device = next(denoiser.parameters()).device
     cond = net.conditions(labels=labels, prompts=prompts, n=n)
     null = net.null_condition()
     g = torch.Generator(device=device).manual_seed(seed)
+    n_steps = steps or s.steps
+    batches = range(0, n, batch_size)
+    bar = tqdm(
+        total=len(batches) * n_steps,
+        desc=f"sampling {n} image{'s' * (n != 1)}",
+        unit="step",
+        disable=not progress,
+        dynamic_ncols=True,
+        file=sys.stderr,
+    )
     out = []
-    for start in tqdm(range(0, n, batch_size), desc="sampling", unit="batch", disable=not progress, file=sys.stderr):
+    for i, start in enumerate(batches):
         c = None if cond is None else cond[start : start + batch_size].to(device)
         b = min(batch_size, n - start)
         fn = guided_denoiser(denoiser, c, guidance=s.guidance if c is not None else 0.0, null_label=null)
@@ -50,12 +63,13 @@ def generate(
             fn,
             shape=(b, *net.sample_shape),
             sampler=s.name,
-            steps=steps or s.steps,
+            steps=n_steps,
             sigma_min=s.sigma_min,
             sigma_max=s.sigma_max,
             rho=s.rho,
             generator=g,
             device=device,
+            callback=lambda _state: bar.update(1),
             **(
                 {"S_churn": s.S_churn, "S_min": s.S_min, "S_max": s.S_max, "S_noise": s.S_noise}
                 if s.name in ("heun", "edm")
@@ -65,6 +79,9 @@ def generate(
         if decode is not None:
             x = decode(x)
         out.append(((x.clamp(-1, 1) + 1) / 2).float().cpu().numpy())
+        bar.update((i + 1) * n_steps - bar.n)  # the batch is done, whatever its sampler reported
+        bar.set_postfix(images=start + b, refresh=False)
+    bar.close()
     return np.concatenate(out)
 
 
@@ -82,9 +99,12 @@ def sample_class_grid(
     per_class: int,
     decode: Callable[[torch.Tensor], torch.Tensor] | None = None,
     progress: bool = True,
-) -> Path:
+) -> Path | None:
     """Draw ``per_class`` images of each class with the run's seed and save them as ``RUN/samples`` (grid.png, one row
-    per class, and samples.npz); returns the grid's path. Every method's last stage."""
+    per class, and samples.npz); returns the grid's path. Every method's last stage; ``per_class=0``
+    (``privdiff train --no-grid``) draws nothing and returns None."""
+    if per_class == 0:
+        return None
     labels = class_grid_labels(num_classes, per_class)
     images = generate(
         denoiser, labels=labels, n=len(labels), recipe=recipe, decode=decode, seed=recipe.train.seed, progress=progress
@@ -93,20 +113,45 @@ def sample_class_grid(
     return grid
 
 
+def class_index(label: int | str, *, num_classes: int | None, class_names: Sequence[str] | None = None) -> int:
+    """The class ``label`` names: one of ``class_names`` (a folder's sub-folder name, say), else an index in
+    [0, num_classes). A name is looked up first, so a class called "3" is that class, whatever its index.
+
+    Raises:
+        ValueError: One line: the run is unconditional, or ``label`` is no class of it (the names are listed).
+    """
+    if not num_classes:
+        raise ValueError("this run is unconditional: no --label")
+    names = list(class_names or [])
+    if isinstance(label, str):
+        if label in names:
+            return names.index(label)
+        try:
+            label = int(label.strip())
+        except ValueError:
+            label = None
+    if isinstance(label, int) and not isinstance(label, bool) and 0 <= label < num_classes:
+        return label
+    if names:
+        shown = ", ".join(names[:50]) + (f", ... ({len(names)} in all)" if len(names) > 50 else "")
+        raise ValueError(f"--label must be a class of this run: a name ({shown}) or an index in [0, {num_classes})")
+    raise ValueError(f"--label must be in [0, {num_classes}) for this run (it kept no class names)")
+
+
 def sample_labels(
-    *, n: int, num_classes: int | None, label: int | None = None, text: bool = False
+    *,
+    n: int,
+    num_classes: int | None,
+    label: int | str | None = None,
+    class_names: Sequence[str] | None = None,
+    text: bool = False,
 ) -> tuple[torch.Tensor | None, int]:
-    """The labels of ``privdiff sample --n N`` and the images per grid row: ``label`` for all (a class of the run),
-    none for a text prompt (``text``) or an unconditional run, one each of the first n classes when n is below
-    their number, else a class grid (n rounded down to a multiple of the classes, one row per class)."""
+    """The labels of ``privdiff sample --n N`` and the images per grid row: ``label`` for all (a class of the run,
+    by name among ``class_names`` or by index: :func:`class_index`), none for a text prompt (``text``) or an
+    unconditional run, one each of the first n classes when n is below their number, else a class grid (n rounded
+    down to a multiple of the classes, one row per class)."""
     if label is not None:
-        if num_classes is None or not 0 <= label < num_classes:
-            raise ValueError(
-                f"--label must be in [0, {num_classes}) for this run"
-                if num_classes
-                else "this run is unconditional: no --label"
-            )
-        return torch.full((n,), label), min(n, 10)
+        return torch.full((n,), class_index(label, num_classes=num_classes, class_names=class_names)), min(n, 10)
     if text or num_classes is None:
         return None, min(n, 10)
     if n < num_classes:  # fewer images than classes: one each of the first n

@@ -42,10 +42,11 @@ __all__ = [
 
 @dataclass
 class MethodResult:
-    """What every method's ``train`` returns: its run, the class grid it drew, its ledger and its private steps."""
+    """What every method's ``train`` returns: its run, the class grid it drew (None: none was asked for,
+    ``grid_per_class=0``), its ledger and its private steps."""
 
     run: Run
-    grid: Path
+    grid: Path | None
     ledger: Ledger
     steps: int
 

@@ -140,7 +140,7 @@ def train(
         select=lambda net: select_trainable(net, L.trainable),
     )
     check_plan(out, recipe, private)
-    run = open_run(out, recipe)
+    run = open_run(out, recipe, class_names=private.class_names)
     with run.starting():  # a start that still fails removes what it created
         ledger = open_ledger(run, recipe, private)
         ae = train_autoencoder(run=run, recipe=recipe, public=public, ledger=ledger, progress=progress)

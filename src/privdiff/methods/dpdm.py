@@ -33,7 +33,7 @@ def train(
     # everything that can fail is checked before the run writes anything or reserves budget
     check_stage(stage="dp_sgd", num_examples=len(dataset), train=recipe.train, build=lambda: pixel_net(recipe, dataset))
     check_plan(out, recipe, dataset)
-    run = open_run(out, recipe)
+    run = open_run(out, recipe, class_names=dataset.class_names)
     with run.starting():  # a start that still fails removes what it created
         ledger = open_ledger(run, recipe, dataset)
         result = train_denoiser(run=run, recipe=recipe, dataset=dataset, ledger=ledger, progress=progress, audit=audit)

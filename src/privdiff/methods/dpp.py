@@ -126,7 +126,7 @@ def train(
     )
     check_stage(stage="dp_sgd", num_examples=len(private), train=recipe.train)
     check_plan(out, recipe, private, plan=[event])
-    run = open_run(out, recipe)
+    run = open_run(out, recipe, class_names=private.class_names)
     with run.starting():  # a start that still fails removes what it created
         ledger = open_ledger(run, recipe, private, plan=[event])
         images, labels = central_images(run, recipe, private, ledger)

@@ -199,7 +199,7 @@ def train(recipe: Recipe, *, out: str | Path, progress: bool = True, grid_per_cl
         build=lambda: LoRAUNetNet.from_base(pixel_net(recipe, public), spec),
     )
     check_plan(out, recipe, members, stage=STAGE)
-    run = open_run(out, recipe)
+    run = open_run(out, recipe, class_names=pool.class_names)
     with run.starting():  # a start that still fails removes what it created
         if fresh_splits:
             run.created(path)
