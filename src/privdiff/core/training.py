@@ -371,8 +371,8 @@ def train_denoiser(
             TrainingState(step=step, unet=net, unet_ema=net_ema, optimizer=optimizer.state_dict(), rng=rng, extra=extra)
         )
 
-    if start == 0 and progress:
-        _start_line(stage.name, net, N=N, q=q, total=total, K=K, engine=engine)
+    if progress:
+        _start_line(stage.name, net, N=N, q=q, total=total, K=K, engine=engine, data=dataset, start=start)
     bar = tqdm(
         total=total,
         initial=start,
@@ -440,17 +440,25 @@ def _restore_rng(saved: TrainingState, gens: dict[str, torch.Generator], device:
             set_rng(saved.rng[name].to(torch.uint8))
 
 
-def _start_line(name: str, net: torch.nn.Module, *, N: int, q: float, total: int, K: int, engine) -> None:
-    """The stage's one line on stderr: what trains, N, q, steps, K and the noise."""
+def _start_line(
+    name: str, net: torch.nn.Module, *, N: int, q: float, total: int, K: int, engine, data: ImageDataset, start: int = 0
+) -> None:
+    """The stage's one line on stderr, at every start and every resume: the data as it trains (resolution,
+    channels, N, classes: what the data decided, or data.resolution), what trains, q, the planned steps, K,
+    the noise σ and C, and the step it resumes from, so a run never trains on something it did not say."""
     trainable, all_params = count_parameters(net), sum(p.numel() for p in net.parameters())
     share = (
         f"{trainable:,} parameters"
         if trainable == all_params
         else f"{trainable:,} of {all_params:,} parameters trainable ({trainable / all_params:.1%})"
     )
+    channels = f"{data.channels} channel{'s' * (data.channels != 1)}"
+    where = f"resumes from step {start} of {total}" if start else "starts at step 0"
     tqdm.write(
-        f"{name}: {share}, N={N}, q={q:.4f}, {total} steps, K={K}, "
-        + (f"sigma={engine.noise_multiplier:.4f}, C={engine.max_grad_norm}" if engine.private else "non-private"),
+        f"{name}: {data.resolution}x{data.resolution}, {channels}, N={N}, {data.num_classes} classes; {share}, "
+        f"q={q:.4f}, {total} planned steps, K={K}, "
+        + (f"sigma={engine.noise_multiplier:.4f}, C={engine.max_grad_norm}" if engine.private else "non-private")
+        + f"; {where}",
         file=sys.stderr,
     )
 
