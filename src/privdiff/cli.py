@@ -14,10 +14,14 @@ from privdiff.runtime import keep_freed_memory
 
 EPILOG = """examples:
   privdiff demo                                        DPDM on the built-in MNIST digits, eps=10
+  privdiff recipes                                     the shipped recipes, one line each
   privdiff train recipes/dpdm-mnist5k.yaml privacy.epsilon=1 --out runs/eps1
   privdiff train recipes/dpdm-mnist5k.yaml data.name=mnist data.root=~/data/mnist --out runs/mnist
   privdiff train dpdm-mnist5k --nproc 4 --out runs/w4   4 processes (torchrun, DistributedDataParallel), same epsilon
   privdiff sample runs/eps1 --n 64 --label 3 --out three.png
+  privdiff train dpdm-mnist5k data.name=folder data.root=~/flowers data.holdout=0.1 --out runs/flowers
+                                                       your class folders, at their own size (data.resolution=N resizes)
+  privdiff sample runs/flowers --n 16 --label tulip    a class by its folder's name (or its index)
   privdiff train dp-ldm-mnist5k --out runs/ldm           DP-LDM: public autoencoder + latent model, private fine-tuning
   privdiff sample runs/ldm --n 20 --prompt "a handwritten digit seven" --out seven.png
   privdiff budget calibrate --epsilon 10 --delta 1e-5 --n 60000 --batch-size 4096 --epochs 300
@@ -42,16 +46,91 @@ argument, recipe, file or registry), 3 (an unforeseen failure; PRIVDIFF_TRACEBAC
 """
 
 
+def shipped_recipes() -> dict[str, str]:
+    """The recipes shipped with privdiff: name -> its one-line description (the first comment line of the file,
+    with "..." where its sentence goes on)."""
+    out = {}
+    for path in sorted((resources.files("privdiff") / "recipes").iterdir(), key=lambda p: p.name.removesuffix(".yaml")):
+        if not path.name.endswith(".yaml"):
+            continue
+        lines = [ln.strip() for ln in path.read_text().splitlines()]
+        first = next((ln.lstrip("#").strip() for ln in lines if ln.startswith("#")), "")
+        out[path.name[: -len(".yaml")]] = first if not first or first.endswith((".", ")")) else first + " ..."
+    return out
+
+
 def _recipe_path(name: str) -> str:
-    """A recipe file path, or the name of a recipe shipped with privdiff (e.g. ``dpdm-mnist5k``)."""
+    """A recipe file path, or the name of a recipe shipped with privdiff (e.g. ``dpdm-mnist5k``).
+
+    Raises:
+        FileNotFoundError: Neither: one line that suggests the closest shipped recipes (``privdiff recipes``).
+    """
     if os.path.exists(name):
         return name
     shipped = resources.files("privdiff") / "recipes" / (name if name.endswith(".yaml") else f"{name}.yaml")
-    return str(shipped) if shipped.is_file() else name
+    if shipped.is_file():
+        return str(shipped)
+    import difflib
+
+    names = list(shipped_recipes())
+    stem = Path(name).name.removesuffix(".yaml")
+    close = difflib.get_close_matches(stem, names, n=3, cutoff=0.5)
+    hint = f"did you mean {' or '.join(close)}?" if close else f"shipped: {', '.join(names)}"
+    raise FileNotFoundError(f"{name}: no such recipe file, nor a shipped recipe ({hint}; privdiff recipes lists them)")
+
+
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Help that adds an option's default only where it says something: never "(default: None)" or
+    "(default: False)", and never a second default where the help text already names one."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if (
+            action.default in (None, False, argparse.SUPPRESS)
+            or not action.option_strings
+            or "default" in text
+            or "%(default)" in text
+        ):
+            return text
+        return text + " (default: %(default)s)"
+
+
+class _RawHelp(argparse.RawDescriptionHelpFormatter, _Help):
+    """:class:`_Help` that keeps the top-level description and examples as written."""
+
+
+def _quiet_prv_domain_warning() -> None:
+    """Keep Opacus' PRV accountant from printing an RDP warning. To size its grid it takes an RDP bound at a
+    tiny delta, whose "Optimal order is the largest alpha" hint concerns that internal bound, not the epsilon
+    the PRV accountant reports, and no user can act on it. Dropped only when it comes from inside the PRV
+    accountant (the RDP accountant's own warnings still show)."""
+    import traceback
+    import warnings
+
+    show = warnings.showwarning
+    if getattr(show, "_privdiff_prv", False):
+        return
+
+    def showwarning(message, category, filename, lineno, file=None, line=None):
+        if "Optimal order is the" in str(message) and any(
+            "accountants/prv" in f.filename.replace(os.sep, "/")
+            or "accountants/analysis/prv" in f.filename.replace(os.sep, "/")
+            for f in traceback.extract_stack()
+        ):
+            return
+        show(message, category, filename, lineno, file, line)
+
+    showwarning._privdiff_prv = True
+    warnings.showwarning = showwarning
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse, with a usage error on one line of stderr (exit 2) instead of the usage block."""
+    """argparse, with a usage error on one line of stderr (exit 2) instead of the usage block, and
+    :class:`_Help` for every command's help."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _Help)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
@@ -96,6 +175,23 @@ def _key(key: str):
 
 
 SEED = _bounded(int, 0, 2**63 - 1)
+
+
+def _class_label(raw: str) -> str:
+    """An argparse ``type`` for ``sample --label``: a class name (any text) or an index >= 0; the run's classes
+    decide which (:func:`privdiff.core.generation.class_index`), but a negative or huge index is refused now."""
+    text = raw.strip()
+    if not text:
+        raise argparse.ArgumentTypeError("expected a class name or index, got an empty string")
+    try:
+        index = int(text)
+    except ValueError:
+        return text
+    if not 0 <= index <= 2**31 - 1:
+        raise argparse.ArgumentTypeError(f"a class index must be in [0, {2**31 - 1}], got {raw!r}")
+    return text
+
+
 MAX_SAMPLE = 100_000  # images one `privdiff sample` draws (they are held in memory, and make one grid)
 MAX_NPROC = 1024
 
@@ -123,7 +219,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .method_registry import get_method
 
     world = init_from_env()  # under torchrun: join the process group (docs/distributed.md)
-    result = get_method(recipe.method).train(recipe, out=out, progress=not args.quiet and world.is_main)
+    options = {"grid_per_class": 0} if args.no_grid else {}
+    result = get_method(recipe.method).train(recipe, out=out, progress=not args.quiet and world.is_main, **options)
     if world.is_main:
         _report(result)
     shutdown()
@@ -135,17 +232,21 @@ def _launch_torchrun(args: argparse.Namespace, out: str) -> int:
     from torch.distributed import run as torchrun
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
-    argv = [
-        "--standalone",
-        f"--nproc-per-node={args.nproc}",
-        "--module",
-        "privdiff.cli",
-        "train",
-        args.recipe,
-        *args.overrides,
-        "--out",
-        out,
-    ] + (["--quiet"] if args.quiet else [])
+    argv = (
+        [
+            "--standalone",
+            f"--nproc-per-node={args.nproc}",
+            "--module",
+            "privdiff.cli",
+            "train",
+            args.recipe,
+            *args.overrides,
+            "--out",
+            out,
+        ]
+        + (["--quiet"] if args.quiet else [])
+        + (["--no-grid"] if args.no_grid else [])
+    )
     try:
         torchrun.main(argv)
     except ChildFailedError as e:
@@ -167,7 +268,9 @@ def _report(result) -> None:
     print(f"epsilon:    {eps} at delta={ledger['delta']} ({ledger['accountant']})")
     print(f"ledger:     {result.run.ledger_path}")
     print(f"checkpoint: {ckpt / 'unet_ema'}  (diffusers UNet2DModel.from_pretrained)")
-    print(f"grid:       {result.grid}")
+    print(
+        f"grid:       {result.grid if result.grid is not None else 'none (--no-grid): privdiff sample RUN draws one'}"
+    )
     print(f"next:       privdiff evaluate {result.run.path}   (FID/KID, precision/recall, accuracy, report.html)")
 
 
@@ -197,6 +300,18 @@ def _sample_output(out: str | None) -> str:
     return kind
 
 
+def cmd_recipes(args: argparse.Namespace) -> int:
+    recipes = shipped_recipes()
+    if args.show is not None:
+        path = _recipe_path(args.show)
+        print(Path(path).read_text(), end="")
+        return 0
+    width = max(len(n) for n in recipes)
+    for name, text in recipes.items():
+        print(f"{name.ljust(width)}  {text}")
+    return 0
+
+
 def cmd_sample(args: argparse.Namespace) -> int:
     from .config import recipe_to_dict, resolve_recipe
     from .core.denoisers import load_decoder, load_denoiser
@@ -213,7 +328,11 @@ def cmd_sample(args: argparse.Namespace) -> int:
     recipe = resolve_recipe(recipe_to_dict(run.load_config()), overrides)
     denoiser = load_denoiser(run, recipe)
     labels, nrow = sample_labels(
-        n=args.n, num_classes=denoiser.net.num_classes, label=args.label, text=args.prompt is not None
+        n=args.n,
+        num_classes=denoiser.net.num_classes,
+        label=args.label,
+        class_names=run.class_names(),
+        text=args.prompt is not None,
     )
     n = args.n if labels is None else len(labels)
     prompts = None if args.prompt is None else [args.prompt]
@@ -320,19 +439,40 @@ def cmd_budget_init(args: argparse.Namespace) -> int:
 def cmd_budget_cap(args: argparse.Namespace) -> int:
     from .config import resolve_recipe
     from .core.stages import private_dataset
-    from .privacy.budget import data_identity
+    from .privacy.budget import data_identity, registry_examples
     from .privacy.registry import format_status
 
     recipe = resolve_recipe(_recipe_path(args.recipe), args.overrides)
     registry = _registry(args)  # a registry that is not there is refused before the data is read
-    identity = data_identity(private_dataset(recipe))
-    registry.set_cap(
-        dataset=identity,
+    dataset = private_dataset(recipe)
+    key = registry.set_cap(
+        dataset=data_identity(dataset),
         epsilon=None if args.remove else args.epsilon,
         delta=args.delta or recipe.privacy.delta,
         accountant=recipe.privacy.accountant,
+        examples=registry_examples(registry, dataset),
     )
-    print(format_status(registry.status(registry.dataset_key(identity["fingerprint"]))))
+    print(format_status(registry.status(key)))
+    return 0
+
+
+def cmd_budget_name(args: argparse.Namespace) -> int:
+    from .config import resolve_recipe
+    from .core.stages import private_dataset
+    from .privacy.budget import data_identity, registry_examples
+    from .privacy.registry import format_status
+
+    recipe = resolve_recipe(_recipe_path(args.recipe), args.overrides)
+    registry = _registry(args)  # a registry that is not there is refused before the data is read
+    dataset = private_dataset(recipe)
+    key = registry.name_dataset(
+        dataset=data_identity(dataset),
+        name=args.name,
+        examples=registry_examples(registry, dataset),
+        delta=recipe.privacy.delta,
+        accountant=recipe.privacy.accountant,
+    )
+    print(format_status(registry.status(key)))
     return 0
 
 
@@ -418,9 +558,13 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from .evaluation.compare import compare_runs, text_table
+    from .evaluation.compare import compare_runs, stale_metrics, text_table
 
     rows, written = compare_runs(args.runs, out=args.out)
+    for run in args.runs:
+        warning = stale_metrics(run)
+        if warning:
+            print(f"privdiff: warning: {warning}", file=sys.stderr)
     print(text_table(rows))
     for path in written.values():
         print(path)
@@ -511,7 +655,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="privdiff",
         description="Privacy-preserving diffusion models: train with DP-SGD, sample, account.",
         epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=_RawHelp,
     )
     from . import __version__
 
@@ -523,11 +667,16 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="runs/demo", help="run directory (default: runs/demo; reruns resume it)")
     d.set_defaults(func=cmd_demo)
 
-    t = sub.add_parser(
-        "train",
-        help="train from a recipe; resumes RUN if --out already holds it",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    rc = sub.add_parser(
+        "recipes",
+        help="list the recipes shipped with privdiff and what each one is",
+        description="The recipes shipped with privdiff, by the name privdiff train / audit / budget cap accept, "
+        "each with the first line of its comment. Copy one (privdiff recipes --show NAME > mine.yaml) to adapt it.",
     )
+    rc.add_argument("--show", metavar="NAME", help="print this recipe's file instead of the list")
+    rc.set_defaults(func=cmd_recipes)
+
+    t = sub.add_parser("train", help="train from a recipe; resumes RUN if --out already holds it")
     t.add_argument("recipe", help="recipe YAML (or a shipped recipe name, e.g. dpdm-mnist5k)")
     t.add_argument(
         "overrides",
@@ -538,6 +687,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", help="run directory (default: runs/<recipe name>)")
     t.add_argument("--quiet", action="store_true", help="no progress bars")
     t.add_argument(
+        "--no-grid",
+        action="store_true",
+        help="skip the class grid drawn at the end of training (privdiff sample RUN draws one later)",
+    )
+    t.add_argument(
         "--nproc",
         type=_bounded(int, 1, MAX_NPROC),
         metavar="W",
@@ -546,9 +700,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     t.set_defaults(func=cmd_train)
 
-    s = sub.add_parser(
-        "sample", help="draw images from a trained run", formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
+    s = sub.add_parser("sample", help="draw images from a trained run")
     s.add_argument("run", help="run directory")
     s.add_argument(
         "--n",
@@ -557,18 +709,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="number of images (a class grid rounds down to a multiple of the classes; "
         "fewer than the classes: one each of the first N)",
     )
-    s.add_argument("--label", type=_bounded(int, 0, 2**31 - 1), help="one class for all images")
+    s.add_argument(
+        "--label",
+        type=_class_label,
+        help="one class for all images: its name (an image folder's sub-folder, e.g. flower) or its index",
+    )
     s.add_argument("--prompt", help='a text prompt for all images, e.g. "a handwritten digit seven" (DP-LDM runs)')
     s.add_argument("--steps", type=_key("sampler.steps"), help="sampler steps (default: the recipe's)")
     s.add_argument("--sampler", choices=["heun", "edm", "euler", "ddim"], help="sampler (default: the recipe's)")
     s.add_argument("--guidance", type=_key("sampler.guidance"), help="classifier-free guidance scale w")
-    s.add_argument("--seed", type=SEED, default=0)
+    s.add_argument("--seed", type=SEED, default=0, help="seed of the samples")
     s.add_argument(
         "--out",
         help="by its extension (any case): .png the grid, .npz the arrays (images, labels); "
         "anything else a directory for grid.png + samples.npz (default: RUN/samples)",
     )
-    s.add_argument("--quiet", action="store_true")
+    s.add_argument("--quiet", action="store_true", help="no progress bar, and print nothing but the output paths")
     s.set_defaults(func=cmd_sample)
 
     ev = sub.add_parser(
@@ -614,20 +770,16 @@ def build_parser() -> argparse.ArgumentParser:
     cp = sub.add_parser(
         "compare", help="one table of several evaluated runs (method, epsilon, FID, KID, accuracy, time)"
     )
-    cp.add_argument("runs", nargs="+", metavar="RUN")
+    cp.add_argument("runs", nargs="+", metavar="RUN", help="evaluated run directories (privdiff evaluate RUN)")
     cp.add_argument("--out", help="also write OUT.csv and OUT.md")
     cp.set_defaults(func=cmd_compare)
 
     he = sub.add_parser("he", help="encrypted inference (CKKS): serve a run, or generate from a server")
     hsub = he.add_subparsers(dest="he_command", required=True, metavar="ACTION")
-    hs = hsub.add_parser(
-        "serve",
-        help="serve a run trained with ldm.net=he (e.g. recipe he-ldm-mnist5k) over HTTP",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+    hs = hsub.add_parser("serve", help="serve a run trained with ldm.net=he (e.g. recipe he-ldm-mnist5k) over HTTP")
     hs.add_argument("run", help="run directory")
-    hs.add_argument("--host", default="127.0.0.1")
-    hs.add_argument("--port", type=_bounded(int, 0, 65535), default=8750)
+    hs.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    hs.add_argument("--port", type=_bounded(int, 0, 65535), default=8750, help="port to listen on (0: a free one)")
     hs.add_argument(
         "--max-body-mb",
         type=_bounded(float, 0, 1e6, lo_open=True),
@@ -671,12 +823,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     hs.set_defaults(func=cmd_he_serve)
     hg = hsub.add_parser(
-        "generate",
-        help="one image for a prompt from a server; the secret key never leaves this machine",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        "generate", help="one image for a prompt from a server; the secret key never leaves this machine"
     )
     hg.add_argument("--server", required=True, help="e.g. http://127.0.0.1:8750")
-    hg.add_argument("--prompt", required=True)
+    hg.add_argument("--prompt", required=True, help='the text prompt, e.g. "a handwritten digit three"')
     hg.add_argument("--out", required=True, help="a .png file")
     hg.add_argument(
         "--mode",
@@ -690,15 +840,20 @@ def build_parser() -> argparse.ArgumentParser:
         type=_key("sampler.guidance"),
         help="classifier-free guidance scale (default: the server's recipe)",
     )
-    hg.add_argument("--seed", type=SEED, default=0)
+    hg.add_argument("--seed", type=SEED, default=0, help="seed of the image")
     hg.add_argument(
         "--params",
         choices=["precise", "reference"],
         default="precise",
         help="CKKS parameters (reference: HE-Diffusion's, compat only)",
     )
-    hg.add_argument("--timeout", type=_bounded(float, 0, 1e6, lo_open=True), default=300.0)
-    hg.add_argument("--quiet", action="store_true")
+    hg.add_argument(
+        "--timeout",
+        type=_bounded(float, 0, 1e6, lo_open=True),
+        default=300.0,
+        help="seconds to wait for each server reply",
+    )
+    hg.add_argument("--quiet", action="store_true", help="no progress bar")
     hg.set_defaults(func=cmd_he_generate)
 
     au = sub.add_parser(
@@ -709,7 +864,6 @@ def build_parser() -> argparse.ArgumentParser:
         "(Steinke, Nasr & Jagielski 2023). The canaries live in the DP-SGD stage, so the bound "
         "is checked against that stage's own epsilon (printed with the run's composed total). "
         "Exit 1 if the bound exceeds it.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     au.add_argument("recipe", help="a DPDM, DP-LDM or DPP recipe (file or shipped name)")
     au.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides")
@@ -717,7 +871,7 @@ def build_parser() -> argparse.ArgumentParser:
     au.add_argument("--k-in", type=_bounded(int, 0, 10_000_000), help="guesses IN (highest scores); default m/5")
     au.add_argument("--k-out", type=_bounded(int, 0, 10_000_000), help="guesses OUT (lowest scores); default m/5")
     au.add_argument("--out", help="run directory, must be fresh (default: runs/<recipe name>-audit)")
-    au.add_argument("--quiet", action="store_true")
+    au.add_argument("--quiet", action="store_true", help="no progress bars")
     au.set_defaults(func=cmd_audit)
 
     from .attacks import ATTACKS
@@ -750,11 +904,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("budget", help="noise calibration, or the ledger of a run")
     bsub = b.add_subparsers(dest="budget_command", required=True, metavar="ACTION")
-    c = bsub.add_parser(
-        "calibrate",
-        help="noise multiplier for a target (epsilon, delta)",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+    c = bsub.add_parser("calibrate", help="noise multiplier for a target (epsilon, delta)")
     c.add_argument("--epsilon", type=_key("privacy.epsilon"), required=True, help="target epsilon (finite, > 0)")
     c.add_argument("--delta", type=_key("privacy.delta"), required=True, help="target delta, in (0, 1)")
     c.add_argument("--n", type=_bounded(int, 1, 10**12), required=True, help="number of private examples N")
@@ -762,9 +912,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--batch-size", type=_bounded(int, 1, 10**12), required=True, help="expected batch size (q = batch/N, Poisson)"
     )
     g = c.add_mutually_exclusive_group(required=True)
-    g.add_argument("--epochs", type=_key("train.epochs"))
-    g.add_argument("--steps", type=_bounded(int, 1, 10**12))
-    c.add_argument("--accountant", choices=["rdp", "prv"], default="rdp")
+    g.add_argument("--epochs", type=_key("train.epochs"), help="expected epochs (steps = epochs / q)")
+    g.add_argument("--steps", type=_bounded(int, 1, 10**12), help="number of steps (instead of --epochs)")
+    c.add_argument("--accountant", choices=["rdp", "prv"], default="rdp", help="privacy accountant")
     c.set_defaults(func=cmd_budget_calibrate)
     sh = bsub.add_parser("show", help="print the ledger of a run and the epsilon it composes to")
     sh.add_argument("run", help="run directory or ledger.json")
@@ -785,7 +935,9 @@ def build_parser() -> argparse.ArgumentParser:
     ini.add_argument("--registry", help="where (default: $PRIVDIFF_REGISTRY, else ~/.privdiff/registry.sqlite)")
     ini.set_defaults(func=cmd_budget_init)
     st = bsub.add_parser("status", help="every run registered on each data set, its epsilon, and the composed total")
-    st.add_argument("--dataset", help="only this data set (its name, e.g. mnist5k)")
+    st.add_argument(
+        "--dataset", help="only this data set (its name, e.g. mnist5k, or the name given with privdiff budget name)"
+    )
     st.add_argument("--registry", help=registry_help)
     st.set_defaults(func=cmd_budget_status)
     cap = bsub.add_parser("cap", help="cap the composed epsilon of a recipe's private data set across all runs")
@@ -803,6 +955,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     cap.add_argument("--registry", help=registry_help)
     cap.set_defaults(func=cmd_budget_cap)
+    nm = bsub.add_parser(
+        "name",
+        help="give a recipe's private data set a name that budget status shows",
+        description="Name the data set a recipe trains on, as the budget registry knows it: the same images in "
+        "any file format, and every data set they share examples with, are one data set. Its examples are "
+        "registered on the way (how a data set of an older registry learns them).",
+    )
+    nm.add_argument("recipe", help="recipe whose data.* names the data set (e.g. dpdm-mnist5k)")
+    nm.add_argument("name", help="the name (one that no other data set of the registry has)")
+    nm.add_argument(
+        "overrides", nargs="*", metavar="key=value", help="data.* overrides, e.g. data.name=folder data.root=~/pics"
+    )
+    nm.add_argument("--registry", help=registry_help)
+    nm.set_defaults(func=cmd_budget_name)
     rel = bsub.add_parser(
         "release",
         help="free the reservation of a run abandoned after a crash (its executed steps stay spent)",
@@ -841,6 +1007,7 @@ def _parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse(build_parser(), argv)
+    _quiet_prv_domain_warning()
     if args.command != "he":  # not the HE server: it must give memory back (privdiff.he.protocol.server_allocator)
         keep_freed_memory()  # no page faults on every step's buffers (privdiff.runtime)
     try:

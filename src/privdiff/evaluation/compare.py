@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ..atomic import atomic_write_text
-from ..runs import RunError
+from ..runs import Run, RunError
 
 COLUMNS = (
     "run",
@@ -58,6 +58,35 @@ def comparison_row(run_dir: str | Path) -> dict[str, Any]:
         }
     except (ValueError, KeyError, TypeError) as e:
         raise RunError(f"{path}: not a privdiff metrics file ({type(e).__name__}: {e})") from None
+
+
+def stale_metrics(run_dir: str | Path) -> str | None:
+    """One line when ``RUN/metrics.json`` is older than the run's latest checkpoint (the run trained on
+    after it was evaluated, so its row describes an earlier model), else None. The step that
+    ``metrics.json`` records is compared with the latest checkpoint's; a file without one is compared by
+    modification time. Never raises: a run whose checkpoints cannot be read is for other commands to report."""
+    run = Run(run_dir)
+    path = run.path / "metrics.json"
+    try:
+        latest = run.latest_checkpoint()
+        if latest is None or not path.is_file():
+            return None
+        latest_step = int(latest.name.split("-")[-1])
+        recorded = json.loads(path.read_text()).get("checkpoint_step")
+        if isinstance(recorded, int) and not isinstance(recorded, bool):
+            stale = recorded < latest_step
+            what = f"evaluated at step {recorded}"
+        else:
+            stale = path.stat().st_mtime < latest.stat().st_mtime
+            what = "written before it"
+    except (OSError, ValueError, AttributeError, RunError):
+        return None
+    if not stale:
+        return None
+    return (
+        f"{run_dir}: metrics.json is older than the latest checkpoint (step {latest_step}; {what}): "
+        f"its row describes an earlier model (privdiff evaluate {run_dir} measures the latest)"
+    )
 
 
 def _fmt(v: Any) -> str:
