@@ -4,6 +4,7 @@ pixel network, and a trained run's EMA denoiser and (for latent runs) its decode
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, UNet2DModel
@@ -13,7 +14,7 @@ from ..data import ImageDataset
 from ..diffusion import Denoiser
 from ..diffusion.discrete import VPDenoiser
 from ..models import UNetNet, build_unet
-from ..models.pretrained import DiffusersUNetNet
+from ..models.pretrained import DiffusersUNetNet, load_pipeline_vae
 from ..runs import Run
 
 __all__ = ["default_device", "load_decoder", "load_denoiser", "make_denoiser", "pixel_net"]
@@ -52,10 +53,15 @@ def load_denoiser(run: Run, recipe: Recipe | None = None) -> Denoiser:
 
 
 def load_decoder(run: Run) -> Callable[[torch.Tensor], torch.Tensor] | None:
-    """Latents → images in [-1, 1] for a latent-diffusion run (its autoencoder), None for a pixel-space one."""
+    """Latents → images in [-1, 1] for a latent-diffusion run: its own autoencoder (DP-LDM), or the frozen VAE of
+    the pipeline it fine-tuned (``model.pretrained`` with a ``vae/``); None for a pixel-space run."""
     path = run.path / "autoencoder"
-    if not path.is_dir():
-        return None
-    ae = AutoencoderKL.from_pretrained(path, local_files_only=True, use_safetensors=True, low_cpu_mem_usage=False)
+    if path.is_dir():
+        ae = AutoencoderKL.from_pretrained(path, local_files_only=True, use_safetensors=True, low_cpu_mem_usage=False)
+    else:
+        pretrained = run.load_config().model.pretrained
+        if not pretrained or not (Path(pretrained) / "model_index.json").is_file():
+            return None
+        ae = load_pipeline_vae(pretrained)
     ae = ae.to(default_device()).eval().requires_grad_(False)
     return lambda z: ae.decode(z / ae.config.scaling_factor).sample

@@ -13,9 +13,10 @@ from tqdm.auto import tqdm
 
 from ..config import Recipe
 from ..diffusion import Denoiser, guided_denoiser, sample
+from ..diffusion.discrete import VPDenoiser
 from ..runs import Run, save_samples
 
-__all__ = ["class_grid_labels", "class_index", "generate", "sample_class_grid", "sample_labels"]
+__all__ = ["class_grid_labels", "class_index", "generate", "sample_class_grid", "sample_labels", "sigma_range"]
 
 
 @torch.no_grad()
@@ -39,6 +40,7 @@ def generate(
     ``progress``: one bar on stderr that moves with every sampler step of every batch (a batch of
     250 images at 64 steps is 64 ticks, not one); it only counts, so the images are the same without it."""
     s = recipe.sampler
+    lo, hi = sigma_range(denoiser)
     net = denoiser.net
     device = next(denoiser.parameters()).device
     cond = net.conditions(labels=labels, prompts=prompts, n=n)
@@ -64,8 +66,8 @@ def generate(
             shape=(b, *net.sample_shape),
             sampler=s.name,
             steps=n_steps,
-            sigma_min=s.sigma_min,
-            sigma_max=s.sigma_max,
+            sigma_min=max(s.sigma_min, lo),
+            sigma_max=min(s.sigma_max, hi),
             rho=s.rho,
             generator=g,
             device=device,
@@ -83,6 +85,15 @@ def generate(
         bar.set_postfix(images=start + b, refresh=False)
     bar.close()
     return np.concatenate(out)
+
+
+def sigma_range(denoiser) -> tuple[float, float]:
+    """The noise levels a denoiser was trained on: a discrete-time net's table σ_0..σ_{T-1} (a sampler asked to
+    start above or stop below it is held inside it, as k-diffusion does for DDPM nets); any σ for privdiff's EDM nets."""
+    if isinstance(denoiser, VPDenoiser):
+        sigmas = denoiser.schedule.sigmas()
+        return float(sigmas[0]), float(sigmas[-1])
+    return 0.0, float("inf")
 
 
 def class_grid_labels(num_classes: int, per_class: int) -> torch.Tensor:

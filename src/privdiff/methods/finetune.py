@@ -24,13 +24,21 @@ from pathlib import Path
 import torch
 
 from ..config import Recipe
-from ..core.denoisers import default_device
+from ..core.denoisers import default_device, load_decoder
 from ..core.generation import generate, sample_class_grid
 from ..core.stages import MethodResult, private_dataset
 from ..core.training import Stage, check_stage, train_denoiser
 from ..data import ImageDataset
 from ..diffusion.discrete import DiscreteSigma
-from ..models.pretrained import DiffusersUNetNet, load_pretrained_unet, select_trainable
+from ..data.captioned import load_captioned_folder
+from ..models.pretrained import (
+    DiffusersUNetNet,
+    TextUNetNet,
+    load_pipeline_vae,
+    load_pretrained_unet,
+    load_text_pipeline,
+    select_trainable,
+)
 from ..privacy.audit import GradientCanaries
 from ..privacy.budget import check_plan, open_ledger
 from ..runs import open_run, save_samples
@@ -86,6 +94,54 @@ def weights_identity(path: str | Path) -> dict:
     }
 
 
+def is_text_pipeline(path: str | Path | None) -> bool:
+    """Whether ``model.pretrained`` is a Stable-Diffusion-style text-to-image pipeline (it has a text encoder)."""
+    return bool(path) and (Path(path) / "model_index.json").is_file() and (Path(path) / "text_encoder").is_dir()
+
+
+def captioned_latents(recipe: Recipe, net: TextUNetNet) -> tuple[ImageDataset, torch.Tensor]:
+    """The private captioned images (``data.root``: metadata.jsonl or caption files) as the pipeline's latents, and
+    their captions as token ids [N, L].
+
+    Latents are encoded ONCE with the frozen VAE: z = s·μ(x) (the posterior mean, scaled by the VAE's
+    scaling factor), a fixed preprocessing of each private example; DP-SGD then runs on (z, caption)
+    pairs exactly as on images. The data identity (and the budget registry's key) is the fingerprint
+    of the images *and* their captions: both are private."""
+    d = recipe.data
+    vae = load_pipeline_vae(recipe.model.pretrained)
+    resolution = d.resolution or vae.config.sample_size
+    data = load_captioned_folder(d.root, resolution=resolution, channels=vae.config.in_channels)
+    with torch.no_grad():
+        z = torch.cat([vae.encode(data.images[i : i + 64]).latent_dist.mean for i in range(0, len(data), 64)])
+    z = (z * vae.config.scaling_factor).float()
+    if tuple(z.shape[1:]) != net.sample_shape:
+        raise ValueError(
+            f"data.resolution={resolution} gives {tuple(z.shape[1:])} latents; the UNet of model.pretrained takes "
+            f"{net.sample_shape} (set data.resolution to the VAE's sample_size, {vae.config.sample_size})"
+        )
+    latents = ImageDataset(
+        images=z,
+        labels=torch.zeros(len(data), dtype=torch.long),
+        num_classes=1,
+        name="captioned",
+        split="train",
+        fingerprint=data.fingerprint,
+    )
+    return latents, net.tokenize(data.captions)
+
+
+def _captions(ids: torch.Tensor, null: torch.Tensor, *, p: float, device: torch.device):
+    """Per draw: the example's caption ids, replaced by the empty prompt's with probability p (classifier-free guidance)."""
+    ids, null = ids.to(device), null.to(device)
+
+    def condition(idx: torch.Tensor, K: int, generator: torch.Generator) -> torch.Tensor:
+        rows = ids[idx.to(device)][:, None].expand(-1, K, -1)  # [B, K, L]
+        drop = torch.rand(rows.shape[:2], generator=generator, device=device) < p
+        return torch.where(drop[..., None], null, rows)
+
+    return condition
+
+
 def train(
     recipe: Recipe,
     *,
@@ -95,20 +151,29 @@ def train(
     audit: GradientCanaries | None = None,
 ) -> MethodResult:
     """DP-SGD fine-tuning of ``model.pretrained`` on the recipe's private data into run ``out``; then a grid
-    (one row per class for a class-conditional UNet, else ``grid_per_class`` rows of 10 samples)."""
-    pretrained = str(Path(recipe.model.pretrained or "").expanduser().resolve()) if recipe.model.pretrained else None
-    recipe = dataclasses.replace(
-        recipe, model=dataclasses.replace(recipe.model, pretrained=pretrained)
-    )  # absolute: later commands read it
-    dataset = private_dataset(recipe)
+    (one row per class for a class-conditional UNet, else ``grid_per_class`` rows of 10 unconditional samples:
+    a text pipeline's grid uses the empty prompt, never a private caption)."""
+    pretrained = str(Path(recipe.model.pretrained).expanduser().resolve()) if recipe.model.pretrained else None
+    recipe = dataclasses.replace(recipe, model=dataclasses.replace(recipe.model, pretrained=pretrained))  # absolute
     device = default_device()
     # everything that can fail is checked before the run writes anything or reserves budget
-    net = pretrained_net(recipe, like=dataset)
-    select_trainable(net, recipe.model.trainable)  # a group or pattern that matches nothing is an error now
+    if is_text_pipeline(
+        pretrained
+    ):  # latents of the frozen VAE, conditioned on the captions by the frozen text encoder
+        net = load_text_pipeline(pretrained)
+        dataset, ids = captioned_latents(recipe, net)
+        condition = _captions(ids, net.null_condition(), p=recipe.diffusion.label_dropout, device=device)
+        unet_of = lambda m: m.unet  # noqa: E731  the text encoder never trains
+    else:
+        dataset = private_dataset(recipe)
+        net = pretrained_net(recipe, like=dataset)
+        condition = _no_condition if net.num_classes is None else _labels(dataset, device)
+        unet_of = lambda m: m  # noqa: E731
+    select_trainable(unet_of(net), recipe.model.trainable)  # a group or pattern that matches nothing is an error now
     check_stage(stage="dp_sgd", num_examples=len(dataset), train=recipe.train)
     check_plan(out, recipe, dataset)
-    prior = weights_identity(Path(recipe.model.pretrained).expanduser())
-    run = open_run(out, recipe)
+    prior = weights_identity(Path(pretrained))
+    run = open_run(out, recipe, class_names=dataset.class_names if net.num_classes is not None else None)
     with run.starting():  # a start that still fails removes what it created
         ledger = open_ledger(run, recipe, dataset)
         ledger.record_public(stage="pretrained", data=prior, steps=0)
@@ -116,23 +181,25 @@ def train(
         stage = Stage(
             name="dp_sgd",
             init=lambda: net,
-            select=lambda m: select_trainable(m, recipe.model.trainable),
-            condition=_no_condition if net.num_classes is None else _labels(dataset, device),
+            select=lambda m: select_trainable(unet_of(m), recipe.model.trainable),
+            condition=condition,
             sigmas=DiscreteSigma(net.schedule),
         )
         result = train_denoiser(
             run=run, recipe=recipe, dataset=dataset, ledger=ledger, stage=stage, audit=audit, progress=progress
         )
+    grid = None  # train --no-grid: grid_per_class = 0
     if net.num_classes is not None:
         grid = sample_class_grid(
             run, recipe, result.denoiser, num_classes=net.num_classes, per_class=grid_per_class, progress=progress
         )
-    else:  # an unconditional UNet: grid_per_class rows of 10
+    elif grid_per_class:  # an unconditional UNet, or the empty prompt: grid_per_class rows of 10
         images = generate(
             result.denoiser,
             labels=None,
             n=10 * grid_per_class,
             recipe=recipe,
+            decode=load_decoder(run),
             seed=recipe.train.seed,
             progress=progress,
         )

@@ -34,6 +34,9 @@ __all__ = [
     "export_lora",
     "export_pipeline",
     "export_unet",
+    "load_pipeline_vae",
+    "load_text_pipeline",
+    "TextUNetNet",
     "load_pretrained_unet",
     "select_trainable",
 ]
@@ -97,10 +100,122 @@ class DiffusersUNetNet(nn.Module):
     def from_pretrained(cls, path: str | Path) -> DiffusersUNetNet:
         """What :meth:`save_pretrained` wrote (a run's checkpoint), offline."""
         path = Path(path)
-        schedule = DiscreteSchedule(**json.loads((path / cls.MARKER).read_text()))
+        info = json.loads((path / cls.MARKER).read_text())
+        text_from = info.pop("text_from", None)
+        schedule = DiscreteSchedule(**info)
         kind = json.loads((path / "config.json").read_text()).get("_class_name")
         unet_cls = UNet2DConditionModel if kind == "UNet2DConditionModel" else UNet2DModel
-        return cls(unet_cls.from_pretrained(path, local_files_only=True, low_cpu_mem_usage=False), schedule)
+        unet = unet_cls.from_pretrained(path, local_files_only=True, low_cpu_mem_usage=False)
+        if text_from is None:
+            return DiffusersUNetNet(unet, schedule)
+        text_encoder, tokenizer = _text_parts(Path(text_from))  # frozen: read again from the pipeline it came from
+        return TextUNetNet(unet, schedule, text_encoder=text_encoder, tokenizer=tokenizer, base=text_from)
+
+
+class TextUNetNet(DiffusersUNetNet):
+    """A Stable-Diffusion-style pipeline's ``UNet2DConditionModel`` with its frozen CLIP text encoder:
+    ``net(z_t, t, ids)`` reads token ids [B, L] (a prompt each), encodes them with the text encoder and
+    conditions the UNet on its last hidden states, as the pipeline does.
+
+    The text encoder never trains here (its parameters are frozen, so the privacy engine never clips
+    them) and is not saved in a checkpoint: :meth:`save_pretrained` writes the UNet and the path of the
+    pipeline it came from (``base``), whose ``text_encoder/`` and ``tokenizer/`` :meth:`from_pretrained`
+    reads again. The empty prompt is the null condition of classifier-free guidance.
+    """
+
+    def __init__(
+        self,
+        unet: UNet2DConditionModel,
+        schedule: DiscreteSchedule,
+        *,
+        text_encoder: nn.Module,
+        tokenizer,
+        base: str | Path,
+    ):
+        super().__init__(unet, schedule)
+        self.text_encoder = text_encoder.requires_grad_(False).eval()
+        self.tokenizer = tokenizer
+        self.base = str(base)
+
+    def forward(self, x: Tensor, t: Tensor, cond: Tensor | None = None) -> Tensor:
+        if cond is None:
+            raise ValueError("a text-conditioned UNet needs token ids (the empty prompt is the unconditional one)")
+        hidden = self.text_encoder(cond.long())[0]  # [B, L, D]
+        return self.unet(x, t, encoder_hidden_states=hidden).sample
+
+    def tokenize(self, prompts: list[str]) -> Tensor:
+        """Token ids [n, L] of ``prompts``, padded and truncated to the tokenizer's length (as the pipeline encodes)."""
+        max_length = self.tokenizer.model_max_length
+        return self.tokenizer(
+            list(prompts), padding="max_length", max_length=max_length, truncation=True, return_tensors="pt"
+        ).input_ids
+
+    def conditions(self, *, labels: Tensor | None = None, prompts: list[str] | None = None, n: int) -> Tensor:
+        """Token ids of ``n`` rows: one prompt for all, or one each; no prompt is the empty prompt (unconditional)."""
+        prompts = [""] if prompts is None else list(prompts)
+        if len(prompts) not in (1, n):
+            raise ValueError(f"give one prompt or {n}, got {len(prompts)}")
+        ids = self.tokenize(prompts)
+        return ids.expand(n, -1) if len(prompts) == 1 else ids
+
+    def null_condition(self) -> Tensor:
+        """The empty prompt's token ids [L]: what classifier-free guidance contrasts with."""
+        return self.tokenize([""])[0]
+
+    def save_pretrained(self, path: str | Path) -> None:
+        path = Path(path)
+        self.unet.save_pretrained(path, safe_serialization=True)
+        info = dataclasses.asdict(self.schedule) | {"text_from": self.base}
+        (path / self.MARKER).write_text(json.dumps(info, indent=2) + "\n")
+
+
+def _text_parts(root: Path):
+    """The frozen CLIP text encoder and the tokenizer of the pipeline at ``root``, checked to belong together."""
+    from transformers import AutoTokenizer, CLIPTextModel
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # privdiff shows its own progress; a component's load is not a long task
+    for part in ("text_encoder", "tokenizer"):
+        if not (root / part).is_dir():
+            raise ValueError(f"{root}: pipeline without a {part}/ component")
+    try:
+        text_encoder = CLIPTextModel.from_pretrained(root / "text_encoder", local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(root / "tokenizer", local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise ValueError(
+            f"{root}: the text encoder or tokenizer could not be read ({str(e).splitlines()[0]})"
+        ) from None
+    if len(tokenizer) > text_encoder.config.vocab_size:
+        raise ValueError(
+            f"{root}: the tokenizer has {len(tokenizer)} tokens, the text encoder embeds "
+            f"{text_encoder.config.vocab_size}: they do not belong together"
+        )
+    return text_encoder, tokenizer
+
+
+def load_text_pipeline(path: str | Path) -> TextUNetNet:
+    """The UNet, frozen CLIP text encoder and tokenizer of the Stable-Diffusion-style pipeline at ``path``
+    (``model_index.json``, ``unet/``, ``text_encoder/``, ``tokenizer/``, ``scheduler/``, ``vae/``), offline;
+    a one-line ValueError for a missing component or a tokenizer the text encoder cannot embed."""
+    root = Path(path).expanduser()
+    if not (root / "model_index.json").is_file():
+        raise ValueError(f"{root}: not a pipeline directory (no model_index.json)")
+    if not (root / "vae").is_dir():
+        raise ValueError(f"{root}: pipeline without a vae/ component")
+    text_encoder, tokenizer = _text_parts(root)
+    net, schedule = load_pretrained_unet(root)
+    if not isinstance(net.unet, UNet2DConditionModel):
+        raise ValueError(f"{root}/unet: a {type(net.unet).__name__}; a text pipeline has a UNet2DConditionModel")
+    return TextUNetNet(net.unet, schedule, text_encoder=text_encoder, tokenizer=tokenizer, base=root.resolve())
+
+
+def load_pipeline_vae(path: str | Path):
+    """The frozen ``AutoencoderKL`` of the pipeline at ``path`` (its ``vae/``), offline, in eval mode."""
+    from diffusers import AutoencoderKL
+
+    root = Path(path).expanduser()
+    vae = AutoencoderKL.from_pretrained(root / "vae", local_files_only=True, low_cpu_mem_usage=False)
+    return vae.eval().requires_grad_(False)
 
 
 def _scheduler_config(root: Path) -> dict:

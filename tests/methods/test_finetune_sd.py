@@ -1,0 +1,101 @@
+"""method dp-finetune on a Stable-Diffusion-style pipeline (recipes/sd-dp-ldm.yaml): a tiny random pipeline
+built from configs and a captioned folder written here, through the command line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from privdiff.cli import main
+from privdiff.privacy.accounting import epsilon
+from privdiff.runs import Run
+from tests.helpers import tiny_sd_pipeline
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY = [
+    "train.batch_size=4",
+    "train.epochs=2",
+    "train.max_steps=2",
+    "train.max_physical_batch_size=16",
+    "privacy.noise_multiplicity=2",
+    "sampler.steps=2",
+    "train.lr=0.001",
+]
+WORDS = ["red", "blue", "cat", "dog", "tree", "car"]
+
+
+def _captioned(root: Path, rng: np.random.Generator, n: int) -> Path:
+    """A diffusers-style captioned folder: random 16x16 RGB PNGs and metadata.jsonl (file_name, text)."""
+    root.mkdir(parents=True)
+    lines = []
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 256, size=(16, 16, 3), dtype=np.uint8)).save(root / f"{i}.png")
+        lines.append(json.dumps({"file_name": f"{i}.png", "text": " ".join(rng.choice(WORDS, size=2))}))
+    (root / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    return root
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_a_users_sd_pipeline_is_dp_fine_tuned_on_captioned_images_and_exported(tmp_path, prediction_type):
+    from diffusers import StableDiffusionPipeline
+
+    seed = int(np.random.default_rng().integers(0, 10_000))
+    base = tmp_path / "base"
+    tiny_sd_pipeline(base, prediction_type=prediction_type, seed=seed)
+    data = _captioned(tmp_path / "images", np.random.default_rng(seed), 12)
+    run = tmp_path / "run"
+    args = ["train", str(ROOT / "recipes/sd-dp-ldm.yaml"), *TINY, f"model.pretrained={base}", f"data.root={data}"]
+    assert main([*args, "--out", str(run), "--quiet"]) == 0
+    ledger = json.loads((run / "ledger.json").read_text())
+    (event,) = ledger["events"]
+    assert event["steps"] == 2 and ledger["dataset"]["size"] == 12
+    assert ledger["epsilon"] == pytest.approx(
+        epsilon([(event["noise_multiplier"], event["sample_rate"], 2)], delta=1e-5)
+    )
+    # only the UNet's attention blocks moved; the rest of the UNet is bitwise the pipeline's
+    before = StableDiffusionPipeline.from_pretrained(base, local_files_only=True).unet.state_dict()
+    after = Run(run).load_net(ema=False).unet.state_dict()
+    moved = {k for k in before if not torch.equal(before[k], after[k])}
+    assert moved and all("attentions" in k for k in moved)
+    # a prompt at sampling time (the frozen text encoder reads it), decoded by the pipeline's VAE
+    out = tmp_path / "s.npz"
+    assert main(["sample", str(run), "--prompt", "red cat", "--n", "2", "--out", str(out), "--quiet"]) == 0
+    with np.load(out) as f:
+        assert f["images"].shape == (2, 3, 16, 16) and np.isfinite(f["images"]).all()
+    # export: a pipeline diffusers loads and runs, with the fine-tuned UNet
+    exported = tmp_path / "exported"
+    assert main(["export", str(run), "--out", str(exported)]) == 0
+    pipe = StableDiffusionPipeline.from_pretrained(exported, local_files_only=True)
+    ema = Run(run).load_net(ema=True).unet.state_dict()
+    assert all(torch.equal(pipe.unet.state_dict()[k], v) for k, v in ema.items())
+    image = pipe("blue dog", num_inference_steps=2, height=16, width=16, output_type="np").images
+    assert image.shape == (1, 16, 16, 3) and np.isfinite(image).all()
+
+
+def test_bad_captioned_inputs_are_one_line_errors_and_nothing_is_written(tmp_path, capsys):
+    base = tmp_path / "base"
+    tiny_sd_pipeline(base)
+    data = _captioned(tmp_path / "images", np.random.default_rng(), 6)
+    run = tmp_path / "run"
+    args = ["train", str(ROOT / "recipes/sd-dp-ldm.yaml"), *TINY, f"model.pretrained={base}"]
+    capsys.readouterr()  # what building the pipeline printed
+    (data / "metadata.jsonl").write_text(
+        (data / "metadata.jsonl").read_text() + '{"file_name": "gone.png", "text": "x"}\n'
+    )
+    assert main([*args, f"data.root={data}", "--out", str(run), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "gone.png" in err[0] and not run.exists()
+    import shutil
+
+    shutil.rmtree(base / "text_encoder")
+    assert (
+        main([*args, f"data.root={data}", "--out", str(run), "--quiet"]) == 2
+    )  # now not a text pipeline: pixel path refuses it
+    assert not run.exists()
