@@ -364,6 +364,8 @@ RANGES: dict[str, Bound] = {
     "model.attention_head_dim": Bound(lo=1, hi=65536),
     "model.norm_num_groups": Bound(lo=1, hi=65536),
     "model.dropout": PROBABILITY,
+    "model.lora_rank": Bound(lo=1, hi=65536),
+    "model.lora_alpha": Bound(lo=0, hi=1e6, lo_open=True),
     "diffusion.sigma_data": Bound(lo=0, hi=1e4, lo_open=True),
     "diffusion.P_mean": Bound(lo=-20, hi=20),
     "diffusion.P_std": Bound(lo=0, hi=20, lo_open=True),

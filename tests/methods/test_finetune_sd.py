@@ -79,6 +79,55 @@ def test_a_users_sd_pipeline_is_dp_fine_tuned_on_captioned_images_and_exported(t
     assert image.shape == (1, 16, 16, 3) and np.isfinite(image).all()
 
 
+def test_dp_sgd_lora_on_a_pipeline_trains_only_the_adapters_resumes_and_exports_both_ways(tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    seed = int(np.random.default_rng().integers(0, 10_000))
+    base = tmp_path / "base"
+    tiny_sd_pipeline(base, seed=seed)
+    data = _captioned(tmp_path / "images", np.random.default_rng(seed), 12)
+    run = tmp_path / "run"
+    args = [
+        "train",
+        str(ROOT / "recipes/sd-dp-lora.yaml"),
+        *TINY,
+        f"model.pretrained={base}",
+        f"data.root={data}",
+        "model.lora_rank=2",
+    ]
+    assert main([*args, "--out", str(run), "--quiet"]) == 0
+    assert (
+        main(
+            [
+                *[a for a in args if not a.startswith("train.max_steps")],
+                "train.max_steps=3",
+                "--out",
+                str(run),
+                "--quiet",
+            ]
+        )
+        == 0
+    )  # resumed: the adapters come back from the checkpoint
+    ledger = json.loads((run / "ledger.json").read_text())
+    assert [e["steps"] for e in ledger["events"]] == [3]
+    net = Run(run).load_net(ema=False)
+    trained = {n for n, p in net.named_parameters() if ".lora_" in n}
+    assert trained and net.lora == {"rank": 2, "alpha": 4.0, "targets": ["to_q", "to_k", "to_v", "to_out.0"]}
+    assert any(p.abs().sum() > 0 for n, p in net.named_parameters() if ".lora_B." in n)  # B moved off its zero init
+    checkpoint = Run(run).latest_checkpoint() / "unet"
+    assert not list(checkpoint.glob("diffusion_pytorch_model*"))  # the frozen base is not copied into checkpoints
+    exported = tmp_path / "exported"
+    assert main(["export", str(run), "--out", str(exported)]) == 0
+    merged = StableDiffusionPipeline.from_pretrained(exported, local_files_only=True)
+    fresh = StableDiffusionPipeline.from_pretrained(base, local_files_only=True)
+    prompt = dict(num_inference_steps=2, height=16, width=16, output_type="np", generator=None)
+    before = fresh("red cat", **prompt, latents=torch.ones(1, 4, 8, 8)).images
+    fresh.load_lora_weights(exported / "lora")
+    with_lora = fresh("red cat", **prompt, latents=torch.ones(1, 4, 8, 8)).images
+    assert not np.allclose(before, with_lora)  # the adapters change the base pipeline's output
+    np.testing.assert_allclose(merged("red cat", **prompt, latents=torch.ones(1, 4, 8, 8)).images, with_lora, atol=1e-4)
+
+
 def test_bad_captioned_inputs_are_one_line_errors_and_nothing_is_written(tmp_path, capsys):
     base = tmp_path / "base"
     tiny_sd_pipeline(base)

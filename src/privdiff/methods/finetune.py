@@ -34,6 +34,7 @@ from ..data.captioned import load_captioned_folder
 from ..models.pretrained import (
     DiffusersUNetNet,
     TextUNetNet,
+    add_lora,
     load_pipeline_vae,
     load_pretrained_unet,
     load_text_pipeline,
@@ -142,6 +143,26 @@ def _captions(ids: torch.Tensor, null: torch.Tensor, *, p: float, device: torch.
     return condition
 
 
+def trainable_chooser(recipe: Recipe, unet_of):
+    """What trains, as a ``select(net)`` for the stage: ``model.trainable`` groups or patterns of the UNet
+    (:func:`~privdiff.models.pretrained.select_trainable`), or ``[lora]``: LoRA adapters (peft) of rank
+    ``model.lora_rank`` and scale ``model.lora_alpha``/rank on ``model.lora_targets``, added to a fresh net
+    (a resumed one has them), with every other weight frozen."""
+    m = recipe.model
+    if "lora" not in m.trainable:
+        return lambda net: select_trainable(unet_of(net), m.trainable)
+    if len(m.trainable) != 1:
+        raise ValueError(f"model.trainable={list(m.trainable)}: [lora] trains the adapters alone; give it on its own")
+
+    def select(net) -> None:
+        if not net.lora:
+            add_lora(net, rank=m.lora_rank, alpha=m.lora_alpha, target_modules=m.lora_targets)
+        for name, p in net.named_parameters():
+            p.requires_grad_(".lora_A." in name or ".lora_B." in name)
+
+    return select
+
+
 def train(
     recipe: Recipe,
     *,
@@ -169,7 +190,8 @@ def train(
         net = pretrained_net(recipe, like=dataset)
         condition = _no_condition if net.num_classes is None else _labels(dataset, device)
         unet_of = lambda m: m  # noqa: E731
-    select_trainable(unet_of(net), recipe.model.trainable)  # a group or pattern that matches nothing is an error now
+    choose = trainable_chooser(recipe, unet_of)
+    choose(net)  # a group or pattern that matches nothing, or LoRA targets that match no module, is an error now
     check_stage(stage="dp_sgd", num_examples=len(dataset), train=recipe.train)
     check_plan(out, recipe, dataset)
     prior = weights_identity(Path(pretrained))
@@ -181,7 +203,7 @@ def train(
         stage = Stage(
             name="dp_sgd",
             init=lambda: net,
-            select=lambda m: select_trainable(unet_of(m), recipe.model.trainable),
+            select=choose,
             condition=condition,
             sigmas=DiscreteSigma(net.schedule),
         )

@@ -54,10 +54,18 @@ class DiffusersUNetNet(nn.Module):
 
     MARKER = "privdiff_pretrained.json"  # beside the UNet's config.json in a checkpoint: the schedule
 
-    def __init__(self, unet: UNet2DModel | UNet2DConditionModel, schedule: DiscreteSchedule | None = None):
+    def __init__(
+        self,
+        unet: UNet2DModel | UNet2DConditionModel,
+        schedule: DiscreteSchedule | None = None,
+        *,
+        unet_dir: str | Path | None = None,
+    ):
         super().__init__()
         self.unet = unet
         self.schedule = schedule or DiscreteSchedule()
+        self.unet_dir = None if unet_dir is None else str(unet_dir)  # where the pretrained UNet was read from
+        self.lora: dict | None = None  # rank, alpha, targets of the LoRA adapters (add_lora), if any
 
     def forward(self, x: Tensor, t: Tensor, cond: Tensor | None = None) -> Tensor:
         if isinstance(self.unet, UNet2DConditionModel):
@@ -90,26 +98,54 @@ class DiffusersUNetNet(nn.Module):
         """None: a pretrained UNet has no null class unless it was trained with one, so no guidance."""
         return None
 
+    def _saved_info(self) -> dict:
+        return dataclasses.asdict(self.schedule) | {"unet_dir": self.unet_dir, "lora": self.lora}
+
     def save_pretrained(self, path: str | Path) -> None:
-        """The diffusers UNet (``config.json`` + safetensors) and the schedule in ``privdiff_pretrained.json``."""
+        """A run's checkpoint: the schedule (and where the pretrained parts came from) in ``privdiff_pretrained.json``,
+        and the diffusers UNet (``config.json`` + safetensors), or, for a LoRA-adapted one, only its config and the
+        adapters (``lora.safetensors``): the frozen base weights are read again from ``unet_dir``."""
+        from safetensors.torch import save_file
+
         path = Path(path)
-        self.unet.save_pretrained(path, safe_serialization=True)
-        (path / self.MARKER).write_text(json.dumps(dataclasses.asdict(self.schedule), indent=2) + "\n")
+        if self.lora:
+            from peft.utils import get_peft_model_state_dict
+
+            self.unet.save_config(path)
+            state = {k: v.detach().contiguous() for k, v in get_peft_model_state_dict(self.unet).items()}
+            save_file(state, str(path / "lora.safetensors"))
+        else:
+            self.unet.save_pretrained(path, safe_serialization=True)
+        (path / self.MARKER).write_text(json.dumps(self._saved_info(), indent=2) + "\n")
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> DiffusersUNetNet:
         """What :meth:`save_pretrained` wrote (a run's checkpoint), offline."""
+        from safetensors.torch import load_file
+
         path = Path(path)
         info = json.loads((path / cls.MARKER).read_text())
-        text_from = info.pop("text_from", None)
+        text_from, unet_dir, lora = info.pop("text_from", None), info.pop("unet_dir", None), info.pop("lora", None)
         schedule = DiscreteSchedule(**info)
         kind = json.loads((path / "config.json").read_text()).get("_class_name")
         unet_cls = UNet2DConditionModel if kind == "UNet2DConditionModel" else UNet2DModel
-        unet = unet_cls.from_pretrained(path, local_files_only=True, low_cpu_mem_usage=False)
+        if lora:  # the frozen base from where it came, then the adapters
+            if not unet_dir or not Path(unet_dir).is_dir():
+                raise ValueError(f"{path}: its LoRA adapters need the pretrained UNet at {unet_dir}, which is gone")
+            unet = unet_cls.from_pretrained(unet_dir, local_files_only=True, low_cpu_mem_usage=False)
+        else:
+            unet = unet_cls.from_pretrained(path, local_files_only=True, low_cpu_mem_usage=False)
         if text_from is None:
-            return DiffusersUNetNet(unet, schedule)
-        text_encoder, tokenizer = _text_parts(Path(text_from))  # frozen: read again from the pipeline it came from
-        return TextUNetNet(unet, schedule, text_encoder=text_encoder, tokenizer=tokenizer, base=text_from)
+            net = DiffusersUNetNet(unet, schedule, unet_dir=unet_dir)
+        else:
+            text_encoder, tokenizer = _text_parts(Path(text_from))  # frozen: read again from the pipeline it came from
+            net = TextUNetNet(unet, schedule, text_encoder=text_encoder, tokenizer=tokenizer, base=text_from)
+        if lora:
+            from peft.utils import set_peft_model_state_dict
+
+            add_lora(net, rank=lora["rank"], alpha=lora["alpha"], target_modules=lora["targets"])
+            set_peft_model_state_dict(net.unet, load_file(str(path / "lora.safetensors")))
+        return net
 
 
 class TextUNetNet(DiffusersUNetNet):
@@ -132,7 +168,7 @@ class TextUNetNet(DiffusersUNetNet):
         tokenizer,
         base: str | Path,
     ):
-        super().__init__(unet, schedule)
+        super().__init__(unet, schedule, unet_dir=Path(base) / "unet")
         self.text_encoder = text_encoder.requires_grad_(False).eval()
         self.tokenizer = tokenizer
         self.base = str(base)
@@ -162,11 +198,8 @@ class TextUNetNet(DiffusersUNetNet):
         """The empty prompt's token ids [L]: what classifier-free guidance contrasts with."""
         return self.tokenize([""])[0]
 
-    def save_pretrained(self, path: str | Path) -> None:
-        path = Path(path)
-        self.unet.save_pretrained(path, safe_serialization=True)
-        info = dataclasses.asdict(self.schedule) | {"text_from": self.base}
-        (path / self.MARKER).write_text(json.dumps(info, indent=2) + "\n")
+    def _saved_info(self) -> dict:
+        return super()._saved_info() | {"text_from": self.base}
 
 
 def _text_parts(root: Path):
@@ -262,7 +295,7 @@ def load_pretrained_unet(path: str | Path) -> tuple[DiffusersUNetNet, DiscreteSc
         unet = classes[kind].from_pretrained(root, local_files_only=True, low_cpu_mem_usage=False)
     except (OSError, ValueError, EnvironmentError) as e:
         raise ValueError(f"{root}: the UNet's weights could not be read ({str(e).splitlines()[0]})") from None
-    return DiffusersUNetNet(unet, schedule), schedule
+    return DiffusersUNetNet(unet, schedule, unet_dir=root.resolve()), schedule
 
 
 # Module-name patterns of each trainable group (fnmatch over the UNet's parameter names).
@@ -317,6 +350,7 @@ def add_lora(
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
         raise ValueError(f"LoRA rank must be a positive integer, got {rank!r}")
     net.unet.requires_grad_(False)
+    net.lora = {"rank": rank, "alpha": alpha, "targets": list(target_modules)}
     try:
         net.unet.add_adapter(
             LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(target_modules), init_lora_weights=True)
@@ -326,6 +360,25 @@ def add_lora(
     return [n for n, p in net.named_parameters() if p.requires_grad]
 
 
+def plain_unet(net: DiffusersUNetNet) -> UNet2DModel | UNet2DConditionModel:
+    """A copy of ``net``'s UNet as plain diffusers: LoRA adapters, if any, merged into the weights
+    (W ← W + (α/r)·BA in every adapted layer) and the plain layers put back."""
+    import copy
+
+    unet = copy.deepcopy(net.unet)
+    if getattr(unet, "peft_config", None):
+        from diffusers.utils import recurse_remove_peft_layers
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        for module in unet.modules():
+            if isinstance(module, BaseTunerLayer):
+                module.merge()
+        recurse_remove_peft_layers(unet)
+        del unet.peft_config
+        unet._hf_peft_config_loaded = False
+    return unet
+
+
 def export_pipeline(net: DiffusersUNetNet, *, base: str | Path, out: str | Path) -> Path:
     """Write a diffusers pipeline directory: the pipeline at ``base`` with its UNet replaced by ``net``'s.
 
@@ -333,7 +386,6 @@ def export_pipeline(net: DiffusersUNetNet, *, base: str | Path, out: str | Path)
     into the exported UNet's weights. Written to a temporary sibling and renamed, so ``out`` is
     either complete or absent; an existing ``out`` is never overwritten.
     """
-    import copy
     import shutil
     import tempfile
 
@@ -346,18 +398,7 @@ def export_pipeline(net: DiffusersUNetNet, *, base: str | Path, out: str | Path)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         shutil.copytree(base, tmp, dirs_exist_ok=True, ignore=shutil.ignore_patterns("unet"))
-        unet = copy.deepcopy(net.unet)
-        if getattr(unet, "peft_config", None):  # W ← W + (α/r)·BA in every adapted layer, then the plain layers back
-            from diffusers.utils import recurse_remove_peft_layers
-            from peft.tuners.tuners_utils import BaseTunerLayer
-
-            for module in unet.modules():
-                if isinstance(module, BaseTunerLayer):
-                    module.merge()
-            recurse_remove_peft_layers(unet)
-            del unet.peft_config
-            unet._hf_peft_config_loaded = False
-        unet.save_pretrained(tmp / "unet", safe_serialization=True)
+        plain_unet(net).save_pretrained(tmp / "unet", safe_serialization=True)
         tmp.rename(out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -380,7 +421,7 @@ def export_unet(net: DiffusersUNetNet, *, base: str | Path, out: str | Path) -> 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        net.unet.save_pretrained(tmp, safe_serialization=True)
+        plain_unet(net).save_pretrained(tmp, safe_serialization=True)
         (tmp / "scheduler_config.json").write_text(json.dumps(config, indent=2) + "\n")
         tmp.rename(out)
     except BaseException:
@@ -408,7 +449,12 @@ def export_lora(net: DiffusersUNetNet, *, out: str | Path) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(net.unet))
-        StableDiffusionPipeline.save_lora_weights(tmp, unet_lora_layers=layers, safe_serialization=True)
+        # the adapter's config (rank, alpha, targets) travels with the weights: without it diffusers loads the
+        # adapters at scale 1 instead of alpha/rank
+        metadata = net.unet.peft_config["default"].to_dict()
+        StableDiffusionPipeline.save_lora_weights(
+            tmp, unet_lora_layers=layers, safe_serialization=True, unet_lora_adapter_metadata=metadata
+        )
         tmp.rename(out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -24,6 +24,10 @@ class UNetConfig:
     pretrained: str | None = None
     # what of a pretrained UNet trains: groups of privdiff.models.pretrained.TRAINABLE_GROUPS or parameter-name patterns
     trainable: tuple[str, ...] = ("all",)
+    # model.trainable: [lora] trains LoRA adapters (peft) of this rank and scale alpha/rank on these modules
+    lora_rank: int = 4
+    lora_alpha: float = 4.0
+    lora_targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
 
 
 def build_unet(config: UNetConfig, *, resolution: int, in_channels: int, num_classes: int | None) -> UNet2DModel:
