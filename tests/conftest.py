@@ -4,21 +4,10 @@ import shutil
 import pytest
 import torch
 
+from tests.helpers import TINY
+
 # Two cores: one torch thread per test process keeps timings sane and avoids oversubscription.
 torch.set_num_threads(int(os.environ.get("PRIVDIFF_TEST_THREADS", "2")))
-
-TINY = [
-    "model.channels=[8,16]",
-    "model.attention_levels=[1]",
-    "model.norm_num_groups=4",
-    "model.attention_head_dim=4",
-    "data.resolution=8",
-    "train.batch_size=32",
-    "train.epochs=1",
-    "privacy.noise_multiplicity=2",
-    "train.max_physical_batch_size=32",
-    "sampler.steps=4",
-]
 
 
 @pytest.fixture

@@ -6,6 +6,7 @@ plain copy of the model, its flat gradient norm, clipped, summed (relative error
 
 from __future__ import annotations
 
+import struct
 import zipfile
 from pathlib import Path
 
@@ -15,7 +16,7 @@ import torch
 from diffusers import UNet2DModel
 from dp_accounting import rdp
 from PIL import Image
-from torch import nn
+from torch import Tensor, nn
 
 from privdiff.data import ImageDataset
 from privdiff.diffusion import Denoiser, LogNormalSigma, denoising_loss, draw_training_noise
@@ -276,3 +277,109 @@ def toy_dataset(n: int, seed: int, *, num_classes: int = 10, size: int = 8) -> I
         split="train",
         fingerprint=f"sha256:toy{seed}",
     )
+
+
+# -- tiny recipe overrides for end-to-end tests -------------------------------------------------
+
+TINY = [
+    "model.channels=[8,16]",
+    "model.attention_levels=[1]",
+    "model.norm_num_groups=4",
+    "model.attention_head_dim=4",
+    "data.resolution=8",
+    "train.batch_size=32",
+    "train.epochs=1",
+    "privacy.noise_multiplicity=2",
+    "train.max_physical_batch_size=32",
+    "sampler.steps=4",
+]
+
+
+# -- one set of images exported the ways a user holds them (IDX, a class folder, a zip) ----------
+
+
+def random_digits(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Fresh random 28×28 gray images ``[n, 28, 28]`` uint8 and labels 0..9 (every class present when n >= 10)."""
+    images = rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8)
+    labels = np.concatenate([np.arange(10), rng.integers(0, 10, size=max(0, n - 10))])[:n].astype(np.uint8)
+    return images, labels
+
+
+def write_idx(root: Path, images: np.ndarray, labels: np.ndarray) -> Path:
+    """``root/train-images-idx3-ubyte`` and ``root/train-labels-idx1-ubyte`` (what ``data.name=mnist`` reads)."""
+    root.mkdir(parents=True, exist_ok=True)
+    for name, array in (("train-images-idx3-ubyte", images), ("train-labels-idx1-ubyte", labels)):
+        header = struct.pack(f">I{array.ndim}I", 0x0800 | array.ndim, *array.shape)
+        (root / name).write_bytes(header + np.ascontiguousarray(array, dtype=np.uint8).tobytes())
+    return root
+
+
+def write_folder(root: Path, images: np.ndarray, labels: np.ndarray, *, mode: str = "L") -> Path:
+    """``root/<label>/<i>.png``, each image as a PNG of ``mode`` ("L", or "RGB" with three equal channels)."""
+    for i, (image, label) in enumerate(zip(images, labels)):
+        (root / str(int(label))).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).convert(mode).save(root / str(int(label)) / f"{i:05d}.png")
+    return root
+
+
+def write_zip(folder: Path, path: Path) -> Path:
+    """``folder`` zipped as a user would (its files under one top folder of the archive)."""
+    with zipfile.ZipFile(path, "w") as zf:
+        for file in sorted(folder.rglob("*.png")):
+            zf.write(file, folder.name + "/" + file.relative_to(folder).as_posix())
+    return path
+
+
+# -- tiny nets and the exact Gaussian denoiser for the diffusion tests ---------------------------
+
+
+class TinyNet(nn.Module):
+    """A small conditional F(x_in; c_noise, labels) made of Opacus-supported layers."""
+
+    def __init__(self, channels: int = 2, num_classes: int = 5, hidden: int = 4) -> None:
+        super().__init__()
+        self.conv_in = nn.Conv2d(channels, hidden, 3, padding=1)
+        self.noise_emb = nn.Linear(1, hidden)
+        self.label_emb = nn.Embedding(num_classes + 1, hidden)  # last index = null label
+        self.conv_out = nn.Conv2d(hidden, channels, 3, padding=1)
+
+    def forward(self, x_in: Tensor, c_noise: Tensor, labels: Tensor | None) -> Tensor:
+        h = self.conv_in(x_in) + self.noise_emb(c_noise[:, None])[:, :, None, None]
+        if labels is not None:
+            h = h + self.label_emb(labels)[:, :, None, None]
+        return self.conv_out(torch.tanh(h))
+
+
+class RecordingNet(nn.Module):
+    """F = a·x_in + b·c_noise (+ 0.1·label) that records every call's inputs."""
+
+    def __init__(self, a: float = 0.7, b: float = -0.4) -> None:
+        super().__init__()
+        self.a, self.b = a, b
+        self.calls: list[tuple[Tensor, Tensor, Tensor | None]] = []
+
+    def forward(self, x_in: Tensor, c_noise: Tensor, labels: Tensor | None) -> Tensor:
+        self.calls.append((x_in.detach().clone(), c_noise.detach().clone(), None if labels is None else labels.clone()))
+        out = self.a * x_in + self.b * c_noise.view(-1, 1, 1, 1)
+        if labels is not None:
+            out = out + 0.1 * labels.to(x_in.dtype).view(-1, 1, 1, 1)
+        return out
+
+
+class GaussianDenoiser:
+    """Exact denoiser for data x ~ N(mu, s^2) per pixel: D(x; σ) = mu + s²/(s²+σ²)·(x − mu)."""
+
+    def __init__(self, mu: float = 0.3, s: float = 0.5) -> None:
+        self.mu, self.s = mu, s
+        self.calls = 0
+
+    def __call__(self, x: Tensor, sigma: Tensor) -> Tensor:
+        self.calls += 1
+        assert sigma.shape == (x.shape[0],), sigma.shape
+        sigma = sigma.view(-1, *([1] * (x.ndim - 1)))
+        return self.mu + self.s**2 / (self.s**2 + sigma**2) * (x - self.mu)
+
+    def ode_solution(self, x_T: Tensor, *, sigma_max: float, sigma: float = 0.0) -> Tensor:
+        """Exact PF-ODE solution x(σ) = mu + √(s²+σ²)/√(s²+σ_max²)·(x_T − mu)."""
+        s = self.s
+        return self.mu + ((s**2 + sigma**2) / (s**2 + sigma_max**2)) ** 0.5 * (x_T - self.mu)

@@ -145,3 +145,17 @@ def test_the_walk_sees_the_arrows_it_checks():
     assert {"privdiff.method_registry", "privdiff.core.generation", "privdiff.runtime"} <= cli
     assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert _cycle({"a": {"b"}, "b": {"c"}}) is None
+
+
+def test_tests_share_helpers_in_one_place():
+    """A test file imports no other test module: shared helpers live in tests/helpers.py (conftest imports it too)."""
+    tests = Path(__file__).resolve().parent
+    bad = []
+    for path in tests.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                bad += [
+                    f"{path.relative_to(tests)}: {n}" for n in names if n.startswith("tests") and n != "tests.helpers"
+                ]
+    assert not bad, "test modules importing other test modules:\n" + "\n".join(bad)

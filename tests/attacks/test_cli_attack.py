@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    from tests.conftest import TINY
+    from tests.helpers import TINY
 
     out = tmp_path_factory.mktemp("attack") / "run"
     assert (

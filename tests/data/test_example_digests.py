@@ -8,7 +8,7 @@ import pytest
 from privdiff.data import load_dataset
 from privdiff.data.dataset import example_digests
 from privdiff.data.membership import subset
-from tests.data.exports import random_digits, write_folder, write_idx, write_zip
+from tests.helpers import random_digits, write_folder, write_idx, write_zip
 
 
 def _set(ds) -> set[bytes]:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from privdiff.diffusion import Denoiser, LogNormalSigma, denoising_loss, draw_training_noise, drop_labels
-from tests.diffusion.helpers import RecordingNet, TinyNet
+from tests.helpers import RecordingNet, TinyNet
 
 B, K, C, H, W = 4, 3, 2, 5, 5
 NUM_CLASSES = 5

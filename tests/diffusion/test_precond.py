@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from privdiff.diffusion import Denoiser
-from tests.diffusion.helpers import RecordingNet, TinyNet
+from tests.helpers import RecordingNet, TinyNet
 
 SIGMA_DATA = math.sqrt(1.0 / 3.0)
 

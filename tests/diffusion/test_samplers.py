@@ -12,7 +12,7 @@ from privdiff.diffusion import (
     sample_euler,
     sample_heun,
 )
-from tests.diffusion.helpers import GaussianDenoiser, RecordingNet, TinyNet
+from tests.helpers import GaussianDenoiser, RecordingNet, TinyNet
 
 MU, S = 0.3, 0.5
 SIGMA_MIN, SIGMA_MAX = 0.002, 80.0

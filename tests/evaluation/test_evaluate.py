@@ -24,7 +24,7 @@ FAST = [
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, privdiff_cache):
-    from tests.conftest import TINY
+    from tests.helpers import TINY
 
     out = tmp_path_factory.mktemp("eval") / "run"
     assert (

@@ -12,7 +12,7 @@ from privdiff.diffusion import Denoiser
 from privdiff.methods.lora import PrivacyTerm
 from privdiff.models import UNetNet, build_unet
 from privdiff.models.lora import LoRASpec, LoRAUNetNet, lora_parameters
-from tests.conftest import TINY
+from tests.helpers import TINY
 from tests.helpers import toy_dataset
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -20,7 +20,7 @@ from privdiff.privacy.accounting import epsilon
 from privdiff.privacy.budget import data_identity, registry_examples
 from privdiff.privacy.events import Release
 from privdiff.privacy.registry import BudgetExceeded, Registry, RegistryError, format_status
-from tests.data.exports import random_digits, write_folder, write_idx, write_zip
+from tests.helpers import random_digits, write_folder, write_idx, write_zip
 
 DELTA = 1e-5
 TOY = {"name": "toy", "fingerprint": "sha256:" + hashlib.sha256(b"toy data").hexdigest(), "size": 1000}
