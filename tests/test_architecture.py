@@ -153,9 +153,11 @@ def test_tests_share_helpers_in_one_place():
     bad = []
     for path in tests.rglob("*.py"):
         for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
-            names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
-            if isinstance(node, (ast.Import, ast.ImportFrom)):
-                bad += [
-                    f"{path.relative_to(tests)}: {n}" for n in names if n.startswith("tests") and n != "tests.helpers"
-                ]
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = [node.module or ""]
+            else:
+                continue
+            bad += [f"{path.relative_to(tests)}: {n}" for n in names if n.startswith("tests") and n != "tests.helpers"]
     assert not bad, "test modules importing other test modules:\n" + "\n".join(bad)
