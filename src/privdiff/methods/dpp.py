@@ -138,7 +138,8 @@ def train(
         magnitude=c.magnitude,
         generator=torch.Generator().manual_seed(recipe.train.seed * 1000 + 12),
     )
-    released = dataclasses.replace(private, images=aug * 2 - 1, labels=aug_labels)  # derived from the release only
+    # derived from the release only: not the private examples (no example identities of theirs)
+    released = dataclasses.replace(private, images=aug * 2 - 1, labels=aug_labels, example_digests=None)
     pre = pretrain(
         run, recipe, released, train=c.pretrain, ledger=None, progress=progress
     )  # post-processing: no ledger event
