@@ -114,3 +114,13 @@ def test_errors(tmp_path):
     (tmp_path / "bad.zip").write_bytes(b"not a zip")
     with pytest.raises(DatasetError, match="bad.zip"):
         load_dataset("folder", root=tmp_path / "bad.zip")
+
+
+def test_a_flat_captioned_folder_is_named_text_to_image_data(tmp_path):
+    """Captioned images without class folders: one line that names the recipes that train on them."""
+    rng = np.random.default_rng()
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 256, size=(8, 8, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
+        (tmp_path / f"{i}.txt").write_text("a caption")
+    with pytest.raises(DatasetError, match="text-to-image data.*sd-dp-ldm"):
+        load_dataset("folder", root=tmp_path)

@@ -411,6 +411,15 @@ def read_folder(root: str | os.PathLike | None, *, resolution: int | None = None
     path = _require_root(root, "folder", "a directory with one sub-folder per class, or a .zip of one").absolute()
     entries = _folder_entries(path)
     if not entries:
+        captioned = path.is_dir() and (
+            (path / "metadata.jsonl").is_file() or any(p.suffix in (".txt", ".caption") for p in path.iterdir())
+        )
+        if captioned:  # images with captions, not classes: text-to-image data
+            raise DatasetError(
+                f"{path}: captioned images (metadata.jsonl or caption files), not class sub-folders: that is "
+                "text-to-image data; fine-tune a pipeline on it (privdiff train sd-dp-ldm model.pretrained=PIPELINE "
+                "data.root=DIR, or sd-dp-lora), or put the images in one sub-folder per class"
+            )
         raise DatasetError(f"{path}: no images (expected <class>/<image> with extensions {'/'.join(IMAGE_EXTENSIONS)})")
     class_names = tuple(sorted({e[0] for e in entries}))
     label_of = {c: i for i, c in enumerate(class_names)}
