@@ -49,13 +49,21 @@ def test_a_users_sd_pipeline_is_dp_fine_tuned_on_captioned_images_and_exported(t
     seed = int(np.random.default_rng().integers(0, 10_000))
     base = tmp_path / "base"
     tiny_sd_pipeline(base, prediction_type=prediction_type, seed=seed)
-    data = _captioned(tmp_path / "images", np.random.default_rng(seed), 12)
+    data = _captioned(tmp_path / "images", np.random.default_rng(seed), 24)
     run = tmp_path / "run"
-    args = ["train", str(ROOT / "recipes/sd-dp-ldm.yaml"), *TINY, f"model.pretrained={base}", f"data.root={data}"]
+    args = [
+        "train",
+        str(ROOT / "recipes/sd-dp-ldm.yaml"),
+        *TINY,
+        f"model.pretrained={base}",
+        f"data.root={data}",
+        "data.holdout=0.25",
+    ]
     assert main([*args, "--out", str(run), "--quiet"]) == 0
     ledger = json.loads((run / "ledger.json").read_text())
     (event,) = ledger["events"]
-    assert event["steps"] == 2 and ledger["dataset"]["size"] == 12
+    assert event["steps"] == 2 and ledger["dataset"]["size"] == 18  # 6 of 24 held out, never trained on
+    assert ledger["dataset"]["holdout"] == 0.25
     assert ledger["epsilon"] == pytest.approx(
         epsilon([(event["noise_multiplier"], event["sample_rate"], 2)], delta=1e-5)
     )
@@ -69,6 +77,27 @@ def test_a_users_sd_pipeline_is_dp_fine_tuned_on_captioned_images_and_exported(t
     assert main(["sample", str(run), "--prompt", "red cat", "--n", "2", "--out", str(out), "--quiet"]) == 0
     with np.load(out) as f:
         assert f["images"].shape == (2, 3, 16, 16) and np.isfinite(f["images"]).all()
+    if prediction_type == "epsilon":  # evaluate: empty-prompt samples against the held-out captioned images
+        assert (
+            main(
+                [
+                    "evaluate",
+                    str(run),
+                    "--n",
+                    "20",
+                    "evaluate.feature_epochs=1",
+                    "evaluate.feature_patches=200",
+                    "--no-report",
+                    "--quiet",
+                ]
+            )
+            == 0
+        )
+        metrics = json.loads((run / "metrics.json").read_text())
+        assert set(metrics["metrics"]) == {"fid", "kid", "precision", "recall"} and metrics["data"]["n_test"] == 6
+        assert (
+            main(["attack", str(run), "--attack", "loss", "--quiet"]) == 2
+        )  # not for text-to-image runs yet: one line
     # export: a pipeline diffusers loads and runs, with the fine-tuned UNet
     exported = tmp_path / "exported"
     assert main(["export", str(run), "--out", str(exported)]) == 0

@@ -8,8 +8,9 @@ from pathlib import Path
 import torch
 
 from ..atomic import atomic_write_text
-from .names import ATTACKS
+from ..models.pretrained import is_text_pipeline
 from ..runs import Run, RunError
+from .names import ATTACKS
 from .metrics import attack_metrics, save_roc_plot
 from .proxy import proxy_scores
 from .scores import loss_scores, pia_scores, secmi_scores
@@ -55,6 +56,11 @@ def run_attacks(
         raise RunError(f"{run.path}: not a privdiff run (no config.yaml)")
     if run.latest_checkpoint() is None:
         raise RunError(f"{run.path}: no checkpoint to attack (train it first)")
+    if is_text_pipeline(run.load_config().model.pretrained):
+        raise RunError(
+            f"{run.path}: a text-to-image run; privdiff attack scores image models (pixel or latent, by label), "
+            "not caption-conditioned ones yet"
+        )
     splits = run_splits(run, n_per_role=n_per_role)
     if n_per_role is not None and splits.size("member_test") != n_per_role:
         raise ValueError(

@@ -5,12 +5,14 @@ DP-LDM's public autoencoder, and the one result type every method returns."""
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL
@@ -19,9 +21,12 @@ from tqdm.auto import tqdm
 from ..atomic import atomic_directory
 from ..config import Recipe, TrainConfig
 from ..data import NO_TEST_SPLIT, DatasetError, ImageDataset, load_dataset
+from ..data.captioned import load_captioned_folder
+from ..data.splits import holdout_indices
 from ..data.files import no_test_split_error
 from ..data.membership import TRAINED_ON_MEMBERS, MembershipSplits
 from ..models.autoencoder import autoencoder_loss, build_autoencoder, encode_latents
+from ..models.pretrained import is_text_pipeline, pipeline_image_shape
 from ..privacy.budget import data_identity
 from ..privacy.ledger import Ledger
 from ..runs import Run
@@ -63,6 +68,8 @@ def recipe_dataset(recipe: Recipe, *, split: str = "train") -> ImageDataset:
         DatasetError: The data cannot be read, or ``split="test"`` of data with no test split
             (the message names ``data.holdout`` and ``data.test_root``).
     """
+    if is_text_pipeline(recipe.model.pretrained):  # text-to-image data: captioned images
+        return captioned_dataset(recipe, split=split)[0]
     d = recipe.data
     return load_dataset(
         d.name,
@@ -73,6 +80,43 @@ def recipe_dataset(recipe: Recipe, *, split: str = "train") -> ImageDataset:
         holdout_seed=d.holdout_seed,
         test_root=d.test_root,
     )
+
+
+def captioned_dataset(recipe: Recipe, *, split: str = "train") -> tuple[ImageDataset, tuple[str, ...]]:
+    """One split of a captioned image folder (``data.root``; text-to-image data for a pipeline in ``model.pretrained``)
+    as images in [-1, 1] at the pipeline's size (or ``data.resolution``), one class, with their captions.
+
+    ``data.holdout`` holds out that fraction (drawn once from ``data.holdout_seed``) as the test split,
+    never trained on; without it there is no test split. The fingerprint of a part covers the images, the
+    captions, the part, the fraction and the seed, so the ledger names exactly what was trained on.
+    """
+    d = recipe.data
+    if d.test_root is not None:
+        raise DatasetError("data.test_root: not for captioned images; hold out a part with data.holdout")
+    channels, size = pipeline_image_shape(recipe.model.pretrained)
+    data = load_captioned_folder(d.root, resolution=d.resolution or size, channels=channels)
+    n, whole = len(data), split == "all" or (split == "train" and d.holdout is None)
+    if whole:
+        idx, fingerprint = np.arange(n), data.fingerprint
+    elif d.holdout is None:
+        raise DatasetError(f"{d.root}: captioned images have no test split; hold out a part with data.holdout=0.1")
+    else:
+        train, test = holdout_indices(np.zeros(n, dtype=np.int64), fraction=d.holdout, seed=d.holdout_seed)
+        idx = {"train": train, "test": test}[split]
+        part = f"{data.fingerprint}|{split}|holdout={d.holdout}|seed={d.holdout_seed}"
+        fingerprint = "sha256:" + hashlib.sha256(part.encode()).hexdigest()
+    held = None if whole else d.holdout
+    dataset = ImageDataset(
+        images=data.images[torch.from_numpy(idx)],
+        labels=torch.zeros(len(idx), dtype=torch.long),
+        num_classes=1,
+        name="captioned",
+        split="all" if whole else split,
+        fingerprint=fingerprint,
+        holdout=held,
+        holdout_seed=None if held is None else d.holdout_seed,
+    )
+    return dataset, tuple(data.captions[i] for i in idx)
 
 
 def private_dataset(recipe: Recipe) -> ImageDataset:

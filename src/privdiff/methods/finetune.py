@@ -26,15 +26,15 @@ import torch
 from ..config import Recipe
 from ..core.denoisers import default_device, load_decoder
 from ..core.generation import generate, sample_class_grid
-from ..core.stages import MethodResult, private_dataset
+from ..core.stages import MethodResult, captioned_dataset, private_dataset
 from ..core.training import Stage, check_stage, train_denoiser
 from ..data import ImageDataset
 from ..diffusion.discrete import DiscreteSigma
-from ..data.captioned import load_captioned_folder
 from ..models.pretrained import (
     DiffusersUNetNet,
     TextUNetNet,
     add_lora,
+    is_text_pipeline,
     load_pipeline_vae,
     load_pretrained_unet,
     load_text_pipeline,
@@ -95,11 +95,6 @@ def weights_identity(path: str | Path) -> dict:
     }
 
 
-def is_text_pipeline(path: str | Path | None) -> bool:
-    """Whether ``model.pretrained`` is a Stable-Diffusion-style text-to-image pipeline (it has a text encoder)."""
-    return bool(path) and (Path(path) / "model_index.json").is_file() and (Path(path) / "text_encoder").is_dir()
-
-
 def captioned_latents(recipe: Recipe, net: TextUNetNet) -> tuple[ImageDataset, torch.Tensor]:
     """The private captioned images (``data.root``: metadata.jsonl or caption files) as the pipeline's latents, and
     their captions as token ids [N, L].
@@ -108,27 +103,18 @@ def captioned_latents(recipe: Recipe, net: TextUNetNet) -> tuple[ImageDataset, t
     scaling factor), a fixed preprocessing of each private example; DP-SGD then runs on (z, caption)
     pairs exactly as on images. The data identity (and the budget registry's key) is the fingerprint
     of the images *and* their captions: both are private."""
-    d = recipe.data
+    data, captions = captioned_dataset(recipe, split="train")  # never the held-out part (data.holdout)
     vae = load_pipeline_vae(recipe.model.pretrained)
-    resolution = d.resolution or vae.config.sample_size
-    data = load_captioned_folder(d.root, resolution=resolution, channels=vae.config.in_channels)
     with torch.no_grad():
         z = torch.cat([vae.encode(data.images[i : i + 64]).latent_dist.mean for i in range(0, len(data), 64)])
     z = (z * vae.config.scaling_factor).float()
     if tuple(z.shape[1:]) != net.sample_shape:
         raise ValueError(
-            f"data.resolution={resolution} gives {tuple(z.shape[1:])} latents; the UNet of model.pretrained takes "
+            f"data.resolution={data.resolution} gives {tuple(z.shape[1:])} latents; the UNet of model.pretrained takes "
             f"{net.sample_shape} (set data.resolution to the VAE's sample_size, {vae.config.sample_size})"
         )
-    latents = ImageDataset(
-        images=z,
-        labels=torch.zeros(len(data), dtype=torch.long),
-        num_classes=1,
-        name="captioned",
-        split="train",
-        fingerprint=data.fingerprint,
-    )
-    return latents, net.tokenize(data.captions)
+    # the same data set (name, split, fingerprint: what the ledger describes), as latents
+    return dataclasses.replace(data, images=z), net.tokenize(captions)
 
 
 def _captions(ids: torch.Tensor, null: torch.Tensor, *, p: float, device: torch.device):

@@ -34,7 +34,9 @@ __all__ = [
     "export_lora",
     "export_pipeline",
     "export_unet",
+    "is_text_pipeline",
     "load_pipeline_vae",
+    "pipeline_image_shape",
     "load_text_pipeline",
     "TextUNetNet",
     "load_pretrained_unet",
@@ -240,6 +242,23 @@ def load_text_pipeline(path: str | Path) -> TextUNetNet:
     if not isinstance(net.unet, UNet2DConditionModel):
         raise ValueError(f"{root}/unet: a {type(net.unet).__name__}; a text pipeline has a UNet2DConditionModel")
     return TextUNetNet(net.unet, schedule, text_encoder=text_encoder, tokenizer=tokenizer, base=root.resolve())
+
+
+def is_text_pipeline(path: str | Path | None) -> bool:
+    """Whether ``path`` is a Stable-Diffusion-style text-to-image pipeline directory (it has a text encoder)."""
+    return bool(path) and (Path(path) / "model_index.json").is_file() and (Path(path) / "text_encoder").is_dir()
+
+
+def pipeline_image_shape(path: str | Path) -> tuple[int, int]:
+    """(channels, side) of the images the pipeline at ``path`` takes: its VAE's ``in_channels`` and ``sample_size``
+    (read from ``vae/config.json``, no weights)."""
+    config_file = Path(path).expanduser() / "vae" / "config.json"
+    try:
+        config = json.loads(config_file.read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{config_file}: not a readable VAE config ({e})") from None
+    size = config.get("sample_size", 512)
+    return int(config.get("in_channels", 3)), int(size if isinstance(size, int) else size[0])
 
 
 def load_pipeline_vae(path: str | Path):
