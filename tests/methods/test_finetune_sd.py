@@ -170,6 +170,15 @@ def test_bad_captioned_inputs_are_one_line_errors_and_nothing_is_written(tmp_pat
     assert main([*args, f"data.root={data}", "--out", str(run), "--quiet"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "gone.png" in err[0] and not run.exists()
+    from transformers import AutoTokenizer
+
+    (data / "metadata.jsonl").write_text("\n".join((data / "metadata.jsonl").read_text().splitlines()[:-1]) + "\n")
+    tokenizer = AutoTokenizer.from_pretrained(base / "tokenizer")
+    tokenizer.add_tokens([f"extra{i}" for i in range(100)])  # more tokens than the text encoder embeds
+    tokenizer.save_pretrained(base / "tokenizer")
+    assert main([*args, f"data.root={data}", "--out", str(run), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "do not belong together" in err[0] and not run.exists()
     import shutil
 
     shutil.rmtree(base / "text_encoder")

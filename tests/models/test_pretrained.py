@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import DDPMScheduler, UNet2DConditionModel, UNet2DModel
+from torch import nn
 
 from privdiff.diffusion import denoising_loss
 from privdiff.diffusion.discrete import DiscreteSchedule, DiscreteSigma, VPDenoiser
@@ -57,6 +58,25 @@ def _with_lora(net):
     return net
 
 
+class GroupNorm32(nn.GroupNorm):
+    """guided-diffusion's / ADM's norm (a subclass, as pretrained UNets from other codebases have): computed in float32."""
+
+    def forward(self, x):
+        return super().forward(x.float()).type(x.dtype)
+
+
+def _groupnorm32(net):
+    """``net`` with every GroupNorm replaced by a :class:`GroupNorm32` holding the same weights."""
+    for module in list(net.modules()):
+        for name, child in list(module.named_children()):
+            if type(child) is nn.GroupNorm:
+                new = GroupNorm32(child.num_groups, child.num_channels, eps=child.eps, affine=child.affine)
+                new.load_state_dict(child.state_dict())
+                setattr(module, name, new)
+    assert any(isinstance(m, GroupNorm32) for m in net.modules())
+    return net
+
+
 CASES = {  # name: (build the net, trainable selection or "lora", condition)
     "pixel-attention+class": (lambda: DiffusersUNetNet(tiny_pixel_unet()), ["attentions", "class_embedding"], "labels"),
     "sd-all": (lambda: DiffusersUNetNet(tiny_sd_unet()), ["all"], "text"),
@@ -67,6 +87,7 @@ CASES = {  # name: (build the net, trainable selection or "lora", condition)
         "text",
     ),
     "sd-lora": (lambda: DiffusersUNetNet(tiny_sd_unet()), "lora", "text"),
+    "sd-all, GroupNorm32 norms": (lambda: _groupnorm32(DiffusersUNetNet(tiny_sd_unet())), ["all"], "text"),
 }
 
 
@@ -81,6 +102,7 @@ pytestmark = pytest.mark.usefixtures("deterministic_kernels")
         ("sd-attentions (DP-LDM)", "v_prediction"),
         ("sd-cross-attention+time", "epsilon"),
         ("sd-lora", "v_prediction"),
+        ("sd-all, GroupNorm32 norms", "epsilon"),
     ],
 )
 def test_per_example_gradients_on_real_diffusers_blocks(case, prediction_type):
