@@ -295,6 +295,23 @@ TINY = [
 ]
 
 
+# the smallest DPDM: a one-level UNet on 4x4 digits (scikit-learn's), a run in a few seconds; tests add
+# their train.max_steps / train.checkpoint_every
+MICRO = [
+    "data.name=digits",
+    "data.resolution=4",
+    "model.channels=[4]",
+    "model.attention_levels=[]",
+    "model.norm_num_groups=2",
+    "model.attention_head_dim=4",
+    "train.batch_size=8",
+    "train.epochs=1",
+    "privacy.noise_multiplicity=1",
+    "train.max_physical_batch_size=64",
+    "sampler.steps=1",
+]
+
+
 # -- one set of images exported the ways a user holds them (IDX, a class folder, a zip) ----------
 
 

@@ -16,23 +16,10 @@ import pytest
 
 from privdiff.cli import _parse, build_parser, main
 from privdiff.privacy.registry import Registry
+from tests.helpers import MICRO as MICRO_BASE
 
 ROOT = Path(__file__).resolve().parents[2]
-MICRO = [
-    "data.name=digits",
-    "data.resolution=4",
-    "model.channels=[4]",
-    "model.attention_levels=[]",
-    "model.norm_num_groups=2",
-    "model.attention_head_dim=4",
-    "train.batch_size=8",
-    "train.epochs=1",
-    "privacy.noise_multiplicity=1",
-    "train.max_physical_batch_size=64",
-    "sampler.steps=1",
-    "train.max_steps=2",
-    "train.checkpoint_every=2",
-]
+MICRO = [*MICRO_BASE, "train.max_steps=2", "train.checkpoint_every=2"]
 
 
 def _run(argv) -> int:

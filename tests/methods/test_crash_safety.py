@@ -21,25 +21,11 @@ from privdiff.cli import main
 from privdiff.privacy.accounting import epsilon
 from privdiff.privacy.registry import Registry
 from privdiff.runs import Run
+from tests.helpers import MICRO as MICRO_BASE
 
 pytestmark = pytest.mark.slow
 
-# the smallest DPDM: a one-level UNet on 4x4 digits (sklearn's), so a run is a few seconds
-MICRO = [
-    "data.name=digits",
-    "data.resolution=4",
-    "model.channels=[4]",
-    "model.attention_levels=[]",
-    "model.norm_num_groups=2",
-    "model.attention_head_dim=4",
-    "train.batch_size=8",
-    "train.epochs=1",
-    "privacy.noise_multiplicity=1",
-    "train.max_physical_batch_size=64",
-    "sampler.steps=1",
-    "train.max_steps=6",
-    "train.checkpoint_every=2",
-]
+MICRO = [*MICRO_BASE, "train.max_steps=6", "train.checkpoint_every=2"]
 
 
 def _train(out, registry):

@@ -11,23 +11,11 @@ from privdiff.data import load_dataset
 from privdiff.privacy.budget import open_ledger
 from privdiff.privacy.registry import Registry
 from privdiff.runs import open_run
+from tests.helpers import MICRO as MICRO_BASE
 
 pytestmark = pytest.mark.slow
 
-MICRO = [
-    "data.name=digits",
-    "data.resolution=4",
-    "model.channels=[4]",
-    "model.attention_levels=[]",
-    "model.norm_num_groups=2",
-    "model.attention_head_dim=4",
-    "train.batch_size=8",
-    "train.epochs=1",
-    "privacy.noise_multiplicity=1",
-    "train.max_physical_batch_size=64",
-    "sampler.steps=1",
-    "train.max_steps=2",
-]
+MICRO = [*MICRO_BASE, "train.max_steps=2"]
 
 
 def _registered_runs() -> list:

@@ -21,7 +21,7 @@ import os
 import numpy as np
 
 from privdiff.data.dataset import DatasetError, ImageDataset, _check_split, _to_dataset
-from privdiff.data.files import _require_root, no_test_split_error, read_folder
+from privdiff.data.files import _require_root, load_folder, read_folder
 
 __all__ = ["NO_TEST_SPLIT", "absolute_root", "check_split_options", "holdout_indices", "load_folder_split"]
 
@@ -135,19 +135,7 @@ def load_folder_split(
         return _held_out(root, split=split, resolution=resolution, fraction=float(holdout), seed=int(holdout_seed))
     if test_root is not None:
         return _with_test_root(root, split=split, resolution=resolution, test_root=test_root)
-    if split == "test":
-        raise no_test_split_error(root)
-    content = read_folder(root, resolution=resolution)
-    return _to_dataset(
-        content.images,
-        content.labels,
-        name="folder",
-        split=split,
-        num_classes=len(content.class_names),
-        class_names=content.class_names,
-        source=str(content.path),
-        digests=content.digests,
-    )
+    return load_folder(root, split=split, resolution=resolution)  # neither: the whole folder, no test split
 
 
 def _held_out(

@@ -25,6 +25,7 @@ from pathlib import Path
 from diffusers import UNet2DConditionModel, UNet2DModel
 from torch import Tensor, nn
 
+from ..atomic import atomic_directory
 from ..diffusion.discrete import DiscreteSchedule
 
 __all__ = [
@@ -406,22 +407,15 @@ def export_pipeline(net: DiffusersUNetNet, *, base: str | Path, out: str | Path)
     either complete or absent; an existing ``out`` is never overwritten.
     """
     import shutil
-    import tempfile
 
     base, out = Path(base).expanduser(), Path(out).expanduser()
     if not (base / "model_index.json").is_file():
         raise ValueError(f"{base}: not a diffusers pipeline directory (no model_index.json)")
     if out.exists():
         raise ValueError(f"{out}: already exists; choose a new directory")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_directory(out) as tmp:
         shutil.copytree(base, tmp, dirs_exist_ok=True, ignore=shutil.ignore_patterns("unet"))
         plain_unet(net).save_pretrained(tmp / "unet", safe_serialization=True)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
@@ -430,31 +424,19 @@ def export_unet(net: DiffusersUNetNet, *, base: str | Path, out: str | Path) -> 
     config of the UNet at ``base`` beside it (the layout :func:`load_pretrained_unet` reads), so the fine-tuned
     net is sampled with the schedule it was trained with. ``out`` is written complete or not at all, never over
     an existing directory."""
-    import shutil
-    import tempfile
-
     base, out = Path(base).expanduser(), Path(out).expanduser()
     if out.exists():
         raise ValueError(f"{out}: already exists; choose a new directory")
     config = _scheduler_config(base / "unet" if (base / "model_index.json").is_file() else base)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_directory(out) as tmp:
         plain_unet(net).save_pretrained(tmp, safe_serialization=True)
         (tmp / "scheduler_config.json").write_text(json.dumps(config, indent=2) + "\n")
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
 def export_lora(net: DiffusersUNetNet, *, out: str | Path) -> Path:
     """Write ``net``'s LoRA adapters in the diffusers LoRA format (``pytorch_lora_weights.safetensors``),
     which ``pipe.load_lora_weights(out)`` accepts on a copy of the base pipeline."""
-    import shutil
-    import tempfile
-
     from diffusers import StableDiffusionPipeline
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
@@ -464,18 +446,12 @@ def export_lora(net: DiffusersUNetNet, *, out: str | Path) -> Path:
     out = Path(out).expanduser()
     if out.exists():
         raise ValueError(f"{out}: already exists; choose a new directory")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(net.unet))
-        # the adapter's config (rank, alpha, targets) travels with the weights: without it diffusers loads the
-        # adapters at scale 1 instead of alpha/rank
-        metadata = net.unet.peft_config["default"].to_dict()
+    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(net.unet))
+    # the adapter's config (rank, alpha, targets) travels with the weights: without it diffusers loads the
+    # adapters at scale 1 instead of alpha/rank
+    metadata = net.unet.peft_config["default"].to_dict()
+    with atomic_directory(out) as tmp:
         StableDiffusionPipeline.save_lora_weights(
             tmp, unet_lora_layers=layers, safe_serialization=True, unet_lora_adapter_metadata=metadata
         )
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
