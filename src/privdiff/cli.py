@@ -325,6 +325,10 @@ def cmd_sample(args: argparse.Namespace) -> int:
         for k, v in (("steps", args.steps), ("guidance", args.guidance), ("name", args.sampler))
         if v is not None
     ]
+    if args.sampler is not None:  # privdiff's own sampler asked for: not the pipeline's scheduler
+        overrides.append("sampler.scheduler=null")
+    if args.scheduler is not None:
+        overrides.append(f"sampler.scheduler={args.scheduler}")
     recipe = resolve_recipe(recipe_to_dict(run.load_config()), overrides)
     denoiser = load_denoiser(run, recipe)
     labels, nrow = sample_labels(
@@ -716,7 +720,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--prompt", help='a text prompt for all images, e.g. "a handwritten digit seven" (DP-LDM runs)')
     s.add_argument("--steps", type=_key("sampler.steps"), help="sampler steps (default: the recipe's)")
-    s.add_argument("--sampler", choices=["heun", "edm", "euler", "ddim"], help="sampler (default: the recipe's)")
+    how = s.add_mutually_exclusive_group()
+    how.add_argument(
+        "--sampler", choices=["heun", "edm", "euler", "ddim"], help="privdiff's sampler (default: the recipe's)"
+    )
+    how.add_argument(
+        "--scheduler",
+        help="a pretrained pipeline's own diffusers scheduler on its timesteps: pipeline (the one it was saved with), "
+        "ddim, pndm/plms, euler, euler-ancestral, dpm-solver, ddpm (dp-finetune runs)",
+    )
     s.add_argument("--guidance", type=_key("sampler.guidance"), help="classifier-free guidance scale w")
     s.add_argument("--seed", type=SEED, default=0, help="seed of the samples")
     s.add_argument(

@@ -25,6 +25,7 @@ from typing import Any
 import yaml
 
 from .data.splits import absolute_root, check_split_options
+from .diffusion.schedulers import SCHEDULERS
 from .method_registry import METHODS
 from .models.autoencoder import AutoencoderConfig
 from .models.he_net import HENetConfig
@@ -103,6 +104,9 @@ class TrainConfig:
 @dataclass(frozen=True)
 class SamplerConfig:
     name: str = "heun"  # heun/edm (EDM Algorithm 2) | euler/ddim
+    # a pretrained pipeline's own diffusers scheduler instead (pipeline | ddim | pndm | plms | euler | euler-ancestral |
+    # dpm-solver | ddpm), on the net's timesteps with its scheduler config; null: privdiff's sampler (name, sigma_*, rho)
+    scheduler: str | None = None
     steps: int = 32
     guidance: float = 0.0  # classifier-free guidance scale w
     S_churn: float = 0.0
@@ -690,6 +694,10 @@ def validate_recipe(r: Recipe) -> None:
         ),
         (r.diffusion.logsnr_min < r.diffusion.logsnr_max, "diffusion.logsnr_min must be < diffusion.logsnr_max"),
         (r.sampler.name in SAMPLERS, f"sampler.name must be one of {', '.join(SAMPLERS)}"),
+        (
+            r.sampler.scheduler is None or r.sampler.scheduler in SCHEDULERS,
+            f"sampler.scheduler must be null or one of {', '.join(SCHEDULERS)}",
+        ),
         (r.sampler.sigma_min < r.sampler.sigma_max, "sampler.sigma_min must be < sampler.sigma_max"),
         (r.sampler.S_min <= r.sampler.S_max, "sampler.S_min must be <= sampler.S_max"),
         (r.evaluate.features in EVALUATE_FEATURES, f"evaluate.features must be one of {', '.join(EVALUATE_FEATURES)}"),

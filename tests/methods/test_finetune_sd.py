@@ -77,6 +77,13 @@ def test_a_users_sd_pipeline_is_dp_fine_tuned_on_captioned_images_and_exported(t
     assert main(["sample", str(run), "--prompt", "red cat", "--n", "2", "--out", str(out), "--quiet"]) == 0
     with np.load(out) as f:
         assert f["images"].shape == (2, 3, 16, 16) and np.isfinite(f["images"]).all()
+        default = f["images"]
+    # the recipe samples with the pipeline's own scheduler; another of diffusers', or privdiff's EDM sampler, on request
+    for how in (["--scheduler", "dpm-solver"], ["--sampler", "heun"]):
+        other = tmp_path / f"{how[1]}.npz"
+        assert main(["sample", str(run), "--prompt", "red cat", "--n", "2", *how, "--out", str(other), "--quiet"]) == 0
+        with np.load(other) as f:
+            assert np.isfinite(f["images"]).all() and not np.array_equal(f["images"], default)
     if prediction_type == "epsilon":  # evaluate: empty-prompt samples against the held-out captioned images
         assert (
             main(

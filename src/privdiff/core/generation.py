@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 from ..config import Recipe
 from ..diffusion import Denoiser, guided_denoiser, sample
 from ..diffusion.discrete import VPDenoiser
+from ..diffusion.schedulers import make_scheduler, sample_scheduler
 from ..runs import Run, save_samples
 
 __all__ = ["class_grid_labels", "class_index", "generate", "sample_class_grid", "sample_labels", "sigma_range"]
@@ -37,6 +38,10 @@ def generate(
     (one for all, or n; text needs a DP-LDM run); latents are decoded with ``decode``.
     Returns float32 [n, C, H, W] in [0, 1].
 
+    ``sampler.scheduler`` (a pretrained net's runs only) samples with the pipeline's own diffusers scheduler
+    (DDIM, PNDM/PLMS, Euler, DPM-Solver, ...) on the net's timesteps (:mod:`privdiff.diffusion.schedulers`);
+    otherwise privdiff's sampler ``sampler.name`` runs on the Karras σ grid.
+
     ``progress``: one bar on stderr that moves with every sampler step of every batch (a batch of
     250 images at 64 steps is 64 ticks, not one); it only counts, so the images are the same without it."""
     s = recipe.sampler
@@ -47,6 +52,14 @@ def generate(
     null = net.null_condition()
     g = torch.Generator(device=device).manual_seed(seed)
     n_steps = steps or s.steps
+    scheduler = None
+    if s.scheduler is not None:
+        if not isinstance(denoiser, VPDenoiser):
+            raise ValueError(
+                f"sampler.scheduler={s.scheduler}: the pipeline schedulers sample a pretrained discrete-time net "
+                "(method dp-finetune); this run's denoiser is privdiff's own: use sampler.name"
+            )
+        scheduler = make_scheduler(s.scheduler, net.scheduler_config)
     batches = range(0, n, batch_size)
     bar = tqdm(
         total=len(batches) * n_steps,
@@ -61,23 +74,35 @@ def generate(
         c = None if cond is None else cond[start : start + batch_size].to(device)
         b = min(batch_size, n - start)
         fn = guided_denoiser(denoiser, c, guidance=s.guidance if c is not None else 0.0, null_label=null)
-        x = sample(
-            fn,
-            shape=(b, *net.sample_shape),
-            sampler=s.name,
-            steps=n_steps,
-            sigma_min=max(s.sigma_min, lo),
-            sigma_max=min(s.sigma_max, hi),
-            rho=s.rho,
-            generator=g,
-            device=device,
-            callback=lambda _state: bar.update(1),
-            **(
-                {"S_churn": s.S_churn, "S_min": s.S_min, "S_max": s.S_max, "S_noise": s.S_noise}
-                if s.name in ("heun", "edm")
-                else {}
-            ),
-        )
+        if scheduler is not None:
+            x = sample_scheduler(
+                fn,
+                scheduler=scheduler,
+                schedule=denoiser.schedule,
+                shape=(b, *net.sample_shape),
+                steps=n_steps,
+                generator=g,
+                device=device,
+                callback=lambda _state: bar.update(1),
+            )
+        else:
+            x = sample(
+                fn,
+                shape=(b, *net.sample_shape),
+                sampler=s.name,
+                steps=n_steps,
+                sigma_min=max(s.sigma_min, lo),
+                sigma_max=min(s.sigma_max, hi),
+                rho=s.rho,
+                generator=g,
+                device=device,
+                callback=lambda _state: bar.update(1),
+                **(
+                    {"S_churn": s.S_churn, "S_min": s.S_min, "S_max": s.S_max, "S_noise": s.S_noise}
+                    if s.name in ("heun", "edm")
+                    else {}
+                ),
+            )
         if decode is not None:
             x = decode(x)
         out.append(((x.clamp(-1, 1) + 1) / 2).float().cpu().numpy())

@@ -127,6 +127,14 @@ class DiscreteSchedule:
         w = (log_sigma - log_sigmas[low]) / (log_sigmas[high] - log_sigmas[low])
         return low.to(torch.float64) + w
 
+    def t_to_sigma(self, t: Tensor) -> Tensor:
+        """σ(t): the inverse of :meth:`sigma_to_t` (log σ interpolated linearly between the table's integer t), float64."""
+        log_sigmas = self.sigmas().log().to(t.device)
+        t = torch.as_tensor(t, dtype=torch.float64, device=log_sigmas.device).clamp(0, len(log_sigmas) - 1)
+        low = t.floor().long().clamp(max=len(log_sigmas) - 2)
+        w = t - low.to(torch.float64)
+        return ((1 - w) * log_sigmas[low] + w * log_sigmas[low + 1]).exp()
+
 
 @dataclass(frozen=True)
 class DiscreteSigma:

@@ -63,11 +63,14 @@ class DiffusersUNetNet(nn.Module):
         schedule: DiscreteSchedule | None = None,
         *,
         unet_dir: str | Path | None = None,
+        scheduler_config: dict | None = None,
     ):
         super().__init__()
         self.unet = unet
         self.schedule = schedule or DiscreteSchedule()
         self.unet_dir = None if unet_dir is None else str(unet_dir)  # where the pretrained UNet was read from
+        # the pipeline's scheduler config as saved (class, spacing, offsets): what its own schedulers sample with
+        self._scheduler_config = None if scheduler_config is None else dict(scheduler_config)
         self.lora: dict | None = None  # rank, alpha, targets of the LoRA adapters (add_lora), if any
 
     def forward(self, x: Tensor, t: Tensor, cond: Tensor | None = None) -> Tensor:
@@ -101,8 +104,20 @@ class DiffusersUNetNet(nn.Module):
         """None: a pretrained UNet has no null class unless it was trained with one, so no guidance."""
         return None
 
+    @property
+    def scheduler_config(self) -> dict:
+        """The scheduler config the net came with (``sampler.scheduler`` builds the pipeline's own schedulers from it);
+        a DDPM scheduler's on the net's schedule when it came with none."""
+        if self._scheduler_config is not None:
+            return dict(self._scheduler_config)
+        return {"_class_name": "DDPMScheduler", **dataclasses.asdict(self.schedule)}
+
     def _saved_info(self) -> dict:
-        return dataclasses.asdict(self.schedule) | {"unet_dir": self.unet_dir, "lora": self.lora}
+        return dataclasses.asdict(self.schedule) | {
+            "unet_dir": self.unet_dir,
+            "lora": self.lora,
+            "scheduler_config": self._scheduler_config,
+        }
 
     def save_pretrained(self, path: str | Path) -> None:
         """A run's checkpoint: the schedule (and where the pretrained parts came from) in ``privdiff_pretrained.json``,
@@ -129,6 +144,7 @@ class DiffusersUNetNet(nn.Module):
         path = Path(path)
         info = json.loads((path / cls.MARKER).read_text())
         text_from, unet_dir, lora = info.pop("text_from", None), info.pop("unet_dir", None), info.pop("lora", None)
+        scheduler_config = info.pop("scheduler_config", None)
         schedule = DiscreteSchedule(**info)
         kind = json.loads((path / "config.json").read_text()).get("_class_name")
         unet_cls = UNet2DConditionModel if kind == "UNet2DConditionModel" else UNet2DModel
@@ -139,10 +155,17 @@ class DiffusersUNetNet(nn.Module):
         else:
             unet = unet_cls.from_pretrained(path, local_files_only=True, low_cpu_mem_usage=False)
         if text_from is None:
-            net = DiffusersUNetNet(unet, schedule, unet_dir=unet_dir)
+            net = DiffusersUNetNet(unet, schedule, unet_dir=unet_dir, scheduler_config=scheduler_config)
         else:
             text_encoder, tokenizer = _text_parts(Path(text_from))  # frozen: read again from the pipeline it came from
-            net = TextUNetNet(unet, schedule, text_encoder=text_encoder, tokenizer=tokenizer, base=text_from)
+            net = TextUNetNet(
+                unet,
+                schedule,
+                text_encoder=text_encoder,
+                tokenizer=tokenizer,
+                base=text_from,
+                scheduler_config=scheduler_config,
+            )
         if lora:
             from peft.utils import set_peft_model_state_dict
 
@@ -170,8 +193,9 @@ class TextUNetNet(DiffusersUNetNet):
         text_encoder: nn.Module,
         tokenizer,
         base: str | Path,
+        scheduler_config: dict | None = None,
     ):
-        super().__init__(unet, schedule, unet_dir=Path(base) / "unet")
+        super().__init__(unet, schedule, unet_dir=Path(base) / "unet", scheduler_config=scheduler_config)
         self.text_encoder = text_encoder.requires_grad_(False).eval()
         self.tokenizer = tokenizer
         self.base = str(base)
@@ -242,7 +266,14 @@ def load_text_pipeline(path: str | Path) -> TextUNetNet:
     net, schedule = load_pretrained_unet(root)
     if not isinstance(net.unet, UNet2DConditionModel):
         raise ValueError(f"{root}/unet: a {type(net.unet).__name__}; a text pipeline has a UNet2DConditionModel")
-    return TextUNetNet(net.unet, schedule, text_encoder=text_encoder, tokenizer=tokenizer, base=root.resolve())
+    return TextUNetNet(
+        net.unet,
+        schedule,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        base=root.resolve(),
+        scheduler_config=net.scheduler_config,
+    )
 
 
 def is_text_pipeline(path: str | Path | None) -> bool:
@@ -310,12 +341,14 @@ def load_pretrained_unet(path: str | Path) -> tuple[DiffusersUNetNet, DiscreteSc
     classes = {"UNet2DModel": UNet2DModel, "UNet2DConditionModel": UNet2DConditionModel}
     if kind not in classes:
         raise ValueError(f"{config_file}: a {kind!r}; privdiff reads UNet2DModel or UNet2DConditionModel")
-    schedule = DiscreteSchedule.from_config(_scheduler_config(root))
+    scheduler_config = _scheduler_config(root)
+    schedule = DiscreteSchedule.from_config(scheduler_config)
     try:
         unet = classes[kind].from_pretrained(root, local_files_only=True, low_cpu_mem_usage=False)
     except (OSError, ValueError, EnvironmentError) as e:
         raise ValueError(f"{root}: the UNet's weights could not be read ({str(e).splitlines()[0]})") from None
-    return DiffusersUNetNet(unet, schedule, unet_dir=root.resolve()), schedule
+    net = DiffusersUNetNet(unet, schedule, unet_dir=root.resolve(), scheduler_config=scheduler_config)
+    return net, schedule
 
 
 # Module-name patterns of each trainable group (fnmatch over the UNet's parameter names).
