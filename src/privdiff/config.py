@@ -58,6 +58,9 @@ class DataConfig:
     )
     holdout_seed: int = 0  # seed of that held-out draw (the same seed, the same parts)
     test_root: str | None = None  # data without a test split (folder): a folder or .zip read as its test split instead
+    # a text pipeline on class-labelled data: each image's caption is this template with {} its class name
+    # ("a photo of a {}"); null: captions from data.root's metadata.jsonl or caption files
+    prompt_template: str | None = None
 
 
 @dataclass(frozen=True)
@@ -767,6 +770,16 @@ def validate_recipe(r: Recipe) -> None:
     for ok, message in checks:
         if not ok:
             raise RecipeError(message)
+    template = r.data.prompt_template
+    if template is not None:
+        try:
+            ok = "{}" in template and template.format("x") == template.replace("{}", "x")
+        except (IndexError, KeyError, ValueError):
+            ok = False
+        if not ok:
+            raise RecipeError(
+                f"data.prompt_template={template!r}: give one {{}} where the class name goes, e.g. 'a photo of a {{}}'"
+            )
     try:  # data.holdout / data.test_root only for data without a test split, and not both
         check_split_options(
             r.data.name, holdout=r.data.holdout, holdout_seed=r.data.holdout_seed, test_root=r.data.test_root

@@ -193,3 +193,60 @@ def test_bad_captioned_inputs_are_one_line_errors_and_nothing_is_written(tmp_pat
         main([*args, f"data.root={data}", "--out", str(run), "--quiet"]) == 2
     )  # now not a text pipeline: pixel path refuses it
     assert not run.exists()
+
+
+def test_class_labelled_data_through_a_prompt_template_is_sampled_by_class(tmp_path):
+    """A class folder (gray images) on a text pipeline: each image captioned by the template with its class name,
+    the net then class-conditional on those prompts: a class grid, --label, and evaluate's downstream accuracy."""
+    from privdiff.core.stages import recipe_dataset
+    from privdiff.config import resolve_recipe
+    from tests.helpers import image_folder
+
+    rng = np.random.default_rng()
+    base = tmp_path / "base"
+    tiny_sd_pipeline(base, seed=int(rng.integers(0, 10_000)))
+    data = image_folder(tmp_path / "pets", rng, classes={"cat": 8, "dog": 8}, mode="L", size=20)
+    run = tmp_path / "run"
+    args = [
+        str(ROOT / "recipes/sd-dp-ldm.yaml"),
+        *TINY,
+        f"model.pretrained={base}",
+        f"data.root={data}",
+        "data.holdout=0.25",
+        "data.prompt_template=a photo of a {}",
+    ]
+    recipe = resolve_recipe(args[0], args[1:])
+    train = recipe_dataset(recipe, split="train")
+    assert train.channels == 3 and train.resolution == 16 and train.class_names == ("cat", "dog")
+    assert train.example_digests is not None  # the labelled images' own identities in the budget registry
+    assert main(["train", *args, "--out", str(run), "--quiet"]) == 0
+    with np.load(run / "samples" / "samples.npz") as f:  # the run's grid: a row per class, from its class prompt
+        assert f["images"].shape == (20, 3, 16, 16) and list(f["labels"]) == [0] * 10 + [1] * 10
+    net = Run(run).load_net(ema=True)
+    assert net.class_prompts == ("a photo of a cat", "a photo of a dog") and net.num_classes == 2
+    ids = net.conditions(labels=torch.tensor([1, 0]), n=2)
+    assert torch.equal(ids, net.tokenize(["a photo of a dog", "a photo of a cat"]))
+    out = tmp_path / "dogs.npz"
+    assert main(["sample", str(run), "--label", "dog", "--n", "2", "--out", str(out), "--quiet"]) == 0
+    with np.load(out) as f:
+        assert f["images"].shape == (2, 3, 16, 16) and (f["labels"] == 1).all()
+    assert main(["train", *args, "data.prompt_template=a photo", "--out", str(tmp_path / "bad"), "--quiet"]) == 2
+    assert not (tmp_path / "bad").exists()
+
+
+def test_captioned_images_are_the_same_examples_as_in_an_image_folder(tmp_path):
+    """The budget registry's per-example identity of a captioned image is its pixels' digest, whatever its caption:
+    a run on the captioned folder and one on the same PNGs as a class folder compose on the same examples."""
+    from privdiff.data.captioned import load_captioned_folder
+    from privdiff.data.files import read_folder
+
+    data = _captioned(tmp_path / "images", np.random.default_rng(), 5)
+    captioned = load_captioned_folder(data, resolution=8)
+    (tmp_path / "folder" / "any").mkdir(parents=True)
+    for i in range(5):
+        (tmp_path / "folder" / "any" / f"{i}.png").write_bytes((data / f"{i}.png").read_bytes())
+    folder = read_folder(tmp_path / "folder", resolution=12)
+    assert np.array_equal(captioned.digests, folder.digests)
+    (data / "metadata.jsonl").write_text((data / "metadata.jsonl").read_text().replace('"text": "', '"text": "new '))
+    recaptioned = load_captioned_folder(data, resolution=8)
+    assert np.array_equal(recaptioned.digests, captioned.digests) and recaptioned.fingerprint != captioned.fingerprint

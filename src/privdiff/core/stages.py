@@ -41,6 +41,7 @@ __all__ = [
     "public_data",
     "recipe_dataset",
     "require_test_split",
+    "templated_dataset",
     "train_autoencoder",
 ]
 
@@ -71,11 +72,16 @@ def recipe_dataset(recipe: Recipe, *, split: str = "train") -> ImageDataset:
     if is_text_pipeline(recipe.model.pretrained):  # text-to-image data: captioned images
         return captioned_dataset(recipe, split=split)[0]
     d = recipe.data
+    return _load_data(recipe, split=split, resolution=d.resolution)
+
+
+def _load_data(recipe: Recipe, *, split: str, resolution: int | None) -> ImageDataset:
+    d = recipe.data
     return load_dataset(
         d.name,
         root=d.root,
         split=split,
-        resolution=d.resolution,
+        resolution=resolution,
         holdout=d.holdout,
         holdout_seed=d.holdout_seed,
         test_root=d.test_root,
@@ -91,9 +97,11 @@ def captioned_dataset(recipe: Recipe, *, split: str = "train") -> tuple[ImageDat
     captions, the part, the fraction and the seed, so the ledger names exactly what was trained on.
     """
     d = recipe.data
+    channels, size = pipeline_image_shape(recipe.model.pretrained)
+    if d.prompt_template is not None:
+        return templated_dataset(recipe, split=split, channels=channels, resolution=d.resolution or size)
     if d.test_root is not None:
         raise DatasetError("data.test_root: not for captioned images; hold out a part with data.holdout")
-    channels, size = pipeline_image_shape(recipe.model.pretrained)
     data = load_captioned_folder(d.root, resolution=d.resolution or size, channels=channels)
     n, whole = len(data), split == "all" or (split == "train" and d.holdout is None)
     if whole:
@@ -115,8 +123,30 @@ def captioned_dataset(recipe: Recipe, *, split: str = "train") -> tuple[ImageDat
         fingerprint=fingerprint,
         holdout=held,
         holdout_seed=None if held is None else d.holdout_seed,
+        example_digests=data.digests[idx],  # each image's identity in the budget registry (not its caption)
     )
     return dataset, tuple(data.captions[i] for i in idx)
+
+
+def templated_dataset(
+    recipe: Recipe, *, split: str, channels: int, resolution: int
+) -> tuple[ImageDataset, tuple[str, ...]]:
+    """One split of class-labelled data (``data.*``, any data set with classes) for a text pipeline, each image
+    captioned ``data.prompt_template`` with its class name ("a photo of a {}" → "a photo of a tulip").
+
+    The caption is a function of the label alone (it carries nothing the label does not), so the data set,
+    its fingerprint and its examples' identities are the labelled data's. Gray images are repeated to the
+    pipeline's 3 channels, as diffusers' training scripts convert them to RGB."""
+    data = _load_data(recipe, split=split, resolution=resolution)
+    if data.channels != channels:
+        if (data.channels, channels) != (1, 3):
+            raise DatasetError(
+                f"{data.name} has {data.channels}-channel images; the pipeline's VAE takes {channels} channels"
+            )
+        data = dataclasses.replace(data, images=data.images.expand(-1, 3, -1, -1).contiguous())
+    names = data.class_names or tuple(str(c) for c in range(data.num_classes))
+    template = recipe.data.prompt_template
+    return data, tuple(template.format(names[int(c)]) for c in data.labels)
 
 
 def private_dataset(recipe: Recipe) -> ImageDataset:

@@ -10,7 +10,10 @@ Two conventions are read (the first one found wins):
 
 Every image is resized so that its shorter side is the model's resolution (bilinear) and
 center-cropped to a square, as diffusers' ``train_text_to_image.py`` does. Both an image and its
-caption are private: the content fingerprint covers both.
+caption are private: the content fingerprint covers both. Each example's identity in the budget
+registry is its image's :func:`~.dataset.example_digests` (decoded pixels before any resizing), not its
+caption: the same image under another caption, or in an unlabelled image folder, is the same example,
+and composing it is the conservative choice.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from .dataset import DatasetError, content_fingerprint
+from .dataset import DatasetError, content_fingerprint, example_digests
 from .files import IMAGE_EXTENSIONS, _GRAY_BANDS, _is_hidden, _is_image_name, _open_image
 
 __all__ = ["CaptionedImages", "load_captioned_folder", "CAPTION_EXTENSIONS"]
@@ -36,13 +39,15 @@ CAPTION_EXTENSIONS = (".txt", ".caption")
 
 @dataclass(frozen=True, eq=False)
 class CaptionedImages:
-    """Images in [-1, 1] ``[N, C, R, R]`` with one caption each, the files they came from, and a fingerprint of both."""
+    """Images in [-1, 1] ``[N, C, R, R]`` with one caption each, the files they came from, a fingerprint of both,
+    and each image's :func:`~.dataset.example_digests` (uint8 ``[N, 32]``, of its pixels before resizing)."""
 
     images: Tensor
     captions: tuple[str, ...]
     files: tuple[str, ...]
     fingerprint: str
     source: str
+    digests: np.ndarray
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -143,9 +148,12 @@ def load_captioned_folder(root: str | os.PathLike, *, resolution: int, channels:
             f"{path}: mixes grayscale ({pairs[g][0].name}) and colour ({pairs[c][0].name}) images; convert them to one mode"
         )
     mode = "RGB" if channels == 3 else "L"
-    arrays = []
+    arrays, digests = [], []
     for image in images:
-        array = np.asarray(_square(image.convert(mode), resolution), dtype=np.uint8)
+        image = image.convert(mode)
+        native = np.asarray(image, dtype=np.uint8)
+        digests.append(example_digests((native[None] if mode == "L" else native.transpose(2, 0, 1))[None])[0])
+        array = np.asarray(_square(image, resolution), dtype=np.uint8)
         arrays.append(array[None] if mode == "L" else array.transpose(2, 0, 1))
     content = np.stack(arrays)
     captions = tuple(c for _, c in pairs)
@@ -159,4 +167,5 @@ def load_captioned_folder(root: str | os.PathLike, *, resolution: int, channels:
         files=tuple(str(p.relative_to(path)) for p, _ in pairs),
         fingerprint=f"sha256:{digest.hexdigest()}",
         source=str(path.resolve()),
+        digests=np.stack(digests),
     )

@@ -102,8 +102,15 @@ def captioned_latents(recipe: Recipe, net: TextUNetNet) -> tuple[ImageDataset, t
     Latents are encoded ONCE with the frozen VAE: z = s·μ(x) (the posterior mean, scaled by the VAE's
     scaling factor), a fixed preprocessing of each private example; DP-SGD then runs on (z, caption)
     pairs exactly as on images. The data identity (and the budget registry's key) is the fingerprint
-    of the images *and* their captions: both are private."""
+    of the images *and* their captions: both are private.
+
+    Class-labelled data with ``data.prompt_template`` is captioned by the template and its class names;
+    the net then keeps one prompt per class (``class_prompts``) and is sampled by class like any other."""
     data, captions = captioned_dataset(recipe, split="train")  # never the held-out part (data.holdout)
+    template = recipe.data.prompt_template
+    if template is not None:
+        names = data.class_names or tuple(str(c) for c in range(data.num_classes))
+        net.class_prompts = tuple(template.format(name) for name in names)
     vae = load_pipeline_vae(recipe.model.pretrained)
     with torch.no_grad():
         z = torch.cat([vae.encode(data.images[i : i + 64]).latent_dist.mean for i in range(0, len(data), 64)])
@@ -158,8 +165,9 @@ def train(
     audit: GradientCanaries | None = None,
 ) -> MethodResult:
     """DP-SGD fine-tuning of ``model.pretrained`` on the recipe's private data into run ``out``; then a grid
-    (one row per class for a class-conditional UNet, else ``grid_per_class`` rows of 10 unconditional samples:
-    a text pipeline's grid uses the empty prompt, never a private caption)."""
+    (one row per class for a class-conditional UNet or a text pipeline on ``data.prompt_template``'s class prompts,
+    else ``grid_per_class`` rows of 10 unconditional samples: a text pipeline's grid on captioned images uses the
+    empty prompt, never a private caption)."""
     pretrained = str(Path(recipe.model.pretrained).expanduser().resolve()) if recipe.model.pretrained else None
     recipe = dataclasses.replace(recipe, model=dataclasses.replace(recipe.model, pretrained=pretrained))  # absolute
     device = default_device()
@@ -199,7 +207,13 @@ def train(
     grid = None  # train --no-grid: grid_per_class = 0
     if net.num_classes is not None:
         grid = sample_class_grid(
-            run, recipe, result.denoiser, num_classes=net.num_classes, per_class=grid_per_class, progress=progress
+            run,
+            recipe,
+            result.denoiser,
+            num_classes=net.num_classes,
+            per_class=grid_per_class,
+            decode=load_decoder(run),
+            progress=progress,
         )
     elif grid_per_class:  # an unconditional UNet, or the empty prompt: grid_per_class rows of 10
         images = generate(

@@ -145,6 +145,7 @@ class DiffusersUNetNet(nn.Module):
         info = json.loads((path / cls.MARKER).read_text())
         text_from, unet_dir, lora = info.pop("text_from", None), info.pop("unet_dir", None), info.pop("lora", None)
         scheduler_config = info.pop("scheduler_config", None)
+        class_prompts = info.pop("class_prompts", None)
         schedule = DiscreteSchedule(**info)
         kind = json.loads((path / "config.json").read_text()).get("_class_name")
         unet_cls = UNet2DConditionModel if kind == "UNet2DConditionModel" else UNet2DModel
@@ -165,6 +166,7 @@ class DiffusersUNetNet(nn.Module):
                 tokenizer=tokenizer,
                 base=text_from,
                 scheduler_config=scheduler_config,
+                class_prompts=class_prompts,
             )
         if lora:
             from peft.utils import set_peft_model_state_dict
@@ -183,6 +185,10 @@ class TextUNetNet(DiffusersUNetNet):
     them) and is not saved in a checkpoint: :meth:`save_pretrained` writes the UNet and the path of the
     pipeline it came from (``base``), whose ``text_encoder/`` and ``tokenizer/`` :meth:`from_pretrained`
     reads again. The empty prompt is the null condition of classifier-free guidance.
+
+    Fine-tuned on class-labelled data through a prompt template (``data.prompt_template``), it also has
+    ``class_prompts`` (one per class, "a photo of a {class name}"): it is then class-conditional, and a class
+    label is sampled as its class's prompt (grids, ``sample --label``, evaluate's downstream accuracy).
     """
 
     def __init__(
@@ -194,11 +200,18 @@ class TextUNetNet(DiffusersUNetNet):
         tokenizer,
         base: str | Path,
         scheduler_config: dict | None = None,
+        class_prompts: tuple[str, ...] | list[str] | None = None,
     ):
         super().__init__(unet, schedule, unet_dir=Path(base) / "unet", scheduler_config=scheduler_config)
         self.text_encoder = text_encoder.requires_grad_(False).eval()
         self.tokenizer = tokenizer
         self.base = str(base)
+        self.class_prompts = None if class_prompts is None else tuple(class_prompts)
+
+    @property
+    def num_classes(self) -> int | None:
+        """The classes of its ``class_prompts`` (class-labelled data through a prompt template), else None."""
+        return None if self.class_prompts is None else len(self.class_prompts)
 
     def forward(self, x: Tensor, t: Tensor, cond: Tensor | None = None) -> Tensor:
         if cond is None:
@@ -214,7 +227,10 @@ class TextUNetNet(DiffusersUNetNet):
         ).input_ids
 
     def conditions(self, *, labels: Tensor | None = None, prompts: list[str] | None = None, n: int) -> Tensor:
-        """Token ids of ``n`` rows: one prompt for all, or one each; no prompt is the empty prompt (unconditional)."""
+        """Token ids of ``n`` rows: one prompt for all, or one each; without a prompt, each label's class prompt
+        (a net with ``class_prompts``), else the empty prompt (unconditional)."""
+        if prompts is None and labels is not None and self.class_prompts is not None:
+            prompts = [self.class_prompts[int(c)] for c in labels]
         prompts = [""] if prompts is None else list(prompts)
         if len(prompts) not in (1, n):
             raise ValueError(f"give one prompt or {n}, got {len(prompts)}")
@@ -226,7 +242,7 @@ class TextUNetNet(DiffusersUNetNet):
         return self.tokenize([""])[0]
 
     def _saved_info(self) -> dict:
-        return super()._saved_info() | {"text_from": self.base}
+        return super()._saved_info() | {"text_from": self.base, "class_prompts": self.class_prompts}
 
 
 def _text_parts(root: Path):

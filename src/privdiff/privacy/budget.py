@@ -362,7 +362,7 @@ class StepGuard:
 def registry_examples(registry: Registry, dataset) -> list[str] | None:
     """The keyed identities of ``dataset``'s examples in ``registry`` (:meth:`Registry.key_examples`), by which
     runs on the same images in any file format, or on a subset of them, compose; None for a data set whose
-    examples are unknown (built by hand, captioned images): then its fingerprint alone names it, as before."""
+    examples are unknown (built by hand): then its fingerprint alone names it."""
     digests = getattr(dataset, "example_digests", None)
     return None if digests is None else registry.key_examples(digests)
 
