@@ -151,14 +151,39 @@ def tiny_he_net(
 # -- a tiny Stable-Diffusion-layout pipeline, built from configs (nothing downloaded) -----------------
 
 
-def tiny_sd_pipeline(path, *, prediction_type: str = "epsilon", seed: int = 0):
-    """Save a tiny StableDiffusionPipeline (UNet2DConditionModel with cross-attention, AutoencoderKL, CLIP text
-    encoder with a character-level tokenizer written here, DDIM scheduler) to ``path``; returns the pipeline."""
+def tiny_sd_unet(seed: int = 0, *, layout: str = "sd1"):
+    """A Stable-Diffusion-layout latent UNet (cross-attention blocks: Transformer2DModel with GEGLU feed-forward) on
+    4x8x8 latents. ``layout="sd2"``: SD 2.x's differences (linear proj_in/proj_out, a head size per level,
+    attention upcast to float32)."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    sd2 = layout == "sd2"
+    return UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(8, 16),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=12,
+        attention_head_dim=(2, 4) if sd2 else 4,
+        use_linear_projection=sd2,
+        upcast_attention=sd2,
+        norm_num_groups=4,
+    )
+
+
+def tiny_sd_pipeline(path, *, prediction_type: str = "epsilon", seed: int = 0, layout: str = "sd1"):
+    """Save a tiny StableDiffusionPipeline (:func:`tiny_sd_unet`, AutoencoderKL, CLIP text encoder with a
+    character-level tokenizer written here) to ``path``; returns the pipeline. ``layout="sd1"``: a DDIM scheduler,
+    quick-GELU text encoder; ``"sd2"``: SD 2.x's UNet, an Euler scheduler and a GELU text encoder (OpenCLIP's)."""
     import json
     import string
     from pathlib import Path
 
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, DDIMScheduler, EulerDiscreteScheduler, StableDiffusionPipeline
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     path = Path(path)
@@ -183,20 +208,10 @@ def tiny_sd_pipeline(path, *, prediction_type: str = "epsilon", seed: int = 0):
             bos_token_id=0,
             eos_token_id=1,
             pad_token_id=1,
+            hidden_act="gelu" if layout == "sd2" else "quick_gelu",
         )
     )
-    unet = UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        layers_per_block=1,
-        block_out_channels=(8, 16),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=12,
-        attention_head_dim=4,
-        norm_num_groups=4,
-    )
+    unet = tiny_sd_unet(seed, layout=layout)
     vae = AutoencoderKL(
         in_channels=3,
         out_channels=3,
@@ -207,13 +222,11 @@ def tiny_sd_pipeline(path, *, prediction_type: str = "epsilon", seed: int = 0):
         norm_num_groups=4,
         sample_size=16,
     )
-    scheduler = DDIMScheduler(
-        beta_schedule="scaled_linear",
-        beta_start=0.00085,
-        beta_end=0.012,
-        prediction_type=prediction_type,
-        clip_sample=False,
-    )
+    common = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, prediction_type=prediction_type)
+    if layout == "sd2":
+        scheduler = EulerDiscreteScheduler(**common)
+    else:
+        scheduler = DDIMScheduler(**common, clip_sample=False)
     pipe = StableDiffusionPipeline(
         unet=unet,
         vae=vae,

@@ -115,12 +115,14 @@ def test_unknown_scheduler_and_privdiff_nets_are_refused_in_one_line(tmp_path):
         generate(Denoiser(Net()), labels=None, n=2, recipe=recipe, progress=False)
 
 
-@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
-def test_text_pipeline_samples_equal_stable_diffusion_pipeline(tmp_path, prediction_type):
+@pytest.mark.parametrize(
+    "layout,prediction_type", [("sd1", "epsilon"), ("sd1", "v_prediction"), ("sd2", "v_prediction")]
+)
+def test_text_pipeline_samples_equal_stable_diffusion_pipeline(tmp_path, layout, prediction_type):
     """The same prompt, classifier-free guidance and initial latents through ``generate`` with the pipeline's own
     scheduler and through diffusers' ``StableDiffusionPipeline``: the same latents (guidance w in privdiff's
-    (1 + w)·D(c) − w·D(∅) is the pipeline's guidance_scale 1 + w)."""
-    pipe = tiny_sd_pipeline(tmp_path / "pipe", prediction_type=prediction_type, seed=3)
+    (1 + w)·D(c) − w·D(∅) is the pipeline's guidance_scale 1 + w). SD 1.x's layout with DDIM, SD 2.x's with Euler."""
+    pipe = tiny_sd_pipeline(tmp_path / "pipe", prediction_type=prediction_type, seed=3, layout=layout)
     with torch.no_grad():
         for p in pipe.unet.parameters():
             p.add_(0.05 * torch.randn_like(p))

@@ -42,13 +42,13 @@ def _captioned(root: Path, rng: np.random.Generator, n: int) -> Path:
     return root
 
 
-@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
-def test_a_users_sd_pipeline_is_dp_fine_tuned_on_captioned_images_and_exported(tmp_path, prediction_type):
+@pytest.mark.parametrize("layout,prediction_type", [("sd1", "epsilon"), ("sd2", "v_prediction")])
+def test_a_users_sd_pipeline_is_dp_fine_tuned_on_captioned_images_and_exported(tmp_path, layout, prediction_type):
     from diffusers import StableDiffusionPipeline
 
     seed = int(np.random.default_rng().integers(0, 10_000))
     base = tmp_path / "base"
-    tiny_sd_pipeline(base, prediction_type=prediction_type, seed=seed)
+    tiny_sd_pipeline(base, prediction_type=prediction_type, seed=seed, layout=layout)
     data = _captioned(tmp_path / "images", np.random.default_rng(seed), 24)
     run = tmp_path / "run"
     args = [

@@ -24,24 +24,7 @@ from privdiff.models.pretrained import (
     select_trainable,
 )
 from privdiff.privacy.clipping import BookKeeping
-from tests.helpers import assert_same, jitter, tiny_pixel_unet
-
-
-def tiny_sd_unet(seed: int = 0) -> UNet2DConditionModel:
-    """A Stable-Diffusion-layout latent UNet: cross-attention blocks (Transformer2DModel, GEGLU feed-forward)."""
-    torch.manual_seed(seed)
-    return UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        layers_per_block=1,
-        block_out_channels=(8, 16),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=12,
-        attention_head_dim=4,
-        norm_num_groups=4,
-    )
+from tests.helpers import assert_same, jitter, tiny_pixel_unet, tiny_sd_unet
 
 
 def _with_lora(net):
@@ -88,6 +71,8 @@ CASES = {  # name: (build the net, trainable selection or "lora", condition)
     ),
     "sd-lora": (lambda: DiffusersUNetNet(tiny_sd_unet()), "lora", "text"),
     "sd-all, GroupNorm32 norms": (lambda: _groupnorm32(DiffusersUNetNet(tiny_sd_unet())), ["all"], "text"),
+    "sd2-all (linear projections)": (lambda: DiffusersUNetNet(tiny_sd_unet(layout="sd2")), ["all"], "text"),
+    "sd2-lora": (lambda: DiffusersUNetNet(tiny_sd_unet(layout="sd2")), "lora", "text"),
 }
 
 
@@ -103,6 +88,8 @@ pytestmark = pytest.mark.usefixtures("deterministic_kernels")
         ("sd-cross-attention+time", "epsilon"),
         ("sd-lora", "v_prediction"),
         ("sd-all, GroupNorm32 norms", "epsilon"),
+        ("sd2-all (linear projections)", "v_prediction"),
+        ("sd2-lora", "v_prediction"),
     ],
 )
 def test_per_example_gradients_on_real_diffusers_blocks(case, prediction_type):
