@@ -37,6 +37,8 @@ EPILOG = """examples:
   privdiff train he-ldm-mnist5k --out runs/he          DP-LDM with the HE-friendly denoiser, then:
   privdiff he serve runs/he --port 8750                 encrypted inference server
   privdiff he generate --server http://127.0.0.1:8750 --prompt "a handwritten digit three" --out three.png
+  privdiff he serve --pipeline ~/sd15                   HE-Diffusion (compat mode, PLMS) on a Stable-Diffusion pipeline;
+                                                       then: privdiff he generate --mode compat --server ... --prompt ...
   privdiff train pretrained-unet-dp model.pretrained=~/ddpm data.root=~/images --out runs/ft   your UNet, DP fine-tuned
   privdiff export runs/ft --out ~/ddpm-dp              back to plain diffusers
   privdiff attack runs/eps1 --attack loss              membership inference -> RUN/attacks/loss.json, loss.png
@@ -586,6 +588,7 @@ def cmd_he_serve(args: argparse.Namespace) -> int:
         raise ValueError(f"--port must be in [0, 65535] (0: a free port), got {args.port}")
     serve(
         args.run,
+        pipeline=args.pipeline,
         host=args.host,
         port=args.port,
         config=ServiceConfig(
@@ -788,8 +791,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     he = sub.add_parser("he", help="encrypted inference (CKKS): serve a run, or generate from a server")
     hsub = he.add_subparsers(dest="he_command", required=True, metavar="ACTION")
-    hs = hsub.add_parser("serve", help="serve a run trained with ldm.net=he (e.g. recipe he-ldm-mnist5k) over HTTP")
-    hs.add_argument("run", help="run directory")
+    hs = hsub.add_parser(
+        "serve",
+        help="serve a run trained with ldm.net=he (e.g. recipe he-ldm-mnist5k), or a Stable-Diffusion pipeline "
+        "(--pipeline DIR, compat mode), over HTTP",
+    )
+    hs.add_argument("run", nargs="?", help="run directory (or --pipeline)")
+    hs.add_argument(
+        "--pipeline",
+        metavar="DIR",
+        help="a local Stable-Diffusion-style diffusers pipeline directory: HE-Diffusion's compat mode with PLMS",
+    )
     hs.add_argument("--host", default="127.0.0.1", help="address to listen on")
     hs.add_argument("--port", type=_bounded(int, 0, 65535), default=8750, help="port to listen on (0: a free one)")
     hs.add_argument(

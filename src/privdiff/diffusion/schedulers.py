@@ -29,7 +29,7 @@ from torch import Tensor
 
 from .discrete import DiscreteSchedule
 
-__all__ = ["SCHEDULERS", "make_scheduler", "sample_scheduler"]
+__all__ = ["SCHEDULERS", "make_scheduler", "model_output", "sample_scheduler"]
 
 SCHEDULERS: dict[str, str] = {
     "pipeline": "",  # the class the pipeline was saved with (Stable Diffusion 1.x: PNDM)
@@ -71,6 +71,23 @@ def make_scheduler(name: str, config: Mapping[str, Any]):
         diffusers_logging.set_verbosity(level)
 
 
+def model_output(denoise: Callable[[Tensor, Tensor], Tensor], *, schedule: DiscreteSchedule, x_in: Tensor, t) -> Tensor:
+    """What the net trained on ``schedule`` predicts (ε̂, or v̂ for a v-prediction net) at its input x_t = ``x_in``
+    and timestep ``t``, recovered exactly from the denoiser ``denoise(x, sigma)`` (see the module docstring)."""
+    # σ(t), and the same point in D's scale: x̃ = √(1 + σ²)·x_t
+    sigma = schedule.t_to_sigma(torch.as_tensor(t, dtype=torch.float64, device=x_in.device).reshape(1))
+    x_tilde = x_in * (1 + sigma.square()).sqrt().to(x_in.dtype)
+    s = sigma.to(x_in.dtype).expand(x_in.shape[0])
+    D = denoise(x_tilde, s)
+    view = s.view(-1, *([1] * (x_in.ndim - 1)))
+    # ε̂ = (x̃ − D)/σ
+    out = (x_tilde - D) / view
+    if schedule.prediction_type == "v_prediction":
+        # v̂ = α·(ε̂ − σ·D), α = 1/√(1 + σ²)
+        out = (out - view * D) / (1 + view.square()).sqrt()
+    return out
+
+
 @torch.no_grad()
 def sample_scheduler(
     denoise: Callable[[Tensor, Tensor], Tensor],
@@ -99,19 +116,8 @@ def sample_scheduler(
     x = torch.randn(tuple(shape), generator=generator, device=device, dtype=torch.float32)
     x = x * float(scheduler.init_noise_sigma)
     for i, t in enumerate(scheduler.timesteps):
-        # the net's input x_t at timestep t
-        x_in = scheduler.scale_model_input(x, t)
-        # σ(t), and the same point in D's scale: x̃ = √(1 + σ²)·x_t
-        sigma = schedule.t_to_sigma(torch.as_tensor(t, dtype=torch.float64, device=device).reshape(1))
-        x_tilde = x_in * (1 + sigma.square()).sqrt().to(x.dtype)
-        s = sigma.to(x.dtype).expand(x.shape[0])
-        D = denoise(x_tilde, s)
-        view = s.view(-1, *([1] * (x.ndim - 1)))
-        # ε̂ = (x̃ − D)/σ
-        out = (x_tilde - D) / view
-        if schedule.prediction_type == "v_prediction":
-            # v̂ = α·(ε̂ − σ·D), α = 1/√(1 + σ²)
-            out = (out - view * D) / (1 + view.square()).sqrt()
+        # the net's input x_t at timestep t, and what the net predicts there
+        out = model_output(denoise, schedule=schedule, x_in=scheduler.scale_model_input(x, t), t=t)
         # the scheduler's update on what the net predicts
         x = scheduler.step(out, t, x, **({"generator": generator} if takes_generator else {})).prev_sample
         if callback is not None:

@@ -3,7 +3,9 @@
 The client holds the only secret key. In private mode it tokenises and encodes the prompt itself
 (the server's text encoder and class embedder are downloaded once, with the autoencoder that decodes
 the image on the client), runs the sampler, and sends the server nothing but a public CKKS context
-and ciphertexts. In compat mode it follows HE-Diffusion's data flow (see :mod:`privdiff.he.compat`).
+and ciphertexts. In compat mode it follows HE-Diffusion's data flow (see :mod:`privdiff.he.compat`); against
+a Stable-Diffusion-style pipeline (``privdiff he serve --pipeline DIR``) that is the only mode, with PLMS
+updates, and the client decodes the final latent with the pipeline's VAE decoder (``/v1/client-model``).
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ class GenerateResult:
     bytes_up: int
     bytes_down: int
     per_eval: list[float] = field(default_factory=list)
+    latents: list[np.ndarray] = field(default_factory=list)  # compat: the decrypted latent after each step
 
 
 class HTTPClient:
@@ -139,6 +142,35 @@ def _client_parts(blob: bytes):
     return shell.eval(), (lambda z: ae.decode(z / ae.config.scaling_factor).sample)
 
 
+def _pipeline_decoder(blob: bytes):
+    """z ↦ the pipeline's VAE decoding of a latent (the pipeline's own ``vae.decode(z / scaling_factor)``), from
+    the server's ``/v1/client-model`` (:func:`privdiff.he.server.decoder_bytes`)."""
+    from diffusers import AutoencoderKL
+    from safetensors.torch import load
+
+    meta = _metadata(blob)
+    if meta.get("kind") != "pipeline-vae":
+        raise ServiceError("the server's client model is not a pipeline's VAE decoder")
+    vae = AutoencoderKL(**json.loads(meta["vae"]))
+    missing, unexpected = vae.load_state_dict(load(blob), strict=False)
+    if unexpected or any(not k.startswith(("encoder.", "quant_conv.")) for k in missing):
+        raise ServiceError("the server's VAE decoder does not match its config")
+    vae.eval().requires_grad_(False)
+    return lambda z: vae.decode(z / vae.config.scaling_factor).sample
+
+
+def _metadata(blob: bytes) -> dict:
+    import tempfile
+
+    from safetensors import safe_open
+
+    with tempfile.NamedTemporaryFile(suffix=".safetensors") as f:  # the metadata needs a file
+        f.write(blob)
+        f.flush()
+        with safe_open(f.name, "pt") as sf:
+            return sf.metadata() or {}
+
+
 def generate(
     url: str,
     prompt: str,
@@ -163,6 +195,23 @@ def generate(
         raise ValueError(f"mode must be 'private' or 'compat', got {mode!r}")
     http = HTTPClient(url, timeout=timeout)
     info = http.json("GET", "/v1/info")
+    if info.get("kind") == "pipeline":
+        if mode != "compat":
+            raise ValueError(
+                "this server serves a Stable-Diffusion pipeline in compat mode only (--mode compat); "
+                "private mode needs an HE-friendly denoiser (docs/he.md)"
+            )
+        return _generate_pipeline(
+            http,
+            info,
+            prompt,
+            seed=seed,
+            steps=steps,
+            guidance=guidance,
+            params=params,
+            progress=progress,
+            context=context,
+        )
     overrides = [f"sampler.{k}={v}" for k, v in (("steps", steps), ("guidance", guidance)) if v is not None]
     recipe = resolve_recipe({"sampler": info["sampler"], "diffusion": info["diffusion"]}, overrides)
     shell, decode = _client_parts(http.request("GET", "/v1/client-model"))
@@ -222,47 +271,70 @@ def generate(
 
 
 @torch.no_grad()
-def _generate_compat(
-    http: HTTPClient, ctx: TenSEALContext, recipe, shell, decode, prompt: str, *, seed: int, bar
+def _generate_pipeline(
+    http: HTTPClient,
+    info: dict,
+    prompt: str,
+    *,
+    seed: int,
+    steps: int | None,
+    guidance: float | None,
+    params: str,
+    progress: bool,
+    context: TenSEALContext | None,
 ) -> GenerateResult:
-    """HE-Diffusion's loop with the served model: DDIM (Euler) steps, select → pack → encrypt → server
-    update → decrypt → merge. The latent, the prompt and the remainder go to the server in plaintext."""
+    """HE-Diffusion on a pipeline: x_T drawn here (as the pipeline draws it), then one round trip per PLMS update
+    (select, pack, encrypt; the server runs the UNet on the plaintext x_t and updates the ciphertexts; decrypt,
+    merge), and the pipeline's VAE decoder on the final latent."""
+    steps = int(info["sampler"]["steps"] if steps is None else steps)
+    guidance = float(info["sampler"]["guidance"] if guidance is None else guidance)
+    decode = _pipeline_decoder(http.request("GET", "/v1/client-model"))
+    ctx = context or TenSEALContext.generate(PRESETS[params])
+    shape = (1, *info["model"]["latent_shape"])
+    bar = tqdm(total=steps, desc="compat PLMS", unit="step", disable=not progress, file=sys.stderr, dynamic_ncols=True)
+    t0 = time.perf_counter()
+    # x_T ~ N(0, I): PLMS's initial noise (init_noise_sigma = 1), drawn once, from the seed
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+    session = {"prompt": prompt, "guidance": guidance, "steps": steps}
+    result = _compat_loop(http, ctx, x, session, [f"step={i}" for i in range(steps)], bar=bar)
+    bar.close()
+    result.image = ((decode(torch.from_numpy(result.latents[-1]).float()).clamp(-1, 1) + 1) / 2).float().numpy()
+    result.seconds = time.perf_counter() - t0
+    result.bytes_up, result.bytes_down = http.bytes_up, http.bytes_down
+    return result
+
+
+def _compat_loop(
+    http: HTTPClient, ctx: TenSEALContext, x: torch.Tensor, session: dict, steps: list[str], *, bar
+) -> GenerateResult:
+    """HE-Diffusion's per-step loop from x_T = ``x``: select → pack → encrypt → server update (the step's query
+    in ``steps``) → decrypt → merge. The latent, the prompt and the remainder go to the server in plaintext.
+    Returns the decrypted latent after each step (``latents``), no image."""
     import urllib.parse
 
-    from ..diffusion import karras_sigmas
     from .compat import coo_pack, encrypt_packed, merge, select_encrypted
 
-    s = recipe.sampler
-    q = urllib.parse.urlencode({"mode": "compat", "prompt": prompt, "guidance": s.guidance})
+    q = urllib.parse.urlencode({"mode": "compat", **session})
     sid = http.json("POST", f"/v1/sessions?{q}", ctx.public_bytes())["session"]
-    info = http.json("GET", "/v1/info")
-    shape = (1, *info["model"]["latent_shape"])
-    sigmas = karras_sigmas(s.steps, sigma_min=s.sigma_min, sigma_max=s.sigma_max, rho=s.rho).tolist()
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(shape, generator=g) * sigmas[0]  # x_T, drawn once (the reference's --fixed_code)
-    times, rounds = [], 0
+    shape = tuple(x.shape)
+    times, latents = [], []
     try:
-        for i in range(len(sigmas) - 1):
+        for step in steps:
             t = time.perf_counter()
             mask = select_encrypted(x)
             idx, values, rem = coo_pack(x, mask)
             cts = [c.serialize() for c in encrypt_packed(ctx, values)]
             frames = [x.float().numpy().tobytes(), idx.astype(np.int64).tobytes(), rem.tobytes()] + cts
-            out = decode_frames(
-                http.request(
-                    "POST",
-                    f"/v1/sessions/{sid}/compat-step?sigma={sigmas[i]!r}&sigma_next={sigmas[i + 1]!r}",
-                    encode_frames(frames),
-                )
-            )
-            rounds += 1
+            out = decode_frames(http.request("POST", f"/v1/sessions/{sid}/compat-step?{step}", encode_frames(frames)))
             r_new = np.frombuffer(out[0], dtype=np.float64)
             dec = (
                 np.concatenate([ctx.decrypt(ctx.ciphertext_from_bytes(c)) for c in out[1:]])
                 if len(out) > 1
                 else np.zeros(0)
             )
-            x = torch.from_numpy(merge(r_new, idx, dec)).float().view(shape)
+            merged = merge(r_new, idx, dec).reshape(shape)
+            latents.append(merged)
+            x = torch.from_numpy(merged).float()
             times.append(time.perf_counter() - t)
             bar.update(1)
     finally:
@@ -270,5 +342,25 @@ def _generate_compat(
             http.request("DELETE", f"/v1/sessions/{sid}")
         except ServiceError:
             pass
-    image = ((decode(x).clamp(-1, 1) + 1) / 2).float().numpy()
-    return GenerateResult(image, "compat", 0.0, len(times), rounds, 0, 0, times)
+    return GenerateResult(np.zeros(0), "compat", 0.0, len(times), len(times), 0, 0, times, latents)
+
+
+@torch.no_grad()
+def _generate_compat(
+    http: HTTPClient, ctx: TenSEALContext, recipe, shell, decode, prompt: str, *, seed: int, bar
+) -> GenerateResult:
+    """HE-Diffusion's loop with the served model: DDIM (Euler) steps, select → pack → encrypt → server
+    update → decrypt → merge. The latent, the prompt and the remainder go to the server in plaintext."""
+    from ..diffusion import karras_sigmas
+
+    s = recipe.sampler
+    info = http.json("GET", "/v1/info")
+    shape = (1, *info["model"]["latent_shape"])
+    sigmas = karras_sigmas(s.steps, sigma_min=s.sigma_min, sigma_max=s.sigma_max, rho=s.rho).tolist()
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g) * sigmas[0]  # x_T, drawn once (the reference's --fixed_code)
+    steps = [f"sigma={sigmas[i]!r}&sigma_next={sigmas[i + 1]!r}" for i in range(len(sigmas) - 1)]
+    result = _compat_loop(http, ctx, x, {"prompt": prompt, "guidance": s.guidance}, steps, bar=bar)
+    x = torch.from_numpy(result.latents[-1]).float()
+    result.image = ((decode(x).clamp(-1, 1) + 1) / 2).float().numpy()
+    return result

@@ -8,10 +8,15 @@ Routes (all under ``/v1``; errors are JSON ``{"error": reason}`` with a 4xx or 5
 | ``GET /v1/info`` | — | modes, the network's layer sizes (no weights), sampler and diffusion settings, limits |
 | ``GET /v1/client-model`` | — | safetensors: the client's part (class embedder, text encoder, autoencoder), trained on public data or released with DP |
 | ``POST /v1/sessions?mode=private`` | a public CKKS context | ``{"session": token}``; a context with any key is refused |
-| ``POST /v1/sessions?mode=compat&prompt=P&guidance=G`` | a public CKKS context | ``{"session": token}`` (compat mode) |
+| ``POST /v1/sessions?mode=compat&prompt=P&guidance=G`` | a public CKKS context | ``{"session": token}`` (compat mode; a pipeline server also takes ``steps=N``) |
 | ``POST /v1/sessions/{token}/linear?layers=a,b&positions=P`` | framed ciphertexts | framed ciphertexts (private mode) |
 | ``POST /v1/sessions/{token}/compat-step?sigma=S&sigma_next=S'`` | framed ciphertexts + plaintext parts | compat mode (HE-Diffusion) |
+| ``POST /v1/sessions/{token}/compat-step?step=i`` | the same | compat mode on a pipeline (PLMS update i) |
 | ``DELETE /v1/sessions/{token}`` | — | 204 |
+
+A run trained with ``ldm.net: he`` serves both modes (:func:`load_service`); ``privdiff he serve --pipeline DIR``
+serves a Stable-Diffusion-style pipeline in compat mode only (:func:`load_pipeline_service`), and its
+``/v1/client-model`` is the pipeline's VAE decoder (the client decodes the image).
 
 Ciphertext frames: ``b"PDCT"``, a little-endian u32 count, then per ciphertext a u32 length and its bytes.
 
@@ -60,6 +65,8 @@ __all__ = [
     "encode_frames",
     "decode_frames",
     "client_model_bytes",
+    "decoder_bytes",
+    "load_pipeline_service",
     "load_service",
     "serve",
 ]
@@ -196,9 +203,22 @@ def client_model_bytes(net, autoencoder) -> bytes:
     return save({k: v.detach().contiguous().cpu() for k, v in state.items()}, metadata=meta)
 
 
+def decoder_bytes(vae) -> bytes:
+    """The client's part of a pipeline as one safetensors file: its VAE's decoder (``post_quant_conv`` and
+    ``decoder``; the image is decoded on the client), the VAE's config in the metadata."""
+    from safetensors.torch import save
+
+    state = {k: v for k, v in vae.state_dict().items() if k.startswith(("decoder.", "post_quant_conv."))}
+    meta = {
+        "kind": "pipeline-vae",
+        "vae": json.dumps({k: v for k, v in dict(vae.config).items() if not k.startswith("_")}),
+    }
+    return save({k: v.detach().contiguous().cpu() for k, v in state.items()}, metadata=meta)
+
+
 @dataclass
 class Service:
-    private: PrivateServer
+    private: PrivateServer | None  # None: a pipeline, compat mode only
     info: dict
     client_model: bytes
     config: ServiceConfig
@@ -265,6 +285,44 @@ def load_service(run: str | Path, *, config: ServiceConfig = ServiceConfig(), pe
     return Service(private, info, client_model_bytes(net, ae), config, compat, trimmer)
 
 
+def load_pipeline_service(
+    path: str | Path, *, config: ServiceConfig = ServiceConfig(), device: str | None = None
+) -> Service:
+    """The compat-mode service of the Stable-Diffusion-style pipeline at ``path`` (``model_index.json``, ``unet/``,
+    ``vae/``, ``text_encoder/``, ``tokenizer/``, ``scheduler/``): HE-Diffusion with PLMS on the pipeline's UNet
+    (:class:`~privdiff.he.compat.PipelineCompatServer`); a one-line ValueError for anything else. ``device``:
+    where the UNet runs (default: CUDA when present)."""
+    import torch
+
+    from ..models.pretrained import load_pipeline_vae, load_text_pipeline
+    from .compat import PipelineCompatServer
+
+    net = load_text_pipeline(path).eval()
+    vae = load_pipeline_vae(path)
+    trimmer = MemoryTrimmer()
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    compat = PipelineCompatServer(net, device=device, sessions=config.session_table(on_drop=trimmer.request))
+    limits = dict(asdict(config))
+    limits |= {
+        "max_body_bytes": int(config.max_body_mb * 2**20),
+        "max_steps": compat.max_steps,
+        "compat_ckks": [dict(p.to_dict(), galois_keys=False) for p in compat.params],
+    }
+    info = {
+        "modes": ["compat"],
+        "kind": "pipeline",
+        "model": {
+            "latent_shape": list(net.sample_shape),
+            "prediction_type": net.schedule.prediction_type,
+            "scaling_factor": float(vae.config.scaling_factor),
+        },
+        # SD's defaults: 50 PLMS steps, guidance scale 7.5 (privdiff's w = scale − 1)
+        "sampler": {"scheduler": "pndm", "steps": 50, "guidance": 6.5},
+        "limits": limits,
+    }
+    return Service(None, info, decoder_bytes(vae), config, compat, trimmer)
+
+
 def _data_primes(p: CKKSParams) -> int:
     return len(p.coeff_mod_bit_sizes) - 1
 
@@ -295,8 +353,6 @@ def build_app(service: Service):
     """The aiohttp application of ``service`` (see the module docstring for the routes)."""
     from aiohttp import web
 
-    from .compat import CompatServer
-
     global SCHEDULER
     if SCHEDULER is None:
         SCHEDULER = web.AppKey("scheduler", FairScheduler)
@@ -314,7 +370,8 @@ def build_app(service: Service):
     budget = _Budget(int(cfg.max_inflight_mb * 2**20), on_release=trimmer.request)
     max_body = int(cfg.max_body_mb * 2**20)
     compat = service.compat
-    open_params = service.private.params + (compat.params if compat is not None else ())
+    private = service.private
+    open_params = (private.params if private is not None else ()) + (compat.params if compat is not None else ())
     # a public context: parameters, and at most a public key (no relinearisation or Galois keys)
     open_limit = (
         PARAMS_MAX
@@ -421,17 +478,17 @@ def build_app(service: Service):
         return web.Response(body=service.client_model, content_type="application/octet-stream")
 
     async def open_session(request):
-        q = query(request, ("mode", "prompt", "guidance"))
+        q = query(request, ("mode", "prompt", "guidance", "steps"))
         mode = q.get("mode", "private")
-        if mode == "private":
+        if mode == "private" and private is not None:
             if set(q) - {"mode"}:
                 raise ProtocolError("private mode takes no prompt or guidance: the server never sees them")
             table = service.private.sessions
             build = service.private.new_session
         elif mode == "compat" and compat is not None:
-            prompt, guidance = CompatServer.check_open(q.get("prompt", ""), q.get("guidance", "0"))
+            kwargs = compat.check_open_query({k: v for k, v in q.items() if k != "mode"})
             table = compat.sessions
-            build = lambda body, d: compat.new_session(body, prompt, guidance, d)  # noqa: E731
+            build = lambda body, d: compat.new_session(body, deadline=d, **kwargs)  # noqa: E731
         else:
             raise ProtocolError(f"mode must be one of {service.info['modes']}, got {mode[:40]!r}")
         n = body_length(
@@ -451,6 +508,8 @@ def build_app(service: Service):
         return web.json_response({"session": token, "mode": mode})
 
     async def linear(request):
+        if private is None:
+            raise ProtocolError("private mode is not served here (a pipeline: compat mode only)")
         q = query(request, ("layers", "positions"), ("layers", "positions"))
         names = tuple(q["layers"].split(","))
         positions = positive_int(q["positions"], "positions")
@@ -472,7 +531,7 @@ def build_app(service: Service):
     async def compat_step(request):
         if compat is None:
             raise ProtocolError("compat mode is not served here")
-        sigmas = compat.check_sigmas(query(request, ("sigma", "sigma_next"), ("sigma", "sigma_next")))
+        key = compat.check_step(query(request, compat.STEP_PARAMS, compat.STEP_PARAMS))
         with compat.sessions.use(request.match_info["sid"], owner=request.remote) as s:
             p = s.context.params
             cts = -(-compat.n // p.slots)
@@ -482,14 +541,16 @@ def build_app(service: Service):
             n = body_length(request, limit, "a compat step")
             async with budget.hold(2 * n + 2 * cts * inflated + 64 * compat.n):
                 frames = decode_frames(await read_exactly(request, n), max_items=3 + cts, max_item=item)
-                out = await run(request, request.match_info["sid"], lambda d: compat.compute(s, sigmas, frames, d))
+                out = await run(request, request.match_info["sid"], lambda d: compat.compute(s, key, frames, d))
         return web.Response(body=encode_frames(out), content_type="application/octet-stream")
 
     async def close_session(request):
         query(request, ())
         sid = request.match_info["sid"]
         try:
-            service.private.close_session(sid, owner=request.remote)
+            if private is None:
+                raise SessionNotFound(f"unknown or expired session {sid[:16]!r}")
+            private.close_session(sid, owner=request.remote)
         except SessionNotFound:
             if compat is None:
                 raise
@@ -512,13 +573,21 @@ def build_app(service: Service):
 
 
 def serve(
-    run: str | Path, *, host: str = "127.0.0.1", port: int = 8750, config: ServiceConfig = ServiceConfig()
+    run: str | Path | None = None,
+    *,
+    pipeline: str | Path | None = None,
+    host: str = "127.0.0.1",
+    port: int = 8750,
+    config: ServiceConfig = ServiceConfig(),
 ) -> None:
-    """Run the service of ``run`` until interrupted (``port`` 0: a free port, printed)."""
+    """Run the service of ``run``, or of the Stable-Diffusion-style ``pipeline`` directory (compat mode), until
+    interrupted (``port`` 0: a free port, printed)."""
     from aiohttp import web
 
+    if (run is None) == (pipeline is None):
+        raise ValueError("serve a run directory or a pipeline (--pipeline DIR), one of the two")
     server_allocator()
-    service = load_service(run, config=config)
+    service = load_service(run, config=config) if pipeline is None else load_pipeline_service(pipeline, config=config)
     trim_memory()
 
     async def main():
@@ -528,7 +597,7 @@ def serve(
         await site.start()
         bound = runner.addresses[0][1] if runner.addresses else port
         print(
-            f"privdiff he: serving {run} on http://{host}:{bound} (modes: {', '.join(service.info['modes'])})",
+            f"privdiff he: serving {run or pipeline} on http://{host}:{bound} (modes: {', '.join(service.info['modes'])})",
             flush=True,
         )
         try:
