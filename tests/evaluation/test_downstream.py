@@ -64,3 +64,19 @@ def test_classifier_shapes_and_bad_input():
         SmallCNN(in_channels=1, num_classes=2, resolution=4)
     with pytest.raises(ValueError, match="unknown classifier"):
         fit_classifier("svm", x, torch.zeros(4, dtype=torch.long), num_classes=2)
+
+
+def test_class_consistency_is_the_classifier_argmax_against_the_intended_labels():
+    class_consistency = downstream.class_consistency
+    torch.manual_seed(3)
+    cnn = SmallCNN(in_channels=1, num_classes=10, resolution=8).eval()
+    images, labels = torch.rand(50, 1, 8, 8), torch.randint(0, 10, (50,))
+    with torch.no_grad():
+        predicted = cnn(images).argmax(1)
+    assert class_consistency(cnn, images, labels) == int((predicted == labels).sum()) / 50
+    labels[:25] = predicted[:25]  # half of them as the classifier sees them
+    assert class_consistency(cnn, images, labels) == int((predicted == labels).sum()) / 50 >= 0.5
+    assert class_consistency(cnn, images, predicted) == 1.0
+    assert class_consistency(cnn, images, torch.zeros(0, dtype=torch.long)) is None  # unlabelled (unconditional)
+    with pytest.raises(ValueError, match="50 images but 3 labels"):
+        class_consistency(cnn, images, labels[:3])

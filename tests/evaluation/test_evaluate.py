@@ -144,3 +144,51 @@ def test_inception_weights_from_a_local_file(trained, tmp_path, capsys):
     capsys.readouterr()
     assert _evaluate(run, "--inception-weights", str(tmp_path / "missing.pth"), n=6) == 2
     assert "missing.pth" in capsys.readouterr().err
+
+
+def test_class_consistency_is_the_real_data_cnn_on_the_samples(trained, privdiff_cache, tmp_path, monkeypatch, capsys):
+    """metrics.class_consistency: the fraction of the samples that the ceiling's CNN (trained on the real training
+    split) assigns to their intended class, equal to that fraction computed here, on fresh random samples; the
+    same from the cached network; absent for unlabelled samples (an unconditional model)."""
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    for kind in ("ceiling", ev.CEILING_CNN):  # the ceiling is trained in this test (the feature CNN is reused)
+        shutil.rmtree(privdiff_cache / kind, ignore_errors=True)
+    real_fits, real_train = [], ev.train_classifiers
+
+    def spy(*a, **kw):
+        fits = real_train(*a, **kw)
+        if kw.get("source") == "real training split":
+            real_fits.append(fits)
+        return fits
+
+    monkeypatch.setattr(ev, "train_classifiers", spy)
+    meta = np.array(json.dumps(ev._samples_meta(ev.Run(run), ev.Run(run).load_config(), n=60, seed=0)))
+    rng = np.random.default_rng(20)
+    images = rng.random((60, 1, 8, 8), dtype=np.float32)
+    labels = rng.permutation(np.arange(60) % 10)
+    np.savez(run / "eval" / "samples.npz", images=images, labels=labels, meta=meta)
+    assert _evaluate(run, "--no-report") == 0
+    assert "class consistency" in capsys.readouterr().out
+    (fits,) = real_fits
+    with torch.no_grad():
+        predicted = fits["cnn"].model.eval()(torch.from_numpy(images)).argmax(1).numpy()
+    m = json.loads((run / "metrics.json").read_text())["metrics"]
+    assert m["class_consistency"]["value"] == (predicted == labels).mean()
+    assert m["class_consistency"]["real"] == m["accuracy_cnn"]["real"]  # the CNN on real test images of each class
+    assert m["class_consistency"]["better"] == "higher" and "non-private" in m["class_consistency"]["note"]
+    assert "class consistency" in ev.PRIVACY_NOTE
+
+    # samples labelled as that CNN sees them: 1, with the network read back from the cache (not trained again)
+    np.savez(run / "eval" / "samples.npz", images=images, labels=predicted.astype(np.int64), meta=meta)
+    assert _evaluate(run, "--no-report") == 0
+    assert len(real_fits) == 1 and "class consistency" in capsys.readouterr().out
+    assert json.loads((run / "metrics.json").read_text())["metrics"]["class_consistency"]["value"] == 1.0
+
+    # an unconditional model's samples carry no labels: no class consistency (nor downstream accuracy)
+    unlabelled = (images, np.zeros(0, dtype=np.int64))
+    monkeypatch.setattr(ev, "load_or_draw_samples", lambda *a, **k: unlabelled)
+    assert _evaluate(run, "--no-report") == 0
+    m = json.loads((run / "metrics.json").read_text())["metrics"]
+    assert "class_consistency" not in m and "accuracy_cnn" not in m
+    assert "class consistency" not in capsys.readouterr().out

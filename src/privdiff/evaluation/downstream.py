@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from torch import Tensor
+from torch import Tensor, nn
 
 from .classifiers import CLASSIFIERS, FitResult, accuracy, fit_classifier
 
@@ -80,3 +80,17 @@ def downstream_accuracy(
     """
     fits = train_classifiers(x, y, holdout=holdout, source=source, **train_options)
     return score(fits, test, selection=f"epoch with the best accuracy on {holdout:.0%} held-out {source} data")
+
+
+def class_consistency(classifier: nn.Module, images: Tensor, labels: Tensor) -> float | None:
+    """Fraction of ``images`` (in [0, 1]) that ``classifier`` assigns to their intended class ``labels``.
+
+    With the real-data classifier of the ceiling, this says how often a conditional model draws the class
+    it was asked for. It is a non-private statistic of the private data (the classifier was trained on it),
+    like the ceiling. None for unlabelled samples (an unconditional model has no intended class).
+    """
+    if labels.numel() == 0:
+        return None
+    if len(images) != len(labels):
+        raise ValueError(f"class_consistency: {len(images)} images but {len(labels)} labels")
+    return accuracy(classifier, images, labels)

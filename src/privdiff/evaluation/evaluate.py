@@ -10,7 +10,8 @@ Order of work, which is the DP-safety argument for the numbers:
    DPImageBench) under the feature network;
 3. CNN and logistic regression trained on the samples, each epoch chosen on held-out
    *samples*; the same classifiers trained on the real training split (the ceiling), chosen on
-   held-out *training* images;
+   held-out *training* images; that real-data CNN labels the samples (class consistency: how
+   often a sample is of the class it was drawn for);
 4. only now the real test split is read: the classifiers are scored once, and the real-data floor
    of every image metric (train against test) is computed.
 
@@ -37,11 +38,13 @@ from ..config import Recipe, recipe_to_dict, resolve_recipe
 from ..data import ImageDataset, load_dataset
 from ..privacy.ledger import Ledger
 from ..runs import Run, RunError, save_grid
-from .downstream import score, train_classifiers
+from .classifiers import SmallCNN
+from .downstream import class_consistency, score, train_classifiers
 from .features import (
     FeatureNetwork,
     cached_features,
     cached_json,
+    cached_tensors,
     check_photo_options,
     content_key,
     inception_network,
@@ -54,8 +57,8 @@ from .metrics import extract_features, image_metrics
 SCHEMA = 1
 PRIVACY_NOTE = (
     "epsilon covers training only. FID/KID/precision/recall against the training split, the real-data "
-    "ceiling classifiers and the training-loss curve are non-private statistics of the private data: "
-    "share them only where the data itself may be seen."
+    "ceiling classifiers, the class consistency they judge and the training-loss curve are non-private "
+    "statistics of the private data: share them only where the data itself may be seen."
 )
 
 
@@ -139,6 +142,7 @@ FEATURE_EPOCHS = {
     "photos": 10,
 }  # the feature CNN's epochs unless evaluate.feature_epochs says
 FEATURE_LR = 1e-3  # Adam lr of the feature CNN: fixed, so the FID network never follows the classifier settings
+CEILING_CNN = "ceiling-cnn"  # cache kind of the ceiling CNN's weights (class consistency needs the network itself)
 
 
 @dataclass(frozen=True)
@@ -280,11 +284,24 @@ def evaluate_run(
         else None
     )
     ceiling_key = content_key(kind="ceiling", data=train.fingerprint, resolution=train.resolution, **cls_kw)
-    ceiling_fits = None
-    if labelled and not is_cached("ceiling", ceiling_key):
-        ceiling_fits = train_classifiers(
-            (train.images + 1) / 2, train.labels, progress=progress, source="real training split", **cls_kw
+    trained: dict[str, Any] = {}
+
+    def ceiling_fits() -> dict[str, Any]:  # trained once, here, unless a cache entry of them was damaged since
+        if "fits" not in trained:
+            trained["fits"] = train_classifiers(
+                (train.images + 1) / 2, train.labels, progress=progress, source="real training split", **cls_kw
+            )
+        return trained["fits"]
+
+    if labelled and not (is_cached("ceiling", ceiling_key) and is_cached(CEILING_CNN, ceiling_key, tensors=True)):
+        ceiling_fits()
+    consistency = None
+    if labelled:  # the ceiling's CNN (its weights cached with its scores) on the samples
+        real_cnn = SmallCNN(in_channels=train.channels, num_classes=train.num_classes, resolution=train.resolution)
+        real_cnn.load_state_dict(
+            cached_tensors(CEILING_CNN, ceiling_key, lambda: ceiling_fits()["cnn"].model.state_dict())
         )
+        consistency = class_consistency(real_cnn, torch.from_numpy(images), torch.from_numpy(labels))
 
     # 4. the real test split, read for the first time
     test = recipe_dataset(recipe, split="test")
@@ -296,7 +313,7 @@ def evaluate_run(
             "ceiling",
             ceiling_key,
             lambda: score(
-                ceiling_fits,
+                ceiling_fits(),
                 lambda: (test_x, test.labels),
                 selection=f"epoch with the best accuracy on {e.holdout:.0%} held-out training images",
             ),
@@ -337,6 +354,15 @@ def evaluate_run(
             "better": "higher",
             "real_desc": f"the same classifier trained on {train.name} train ({len(train)})",
             "note": f"epoch {s['selected_epoch']} of {s['epochs']}, selected on {e.holdout:.0%} held-out synthetic samples",
+        }
+    if consistency is not None:
+        metrics["class_consistency"] = {
+            "value": consistency,
+            "real": ceiling["cnn"]["accuracy"],
+            "better": "higher",
+            "real_desc": f"the same classifier on the real {test.name} test split ({len(test)})",
+            "note": f"samples that the CNN trained on {train.name} train ({len(train)}) assigns to their intended "
+            "class: a non-private statistic of the private data, like the ceiling",
         }
 
     log = run.read_train_log()
@@ -403,6 +429,7 @@ def format_metrics(result: dict[str, Any]) -> str:
         "recall": "recall",
         "accuracy_cnn": "accuracy (CNN)",
         "accuracy_logreg": "accuracy (LogReg)",
+        "class_consistency": "class consistency",
     }
     rows = [f"{'metric':<18} {'value':>18}   {'real data':>10}"]
     for key, m in result["metrics"].items():

@@ -67,9 +67,9 @@ def cached_tensors(kind: str, key: str, make) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def is_cached(kind: str, key: str) -> bool:
-    """Whether :func:`cached_json` holds ``kind/key``."""
-    return (cache_dir() / kind / f"{key}.json").is_file()
+def is_cached(kind: str, key: str, *, tensors: bool = False) -> bool:
+    """Whether :func:`cached_json` (or, with ``tensors``, :func:`cached_tensors`) holds ``kind/key``."""
+    return (cache_dir() / kind / f"{key}.{'safetensors' if tensors else 'json'}").is_file()
 
 
 def cached_json(kind: str, key: str, make) -> dict[str, Any]:

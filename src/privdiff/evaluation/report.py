@@ -54,6 +54,7 @@ METRIC_NAMES: dict[str, str] = {
     "recall": "Recall",
     "accuracy_cnn": "Accuracy, CNN trained on synthetic",
     "accuracy_logreg": "Accuracy, logistic regression trained on synthetic",
+    "class_consistency": "Class consistency: samples the real-data CNN puts in their intended class",
 }
 # Metrics computed in the feature space of metrics.json's "features" network.
 FEATURE_METRICS = ("fid", "kid", "precision", "recall")
