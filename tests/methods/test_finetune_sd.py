@@ -102,9 +102,10 @@ def test_a_users_sd_pipeline_is_dp_fine_tuned_on_captioned_images_and_exported(t
         )
         metrics = json.loads((run / "metrics.json").read_text())
         assert set(metrics["metrics"]) == {"fid", "kid", "precision", "recall"} and metrics["data"]["n_test"] == 6
-        assert (
-            main(["attack", str(run), "--attack", "loss", "--quiet"]) == 2
-        )  # not for text-to-image runs yet: one line
+        # members: the trained part, non-members: the held-out part; each scored with its own caption
+        assert main(["attack", str(run), "--attack", "pia", "--quiet"]) == 0
+        result = json.loads((run / "attacks" / "pia.json").read_text())
+        assert result["n_members"] == result["n_nonmembers"] == 3 and 0 <= result["auc"] <= 1
     # export: a pipeline diffusers loads and runs, with the fine-tuned UNet
     exported = tmp_path / "exported"
     assert main(["export", str(run), "--out", str(exported)]) == 0

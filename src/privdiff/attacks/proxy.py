@@ -36,7 +36,9 @@ def _features(
         rows = []
         for i in range(0, len(x0), target.batch_size):
             x, c = x0[i : i + target.batch_size], None if cond is None else cond[i : i + target.batch_size]
-            rows.append(proxy_features(target.eps, x, c, kind=kind, sigma_dist=sigma_dist, generator=g))
+            rows.append(
+                proxy_features(target.eps, x, c, kind=kind, sigma_dist=sigma_dist, generator=g, sigmas=target.sigmas)
+            )
         out.append(torch.cat(rows))
     return torch.stack(out)
 

@@ -8,7 +8,6 @@ from pathlib import Path
 import torch
 
 from ..atomic import atomic_write_text
-from ..models.pretrained import is_text_pipeline
 from ..runs import Run, RunError
 from .names import ATTACKS
 from .metrics import attack_metrics, save_roc_plot
@@ -56,18 +55,14 @@ def run_attacks(
         raise RunError(f"{run.path}: not a privdiff run (no config.yaml)")
     if run.latest_checkpoint() is None:
         raise RunError(f"{run.path}: no checkpoint to attack (train it first)")
-    if is_text_pipeline(run.load_config().model.pretrained):
-        raise RunError(
-            f"{run.path}: a text-to-image run; privdiff attack scores image models (pixel or latent, by label), "
-            "not caption-conditioned ones yet"
-        )
     splits = run_splits(run, n_per_role=n_per_role)
     if n_per_role is not None and splits.size("member_test") != n_per_role:
         raise ValueError(
             f"{run.path / 'splits.json'} records {splits.size('member_test')} examples per role, not {n_per_role}"
         )
     target = load_target(run)
-    x = {role: target.inputs(ds) for role, ds in role_datasets(splits, unused_nonmembers=unused_nonmembers).items()}
+    roles = role_datasets(splits, unused_nonmembers=unused_nonmembers, recipe=target.recipe)
+    x = {role: target.inputs(ds) for role, ds in roles.items()}
     scored = ["member_test", "nonmember_test"]
     if unused_nonmembers:  # one non-member side: the held-out role and the unused examples
         (a, ca), (b, cb) = x.pop("nonmember_test"), x.pop("nonmember_unused")

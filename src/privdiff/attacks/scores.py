@@ -3,9 +3,10 @@
 DDPM attacks are defined on timesteps t of a VP chain x_t = √ᾱ_t·x₀ + √(1−ᾱ_t)·ε. Dividing by
 √ᾱ_t gives privdiff's x = x₀ + σ_t·ε with σ_t = √(1/ᾱ_t − 1), and the DDIM step t → s is exactly
 the Euler step of the probability-flow ODE, x_s = x_t + (σ_s − σ_t)·ε̂(x_t, σ_t). So each attack
-keeps its paper's t (on DDPM's linear β schedule, 1e-4 → 0.02, T = 1000, :func:`ddpm_sigma`)
-and runs on privdiff's EDM / v denoisers through ε̂ (see :mod:`.target`); the scaling by √ᾱ_t is
-the same for every example and does not change any ranking.
+keeps its paper's t, on the net's own β schedule for a pretrained discrete-time net (a user's UNet or
+pipeline: SD's scaled-linear table) and on DDPM's linear one (1e-4 → 0.02, T = 1000, :func:`ddpm_sigma`)
+for privdiff's EDM / v denoisers (:attr:`.target.Target.sigmas`), through ε̂ (see :mod:`.target`);
+the scaling by √ᾱ_t is the same for every example and does not change any ranking.
 
 * loss (Matsumoto et al. 2023; Carlini et al. 2023): −mean_{t, k} ‖ε_k − ε̂(x₀ + σ_t ε_k, σ_t)‖²
 * SecMI_stat (Duan et al., ICML 2023): −‖ψ(φ(x̃_{t_sec−k}), t_sec) − x̃_{t_sec−k}‖², x̃ by deterministic DDIM inversion
@@ -53,7 +54,7 @@ def loss_scores(
     for x, c in _batches(target, x0, cond, "loss attack", progress):
         err = torch.zeros(len(x), device=x.device)
         for t in timesteps:
-            sigma = ddpm_sigma(t)
+            sigma = target.sigma(t)
             for _ in range(draws):
                 # ε ~ N(0, I);  x_t = x₀ + σ_t·ε
                 eps = torch.randn(x.shape, generator=g, device=x.device)
@@ -73,7 +74,7 @@ def secmi_scores(
     """
     if t_sec % k or t_sec < 2 * k:
         raise ValueError(f"t_sec must be a multiple of k and >= 2k, got t_sec={t_sec}, k={k}")
-    sig = [ddpm_sigma(t) for t in range(0, t_sec + 1, k)]  # σ_0, σ_k, …, σ_{t_sec}
+    sig = [target.sigma(t) for t in range(0, t_sec + 1, k)]  # σ_0, σ_k, …, σ_{t_sec}
     out = []
     for x, c in _batches(target, x0, cond, "SecMI", progress):
         # x̃ = Φ(x₀, t_sec − k): DDIM inversion x_{s} = x_t + (σ_s − σ_t)·ε̂(x_t, σ_t)
@@ -106,7 +107,7 @@ def pia_scores(
 
     PIAN replaces ε̂₀ by ε̂₀·√(2/π)/mean|ε̂₀|, so its mean absolute value is that of N(0, 1) noise.
     """
-    s0, st = ddpm_sigma(0), ddpm_sigma(t)
+    s0, st = target.sigma(0), target.sigma(t)
     out = []
     for x, c in _batches(target, x0, cond, "PIAN" if normalized else "PIA", progress):
         # ε̂₀ = ε_θ(x₀, 0)

@@ -6,7 +6,9 @@ EDM-preconditioned D(x; σ, c) on x = x₀ + σ·n (pixels, or DP-LDM latents), 
     ε̂(x, σ, c) = (x − D(x; σ, c)) / σ,
 
 which is the DDPM ε-prediction in the scaled variable x = x_t/√ᾱ_t with σ = √(1/ᾱ_t − 1).
-A DP-LDM run is attacked in its latent space: images are encoded by the run's autoencoder.
+A DP-LDM run is attacked in its latent space: images are encoded by the run's autoencoder; a run on a
+Stable-Diffusion-style pipeline by the pipeline's frozen VAE (z = s·μ(x), as it trained), each example
+conditioned on its own caption. A pretrained net's timesteps are its own (:attr:`Target.sigmas`).
 """
 
 from __future__ import annotations
@@ -21,9 +23,12 @@ from ..config import Recipe
 from ..data import ImageDataset
 from ..data.membership import MembershipSplits, split_held_out
 from ..diffusion import Denoiser
+from ..diffusion.discrete import DiscreteSigma, VPDenoiser, timestep_sigmas
 from ..core.denoisers import default_device, load_denoiser
+from ..core.pipelines import pipeline_encoder
 from ..core.stages import recipe_dataset, require_test_split
 from ..core.training import training_sigma_distribution
+from ..models.pretrained import is_text_pipeline
 from ..privacy.budget import load_ledger
 from ..runs import Run
 
@@ -45,6 +50,19 @@ class Target:
     def device(self) -> torch.device:
         return next(self.denoiser.parameters()).device
 
+    @property
+    def sigmas(self) -> Tensor:
+        """σ_t, t = 0..T−1, of the timesteps the attacks are defined on (:func:`~privdiff.diffusion.discrete.timestep_sigmas`)."""
+        if not hasattr(self, "_sigmas"):
+            self._sigmas = timestep_sigmas(self.denoiser)
+        return self._sigmas
+
+    def sigma(self, t: int) -> float:
+        """σ_t of timestep ``t``."""
+        if not 0 <= t < len(self.sigmas):
+            raise ValueError(f"timestep t must be in [0, {len(self.sigmas)}), got {t}")
+        return float(self.sigmas[t])
+
     def eps(self, x: Tensor, sigma: float | Tensor, cond: Tensor | None) -> Tensor:
         """ε̂(x, σ, c) = (x − D(x; σ, c)) / σ."""
         sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device)
@@ -54,24 +72,32 @@ class Target:
 
     @torch.no_grad()
     def inputs(self, dataset: ImageDataset) -> tuple[Tensor, Tensor | None]:
-        """(x₀ in model space [N, ...], conditions [N] or [N, 1 + L]) of ``dataset`` on the target's device."""
+        """(x₀ in model space [N, ...], conditions [N], [N, 1 + L] or caption token ids [N, L]) of ``dataset`` on the
+        target's device: a text-conditioned net reads each example's own caption."""
         x = dataset.images.to(self.device)
         if self.encode is not None:
             x = torch.cat([self.encode(x[i : i + self.batch_size]) for i in range(0, len(x), self.batch_size)])
-        cond = self.denoiser.net.conditions(labels=dataset.labels, n=len(dataset))
+        prompts = None if dataset.captions is None else list(dataset.captions)
+        cond = self.denoiser.net.conditions(labels=dataset.labels, prompts=prompts, n=len(dataset))
         return x, None if cond is None else cond.to(self.device)
 
     def sigma_distribution(self):
-        """The run's training noise-level distribution p(σ) (the analogue of DDPM's t ~ U{0..T−1})."""
+        """The run's training noise-level distribution p(σ): a pretrained net's σ_t with t ~ U{0..T−1}, else the
+        recipe's (the analogue of DDPM's)."""
+        if isinstance(self.denoiser, VPDenoiser):
+            return DiscreteSigma(self.denoiser.schedule)
         return training_sigma_distribution(self.recipe)
 
 
 def load_target(run: Run) -> Target:
-    """The run's EMA denoiser as a :class:`Target` (with its autoencoder's encoder for a DP-LDM run)."""
+    """The run's EMA denoiser as a :class:`Target` (with its autoencoder's encoder for a DP-LDM run, the pipeline's
+    VAE encoder for a run on a text-to-image pipeline)."""
     recipe = run.load_config()
     denoiser = load_denoiser(run, recipe).requires_grad_(False)
     encode = None
-    if (run.path / "autoencoder").is_dir():
+    if is_text_pipeline(recipe.model.pretrained):
+        encode = pipeline_encoder(recipe.model.pretrained, device=default_device())
+    elif (run.path / "autoencoder").is_dir():
         from diffusers import AutoencoderKL
 
         from ..models.autoencoder import encode_latents
@@ -114,14 +140,20 @@ def run_splits(run: Run, *, n_per_role: int | None = None, seed: int | None = No
     return splits
 
 
-def role_datasets(splits: MembershipSplits, *, unused_nonmembers: int = 0) -> dict[str, ImageDataset]:
-    """Each role's examples, read from the data set and split the role names; with ``unused_nonmembers`` = n > 0
-    also ``"nonmember_unused"``: up to n of the non-member split's examples in no role (:meth:`MembershipSplits.unused_nonmembers`)."""
+def role_datasets(
+    splits: MembershipSplits, *, unused_nonmembers: int = 0, recipe: Recipe | None = None
+) -> dict[str, ImageDataset]:
+    """Each role's examples, read from the data set and split the role names (through the run's ``recipe`` when
+    given: :func:`~privdiff.core.stages.recipe_dataset`, which also reads captioned data; checked by fingerprint);
+    with ``unused_nonmembers`` = n > 0 also ``"nonmember_unused"``: up to n of the non-member split's examples in no
+    role (:meth:`MembershipSplits.unused_nonmembers`)."""
     sources: dict[str, ImageDataset] = {}
     out = {}
     for role, r in splits.roles.items():
         if r["split"] not in sources:
-            sources[r["split"]] = splits.source(r["split"])
+            sources[r["split"]] = (
+                splits.source(r["split"]) if recipe is None else recipe_dataset(recipe, split=r["split"])
+            )
         out[role] = splits.dataset(role, sources[r["split"]])
     if unused_nonmembers:
         out["nonmember_unused"] = splits.unused_nonmembers(

@@ -67,11 +67,12 @@ def error_map(
     sigma: Tensor,
     noise: Tensor,
 ) -> Tensor:
-    """e = (ε̂(x₀ + σ·ε, σ, c) − ε)², element-wise, [B, C, H, W]; differentiable in ``eps_fn``'s parameters."""
+    """e = (ε̂(x₀ + σ·ε, σ, c) − ε)², element-wise, [B, C, H, W] in x₀'s dtype; differentiable in ``eps_fn``'s
+    parameters. σ may be float64 (a discrete-time net's table σ_t, kept exact for its t(σ))."""
     view = (-1,) + (1,) * (x0.ndim - 1)
     # x_σ = x₀ + σ·ε
-    x = x0 + sigma.view(view) * noise
-    return (eps_fn(x, sigma, cond) - noise).square()
+    x = x0 + sigma.view(view).to(x0.dtype) * noise
+    return (eps_fn(x, sigma, cond).to(x0.dtype) - noise).square()
 
 
 def _check_kind(kind: str) -> None:
@@ -93,11 +94,13 @@ def proxy_features(
     kind: str,
     sigma_dist: SigmaDistribution,
     generator: torch.Generator,
+    sigmas: Tensor | None = None,
 ) -> Tensor:
     """h_ω's input [B, D] for each example: one fresh (σ, ε) each; differentiable in ``eps_fn``'s parameters.
 
     ``map``: e = (ε̂(x₀ + σε, σ, c) − ε)² flattened, σ ~ ``sigma_dist``. ``loss``: [log mean(e), onehot(t)]
-    with t uniform over :data:`LOSS_TIMESTEPS` and σ = σ_t of DDPM's schedule.
+    with t uniform over :data:`LOSS_TIMESTEPS` and σ = σ_t of ``sigmas`` (the net's timestep table,
+    :func:`~privdiff.diffusion.discrete.timestep_sigmas`; default DDPM's linear schedule).
     """
     _check_kind(kind)
     B = len(x0)
@@ -105,7 +108,10 @@ def proxy_features(
         sigma = sigma_dist((B,), generator=generator, device=x0.device)
         noise = torch.randn(x0.shape, generator=generator, device=x0.device)
         return error_map(eps_fn, x0, cond, sigma=sigma, noise=noise).flatten(1)
-    table = torch.tensor([ddpm_sigma(t) for t in LOSS_TIMESTEPS], dtype=x0.dtype, device=x0.device)
+    if sigmas is None:
+        table = torch.tensor([ddpm_sigma(t) for t in LOSS_TIMESTEPS], dtype=x0.dtype, device=x0.device)
+    else:
+        table = sigmas[list(LOSS_TIMESTEPS)].to(dtype=x0.dtype, device=x0.device)
     # t ~ U(LOSS_TIMESTEPS), ε ~ N(0, I)
     k = torch.randint(0, len(LOSS_TIMESTEPS), (B,), generator=generator, device=x0.device)
     noise = torch.randn(x0.shape, generator=generator, device=x0.device)

@@ -124,8 +124,9 @@ def captioned_dataset(recipe: Recipe, *, split: str = "train") -> tuple[ImageDat
         holdout=held,
         holdout_seed=None if held is None else d.holdout_seed,
         example_digests=data.digests[idx],  # each image's identity in the budget registry (not its caption)
+        captions=tuple(data.captions[i] for i in idx),
     )
-    return dataset, tuple(data.captions[i] for i in idx)
+    return dataset, dataset.captions
 
 
 def templated_dataset(
@@ -146,7 +147,8 @@ def templated_dataset(
         data = dataclasses.replace(data, images=data.images.expand(-1, 3, -1, -1).contiguous())
     names = data.class_names or tuple(str(c) for c in range(data.num_classes))
     template = recipe.data.prompt_template
-    return data, tuple(template.format(names[int(c)]) for c in data.labels)
+    data = dataclasses.replace(data, captions=tuple(template.format(names[int(c)]) for c in data.labels))
+    return data, data.captions
 
 
 def private_dataset(recipe: Recipe) -> ImageDataset:

@@ -70,6 +70,8 @@ class ImageDataset:
             per-example identity that follows the data across file formats and subsets; None
             when unknown (a data set built by hand), then the ledger's fingerprint alone names it.
             In memory only: never written to a run, a ledger or a cache.
+        captions: One caption per example (text-to-image data: a captioned folder, or class names through
+            ``data.prompt_template``), or None. Private like the images; in memory only.
     """
 
     images: Tensor
@@ -83,6 +85,7 @@ class ImageDataset:
     holdout_seed: int | None = None
     test_root: str | None = None
     example_digests: np.ndarray | None = None
+    captions: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         images, labels, n = self.images, self.labels, self.images.shape[0]
@@ -110,6 +113,8 @@ class ImageDataset:
             fail("a held-out split needs holdout_seed and no test_root")
         if self.holdout is None and self.holdout_seed is not None:
             fail("holdout_seed without holdout")
+        if self.captions is not None and len(self.captions) != n:
+            fail(f"{len(self.captions)} captions for {n} examples")
         d = self.example_digests
         if d is not None and (not isinstance(d, np.ndarray) or d.dtype != np.uint8 or d.shape != (n, 32)):
             fail(

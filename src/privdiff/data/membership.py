@@ -164,8 +164,14 @@ def subset(dataset: ImageDataset, indices: np.ndarray, *, tag: str = "subset") -
     h = hashlib.sha256(dataset.fingerprint.encode() + tag.encode() + idx.astype("<i8").tobytes()).hexdigest()
     t = torch.from_numpy(idx)
     digests = None if dataset.example_digests is None else dataset.example_digests[idx]
+    captions = None if dataset.captions is None else tuple(dataset.captions[i] for i in idx)
     return dataclasses.replace(
-        dataset, images=dataset.images[t], labels=dataset.labels[t], fingerprint="sha256:" + h, example_digests=digests
+        dataset,
+        images=dataset.images[t],
+        labels=dataset.labels[t],
+        fingerprint="sha256:" + h,
+        example_digests=digests,
+        captions=captions,
     )
 
 

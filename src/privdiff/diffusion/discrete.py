@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-__all__ = ["DiscreteSchedule", "DiscreteSigma", "VPDenoiser", "ddpm_sigma"]
+__all__ = ["DiscreteSchedule", "DiscreteSigma", "VPDenoiser", "ddpm_sigma", "timestep_sigmas"]
 
 Prediction = Literal["epsilon", "v_prediction"]
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
@@ -197,6 +197,13 @@ class VPDenoiser(nn.Module):
 
     def extra_repr(self) -> str:
         return f"schedule={self.schedule}"
+
+
+def timestep_sigmas(denoiser: nn.Module) -> Tensor:
+    """σ_t, t = 0..T−1 (float64), of the DDPM timesteps that attacks and proxies are defined on: a discrete-time
+    net's own schedule (:class:`VPDenoiser`), DDPM's linear β schedule (T = 1000, :func:`ddpm_sigma`) for a
+    privdiff EDM / v denoiser, which has no timesteps of its own."""
+    return (denoiser.schedule if isinstance(denoiser, VPDenoiser) else DiscreteSchedule()).sigmas()
 
 
 def ddpm_sigma(t: int, *, T: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> float:

@@ -18,7 +18,6 @@ private data); the ledger names them as the run's public prior.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 from pathlib import Path
 
 import torch
@@ -26,42 +25,17 @@ import torch
 from ..config import Recipe
 from ..core.denoisers import default_device, load_decoder
 from ..core.generation import generate, sample_class_grid
-from ..core.stages import MethodResult, captioned_dataset, private_dataset
+from ..core.pipelines import caption_condition, captioned_latents, pretrained_net, trainable_chooser, weights_identity
+from ..core.stages import MethodResult, private_dataset
 from ..core.training import Stage, check_stage, train_denoiser
 from ..data import ImageDataset
 from ..diffusion.discrete import DiscreteSigma
-from ..models.pretrained import (
-    DiffusersUNetNet,
-    TextUNetNet,
-    add_lora,
-    is_text_pipeline,
-    load_pipeline_vae,
-    load_pretrained_unet,
-    load_text_pipeline,
-    select_trainable,
-)
+from ..models.pretrained import is_text_pipeline, load_text_pipeline
 from ..privacy.audit import GradientCanaries
 from ..privacy.budget import check_plan, open_ledger
 from ..runs import open_run, save_samples
 
-__all__ = ["pretrained_net", "train"]
-
-
-def pretrained_net(recipe: Recipe, *, like: ImageDataset) -> DiffusersUNetNet:
-    """The UNet at ``model.pretrained``, checked against the private data ``like`` (channels, size, classes)."""
-    path = recipe.model.pretrained
-    if not path:
-        raise ValueError("model.pretrained is not set: give the directory of a diffusers UNet2DModel or pipeline")
-    net, _ = load_pretrained_unet(path)
-    C, H, _ = net.sample_shape
-    if (C, H) != (like.channels, like.resolution):
-        raise ValueError(
-            f"model.pretrained={path} takes {C}-channel {H}x{H} images; {like.name} has {like.channels}-channel "
-            f"{like.resolution}x{like.resolution} (set data.resolution={H}, or use data of that many channels)"
-        )
-    if net.num_classes is not None and like.num_classes > net.num_classes:
-        raise ValueError(f"model.pretrained={path} knows {net.num_classes} classes; {like.name} has {like.num_classes}")
-    return net
+__all__ = ["train"]
 
 
 def _no_condition(idx: torch.Tensor, K: int, generator: torch.Generator) -> None:
@@ -77,83 +51,6 @@ def _labels(dataset: ImageDataset, device: torch.device):
         )  # no null class to drop to: the net was not trained with one
 
     return condition
-
-
-def weights_identity(path: str | Path) -> dict:
-    """The public prior as the ledger names it: the directory and a SHA-256 of its weight and config files."""
-    root = Path(path)
-    h = hashlib.sha256()
-    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in (".safetensors", ".bin", ".json"))
-    for p in files:
-        h.update(str(p.relative_to(root)).encode() + b"\0")
-        h.update(p.read_bytes())
-    return {
-        "name": f"pretrained:{root.name}",
-        "split": "weights",
-        "fingerprint": "sha256:" + h.hexdigest(),
-        "size": len(files),
-    }
-
-
-def captioned_latents(recipe: Recipe, net: TextUNetNet) -> tuple[ImageDataset, torch.Tensor]:
-    """The private captioned images (``data.root``: metadata.jsonl or caption files) as the pipeline's latents, and
-    their captions as token ids [N, L].
-
-    Latents are encoded ONCE with the frozen VAE: z = s·μ(x) (the posterior mean, scaled by the VAE's
-    scaling factor), a fixed preprocessing of each private example; DP-SGD then runs on (z, caption)
-    pairs exactly as on images. The data identity (and the budget registry's key) is the fingerprint
-    of the images *and* their captions: both are private.
-
-    Class-labelled data with ``data.prompt_template`` is captioned by the template and its class names;
-    the net then keeps one prompt per class (``class_prompts``) and is sampled by class like any other."""
-    data, captions = captioned_dataset(recipe, split="train")  # never the held-out part (data.holdout)
-    template = recipe.data.prompt_template
-    if template is not None:
-        names = data.class_names or tuple(str(c) for c in range(data.num_classes))
-        net.class_prompts = tuple(template.format(name) for name in names)
-    vae = load_pipeline_vae(recipe.model.pretrained)
-    with torch.no_grad():
-        z = torch.cat([vae.encode(data.images[i : i + 64]).latent_dist.mean for i in range(0, len(data), 64)])
-    z = (z * vae.config.scaling_factor).float()
-    if tuple(z.shape[1:]) != net.sample_shape:
-        raise ValueError(
-            f"data.resolution={data.resolution} gives {tuple(z.shape[1:])} latents; the UNet of model.pretrained takes "
-            f"{net.sample_shape} (set data.resolution to the VAE's sample_size, {vae.config.sample_size})"
-        )
-    # the same data set (name, split, fingerprint: what the ledger describes), as latents
-    return dataclasses.replace(data, images=z), net.tokenize(captions)
-
-
-def _captions(ids: torch.Tensor, null: torch.Tensor, *, p: float, device: torch.device):
-    """Per draw: the example's caption ids, replaced by the empty prompt's with probability p (classifier-free guidance)."""
-    ids, null = ids.to(device), null.to(device)
-
-    def condition(idx: torch.Tensor, K: int, generator: torch.Generator) -> torch.Tensor:
-        rows = ids[idx.to(device)][:, None].expand(-1, K, -1)  # [B, K, L]
-        drop = torch.rand(rows.shape[:2], generator=generator, device=device) < p
-        return torch.where(drop[..., None], null, rows)
-
-    return condition
-
-
-def trainable_chooser(recipe: Recipe, unet_of):
-    """What trains, as a ``select(net)`` for the stage: ``model.trainable`` groups or patterns of the UNet
-    (:func:`~privdiff.models.pretrained.select_trainable`), or ``[lora]``: LoRA adapters (peft) of rank
-    ``model.lora_rank`` and scale ``model.lora_alpha``/rank on ``model.lora_targets``, added to a fresh net
-    (a resumed one has them), with every other weight frozen."""
-    m = recipe.model
-    if "lora" not in m.trainable:
-        return lambda net: select_trainable(unet_of(net), m.trainable)
-    if len(m.trainable) != 1:
-        raise ValueError(f"model.trainable={list(m.trainable)}: [lora] trains the adapters alone; give it on its own")
-
-    def select(net) -> None:
-        if not net.lora:
-            add_lora(net, rank=m.lora_rank, alpha=m.lora_alpha, target_modules=m.lora_targets)
-        for name, p in net.named_parameters():
-            p.requires_grad_(".lora_A." in name or ".lora_B." in name)
-
-    return select
 
 
 def train(
@@ -177,7 +74,7 @@ def train(
     ):  # latents of the frozen VAE, conditioned on the captions by the frozen text encoder
         net = load_text_pipeline(pretrained)
         dataset, ids = captioned_latents(recipe, net)
-        condition = _captions(ids, net.null_condition(), p=recipe.diffusion.label_dropout, device=device)
+        condition = caption_condition(ids, net.null_condition(), p=recipe.diffusion.label_dropout, device=device)
         unet_of = lambda m: m.unet  # noqa: E731  the text encoder never trains
     else:
         dataset = private_dataset(recipe)
