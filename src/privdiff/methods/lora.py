@@ -21,6 +21,13 @@ Stages, all on the shared core (:func:`~privdiff.core.training.train_denoiser`):
    per-example ratio. After each LoRA step, ``lora.attacker_steps`` steps of h_ω (Adam) on a balanced
    batch of member_aux and nonmember_aux maps (features without gradient), as the released code.
 
+On a Stable-Diffusion-style pipeline (``model.pretrained: PIPELINE``, captioned images in ``data.root``: the
+papers' own setting) there is no pretraining stage: the pipeline is the public prior (named in the ledger),
+the member pool is the captioned images as the frozen VAE's latents, the adapters go on the UNet's
+``lora.targets`` (peft, through diffusers), the condition is each example's caption read by the frozen text
+encoder (dropped to the empty prompt with p = ``diffusion.label_dropout``), and the objective is the net's own
+(ε or v on its β schedule, t ~ U{0..T−1}); the proxy attacker reads the same captions and timesteps.
+
 The ledger's private data is the member set, its one event the ``lora`` stage; pretraining is a
 public stage. With ``privacy.enabled: false`` the event is non-private (ε = ∞: plain LoRA is not
 DP). With ``privacy.enabled: true`` the ``lora`` objective is trained by the shared DP-SGD path
@@ -32,6 +39,7 @@ on member_aux outside DP-SGD, and every LoRA step reads it through ω, which no 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -40,16 +48,19 @@ import torch.nn.functional as F
 
 from ..atomic import atomic_write_text
 from ..config import Recipe
-from ..core.denoisers import default_device, pixel_net
-from ..core.generation import sample_class_grid
+from ..core.denoisers import default_device, load_decoder, pixel_net
+from ..core.generation import generate, sample_class_grid
+from ..core.pipelines import caption_condition, captioned_latents, weights_identity
 from ..core.proxy import ProxyAttacker, feature_dim, member_gain, proxy_features
 from ..core.stages import MethodResult, pretrain, private_dataset, public_data
 from ..core.training import Stage, check_stage, train_denoiser, training_sigma_distribution
 from ..data import ImageDataset
 from ..data.membership import MembershipSplits, split_pool
+from ..diffusion.discrete import DiscreteSigma
 from ..models.lora import LoRASpec, LoRAUNetNet, lora_parameters
+from ..models.pretrained import add_lora, is_text_pipeline, load_text_pipeline
 from ..privacy.budget import check_plan, open_ledger
-from ..runs import open_run
+from ..runs import open_run, save_samples
 
 __all__ = ["PrivacyTerm", "train"]
 
@@ -83,16 +94,24 @@ class PrivacyTerm:
         nonmember_aux: ImageDataset,
         device: torch.device,
         log: Path | None = None,
+        conditions=None,
+        sigma_dist=None,
+        sigmas: torch.Tensor | None = None,
     ):
+        """``conditions(dataset)``: the examples' conditions (default: their labels; a pipeline's: caption token
+        ids); ``sigma_dist`` / ``sigmas``: the net's training p(σ) and timestep table (default: the recipe's p(σ),
+        DDPM's linear table)."""
         L = recipe.lora
         self.kind, self.lam, self.delta, self.feature = L.objective, L.lam, L.stabilizer, L.attacker_feature
         self.device = device
-        self.x_m, self.c_m = members.images.to(device), members.labels.to(device)
+        cond = conditions or (lambda ds: ds.labels)
+        self.x_m, self.c_m = members.images.to(device), cond(members).to(device)
         self.aux = {
-            True: (member_aux.images.to(device), member_aux.labels.to(device)),
-            False: (nonmember_aux.images.to(device), nonmember_aux.labels.to(device)),
+            True: (member_aux.images.to(device), cond(member_aux).to(device)),
+            False: (nonmember_aux.images.to(device), cond(nonmember_aux).to(device)),
         }
-        self.sigma_dist = training_sigma_distribution(recipe)
+        self.sigma_dist = sigma_dist or training_sigma_distribution(recipe)
+        self.sigmas = sigmas
         self.g = torch.Generator(device=device).manual_seed(recipe.train.seed * 1000 + 11)
         with torch.random.fork_rng(devices=[]):  # h_ω's initial weights: a function of the seed, not of what ran before
             torch.manual_seed(recipe.train.seed * 1000 + 12)
@@ -126,7 +145,9 @@ class PrivacyTerm:
 
     def _map(self, module: torch.nn.Module, x0: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         # h_ω's input at a fresh (σ', ε') per example, separate from the (σ, n) of ℓ_ada
-        return proxy_features(_eps_fn(module), x0, c, kind=self.feature, sigma_dist=self.sigma_dist, generator=self.g)
+        return proxy_features(
+            _eps_fn(module), x0, c, kind=self.feature, sigma_dist=self.sigma_dist, generator=self.g, sigmas=self.sigmas
+        )
 
     def ce_member(self, module: torch.nn.Module, idx: torch.Tensor) -> torch.Tensor:
         """CE_member = −log h_ω(e(x₀)) per member example of ``idx``, differentiable in the LoRA weights."""
@@ -177,17 +198,109 @@ def load_public(recipe: Recipe, *, like: ImageDataset) -> ImageDataset:
     return public_data(recipe, like=like, section="lora")
 
 
+def _splits(recipe: Recipe, pool: ImageDataset, out: str | Path) -> tuple[MembershipSplits, Path, bool]:
+    """The run's membership splits of ``pool``: drawn now from the seed (a fresh run) or read back (a resumed one)."""
+    path = Path(out) / "splits.json"
+    if path.is_file():
+        return MembershipSplits.load(path), path, False
+    d = recipe.data
+    splits = split_pool(
+        pool, n_per_role=recipe.lora.n_per_role, seed=recipe.train.seed, root=d.root, resolution=d.resolution
+    )
+    return splits, path, True
+
+
+def _term(recipe: Recipe, run, splits: MembershipSplits, pool: ImageDataset, members: ImageDataset, **kwargs):
+    """PrivateLoRA's / Stable PrivateLoRA's :class:`PrivacyTerm` for the run (None for plain LoRA); a fresh LoRA stage
+    drops the attacker-log lines of an attempt killed before its first checkpoint."""
+    if recipe.lora.objective == "lora":
+        return None
+    if run.resume_checkpoint(what=STAGE) is None:
+        (run.path / "attacker_log.jsonl").unlink(missing_ok=True)
+    return PrivacyTerm(
+        recipe,
+        members=members,
+        member_aux=splits.dataset("member_aux", pool),
+        nonmember_aux=splits.dataset("nonmember_aux", pool),
+        device=default_device(),
+        log=run.path / "attacker_log.jsonl",
+        **kwargs,
+    )
+
+
+def train_on_pipeline(
+    recipe: Recipe, *, out: str | Path, progress: bool = True, grid_per_class: int = 10
+) -> MethodResult:
+    """LoRA, PrivateLoRA, Stable PrivateLoRA or DP-SGD LoRA of a Stable-Diffusion-style pipeline's UNet on the
+    members of a captioned image pool (see the module docstring); a grid of empty-prompt samples at the end
+    (never a private caption)."""
+    pretrained = str(Path(recipe.model.pretrained).expanduser().resolve())
+    recipe = dataclasses.replace(recipe, model=dataclasses.replace(recipe.model, pretrained=pretrained))
+    L, device = recipe.lora, default_device()
+    net = load_text_pipeline(pretrained)
+    pool, _ = captioned_latents(recipe, net)  # the captioned images as latents (data.holdout's test part never)
+    splits, path, fresh_splits = _splits(recipe, pool, out)
+    members = splits.members(pool)  # the only examples LoRA trains on
+    # everything that can fail is checked before the run writes anything or reserves budget
+    with torch.random.fork_rng(devices=[]):  # the adapters' initial A: a function of the seed, not of what ran before
+        torch.manual_seed(recipe.train.seed)
+        add_lora(net, rank=L.rank, alpha=L.alpha, target_modules=L.targets)
+    check_stage(stage=STAGE, num_examples=len(members), train=recipe.train)
+    check_plan(out, recipe, members, stage=STAGE)
+    run = open_run(out, recipe, class_names=None)
+    with run.starting():  # a start that still fails removes what it created
+        if fresh_splits:
+            run.created(path)
+            splits.save(path)
+        ledger = open_ledger(run, recipe, members, stage=STAGE)
+        ledger.record_public(stage="pretrained", data=weights_identity(Path(pretrained)), steps=0)
+        ledger.save(run.ledger_path)
+
+    def ids(dataset: ImageDataset) -> torch.Tensor:
+        return net.tokenize(list(dataset.captions))
+
+    def select(m: torch.nn.Module) -> None:
+        for name, p in m.named_parameters():
+            p.requires_grad_(".lora_A." in name or ".lora_B." in name)
+
+    sigmas = DiscreteSigma(net.schedule)
+    term = _term(recipe, run, splits, pool, members, conditions=ids, sigma_dist=sigmas, sigmas=net.schedule.sigmas())
+    stage = Stage(
+        name=STAGE,
+        init=lambda: net,
+        select=select,
+        condition=caption_condition(
+            ids(members), net.null_condition(), p=recipe.diffusion.label_dropout, device=device
+        ),
+        sigmas=sigmas,
+    )
+    result = train_denoiser(
+        run=run, recipe=recipe, dataset=members, ledger=ledger, stage=stage, term=term, progress=progress
+    )
+    grid = None
+    if grid_per_class:  # the empty prompt: grid_per_class rows of 10
+        images = generate(
+            result.denoiser,
+            labels=None,
+            n=10 * grid_per_class,
+            recipe=recipe,
+            decode=load_decoder(run),
+            seed=recipe.train.seed,
+            progress=progress,
+        )
+        grid, _ = save_samples(run.samples, images, None, nrow=10)
+    return MethodResult(run=run, grid=grid, ledger=ledger, steps=result.steps)
+
+
 def train(recipe: Recipe, *, out: str | Path, progress: bool = True, grid_per_class: int = 10) -> MethodResult:
-    """Pretrain on public data, record the membership splits, LoRA-adapt on the members; sample a class grid."""
-    d, L, device = recipe.data, recipe.lora, default_device()
+    """Pretrain on public data, record the membership splits, LoRA-adapt on the members; sample a class grid.
+    With ``model.pretrained`` a text-to-image pipeline: :func:`train_on_pipeline`."""
+    if is_text_pipeline(recipe.model.pretrained):
+        return train_on_pipeline(recipe, out=out, progress=progress, grid_per_class=grid_per_class)
+    L = recipe.lora
     pool = private_dataset(recipe)
     public = load_public(recipe, like=pool)
-    path = Path(out) / "splits.json"
-    fresh_splits = not path.is_file()
-    if fresh_splits:
-        splits = split_pool(pool, n_per_role=L.n_per_role, seed=recipe.train.seed, root=d.root, resolution=d.resolution)
-    else:
-        splits = MembershipSplits.load(path)
+    splits, path, fresh_splits = _splits(recipe, pool, out)
     members = splits.members(pool)  # the only examples LoRA trains on
     spec = LoRASpec(rank=L.rank, alpha=L.alpha, targets=tuple(L.targets))
     # everything that can fail is checked before the run writes anything or reserves budget
@@ -212,20 +325,7 @@ def train(recipe: Recipe, *, out: str | Path, progress: bool = True, grid_per_cl
         for p in lora_parameters(net):
             p.requires_grad_(True)
 
-    term = None
-    if L.objective != "lora":
-        if (
-            run.resume_checkpoint(what=STAGE) is None
-        ):  # a fresh LoRA stage: lines of an attempt killed before its first checkpoint go
-            (run.path / "attacker_log.jsonl").unlink(missing_ok=True)
-        term = PrivacyTerm(
-            recipe,
-            members=members,
-            member_aux=splits.dataset("member_aux", pool),
-            nonmember_aux=splits.dataset("nonmember_aux", pool),
-            device=device,
-            log=run.path / "attacker_log.jsonl",
-        )
+    term = _term(recipe, run, splits, pool, members)
     stage = Stage(name=STAGE, init=lambda: LoRAUNetNet.from_base(pre.denoiser.net, spec), select=select)
     result = train_denoiser(
         run=run, recipe=recipe, dataset=members, ledger=ledger, stage=stage, term=term, progress=progress
