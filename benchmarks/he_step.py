@@ -2,6 +2,7 @@
 private mode. Prints a markdown table (docs/benchmarks.md records it with this command).
 
     PYTHONPATH=src python benchmarks/he_step.py [--run RUN] [--element-slice 256]
+    PYTHONPATH=src python benchmarks/he_step.py --compat-params precise --compat-only   # privdiff's default parameters
 
 Compat variants (the update x_{t-1} = f·x_t + a of one step; the denoiser runs in plaintext on the
 server in all of them, as published), on the default model's latent (4×7×7) and on an SD-sized one
@@ -44,13 +45,13 @@ def timed(fn, repeat: int = 3):
     return statistics.median(ts), out
 
 
-def compat_rows(shape, *, element_slice: int):
+def compat_rows(shape, *, element_slice: int, params: str = "reference"):
     import tenseal as ts
 
     from privdiff.he.ckks import PRESETS, TenSEALContext
     from privdiff.he.compat import coo_pack, encrypt_packed, merge, select_encrypted, update_encrypted
 
-    ctx = TenSEALContext.generate(PRESETS["reference"])
+    ctx = TenSEALContext.generate(PRESETS[params])
     g = torch.Generator().manual_seed(0)
     x, D = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
     f, a = 0.9, 0.1
@@ -158,17 +159,23 @@ def main():
     p.add_argument("--run", help="an he-ldm run (default: the recipe's sizes, fresh weights)")
     p.add_argument("--element-slice", type=int, default=256)
     p.add_argument("--skip-large", action="store_true")
+    p.add_argument(
+        "--compat-params", choices=["reference", "precise"], default="reference", help="CKKS preset of the compat rows"
+    )
+    p.add_argument("--compat-only", action="store_true", help="skip the private-mode row")
     args = p.parse_args()
     torch.set_num_threads(1)  # as the CLI: the torch work is tiny, a thread pool only contends with TenSEAL
     print("| latent | variant | wall s / step | CPU s / step | MB up | MB down | max abs err |")
     print("|---|---|---|---|---|---|---|")
     for shape in [(1, 4, 7, 7)] + ([] if args.skip_large else [(1, 4, 64, 64)]):
-        for name, t, c, up, down, err in compat_rows(shape, element_slice=args.element_slice):
+        for name, t, c, up, down, err in compat_rows(
+            shape, element_slice=args.element_slice, params=args.compat_params
+        ):
             print(
                 f"| {'×'.join(map(str, shape[1:]))} | compat: {name} | {t:.4g} | {c:.4g} | {up / 1e6:.3g} | {down / 1e6:.3g} | {err:.2g} |",
                 flush=True,
             )
-    for name, t, c, up, down, err in private_row(args.run):
+    for name, t, c, up, down, err in [] if args.compat_only else private_row(args.run):
         print(
             f"| 4×7×7 | {name} | {t:.4g} | {c:.4g} | {up / 1e6:.3g} | {down / 1e6:.3g} | {err:.2g} (rel) |", flush=True
         )
