@@ -582,7 +582,8 @@ def cmd_he_serve(args: argparse.Namespace) -> int:
 
     from .he.server import ServiceConfig, serve
 
-    torch.set_num_threads(1)  # the server's work is CKKS (TenSEAL); torch's thread pool only contends with it
+    if args.pipeline is None:  # a run's work is CKKS (TenSEAL); torch's thread pool only contends with it
+        torch.set_num_threads(1)  # (a pipeline's UNet is the server's real work: it keeps torch's threads)
 
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port must be in [0, 65535] (0: a free port), got {args.port}")
