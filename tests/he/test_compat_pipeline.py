@@ -134,6 +134,24 @@ def test_compat_generation_over_http_equals_plaintext_plms(pipeline_dir, pipelin
     assert np.abs(result.latents[-1] - latents.double().numpy()).max() < PRECISE_TOL
 
 
+def test_an_sd2_style_v_prediction_pipeline(tmp_path):
+    """SD 2.x's layout (linear projections, GELU text encoder, an Euler scheduler config) with v-prediction: PLMS
+    built from its config, the same equality."""
+    from privdiff.he.client import generate
+    from privdiff.he.server import load_pipeline_service
+    from tests.helpers import tiny_sd_pipeline
+
+    tiny_sd_pipeline(tmp_path / "sd2", layout="sd2", prediction_type="v_prediction")
+    srv = BackgroundServer(load_pipeline_service(tmp_path / "sd2", device="cpu"))
+    try:
+        result = generate(srv.url, PROMPT, mode="compat", seed=3, steps=2, guidance=1.5, progress=False)
+    finally:
+        srv.close()
+    trajectory, image = plaintext_plms(tmp_path / "sd2", seed=3, steps=2, guidance=1.5)
+    assert max(np.abs(he - plain).max() for he, plain in zip(result.latents, trajectory)) < PRECISE_TOL
+    assert np.abs(result.image - image).max() < PRECISE_TOL
+
+
 def test_reference_parameters_stay_within_their_tolerance(pipeline_dir, pipeline_server):
     from privdiff.he.client import generate
 
