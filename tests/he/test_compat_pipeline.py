@@ -56,9 +56,9 @@ def test_plms_update_equals_diffusers_pndm(prediction_type, spacing):
         y = ref.step(net(y, int(t)), t, y).prev_sample
         if i:  # call 0 is PNDM's intermediate step
             expected.append(y)
-    schedule, history, got, z = PLMSSchedule.from_config(config, steps), [], [], x.clone()
+    schedule, history, got, z = PLMSSchedule.from_config(config, steps=steps), [], [], x.clone()
     for i in range(steps):
-        f, a = plms_update(schedule, i, z, net, history)
+        f, a = plms_update(schedule, i, z, predict=net, history=history)
         z = f * z + a
         got.append(z)
     assert len(history) == steps

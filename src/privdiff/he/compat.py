@@ -144,7 +144,7 @@ def plms_coefficients(alpha_t: float, alpha_prev: float, *, prediction_type: str
 
 
 def adams_bashforth(history: list[Tensor]) -> Tensor:
-    """PLMS's combination e' of the last (up to four) outputs, oldest first (Liu et al. 2022, eq. 12):
+    """PLMS's linear-multistep combination e' of the last (up to four) outputs, oldest first (Liu et al. 2022):
     2nd order (3e − e₋₁)/2, 3rd (23e − 16e₋₁ + 5e₋₂)/12, 4th (55e − 59e₋₁ + 37e₋₂ − 9e₋₃)/24."""
     e = history[-4:]
     if len(e) == 1:
@@ -169,7 +169,7 @@ class PLMSSchedule:
     prediction_type: str
 
     @classmethod
-    def from_config(cls, config: dict, steps: int) -> "PLMSSchedule":
+    def from_config(cls, config: dict, *, steps: int) -> "PLMSSchedule":
         """The schedule of ``steps`` PLMS updates on a pipeline's scheduler ``config`` (whatever class it names)."""
         from ..diffusion.schedulers import make_scheduler
 
@@ -200,16 +200,16 @@ class PLMSSchedule:
 
 
 def plms_update(
-    schedule: PLMSSchedule, i: int, x: Tensor, predict: Callable[[Tensor, int], Tensor], history: list[Tensor]
+    schedule: PLMSSchedule, i: int, x: Tensor, *, predict: Callable[[Tensor, int], Tensor], history: list[Tensor]
 ) -> tuple[float, Tensor]:
     """(f, a) of PLMS update ``i`` (0-based, of ``schedule.steps``): x_next = f·x + a, with ``predict(x, t)`` the
     (guided) net output at timestep t. ``history`` holds the outputs of updates 0..i−1, each at its x_t; this
     update's output at x is appended (the caller keeps it for the next update). Equal to diffusers'
-    ``PNDMScheduler.step`` (skip_prk_steps) on the same outputs; ``x`` is used only by the net, never by (f, a)'s
-    coefficient f, so the update applies as it is to an encrypted x."""
+    ``PNDMScheduler.step`` (skip_prk_steps) on the same outputs. f depends on the schedule alone and a on x only
+    through the net's outputs (computed in plaintext), so x_next = f·x + a applies as it is to an encrypted x."""
     L, d, kind = schedule.timesteps, schedule.delta, schedule.prediction_type
     if i == 0:
-        # first update: PNDM's pseudo improved Euler (Liu et al. 2022, §4; CompVis' PLMS first step)
+        # first update: PNDM's pseudo improved Euler (Liu et al. 2022; CompVis' PLMS first step)
         e0 = predict(x, L[0])
         history[:] = [e0]
         # an intermediate DDIM step x̂ = f̂·x + ĝ·e₀ to t − δ, in plaintext (as in the reference code)
@@ -439,7 +439,9 @@ class PipelineCompatServer(CompatServer):
         )
         self.scheduler_config = net.scheduler_config
         self.max_steps = int(self.scheduler_config.get("num_train_timesteps", 1000)) // 2
-        PLMSSchedule.from_config(self.scheduler_config, 2)  # a config PLMS cannot run on fails at load, not per session
+        PLMSSchedule.from_config(
+            self.scheduler_config, steps=2
+        )  # a config PLMS cannot run on fails at load, not per session
 
     def check_open_query(self, query: dict) -> dict:
         steps = query.get("steps", "50")
@@ -466,7 +468,7 @@ class PipelineCompatServer(CompatServer):
     ) -> _PipelineSession:
         prompt, guidance = self.check_open(prompt, guidance)
         try:
-            schedule = PLMSSchedule.from_config(self.scheduler_config, int(steps))
+            schedule = PLMSSchedule.from_config(self.scheduler_config, steps=int(steps))
         except ValueError as e:
             raise ProtocolError(str(e)) from None
         ctx = TenSEALContext.from_public_bytes(public_context, allowed=self.params)
@@ -497,6 +499,6 @@ class PipelineCompatServer(CompatServer):
 
         xt = torch.from_numpy(x).float().view(1, *net.sample_shape).to(self.device)
         history = s.history[:i]  # a repeated update recomputes its output; later ones are dropped
-        f, a = plms_update(s.schedule, i, xt, predict, history)
+        f, a = plms_update(s.schedule, i, xt, predict=predict, history=history)
         s.history = history
         return f, a.double().reshape(-1).cpu().numpy()
