@@ -123,15 +123,19 @@ def test_compat_generation_over_http_equals_plaintext_plms(pipeline_dir, pipelin
         assert np.abs(he - plain).max() < PRECISE_TOL
     assert result.image.shape == image.shape == (1, 3, 16, 16)
     assert np.abs(result.image - image).max() < PRECISE_TOL
-    # and diffusers' own StableDiffusionPipeline with PNDM (guidance scale 1 + w) from the same x_T
+    # and diffusers' own StableDiffusionPipeline with PNDM (guidance scale 1 + w), its x_T drawn from the same seed
     pipe = StableDiffusionPipeline.from_pretrained(pipeline_dir, local_files_only=True, safety_checker=None)
     pipe.scheduler = PNDMScheduler.from_config(pipe.scheduler.config, skip_prk_steps=True)
     pipe.set_progress_bar_config(disable=True)
-    x_T = torch.randn((1, 4, 8, 8), generator=torch.Generator().manual_seed(seed))
-    latents = pipe(
-        PROMPT, height=16, width=16, num_inference_steps=steps, guidance_scale=1 + w, latents=x_T, output_type="latent"
-    ).images
-    assert np.abs(result.latents[-1] - latents.double().numpy()).max() < PRECISE_TOL
+    out = pipe(
+        PROMPT,
+        num_inference_steps=steps,
+        guidance_scale=1 + w,
+        generator=torch.Generator().manual_seed(seed),
+        output_type="np",
+        return_dict=False,
+    )[0]
+    assert np.abs(result.image[0].transpose(1, 2, 0) - out[0]).max() < PRECISE_TOL
 
 
 def test_an_sd2_style_v_prediction_pipeline(tmp_path):
