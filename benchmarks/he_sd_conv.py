@@ -369,6 +369,29 @@ def main() -> None:
         f"{pl['up'] * m['per_encrypt_s']:,.0f} | {pl['up'] * m['per_up_bytes'] / 1e9:,.0f} | "
         f"{pl['down'] * v['rescale']['per_down_bytes'] / 1e9:.2f} |"
     )
+    # where one evaluation's time goes: by output resolution and kernel (2 rows, as above)
+    levels: dict = {}
+    for cv in convs:
+        side, p = int(math.isqrt(cv["out_hw"])), project(m, cv, rows=2)
+        a = levels.setdefault(
+            (side, cv["k"]),
+            {"layers": 0, "G": p["counts"]["G"], "up": 0, "products": 0, "lazy": 0.0, "rescale": 0.0, "gb": 0.0},
+        )
+        a["layers"] += 1
+        a["up"] += p["counts"]["up"]
+        a["products"] += p["counts"]["products"]
+        a["lazy"] += p["lazy"]["server_s"]
+        a["rescale"] += p["rescale"]["server_s"]
+        a["gb"] += p["lazy"]["bytes_up"] / 1e9
+    report["levels"] = {f"{side}x{side} {k}x{k}": a for (side, k), a in levels.items()}
+    print()
+    print("| output side | kernel | layers | G | ct up | products | server s, lazy | server s, rescale | GB up |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for (side, k), a in sorted(levels.items(), key=lambda kv: (-kv[0][0], -kv[0][1])):
+        print(
+            f"| {side}×{side} | {k}×{k} | {a['layers']} | {a['G']} | {a['up']:,} | {a['products']:,} | "
+            f"{a['lazy']:,.0f} | {a['rescale']:,.0f} | {a['gb']:.1f} |"
+        )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=1)
