@@ -609,7 +609,6 @@ def cmd_he_generate(args: argparse.Namespace) -> int:
     import torch
 
     from .he.client import ServiceError, generate
-    from .runs import save_grid
 
     torch.set_num_threads(1)  # the client's torch work is tiny (norms, softmax); a thread pool only adds contention
 
@@ -627,7 +626,7 @@ def cmd_he_generate(args: argparse.Namespace) -> int:
         )
     except ServiceError as e:
         raise OSError(str(e)) from None
-    save_grid(args.out, result.image, nrow=1)
+    result.save(args.out)
     per = sum(result.per_eval) / max(1, len(result.per_eval))
     print(
         f"{args.out}: {result.mode} mode, {result.evaluations} denoiser evaluations in {result.seconds:.1f} s "

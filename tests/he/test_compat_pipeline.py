@@ -205,6 +205,41 @@ def test_the_pipeline_server_refuses_what_it_does_not_serve(pipeline_server):
     assert code == 400 and "allowed: step" in text
 
 
+def test_cli_generate_writes_the_pipelines_own_image(pipeline_dir, pipeline_server, tmp_path, capsys):
+    """`privdiff he generate --mode compat` writes the PNG StableDiffusionPipeline (PNDM) writes for the same seed,
+    prompt, steps and guidance scale 1 + w: the same size, pixels equal up to the 8-bit rounding of CKKS noise."""
+    from diffusers import PNDMScheduler, StableDiffusionPipeline
+    from PIL import Image
+
+    from privdiff.cli import main
+
+    out, threads = tmp_path / "he.png", torch.get_num_threads()
+    argv = [
+        "he",
+        "generate",
+        "--server",
+        pipeline_server.url,
+        "--mode",
+        "compat",
+        "--prompt",
+        PROMPT,
+        "--out",
+        str(out),
+    ]
+    try:
+        assert main(argv + ["--steps", "2", "--guidance", "3", "--seed", "4", "--quiet"]) == 0
+    finally:
+        torch.set_num_threads(threads)  # the command sets one thread for the rest of the process
+    assert "compat mode, 2 denoiser evaluations" in capsys.readouterr().out
+    pipe = StableDiffusionPipeline.from_pretrained(pipeline_dir, local_files_only=True, safety_checker=None)
+    pipe.scheduler = PNDMScheduler.from_config(pipe.scheduler.config, skip_prk_steps=True)
+    pipe.set_progress_bar_config(disable=True)
+    ref = pipe(PROMPT, num_inference_steps=2, guidance_scale=4.0, generator=torch.Generator().manual_seed(4)).images[0]
+    got = Image.open(out)
+    assert got.size == ref.size == (16, 16) and got.mode == ref.mode == "RGB"
+    assert np.abs(np.asarray(got, np.int16) - np.asarray(ref, np.int16)).max() <= 1
+
+
 def test_cli_serve_refuses_a_directory_that_is_not_a_pipeline(tmp_path, capsys):
     from privdiff.cli import main
 

@@ -16,6 +16,7 @@ import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -47,6 +48,25 @@ class GenerateResult:
     bytes_down: int
     per_eval: list[float] = field(default_factory=list)
     latents: list[np.ndarray] = field(default_factory=list)  # compat: the decrypted latent after each step
+    pipeline: bool = False  # from a Stable-Diffusion pipeline's server
+
+    def save(self, path: str | Path) -> Path:
+        """Write the image as PNG, atomically: a pipeline's image as the pipeline writes it (H×W pixels,
+        ``round(255·x)``), a run's as ``privdiff sample --n 1`` does (its one-image grid)."""
+        from ..atomic import atomic_write_bytes
+        from ..runs import save_grid
+
+        if not self.pipeline:
+            return save_grid(path, self.image, nrow=1)
+        import io
+
+        from PIL import Image
+
+        arr = (self.image[0].clip(0, 1) * 255).round().astype(np.uint8).transpose(1, 2, 0)
+        png = io.BytesIO()
+        Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr).save(png, format="PNG")
+        atomic_write_bytes(path, png.getvalue())
+        return Path(path)
 
 
 class HTTPClient:
@@ -299,6 +319,7 @@ def _generate_pipeline(
     result = _compat_loop(http, ctx, x, session, [f"step={i}" for i in range(steps)], bar=bar)
     bar.close()
     result.image = ((decode(torch.from_numpy(result.latents[-1]).float()).clamp(-1, 1) + 1) / 2).float().numpy()
+    result.pipeline = True
     result.seconds = time.perf_counter() - t0
     result.bytes_up, result.bytes_down = http.bytes_up, http.bytes_down
     return result
