@@ -68,6 +68,7 @@ __all__ = [
     "decoder_bytes",
     "load_pipeline_service",
     "load_service",
+    "pipeline_service",
     "serve",
 ]
 
@@ -290,18 +291,24 @@ def load_pipeline_service(
 ) -> Service:
     """The compat-mode service of the Stable-Diffusion-style pipeline at ``path`` (``model_index.json``, ``unet/``,
     ``vae/``, ``text_encoder/``, ``tokenizer/``, ``scheduler/``): HE-Diffusion with PLMS on the pipeline's UNet
-    (:class:`~privdiff.he.compat.PipelineCompatServer`); a one-line ValueError for anything else. ``device``:
-    where the UNet runs (default: CUDA when present)."""
+    (:func:`pipeline_service`); a one-line ValueError for anything else. ``device``: where the UNet runs
+    (default: CUDA when present)."""
+    from ..models.pretrained import load_pipeline_vae, load_text_pipeline
+
+    return pipeline_service(load_text_pipeline(path), load_pipeline_vae(path), config=config, device=device)
+
+
+def pipeline_service(net, vae, *, config: ServiceConfig = ServiceConfig(), device: str | None = None) -> Service:
+    """The compat-mode service of a pipeline's net (:func:`privdiff.models.pretrained.load_text_pipeline`'s: UNet,
+    CLIP, tokenizer, scheduler config) and its VAE (:class:`~privdiff.he.compat.PipelineCompatServer`; the client
+    gets the VAE's decoder). ``device``: where the UNet runs (default: CUDA when present)."""
     import torch
 
-    from ..models.pretrained import load_pipeline_vae, load_text_pipeline
     from .compat import PipelineCompatServer
 
-    net = load_text_pipeline(path).eval()
-    vae = load_pipeline_vae(path)
     trimmer = MemoryTrimmer()
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    compat = PipelineCompatServer(net, device=device, sessions=config.session_table(on_drop=trimmer.request))
+    compat = PipelineCompatServer(net.eval(), device=device, sessions=config.session_table(on_drop=trimmer.request))
     limits = dict(asdict(config))
     limits |= {
         "max_body_bytes": int(config.max_body_mb * 2**20),
