@@ -131,21 +131,25 @@ def sample_class_grid(
     recipe: Recipe,
     denoiser: Denoiser,
     *,
-    num_classes: int,
+    num_classes: int | None,
     per_class: int,
     decode: Callable[[torch.Tensor], torch.Tensor] | None = None,
     progress: bool = True,
 ) -> Path | None:
     """Draw ``per_class`` images of each class with the run's seed and save them as ``RUN/samples`` (grid.png, one row
-    per class, and samples.npz); returns the grid's path. Every method's last stage; ``per_class=0``
-    (``privdiff train --no-grid``) draws nothing and returns None."""
+    per class, and samples.npz); returns the grid's path. An unconditional model (``num_classes=None``; a text
+    pipeline's empty prompt, never a private caption) gets ``per_class`` rows of 10. Every method's last stage;
+    ``per_class=0`` (``privdiff train --no-grid``) draws nothing and returns None."""
     if per_class == 0:
         return None
-    labels = class_grid_labels(num_classes, per_class)
+    labels = None if num_classes is None else class_grid_labels(num_classes, per_class)
+    n = 10 * per_class if labels is None else len(labels)
     images = generate(
-        denoiser, labels=labels, n=len(labels), recipe=recipe, decode=decode, seed=recipe.train.seed, progress=progress
+        denoiser, labels=labels, n=n, recipe=recipe, decode=decode, seed=recipe.train.seed, progress=progress
     )
-    grid, _ = save_samples(run.samples, images, labels.numpy(), nrow=per_class)
+    grid, _ = save_samples(
+        run.samples, images, None if labels is None else labels.numpy(), nrow=10 if labels is None else per_class
+    )
     return grid
 
 

@@ -24,7 +24,7 @@ import torch
 
 from ..config import Recipe
 from ..core.denoisers import default_device, load_decoder
-from ..core.generation import generate, sample_class_grid
+from ..core.generation import sample_class_grid
 from ..core.pipelines import caption_condition, captioned_latents, pretrained_net, trainable_chooser, weights_identity
 from ..core.stages import MethodResult, private_dataset
 from ..core.training import Stage, check_stage, train_denoiser
@@ -33,7 +33,7 @@ from ..diffusion.discrete import DiscreteSigma
 from ..models.pretrained import is_text_pipeline, load_text_pipeline
 from ..privacy.audit import GradientCanaries
 from ..privacy.budget import check_plan, open_ledger
-from ..runs import open_run, save_samples
+from ..runs import open_run
 
 __all__ = ["train"]
 
@@ -101,26 +101,15 @@ def train(
         result = train_denoiser(
             run=run, recipe=recipe, dataset=dataset, ledger=ledger, stage=stage, audit=audit, progress=progress
         )
-    grid = None  # train --no-grid: grid_per_class = 0
-    if net.num_classes is not None:
-        grid = sample_class_grid(
-            run,
-            recipe,
-            result.denoiser,
-            num_classes=net.num_classes,
-            per_class=grid_per_class,
-            decode=load_decoder(run),
-            progress=progress,
-        )
-    elif grid_per_class:  # an unconditional UNet, or the empty prompt: grid_per_class rows of 10
-        images = generate(
-            result.denoiser,
-            labels=None,
-            n=10 * grid_per_class,
-            recipe=recipe,
-            decode=load_decoder(run),
-            seed=recipe.train.seed,
-            progress=progress,
-        )
-        grid, _ = save_samples(run.samples, images, None, nrow=10)
+    # one row per class (a class-conditional UNet, or a text pipeline's class prompts), else grid_per_class rows of
+    # 10 unconditional samples (a text pipeline's empty prompt); train --no-grid: grid_per_class = 0
+    grid = sample_class_grid(
+        run,
+        recipe,
+        result.denoiser,
+        num_classes=net.num_classes,
+        per_class=grid_per_class,
+        decode=load_decoder(run),
+        progress=progress,
+    )
     return MethodResult(run=run, grid=grid, ledger=ledger, steps=result.steps)

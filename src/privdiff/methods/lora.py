@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from ..atomic import atomic_write_text
 from ..config import Recipe
 from ..core.denoisers import default_device, load_decoder, pixel_net
-from ..core.generation import generate, sample_class_grid
+from ..core.generation import sample_class_grid
 from ..core.pipelines import caption_condition, captioned_latents, weights_identity
 from ..core.proxy import ProxyAttacker, feature_dim, member_gain, proxy_features
 from ..core.stages import MethodResult, pretrain, private_dataset, public_data
@@ -60,7 +60,7 @@ from ..diffusion.discrete import DiscreteSigma
 from ..models.lora import LoRASpec, LoRAUNetNet, lora_parameters
 from ..models.pretrained import add_lora, is_text_pipeline, load_text_pipeline
 from ..privacy.budget import check_plan, open_ledger
-from ..runs import open_run, save_samples
+from ..runs import open_run
 
 __all__ = ["PrivacyTerm", "train"]
 
@@ -277,18 +277,15 @@ def train_on_pipeline(
     result = train_denoiser(
         run=run, recipe=recipe, dataset=members, ledger=ledger, stage=stage, term=term, progress=progress
     )
-    grid = None
-    if grid_per_class:  # the empty prompt: grid_per_class rows of 10
-        images = generate(
-            result.denoiser,
-            labels=None,
-            n=10 * grid_per_class,
-            recipe=recipe,
-            decode=load_decoder(run),
-            seed=recipe.train.seed,
-            progress=progress,
-        )
-        grid, _ = save_samples(run.samples, images, None, nrow=10)
+    grid = sample_class_grid(  # the empty prompt: grid_per_class rows of 10
+        run,
+        recipe,
+        result.denoiser,
+        num_classes=None,
+        per_class=grid_per_class,
+        decode=load_decoder(run),
+        progress=progress,
+    )
     return MethodResult(run=run, grid=grid, ledger=ledger, steps=result.steps)
 
 
