@@ -132,20 +132,13 @@ class HTTPClient:
 def _client_parts(blob: bytes):
     """Class embedder + text encoder (an :class:`~privdiff.models.he_net.HENet` shell) and the decoder from /v1/client-model."""
     from diffusers import AutoencoderKL
-    from safetensors import safe_open
     from safetensors.torch import load
 
     from ..models.text import TextConfig, TextEncoder, WordTokenizer
     from ..models.he_net import HENet
 
     state = load(blob)
-    import tempfile
-
-    with tempfile.NamedTemporaryFile(suffix=".safetensors") as f:  # the metadata needs a file
-        f.write(blob)
-        f.flush()
-        with safe_open(f.name, "pt") as sf:
-            meta = sf.metadata()
+    meta = _metadata(blob)
     text = TextConfig(**json.loads(meta["text"]))
     encoder = TextEncoder(WordTokenizer.from_dict(json.loads(meta["tokenizer"])), text)
     shell = HENet(torch.nn.Identity(), torch.nn.Embedding(int(meta["num_classes"]) + 1, text.width), encoder)
