@@ -7,13 +7,19 @@ milliseconds, per step. Intel's PyTorch CPU guide answers this with jemalloc or 
 privdiff asks glibc itself to keep freed memory in the process (``mallopt``), which needs no
 extra library. The memory stays reserved for the next step (resident size is the peak, as it
 would be with a caching allocator); the numbers computed are the same.
+
+Also the one rule for where privdiff keeps derived, re-creatable files (:func:`cache_dir`), on the lowest
+floor so that every floor above (rendered public data sets, public pretraining stages, evaluation's
+feature networks) uses the same place.
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import os
 import sys
+from pathlib import Path
 
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3  # glibc <malloc.h>
 _done = False
@@ -26,8 +32,6 @@ def keep_freed_memory() -> bool:
     changes). Set ``PRIVDIFF_MALLOC=system`` to leave the allocator alone.
     """
     global _done
-    import os
-
     if _done or os.environ.get("PRIVDIFF_MALLOC") == "system" or not sys.platform.startswith("linux"):
         return _done
     try:
@@ -42,3 +46,12 @@ def keep_freed_memory() -> bool:
     )
     _done = bool(ok)
     return _done
+
+
+def cache_dir() -> Path:
+    """Where privdiff keeps derived, re-creatable files: ``$PRIVDIFF_CACHE`` or ``~/.cache/privdiff``.
+
+    Read at each call, so a changed environment variable takes effect at once (tests point it at a
+    temporary directory). Everything under it is named by the sha256 of what determines it and may be
+    deleted at any time: it is made again when next needed."""
+    return Path(os.environ.get("PRIVDIFF_CACHE") or Path.home() / ".cache" / "privdiff")

@@ -46,7 +46,6 @@ import hashlib
 import io
 import json
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,6 +54,7 @@ import torch
 import torch.nn.functional as F
 
 from ..atomic import atomic_write_bytes
+from ..runtime import cache_dir
 from .builtin import DIGIT_NAMES
 from .dataset import DatasetError, ImageDataset, _check_split, _to_dataset
 
@@ -312,8 +312,7 @@ def render_glyphs(
 
 # -- the cache ----------------------------------------------------------------------------------------------
 def _cache_root() -> Path:
-    # the same rule as privdiff.evaluation.features.cache_dir (floor 5, which data/ cannot import)
-    return Path(os.environ.get("PRIVDIFF_CACHE") or Path.home() / ".cache" / "privdiff")
+    return cache_dir()  # privdiff's one rule ($PRIVDIFF_CACHE or ~/.cache/privdiff), as every other cache
 
 
 def _cache_key(n: int, resolution: int, seed: int, split: str, style: GlyphStyle) -> str:

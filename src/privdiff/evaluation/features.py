@@ -33,17 +33,13 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..atomic import atomic_write_text
+from ..runtime import cache_dir
 from ..data import ImageDataset, content_fingerprint
 from .classifiers import Embedding, SmallCNN, fit_classifier
 
 FEATURE_CNN_VERSION = 2  # bump when the architecture, its training or its output scaling changes
 PHOTO_PATCHES_VERSION = 1  # bump when the crops of the public photos or their pretext labels change
 PHOTO_ROTATIONS = 4  # pretext classes per photo: rotated by 0, 90, 180, 270 degrees
-
-
-def cache_dir() -> Path:
-    """Where privdiff keeps derived, re-creatable files: ``$PRIVDIFF_CACHE`` or ``~/.cache/privdiff``."""
-    return Path(os.environ.get("PRIVDIFF_CACHE") or Path.home() / ".cache" / "privdiff")
 
 
 def content_key(**parts: Any) -> str:
