@@ -158,6 +158,7 @@ class LDMConfig:
 
     public_data: str = "digits"  # public data set of the autoencoder and the pretraining (never the private one)
     public_root: str | None = None
+    public_size: int | None = None  # glyphs only: examples in its training split (null: 6,000)
     public_margin: int = 4  # public images are drawn this many pixels inside a background frame (MNIST's layout)
     public_contrast: float = 0.0  # g of x <- tanh(g x)/tanh(g) on the public images (0: unchanged)
     autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
@@ -186,6 +187,29 @@ class DPPConfig:
     pretrain: PretrainConfig = field(
         default_factory=lambda: PretrainConfig(batch_size=128, epochs=20.0, lr=2e-3, ema_decay=0.995)
     )
+    # a public warm start before the central images (stage public_pretrain; keys as dpdm.public_*): null: none
+    public_data: str | None = None
+    public_root: str | None = None
+    public_size: int | None = None
+    public_margin: int = 4
+    public_contrast: float = 2.5
+    public_pretrain: PretrainConfig = field(
+        default_factory=lambda: PretrainConfig(batch_size=128, epochs=40.0, lr=2e-3, ema_decay=0.995)
+    )
+
+
+@dataclass(frozen=True)
+class DPDMConfig:
+    """DPDM (``method: dpdm``): an optional public warm start of the pixel UNet before DP-SGD (PDP-Diffusion)."""
+
+    public_data: str | None = None  # public data of the warm start (glyphs, digits; never the private set); null: none
+    public_root: str | None = None
+    public_size: int | None = None  # as ldm.public_size
+    public_margin: int = 4  # as ldm.public_margin (glyphs are drawn in MNIST's frame already: give them 0)
+    public_contrast: float = 2.5  # as ldm.public_contrast (glyphs: 0)
+    pretrain: PretrainConfig = field(  # LoRA's: the same public data and model share one cached stage
+        default_factory=lambda: PretrainConfig(batch_size=128, epochs=40.0, lr=2e-3, ema_decay=0.995)
+    )
 
 
 @dataclass(frozen=True)
@@ -195,6 +219,7 @@ class LoRAConfig:
 
     public_data: str = "digits"  # public data set of the pretraining (never the private one)
     public_root: str | None = None
+    public_size: int | None = None  # as ldm.public_size
     public_margin: int = 4  # as ldm.public_margin: public digits drawn inside a background frame
     public_contrast: float = 2.5  # as ldm.public_contrast
     pretrain: PretrainConfig = field(
@@ -226,6 +251,7 @@ class Recipe:
     train: TrainConfig = field(default_factory=TrainConfig)
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    dpdm: DPDMConfig = field(default_factory=DPDMConfig)
     ldm: LDMConfig = field(default_factory=LDMConfig)
     dpp: DPPConfig = field(default_factory=DPPConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
@@ -403,8 +429,10 @@ RANGES: dict[str, Bound] = {
     "evaluate.kid_subsets": COUNT,
     "evaluate.pr_k": COUNT,
     "evaluate.max_real": COUNT,
-    "ldm.public_margin": Bound(lo=0, hi=4096),
-    "ldm.public_contrast": CONTRAST,
+    **{f"{k}.public_size": COUNT for k in ("dpdm", "ldm", "dpp", "lora")},
+    **{f"{k}.public_margin": Bound(lo=0, hi=4096) for k in ("dpdm", "ldm", "dpp", "lora")},
+    **{f"{k}.public_contrast": CONTRAST for k in ("dpdm", "ldm", "dpp", "lora")},
+    **{f"dpdm.pretrain.{k}": b for k, b in _TRAIN_RANGES.items()},
     "ldm.autoencoder.channels": CHANNELS,
     "ldm.autoencoder.latent_channels": Bound(lo=1, hi=4096),
     "ldm.autoencoder.layers_per_block": Bound(lo=1, hi=64),
@@ -437,8 +465,7 @@ RANGES: dict[str, Bound] = {
     "dpp.num_ops": Bound(lo=0, hi=64),
     "dpp.magnitude": Bound(lo=1, hi=10),
     **{f"dpp.pretrain.{k}": b for k, b in _TRAIN_RANGES.items()},
-    "lora.public_margin": Bound(lo=0, hi=4096),
-    "lora.public_contrast": CONTRAST,
+    **{f"dpp.public_pretrain.{k}": b for k, b in _TRAIN_RANGES.items()},
     **{f"lora.pretrain.{k}": b for k, b in _TRAIN_RANGES.items()},
     "lora.rank": Bound(lo=1, hi=65536),
     "lora.alpha": Bound(lo=0, hi=1e6, lo_open=True),
@@ -753,6 +780,8 @@ def validate_recipe(r: Recipe) -> None:
         (r.ldm.net in ("unet", "he"), "ldm.net must be 'unet' or 'he'"),
         (r.method != "dp-ldm" or r.ldm.public_data != r.data.name, "ldm.public_data must not be the private data set"),
         (r.method != "lora" or r.lora.public_data != r.data.name, "lora.public_data must not be the private data set"),
+        (r.method != "dpdm" or r.dpdm.public_data != r.data.name, "dpdm.public_data must not be the private data set"),
+        (r.method != "dpp" or r.dpp.public_data != r.data.name, "dpp.public_data must not be the private data set"),
         (
             r.lora.objective in ("lora", "privatelora", "stable"),
             "lora.objective must be 'lora', 'privatelora' or 'stable'",

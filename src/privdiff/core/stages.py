@@ -1,6 +1,7 @@
 """Stages and pieces that methods compose, so that a method file is only its method: the private data
-set of a recipe (and of a trained run), public data framed like it, a public pretraining stage,
-DP-LDM's public autoencoder, and the one result type every method returns."""
+set of a recipe (and of a trained run), public data framed like it, a public pretraining stage (shared
+between runs through a content-hash cache, :mod:`privdiff.core.pretrain_cache`), DP-LDM's public
+autoencoder, and the one result type every method returns."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from diffusers import AutoencoderKL
 from tqdm.auto import tqdm
 
 from ..atomic import atomic_directory
+from ..distributed import current_world
 from ..config import Recipe, TrainConfig
 from ..data import NO_TEST_SPLIT, DatasetError, ImageDataset, load_dataset
 from ..data.captioned import load_captioned_folder
@@ -31,6 +33,7 @@ from ..privacy.budget import data_identity
 from ..privacy.ledger import Ledger
 from ..runs import Run
 from .denoisers import default_device
+from .pretrain_cache import restore_stage, stage_key, store_stage
 from .training import Conditioner, Stage, TrainResult, train_denoiser
 
 __all__ = [
@@ -43,6 +46,7 @@ __all__ = [
     "require_test_split",
     "templated_dataset",
     "train_autoencoder",
+    "warm_start_data",
 ]
 
 
@@ -195,8 +199,9 @@ def public_data(recipe: Recipe, *, like: ImageDataset, section: str) -> ImageDat
     with contrast ``<section>.public_contrast`` = g: x ← tanh(g·x)/tanh(g) on [-1, 1] (g = 0: unchanged),
     which turns the soft blobs of 8×8 images enlarged 2.5× back into strokes on a black background.
 
-    ``section`` is the recipe section that holds the four ``public_*`` keys: ``ldm`` (DP-LDM) or
-    ``lora`` (LoRA's pretraining); errors name that section's keys."""
+    ``section`` is the recipe section that holds the ``public_*`` keys: ``ldm`` (DP-LDM), ``lora`` (LoRA's
+    pretraining), ``dpdm`` or ``dpp`` (their warm starts); errors name that section's keys.
+    ``<section>.public_size`` draws that many training examples of ``glyphs`` (the other sets have theirs)."""
     L, resolution = getattr(recipe, section), like.resolution
     inner = resolution - 2 * L.public_margin
     if L.public_margin < 0:
@@ -204,7 +209,7 @@ def public_data(recipe: Recipe, *, like: ImageDataset, section: str) -> ImageDat
     if inner < 4:
         raise ValueError(f"{section}.public_margin={L.public_margin} leaves no image at resolution {resolution}")
     try:
-        public = load_dataset(L.public_data, root=L.public_root, split="all", resolution=inner)
+        public = load_dataset(L.public_data, root=L.public_root, split="all", resolution=inner, size=L.public_size)
     except DatasetError as e:
         raise DatasetError(f"{section}.public_data={L.public_data}: {e}") from None
     images = public.images
@@ -222,6 +227,24 @@ def public_data(recipe: Recipe, *, like: ImageDataset, section: str) -> ImageDat
     return dataclasses.replace(public, images=images)
 
 
+def warm_start_data(recipe: Recipe, *, like: ImageDataset, section: str) -> ImageDataset:
+    """The public data of a class-conditional warm start of the private model (DPDM's, DPP's): :func:`public_data`,
+    whose classes must also be the private set's by name where both name them (a label means the same class in
+    both stages: glyphs and digits are the digits "0".."9", like MNIST).
+
+    Raises:
+        ValueError: Channels, number of classes or class names differ (one line naming ``<section>.public_data``).
+    """
+    public = public_data(recipe, like=like, section=section)
+    if public.class_names is not None and like.class_names is not None and public.class_names != like.class_names:
+        shown = ", ".join(public.class_names[:4]), ", ".join(like.class_names[:4])
+        raise ValueError(
+            f"{section}.public_data={public.name} has the classes {shown[0]}, ..., private {like.name} {shown[1]}, ...: "
+            "a warm start is conditioned on the public labels, so they must be the same classes"
+        )
+    return public
+
+
 def pretrain(
     run: Run,
     recipe: Recipe,
@@ -231,17 +254,31 @@ def pretrain(
     ledger: Ledger | None,
     init=None,
     condition: Conditioner | None = None,
+    name: str = "pretrain",
+    cache_extra: dict | None = None,
     progress: bool = True,
 ) -> TrainResult:
-    """The public pretraining stage ``pretrain`` (``RUN/pretrain``): the one training loop without DP on ``data``,
-    K = 1 (a public stage needs no variance reduction). ``ledger``: the run's ledger, which names ``data``
-    as the stage's public data (None: ``data`` was derived from a release the ledger already counts)."""
-    stage = Stage(name="pretrain", train=train, noise_multiplicity=1, init=init, condition=condition)
-    result = train_denoiser(
-        run=run.stage("pretrain"), recipe=recipe, dataset=data, ledger=None, stage=stage, progress=progress
-    )
+    """The pretraining stage ``name`` (``RUN/stages/NAME``): the one training loop without DP on ``data``, K = 1
+    (a public stage needs no variance reduction). ``ledger``: the run's ledger, which names ``data`` as the
+    stage's public data (None: ``data`` was derived from a release the ledger already counts).
+
+    A public stage (a ``ledger`` given) is shared between runs: keyed by content hash (public data as trained
+    on, network config and initial weights, ``train``, ``diffusion.*``, ``cache_extra``:
+    :mod:`privdiff.core.pretrain_cache`), it is copied from ``$PRIVDIFF_CACHE/pretrain`` into the run when an
+    intact entry exists and the run has no checkpoint of its own, and kept there once trained. A stage with
+    a ``condition`` of its own is cached only with ``cache_extra`` (the conditioner's settings); a stage on
+    data derived from a release, or under torchrun, is never cached. Either way the ledger records the same."""
+    stage = Stage(name=name, train=train, noise_multiplicity=1, init=init, condition=condition)
+    sub = run.stage(name)
+    key, hit = None, False
+    if ledger is not None and (condition is None or cache_extra is not None) and not current_world().distributed:
+        key = stage_key(recipe, data, train=train, init=init, extra=cache_extra)
+        hit = restore_stage(sub, key, stage=name)
+    result = train_denoiser(run=sub, recipe=recipe, dataset=data, ledger=None, stage=stage, progress=progress)
+    if key is not None and not hit:
+        store_stage(sub, key, stage=name)
     if ledger is not None:
-        ledger.record_public(stage="pretrain", data=data_identity(data), steps=result.steps)
+        ledger.record_public(stage=name, data=data_identity(data), steps=result.steps)
         ledger.save(run.ledger_path)
     return result
 

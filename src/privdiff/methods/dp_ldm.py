@@ -166,6 +166,11 @@ def train(
         ledger=ledger,
         init=fresh,
         condition=caption_conditioner(z_public, recipe, tokenizer, device),
+        cache_extra={  # what the caption conditioner draws from, beside the data and the network
+            "condition": "labels and caption variants",
+            "caption_dropout": L.text.caption_dropout,
+            "class_names": list(z_public.class_names or ()),
+        },
         progress=progress,
     )
 

@@ -9,6 +9,10 @@ Stages, on the shared core:
    ``RUN/central/central.npz`` and ``RUN/central/grid.png``.
 2. ``pretrain`` (post-processing): the DPDM UNet trained without DP on augmented copies of the
    released images (:func:`privdiff.data.augment.augment_copies`): no data access, no ledger event.
+   With ``dpp.public_data``, it starts from a public warm start, stage ``public_pretrain``: the same UNet
+   trained on public data framed like the private set (classes the private ones), through the one shared
+   public stage (:func:`~privdiff.core.stages.pretrain`, cached by content hash), named in the ledger's
+   ``public_stages`` and not part of ε.
 3. ``dp_sgd`` (private): DPDM's DP-SGD from the pretrained EMA weights, with σ calibrated so that
    the release and DP-SGD *together* meet ``privacy.epsilon`` (the ledger's earlier events are
    the prior of the calibration).
@@ -29,7 +33,7 @@ from ..atomic import atomic_write_bytes
 from ..config import Recipe
 from ..core.denoisers import pixel_net
 from ..core.generation import sample_class_grid
-from ..core.stages import MethodResult, pretrain, private_dataset
+from ..core.stages import MethodResult, pretrain, private_dataset, warm_start_data
 from ..core.training import Stage, check_stage, train_denoiser
 from ..data import ImageDataset
 from ..data.augment import augment_copies
@@ -41,6 +45,7 @@ from ..privacy.ledger import Ledger
 from ..runs import Run, open_run, save_grid
 
 STAGE = "central_images"
+PUBLIC_STAGE = "public_pretrain"  # the public warm start (dpp.public_data); "pretrain" is the central images'
 
 
 def release_event(recipe: Recipe, private: ImageDataset) -> Release:
@@ -113,13 +118,22 @@ def train(
     grid_per_class: int = 10,
     audit: GradientCanaries | None = None,
 ) -> MethodResult:
-    """Release central images, pretrain on their augmentations, fine-tune with DP-SGD; sample a class grid.
+    """Release central images, pretrain on their augmentations (after a public warm start when ``dpp.public_data``
+    names one), fine-tune with DP-SGD; sample a class grid.
 
     ``audit``: the canaries of ``privdiff audit`` (:mod:`privdiff.evaluation.audit`), put into the DP-SGD stage only."""
     c = recipe.dpp
     private = private_dataset(recipe)
     # everything that can fail is checked before the run writes anything, reserves budget or releases anything
     event = release_event(recipe, private)
+    public = None if c.public_data is None else warm_start_data(recipe, like=private, section="dpp")
+    if public is not None:
+        check_stage(
+            stage=PUBLIC_STAGE,
+            num_examples=len(public),
+            train=c.public_pretrain,
+            build=lambda: pixel_net(recipe, private),
+        )
     released_size = c.copies * c.rounds * private.num_classes  # augmented copies of R images per class
     check_stage(
         stage="pretrain", num_examples=released_size, train=c.pretrain, build=lambda: pixel_net(recipe, private)
@@ -130,6 +144,11 @@ def train(
     with run.starting():  # a start that still fails removes what it created
         ledger = open_ledger(run, recipe, private, plan=[event])
         images, labels = central_images(run, recipe, private, ledger)
+    warm = None
+    if public is not None:
+        warm = pretrain(
+            run, recipe, public, train=c.public_pretrain, ledger=ledger, name=PUBLIC_STAGE, progress=progress
+        )
     aug, aug_labels = augment_copies(
         images,
         labels,
@@ -141,8 +160,14 @@ def train(
     # derived from the release only: not the private examples (no example identities of theirs)
     released = dataclasses.replace(private, images=aug * 2 - 1, labels=aug_labels, example_digests=None)
     pre = pretrain(
-        run, recipe, released, train=c.pretrain, ledger=None, progress=progress
-    )  # post-processing: no ledger event
+        run,
+        recipe,
+        released,
+        train=c.pretrain,
+        ledger=None,  # post-processing: no ledger event
+        init=None if warm is None else lambda: copy.deepcopy(warm.denoiser.net).requires_grad_(True),
+        progress=progress,
+    )
     stage = Stage(name="dp_sgd", init=lambda: copy.deepcopy(pre.denoiser.net).requires_grad_(True))
     result = train_denoiser(
         run=run, recipe=recipe, dataset=private, ledger=ledger, stage=stage, audit=audit, progress=progress
