@@ -180,3 +180,18 @@ def test_one_cache_rule_for_every_floor(tmp_path, monkeypatch):
     )
     monkeypatch.delenv("PRIVDIFF_CACHE")
     assert cache_dir().parts[-2:] == (".cache", "privdiff")
+
+
+def test_dpdm_warm_start_and_lora_pretraining_are_one_stage():
+    """DPDM's warm start defaults are LoRA's pretraining: on the same public data, model and diffusion settings the
+    two have one key (one cached stage)."""
+    from privdiff.core.stages import public_data
+
+    shared = ["model.channels=[8,16]", "model.norm_num_groups=4", "model.attention_levels=[]"]
+    lora = resolve_recipe("recipes/lora-mnist5k.yaml", shared)
+    same_diffusion = [f"diffusion.{k}={v!r}".replace("'", "") for k, v in dataclasses.asdict(lora.diffusion).items()]
+    dpdm = resolve_recipe("recipes/dpdm-mnist5k.yaml", [*shared, *same_diffusion, "dpdm.public_data=digits"])
+    like = toy_dataset(8, seed=0, size=16)
+    a = stage_key(lora, public_data(lora, like=like, section="lora"), train=lora.lora.pretrain)
+    b = stage_key(dpdm, public_data(dpdm, like=like, section="dpdm"), train=dpdm.dpdm.pretrain)
+    assert a.key == b.key
