@@ -248,6 +248,8 @@ def test_captioned_images_are_the_same_examples_as_in_an_image_folder(tmp_path):
         (tmp_path / "folder" / "any" / f"{i}.png").write_bytes((data / f"{i}.png").read_bytes())
     folder = read_folder(tmp_path / "folder", resolution=12)
     assert np.array_equal(captioned.digests, folder.digests)
+    # the identity is the file's own pixels, not the pipeline's conversion of them (a 1-channel pipeline's gray)
+    assert np.array_equal(load_captioned_folder(data, resolution=8, channels=1).digests, folder.digests)
     (data / "metadata.jsonl").write_text((data / "metadata.jsonl").read_text().replace('"text": "', '"text": "new '))
     recaptioned = load_captioned_folder(data, resolution=8)
     assert np.array_equal(recaptioned.digests, captioned.digests) and recaptioned.fingerprint != captioned.fingerprint

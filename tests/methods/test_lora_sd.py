@@ -12,7 +12,9 @@ import pytest
 import torch
 
 from privdiff.cli import main
+from privdiff.privacy.accounting import epsilon
 from privdiff.core.training import STATE_KEY
+from privdiff.privacy.registry import Registry
 from privdiff.runs import Run
 from tests.helpers import tiny_sd_pipeline
 
@@ -75,7 +77,12 @@ def test_privatelora_on_a_pipeline_resumes_as_if_uninterrupted(tmp_path, pipelin
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     assert (whole / "attacker_log.jsonl").read_text() == (cut / "attacker_log.jsonl").read_text()
     ledger = json.loads((cut / "ledger.json").read_text())
-    assert ledger["events"][0]["steps"] == 3 and ledger["dataset"]["size"] == 6  # the members only
+    assert ledger["events"][0]["steps"] == 3 and ledger["dataset"]["size"] == 6  # the members only trained
+    # ... but the proxy attacker read nonmember_aux without DP: the ledger names it and the registry counts its
+    # examples with the members' (eps = inf for all 9), so a later run on them composes with this one
+    assert ledger["dataset"]["also_touched"]["size"] == 3
+    (status,) = [s for s in Registry().status() if any(r.run_id == ledger["run_id"] for r in s.runs)]
+    assert status.size == 9
     splits = json.loads((cut / "splits.json").read_text())
     seen = [i for r in splits["roles"].values() for i in r["indices"]]
     assert len(seen) == len(set(seen)) == 12  # four disjoint roles of 3
@@ -96,6 +103,11 @@ def test_plain_and_dp_lora_on_a_pipeline_export_and_every_attack_scores_them(tmp
     )
     ledger = json.loads((dp / "ledger.json").read_text())
     assert ledger["dataset"]["size"] == 6 and 0 < ledger["epsilon"] <= 10  # the members only
+    (event,) = ledger["events"]
+    assert event["sample_rate"] == pytest.approx(2 / 6) and "also_touched" not in ledger["dataset"]
+    assert ledger["epsilon"] == pytest.approx(
+        epsilon([(event["noise_multiplier"], event["sample_rate"], event["steps"])], delta=1e-5)
+    )
     assert [s["stage"] for s in ledger["public_stages"]] == ["pretrained"]
     # the exported adapters load into a fresh copy of the base pipeline and change it
     assert main(["export", str(plain), "--out", str(tmp_path / "exported")]) == 0
@@ -110,3 +122,7 @@ def test_plain_and_dp_lora_on_a_pipeline_export_and_every_attack_scores_them(tmp
         result = json.loads((plain / "attacks" / f"{name}.json").read_text())
         assert 0 <= result["auc"] <= 1 and result["n_members"] == 3 and (plain / "attacks" / f"{name}.png").is_file()
         assert result["splits"]["model_trained_on"] == "member_aux+member_test"
+    # the pool's images in no role (never trained on, never seen by a proxy) join the scored non-members
+    assert main(["attack", str(plain), "--attack", "loss", "--unused-nonmembers", "2", "--quiet"]) == 0
+    result = json.loads((plain / "attacks" / "loss.json").read_text())
+    assert result["n_nonmembers"] == 5 and result["splits"]["scored"] == ["member_test", "nonmember_test+unused"]

@@ -27,13 +27,17 @@ from privdiff.privacy.clipping import BookKeeping
 from tests.helpers import assert_same, jitter, tiny_pixel_unet, tiny_sd_unet
 
 
-def _with_lora(net):
+ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]
+# recipes/sd-lora*.yaml's lora.targets: every projection of the Transformer2DModel blocks (PrivateLoRA's placement):
+# proj_in / proj_out are 1x1 convs in SD 1.x and Linear layers in SD 2.x
+TRANSFORMER = [*ATTENTION, "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"]
+
+
+def _with_lora(net, targets=ATTENTION):
     from peft import LoraConfig, inject_adapter_in_model
 
     net.requires_grad_(False)
-    inject_adapter_in_model(
-        LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"]), net.unet
-    )
+    inject_adapter_in_model(LoraConfig(r=4, lora_alpha=4, target_modules=list(targets)), net.unet)
     with torch.no_grad():
         for name, p in net.named_parameters():
             if "lora_B" in name:  # off peft's zero init, so every LoRA factor has a gradient
@@ -72,7 +76,12 @@ CASES = {  # name: (build the net, trainable selection or "lora", condition)
     "sd-lora": (lambda: DiffusersUNetNet(tiny_sd_unet()), "lora", "text"),
     "sd-all, GroupNorm32 norms": (lambda: _groupnorm32(DiffusersUNetNet(tiny_sd_unet())), ["all"], "text"),
     "sd2-all (linear projections)": (lambda: DiffusersUNetNet(tiny_sd_unet(layout="sd2")), ["all"], "text"),
-    "sd2-lora": (lambda: DiffusersUNetNet(tiny_sd_unet(layout="sd2")), "lora", "text"),
+    "sd-lora, transformer targets": (lambda: DiffusersUNetNet(tiny_sd_unet()), "lora-transformer", "text"),
+    "sd2-lora, transformer targets": (
+        lambda: DiffusersUNetNet(tiny_sd_unet(layout="sd2")),
+        "lora-transformer",
+        "text",
+    ),
 }
 
 
@@ -89,14 +98,15 @@ pytestmark = pytest.mark.usefixtures("deterministic_kernels")
         ("sd-lora", "v_prediction"),
         ("sd-all, GroupNorm32 norms", "epsilon"),
         ("sd2-all (linear projections)", "v_prediction"),
-        ("sd2-lora", "v_prediction"),
+        ("sd-lora, transformer targets", "epsilon"),
+        ("sd2-lora, transformer targets", "v_prediction"),
     ],
 )
 def test_per_example_gradients_on_real_diffusers_blocks(case, prediction_type):
     build, trainable, cond_kind = CASES[case]
     net = jitter(build(), 1)
-    if trainable == "lora":
-        net = _with_lora(net)
+    if isinstance(trainable, str):  # "lora" or "lora-transformer"
+        net = _with_lora(net, TRANSFORMER if trainable == "lora-transformer" else ATTENTION)
     else:
         select_trainable(net, trainable)
     sched = DDPMScheduler(

@@ -150,10 +150,11 @@ def load_captioned_folder(root: str | os.PathLike, *, resolution: int, channels:
     mode = "RGB" if channels == 3 else "L"
     arrays, digests = [], []
     for image in images:
-        image = image.convert(mode)
-        native = np.asarray(image, dtype=np.uint8)
-        digests.append(example_digests((native[None] if mode == "L" else native.transpose(2, 0, 1))[None])[0])
-        array = np.asarray(_square(image, resolution), dtype=np.uint8)
+        # the identity is the image in its own mode (as an image folder reads it), whatever the pipeline takes
+        own = "L" if image.getbands() in _GRAY_BANDS else "RGB"
+        native = np.asarray(image.convert(own), dtype=np.uint8)
+        digests.append(example_digests((native[None] if own == "L" else native.transpose(2, 0, 1))[None])[0])
+        array = np.asarray(_square(image.convert(mode), resolution), dtype=np.uint8)
         arrays.append(array[None] if mode == "L" else array.transpose(2, 0, 1))
     content = np.stack(arrays)
     captions = tuple(c for _, c in pairs)

@@ -101,6 +101,10 @@ class PrivacyTerm:
         """``conditions(dataset)``: the examples' conditions (default: their labels; a pipeline's: caption token
         ids); ``sigma_dist`` / ``sigmas``: the net's training p(σ) and timestep table (default: the recipe's p(σ),
         DDPM's linear table)."""
+        if recipe.privacy.enabled:  # its attacker reads member_aux and nonmember_aux outside any accountant
+            raise ValueError(
+                f"lora.objective={recipe.lora.objective} trains its proxy attacker without DP: set privacy.enabled=false"
+            )
         L = recipe.lora
         self.kind, self.lam, self.delta, self.feature = L.objective, L.lam, L.stabilizer, L.attacker_feature
         self.device = device
@@ -210,6 +214,12 @@ def _splits(recipe: Recipe, pool: ImageDataset, out: str | Path) -> tuple[Member
     return splits, path, True
 
 
+def _attacker_data(recipe: Recipe, splits: MembershipSplits, pool: ImageDataset) -> ImageDataset | None:
+    """The non-members a defense's proxy attacker trains on (None for plain LoRA): read without DP, they shape the
+    released adapters through ω, so the ledger and the registry count them with the members (ε = ∞ for both)."""
+    return None if recipe.lora.objective == "lora" else splits.dataset("nonmember_aux", pool)
+
+
 def _term(recipe: Recipe, run, splits: MembershipSplits, pool: ImageDataset, members: ImageDataset, **kwargs):
     """PrivateLoRA's / Stable PrivateLoRA's :class:`PrivacyTerm` for the run (None for plain LoRA); a fresh LoRA stage
     drops the attacker-log lines of an attempt killed before its first checkpoint."""
@@ -252,7 +262,7 @@ def train_on_pipeline(
         if fresh_splits:
             run.created(path)
             splits.save(path)
-        ledger = open_ledger(run, recipe, members, stage=STAGE)
+        ledger = open_ledger(run, recipe, members, stage=STAGE, also_touched=_attacker_data(recipe, splits, pool))
         ledger.record_public(stage="pretrained", data=weights_identity(Path(pretrained)), steps=0)
         ledger.save(run.ledger_path)
 
@@ -314,7 +324,8 @@ def train(recipe: Recipe, *, out: str | Path, progress: bool = True, grid_per_cl
         if fresh_splits:
             run.created(path)
             splits.save(path)
-        ledger = open_ledger(run, recipe, members, stage=STAGE)  # the registry reserves what this stage will record
+        # the registry reserves what this stage will record
+        ledger = open_ledger(run, recipe, members, stage=STAGE, also_touched=_attacker_data(recipe, splits, pool))
         pre = pretrain(run, recipe, public, train=L.pretrain, ledger=ledger, progress=progress)
 
     def select(net: torch.nn.Module) -> None:

@@ -75,8 +75,13 @@ def open_ledger(
     plan: list[Release] = (),
     stage: str = "dp_sgd",
     registry: Registry | None = None,
+    also_touched: ImageDataset | None = None,
 ) -> Ledger:
     """The run's ledger (continued on resume), or a new one for ``dataset``, admitted to the budget registry.
+
+    ``also_touched``: private examples outside ``dataset`` that the run reads without DP and that shape what it
+    releases (PrivateLoRA's proxy attacker trains on non-members). The ledger names them (``dataset.also_touched``)
+    and the registry admits the run with their examples too, so a later run on them composes with this one.
 
     Before any data is read, the run's planned events (``plan``: releases of earlier stages, e.g.
     DPP's; then the training stage ``stage`` the recipe calibrates, named as :func:`train_denoiser`
@@ -92,11 +97,13 @@ def open_ledger(
     """
     world = current_world()
     if not world.distributed:
-        return _open_ledger(run, recipe, dataset, plan=plan, stage=stage, registry=registry)
+        return _open_ledger(run, recipe, dataset, plan=plan, stage=stage, registry=registry, also_touched=also_touched)
     ledger, refusal = None, None
     if world.is_main:
         try:
-            ledger = _open_ledger(run, recipe, dataset, plan=plan, stage=stage, registry=registry)
+            ledger = _open_ledger(
+                run, recipe, dataset, plan=plan, stage=stage, registry=registry, also_touched=also_touched
+            )
         except Exception as e:  # every rank must hear the outcome, or the others would wait for rank 0 forever
             refusal = e
     mine = (
@@ -122,7 +129,14 @@ def open_ledger(
 
 
 def _open_ledger(
-    run: Run, recipe: Recipe, dataset: ImageDataset, *, plan: list[Release], stage: str, registry: Registry | None
+    run: Run,
+    recipe: Recipe,
+    dataset: ImageDataset,
+    *,
+    plan: list[Release],
+    stage: str,
+    registry: Registry | None,
+    also_touched: ImageDataset | None = None,
 ) -> Ledger:
     ledger = load_ledger(run, dataset)
     fresh = ledger is None
@@ -133,8 +147,18 @@ def _open_ledger(
     ]  # calibrated before anything is written
     registry = registry or Registry()
     examples = registry_examples(registry, dataset)  # keyed here, on the data holder's machine
+    if also_touched is not None:
+        extra = registry_examples(registry, also_touched)
+        if examples is None or extra is None:
+            raise ValueError(
+                f"{also_touched.name}: the run also reads these examples without DP, and they have no per-example "
+                "identity for the budget registry; use data whose examples are known (a folder, a built-in set)"
+            )
+        examples = examples + extra
     if fresh:
         ledger = _fresh_ledger(recipe, dataset)
+        if also_touched is not None:
+            ledger.dataset["also_touched"] = data_identity(also_touched)
         if examples is not None:  # a keyed digest of the set: never the per-example hashes
             ledger.dataset["examples"] = registry.examples_digest(examples)
         run.created(run.ledger_path)  # a start that fails leaves no ledger behind
