@@ -269,7 +269,10 @@ def _report(result) -> None:
     print(f"steps:      {result.steps}")
     print(f"epsilon:    {eps} at delta={ledger['delta']} ({ledger['accountant']})")
     print(f"ledger:     {result.run.ledger_path}")
-    print(f"checkpoint: {ckpt / 'unet_ema'}  (diffusers UNet2DModel.from_pretrained)")
+    if result.run.load_config().model.pretrained:  # a user's diffusers model: back in its own layout by export
+        print(f"checkpoint: {ckpt}  (privdiff's; privdiff export {result.run.path} --out DIR: plain diffusers)")
+    else:
+        print(f"checkpoint: {ckpt / 'unet_ema'}  (diffusers UNet2DModel.from_pretrained)")
     print(
         f"grid:       {result.grid if result.grid is not None else 'none (--no-grid): privdiff sample RUN draws one'}"
     )
