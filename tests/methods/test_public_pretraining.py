@@ -8,6 +8,7 @@ what a damaged entry does: ``tests/core/test_pretrain_cache.py``.
 """
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -133,3 +134,17 @@ def test_public_classes_that_are_not_the_private_ones_are_refused_before_anythin
     assert code == 2 and "dpdm.public_data=glyphs" in err and says in err
     assert len(err.strip().splitlines()) == 1
     assert not out.exists() and not _entries(cache)
+
+
+def test_a_warm_started_run_resumes_without_the_cache(tmp_path, cache, capsys):
+    """The run holds its public stage itself: with the cache deleted it resumes the private stage, trains nothing
+    public again, and its ledger keeps one public stage and counts the private steps once."""
+    run = _train(tmp_path / "run", *WARM, capsys=capsys)
+    public_log = _stage_log(run)
+    before = json.loads((run / "ledger.json").read_text())
+    shutil.rmtree(cache / "pretrain")
+    _train(run, *WARM, "train.max_steps=2", capsys=capsys)
+    after = json.loads((run / "ledger.json").read_text())
+    assert after["public_stages"] == before["public_stages"]
+    assert [(e["stage"], e["steps"]) for e in after["events"]] == [("dp_sgd", 2)]
+    assert _stage_log(run) == public_log  # nothing public ran again
