@@ -72,6 +72,22 @@ def test_dp_ldm_recipe_keys():
         resolve_recipe("recipes/dp-ldm-mnist5k.yaml", ["ldm.unet.attention_head_dim=8"])
 
 
+def test_public_warm_start_keys():
+    """dpdm.* / dpp.public_*: off in every shipped recipe (nothing existing changes); a public set is never the
+    private one; its size and pretraining are checked like every other key."""
+    for path in sorted(Path("recipes").glob("*.yaml")):
+        r = resolve_recipe(str(path))
+        assert r.dpdm.public_data is None and r.dpp.public_data is None, path
+    r = resolve_recipe("recipes/dpdm-mnist5k.yaml", ["dpdm.public_data=glyphs", "dpdm.pretrain.epochs=3"])
+    assert r.dpdm.public_data == "glyphs" and r.dpdm.pretrain.epochs == 3 and r.dpdm.pretrain.batch_size == 128
+    for recipe, key in (("dpdm-mnist5k", "dpdm.public_data"), ("dpp-mnist5k", "dpp.public_data")):
+        with pytest.raises(RecipeError, match=f"{key} must not be the private data set"):
+            resolve_recipe(f"recipes/{recipe}.yaml", [f"{key}=mnist5k"])
+    for bad in ("dpdm.public_size=0", "dpp.public_margin=-1", "dpdm.pretrain.lr=0", "dpp.public_pretrain.epochs=0"):
+        with pytest.raises(RecipeError):
+            resolve_recipe("recipes/dpdm-mnist5k.yaml", [bad])
+
+
 # -- issue 22: duplicate keys, scalar sections, ranges -------------------------------------------------
 
 import dataclasses  # noqa: E402
