@@ -32,16 +32,8 @@ from privdiff.diffusion.discrete import DiscreteSchedule
 from privdiff.he.ckks import PRESETS, TenSEALContext
 from privdiff.he.compat import coo_pack, encrypt_packed, merge, select_encrypted
 from privdiff.he.server import pipeline_service
+from sd15 import scaled
 
-SD15_UNET = dict(
-    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-    cross_attention_dim=768,
-    attention_head_dim=8,
-    layers_per_block=2,
-    in_channels=4,
-    out_channels=4,
-)
 SD15_SCHEDULER = {
     "_class_name": "PNDMScheduler",
     "beta_start": 0.00085,
@@ -63,9 +55,7 @@ def build(latent: int, scale: int, tmp: Path):
     from privdiff.models.pretrained import TextUNetNet
 
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        **SD15_UNET, block_out_channels=tuple(c // scale for c in (320, 640, 1280, 1280)), sample_size=latent
-    )
+    unet = UNet2DConditionModel(**scaled(scale, sample_size=latent))
     vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
     for c in string.ascii_lowercase + string.digits + ".,":
         vocab[c] = len(vocab)

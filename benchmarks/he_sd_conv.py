@@ -45,18 +45,8 @@ import torch.nn.functional as F
 
 from privdiff.he.ckks import PRESETS, Ciphertext, TenSEALContext
 from privdiff.he.private import layout
+from sd15 import SD15_UNET
 
-SD15 = dict(
-    block_out_channels=(320, 640, 1280, 1280),
-    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-    cross_attention_dim=768,
-    attention_head_dim=8,
-    layers_per_block=2,
-    in_channels=4,
-    out_channels=4,
-    sample_size=64,
-)
 LAYER = "down_blocks.0.resnets.0.conv1"
 
 
@@ -65,7 +55,7 @@ def sd15_convs(latent: int = 64) -> list[dict]:
     from diffusers import UNet2DConditionModel
 
     with torch.device("meta"):
-        unet = UNet2DConditionModel(**SD15)
+        unet = UNet2DConditionModel(**SD15_UNET)
     convs: list[dict] = []
     for name, m in unet.named_modules():
         if isinstance(m, torch.nn.Conv2d):

@@ -35,18 +35,9 @@ from privdiff.diffusion import denoising_loss, draw_training_noise
 from privdiff.diffusion.discrete import DiscreteSchedule, DiscreteSigma, VPDenoiser
 from privdiff.models.pretrained import DiffusersUNetNet, add_lora, select_trainable
 from privdiff.privacy.dpsgd import DPSGD, NonPrivateSGD
+from sd15 import scaled
 
 CHOICES = ("attentions", "lora-4", "lora-64", "all")
-SD15 = dict(
-    block_out_channels=(320, 640, 1280, 1280),
-    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-    cross_attention_dim=768,
-    attention_head_dim=8,
-    layers_per_block=2,
-    in_channels=4,
-    out_channels=4,
-)
 
 
 class _Prompted(DiffusersUNetNet):
@@ -63,12 +54,7 @@ class _Prompted(DiffusersUNetNet):
 def build(choice: str, *, scale: int, latent: int, batch: int, K: int, private: bool, device: torch.device):
     """A fresh SD-1.5-shaped net with ``choice`` trainable and its engine; returns (step function, trainable count)."""
     torch.manual_seed(0)
-    cfg = dict(
-        SD15,
-        block_out_channels=tuple(c // scale for c in SD15["block_out_channels"]),
-        sample_size=latent,
-        norm_num_groups=32 // scale if scale > 1 else 32,
-    )
+    cfg = scaled(scale, sample_size=latent, norm_num_groups=32 // scale if scale > 1 else 32)
     unet = UNet2DConditionModel(**cfg)
     g = torch.Generator().manual_seed(1)
     hidden = torch.randn(batch, 77, 768, generator=g)
