@@ -77,7 +77,7 @@ def captioned_latents(recipe: Recipe, net: TextUNetNet, *, split: str = "train")
 
     Class-labelled data with ``data.prompt_template`` is captioned by the template and its class names;
     the net then keeps one prompt per class (``class_prompts``) and is sampled by class like any other."""
-    data, captions = captioned_dataset(recipe, split=split)  # "train": never the held-out part (data.holdout)
+    data = captioned_dataset(recipe, split=split)  # "train": never the held-out part (data.holdout)
     template = recipe.data.prompt_template
     if template is not None:
         names = data.class_names or tuple(str(c) for c in range(data.num_classes))
@@ -91,7 +91,7 @@ def captioned_latents(recipe: Recipe, net: TextUNetNet, *, split: str = "train")
             f"{pipeline_image_shape(recipe.model.pretrained)[1]})"
         )
     # the same data set (name, split, fingerprint: what the ledger describes), as latents
-    return dataclasses.replace(data, images=z), net.tokenize(captions)
+    return dataclasses.replace(data, images=z), net.tokenize(list(data.captions))
 
 
 def pipeline_encoder(path: str | Path, *, device: torch.device | None = None):

@@ -74,7 +74,7 @@ def recipe_dataset(recipe: Recipe, *, split: str = "train") -> ImageDataset:
             (the message names ``data.holdout`` and ``data.test_root``).
     """
     if is_text_pipeline(recipe.model.pretrained):  # text-to-image data: captioned images
-        return captioned_dataset(recipe, split=split)[0]
+        return captioned_dataset(recipe, split=split)
     d = recipe.data
     return _load_data(recipe, split=split, resolution=d.resolution)
 
@@ -92,7 +92,7 @@ def _load_data(recipe: Recipe, *, split: str, resolution: int | None) -> ImageDa
     )
 
 
-def captioned_dataset(recipe: Recipe, *, split: str = "train") -> tuple[ImageDataset, tuple[str, ...]]:
+def captioned_dataset(recipe: Recipe, *, split: str = "train") -> ImageDataset:
     """One split of a captioned image folder (``data.root``; text-to-image data for a pipeline in ``model.pretrained``)
     as images in [-1, 1] at the pipeline's size (or ``data.resolution``), one class, with their captions.
 
@@ -130,12 +130,10 @@ def captioned_dataset(recipe: Recipe, *, split: str = "train") -> tuple[ImageDat
         example_digests=data.digests[idx],  # each image's identity in the budget registry (not its caption)
         captions=tuple(data.captions[i] for i in idx),
     )
-    return dataset, dataset.captions
+    return dataset
 
 
-def templated_dataset(
-    recipe: Recipe, *, split: str, channels: int, resolution: int
-) -> tuple[ImageDataset, tuple[str, ...]]:
+def templated_dataset(recipe: Recipe, *, split: str, channels: int, resolution: int) -> ImageDataset:
     """One split of class-labelled data (``data.*``, any data set with classes) for a text pipeline, each image
     captioned ``data.prompt_template`` with its class name ("a photo of a {}" → "a photo of a tulip").
 
@@ -151,8 +149,7 @@ def templated_dataset(
         data = dataclasses.replace(data, images=data.images.expand(-1, 3, -1, -1).contiguous())
     names = data.class_names or tuple(str(c) for c in range(data.num_classes))
     template = recipe.data.prompt_template
-    data = dataclasses.replace(data, captions=tuple(template.format(names[int(c)]) for c in data.labels))
-    return data, data.captions
+    return dataclasses.replace(data, captions=tuple(template.format(names[int(c)]) for c in data.labels))
 
 
 def private_dataset(recipe: Recipe) -> ImageDataset:
