@@ -24,13 +24,32 @@ from ..models.pretrained import (
 from .stages import captioned_dataset
 
 __all__ = [
+    "absolute_pretrained",
     "caption_condition",
+    "only_lora_trains",
     "captioned_latents",
     "pipeline_encoder",
     "pretrained_net",
     "trainable_chooser",
     "weights_identity",
 ]
+
+
+def absolute_pretrained(recipe: Recipe) -> Recipe:
+    """``recipe`` with ``model.pretrained`` ``~``-expanded and absolute, as the run saves it (checkpoints of LoRA
+    runs and exports read the base from there again, whatever the directory a later command runs in)."""
+    path = recipe.model.pretrained
+    if not path:
+        return recipe
+    return dataclasses.replace(
+        recipe, model=dataclasses.replace(recipe.model, pretrained=str(Path(path).expanduser().resolve()))
+    )
+
+
+def only_lora_trains(net: torch.nn.Module) -> None:
+    """Freeze every parameter of ``net`` but its LoRA adapters' A and B factors."""
+    for name, p in net.named_parameters():
+        p.requires_grad_(".lora_A." in name or ".lora_B." in name)
 
 
 def pretrained_net(recipe: Recipe, *, like: ImageDataset) -> DiffusersUNetNet:
@@ -136,7 +155,6 @@ def trainable_chooser(recipe: Recipe, unet_of):
     def select(net) -> None:
         if not net.lora:
             add_lora(net, rank=m.lora_rank, alpha=m.lora_alpha, target_modules=m.lora_targets)
-        for name, p in net.named_parameters():
-            p.requires_grad_(".lora_A." in name or ".lora_B." in name)
+        only_lora_trains(net)
 
     return select

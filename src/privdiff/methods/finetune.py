@@ -17,7 +17,6 @@ private data); the ledger names them as the run's public prior.
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import torch
@@ -25,7 +24,14 @@ import torch
 from ..config import Recipe
 from ..core.denoisers import default_device, load_decoder
 from ..core.generation import sample_class_grid
-from ..core.pipelines import caption_condition, captioned_latents, pretrained_net, trainable_chooser, weights_identity
+from ..core.pipelines import (
+    absolute_pretrained,
+    caption_condition,
+    captioned_latents,
+    pretrained_net,
+    trainable_chooser,
+    weights_identity,
+)
 from ..core.stages import MethodResult, private_dataset
 from ..core.training import Stage, check_stage, train_denoiser
 from ..data import ImageDataset
@@ -65,8 +71,8 @@ def train(
     (one row per class for a class-conditional UNet or a text pipeline on ``data.prompt_template``'s class prompts,
     else ``grid_per_class`` rows of 10 unconditional samples: a text pipeline's grid on captioned images uses the
     empty prompt, never a private caption)."""
-    pretrained = str(Path(recipe.model.pretrained).expanduser().resolve()) if recipe.model.pretrained else None
-    recipe = dataclasses.replace(recipe, model=dataclasses.replace(recipe.model, pretrained=pretrained))  # absolute
+    recipe = absolute_pretrained(recipe)
+    pretrained = recipe.model.pretrained
     device = default_device()
     # everything that can fail is checked before the run writes anything or reserves budget
     if is_text_pipeline(

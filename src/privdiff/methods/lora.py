@@ -39,7 +39,6 @@ on member_aux outside DP-SGD, and every LoRA step reads it through ω, which no 
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 
@@ -50,7 +49,13 @@ from ..atomic import atomic_write_text
 from ..config import Recipe
 from ..core.denoisers import default_device, load_decoder, pixel_net
 from ..core.generation import sample_class_grid
-from ..core.pipelines import caption_condition, captioned_latents, weights_identity
+from ..core.pipelines import (
+    absolute_pretrained,
+    caption_condition,
+    captioned_latents,
+    only_lora_trains,
+    weights_identity,
+)
 from ..core.proxy import ProxyAttacker, feature_dim, member_gain, proxy_features
 from ..core.stages import MethodResult, pretrain, private_dataset, public_data
 from ..core.training import Stage, check_stage, train_denoiser, training_sigma_distribution
@@ -244,8 +249,8 @@ def train_on_pipeline(
     """LoRA, PrivateLoRA, Stable PrivateLoRA or DP-SGD LoRA of a Stable-Diffusion-style pipeline's UNet on the
     members of a captioned image pool (see the module docstring); a grid of empty-prompt samples at the end
     (never a private caption)."""
-    pretrained = str(Path(recipe.model.pretrained).expanduser().resolve())
-    recipe = dataclasses.replace(recipe, model=dataclasses.replace(recipe.model, pretrained=pretrained))
+    recipe = absolute_pretrained(recipe)
+    pretrained = recipe.model.pretrained
     L, device = recipe.lora, default_device()
     net = load_text_pipeline(pretrained)
     pool, _ = captioned_latents(recipe, net)  # the captioned images as latents (data.holdout's test part never)
@@ -269,16 +274,12 @@ def train_on_pipeline(
     def ids(dataset: ImageDataset) -> torch.Tensor:
         return net.tokenize(list(dataset.captions))
 
-    def select(m: torch.nn.Module) -> None:
-        for name, p in m.named_parameters():
-            p.requires_grad_(".lora_A." in name or ".lora_B." in name)
-
     sigmas = DiscreteSigma(net.schedule)
     term = _term(recipe, run, splits, pool, members, conditions=ids, sigma_dist=sigmas, sigmas=net.schedule.sigmas())
     stage = Stage(
         name=STAGE,
         init=lambda: net,
-        select=select,
+        select=only_lora_trains,
         condition=caption_condition(
             ids(members), net.null_condition(), p=recipe.diffusion.label_dropout, device=device
         ),
