@@ -33,7 +33,9 @@ layer whose output gradient never arrives, and any layer that mixes examples (Ba
 Float32 Grams can cancel (positions whose gradients nearly cancel): ghost norms are formed in
 float64 with a rigorous rounding bound added, and a cancelling example's norm and update come
 from its own float64 per-example gradient (see ``_ghost_sq``); under autocast the engine upcasts
-the recorded (a, g) exactly and never computes in half precision. Subclasses of the supported
+the recorded (a, g) exactly and never computes in half precision. No layer waits for the host: a clipped
+backward reads ONE small tensor back, after all of its work is queued (which norms are not finite,
+which examples' ghost Grams may cancel), since both decide what the update may be. Subclasses of the supported
 layers use their base's rule if their forward computes the same (checked once). The first step
 with two or more examples probes that every layer's first axis is the example axis
 (:func:`check_example_axis`: a sequence-first layer of length B·K is refused, not clipped per
@@ -77,6 +79,9 @@ class _Layer:
     exact: dict = field(
         default_factory=dict
     )  # ghost layer: example b -> its float64 per-example gradient, where Grams cancel
+    # ghost layer, until the step's one host synchronisation: (examples whose Grams may cancel [B] bool,
+    # S_b = Σ_t ‖a_t‖‖g_t‖ [B], positions n, direct(b) -> example b's gradient); see _ghost_sq
+    cancel: tuple | None = None
     stats: tuple | None = None  # GroupNorm: the forward's own (μ, rstd), when autograd kept them
 
 
@@ -133,7 +138,7 @@ class BookKeeping:
         self._axis_checked = False  # the one-time example-axis probe (check_example_axis) has passed
         self._outputs: dict[str, Tensor] = {}  # every layer's output, kept for that probe only
         self._roots: list[Tensor] = []
-        self._sq: Tensor | None = None
+        self._sq: list[tuple[_Layer, Tensor]] = []  # each layer's share of ‖g_b‖², in backward order
         self._batch: int | None = None
         self._handles = [layer.module.register_forward_hook(self._forward_hook(layer)) for layer in self.layers]
 
@@ -168,8 +173,15 @@ class BookKeeping:
         """Record the forward pass whose loss :meth:`clipped_backward` will clip."""
         for layer in self.layers:
             layer.calls = layer.processed = 0
-            layer.direct, layer.small, layer.saved, layer.stats, layer.exact = {}, {}, None, None, {}
-        self._roots, self._sq, self._batch, self._outputs = [], None, None, {}
+            layer.direct, layer.small, layer.saved, layer.stats, layer.exact, layer.cancel = (
+                {},
+                {},
+                None,
+                None,
+                {},
+                None,
+            )
+        self._roots, self._sq, self._batch, self._outputs = [], [], None, {}
         self._recording = True
         try:
             yield
@@ -188,8 +200,8 @@ class BookKeeping:
         a, g = _exact_inputs(layer, a, g)
         with torch.autocast(a.device.type, enabled=False):  # the engine's own arithmetic never runs in half precision
             sq = layer.rule(self, layer, a, g, B)
-        if sq is not None:
-            self._sq = sq.double() if self._sq is None else self._sq + sq.double()
+        if sq is not None:  # summed once, in float64, when the backward is over
+            self._sq.append((layer, sq))
         layer.processed += 1
 
     def clipped_backward(self, loss: Tensor) -> Tensor:
@@ -224,22 +236,49 @@ class BookKeeping:
         # the small per-example gradients (biases, normalisation affines) of every layer as one [B, n] matrix
         small = [(layer, name, x) for layer in self.layers for name, x in layer.small.items()]
         S = torch.cat([x for _, _, x in small], 1) if small else None
-        sq = torch.zeros(B, dtype=torch.float64, device=loss.device) if self._sq is None else self._sq
-        norms = (sq if S is None else sq + torch.linalg.vector_norm(S.double(), dim=1).square()).sqrt()
-        if not bool(torch.isfinite(norms).all()):  # no clip factor can bound an infinite or undefined gradient
-            bad = torch.nonzero(~torch.isfinite(norms)).flatten().tolist()
+        small_sq = None if S is None else torch.linalg.vector_norm(S.double(), dim=1).square()
+        norms, c, sums = self._clip(B, loss.device, small, S, small_sq)
+        # The step's one host synchronisation in the clipping, after all of its work was queued: whether any
+        # norm is not finite, and which examples' ghost Grams may cancel (both must be known before p.grad is set).
+        ghosts = [layer for layer, _ in self._sq if layer.cancel is not None]
+        flags = torch.stack([~torch.isfinite(norms), *[layer.cancel[0] for layer in ghosts]]).cpu()
+        if bool(flags[0].any()):  # no clip factor can bound an infinite or undefined gradient
+            bad = torch.nonzero(flags[0]).flatten().tolist()
             raise FloatingPointError(
                 f"non-finite per-example gradient norm for example(s) {bad[:5]} of this batch: "
                 "the step cannot be clipped (lower the learning rate, or check the inputs)"
             )
-        c = (self.C / (norms + 1e-6)).clamp(max=1.0)  # Opacus' clip factor (float64; each use casts it once)
-        sums = self._weighted_sums(c, small, S)
+        if bool(flags[1:].any()):  # rare: those examples' norms and updates come from their exact gradients
+            for layer, row in zip(ghosts, flags[1:]):
+                _exact_cancelling(layer, self._sq, torch.nonzero(row).flatten().tolist())
+            norms, c, sums = self._clip(B, loss.device, small, S, small_sq)
         for layer in self.layers:
             for n, p in layer.params:
                 p.grad = sums[id(p)].to(p.dtype).reshape(p.shape)
-            layer.direct, layer.small, layer.saved, layer.stats, layer.exact = {}, {}, None, None, {}
-        self._roots = []
+            layer.direct, layer.small, layer.saved, layer.stats, layer.exact, layer.cancel = (
+                {},
+                {},
+                None,
+                None,
+                {},
+                None,
+            )
+        self._roots, self._sq = [], []
         return norms.float()
+
+    def _clip(
+        self, B: int, device: torch.device, small: list, S: Tensor | None, small_sq: Tensor | None
+    ) -> tuple[Tensor, Tensor, dict[int, Tensor]]:
+        """‖g_b‖ from every layer's share (stacked, summed once in float64), the clip factors, and the clipped sums."""
+        parts = [sq for _, sq in self._sq] + ([] if small_sq is None else [small_sq])
+        sq = (
+            torch.stack(parts).sum(0, dtype=torch.float64)
+            if parts
+            else torch.zeros(B, dtype=torch.float64, device=device)
+        )
+        norms = sq.sqrt()
+        c = (self.C / (norms + 1e-6)).clamp(max=1.0)  # Opacus' clip factor (float64; each use casts it once)
+        return norms, c, self._weighted_sums(c, small, S)
 
     def _weighted_sums(self, c: Tensor, small: list, S: Tensor | None) -> dict[int, Tensor]:
         """Σ_b c_b ∇_b for every trainable parameter (by id), from what the backward recorded."""
@@ -431,9 +470,12 @@ def _ghost_sq(layer: _Layer, A: Tensor, G: Tensor, B: int, direct) -> Tensor:
     """Upper bounds on ‖∇W_b‖²_F, [B] float64, from Grams of A [B·γ, n, d] and G [B·γ, n, p] (γ groups per example).
 
     ``direct(b)`` returns example b's per-example gradient (the weight's shape), used only for
-    examples whose Grams cancel (see the note above); those gradients are kept in ``layer.exact``
-    and enter the clipped sum as they are, instead of through the fused weighted gradient, whose
-    float32 rounding for such an example is of the order of its cancelling terms.
+    examples whose Grams cancel (see the note above): which ones is left on the device, in
+    ``layer.cancel``, so that no layer waits for the host; after the backward,
+    :meth:`BookKeeping.clipped_backward` reads every layer's at once and :func:`_exact_cancelling`
+    replaces those examples' bounds by their exact gradients' (kept in ``layer.exact``, they enter
+    the clipped sum as they are, instead of through the fused weighted gradient, whose float32
+    rounding for such an example is of the order of its cancelling terms).
 
     The other examples enter through that fused weighted gradient, one matrix product over all
     B·n rows in the recorded dtype: its rounding is at most γ'_{B·n}·S_b in example b's share
@@ -449,15 +491,25 @@ def _ghost_sq(layer: _Layer, A: Tensor, G: Tensor, B: int, direct) -> Tensor:
     sq = (torch.bmm(A, A.transpose(1, 2)) * torch.bmm(G, G.transpose(1, 2))).sum((1, 2)).reshape(B, -1).sum(1)
     S = (torch.linalg.vector_norm(A, dim=2) * torch.linalg.vector_norm(G, dim=2)).sum(1).reshape(B, -1).sum(1)
     bound = sq.clamp(min=0) + (_gamma(n * n) + _gamma(d) + _gamma(p) + 3 * _U64) * 1.1 * S.square()
-    flagged = torch.nonzero(bound - sq.clamp(min=0) > _CANCELLING * sq.clamp(min=0)).flatten().tolist()
+    layer.cancel = (bound - sq.clamp(min=0) > _CANCELLING * sq.clamp(min=0), S, n, direct)
     # the fused float32 (or float64) weighted gradient's rounding in an unflagged example's share
     gamma_fused = n_fused * u_fused / (1 - n_fused * u_fused)
-    bound = (bound.sqrt() + gamma_fused * 1.1 * S).square()
+    return (bound.sqrt() + gamma_fused * 1.1 * S).square()
+
+
+def _exact_cancelling(layer: _Layer, shares: list[tuple[_Layer, Tensor]], flagged: list[int]) -> None:
+    """Examples ``flagged`` of a ghost layer whose Grams may cancel: their share of ‖g_b‖² (in ``shares``)
+    becomes the bound of their own float64 per-example gradient, and that gradient is their update."""
+    if not flagged:
+        return
+    _, S, n, direct = layer.cancel
+    i = next(i for i, (owner, _) in enumerate(shares) if owner is layer)
+    bound = shares[i][1].clone()
     for b in flagged:
         W = layer.exact[b] = direct(b).double()
         exact = (torch.linalg.vector_norm(W) * (1 + 4 * _U64) + _gamma(n) * 1.1 * S[b]).square()
         bound[b] = exact  # its update is this W itself (float64), not the fused product
-    return bound
+    shares[i] = (layer, bound)
 
 
 @contextlib.contextmanager
@@ -802,8 +854,10 @@ def _clipped_sum(layer: _Layer, c: Tensor) -> dict[str, Tensor]:
         out["weight"] = grad
     elif layer.saved is not None:
         a, g = layer.saved
-        c_ex = c.clone()
-        c_ex[list(layer.exact)] = 0  # examples whose Grams cancelled enter through their exact gradient below
+        c_ex = c
+        if layer.exact:  # examples whose Grams cancelled enter through their exact gradient below
+            c_ex = c.clone()
+            c_ex[list(layer.exact)] = 0
         c_rows = c_ex.repeat_interleave(a.shape[0] // c.shape[0]).to(g.dtype)
         g_c = g * c_rows.view(-1, *[1] * (g.ndim - 1))  # c-scaled output gradients: ONE weighted gradient
         if isinstance(m, nn.Linear):
