@@ -100,6 +100,7 @@ class TrainConfig:
     lr_schedule: str = "constant"  # constant | cosine (decays to 5% of lr over the planned steps)
     ema_decay: float = 0.999
     max_physical_batch_size: int = 512  # rows (examples x K) per forward/backward
+    precision: str = "fp32"  # fp32 | bf16: the forward/backward under bfloat16 autocast (clipping and noise stay fp32)
     checkpoint_every: int = 50  # steps
     seed: int = 0
 
@@ -698,6 +699,24 @@ def _value(recipe: Recipe, dotted: str) -> Any:
     return node
 
 
+PRECISIONS = (
+    "fp32",
+    "bf16",
+)  # train.precision: the forward/backward's autocast dtype (privacy.dpsgd.forward_precision)
+
+
+def _train_sections(r: Recipe) -> list[tuple[str, TrainConfig]]:
+    """Every training config of a recipe by its dotted name: ``train`` and the public pretraining stages."""
+    return [
+        ("train", r.train),
+        ("dpdm.pretrain", r.dpdm.pretrain),
+        ("ldm.pretrain", r.ldm.pretrain),
+        ("dpp.pretrain", r.dpp.pretrain),
+        ("dpp.public_pretrain", r.dpp.public_pretrain),
+        ("lora.pretrain", r.lora.pretrain),
+    ]
+
+
 def validate_recipe(r: Recipe) -> None:
     """Every numeric key in its range (:data:`RANGES`), then the checks that relate keys to each other
     (and the model shapes that would otherwise fail only when the network is built, mid-start)."""
@@ -717,6 +736,15 @@ def validate_recipe(r: Recipe) -> None:
             "train.max_physical_batch_size must be >= privacy.noise_multiplicity",
         ),
         (r.train.lr_schedule in ("constant", "cosine"), "train.lr_schedule must be 'constant' or 'cosine'"),
+        *(
+            (t.precision in PRECISIONS, f"{name}.precision must be one of {', '.join(PRECISIONS)}, got {t.precision!r}")
+            for name, t in _train_sections(r)
+        ),
+        (
+            r.train.precision == "fp32" or not r.privacy.enabled or r.privacy.grad_sample_mode == "bk",
+            f"train.precision={r.train.precision} needs privacy.grad_sample_mode=bk (Opacus' per-sample "
+            "gradients would clip in bfloat16)",
+        ),
         (r.diffusion.parameterization in ("edm", "v"), "diffusion.parameterization must be 'edm' or 'v'"),
         (
             r.diffusion.sigma_distribution in ("lognormal", "cosine"),

@@ -106,7 +106,12 @@ def stage_key(
     steps = planned_steps(train, len(data))
     if train.max_steps is not None:
         steps = min(steps, train.max_steps)
-    stage_train = {k: v for k, v in dataclasses.asdict(train).items() if k != "checkpoint_every"}
+    # fp32 (the default) is left out, so that entries stored before train.precision existed keep their keys
+    stage_train = {
+        k: v
+        for k, v in dataclasses.asdict(train).items()
+        if k != "checkpoint_every" and not (k == "precision" and v == "fp32")
+    }
     description = {
         "version": CACHE_VERSION,
         "data": {

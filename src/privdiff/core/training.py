@@ -102,6 +102,7 @@ def make_engine(
         noise_multiplicity=noise_multiplicity or r.privacy.noise_multiplicity,
         max_physical_batch_size=t.max_physical_batch_size,
         generator=generators["batches"],
+        precision=t.precision,  # the forward's autocast dtype; clipping, noise and the ledger are the same in either
     )
     if ledger is None or not r.privacy.enabled:
         return NonPrivateSGD(model, optimizer, **common)

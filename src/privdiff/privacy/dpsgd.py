@@ -107,6 +107,29 @@ def fold_noise_multiplicity(module: nn.Module, K: int) -> None:
         p.grad_sample = gs.view(gs.shape[0] // K, K, *gs.shape[1:]).sum(dim=1)
 
 
+PRECISIONS = ("fp32", "bf16")
+
+
+def forward_precision(precision: str, module: nn.Module) -> contextlib.AbstractContextManager:
+    """The context a step's forward runs in: nothing for ``"fp32"``; for ``"bf16"``, bfloat16 autocast
+    (``torch.autocast`` on the parameters' device, CPU or CUDA).
+
+    Only the forward is cast: autograd runs each op's backward in the dtype its forward used, so the
+    backward of a bfloat16 matrix product is bfloat16 too, and nothing else changes. The parameters,
+    their gradients and the optimizer state stay float32; book-keeping clipping upcasts what it
+    records (exactly) and forms the per-example norms, the clip factors and the clipped sum in
+    float32/float64 (:mod:`privdiff.privacy.clipping`), and the Gaussian noise is drawn like the
+    clipped sum it is added to, in float32, at the clip norm C. The mechanism, and so the ledger, is
+    the same in either precision.
+    """
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    if precision != "bf16":
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    device = next((p.device for p in module.parameters()), torch.device("cpu"))
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
 def _chunks(indices: torch.Tensor, rows_per_chunk: int) -> list[torch.Tensor]:
     return list(indices.split(rows_per_chunk)) if len(indices) else [indices]
 
@@ -127,6 +150,8 @@ class DPSGD:
         noise_generator: drives the Gaussian noise of the mechanism.
         grad_sample_mode: ``"bk"`` (privdiff's one-backward book-keeping clipping, the default),
             or Opacus' per-sample gradients, ``"hooks"`` or ``"functorch"``. All give the same update.
+        precision: ``"fp32"`` or ``"bf16"`` (the forward under bfloat16 autocast; book-keeping only,
+            see :func:`forward_precision`). The mechanism does not depend on it.
         world: the torch.distributed world (default: the initialised process group, else one
             process). With W > 1 the module is wrapped in ``DistributedDataParallel`` (rank 0's
             parameters are broadcast; its own gradient averaging is switched off with
@@ -152,8 +177,16 @@ class DPSGD:
         generator: torch.Generator,
         noise_generator: torch.Generator,
         grad_sample_mode: str = "bk",
+        precision: str = "fp32",
         world: World | None = None,
     ):
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        if precision != "fp32" and grad_sample_mode != "bk":
+            raise ValueError(
+                f"precision={precision} needs grad_sample_mode='bk' (Opacus' per-sample gradients would clip in bfloat16)"
+            )
+        self.precision = precision
         self.world = world = _check_world(world)
         if grad_sample_mode == "bk":
             # clipping happens in the backward (BookKeeping); the optimizer adds noise σC to the
@@ -243,15 +276,16 @@ class DPSGD:
             total, count = self._clipped_step(self.batches.shard(indices), loss_fn)
         return _world_mean(total, count, self.world, self.optimizer.params)
 
-    def _clipped_step(self, indices: torch.Tensor, loss_fn: LossFn) -> tuple[float, int]:
+    def _clipped_step(self, indices: torch.Tensor, loss_fn: LossFn) -> tuple[torch.Tensor | float, int]:
+        # the logged loss stays on the device until the step has been queued (no host sync per chunk)
         total, count = 0.0, 0
         chunks = _chunks(indices, self.examples_per_chunk)
         for i, chunk in enumerate(chunks):
             if len(chunk) and self.bk is not None:
-                with self.bk.recording():
+                with self.bk.recording(), forward_precision(self.precision, self.module):
                     loss = loss_fn(self.module, chunk)
                 self.bk.clipped_backward(loss)  # p.grad = Σ_b min(1, C/‖g_b‖) g_b
-                total, count = total + float(loss.detach().sum()), count + len(chunk)
+                total, count = total + loss.detach().sum().double(), count + len(chunk)
             elif len(chunk):
                 probe = not self._axis_checked and len(chunk) >= 2
                 with layer_outputs(self.module) if probe else contextlib.nullcontext({}) as outputs:
@@ -262,7 +296,7 @@ class DPSGD:
                     warnings.filterwarnings("ignore", message="Full backward hook is firing")
                     loss.sum().backward()
                 fold_noise_multiplicity(self.module, self.K)
-                total, count = total + float(loss.detach().sum()), count + len(chunk)
+                total, count = total + loss.detach().sum().double(), count + len(chunk)
             else:  # empty Poisson batch: no example contributes, the noise is still added
                 for p in self.optimizer.params:
                     if self.bk is not None:
@@ -352,13 +386,19 @@ def _no_sync(module: nn.Module):
     return module.no_sync() if isinstance(module, DistributedDataParallel) else contextlib.nullcontext()
 
 
-def _world_mean(total: float, count: int, world: World, params) -> float:
-    """Σ total / Σ count over the world (the logged loss)."""
+def _world_mean(total: torch.Tensor | float, count: int, world: World, params) -> float:
+    """Σ total / Σ count over the world (the logged loss): the step's one host synchronisation, after it was queued."""
     if world.distributed:
-        t = torch.tensor([total, float(count)], dtype=torch.float64, device=next(iter(params)).device)
+        device = next(iter(params)).device
+        t = torch.stack(
+            [
+                torch.as_tensor(total, dtype=torch.float64, device=device),
+                torch.tensor(float(count), dtype=torch.float64, device=device),
+            ]
+        )
         all_reduce_sum_([t])
-        total, count = float(t[0]), int(t[1])
-    return total / max(count, 1)
+        total, count = t[0], int(t[1])
+    return float(total) / max(count, 1)
 
 
 class NonPrivateSGD:
@@ -382,8 +422,12 @@ class NonPrivateSGD:
         max_physical_batch_size: int = 512,
         noise_multiplicity: int = 1,
         generator: torch.Generator,
+        precision: str = "fp32",
         world: World | None = None,
     ):
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        self.precision = precision
         self.world = world = _check_world(world)
         self.module = _replicate(model) if world.distributed else model
         self.optimizer = optimizer
@@ -405,9 +449,10 @@ class NonPrivateSGD:
         with _no_sync(self.module):
             for chunk in _chunks(local, self.examples_per_chunk):
                 if len(chunk):
-                    loss = loss_fn(self.module, chunk)
+                    with forward_precision(self.precision, self.module):
+                        loss = loss_fn(self.module, chunk)
                     (loss.sum() / self.batch_size).backward()
-                    total += float(loss.detach().sum())
+                    total = total + loss.detach().sum().double()
         if self.world.distributed:  # Σ over the world (a rank with no examples contributes zeros)
             for p in params:
                 if p.grad is None:
