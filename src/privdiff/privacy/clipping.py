@@ -858,7 +858,8 @@ def _clipped_sum(layer: _Layer, c: Tensor) -> dict[str, Tensor]:
         if layer.exact:  # examples whose Grams cancelled enter through their exact gradient below
             c_ex = c.clone()
             c_ex[list(layer.exact)] = 0
-        c_rows = c_ex.repeat_interleave(a.shape[0] // c.shape[0]).to(g.dtype)
+        # each example's factor on its K rows (expand, not repeat_interleave: no output size to read back)
+        c_rows = c_ex[:, None].expand(-1, a.shape[0] // c.shape[0]).reshape(-1).to(g.dtype)
         g_c = g * c_rows.view(-1, *[1] * (g.ndim - 1))  # c-scaled output gradients: ONE weighted gradient
         if isinstance(m, nn.Linear):
             out["weight"] = g_c.reshape(-1, g.shape[-1]).T @ a.reshape(-1, a.shape[-1])
