@@ -197,7 +197,7 @@ def label_conditioner(dataset: ImageDataset, recipe: Recipe, device: torch.devic
     labels = dataset.labels.to(device)
 
     def condition(idx: torch.Tensor, K: int, generator: torch.Generator) -> torch.Tensor:
-        y = labels[idx.to(device)]
+        y = labels[idx.to(device, non_blocking=True)]
         return drop_labels(
             y[:, None].expand(-1, K),
             p=recipe.diffusion.label_dropout,
@@ -357,7 +357,7 @@ def train_denoiser(
     condition = stage.condition or label_conditioner(dataset, r, device)
 
     def loss_fn(module: torch.nn.Module, idx: torch.Tensor) -> torch.Tensor:
-        x0 = images[idx.to(device)]
+        x0 = images[idx.to(device, non_blocking=True)]  # no stream sync per chunk on a GPU
         sigma_bk, noise = draw_training_noise(x0, K=K, sigma_dist=sigma_dist, generator=gens["diffusion"])
         c_bk = condition(idx, K, gens["diffusion"])
         loss = denoising_loss(module, x0, c_bk, sigma=sigma_bk, noise=noise, loss_weight=denoiser.loss_weight)
