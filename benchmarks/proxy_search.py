@@ -2,7 +2,7 @@
 
 The proxy plays the demo's game with public data only:
 
-* "private" data: scikit-learn's handwritten ``digits`` (1,437 train / 360 test, drawn at 28×28), real
+* "private" data: scikit-learn's handwritten ``digits`` (1,437 train / 360 test, drawn at each recipe's resolution), real
   handwriting that no candidate pretrains on, trained on with DP-SGD at the demo's ε and δ;
 * public prior: ``glyphs`` (digits rendered from fonts, public by construction), for every stage that
   uses public data (pretraining, the DP-LDM autoencoder, the feature network of FID/KID);
@@ -18,7 +18,8 @@ CPU seconds are within ``--cpu-budget``.
     .venv/bin/python -W ignore benchmarks/proxy_search.py --epsilon 10 1 --n 2000 --out runs/proxy
     .venv/bin/python -W ignore benchmarks/proxy_search.py --only dp-ldm-glyphs --smoke --out /tmp/proxy-smoke
 
-Runs already trained in OUT are resumed and their evaluation redone; the table is printed and written to
+Runs already trained in OUT are resumed (a no-op when finished) and their kept evaluation
+(RUN/metrics-NAME.json) reused; the table is printed and written to
 OUT/table.md.
 """
 
@@ -26,23 +27,73 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
+
+import torch
 
 from compare_methods import privdiff, train_seconds
 from isolation import isolate
 
-PROXY = ["data.name=digits", "data.resolution=28", "evaluate.public_data=glyphs"]
+RESOLUTION = {"dpdm-mnist5k": 16, "dp-ldm-mnist5k": 28}  # each recipe's own (its data.resolution for mnist5k)
+
+
+def proxy_data(out: Path) -> Path:
+    """Write the proxy's "private" set once: scikit-learn's digits laid out as MNIST is (a 20×20 box in a 28×28
+    frame, strokes on black: the 8×8 images enlarged, contrast g = 2.5, as DP-LDM's public digits), as class
+    folders OUT/proxy-data/{train,test}/<digit>/. Returns OUT/proxy-data. Only public data is read."""
+    import numpy as np
+    import torch.nn.functional as F
+    from PIL import Image
+
+    from privdiff.data import load_dataset
+
+    root = out / "proxy-data"
+    if (root / "done").exists():
+        return root
+    for split in ("train", "test"):
+        d = load_dataset("digits", split=split, resolution=20)
+        x = F.pad(torch.tanh(2.5 * d.images) / math.tanh(2.5), (4, 4, 4, 4), value=-1.0)  # [-1, 1], 28×28
+        pixels = ((x[:, 0] + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
+        for i, (image, label) in enumerate(zip(pixels, d.labels.tolist())):
+            (root / split / str(label)).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(np.ascontiguousarray(image)).save(root / split / str(label) / f"{i:04d}.png")
+    (root / "done").write_text("")
+    return root
+
+
+def proxy_overrides(root: Path, recipe: str) -> list[str]:
+    """The proxy's data keys for ``recipe``: the framed digits at the recipe's own resolution, FID/KID features on glyphs."""
+    return [
+        "data.name=folder",
+        f"data.root={root / 'train'}",
+        f"data.test_root={root / 'test'}",
+        f"data.resolution={RESOLUTION[recipe]}",
+        "evaluate.public_data=glyphs",
+    ]
+
+
 GLYPHS_LDM = ["ldm.public_data=glyphs", "ldm.public_margin=0", "ldm.public_contrast=0"]
 GLYPHS_DPDM = ["dpdm.public_data=glyphs", "dpdm.public_margin=0", "dpdm.public_contrast=0"]  # PDP-Diffusion
 
 CANDIDATES: dict[str, tuple[str, list[str]]] = {
     "dpdm": ("dpdm-mnist5k", []),
     "dpdm-glyphs": ("dpdm-mnist5k", GLYPHS_DPDM),
+    "dp-ldm-digits": ("dp-ldm-mnist5k", []),
     "dp-ldm-glyphs": ("dp-ldm-mnist5k", GLYPHS_LDM),
+    "dp-ldm-glyphs-3k": ("dp-ldm-mnist5k", [*GLYPHS_LDM, "ldm.public_size=3000"]),
+    "dp-ldm-glyphs-3k-unet": ("dp-ldm-mnist5k", [*GLYPHS_LDM, "ldm.public_size=3000", "ldm.trainable=[unet]"]),
     "dp-ldm-glyphs-K4": ("dp-ldm-mnist5k", [*GLYPHS_LDM, "privacy.noise_multiplicity=4"]),
     "dp-ldm-glyphs-80ep": ("dp-ldm-mnist5k", [*GLYPHS_LDM, "train.epochs=80"]),
 }
-"""name → (shipped recipe, overrides): the demo's methods with the public prior swapped to ``glyphs``."""
+"""name → (shipped recipe, training overrides): the demo's methods with the public prior swapped to ``glyphs``."""
+
+GUIDANCE: dict[str, tuple[str, list[str]]] = {
+    f"{base}-w{w:g}": (base, [f"sampler.guidance={w}"])
+    for base in ("dpdm", "dpdm-glyphs", "dp-ldm-glyphs-3k", "dp-ldm-glyphs-3k-unet")
+    for w in (1.0, 4.0)
+}
+"""name → (trained candidate, sampling overrides): the same model drawn at another guidance w (no retraining)."""
 
 SMOKE = [  # seconds, not minutes: checks the script end to end, measures nothing
     "train.max_steps=2",
@@ -55,32 +106,54 @@ SMOKE = [  # seconds, not minutes: checks the script end to end, measures nothin
 ]
 
 
+def train_once(base: str, eps: float, out: Path, smoke: list[str]) -> tuple[Path, float]:
+    """Train candidate ``base`` at ``eps`` under OUT (resumed if there); returns its run and the training CPU
+    seconds of the first, complete training (kept in RUN/proxy_cpu.json, so a rerun does not count a no-op)."""
+    recipe, overrides = CANDIDATES[base]
+    run = out / f"{base}-eps{eps:g}"
+    record = run / "proxy_cpu.json"
+    train = [
+        *proxy_overrides(proxy_data(out), recipe),
+        *overrides,
+        f"privacy.epsilon={eps}",
+        *[o for o in smoke if not o.startswith("evaluate")],
+    ]
+    cpu = privdiff("train", recipe, *train, "--no-grid", "--out", str(run), "--quiet")
+    if not record.exists():
+        record.write_text(json.dumps({"cpu_s": cpu}))
+    return run, json.loads(record.read_text())["cpu_s"]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--epsilon", type=float, nargs="+", default=[10.0])
-    ap.add_argument("--only", nargs="+", choices=list(CANDIDATES), default=list(CANDIDATES))
+    names = [*CANDIDATES, *GUIDANCE]
+    ap.add_argument("--only", nargs="+", choices=names, default=list(CANDIDATES))
     ap.add_argument("--n", type=int, default=2000, help="samples per evaluation")
     ap.add_argument("--cpu-budget", type=float, default=float("inf"), help="training CPU seconds a winner may use")
     ap.add_argument("--smoke", action="store_true", help="two steps per stage: a check of the script, not a search")
     ap.add_argument("--out", default="runs/proxy")
     args = ap.parse_args()
     isolate(args.out)  # never the user's budget registry or cache
+    out = Path(args.out)
     smoke = SMOKE if args.smoke else []
     rows = []
     for eps in args.epsilon:
         for name in args.only:
-            recipe, overrides = CANDIDATES[name]
-            run = Path(args.out) / f"{name}-eps{eps:g}"
-            train = [*PROXY, *overrides, f"privacy.epsilon={eps}", *[o for o in smoke if not o.startswith("evaluate")]]
-            cpu = privdiff("train", recipe, *train, "--no-grid", "--out", str(run), "--quiet")
-            evaluate = [o for o in smoke if o.startswith("evaluate")]
-            privdiff("evaluate", str(run), "--n", str(args.n), *evaluate, "--quiet", "--no-report")
-            m = json.loads((run / "metrics.json").read_text())["metrics"]
+            base, sampling = GUIDANCE.get(name, (name, []))
+            run, cpu = train_once(base, eps, out, smoke)
+            kept = run / f"metrics-{name}.json"  # one per guidance variant; a rerun reuses it (delete it to redo)
+            if not kept.exists():
+                evaluate = [o for o in smoke if o.startswith("evaluate")]
+                privdiff("evaluate", str(run), "--n", str(args.n), *sampling, *evaluate, "--quiet", "--no-report")
+                kept.write_text((run / "metrics.json").read_text())
+            metrics = json.loads(kept.read_text())
+            m = metrics["metrics"]
             spent = json.loads((run / "ledger.json").read_text())["epsilon"]
             consistency = (m.get("class_consistency") or {}).get("value")
             rows.append((name, eps, spent, m, consistency, train_seconds(run), cpu))
     lines = [
-        f"public proxy: private = scikit-learn digits at 28 px, public = glyphs; {args.n} samples per model"
+        f"public proxy: private = scikit-learn digits (each recipe at its own resolution), public = glyphs; {args.n} samples per model"
         + (" (SMOKE: 2 steps per stage, not a measurement)" if args.smoke else ""),
         "",
         "| candidate | target ε | ledger ε | acc. CNN | class consistency | FID | train wall s | train CPU s |",
