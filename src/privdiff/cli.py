@@ -13,7 +13,7 @@ from pathlib import Path
 from privdiff.runtime import keep_freed_memory
 
 EPILOG = """examples:
-  privdiff demo                                        DPDM on the built-in MNIST digits, eps=10
+  privdiff demo                                        DPDM warm-started on public glyphs, on the built-in MNIST digits, eps=10
   privdiff recipes                                     the shipped recipes, one line each
   privdiff train recipes/dpdm-mnist5k.yaml privacy.epsilon=1 --out runs/eps1
   privdiff train recipes/dpdm-mnist5k.yaml data.name=mnist data.root=~/data/mnist --out runs/mnist
@@ -46,6 +46,10 @@ EPILOG = """examples:
 key=value overrides may come before or after the options. An error is one line on stderr: exit 2 (a bad
 argument, recipe, file or registry), 3 (an unforeseen failure; PRIVDIFF_TRACEBACK=1 shows its traceback).
 """
+
+
+DEMO_RECIPE = "dpdm-glyphs-mnist5k"
+"""The recipe ``privdiff demo`` trains: the winner of the public proxy search (benchmarks/proxy_search.py)."""
 
 
 def shipped_recipes() -> dict[str, str]:
@@ -283,9 +287,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .config import resolve_recipe
     from .method_registry import get_method
 
-    recipe = resolve_recipe(_recipe_path("dpdm-mnist5k"), args.overrides)
+    recipe = resolve_recipe(_recipe_path(DEMO_RECIPE), args.overrides)
     _check_registry()
-    print("privdiff demo: DPDM on mnist5k (4,000 private MNIST digits), target epsilon=10, delta=1e-5", file=sys.stderr)
+    print(f"privdiff demo: {DEMO_RECIPE}: {shipped_recipes()[DEMO_RECIPE]}", file=sys.stderr)
     result = get_method(recipe.method).train(recipe, out=args.out, progress=True)
     _report(result)
     return 0
@@ -672,7 +676,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"privdiff {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    d = sub.add_parser("demo", help="train DPDM on the built-in MNIST digits at eps=10 and sample a class grid")
+    d = sub.add_parser(
+        "demo",
+        help="train the demo recipe (dpdm-glyphs-mnist5k: DPDM warm-started on public glyphs, then DP-SGD on the built-in MNIST digits at eps=10) and sample a class grid",
+    )
     d.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides (dotted paths)")
     d.add_argument("--out", default="runs/demo", help="run directory (default: runs/demo; reruns resume it)")
     d.set_defaults(func=cmd_demo)
