@@ -12,10 +12,13 @@ The proxy plays the demo's game with public data only:
 
 N differs from mnist5k's (1,437 against 4,000): q = batch/N is larger at the same batch, so the proxy is
 the harder task at the same ε; the ranking, not the level, is what carries over. Each candidate is a
-shipped recipe plus overrides; the winner per ε is the highest downstream CNN accuracy whose training
-CPU seconds are within ``--cpu-budget``.
+shipped recipe plus overrides; the winner per ε is the highest downstream CNN accuracy, ties (within 0.03)
+broken by class consistency, among candidates whose training CPU seconds are within ``--cpu-budget``.
+Run it with one torch thread per process (on a shared 2-core machine, two processes' thread pools spin
+against each other and a step can take 30x longer):
 
-    .venv/bin/python -W ignore benchmarks/proxy_search.py --epsilon 10 1 --n 2000 --out runs/proxy
+    OMP_NUM_THREADS=1 .venv/bin/python -W ignore benchmarks/proxy_search.py --epsilon 10 1 \
+        --only dpdm dpdm-glyphs dp-ldm-glyphs-3k --n 2000 --out runs/proxy-framed
     .venv/bin/python -W ignore benchmarks/proxy_search.py --only dp-ldm-glyphs --smoke --out /tmp/proxy-smoke
 
 Runs already trained in OUT are resumed (a no-op when finished) and their kept evaluation
@@ -106,6 +109,19 @@ SMOKE = [  # seconds, not minutes: checks the script end to end, measures nothin
 ]
 
 
+TIE = 0.03
+"""Downstream CNN accuracies this close are a tie: the spread of one model's figure across re-evaluations
+(docs/benchmarks.md, DP-LDM against DPDM). This tie rule was added after the first eps = 10 table was seen."""
+
+
+def winner(rows: list[tuple]) -> tuple:
+    """The row with the highest downstream CNN accuracy; among those within :data:`TIE` of it, the highest class
+    consistency (the issue's second figure: how many samples are the digit they were drawn as)."""
+    top = max(r[3]["accuracy_cnn"]["value"] for r in rows)
+    tied = [r for r in rows if r[3]["accuracy_cnn"]["value"] >= top - TIE]
+    return max(tied, key=lambda r: (r[4] or 0.0, r[3]["accuracy_cnn"]["value"]))
+
+
 def train_once(base: str, eps: float, out: Path, smoke: list[str]) -> tuple[Path, float]:
     """Train candidate ``base`` at ``eps`` under OUT (resumed if there); returns its run and the training CPU
     seconds of the first, complete training (kept in RUN/proxy_cpu.json, so a rerun does not count a no-op)."""
@@ -168,8 +184,11 @@ def main() -> None:
     for eps in args.epsilon:
         within = [r for r in rows if r[1] == eps and r[6] <= args.cpu_budget]
         if within:
-            best = max(within, key=lambda r: r[3]["accuracy_cnn"]["value"])
-            lines.append(f"\nwinner at ε = {eps:g}: {best[0]} (downstream CNN {best[3]['accuracy_cnn']['value']:.3f})")
+            best = winner(within)
+            lines.append(
+                f"\nwinner at ε = {eps:g}: {best[0]} (downstream CNN {best[3]['accuracy_cnn']['value']:.3f}, "
+                f"class consistency {best[4] if best[4] is None else round(best[4], 3)})"
+            )
     text = "\n".join(lines)
     print("\n" + text)
     (Path(args.out) / "table.md").write_text(text + "\n")

@@ -73,11 +73,19 @@ def test_dp_ldm_recipe_keys():
 
 
 def test_public_warm_start_keys():
-    """dpdm.* / dpp.public_*: off in every shipped recipe (nothing existing changes); a public set is never the
-    private one; its size and pretraining are checked like every other key."""
+    """dpdm.* / dpp.public_*: on only in the demo's recipes (the proxy search's winner, issue 20), off in every
+    other shipped recipe; a public set is never the private one; its size and pretraining are checked like
+    every other key."""
+    from privdiff.cli import DEMO_RECIPE
+
+    warm = {DEMO_RECIPE, f"{DEMO_RECIPE}-eps1"}
     for path in sorted(Path("recipes").glob("*.yaml")):
         r = resolve_recipe(str(path))
-        assert r.dpdm.public_data is None and r.dpp.public_data is None, path
+        assert r.dpp.public_data is None, path
+        assert (r.dpdm.public_data == "glyphs") == (path.stem in warm), path
+    demo, eps1 = (resolve_recipe(f"recipes/{name}.yaml") for name in sorted(warm))
+    assert (demo.method, demo.data.name, demo.privacy.epsilon, eps1.privacy.epsilon) == ("dpdm", "mnist5k", 10.0, 1.0)
+    assert dataclasses.replace(eps1, privacy=demo.privacy) == demo  # the eps=1 twin differs in its budget only
     r = resolve_recipe("recipes/dpdm-mnist5k.yaml", ["dpdm.public_data=glyphs", "dpdm.pretrain.epochs=3"])
     assert r.dpdm.public_data == "glyphs" and r.dpdm.pretrain.epochs == 3 and r.dpdm.pretrain.batch_size == 128
     for recipe, key in (("dpdm-mnist5k", "dpdm.public_data"), ("dpp-mnist5k", "dpp.public_data")):
