@@ -21,7 +21,6 @@ Every test runs on CPU; the CUDA variants run where a GPU is present (benchmarks
 
 from __future__ import annotations
 
-import contextlib
 import sys
 import warnings
 
@@ -44,17 +43,6 @@ DEVICES = [
 ]
 
 UNET = UNetConfig(channels=(16, 32), layers_per_block=1, attention_levels=(1,), norm_num_groups=8, attention_head_dim=8)
-
-
-@contextlib.contextmanager
-def _no_tf32():
-    """Full float32 on CUDA (cuDNN uses TF32 by default): the fp32 reference must be float32."""
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 def _case(device: str, *, B: int, K: int, seed: int, channels_last: bool = False):
@@ -106,7 +94,7 @@ def _rel(got: torch.Tensor, want: torch.Tensor) -> float:
 def test_bf16_norms_and_clipped_sums_match_the_fp32_one_example_reference(device, K, C, channels_last):
     B = 4
     den, batch_loss, row_loss = _case(device, B=B, K=K, seed=10 + K, channels_last=channels_last)
-    with _no_tf32():
+    with clipping._full_precision():  # the fp32 reference must be float32 (no TF32 on CUDA)
         ref_norms, ref_sum = reference(den, row_loss, B, C)  # float32, one example at a time
         bf_norms, bf_sum = reference(den, lambda m, b: row_loss(m, b, "bf16"), B, C)  # bf16, one at a time
         bk_norms, bk_sum = bookkeeping(den, lambda m: batch_loss(m, "bf16"), K, C)  # bf16, one backward
@@ -128,7 +116,7 @@ def test_fp32_bk_matches_the_one_example_reference_on_each_device(device):
     """The float32 check of tests/privacy/test_clipping.py (relative error ≤ 1e-4), also on CUDA (TF32 off)."""
     B, K = 4, 2
     den, batch_loss, row_loss = _case(device, B=B, K=K, seed=7, channels_last=device == "cuda")
-    with _no_tf32():
+    with clipping._full_precision():  # the fp32 reference must be float32 (no TF32 on CUDA)
         assert_same(den, batch_loss, row_loss, B, K, 1e-2)
 
 
@@ -186,7 +174,7 @@ def _update(model, eng, idx, loss_fn) -> torch.Tensor:
 def test_nonprivate_step_in_bf16_matches_fp32(device):
     engines, loss_fn = _engine_pair(device, private=False)
     idx = torch.arange(6)
-    with _no_tf32():
+    with clipping._full_precision():  # the fp32 reference must be float32 (no TF32 on CUDA)
         u32, u16 = (_update(*engines[p], idx, loss_fn) for p in ("fp32", "bf16"))
     assert _rel(u16, u32) <= SUM_TOL
 
@@ -198,7 +186,7 @@ def test_dp_step_in_bf16_adds_the_same_fp32_noise_at_C(device):
     sigma, C, B = 1.0, 1e-2, 6
     engines, loss_fn = _engine_pair(device, private=True, sigma=sigma, C=C)
     idx = torch.arange(B)
-    with _no_tf32():
+    with clipping._full_precision():  # the fp32 reference must be float32 (no TF32 on CUDA)
         u32, u16 = (_update(*engines[p], idx, loss_fn) for p in ("fp32", "bf16"))
     # Σ_b c_b ∇ℓ_b has norm ≤ B·C in either precision; divided by the expected batch B
     assert float((u16 - u32).norm()) <= SUM_TOL * C * 2
