@@ -678,7 +678,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser(
         "demo",
-        help="train the demo recipe (dpdm-glyphs-mnist5k: DPDM warm-started on public glyphs, then DP-SGD on the built-in MNIST digits at eps=10) and sample a class grid",
+        help=f"train the demo recipe ({DEMO_RECIPE}: DPDM warm-started on public glyphs, then DP-SGD on the built-in MNIST digits at eps=10) and sample a class grid",
     )
     d.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides (dotted paths)")
     d.add_argument("--out", default="runs/demo", help="run directory (default: runs/demo; reruns resume it)")
