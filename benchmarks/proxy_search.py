@@ -38,7 +38,11 @@ import torch
 from compare_methods import privdiff, train_seconds
 from isolation import isolate
 
-RESOLUTION = {"dpdm-mnist5k": 16, "dp-ldm-mnist5k": 28}  # each recipe's own (its data.resolution for mnist5k)
+RESOLUTION = {
+    "dpdm-mnist5k": 16,
+    "dpdm-glyphs-mnist5k": 16,
+    "dp-ldm-mnist5k": 28,
+}  # each recipe's own (its data.resolution for mnist5k)
 
 
 def proxy_data(out: Path) -> Path:
@@ -82,6 +86,7 @@ GLYPHS_DPDM = ["dpdm.public_data=glyphs", "dpdm.public_margin=0", "dpdm.public_c
 CANDIDATES: dict[str, tuple[str, list[str]]] = {
     "dpdm": ("dpdm-mnist5k", []),
     "dpdm-glyphs": ("dpdm-mnist5k", GLYPHS_DPDM),
+    "dpdm-glyphs-20ep": ("dpdm-glyphs-mnist5k", []),  # the shipped demo: dpdm-glyphs with its warm start halved
     "dp-ldm-digits": ("dp-ldm-mnist5k", []),
     "dp-ldm-glyphs": ("dp-ldm-mnist5k", GLYPHS_LDM),
     "dp-ldm-glyphs-3k": ("dp-ldm-mnist5k", [*GLYPHS_LDM, "ldm.public_size=3000"]),
@@ -93,7 +98,7 @@ CANDIDATES: dict[str, tuple[str, list[str]]] = {
 
 GUIDANCE: dict[str, tuple[str, list[str]]] = {
     f"{base}-w{w:g}": (base, [f"sampler.guidance={w}"])
-    for base in ("dpdm", "dpdm-glyphs", "dp-ldm-glyphs-3k", "dp-ldm-glyphs-3k-unet")
+    for base in ("dpdm", "dpdm-glyphs", "dpdm-glyphs-20ep", "dp-ldm-glyphs-3k", "dp-ldm-glyphs-3k-unet")
     for w in (1.0, 4.0)
 }
 """name → (trained candidate, sampling overrides): the same model drawn at another guidance w (no retraining)."""

@@ -275,8 +275,11 @@ def _report(result) -> None:
     print(f"ledger:     {result.run.ledger_path}")
     if result.run.load_config().model.pretrained:  # a user's diffusers model: back in its own layout by export
         print(f"checkpoint: {ckpt}  (privdiff's; privdiff export {result.run.path} --out DIR: plain diffusers)")
-    else:
-        print(f"checkpoint: {ckpt / 'unet_ema'}  (diffusers UNet2DModel.from_pretrained)")
+    else:  # the class diffusers saved: UNet2DModel in pixel space, UNet2DConditionModel for DP-LDM's latent net
+        config = ckpt / "unet_ema" / "config.json"
+        cls = json.loads(config.read_text()).get("_class_name") if config.is_file() else None
+        how = f"diffusers {cls}.from_pretrained" if cls else "privdiff's; privdiff sample RUN draws from it"
+        print(f"checkpoint: {ckpt / 'unet_ema'}  ({how})")
     print(
         f"grid:       {result.grid if result.grid is not None else 'none (--no-grid): privdiff sample RUN draws one'}"
     )

@@ -25,6 +25,7 @@ from typing import Any
 import yaml
 
 from .data.splits import absolute_root, check_split_options
+from .diffusion.samplers import SAMPLERS
 from .diffusion.schedulers import SCHEDULERS
 from .method_registry import METHODS
 from .models.autoencoder import AutoencoderConfig
@@ -33,7 +34,6 @@ from .models.latent import LatentUNetConfig
 from .models.text import TextConfig
 from .models.unet import UNetConfig
 
-SAMPLERS = ("heun", "edm", "euler", "ddim")
 EVALUATE_FEATURES = (
     "public",
     "photos",

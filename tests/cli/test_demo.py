@@ -10,7 +10,9 @@ def test_demo_runs_its_recipe_with_the_public_warm_start_in_the_ledger(tmp_path,
     monkeypatch.chdir(tmp_path)
     overrides = [*tiny_overrides, "dpdm.public_size=40", "dpdm.pretrain.max_steps=2", "train.max_steps=2"]
     assert main(["demo", "--out", "run", *overrides]) == 0
-    assert f"privdiff demo: {DEMO_RECIPE}:" in capsys.readouterr().err
+    out, err = capsys.readouterr()
+    assert f"privdiff demo: {DEMO_RECIPE}:" in err
+    assert "(diffusers UNet2DModel.from_pretrained)" in out  # the summary names the class that loads it
     ledger = json.loads((tmp_path / "run" / "ledger.json").read_text())
     (public,) = ledger["public_stages"]
     assert public["stage"] == "pretrain" and public["data"]["name"] == "glyphs" and public["steps"] == 2

@@ -137,6 +137,7 @@ def test_dp_ldm_end_to_end(tmp_path, capsys):
     assert main(["train", str(ROOT / "recipes/dp-ldm-mnist5k.yaml"), *TINY_LDM, "--out", str(run), "--quiet"]) == 0, (
         capsys.readouterr().err
     )
+    assert "(diffusers UNet2DConditionModel.from_pretrained)" in capsys.readouterr().out  # the latent net's class
     ledger = json.loads((run / "ledger.json").read_text())
     assert [e["stage"] for e in ledger["events"]] == ["dp_sgd"] and ledger["events"][0]["steps"] == 3
     assert [s["stage"] for s in ledger["public_stages"]] == ["autoencoder", "pretrain"]

@@ -134,7 +134,7 @@ def caption_condition(ids: torch.Tensor, null: torch.Tensor, *, p: float, device
     ids, null = ids.to(device), null.to(device)
 
     def condition(idx: torch.Tensor, K: int, generator: torch.Generator) -> torch.Tensor:
-        rows = ids[idx.to(device)][:, None].expand(-1, K, -1)  # [B, K, L]
+        rows = ids[idx.to(device, non_blocking=True)][:, None].expand(-1, K, -1)  # [B, K, L]
         drop = torch.rand(rows.shape[:2], generator=generator, device=device) < p
         return torch.where(drop[..., None], null, rows)
 

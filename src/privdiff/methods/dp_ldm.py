@@ -84,7 +84,7 @@ def caption_conditioner(dataset: ImageDataset, recipe: Recipe, tokenizer, device
     )
 
     def condition(idx: torch.Tensor, K: int, generator: torch.Generator) -> torch.Tensor:
-        y = labels[idx.to(device)][:, None].expand(-1, K)  # [B, K]
+        y = labels[idx.to(device, non_blocking=True)][:, None].expand(-1, K)  # [B, K]
         # caption variant v_bk ~ U{variants}, text dropped with p
         v = torch.randint(0, V, y.shape, generator=generator, device=device)
         keep = torch.rand(y.shape, generator=generator, device=device) >= p_text

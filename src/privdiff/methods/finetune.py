@@ -52,7 +52,7 @@ def _labels(dataset: ImageDataset, device: torch.device):
     labels = dataset.labels.to(device)
 
     def condition(idx: torch.Tensor, K: int, generator: torch.Generator) -> torch.Tensor:
-        return labels[idx.to(device)][:, None].expand(
+        return labels[idx.to(device, non_blocking=True)][:, None].expand(
             -1, K
         )  # no null class to drop to: the net was not trained with one
 
