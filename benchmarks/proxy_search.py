@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from pathlib import Path
 
 import torch
@@ -50,9 +49,9 @@ def proxy_data(out: Path) -> Path:
     frame, strokes on black: the 8×8 images enlarged, contrast g = 2.5, as DP-LDM's public digits), as class
     folders OUT/proxy-data/{train,test}/<digit>/. Returns OUT/proxy-data. Only public data is read."""
     import numpy as np
-    import torch.nn.functional as F
     from PIL import Image
 
+    from privdiff.core.stages import frame_images
     from privdiff.data import load_dataset
 
     root = out / "proxy-data"
@@ -60,7 +59,7 @@ def proxy_data(out: Path) -> Path:
         return root
     for split in ("train", "test"):
         d = load_dataset("digits", split=split, resolution=20)
-        x = F.pad(torch.tanh(2.5 * d.images) / math.tanh(2.5), (4, 4, 4, 4), value=-1.0)  # [-1, 1], 28×28
+        x = frame_images(d.images, margin=4, contrast=2.5)  # [-1, 1], 28×28
         pixels = ((x[:, 0] + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
         for i, (image, label) in enumerate(zip(pixels, d.labels.tolist())):
             (root / split / str(label)).mkdir(parents=True, exist_ok=True)

@@ -38,6 +38,7 @@ from .training import Conditioner, Stage, TrainResult, train_denoiser
 
 __all__ = [
     "MethodResult",
+    "frame_images",
     "pretrain",
     "private_dataset",
     "private_training_set",
@@ -189,6 +190,16 @@ def private_training_set(run: Run, recipe: Recipe) -> ImageDataset:
     return pool
 
 
+def frame_images(images: torch.Tensor, *, margin: int, contrast: float) -> torch.Tensor:
+    """Images [N, C, H, W] on [-1, 1] with contrast g = ``contrast``: x ← tanh(g·x)/tanh(g) (g = 0: unchanged),
+    then framed by ``margin`` pixels of background (−1) on every side: [N, C, H + 2m, W + 2m]."""
+    if contrast > 0:
+        images = torch.tanh(contrast * images) / math.tanh(contrast)  # soft blobs back into strokes
+    if margin:
+        images = F.pad(images, (margin, margin, margin, margin), value=-1.0)  # the digit in a box of its frame
+    return images
+
+
 def public_data(recipe: Recipe, *, like: ImageDataset, section: str) -> ImageDataset:
     """The public data set ``<section>.public_data`` at the private set ``like``'s resolution (its channels and
     classes must match), drawn at ``resolution − 2·<section>.public_margin`` and framed by a background
@@ -209,13 +220,7 @@ def public_data(recipe: Recipe, *, like: ImageDataset, section: str) -> ImageDat
         public = load_dataset(L.public_data, root=L.public_root, split="all", resolution=inner, size=L.public_size)
     except DatasetError as e:
         raise DatasetError(f"{section}.public_data={L.public_data}: {e}") from None
-    images = public.images
-    if L.public_contrast > 0:
-        g = L.public_contrast
-        images = torch.tanh(g * images) / math.tanh(g)
-    if L.public_margin:
-        m = L.public_margin
-        images = F.pad(images, (m, m, m, m), value=-1.0)
+    images = frame_images(public.images, margin=L.public_margin, contrast=L.public_contrast)
     if (public.channels, public.num_classes) != (like.channels, like.num_classes):
         raise ValueError(
             f"{section}.public_data={public.name} has {public.channels} channels and {public.num_classes} classes, "
