@@ -19,6 +19,10 @@ against each other and a step can take 30x longer):
 
     OMP_NUM_THREADS=1 .venv/bin/python -W ignore benchmarks/proxy_search.py --epsilon 10 1 \
         --only dpdm dpdm-glyphs dp-ldm-glyphs-3k --n 2000 --out runs/proxy-framed
+    OMP_NUM_THREADS=1 .venv/bin/python -W ignore benchmarks/proxy_search.py --epsilon 10 \
+        --only dpdm-glyphs-20ep-w1 dpdm-glyphs-20ep-w0.5 dpdm-glyphs-20ep-w0 --n 2000 --out runs/proxy-framed
+
+(docs/benchmarks.md has every invocation behind its table.)
     .venv/bin/python -W ignore benchmarks/proxy_search.py --only dp-ldm-glyphs --smoke --out /tmp/proxy-smoke
 
 Runs already trained in OUT are resumed (a no-op when finished) and their kept evaluation
@@ -86,6 +90,9 @@ CANDIDATES: dict[str, tuple[str, list[str]]] = {
     "dpdm": ("dpdm-mnist5k", []),
     "dpdm-glyphs": ("dpdm-mnist5k", GLYPHS_DPDM),
     "dpdm-glyphs-20ep": ("dpdm-glyphs-mnist5k", []),  # the shipped demo: dpdm-glyphs with its warm start halved
+    # its private stage at the same CPU: twice the batch (half the steps, less noise per step), or a gentler lr
+    "dpdm-glyphs-20ep-b500": ("dpdm-glyphs-mnist5k", ["train.batch_size=500"]),
+    "dpdm-glyphs-20ep-lr1e-3": ("dpdm-glyphs-mnist5k", ["train.lr=0.001"]),
     "dp-ldm-digits": ("dp-ldm-mnist5k", []),
     "dp-ldm-glyphs": ("dp-ldm-mnist5k", GLYPHS_LDM),
     "dp-ldm-glyphs-3k": ("dp-ldm-mnist5k", [*GLYPHS_LDM, "ldm.public_size=3000"]),
@@ -98,7 +105,7 @@ CANDIDATES: dict[str, tuple[str, list[str]]] = {
 GUIDANCE: dict[str, tuple[str, list[str]]] = {
     f"{base}-w{w:g}": (base, [f"sampler.guidance={w}"])
     for base in ("dpdm", "dpdm-glyphs", "dpdm-glyphs-20ep", "dp-ldm-glyphs-3k", "dp-ldm-glyphs-3k-unet")
-    for w in (1.0, 4.0)
+    for w in (0.0, 0.5, 1.0, 4.0)  # 0 and 0.5 added after w = 1 beat the recipes' w = 2 on dpdm-glyphs at ε = 10
 }
 """name → (trained candidate, sampling overrides): the same model drawn at another guidance w (no retraining)."""
 

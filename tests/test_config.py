@@ -86,6 +86,11 @@ def test_public_warm_start_keys():
     demo, eps1 = (resolve_recipe(f"recipes/{name}.yaml") for name in sorted(warm))
     assert (demo.method, demo.data.name, demo.privacy.epsilon, eps1.privacy.epsilon) == ("dpdm", "mnist5k", 10.0, 1.0)
     assert dataclasses.replace(eps1, privacy=demo.privacy) == demo  # the eps=1 twin differs in its budget only
+    # the eps=1 recipe (the proxy's winner there): DP-LDM's, its public stages on 3,000 glyphs, drawn at its own w
+    ldm = resolve_recipe("recipes/dp-ldm-glyphs-mnist5k-eps1.yaml")
+    glyphs = ["ldm.public_data=glyphs", "ldm.public_size=3000", "ldm.public_margin=0", "ldm.public_contrast=0"]
+    w = f"sampler.guidance={ldm.sampler.guidance}"
+    assert resolve_recipe("recipes/dp-ldm-mnist5k-eps1.yaml", [*glyphs, w]) == ldm
     r = resolve_recipe("recipes/dpdm-mnist5k.yaml", ["dpdm.public_data=glyphs", "dpdm.pretrain.epochs=3"])
     assert r.dpdm.public_data == "glyphs" and r.dpdm.pretrain.epochs == 3 and r.dpdm.pretrain.batch_size == 128
     for recipe, key in (("dpdm-mnist5k", "dpdm.public_data"), ("dpp-mnist5k", "dpp.public_data")):
