@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from importlib.resources import files
 from pathlib import Path
 
 import torch
@@ -41,11 +42,7 @@ import torch
 from compare_methods import privdiff, train_seconds
 from isolation import isolate
 
-RESOLUTION = {
-    "dpdm-mnist5k": 16,
-    "dpdm-glyphs-mnist5k": 16,
-    "dp-ldm-mnist5k": 28,
-}  # each recipe's own (its data.resolution for mnist5k)
+from privdiff.config import resolve_recipe
 
 
 def proxy_data(out: Path) -> Path:
@@ -73,12 +70,13 @@ def proxy_data(out: Path) -> Path:
 
 
 def proxy_overrides(root: Path, recipe: str) -> list[str]:
-    """The proxy's data keys for ``recipe``: the framed digits at the recipe's own resolution, FID/KID features on glyphs."""
+    """The proxy's data keys for shipped ``recipe``: the framed digits at the recipe's own resolution (its
+    data.resolution for mnist5k), FID/KID features on glyphs."""
     return [
         "data.name=folder",
         f"data.root={root / 'train'}",
         f"data.test_root={root / 'test'}",
-        f"data.resolution={RESOLUTION[recipe]}",
+        f"data.resolution={resolve_recipe(str(files('privdiff') / 'recipes' / f'{recipe}.yaml')).data.resolution}",
         "evaluate.public_data=glyphs",
     ]
 
